@@ -1,0 +1,94 @@
+"""The typed errors ratekit raises; each message says what is wrong and where."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+
+class RatekitError(Exception):
+    """Base class of every error ratekit raises on purpose."""
+
+
+class InvalidCostError(RatekitError, ValueError):
+    """A cost (requests, tokens, money) or a limit is negative, NaN, infinite or of a wrong type."""
+
+
+class LimitsError(RatekitError, ValueError):
+    """A `Rate` or `Limits` was built with values that cannot describe a limit."""
+
+
+class CostExceedsLimitError(RatekitError, ValueError):
+    """A single call costs more than a rate's whole limit, so no wait could ever admit it."""
+
+    def __init__(self, dimension: str, cost: float, limit: float) -> None:
+        self.dimension = dimension
+        self.cost = cost
+        self.limit = limit
+        super().__init__(
+            f"{dimension}: a cost of {cost:g} can never be admitted, the whole limit is {limit:g}"
+        )
+
+
+class AcquireTimeout(RatekitError, TimeoutError):
+    """The permit could not be granted before the caller's deadline.
+
+    Raised as soon as the predicted wait is known to be longer than the time left,
+    not after sleeping until the deadline. `retry_after_s` is the predicted wait
+    from the moment of refusal (a lower bound: other callers may take the capacity).
+    """
+
+    def __init__(self, timeout_s: float, retry_after_s: float, dimension: str) -> None:
+        self.timeout_s = timeout_s
+        self.retry_after_s = retry_after_s
+        self.dimension = dimension
+        super().__init__(
+            f"no permit within {timeout_s:g} s: {dimension} frees up in {retry_after_s:.3f} s"
+        )
+
+
+class PermitError(RatekitError, RuntimeError):
+    """A permit was used the wrong way (settled twice, settled after release)."""
+
+
+class ProfileError(RatekitError, ValueError):
+    """A profile file is malformed; names the file, the field and the offending value."""
+
+    def __init__(self, source: str | Path, field: str, message: str) -> None:
+        self.source = str(source)
+        self.field = field
+        super().__init__(f"{self.source}: {field}: {message}")
+
+
+class UnknownNameError(RatekitError, LookupError):
+    """A provider, tier or model name that does not exist; the message lists those that do."""
+
+    kind = "name"
+
+    def __init__(self, name: str, known: Iterable[str], where: str = "") -> None:
+        self.name = name
+        self.known = tuple(known)
+        place = f" in {where}" if where else ""
+        listing = ", ".join(self.known) if self.known else "none"
+        super().__init__(f"unknown {self.kind} {name!r}{place}; known: {listing}")
+
+    def __str__(self) -> str:  # LookupError would quote the message otherwise
+        return str(self.args[0])
+
+
+class UnknownProviderError(UnknownNameError):
+    """No bundled or given profile has this provider name."""
+
+    kind = "provider"
+
+
+class UnknownTierError(UnknownNameError):
+    """The profile has no tier of this name."""
+
+    kind = "tier"
+
+
+class UnknownModelError(UnknownNameError):
+    """The profile has no model of this name."""
+
+    kind = "model"

@@ -13,10 +13,23 @@ from ._errors import (
     UnknownProviderError,
     UnknownTierError,
 )
+from ._clock import Clock, FakeClock, SystemClock
+from ._limiter import Limiter, LimiterStatistics, Permit
 from ._limits import Limits, Rate, TokenCounting
+from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 
 __all__ = [
     "AcquireTimeout",
+    "Backend",
+    "Clock",
+    "Demand",
+    "DimensionStatistics",
+    "FakeClock",
+    "Limiter",
+    "LimiterStatistics",
+    "MemoryBackend",
+    "Permit",
+    "SystemClock",
     "CostExceedsLimitError",
     "InvalidCostError",
     "Limits",

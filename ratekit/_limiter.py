@@ -1,0 +1,341 @@
+"""The limiter: permits for calls, admitted on every dimension at once, or waited for."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+from types import TracebackType
+
+import anyio
+
+from ._clock import Clock
+from ._errors import AcquireTimeout, CostExceedsLimitError, PermitError
+from ._limits import Limits, check_amount
+from .backends._base import Backend, Demand, DimensionStatistics, Grant, Refusal
+from .backends.memory import MemoryBackend
+
+
+def _amount(where: str, value: object) -> float:
+    # The common case (a non-negative int) without the full check's cost.
+    if value.__class__ is int and value >= 0:  # type: ignore[operator]
+        return value  # type: ignore[return-value]
+    return check_amount(where, value)
+
+
+@dataclass(frozen=True, slots=True)
+class LimiterStatistics:
+    """A snapshot of a limiter: its dimensions and how many callers wait.
+
+    `dimensions` lists concurrency first (when capped), then every rate.
+    """
+
+    dimensions: tuple[DimensionStatistics, ...]
+    waiting: int
+
+    def dimension(self, name: str) -> DimensionStatistics:
+        """The statistics of the dimension called `name` ("concurrency", "rpm", ...)."""
+        for dimension in self.dimensions:
+            if dimension.name == name:
+                return dimension
+        known = ", ".join(d.name for d in self.dimensions)
+        raise KeyError(f"no dimension {name!r}; known: {known}")
+
+
+class Limiter:
+    """Admits calls within `limits`: every rate and the concurrency cap at once.
+
+    Use `acquire` around a call (``async with limiter.acquire(tokens=n) as permit``):
+    it waits until every dimension admits the whole demand, holds nothing while
+    waiting, and releases the concurrency slot when the block ends. `try_acquire`
+    never waits. Waiters are served first come, first served, so a large demand
+    is not starved by small ones.
+
+    `backend` keeps the usage: a fresh `MemoryBackend` (this process only) by
+    default, or a shared one. `clock` is where time is read and waited on; it
+    defaults to the memory backend's clock. A limiter belongs to one event loop
+    (asyncio or trio); it may be shared by any number of tasks of that loop.
+    """
+
+    __slots__ = ("_backend", "_clock", "_limits", "_unsubscribe", "_waiters", "_wake")
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        backend: Backend | None = None,
+        clock: Clock | None = None,
+    ) -> None:
+        if not isinstance(limits, Limits):
+            raise TypeError(f"Limiter: limits must be a ratekit.Limits, got {limits!r}")
+        if backend is None:
+            backend = MemoryBackend(clock=clock)
+        if clock is None:
+            clock = backend.clock if isinstance(backend, MemoryBackend) else None
+        if clock is None:
+            from ._clock import SystemClock
+
+            clock = SystemClock()
+        self._limits = limits
+        self._backend: Backend = backend
+        self._clock: Clock = clock
+        # Turn events of callers waiting, first come first served; the head retries.
+        self._waiters: deque[anyio.Event] = deque()
+        # Set when capacity may have been freed; the head waits on it.
+        self._wake: anyio.Event | None = None
+        self._unsubscribe = backend.subscribe(self._on_change)
+
+    # -- configuration -------------------------------------------------------------
+
+    @property
+    def limits(self) -> Limits:
+        """The limits in force."""
+        return self._limits
+
+    @limits.setter
+    def limits(self, limits: Limits) -> None:
+        """Replace the limits (a tier upgrade): usage so far counts against the new numbers."""
+        if not isinstance(limits, Limits):
+            raise TypeError(f"Limiter.limits must be a ratekit.Limits, got {limits!r}")
+        self._limits = limits
+        self._on_change()
+
+    @property
+    def backend(self) -> Backend:
+        return self._backend
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def _on_change(self) -> None:
+        if self._wake is not None:
+            self._wake.set()
+
+    # -- acquiring -------------------------------------------------------------------
+
+    def acquire(
+        self,
+        requests: float = 1,
+        *,
+        tokens: float = 0,
+        cost: float = 0,
+        timeout: float | None = None,
+    ) -> Permit:
+        """A permit for one call of `requests`, `tokens` (estimated) and `cost` (money).
+
+        Use as ``async with limiter.acquire(...) as permit:``, or ``permit = await
+        limiter.acquire(...)`` followed by ``await permit.release()``. `timeout` is
+        in seconds; when the wait the backend predicts is longer, `AcquireTimeout`
+        is raised at once. A demand larger than a whole rate raises
+        `CostExceedsLimitError`; a negative, NaN or infinite amount
+        `InvalidCostError`. Both raise when the permit is awaited or entered.
+        """
+        return Permit(self, requests, tokens, cost, timeout)
+
+    async def try_acquire(
+        self, requests: float = 1, *, tokens: float = 0, cost: float = 0
+    ) -> Permit | None:
+        """A granted permit if every dimension admits now (and nobody waits), else None."""
+        permit = Permit(self, requests, tokens, cost, None)
+        demand = permit._demand()
+        if self._waiters:
+            return None
+        outcome = await self._backend.reserve(self._limits, demand)
+        if isinstance(outcome, Refusal):
+            return None
+        permit._grant = outcome
+        return permit
+
+    def _check_fits(self, demand: Demand) -> None:
+        for rate in self._limits.all_rates:
+            amount = demand.of_unit(rate.unit)
+            if amount > rate.limit:
+                raise CostExceedsLimitError(rate.name, amount, rate.limit)
+
+    async def _reserve(self, demand: Demand, timeout_s: float | None) -> Grant:
+        """The one primitive: admit `demand`, waiting at most `timeout_s` (None: no bound)."""
+        if not self._waiters:
+            outcome = await self._backend.reserve(self._limits, demand)
+            if not isinstance(outcome, Refusal):
+                return outcome
+        deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
+        turn = anyio.Event()
+        self._waiters.append(turn)
+        try:
+            if self._waiters[0] is not turn:
+                await self._wait_turn(turn, deadline_s, timeout_s)
+            return await self._wait_as_head(demand, deadline_s, timeout_s)
+        finally:
+            was_head = self._waiters[0] is turn
+            self._waiters.remove(turn)
+            if was_head and self._waiters:
+                self._waiters[0].set()
+
+    async def _wait_turn(
+        self, turn: anyio.Event, deadline_s: float | None, timeout_s: float | None
+    ) -> None:
+        if deadline_s is None:
+            await turn.wait()
+            return
+        await self._clock.wait(turn, deadline_s - self._clock.now())
+        if not turn.is_set():
+            raise AcquireTimeout(timeout_s or 0.0, math.inf, "queue")
+
+    async def _wait_as_head(
+        self, demand: Demand, deadline_s: float | None, timeout_s: float | None
+    ) -> Grant:
+        while True:
+            self._check_fits(demand)  # the limits may have changed while queued
+            # Armed before asking, so a release during the round trip is not missed.
+            self._wake = wake = anyio.Event()
+            outcome = await self._backend.reserve(self._limits, demand)
+            if not isinstance(outcome, Refusal):
+                return outcome
+            wait_s = outcome.wait_s
+            if deadline_s is not None:
+                left_s = deadline_s - self._clock.now()
+                predictably_late = wait_s > left_s and not math.isinf(wait_s)
+                if predictably_late or left_s <= 0:
+                    raise AcquireTimeout(timeout_s or 0.0, wait_s, outcome.dimension)
+                wait_s = min(wait_s, left_s)
+            await self._clock.wait(wake, wait_s)
+
+    async def _release(self, grant: Grant, actual: Demand | None) -> None:
+        with anyio.CancelScope(shield=True):
+            await self._backend.settle(self._limits, grant, actual)
+
+    # -- observing -------------------------------------------------------------------
+
+    async def statistics(self) -> LimiterStatistics:
+        """A frozen snapshot: per dimension, used / limit / in flight; and the waiters."""
+        dimensions = await self._backend.statistics(self._limits)
+        return LimiterStatistics(dimensions, len(self._waiters))
+
+    def __repr__(self) -> str:
+        return f"Limiter({self._limits!r}, backend={type(self._backend).__name__})"
+
+
+class Permit:
+    """One call's admission: acquired on entry, released exactly once on exit.
+
+    Call `settle` with the real usage once the response says it (tokens and cost
+    from the response's usage). A permit left without `settle` counts its
+    estimates, the conservative choice for a call that may have reached the
+    provider; `refund` hands everything back for a call that never did. Not to be
+    shared between tasks.
+    """
+
+    __slots__ = (
+        "_actual",
+        "_cost",
+        "_grant",
+        "_limiter",
+        "_released",
+        "_requests",
+        "_timeout",
+        "_tokens",
+    )
+
+    def __init__(
+        self,
+        limiter: Limiter,
+        requests: float,
+        tokens: float,
+        cost: float,
+        timeout: float | None,
+    ) -> None:
+        self._limiter = limiter
+        self._requests = requests
+        self._tokens = tokens
+        self._cost = cost
+        self._timeout = timeout
+        self._grant: Grant | None = None
+        # What to record at release: None = the estimates, a Demand = settled usage.
+        self._actual: Demand | None = None
+        self._released = False
+
+    def _demand(self) -> Demand:
+        demand = Demand(
+            _amount("requests", self._requests),
+            _amount("tokens", self._tokens),
+            _amount("cost", self._cost),
+        )
+        self._limiter._check_fits(demand)
+        return demand
+
+    async def _acquire(self) -> Permit:
+        if self._grant is not None:
+            raise PermitError("this permit was already acquired")
+        timeout = self._timeout
+        if timeout is not None:
+            timeout = check_amount("timeout", timeout)
+        self._grant = await self._limiter._reserve(self._demand(), timeout)
+        return self
+
+    def __await__(self):  # type: ignore[no-untyped-def]
+        return self._acquire().__await__()
+
+    async def __aenter__(self) -> Permit:
+        if self._grant is None:
+            await self._acquire()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.release()
+
+    @property
+    def demand(self) -> Demand:
+        """What was admitted (the estimates)."""
+        if self._grant is None:
+            raise PermitError("this permit has not been acquired")
+        return self._grant.demand
+
+    @property
+    def granted(self) -> bool:
+        return self._grant is not None and not self._released
+
+    def settle(self, *, tokens: float | None = None, cost: float | None = None) -> None:
+        """Record the call's real usage; applied when the permit is released.
+
+        `tokens` and `cost` default to the estimates. Settling more than was
+        estimated is allowed (the excess counts from now); settling twice is an
+        error.
+        """
+        if self._grant is None or self._released:
+            raise PermitError("settle needs an acquired permit that is not yet released")
+        if self._actual is not None:
+            raise PermitError("this permit is already settled")
+        estimate = self._grant.demand
+        self._actual = Demand(
+            estimate.requests,
+            estimate.tokens if tokens is None else check_amount("settle tokens", tokens),
+            estimate.cost if cost is None else check_amount("settle cost", cost),
+        )
+
+    async def refund(self) -> None:
+        """Release the permit handing everything back: for a call that was never sent."""
+        if self._actual is not None:
+            raise PermitError("a settled permit cannot be refunded")
+        await self._finish(None)
+
+    async def release(self) -> None:
+        """Free the concurrency slot and record the usage (settled, or the estimates).
+
+        Idempotent: only the first call does anything. Runs shielded from
+        cancellation so the slot is always given back.
+        """
+        if self._grant is None or self._released:
+            return
+        await self._finish(self._actual or self._grant.demand)
+
+    async def _finish(self, actual: Demand | None) -> None:
+        if self._grant is None or self._released:
+            return
+        self._released = True
+        await self._limiter._release(self._grant, actual)

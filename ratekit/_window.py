@@ -1,0 +1,277 @@
+"""Window math: how much of a rate is in use at an instant, and when more frees up.
+
+Pure state machines with no I/O and no clock reads: every method that depends on
+time takes `now` (seconds, on the clock of whoever owns the window). The Redis
+backend runs the same rules in Lua; both are checked against one table of cases.
+
+A rolling rate of ``limit`` per ``period_s`` is kept as slices of
+``slice_s = period_s / slices``. An amount recorded at `now` lands in slice
+``k = floor(now / slice_s)`` and counts until ``(k + 1) * slice_s + period_s +
+margin_s``: never early, so any window of length `period_s` holds at most `limit`.
+Amounts *held* (tokens of a call in flight, under the ``usage`` and ``safe`` token
+counting modes) count until they are released, whatever the time.
+"""
+
+from __future__ import annotations
+
+import math
+import zoneinfo
+from collections import deque
+from datetime import datetime, timedelta
+
+from ._limits import Rate
+
+# Relative slack when comparing sums of floats against a limit (money amounts).
+_EPSILON = 1e-12
+
+
+class SlicedWindow:
+    """The in-use amount of one rolling rate, as a ring of at most ``slices + 1`` live slices.
+
+    Not thread-safe; owned by one backend. `limit`, `margin_s` and `pacing` may be
+    changed in place (a tier upgrade keeps what was used so far).
+    """
+
+    __slots__ = (
+        "_held",
+        "_pace_next_s",
+        "_slices",
+        "_total",
+        "limit",
+        "margin_s",
+        "name",
+        "pacing",
+        "period_s",
+        "slice_s",
+    )
+
+    def __init__(self, rate: Rate, *, margin_s: float = 0.0, pacing: bool = False) -> None:
+        self.name = rate.name
+        self.limit = float(rate.limit)
+        self.period_s = rate.period_s
+        self.slice_s = rate.period_s / rate.slices
+        self.margin_s = margin_s
+        self.pacing = pacing
+        # [slice index, amount] pairs, oldest first; indexes strictly increase.
+        self._slices: deque[list[float]] = deque()
+        # Sum of the amounts in `_slices`.
+        self._total = 0.0
+        # Amounts of calls in flight; they never expire on their own.
+        self._held = 0.0
+        # With pacing: the earliest instant of the next admission.
+        self._pace_next_s = -math.inf
+
+    # -- reading ---------------------------------------------------------------
+
+    def slice_index(self, now: float) -> int:
+        """The slice an amount recorded at `now` lands in."""
+        return math.floor(now / self.slice_s)
+
+    def expiry_s(self, index: float) -> float:
+        """The instant at which slice `index` stops counting."""
+        return (index + 1) * self.slice_s + self.period_s + self.margin_s
+
+    def expire(self, now: float) -> None:
+        """Drop the slices that no longer count at `now`."""
+        slices = self._slices
+        while slices and self.expiry_s(slices[0][0]) <= now:
+            self._total -= slices.popleft()[1]
+        if not slices:
+            self._total = 0.0  # no float residue once empty
+
+    def used(self, now: float) -> float:
+        """The amount counting against the limit at `now`: live slices plus holds."""
+        self.expire(now)
+        return self._total + self._held
+
+    @property
+    def held(self) -> float:
+        """The amount held by calls in flight."""
+        return self._held
+
+    def wait_s(self, now: float, amount: float) -> float:
+        """Seconds from `now` until `amount` fits; 0 when it fits now.
+
+        `math.inf` when only a release of held amounts could make room. The caller
+        has checked ``amount <= limit``.
+        """
+        self.expire(now)
+        pace_wait = self._pace_next_s - now if self.pacing else 0.0
+        excess = self._total + self._held + amount - self.limit
+        if excess <= self.limit * _EPSILON:
+            return max(pace_wait, 0.0)
+        if excess > self._total * (1 + _EPSILON):
+            return math.inf
+        freed = 0.0
+        for index, slice_amount in self._slices:
+            freed += slice_amount
+            if freed >= excess - self.limit * _EPSILON:
+                return max(self.expiry_s(index) - now, pace_wait)
+        return math.inf  # unreachable while `_total` equals the sum of slices
+
+    def live_slices(self) -> int:
+        """How many slices are kept (memory is O(slices) whatever the traffic)."""
+        return len(self._slices)
+
+    # -- writing ---------------------------------------------------------------
+
+    def record(self, now: float, amount: float) -> int:
+        """Count `amount` at `now`; returns the slice index it landed in."""
+        index = self.slice_index(now)
+        if amount:
+            if self.pacing:
+                spacing_s = amount * self.period_s / self.limit
+                self._pace_next_s = max(self._pace_next_s, now) + spacing_s
+            self._add(index, amount)
+        return index
+
+    def _add(self, index: int, amount: float) -> None:
+        slices = self._slices
+        if slices and slices[-1][0] == index:
+            slices[-1][1] += amount
+        elif not slices or slices[-1][0] < index:
+            slices.append([index, amount])
+        else:
+            self._add_to_past(index, amount)
+        self._total += amount
+
+    def _add_to_past(self, index: int, amount: float) -> None:
+        # A recording into an older live slice (the safe mode's remainder); the
+        # caller checked the slice has not expired.
+        for position, entry in enumerate(self._slices):
+            if entry[0] == index:
+                entry[1] += amount
+                return
+            if entry[0] > index:
+                self._slices.insert(position, [index, amount])
+                return
+
+    def add_to_slice(self, now: float, index: int, amount: float) -> bool:
+        """Count `amount` in the older slice `index` if it still counts at `now`.
+
+        Returns whether it was counted (an expired slice takes nothing).
+        """
+        if amount <= 0 or self.expiry_s(index) <= now:
+            return False
+        self.expire(now)
+        self._add(index, amount)
+        return True
+
+    def refund(self, now: float, index: int, amount: float) -> float:
+        """Take back `amount` recorded in slice `index`; returns what was taken back.
+
+        An expired slice gives back nothing (it no longer counts anyway).
+        """
+        self.expire(now)
+        for entry in reversed(self._slices):
+            if entry[0] == index:
+                taken = min(entry[1], amount)
+                entry[1] -= taken
+                self._total -= taken
+                return taken
+            if entry[0] < index:
+                break
+        return 0.0
+
+    def hold(self, amount: float) -> None:
+        """Count `amount` until `unhold`, whatever the time."""
+        self._held += amount
+
+    def unhold(self, amount: float) -> None:
+        """Stop counting a held amount."""
+        self._held -= amount
+        if self._held < self.limit * _EPSILON:
+            self._held = 0.0
+
+
+class CalendarWindow:
+    """The in-use amount of a daily rate that resets at midnight in a time zone.
+
+    `now` is Unix time (seconds since the epoch), since the day boundary is a wall
+    clock instant. Same interface as `SlicedWindow`; the "slice" is the day's
+    start instant.
+    """
+
+    __slots__ = ("_day_end_s", "_day_start_s", "_held", "_total", "_zone", "limit", "name")
+
+    def __init__(self, rate: Rate) -> None:
+        assert rate.calendar_tz is not None
+        self.name = rate.name
+        self.limit = float(rate.limit)
+        self._zone = zoneinfo.ZoneInfo(rate.calendar_tz)
+        self._day_start_s = -math.inf
+        self._day_end_s = -math.inf
+        self._total = 0.0
+        self._held = 0.0
+
+    def _roll(self, now: float) -> None:
+        if self._day_start_s <= now < self._day_end_s:
+            return
+        local = datetime.fromtimestamp(now, self._zone)
+        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+        end = (start + timedelta(days=1)).replace(tzinfo=self._zone)
+        self._day_start_s = start.timestamp()
+        self._day_end_s = end.timestamp()
+        self._total = 0.0
+
+    def slice_index(self, now: float) -> int:
+        self._roll(now)
+        return int(self._day_start_s)
+
+    def used(self, now: float) -> float:
+        self._roll(now)
+        return self._total + self._held
+
+    @property
+    def held(self) -> float:
+        return self._held
+
+    def wait_s(self, now: float, amount: float) -> float:
+        self._roll(now)
+        excess = self._total + self._held + amount - self.limit
+        if excess <= self.limit * _EPSILON:
+            return 0.0
+        if excess > self._total * (1 + _EPSILON):
+            return math.inf
+        return self._day_end_s - now
+
+    def live_slices(self) -> int:
+        return 1
+
+    def record(self, now: float, amount: float) -> int:
+        self._roll(now)
+        self._total += amount
+        return int(self._day_start_s)
+
+    def add_to_slice(self, now: float, index: int, amount: float) -> bool:
+        self._roll(now)
+        if amount <= 0 or index != int(self._day_start_s):
+            return False
+        self._total += amount
+        return True
+
+    def refund(self, now: float, index: int, amount: float) -> float:
+        self._roll(now)
+        if index != int(self._day_start_s):
+            return 0.0
+        taken = min(self._total, amount)
+        self._total -= taken
+        return taken
+
+    def hold(self, amount: float) -> None:
+        self._held += amount
+
+    def unhold(self, amount: float) -> None:
+        self._held -= amount
+        if self._held < self.limit * _EPSILON:
+            self._held = 0.0
+
+
+Window = SlicedWindow | CalendarWindow
+
+
+def new_window(rate: Rate, *, margin_s: float = 0.0, pacing: bool = False) -> Window:
+    """The window that enforces `rate`: calendar-day when `rate.calendar_tz` is set."""
+    if rate.calendar_tz is not None:
+        return CalendarWindow(rate)
+    return SlicedWindow(rate, margin_s=margin_s, pacing=pacing and rate.unit == "requests")

@@ -1,0 +1,90 @@
+"""The contract between a limiter and the store that keeps an account's usage."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from .._limits import Limits
+
+
+@dataclass(frozen=True, slots=True)
+class Demand:
+    """What one call asks for: validated, non-negative amounts."""
+
+    requests: float = 1
+    tokens: float = 0
+    cost: float = 0
+
+    def of_unit(self, unit: str) -> float:
+        """The amount in `unit` ("requests", "tokens" or "money")."""
+        if unit == "requests":
+            return self.requests
+        if unit == "tokens":
+            return self.tokens
+        return self.cost
+
+
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The backend did not admit; nothing was taken.
+
+    `wait_s` is the earliest time from the refusal at which the same demand could
+    fit (`inf` when only a release or a settle can make room). `dimension` names
+    the rate or "concurrency" that binds longest.
+    """
+
+    wait_s: float
+    dimension: str
+
+
+@dataclass(frozen=True, slots=True)
+class DimensionStatistics:
+    """One dimension of an account at one instant.
+
+    `used` is what counts against `limit` now (for a rate: its live slices; for
+    concurrency: the slots taken). `in_flight` is the part held by calls not yet
+    settled. `limit` is `None` for nothing.
+    """
+
+    name: str
+    unit: str
+    limit: float
+    used: float
+    in_flight: float
+
+
+class Grant(Protocol):
+    """A backend's record of one admitted demand; opaque to the limiter."""
+
+    demand: Demand
+
+
+class Backend(Protocol):
+    """Keeps an account's usage and admits demands atomically.
+
+    Every method takes the limits in force; a backend keeps a rate's usage across
+    a change of limits (a tier upgrade) as long as its unit and period stay.
+    Methods are safe to call from many tasks of one event loop.
+    """
+
+    async def reserve(self, limits: Limits, demand: Demand) -> Grant | Refusal:
+        """Admit `demand` on every dimension at once, or on none and say how long to wait."""
+        ...
+
+    async def settle(self, limits: Limits, grant: Grant, actual: Demand | None) -> None:
+        """Record the real usage of an admitted call and free its concurrency slot.
+
+        `actual` is `None` for a call that never reached the provider: everything
+        the grant took is handed back.
+        """
+        ...
+
+    async def statistics(self, limits: Limits) -> tuple[DimensionStatistics, ...]:
+        """Usage of every dimension of `limits` now."""
+        ...
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Call `listener` whenever capacity may have been freed; returns an unsubscribe."""
+        ...

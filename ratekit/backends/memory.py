@@ -1,0 +1,210 @@
+"""The in-process backend: the window math in this process's memory, shared by nothing."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from .._clock import Clock, SystemClock
+from .._limits import Limits, Rate, TokenCounting
+from .._window import Window, new_window
+from ._base import Demand, DimensionStatistics, Grant, Refusal
+
+# How a grant took its amount from one window, so that settle and refund undo it right.
+_RECORDED = 0  # counted in a slice at admission (requests; tokens under "reserve")
+_HELD_USAGE = 1  # held until settle, then the real usage is recorded ("usage"; money)
+_HELD_SAFE = 2  # held until settle, then max(reserved, real) as described in `settle`
+
+_WindowKey = tuple[str, float, str | None, int]
+
+
+class _Binding:
+    """The windows that enforce one `Limits` value, in the order of `limits.all_rates`."""
+
+    __slots__ = ("concurrency", "limits", "rates", "takes", "windows")
+
+    def __init__(self, limits: Limits, windows: list[Window]) -> None:
+        self.limits = limits
+        self.concurrency = limits.concurrency
+        self.rates = limits.all_rates
+        self.windows = windows
+        # For each window: (window, unit, how it is taken).
+        self.takes = [
+            (window, rate.unit, _take_kind(rate, limits.token_counting))
+            for window, rate in zip(windows, self.rates, strict=True)
+        ]
+
+
+def _take_kind(rate: Rate, counting: TokenCounting) -> int:
+    if rate.unit == "requests":
+        return _RECORDED
+    if rate.unit == "money":
+        return _HELD_USAGE
+    if counting is TokenCounting.RESERVE:
+        return _RECORDED
+    if counting is TokenCounting.USAGE:
+        return _HELD_USAGE
+    return _HELD_SAFE
+
+
+class MemoryGrant:
+    """What one admission took: per window, (window, unit, kind, slice index, amount)."""
+
+    __slots__ = ("demand", "entries", "slot")
+
+    def __init__(
+        self, demand: Demand, entries: list[tuple[Window, str, int, int, float]], slot: bool
+    ) -> None:
+        self.demand = demand
+        self.entries = entries
+        self.slot = slot
+
+
+class MemoryBackend:
+    """Keeps usage in this process; the default backend of a `Limiter`.
+
+    One instance is one account. It may be shared by several limiters of one event
+    loop (they then share the account's usage); it is not thread-safe and not
+    shared across processes (use the Redis backend for that). `clock` supplies
+    `now`; tests pass a `FakeClock`.
+    """
+
+    __slots__ = ("_binding", "_clock", "_listeners", "_slots_taken", "_windows")
+
+    def __init__(self, *, clock: Clock | None = None) -> None:
+        self._clock: Clock = clock or SystemClock()
+        # Every window ever bound, by (unit, period, calendar zone, slices).
+        self._windows: dict[_WindowKey, Window] = {}
+        # The binding of the limits seen last (usually the only ones).
+        self._binding: _Binding | None = None
+        # Concurrency slots taken by admitted calls not yet settled.
+        self._slots_taken = 0
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
+    def _bind(self, limits: Limits) -> _Binding:
+        binding = self._binding
+        if binding is not None and binding.limits is limits:
+            return binding
+        windows = []
+        for rate in limits.all_rates:
+            key = (*rate.key, rate.slices)
+            window = self._windows.get(key)
+            pacing = limits.pacing and rate.unit == "requests"
+            if window is None:
+                window = new_window(rate, margin_s=limits.margin_s, pacing=pacing)
+                self._windows[key] = window
+            else:
+                window.limit = float(rate.limit)
+                if not rate.calendar_tz:
+                    window.margin_s = limits.margin_s  # type: ignore[union-attr]
+                    window.pacing = pacing  # type: ignore[union-attr]
+            windows.append(window)
+        self._binding = binding = _Binding(limits, windows)
+        return binding
+
+    def reserve_now(self, limits: Limits, demand: Demand, now: float) -> MemoryGrant | Refusal:
+        """`reserve` at an explicit instant: the synchronous core, for tests and simulations."""
+        binding = self._bind(limits)
+        if binding.concurrency is not None and self._slots_taken >= binding.concurrency:
+            return Refusal(math.inf, "concurrency")
+        worst_s = 0.0
+        worst_name = ""
+        for window, unit, _ in binding.takes:
+            amount = (
+                demand.requests
+                if unit == "requests"
+                else (demand.tokens if unit == "tokens" else demand.cost)
+            )
+            if amount:
+                wait_s = window.wait_s(now, amount)
+                if wait_s > worst_s:
+                    worst_s, worst_name = wait_s, window.name
+        if worst_s > 0:
+            return Refusal(worst_s, worst_name)
+        entries = []
+        for window, unit, kind in binding.takes:
+            amount = (
+                demand.requests
+                if unit == "requests"
+                else (demand.tokens if unit == "tokens" else demand.cost)
+            )
+            if not amount:
+                continue
+            if kind == _RECORDED:
+                index = window.record(now, amount)
+            else:
+                window.hold(amount)
+                index = window.slice_index(now)
+            entries.append((window, unit, kind, index, amount))
+        slot = binding.concurrency is not None
+        if slot:
+            self._slots_taken += 1
+        return MemoryGrant(demand, entries, slot)
+
+    def settle_now(self, grant: MemoryGrant, actual: Demand | None, now: float) -> None:
+        """`settle` at an explicit instant."""
+        for window, unit, kind, index, amount in grant.entries:
+            if actual is None:
+                if kind == _RECORDED:
+                    window.refund(now, index, amount)
+                else:
+                    window.unhold(amount)
+                continue
+            if kind == _RECORDED:
+                continue  # counted at admission, as the provider does
+            real = actual.of_unit(unit)
+            window.unhold(amount)
+            if kind == _HELD_SAFE and amount > real:
+                # Until the admission's slice expires, count max(reserved, real):
+                # the remainder there, the real usage now.
+                window.add_to_slice(now, index, amount - real)
+            if real:
+                window.record(now, real)
+        if grant.slot:
+            grant.slot = False
+            self._slots_taken -= 1
+        for listener in self._listeners:
+            listener()
+
+    def statistics_now(self, limits: Limits, now: float) -> tuple[DimensionStatistics, ...]:
+        """`statistics` at an explicit instant."""
+        binding = self._bind(limits)
+        stats = []
+        if binding.concurrency is not None:
+            stats.append(
+                DimensionStatistics(
+                    "concurrency",
+                    "slots",
+                    binding.concurrency,
+                    self._slots_taken,
+                    self._slots_taken,
+                )
+            )
+        for window, unit, _ in binding.takes:
+            used = window.used(now)
+            stats.append(DimensionStatistics(window.name, unit, window.limit, used, window.held))
+        return tuple(stats)
+
+    def live_slices(self) -> int:
+        """Slices kept over every window: memory is O(slices) whatever the traffic."""
+        return sum(window.live_slices() for window in self._windows.values())
+
+    # -- the Backend protocol ----------------------------------------------------
+
+    async def reserve(self, limits: Limits, demand: Demand) -> MemoryGrant | Refusal:
+        return self.reserve_now(limits, demand, self._clock.now())
+
+    async def settle(self, limits: Limits, grant: Grant, actual: Demand | None) -> None:
+        assert isinstance(grant, MemoryGrant), "a grant of another backend"
+        self.settle_now(grant, actual, self._clock.now())
+
+    async def statistics(self, limits: Limits) -> tuple[DimensionStatistics, ...]:
+        return self.statistics_now(limits, self._clock.now())
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        self._listeners.append(listener)
+        return lambda: self._listeners.remove(listener)

@@ -1,5 +1,6 @@
 """ratekit: a client-side rate limiter and quota-aware request scheduler for LLM APIs."""
 
+from ._clock import Clock, FakeClock, SystemClock
 from ._errors import (
     AcquireTimeout,
     CostExceedsLimitError,
@@ -13,7 +14,6 @@ from ._errors import (
     UnknownProviderError,
     UnknownTierError,
 )
-from ._clock import Clock, FakeClock, SystemClock
 from ._limiter import Limiter, LimiterStatistics, Permit
 from ._limits import Limits, Rate, TokenCounting
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
@@ -22,22 +22,22 @@ __all__ = [
     "AcquireTimeout",
     "Backend",
     "Clock",
+    "CostExceedsLimitError",
     "Demand",
     "DimensionStatistics",
     "FakeClock",
+    "InvalidCostError",
     "Limiter",
     "LimiterStatistics",
-    "MemoryBackend",
-    "Permit",
-    "SystemClock",
-    "CostExceedsLimitError",
-    "InvalidCostError",
     "Limits",
     "LimitsError",
+    "MemoryBackend",
+    "Permit",
     "PermitError",
     "ProfileError",
     "Rate",
     "RatekitError",
+    "SystemClock",
     "TokenCounting",
     "UnknownModelError",
     "UnknownNameError",

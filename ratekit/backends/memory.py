@@ -50,7 +50,7 @@ def _take_kind(rate: Rate, counting: TokenCounting) -> int:
 class MemoryGrant:
     """What one admission took: per window, (window, unit, kind, slice index, amount)."""
 
-    __slots__ = ("demand", "entries", "slot")
+    __slots__ = ("demand", "entries", "settled", "slot")
 
     def __init__(
         self, demand: Demand, entries: list[tuple[Window, str, int, int, float]], slot: bool
@@ -58,6 +58,8 @@ class MemoryGrant:
         self.demand = demand
         self.entries = entries
         self.slot = slot
+        # Settled or refunded: a second settle of the same grant changes nothing.
+        self.settled = False
 
 
 class MemoryBackend:
@@ -146,7 +148,10 @@ class MemoryBackend:
         return MemoryGrant(demand, entries, slot)
 
     def settle_now(self, grant: MemoryGrant, actual: Demand | None, now: float) -> None:
-        """`settle` at an explicit instant."""
+        """`settle` at an explicit instant; only the first settle of a grant counts."""
+        if grant.settled:
+            return
+        grant.settled = True
         for window, unit, kind, index, amount in grant.entries:
             if actual is None:
                 if kind == _RECORDED:
@@ -165,7 +170,6 @@ class MemoryBackend:
             if real:
                 window.record(now, real)
         if grant.slot:
-            grant.slot = False
             self._slots_taken -= 1
         for listener in self._listeners:
             listener()

@@ -1,0 +1,325 @@
+"""The Limiter on a fake clock: waits, order, deadlines, settle, release, run-time limits."""
+
+from __future__ import annotations
+
+import anyio
+import pytest
+
+import ratekit
+from ratekit import FakeClock, Limiter, Limits, TokenCounting
+
+pytestmark = pytest.mark.anyio
+
+
+def make(limits: Limits) -> tuple[Limiter, FakeClock]:
+    clock = FakeClock()
+    return Limiter(limits, clock=clock), clock
+
+
+async def settle_tasks() -> None:
+    await anyio.wait_all_tasks_blocked()
+
+
+class Recorder:
+    """Starts acquires in tasks and records, per name, the fake time of admission."""
+
+    def __init__(self, limiter: Limiter, clock: FakeClock, group: anyio.abc.TaskGroup) -> None:
+        self.limiter = limiter
+        self.clock = clock
+        self.group = group
+        self.admitted: dict[str, float] = {}
+        self.order: list[str] = []
+        self.permits: dict[str, ratekit.Permit] = {}
+
+    async def start(self, name: str, **demand: float) -> None:
+        """Start an acquire and let it run until it is admitted or waits (trio starts
+        tasks in random order, so each one is started on its own)."""
+
+        async def run() -> None:
+            permit = await self.limiter.acquire(**demand)  # type: ignore[arg-type]
+            self.admitted[name] = self.clock.now()
+            self.order.append(name)
+            self.permits[name] = permit
+
+        self.group.start_soon(run)
+        await settle_tasks()
+
+
+async def test_acquire_waits_exactly_until_the_oldest_slice_expires() -> None:
+    """A full rpm window admits the next call at the instant its oldest slice stops counting."""
+    limiter, clock = make(Limits(rpm=2))
+    start = clock.now()
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        for name in "abc":
+            await rec.start(name)
+        await settle_tasks()
+        assert sorted(rec.admitted) == ["a", "b"]
+        clock.advance(60.999)
+        await settle_tasks()
+        assert "c" not in rec.admitted
+        clock.advance(0.001)
+        await settle_tasks()
+    assert rec.admitted["c"] - start == pytest.approx(61.0)
+
+
+async def test_waiters_are_served_first_come_first_served() -> None:
+    """A large demand at the head is not overtaken by small ones that would fit sooner."""
+    limiter, clock = make(Limits(tpm=100, token_counting=TokenCounting.RESERVE))
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        await rec.start("first", tokens=60)
+        await settle_tasks()
+        await rec.start("big", tokens=90)
+        await settle_tasks()
+        await rec.start("small", tokens=10)
+        await settle_tasks()
+        # "small" would fit now (60 + 10 <= 100) but waits behind "big".
+        assert rec.order == ["first"]
+        clock.advance(61.0)
+        await settle_tasks()
+        assert rec.order == ["first", "big", "small"]
+
+
+async def test_try_acquire_never_waits() -> None:
+    """try_acquire grants a permit when every dimension admits now, and None otherwise."""
+    limiter, _ = make(Limits(concurrency=1, rpm=10))
+    permit = await limiter.try_acquire()
+    assert permit is not None
+    assert await limiter.try_acquire() is None
+    await permit.release()
+    second = await limiter.try_acquire()
+    assert second is not None
+    await second.release()
+
+
+async def test_timeout_fails_at_once_when_the_predicted_wait_is_longer() -> None:
+    """A deadline shorter than the wait hint raises AcquireTimeout without waiting it out."""
+    limiter, _clock = make(Limits(rpm=1))
+    await (await limiter.acquire()).release()
+    with pytest.raises(ratekit.AcquireTimeout) as caught:
+        await limiter.acquire(timeout=30)
+    assert str(caught.value) == "no permit within 30 s: rpm frees up in 61.000 s"
+    assert caught.value.retry_after_s == pytest.approx(61.0)
+    assert (await limiter.statistics()).waiting == 0
+
+
+async def test_timeout_within_the_hint_waits_and_succeeds() -> None:
+    """A deadline longer than the wait hint waits and is admitted at the hint."""
+    limiter, clock = make(Limits(rpm=1))
+    await (await limiter.acquire()).release()
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        await rec.start("late", timeout=120)
+        await settle_tasks()
+        clock.advance(61)
+    assert rec.order == ["late"]
+
+
+async def test_timeout_on_concurrency_ends_at_the_deadline() -> None:
+    """With no hint (only a release can help), the caller waits until its deadline, then fails."""
+    limiter, clock = make(Limits(concurrency=1))
+    held = await limiter.acquire()
+    outcome: list[BaseException] = []
+
+    async def waiter() -> None:
+        try:
+            await limiter.acquire(timeout=5)
+        except ratekit.AcquireTimeout as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(waiter)
+        await settle_tasks()
+        clock.advance(4.9)
+        await settle_tasks()
+        assert outcome == []
+        clock.advance(0.1)
+    assert str(outcome[0]) == "no permit within 5 s: concurrency frees up in inf s"
+    await held.release()
+
+
+async def test_a_released_slot_wakes_the_waiter_without_time_passing() -> None:
+    """The head of the queue is woken by a release, not by polling."""
+    limiter, clock = make(Limits(concurrency=1))
+    held = await limiter.acquire()
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        await rec.start("next")
+        await settle_tasks()
+        assert clock.pending_timers == 0  # no timer armed while only a release can help
+        await held.release()
+        await settle_tasks()
+        assert rec.order == ["next"]
+    await rec.permits["next"].release()
+
+
+async def test_a_waiter_on_a_rate_arms_exactly_one_timer() -> None:
+    """Many callers waiting on a rate arm one timer (the head's), not one each."""
+    limiter, clock = make(Limits(rpm=1))
+    await (await limiter.acquire()).release()
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        for index in range(50):
+            await rec.start(f"w{index}")
+        await settle_tasks()
+        assert clock.pending_timers == 1
+        assert (await limiter.statistics()).waiting == 50
+        group.cancel_scope.cancel()
+    assert (await limiter.statistics()).waiting == 0
+
+
+async def test_settle_replaces_the_estimate_in_usage_mode() -> None:
+    """Settled tokens replace the reservation: the window then holds the real usage."""
+    limiter, _ = make(Limits(concurrency=4, tpm=1000, token_counting=TokenCounting.USAGE))
+    async with limiter.acquire(tokens=800) as permit:
+        stats = await limiter.statistics()
+        assert stats.dimension("tpm").in_flight == 800
+        assert stats.dimension("concurrency").used == 1
+        permit.settle(tokens=120)
+    stats = await limiter.statistics()
+    assert stats.dimension("tpm").used == 120
+    assert stats.dimension("tpm").in_flight == 0
+    assert stats.dimension("concurrency").used == 0
+
+
+async def test_a_block_left_without_settle_counts_the_estimate() -> None:
+    """An unsettled permit (the call raised) counts its estimate, the conservative choice."""
+    limiter, _ = make(Limits(concurrency=2, tpm=1000, token_counting=TokenCounting.USAGE))
+    with pytest.raises(RuntimeError, match="provider broke"):
+        async with limiter.acquire(tokens=300):
+            raise RuntimeError("provider broke")
+    stats = await limiter.statistics()
+    assert stats.dimension("tpm").used == 300
+    assert stats.dimension("concurrency").used == 0
+
+
+async def test_refund_hands_everything_back() -> None:
+    """A refunded permit returns its request, tokens and slot, once."""
+    limiter, _ = make(Limits(concurrency=1, rpm=5, tpm=1000, token_counting=TokenCounting.RESERVE))
+    permit = await limiter.acquire(tokens=400)
+    await permit.refund()
+    await permit.release()  # a second release does nothing
+    stats = await limiter.statistics()
+    assert [(d.name, d.used) for d in stats.dimensions] == [
+        ("concurrency", 0),
+        ("rpm", 0),
+        ("tpm", 0),
+    ]
+
+
+async def test_cancellation_inside_the_block_releases_the_slot_once() -> None:
+    """A task cancelled during its call frees its slot exactly once."""
+    limiter, _clock = make(Limits(concurrency=1, rpm=100))
+    async with anyio.create_task_group() as group:
+
+        async def call() -> None:
+            async with limiter.acquire():
+                await anyio.sleep_forever()
+
+        group.start_soon(call)
+        await settle_tasks()
+        assert (await limiter.statistics()).dimension("concurrency").used == 1
+        group.cancel_scope.cancel()
+    stats = await limiter.statistics()
+    assert stats.dimension("concurrency").used == 0
+    assert stats.dimension("rpm").used == 1
+
+
+async def test_raising_the_limits_admits_waiters_and_keeps_usage() -> None:
+    """A tier upgrade at run time wakes the queue; usage so far counts against the new numbers."""
+    limiter, clock = make(Limits(rpm=2))
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        for name in "abcde":
+            await rec.start(name)
+        await settle_tasks()
+        assert rec.order == ["a", "b"]
+        limiter.limits = Limits(rpm=4)
+        await settle_tasks()
+        # Only two more fit under 4: "e" waits until slice 0 stops counting.
+        assert rec.order == ["a", "b", "c", "d"]
+        clock.advance(61)
+    assert rec.order == ["a", "b", "c", "d", "e"]
+
+
+async def test_lowering_the_limits_below_a_queued_demand_fails_it() -> None:
+    """A waiter whose demand no longer fits the new limits gets CostExceedsLimitError."""
+    limiter, _clock = make(Limits(tpm=1000, token_counting=TokenCounting.RESERVE))
+    await (await limiter.acquire(tokens=1000)).release()
+    errors: list[BaseException] = []
+
+    async def big() -> None:
+        try:
+            await limiter.acquire(tokens=800)
+        except ratekit.CostExceedsLimitError as exc:
+            errors.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(big)
+        await settle_tasks()
+        limiter.limits = Limits(tpm=500, token_counting=TokenCounting.RESERVE)
+    assert str(errors[0]) == "tpm: a cost of 800 can never be admitted, the whole limit is 500"
+
+
+async def test_statistics_are_a_frozen_snapshot() -> None:
+    """Statistics do not change after they were taken and cannot be modified."""
+    limiter, _ = make(Limits(concurrency=3, rpm=10, tpm=1000, tpd=10_000))
+    stats = await limiter.statistics()
+    async with limiter.acquire(tokens=10):
+        pass
+    assert [d.name for d in stats.dimensions] == ["concurrency", "rpm", "tpm", "tpd"]
+    assert all(d.used == 0 for d in stats.dimensions)
+    with pytest.raises(AttributeError):
+        stats.waiting = 3  # type: ignore[misc]
+    with pytest.raises(KeyError, match="no dimension 'rph'; known: concurrency, rpm, tpm, tpd"):
+        stats.dimension("rph")
+
+
+async def test_unlimited_limits_admit_everything() -> None:
+    """Limits with no rate and no cap never refuse."""
+    limiter, _ = make(Limits())
+    for _ in range(1000):
+        async with limiter.acquire(tokens=10**9):
+            pass
+    assert (await limiter.statistics()).dimensions == ()
+
+
+async def test_compressed_limits_keep_the_ratio() -> None:
+    """Limits compressed 60 times admit a minute's worth per second."""
+    limiter, clock = make(Limits(rpm=3).compressed(60))
+    for _ in range(3):
+        await (await limiter.acquire()).release()
+    assert await limiter.try_acquire() is None
+    clock.advance(1.0 + 1.0 / 60)
+    assert await limiter.try_acquire() is not None
+
+
+def test_timeout_is_validated() -> None:
+    """A negative timeout is a typed error naming it."""
+    limiter, _ = make(Limits(rpm=3))
+
+    async def main() -> None:
+        await limiter.acquire(timeout=-1)
+
+    with pytest.raises(ratekit.InvalidCostError, match=r"^timeout must be non-negative, got -1$"):
+        anyio.run(main)
+
+
+def test_permit_misuse_is_a_typed_error() -> None:
+    """Settling twice or settling an unacquired permit raises PermitError."""
+    limiter, _ = make(Limits(rpm=3))
+
+    async def main() -> None:
+        with pytest.raises(ratekit.PermitError, match="has not been acquired"):
+            _ = limiter.acquire().demand
+        async with limiter.acquire() as permit:
+            permit.settle(tokens=1)
+            with pytest.raises(ratekit.PermitError, match="already settled"):
+                permit.settle(tokens=2)
+            with pytest.raises(ratekit.PermitError, match="cannot be refunded"):
+                await permit.refund()
+        with pytest.raises(ratekit.PermitError, match="not yet released"):
+            permit.settle(tokens=1)
+
+    anyio.run(main)

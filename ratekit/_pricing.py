@@ -44,7 +44,7 @@ def _price(label: str, value: float | None, model: str) -> float:
 
 
 def character_class(char: str) -> CharacterClass:
-    """The billing class of one character: a Chinese (CJK) ideograph, a letter, punctuation or other.
+    """The billing class of one character: Chinese (a CJK ideograph), letter, punctuation, other.
 
     Letters are any Unicode letter that is not a CJK ideograph (English and Greek letters
     alike); punctuation is any Unicode punctuation (Chinese "，。" included); digits,
@@ -155,7 +155,7 @@ class Prices:
         return cost / TOKENS_PER_MILLION
 
     def cost_of_characters(self, characters: float) -> float:
-        """Cost of `characters` billable characters (count them with `count_billable_characters`)."""
+        """Cost of `characters` billable characters (see `count_billable_characters`)."""
         amount = check_amount("characters", characters)
         price = _price("per-10,000-character", self.per_10k_characters, self.model)
         return amount * price / CHARACTERS_PER_PRICE_UNIT

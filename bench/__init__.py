@@ -1,0 +1,1 @@
+"""Benchmarks of ratekit against its peers; run one with ``python -m bench.<name>``."""

@@ -1,0 +1,151 @@
+"""Property tests of the window math, through the memory backend's synchronous core.
+
+For any arrivals, costs, settlements, refunds and limits: no window of any rate
+ever holds more than its limit (as the provider would count it), the concurrency
+cap holds, wait hints are exact, and nothing is leaked or given back twice.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from ratekit import Limits, Rate, TokenCounting
+from ratekit.backends import Demand, Refusal
+from ratekit.backends.memory import MemoryBackend, MemoryGrant
+
+from .window_cases import BASE_S
+
+TOLERANCE = 1e-9
+
+
+@dataclass
+class Admitted:
+    at: float
+    demand: Demand
+    grant: MemoryGrant
+    settled_at: float | None = None
+    actual: Demand | None = None
+    refunded: bool = False
+
+
+@st.composite
+def limits_strategy(draw: st.DrawFn) -> Limits:
+    period_s = draw(st.sampled_from([1.0, 2.5, 10.0, 60.0]))
+    slices = draw(st.sampled_from([1, 3, 10, 60]))
+    rates = [Rate(draw(st.integers(1, 6)), period_s, "requests", name="req", slices=slices)]
+    if draw(st.booleans()):
+        rates.append(Rate(draw(st.integers(60, 150)), period_s * 2, "tokens", name="tok"))
+    if draw(st.booleans()):
+        rates.append(Rate(draw(st.sampled_from([1.0, 2.5])), period_s, "money", name="usd"))
+    return Limits(
+        concurrency=draw(st.none() | st.integers(1, 4)),
+        rates=tuple(rates),
+        margin_s=draw(st.sampled_from([0.0, 0.5])),
+        pacing=draw(st.booleans()),
+        token_counting=draw(st.sampled_from(list(TokenCounting))),
+    )
+
+
+operation = st.one_of(
+    st.tuples(
+        st.just("reserve"),
+        st.integers(0, 2),  # requests
+        st.integers(0, 60),  # tokens
+        st.sampled_from([0.0, 0.125, 0.5, 1.0]),  # cost
+    ),
+    st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1), st.floats(0, 1)),
+    st.tuples(st.just("refund"), st.integers(0, 30), st.just(0.0), st.just(0.0)),
+)
+# Mostly short steps, so that windows fill up and slice boundaries get crossed.
+delay = st.one_of(st.just(0.0), st.floats(0, 1.5), st.floats(0, 40)).map(lambda x: round(x, 3))
+steps = st.lists(st.tuples(delay, operation), max_size=80)
+
+
+def max_window_sum(events: list[tuple[float, float]], period_s: float) -> float:
+    """The largest total of `events` (time, amount) inside any half-open window of `period_s`."""
+    events = sorted(events)
+    best = 0.0
+    for start, _ in events:
+        best = max(best, sum(a for t, a in events if start <= t < start + period_s))
+    return best
+
+
+def provider_views(rate: Rate, counting: TokenCounting, log: list[Admitted]) -> list[list]:
+    """How a provider could count `rate`: one list of (time, amount) events per view."""
+    sent = [entry for entry in log if not entry.refunded]
+    if rate.unit == "requests":
+        return [[(e.at, e.demand.requests) for e in sent]]
+    settled = [e for e in sent if e.actual is not None and e.settled_at is not None]
+    if rate.unit == "money":
+        return [[(e.settled_at, e.actual.cost) for e in settled]]  # type: ignore[union-attr]
+    at_arrival = [(e.at, e.demand.tokens) for e in sent]
+    at_usage = [(e.settled_at, e.actual.tokens) for e in settled]  # type: ignore[union-attr]
+    if counting is TokenCounting.RESERVE:
+        return [at_arrival]
+    if counting is TokenCounting.USAGE:
+        return [at_usage]
+    return [at_arrival, at_usage]
+
+
+def check_hint_is_exact(
+    backend: MemoryBackend, limits: Limits, demand: Demand, now: float, wait_s: float
+) -> None:
+    """Just before the hinted instant the demand is still refused; at it, admitted."""
+    later = copy.deepcopy(backend)
+    assert not isinstance(later.reserve_now(limits, demand, now + wait_s + 1e-7), Refusal)
+    if wait_s > 1e-5:
+        sooner = copy.deepcopy(backend)
+        assert isinstance(sooner.reserve_now(limits, demand, now + wait_s - 1e-5), Refusal)
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(limits=limits_strategy(), script=steps)
+def test_no_window_ever_admits_more_than_its_limit(limits: Limits, script: list) -> None:
+    """Whatever happens, every provider view of every rate stays within its limit."""
+    backend = MemoryBackend()
+    log: list[Admitted] = []
+    now = BASE_S
+    for dt, (kind, a, b, c) in script:
+        now += dt
+        if kind == "reserve":
+            demand = Demand(a, b, c)
+            outcome = backend.reserve_now(limits, demand, now)
+            if isinstance(outcome, Refusal):
+                if not math.isinf(outcome.wait_s):
+                    check_hint_is_exact(backend, limits, demand, now, outcome.wait_s)
+                continue
+            log.append(Admitted(now, demand, outcome))
+            if limits.concurrency is not None:
+                in_flight = sum(1 for e in log if e.settled_at is None and not e.refunded)
+                assert in_flight <= limits.concurrency
+        elif log:
+            entry = log[a % len(log)]
+            if entry.refunded or entry.settled_at is not None:
+                # A second settle or refund of one grant must change nothing.
+                before = backend.statistics_now(limits, now)
+                backend.settle_now(entry.grant, None, now)
+                assert backend.statistics_now(limits, now) == before
+            elif kind == "refund":
+                backend.settle_now(entry.grant, None, now)
+                entry.refunded = True
+            else:
+                # Real usage at most the estimate: the provider never counts more.
+                actual = Demand(entry.demand.requests, entry.demand.tokens * b, entry.demand.cost * c)
+                backend.settle_now(entry.grant, actual, now)
+                entry.settled_at, entry.actual = now, actual
+    for rate in limits.all_rates:
+        for view in provider_views(rate, limits.token_counting, log):
+            assert max_window_sum(view, rate.period_s) <= rate.limit * (1 + TOLERANCE) + 1e-9
+
+    # Nothing leaks: once every grant is settled and every period has passed, all is zero.
+    for entry in log:
+        backend.settle_now(entry.grant, entry.demand, now)
+    now += max(rate.period_s for rate in limits.all_rates) * 2 + limits.margin_s + 1
+    for dimension in backend.statistics_now(limits, now):
+        assert dimension.used == 0, dimension
+        assert dimension.in_flight == 0, dimension

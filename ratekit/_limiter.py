@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Generator
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any
 
 import anyio
 
@@ -16,11 +18,18 @@ from .backends._base import Backend, Demand, DimensionStatistics, Grant, Refusal
 from .backends.memory import MemoryBackend
 
 
-def _amount(where: str, value: object) -> float:
+def _amount(where: str, value: float) -> float:
     # The common case (a non-negative int) without the full check's cost.
-    if value.__class__ is int and value >= 0:  # type: ignore[operator]
-        return value  # type: ignore[return-value]
+    if isinstance(value, int) and value.__class__ is int and value >= 0:
+        return value
     return check_amount(where, value)
+
+
+def _ceilings(limits: Limits) -> tuple[float, float, float]:
+    smallest = {"requests": math.inf, "tokens": math.inf, "money": math.inf}
+    for rate in limits.all_rates:
+        smallest[rate.unit] = min(smallest[rate.unit], rate.limit)
+    return smallest["requests"], smallest["tokens"], smallest["money"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +66,16 @@ class Limiter:
     (asyncio or trio); it may be shared by any number of tasks of that loop.
     """
 
-    __slots__ = ("_backend", "_clock", "_limits", "_unsubscribe", "_waiters", "_wake")
+    __slots__ = (
+        "_backend",
+        "_ceilings",
+        "_clock",
+        "_limits",
+        "_local",
+        "_unsubscribe",
+        "_waiters",
+        "_wake",
+    )
 
     def __init__(
         self,
@@ -77,7 +95,11 @@ class Limiter:
 
             clock = SystemClock()
         self._limits = limits
+        # The smallest limit per unit (requests, tokens, money): a larger demand never fits.
+        self._ceilings = _ceilings(limits)
         self._backend: Backend = backend
+        # The memory backend, called synchronously on the uncontended path.
+        self._local = backend if isinstance(backend, MemoryBackend) else None
         self._clock: Clock = clock
         # Turn events of callers waiting, first come first served; the head retries.
         self._waiters: deque[anyio.Event] = deque()
@@ -98,6 +120,7 @@ class Limiter:
         if not isinstance(limits, Limits):
             raise TypeError(f"Limiter.limits must be a ratekit.Limits, got {limits!r}")
         self._limits = limits
+        self._ceilings = _ceilings(limits)
         self._on_change()
 
     @property
@@ -138,7 +161,7 @@ class Limiter:
     ) -> Permit | None:
         """A granted permit if every dimension admits now (and nobody waits), else None."""
         permit = Permit(self, requests, tokens, cost, None)
-        demand = permit._demand()
+        demand = permit._validate()
         if self._waiters:
             return None
         outcome = await self._backend.reserve(self._limits, demand)
@@ -148,10 +171,12 @@ class Limiter:
         return permit
 
     def _check_fits(self, demand: Demand) -> None:
-        for rate in self._limits.all_rates:
-            amount = demand.of_unit(rate.unit)
-            if amount > rate.limit:
-                raise CostExceedsLimitError(rate.name, amount, rate.limit)
+        requests, tokens, cost = self._ceilings
+        if demand.requests > requests or demand.tokens > tokens or demand.cost > cost:
+            for rate in self._limits.all_rates:
+                amount = demand.of_unit(rate.unit)
+                if amount > rate.limit:
+                    raise CostExceedsLimitError(rate.name, amount, rate.limit)
 
     async def _reserve(self, demand: Demand, timeout_s: float | None) -> Grant:
         """The one primitive: admit `demand`, waiting at most `timeout_s` (None: no bound)."""
@@ -228,13 +253,12 @@ class Permit:
 
     __slots__ = (
         "_actual",
-        "_cost",
+        "_asked",
+        "_demand",
         "_grant",
         "_limiter",
         "_released",
-        "_requests",
         "_timeout",
-        "_tokens",
     )
 
     def __init__(
@@ -246,23 +270,48 @@ class Permit:
         timeout: float | None,
     ) -> None:
         self._limiter = limiter
-        self._requests = requests
-        self._tokens = tokens
-        self._cost = cost
+        # The amounts as the caller gave them; validated when the permit is acquired.
+        self._asked = (requests, tokens, cost)
         self._timeout = timeout
+        self._demand: Demand | None = None
         self._grant: Grant | None = None
         # What to record at release: None = the estimates, a Demand = settled usage.
         self._actual: Demand | None = None
         self._released = False
 
-    def _demand(self) -> Demand:
-        demand = Demand(
-            _amount("requests", self._requests),
-            _amount("tokens", self._tokens),
-            _amount("cost", self._cost),
-        )
+    def _validate(self) -> Demand:
+        requests, tokens, cost = self._asked
+        if (
+            requests.__class__ is int
+            and tokens.__class__ is int
+            and cost.__class__ is int
+            and requests >= 0
+            and tokens >= 0
+            and cost >= 0
+        ):
+            demand = Demand(requests, tokens, cost)
+        else:
+            demand = Demand(
+                check_amount("requests", requests),
+                check_amount("tokens", tokens),
+                check_amount("cost", cost),
+            )
         self._limiter._check_fits(demand)
+        self._demand = demand
         return demand
+
+    def _try_local(self) -> bool:
+        """Admit synchronously when the backend is in memory and nobody waits."""
+        limiter = self._limiter
+        local = limiter._local
+        if local is None or limiter._waiters:
+            return False
+        demand = self._demand or self._validate()
+        outcome = local.reserve_now(limiter._limits, demand, limiter._clock.now())
+        if outcome.__class__ is Refusal:
+            return False
+        self._grant = outcome
+        return True
 
     async def _acquire(self) -> Permit:
         if self._grant is not None:
@@ -270,14 +319,16 @@ class Permit:
         timeout = self._timeout
         if timeout is not None:
             timeout = check_amount("timeout", timeout)
-        self._grant = await self._limiter._reserve(self._demand(), timeout)
+        if not self._try_local():
+            demand = self._demand or self._validate()
+            self._grant = await self._limiter._reserve(demand, timeout)
         return self
 
-    def __await__(self):  # type: ignore[no-untyped-def]
+    def __await__(self) -> Generator[Any, None, Permit]:
         return self._acquire().__await__()
 
     async def __aenter__(self) -> Permit:
-        if self._grant is None:
+        if self._grant is None and (self._timeout is not None or not self._try_local()):
             await self._acquire()
         return self
 
@@ -287,17 +338,19 @@ class Permit:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.release()
+        if not self._finish_local(self._actual or self._demand):
+            await self.release()
 
     @property
     def demand(self) -> Demand:
         """What was admitted (the estimates)."""
-        if self._grant is None:
+        if self._grant is None or self._demand is None:
             raise PermitError("this permit has not been acquired")
-        return self._grant.demand
+        return self._demand
 
     @property
     def granted(self) -> bool:
+        """Whether the permit holds an admission not yet released."""
         return self._grant is not None and not self._released
 
     def settle(self, *, tokens: float | None = None, cost: float | None = None) -> None:
@@ -307,35 +360,53 @@ class Permit:
         estimated is allowed (the excess counts from now); settling twice is an
         error.
         """
-        if self._grant is None or self._released:
+        estimate = self._demand
+        if self._grant is None or estimate is None or self._released:
             raise PermitError("settle needs an acquired permit that is not yet released")
         if self._actual is not None:
             raise PermitError("this permit is already settled")
-        estimate = self._grant.demand
         self._actual = Demand(
             estimate.requests,
-            estimate.tokens if tokens is None else check_amount("settle tokens", tokens),
-            estimate.cost if cost is None else check_amount("settle cost", cost),
+            estimate.tokens if tokens is None else _amount("settle tokens", tokens),
+            estimate.cost if cost is None else _amount("settle cost", cost),
         )
 
     async def refund(self) -> None:
         """Release the permit handing everything back: for a call that was never sent."""
         if self._actual is not None:
             raise PermitError("a settled permit cannot be refunded")
-        await self._finish(None)
+        if not self._finish_local(None):
+            await self._finish(None)
 
     async def release(self) -> None:
         """Free the concurrency slot and record the usage (settled, or the estimates).
 
-        Idempotent: only the first call does anything. Runs shielded from
-        cancellation so the slot is always given back.
+        Idempotent: only the first call does anything. Shielded from cancellation,
+        so the slot is always given back.
         """
-        if self._grant is None or self._released:
-            return
-        await self._finish(self._actual or self._grant.demand)
+        actual = self._actual or self._demand
+        if not self._finish_local(actual):
+            await self._finish(actual)
+
+    def _finish_local(self, actual: Demand | None) -> bool:
+        """Release synchronously on the memory backend; False when the backend is remote.
+
+        Being synchronous, no cancellation can come between the admission's end
+        and the slot's return.
+        """
+        limiter = self._limiter
+        local = limiter._local
+        if local is None:
+            return False
+        grant = self._grant
+        if grant is not None and not self._released:
+            self._released = True
+            local.settle_now(grant, actual, limiter._clock.now())  # type: ignore[arg-type]
+        return True
 
     async def _finish(self, actual: Demand | None) -> None:
-        if self._grant is None or self._released:
+        grant = self._grant
+        if grant is None or self._released:
             return
         self._released = True
-        await self._limiter._release(self._grant, actual)
+        await self._limiter._release(grant, actual)

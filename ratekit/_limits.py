@@ -183,7 +183,7 @@ class Limits:
 
     def _expand_rates(self) -> tuple[Rate, ...]:
         scale = self.period_scale
-        shorthand = [
+        shorthand: list[tuple[str, float | None, float, Unit, str | None]] = [
             ("rpm", self.rpm, MINUTE_S, "requests", None),
             ("tpm", self.tpm, MINUTE_S, "tokens", None),
             ("tpd", self.tpd, DAY_S, "tokens", self.tpd_calendar_tz),

@@ -29,11 +29,15 @@ class SlicedWindow:
     """The in-use amount of one rolling rate, as a ring of at most ``slices + 1`` live slices.
 
     Not thread-safe; owned by one backend. `limit`, `margin_s` and `pacing` may be
-    changed in place (a tier upgrade keeps what was used so far).
+    changed in place with `configure` (a tier upgrade keeps what was used so far).
     """
 
     __slots__ = (
+        "_ceiling",
+        "_first_expiry_s",
         "_held",
+        "_last_end_s",
+        "_last_start_s",
         "_pace_next_s",
         "_slices",
         "_total",
@@ -47,11 +51,8 @@ class SlicedWindow:
 
     def __init__(self, rate: Rate, *, margin_s: float = 0.0, pacing: bool = False) -> None:
         self.name = rate.name
-        self.limit = float(rate.limit)
         self.period_s = rate.period_s
         self.slice_s = rate.period_s / rate.slices
-        self.margin_s = margin_s
-        self.pacing = pacing
         # [slice index, amount] pairs, oldest first; indexes strictly increase.
         self._slices: deque[list[float]] = deque()
         # Sum of the amounts in `_slices`.
@@ -60,6 +61,22 @@ class SlicedWindow:
         self._held = 0.0
         # With pacing: the earliest instant of the next admission.
         self._pace_next_s = -math.inf
+        # When the oldest slice stops counting (inf: no slice), so that `expire`
+        # is one comparison while nothing is due.
+        self._first_expiry_s = math.inf
+        # The time span of the newest slice, so that `record` into it needs no division.
+        self._last_start_s = math.inf
+        self._last_end_s = -math.inf
+        self.configure(rate.limit, margin_s=margin_s, pacing=pacing)
+
+    def configure(self, limit: float, *, margin_s: float, pacing: bool) -> None:
+        """Change the limit, margin and pacing; what was used so far keeps counting."""
+        self.limit = float(limit)
+        # The largest total that still fits, with slack for float sums of money.
+        self._ceiling = self.limit * (1 + _EPSILON)
+        self.margin_s = margin_s
+        self.pacing = pacing
+        self._first_expiry_s = self.expiry_s(self._slices[0][0]) if self._slices else math.inf
 
     # -- reading ---------------------------------------------------------------
 
@@ -73,11 +90,25 @@ class SlicedWindow:
 
     def expire(self, now: float) -> None:
         """Drop the slices that no longer count at `now`."""
+        if now < self._first_expiry_s:
+            return
         slices = self._slices
         while slices and self.expiry_s(slices[0][0]) <= now:
             self._total -= slices.popleft()[1]
-        if not slices:
+        if slices:
+            self._first_expiry_s = self.expiry_s(slices[0][0])
+        else:
             self._total = 0.0  # no float residue once empty
+            self._first_expiry_s = math.inf
+            self._last_start_s, self._last_end_s = math.inf, -math.inf
+
+    def fits(self, now: float, amount: float) -> bool:
+        """Whether `amount` can be admitted at `now` (the fast half of `wait_s`)."""
+        if now >= self._first_expiry_s:
+            self.expire(now)
+        if self._total + self._held + amount > self._ceiling:
+            return False
+        return not self.pacing or now >= self._pace_next_s
 
     def used(self, now: float) -> float:
         """The amount counting against the limit at `now`: live slices plus holds."""
@@ -98,14 +129,15 @@ class SlicedWindow:
         self.expire(now)
         pace_wait = self._pace_next_s - now if self.pacing else 0.0
         excess = self._total + self._held + amount - self.limit
-        if excess <= self.limit * _EPSILON:
+        slack = self.limit * _EPSILON
+        if excess <= slack:
             return max(pace_wait, 0.0)
-        if excess > self._total * (1 + _EPSILON):
+        if excess > self._total + slack:
             return math.inf
         freed = 0.0
         for index, slice_amount in self._slices:
             freed += slice_amount
-            if freed >= excess - self.limit * _EPSILON:
+            if freed >= excess - slack:
                 return max(self.expiry_s(index) - now, pace_wait)
         return math.inf  # unreachable while `_total` equals the sum of slices
 
@@ -117,12 +149,18 @@ class SlicedWindow:
 
     def record(self, now: float, amount: float) -> int:
         """Count `amount` at `now`; returns the slice index it landed in."""
+        if self.pacing and amount:
+            spacing_s = amount * self.period_s / self.limit
+            self._pace_next_s = max(self._pace_next_s, now) + spacing_s
+        if not amount:
+            return self.slice_index(now)
+        if self._last_start_s <= now < self._last_end_s:
+            newest = self._slices[-1]
+            newest[1] += amount
+            self._total += amount
+            return int(newest[0])
         index = self.slice_index(now)
-        if amount:
-            if self.pacing:
-                spacing_s = amount * self.period_s / self.limit
-                self._pace_next_s = max(self._pace_next_s, now) + spacing_s
-            self._add(index, amount)
+        self._add(index, amount)
         return index
 
     def _add(self, index: int, amount: float) -> None:
@@ -131,6 +169,10 @@ class SlicedWindow:
             slices[-1][1] += amount
         elif not slices or slices[-1][0] < index:
             slices.append([index, amount])
+            self._last_start_s = index * self.slice_s
+            self._last_end_s = (index + 1) * self.slice_s
+            if len(slices) == 1:
+                self._first_expiry_s = self.expiry_s(index)
         else:
             self._add_to_past(index, amount)
         self._total += amount
@@ -144,7 +186,22 @@ class SlicedWindow:
                 return
             if entry[0] > index:
                 self._slices.insert(position, [index, amount])
+                if position == 0:
+                    self._first_expiry_s = self.expiry_s(index)
                 return
+
+    def record_safe(self, now: float, index: int, reserved: float, real: float) -> None:
+        """Settle a call admitted in slice `index` the ``safe`` way.
+
+        Until slice `index` expires, count max(reserved, real): the remainder of the
+        reservation there, the real usage now; afterwards only the real usage.
+        """
+        if self._last_start_s <= now < self._last_end_s and self._slices[-1][0] == index:
+            self.record(now, max(reserved, real))  # admitted in this very slice
+            return
+        if reserved > real:
+            self.add_to_slice(now, index, reserved - real)
+        self.record(now, real)
 
     def add_to_slice(self, now: float, index: int, amount: float) -> bool:
         """Count `amount` in the older slice `index` if it still counts at `now`.
@@ -214,9 +271,16 @@ class CalendarWindow:
         self._day_end_s = end.timestamp()
         self._total = 0.0
 
+    def configure(self, limit: float, *, margin_s: float, pacing: bool) -> None:
+        """Change the limit (margin and pacing do not apply to calendar days)."""
+        self.limit = float(limit)
+
     def slice_index(self, now: float) -> int:
         self._roll(now)
         return int(self._day_start_s)
+
+    def fits(self, now: float, amount: float) -> bool:
+        return self.wait_s(now, amount) == 0.0
 
     def used(self, now: float) -> float:
         self._roll(now)
@@ -242,6 +306,11 @@ class CalendarWindow:
         self._roll(now)
         self._total += amount
         return int(self._day_start_s)
+
+    def record_safe(self, now: float, index: int, reserved: float, real: float) -> None:
+        if reserved > real:
+            self.add_to_slice(now, index, reserved - real)
+        self.record(now, real)
 
     def add_to_slice(self, now: float, index: int, amount: float) -> bool:
         self._roll(now)

@@ -135,7 +135,9 @@ def test_no_window_ever_admits_more_than_its_limit(limits: Limits, script: list)
                 entry.refunded = True
             else:
                 # Real usage at most the estimate: the provider never counts more.
-                actual = Demand(entry.demand.requests, entry.demand.tokens * b, entry.demand.cost * c)
+                actual = Demand(
+                    entry.demand.requests, entry.demand.tokens * b, entry.demand.cost * c
+                )
                 backend.settle_now(entry.grant, actual, now)
                 entry.settled_at, entry.actual = now, actual
     for rate in limits.all_rates:

@@ -12,8 +12,7 @@ from ratekit.backends.memory import MemoryBackend, MemoryGrant
 from .window_cases import BASE_S, CASES, Case, Refund, Reserve, Settle, Used
 
 
-def _actual(grant: MemoryGrant, step: Settle) -> Demand:
-    estimate = grant.demand
+def _actual(estimate: Demand, step: Settle) -> Demand:
     return Demand(
         estimate.requests,
         estimate.tokens if step.tokens is None else step.tokens,
@@ -24,6 +23,7 @@ def _actual(grant: MemoryGrant, step: Settle) -> Demand:
 def run_case(case: Case) -> None:
     backend = MemoryBackend()
     grants: dict[str, MemoryGrant] = {}
+    demands: dict[str, Demand] = {}
     for number, step in enumerate(case.steps):
         now = BASE_S + step.t
         where = f"step {number} ({step})"
@@ -33,6 +33,7 @@ def run_case(case: Case) -> None:
             if step.wait_s is None:
                 assert not isinstance(outcome, Refusal), f"{where}: refused {outcome}"
                 grants[step.grant] = outcome
+                demands[step.grant] = demand
             else:
                 assert isinstance(outcome, Refusal), f"{where}: admitted"
                 assert outcome.dimension == step.dimension, where
@@ -41,8 +42,8 @@ def run_case(case: Case) -> None:
                 else:
                     assert outcome.wait_s == pytest.approx(step.wait_s, abs=1e-6), where
         elif isinstance(step, Settle):
-            grant = grants[step.grant]
-            backend.settle_now(grant, _actual(grant, step), now)
+            actual = _actual(demands[step.grant], step)
+            backend.settle_now(grants[step.grant], actual, now)
         elif isinstance(step, Refund):
             backend.settle_now(grants[step.grant], None, now)
         elif isinstance(step, Used):

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from .._limits import Limits
 
 
-@dataclass(frozen=True, slots=True)
-class Demand:
-    """What one call asks for: validated, non-negative amounts."""
+class Demand(NamedTuple):
+    """What one call asks for (or really used): validated, non-negative amounts.
+
+    A tuple, so that the hot path can unpack it as ``requests, tokens, cost``.
+    """
 
     requests: float = 1
     tokens: float = 0
@@ -55,10 +57,8 @@ class DimensionStatistics:
     in_flight: float
 
 
-class Grant(Protocol):
-    """A backend's record of one admitted demand; opaque to the limiter."""
-
-    demand: Demand
+Grant = object
+"""A backend's record of one admitted demand; opaque to the limiter."""
 
 
 class Backend(Protocol):

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 
 from .._clock import Clock, SystemClock
-from .._limits import Limits, Rate, TokenCounting
+from .._limits import UNITS, Limits, Rate, TokenCounting
 from .._window import Window, new_window
 from ._base import Demand, DimensionStatistics, Grant, Refusal
 
@@ -21,18 +21,20 @@ _WindowKey = tuple[str, float, str | None, int]
 class _Binding:
     """The windows that enforce one `Limits` value, in the order of `limits.all_rates`."""
 
-    __slots__ = ("concurrency", "limits", "rates", "takes", "windows")
+    __slots__ = ("concurrency", "limits", "takes")
 
     def __init__(self, limits: Limits, windows: list[Window]) -> None:
         self.limits = limits
         self.concurrency = limits.concurrency
-        self.rates = limits.all_rates
-        self.windows = windows
-        # For each window: (window, unit, how it is taken).
+        # For each window: (window, unit position in a demand, how it is taken).
         self.takes = [
-            (window, rate.unit, _take_kind(rate, limits.token_counting))
-            for window, rate in zip(windows, self.rates, strict=True)
+            (window, _UNIT_POSITION[rate.unit], _take_kind(rate, limits.token_counting))
+            for window, rate in zip(windows, limits.all_rates, strict=True)
         ]
+
+
+# Where each unit's amount sits in a (requests, tokens, cost) triple.
+_UNIT_POSITION = {"requests": 0, "tokens": 1, "money": 2}
 
 
 def _take_kind(rate: Rate, counting: TokenCounting) -> int:
@@ -48,14 +50,15 @@ def _take_kind(rate: Rate, counting: TokenCounting) -> int:
 
 
 class MemoryGrant:
-    """What one admission took: per window, (window, unit, kind, slice index, amount)."""
+    """What one admission took.
 
-    __slots__ = ("demand", "entries", "settled", "slot")
+    `entries` holds, per window it touched: (window, unit position, kind, slice
+    index, amount).
+    """
 
-    def __init__(
-        self, demand: Demand, entries: list[tuple[Window, str, int, int, float]], slot: bool
-    ) -> None:
-        self.demand = demand
+    __slots__ = ("entries", "settled", "slot")
+
+    def __init__(self, entries: list[tuple[Window, int, int, int, float]], slot: bool) -> None:
         self.entries = entries
         self.slot = slot
         # Settled or refunded: a second settle of the same grant changes nothing.
@@ -94,81 +97,76 @@ class MemoryBackend:
         windows = []
         for rate in limits.all_rates:
             key = (*rate.key, rate.slices)
-            window = self._windows.get(key)
             pacing = limits.pacing and rate.unit == "requests"
+            window = self._windows.get(key)
             if window is None:
                 window = new_window(rate, margin_s=limits.margin_s, pacing=pacing)
                 self._windows[key] = window
             else:
-                window.limit = float(rate.limit)
-                if not rate.calendar_tz:
-                    window.margin_s = limits.margin_s  # type: ignore[union-attr]
-                    window.pacing = pacing  # type: ignore[union-attr]
+                window.configure(rate.limit, margin_s=limits.margin_s, pacing=pacing)
             windows.append(window)
         self._binding = binding = _Binding(limits, windows)
         return binding
 
     def reserve_now(self, limits: Limits, demand: Demand, now: float) -> MemoryGrant | Refusal:
         """`reserve` at an explicit instant: the synchronous core, for tests and simulations."""
-        binding = self._bind(limits)
+        binding = self._binding
+        if binding is None or binding.limits is not limits:
+            binding = self._bind(limits)
         if binding.concurrency is not None and self._slots_taken >= binding.concurrency:
             return Refusal(math.inf, "concurrency")
-        worst_s = 0.0
-        worst_name = ""
-        for window, unit, _ in binding.takes:
-            amount = (
-                demand.requests
-                if unit == "requests"
-                else (demand.tokens if unit == "tokens" else demand.cost)
-            )
-            if amount:
-                wait_s = window.wait_s(now, amount)
-                if wait_s > worst_s:
-                    worst_s, worst_name = wait_s, window.name
-        if worst_s > 0:
-            return Refusal(worst_s, worst_name)
+        takes = binding.takes
+        for window, position, _ in takes:
+            amount = demand[position]
+            if amount and not window.fits(now, amount):
+                return self._refusal(takes, demand, now)
         entries = []
-        for window, unit, kind in binding.takes:
-            amount = (
-                demand.requests
-                if unit == "requests"
-                else (demand.tokens if unit == "tokens" else demand.cost)
-            )
+        for window, position, kind in takes:
+            amount = demand[position]
             if not amount:
                 continue
             if kind == _RECORDED:
                 index = window.record(now, amount)
             else:
                 window.hold(amount)
-                index = window.slice_index(now)
-            entries.append((window, unit, kind, index, amount))
+                index = window.slice_index(now) if kind == _HELD_SAFE else 0
+            entries.append((window, position, kind, index, amount))
         slot = binding.concurrency is not None
         if slot:
             self._slots_taken += 1
-        return MemoryGrant(demand, entries, slot)
+        return MemoryGrant(entries, slot)
+
+    @staticmethod
+    def _refusal(takes: list[tuple[Window, int, int]], demand: Demand, now: float) -> Refusal:
+        worst_s, worst_name = 0.0, ""
+        for window, position, _ in takes:
+            amount = demand[position]
+            if amount:
+                wait_s = window.wait_s(now, amount)
+                if wait_s > worst_s:
+                    worst_s, worst_name = wait_s, window.name
+        return Refusal(worst_s, worst_name)
 
     def settle_now(self, grant: MemoryGrant, actual: Demand | None, now: float) -> None:
         """`settle` at an explicit instant; only the first settle of a grant counts."""
         if grant.settled:
             return
         grant.settled = True
-        for window, unit, kind, index, amount in grant.entries:
-            if actual is None:
+        if actual is None:
+            for window, _, kind, index, amount in grant.entries:
                 if kind == _RECORDED:
                     window.refund(now, index, amount)
                 else:
                     window.unhold(amount)
-                continue
-            if kind == _RECORDED:
-                continue  # counted at admission, as the provider does
-            real = actual.of_unit(unit)
-            window.unhold(amount)
-            if kind == _HELD_SAFE and amount > real:
-                # Until the admission's slice expires, count max(reserved, real):
-                # the remainder there, the real usage now.
-                window.add_to_slice(now, index, amount - real)
-            if real:
-                window.record(now, real)
+        else:
+            for window, position, kind, index, amount in grant.entries:
+                if kind == _RECORDED:
+                    continue  # counted at admission, as the provider does
+                window.unhold(amount)
+                if kind == _HELD_SAFE:
+                    window.record_safe(now, index, amount, actual[position])
+                else:
+                    window.record(now, actual[position])
         if grant.slot:
             self._slots_taken -= 1
         for listener in self._listeners:
@@ -188,8 +186,9 @@ class MemoryBackend:
                     self._slots_taken,
                 )
             )
-        for window, unit, _ in binding.takes:
+        for window, position, _ in binding.takes:
             used = window.used(now)
+            unit = UNITS[position]
             stats.append(DimensionStatistics(window.name, unit, window.limit, used, window.held))
         return tuple(stats)
 

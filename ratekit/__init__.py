@@ -1,4 +1,8 @@
-"""ratekit: a client-side rate limiter and quota-aware request scheduler for LLM APIs."""
+"""ratekit: a client-side rate limiter and quota-aware request scheduler for LLM APIs.
+
+Start with `load_profile` (a provider's tiers), `Tier.limits` (what a tier allows)
+and `Limiter` (permits for calls within those limits).
+"""
 
 from ._clock import Clock, FakeClock, SystemClock
 from ._errors import (
@@ -6,43 +10,61 @@ from ._errors import (
     CostExceedsLimitError,
     InvalidCostError,
     LimitsError,
+    MissingPriceError,
     PermitError,
     ProfileError,
     RatekitError,
+    UnknownBillingItemError,
     UnknownModelError,
     UnknownNameError,
     UnknownProviderError,
     UnknownTierError,
 )
+from ._estimate import TokenEstimate
 from ._limiter import Limiter, LimiterStatistics, Permit
 from ._limits import Limits, Rate, TokenCounting
+from ._pricing import CharacterRules, Prices, RelayBilling, count_billable_characters
+from ._profiles import LimitNumbers, Model, Profile, Tier, bundled_providers, load_profile
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 
 __all__ = [
     "AcquireTimeout",
     "Backend",
+    "CharacterRules",
     "Clock",
     "CostExceedsLimitError",
     "Demand",
     "DimensionStatistics",
     "FakeClock",
     "InvalidCostError",
+    "LimitNumbers",
     "Limiter",
     "LimiterStatistics",
     "Limits",
     "LimitsError",
     "MemoryBackend",
+    "MissingPriceError",
+    "Model",
     "Permit",
     "PermitError",
+    "Prices",
+    "Profile",
     "ProfileError",
     "Rate",
     "RatekitError",
+    "RelayBilling",
     "SystemClock",
+    "Tier",
     "TokenCounting",
+    "TokenEstimate",
+    "UnknownBillingItemError",
     "UnknownModelError",
     "UnknownNameError",
     "UnknownProviderError",
     "UnknownTierError",
+    "bundled_providers",
+    "count_billable_characters",
+    "load_profile",
 ]
 
 __version__ = "0.1.0"

@@ -92,3 +92,13 @@ class UnknownModelError(UnknownNameError):
     """The profile has no model of this name."""
 
     kind = "model"
+
+
+class UnknownBillingItemError(UnknownNameError):
+    """A relay rate-multiple item (cache, input_audio, ...) the relay profile does not list."""
+
+    kind = "billing item"
+
+
+class MissingPriceError(RatekitError, LookupError):
+    """The model has no price for what was asked (no output price, no such video variant)."""

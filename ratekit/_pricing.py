@@ -13,7 +13,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._errors import RatekitError, UnknownNameError
+from ._errors import MissingPriceError, UnknownBillingItemError
 from ._limits import check_amount
 
 TOKENS_PER_MILLION = 1_000_000
@@ -22,16 +22,6 @@ PIXELS_PER_MEGAPIXEL = 1_000_000
 
 CharacterClass = Literal["chinese", "letter", "punctuation", "other"]
 Side = Literal["input", "output"]
-
-
-class MissingPriceError(RatekitError, LookupError):
-    """The model has no price for what was asked (no output price, no such video variant)."""
-
-
-class UnknownBillingItemError(UnknownNameError):
-    """A relay rate-multiple item (cache, input_audio, ...) the relay profile does not list."""
-
-    kind = "billing item"
 
 
 def _price(label: str, value: float | None, model: str) -> float:

@@ -1,0 +1,57 @@
+"""``python -m ratekit``: the offline simulation (no network, no Redis, no API key)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import anyio
+
+from ._errors import RatekitError
+from ._profiles import load_profile
+from .simulation import simulate
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m ratekit",
+        description=(
+            "Drive a batch of calls through ratekit into a strict in-process provider that "
+            "enforces a tier exactly, with time compressed, and report 429s and utilisation."
+        ),
+    )
+    parser.add_argument("--provider", default="moonshot", help="bundled provider (moonshot)")
+    parser.add_argument("--tier", default="tier1", help="tier name (tier1)")
+    parser.add_argument("--model", default=None, help="model, for per-model limits")
+    parser.add_argument("--calls", type=int, default=600, help="calls to make (600)")
+    parser.add_argument("--workers", type=int, default=100, help="concurrent tasks (100)")
+    parser.add_argument(
+        "--speed", type=float, default=60.0, help="time compression: 60 runs a minute per second"
+    )
+    parser.add_argument(
+        "--margin-ms", type=float, default=5.0, help="safety margin per admission, real ms (5)"
+    )
+    args = parser.parse_args(argv)
+    try:
+        tier = load_profile(args.provider).tier(args.tier)
+        margin_s = args.margin_ms / 1000  # real seconds: margins are not compressed
+        limits = tier.limits(model=args.model, margin_s=margin_s).compressed(args.speed)
+    except RatekitError as exc:
+        print(f"ratekit: {exc}", file=sys.stderr)
+        return 2
+    model = f" {args.model}" if args.model else ""
+    print(
+        f"{args.provider} {tier.name}{model}: concurrency {limits.concurrency}, "
+        f"rpm {limits.rpm}, tpm {limits.tpm}, tpd {limits.tpd}; time x{args.speed:g}"
+    )
+
+    async def run() -> list[str]:
+        report = await simulate(limits, calls=args.calls, workers=args.workers)
+        return report.lines()
+
+    print("\n".join(anyio.run(run)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,198 @@
+"""A strict in-process provider and a workload driver: ratekit's main job, offline.
+
+`StrictProvider` enforces limits the way a provider that counts rolling windows
+does, exactly (a log of every arrival, no slices, no slack) and answers "429"
+on any excess. `simulate` drives a batch of calls from many tasks through a
+`Limiter` into it and reports 429s and how much of each limit was used. No
+network, no Redis, no API key.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import anyio
+
+from ._limiter import Limiter
+from ._limits import Limits, Rate
+
+
+class RateLimited(Exception):
+    """The strict provider's 429: `dimension` was over its limit at arrival."""
+
+    def __init__(self, dimension: str) -> None:
+        self.dimension = dimension
+        super().__init__(f"429: {dimension} exceeded")
+
+
+@dataclass
+class _Log:
+    rate: Rate
+    # (arrival time, amount) of every arrival still inside the window.
+    arrivals: deque[tuple[float, float]] = field(default_factory=deque)
+    total: float = 0.0
+    peak: float = 0.0
+
+    def expire(self, now: float) -> None:
+        while self.arrivals and self.arrivals[0][0] <= now - self.rate.period_s:
+            self.total -= self.arrivals.popleft()[1]
+
+    def fits(self, amount: float) -> bool:
+        return self.total + amount <= self.rate.limit
+
+    def add(self, now: float, amount: float) -> None:
+        self.arrivals.append((now, amount))
+        self.total += amount
+        self.peak = max(self.peak, self.total)
+
+
+class StrictProvider:
+    """Answers calls within `limits` and raises `RateLimited` for any call beyond them.
+
+    Requests and tokens (prompt + max output) count at arrival in rolling windows
+    of exactly each rate's period; concurrency counts calls in flight. `clock`
+    returns seconds (the limiter's clock by default). Refused calls count nothing.
+    """
+
+    def __init__(self, limits: Limits, *, clock: object = time.time) -> None:
+        self.limits = limits
+        self._now = clock  # type: ignore[assignment]
+        self._logs = [_Log(rate) for rate in limits.all_rates if rate.unit != "money"]
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.served = 0
+        self.rejected: dict[str, int] = {}
+
+    def _arrive(self, tokens: float) -> None:
+        now = self._now()  # type: ignore[operator]
+        cap = self.limits.concurrency
+        if cap is not None and self.in_flight >= cap:
+            self._reject("concurrency")
+        amounts = {"requests": 1.0, "tokens": tokens}
+        for log in self._logs:
+            log.expire(now)
+        for log in self._logs:
+            if not log.fits(amounts[log.rate.unit]):
+                self._reject(log.rate.name)
+        for log in self._logs:
+            log.add(now, amounts[log.rate.unit])
+        self.in_flight += 1
+        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+
+    def _reject(self, dimension: str) -> None:
+        self.rejected[dimension] = self.rejected.get(dimension, 0) + 1
+        raise RateLimited(dimension)
+
+    async def call(self, tokens: float, duration_s: float) -> float:
+        """One call reserving `tokens`; takes `duration_s`; returns the tokens used."""
+        self._arrive(tokens)
+        try:
+            await anyio.sleep(duration_s)
+        finally:
+            self.in_flight -= 1
+        self.served += 1
+        return tokens
+
+    def peak_use(self) -> dict[str, tuple[float, float]]:
+        """Per dimension: (largest amount seen in any window, limit)."""
+        use = {log.rate.name: (log.peak, log.rate.limit) for log in self._logs}
+        if self.limits.concurrency is not None:
+            use["concurrency"] = (self.peak_in_flight, self.limits.concurrency)
+        return use
+
+
+@dataclass(frozen=True)
+class SimulationReport:
+    """What a simulation did: calls served, 429s, time, and the limits' use."""
+
+    calls: int
+    served: int
+    rate_limited: dict[str, int]
+    elapsed_s: float
+    peak_use: dict[str, tuple[float, float]]
+    binding: str
+    binding_utilisation: float
+
+    def lines(self) -> list[str]:
+        """A human-readable summary."""
+        out = [
+            f"calls: {self.calls}, served: {self.served}, "
+            f"429s: {sum(self.rate_limited.values())}, elapsed: {self.elapsed_s:.2f} s",
+        ]
+        for name, (peak, limit) in self.peak_use.items():
+            out.append(f"  {name:<12} peak in any window {peak:>12,.0f} of {limit:>12,.0f}")
+        out.append(
+            f"binding limit: {self.binding}, throughput {self.binding_utilisation:.1%} of it"
+        )
+        return out
+
+
+async def simulate(
+    limits: Limits,
+    *,
+    calls: int = 400,
+    workers: int = 50,
+    tokens: tuple[int, int] = (200, 2_000),
+    duration_s: tuple[float, float] = (0.01, 0.05),
+    seed: int = 0,
+) -> SimulationReport:
+    """Drive `calls` calls from `workers` tasks through a limiter into a strict provider.
+
+    Each call reserves a random token count within `tokens` and lasts a random
+    time within `duration_s`. Use compressed limits (``limits.compressed(60)``)
+    so that a minute's traffic runs in a second.
+    """
+    rng = random.Random(seed)
+    provider = StrictProvider(limits)
+    limiter = Limiter(limits)
+    jobs = deque((rng.randint(*tokens), rng.uniform(*duration_s)) for _ in range(calls))
+    totals = {"requests": float(calls), "tokens": float(sum(job[0] for job in jobs))}
+    started = time.time()
+
+    async def worker() -> None:
+        while jobs:
+            job_tokens, job_s = jobs.popleft()
+            async with limiter.acquire(tokens=job_tokens) as permit:
+                try:
+                    permit.settle(tokens=await provider.call(job_tokens, job_s))
+                except RateLimited:
+                    pass
+
+    async with anyio.create_task_group() as group:
+        for _ in range(workers):
+            group.start_soon(worker)
+    elapsed_s = time.time() - started
+    binding, utilisation = _binding(limits, totals, elapsed_s)
+    return SimulationReport(
+        calls=calls,
+        served=provider.served,
+        rate_limited=dict(provider.rejected),
+        elapsed_s=elapsed_s,
+        peak_use=provider.peak_use(),
+        binding=binding,
+        binding_utilisation=utilisation,
+    )
+
+
+def _binding(limits: Limits, totals: dict[str, float], elapsed_s: float) -> tuple[str, float]:
+    """The rate that bounds the run's length, and the share of it the run achieved.
+
+    A rate of N per P seconds admits at most N at once and N more every P after,
+    so a total of T cannot all be admitted before ``ceil(T / N - 1) * P`` seconds;
+    the binding rate is the one needing longest, and utilisation is that floor
+    over the elapsed time.
+    """
+    best_name, best_floor = "none", 0.0
+    for rate in limits.all_rates:
+        if rate.unit not in totals:
+            continue
+        floor_s = max(math.ceil(totals[rate.unit] / rate.limit - 1), 0) * rate.period_s
+        if floor_s > best_floor:
+            best_name, best_floor = rate.name, floor_s
+    if best_floor == 0 or elapsed_s <= 0:
+        return best_name, math.nan
+    return best_name, min(best_floor / elapsed_s, 1.0)

@@ -9,10 +9,12 @@ network, no Redis, no API key.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import anyio
@@ -58,9 +60,9 @@ class StrictProvider:
     returns seconds (the limiter's clock by default). Refused calls count nothing.
     """
 
-    def __init__(self, limits: Limits, *, clock: object = time.time) -> None:
+    def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.time) -> None:
         self.limits = limits
-        self._now = clock  # type: ignore[assignment]
+        self._now = clock
         self._logs = [_Log(rate) for rate in limits.all_rates if rate.unit != "money"]
         self.in_flight = 0
         self.peak_in_flight = 0
@@ -68,7 +70,7 @@ class StrictProvider:
         self.rejected: dict[str, int] = {}
 
     def _arrive(self, tokens: float) -> None:
-        now = self._now()  # type: ignore[operator]
+        now = self._now()
         cap = self.limits.concurrency
         if cap is not None and self.in_flight >= cap:
             self._reject("concurrency")
@@ -157,10 +159,8 @@ async def simulate(
         while jobs:
             job_tokens, job_s = jobs.popleft()
             async with limiter.acquire(tokens=job_tokens) as permit:
-                try:
+                with contextlib.suppress(RateLimited):  # counted by the provider
                     permit.settle(tokens=await provider.call(job_tokens, job_s))
-                except RateLimited:
-                    pass
 
     async with anyio.create_task_group() as group:
         for _ in range(workers):

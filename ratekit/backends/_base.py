@@ -6,7 +6,30 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple, Protocol
 
-from .._limits import Limits
+from .._limits import Limits, Rate, TokenCounting
+
+# How an admission takes its amount from one window, so that settle and refund undo
+# it right. The Lua scripts use the same numbers.
+RECORDED = 0  # counted in a slice at admission (requests; tokens under "reserve")
+HELD_USAGE = 1  # held until settle, then the real usage is recorded ("usage"; money)
+HELD_SAFE = 2  # held until settle, then max(reserved, real) until the admission's slice ends
+
+
+def take_kind(rate: Rate, counting: TokenCounting) -> int:
+    """How an admission takes `rate`'s amount under the provider's token `counting`."""
+    if rate.unit == "requests":
+        return RECORDED
+    if rate.unit == "money":
+        return HELD_USAGE
+    if counting is TokenCounting.RESERVE:
+        return RECORDED
+    if counting is TokenCounting.USAGE:
+        return HELD_USAGE
+    return HELD_SAFE
+
+
+# Where each unit's amount sits in a (requests, tokens, cost) demand.
+UNIT_POSITION = {"requests": 0, "tokens": 1, "money": 2}
 
 
 class Demand(NamedTuple):

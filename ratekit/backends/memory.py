@@ -6,14 +6,18 @@ import math
 from collections.abc import Callable
 
 from .._clock import Clock, SystemClock
-from .._limits import UNITS, Limits, Rate, TokenCounting
+from .._limits import UNITS, Limits
 from .._window import Window, new_window
-from ._base import Demand, DimensionStatistics, Grant, Refusal
-
-# How a grant took its amount from one window, so that settle and refund undo it right.
-_RECORDED = 0  # counted in a slice at admission (requests; tokens under "reserve")
-_HELD_USAGE = 1  # held until settle, then the real usage is recorded ("usage"; money)
-_HELD_SAFE = 2  # held until settle, then max(reserved, real) as described in `settle`
+from ._base import (
+    HELD_SAFE,
+    RECORDED,
+    UNIT_POSITION,
+    Demand,
+    DimensionStatistics,
+    Grant,
+    Refusal,
+    take_kind,
+)
 
 _WindowKey = tuple[str, float, str | None, int]
 
@@ -28,25 +32,9 @@ class _Binding:
         self.concurrency = limits.concurrency
         # For each window: (window, unit position in a demand, how it is taken).
         self.takes = [
-            (window, _UNIT_POSITION[rate.unit], _take_kind(rate, limits.token_counting))
+            (window, UNIT_POSITION[rate.unit], take_kind(rate, limits.token_counting))
             for window, rate in zip(windows, limits.all_rates, strict=True)
         ]
-
-
-# Where each unit's amount sits in a (requests, tokens, cost) triple.
-_UNIT_POSITION = {"requests": 0, "tokens": 1, "money": 2}
-
-
-def _take_kind(rate: Rate, counting: TokenCounting) -> int:
-    if rate.unit == "requests":
-        return _RECORDED
-    if rate.unit == "money":
-        return _HELD_USAGE
-    if counting is TokenCounting.RESERVE:
-        return _RECORDED
-    if counting is TokenCounting.USAGE:
-        return _HELD_USAGE
-    return _HELD_SAFE
 
 
 class MemoryGrant:
@@ -56,11 +44,10 @@ class MemoryGrant:
     index, amount).
     """
 
-    __slots__ = ("entries", "settled", "slot")
+    __slots__ = ("entries", "settled")
 
-    def __init__(self, entries: list[tuple[Window, int, int, int, float]], slot: bool) -> None:
+    def __init__(self, entries: list[tuple[Window, int, int, int, float]]) -> None:
         self.entries = entries
-        self.slot = slot
         # Settled or refunded: a second settle of the same grant changes nothing.
         self.settled = False
 
@@ -74,7 +61,7 @@ class MemoryBackend:
     `now`; tests pass a `FakeClock`.
     """
 
-    __slots__ = ("_binding", "_clock", "_listeners", "_slots_taken", "_windows")
+    __slots__ = ("_binding", "_clock", "_listeners", "_in_flight", "_windows")
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock or SystemClock()
@@ -82,8 +69,9 @@ class MemoryBackend:
         self._windows: dict[_WindowKey, Window] = {}
         # The binding of the limits seen last (usually the only ones).
         self._binding: _Binding | None = None
-        # Concurrency slots taken by admitted calls not yet settled.
-        self._slots_taken = 0
+        # Admitted calls not yet settled: what a concurrency cap counts, whether or
+        # not one was in force when they were admitted.
+        self._in_flight = 0
         self._listeners: list[Callable[[], None]] = []
 
     @property
@@ -113,7 +101,7 @@ class MemoryBackend:
         binding = self._binding
         if binding is None or binding.limits is not limits:
             binding = self._bind(limits)
-        if binding.concurrency is not None and self._slots_taken >= binding.concurrency:
+        if binding.concurrency is not None and self._in_flight >= binding.concurrency:
             return Refusal(math.inf, "concurrency")
         takes = binding.takes
         for window, position, _ in takes:
@@ -125,16 +113,14 @@ class MemoryBackend:
             amount = demand[position]
             if not amount:
                 continue
-            if kind == _RECORDED:
+            if kind == RECORDED:
                 index = window.record(now, amount)
             else:
                 window.hold(amount)
-                index = window.slice_index(now) if kind == _HELD_SAFE else 0
+                index = window.slice_index(now) if kind == HELD_SAFE else 0
             entries.append((window, position, kind, index, amount))
-        slot = binding.concurrency is not None
-        if slot:
-            self._slots_taken += 1
-        return MemoryGrant(entries, slot)
+        self._in_flight += 1
+        return MemoryGrant(entries)
 
     @staticmethod
     def _refusal(takes: list[tuple[Window, int, int]], demand: Demand, now: float) -> Refusal:
@@ -154,21 +140,20 @@ class MemoryBackend:
         grant.settled = True
         if actual is None:
             for window, _, kind, index, amount in grant.entries:
-                if kind == _RECORDED:
+                if kind == RECORDED:
                     window.refund(now, index, amount)
                 else:
                     window.unhold(amount)
         else:
             for window, position, kind, index, amount in grant.entries:
-                if kind == _RECORDED:
+                if kind == RECORDED:
                     continue  # counted at admission, as the provider does
                 window.unhold(amount)
-                if kind == _HELD_SAFE:
+                if kind == HELD_SAFE:
                     window.record_safe(now, index, amount, actual[position])
                 else:
                     window.record(now, actual[position])
-        if grant.slot:
-            self._slots_taken -= 1
+        self._in_flight -= 1
         for listener in self._listeners:
             listener()
 
@@ -182,8 +167,8 @@ class MemoryBackend:
                     "concurrency",
                     "slots",
                     binding.concurrency,
-                    self._slots_taken,
-                    self._slots_taken,
+                    self._in_flight,
+                    self._in_flight,
                 )
             )
         for window, position, _ in binding.takes:

@@ -1,0 +1,179 @@
+-- Shared window helpers, prepended to every script by ratekit/backends/_scripts.py.
+-- The same rules as ratekit/_window.py, run against the same table of cases.
+--
+-- A rolling window is a hash: "s:<slice index>" -> amount recorded in that slice,
+-- "h:<lease id>" -> amount held by a call in flight, "pace" -> earliest instant of
+-- the next admission (pacing). A calendar-day window keeps "day" -> day number and
+-- "total" -> amount of that day instead of slices. Amounts are in the rate's unit,
+-- times in seconds.
+
+local EPSILON = 1e-12
+
+local function fmt(x)
+  return string.format('%.17g', x)
+end
+
+local function server_now(override)
+  local now = tonumber(override)
+  if now then
+    return now
+  end
+  local t = redis.call('TIME')
+  return tonumber(t[1]) + tonumber(t[2]) / 1000000
+end
+
+-- Reads a window spec of 8 ARGV values starting at `base` (exclusive):
+-- limit, period_s, slice_s, margin_s, pacing (1/0), take, amount, calendar offset s.
+local function read_spec(key, base)
+  return {
+    key = key,
+    limit = tonumber(ARGV[base + 1]),
+    period_s = tonumber(ARGV[base + 2]),
+    slice_s = tonumber(ARGV[base + 3]),
+    margin_s = tonumber(ARGV[base + 4]),
+    pacing = ARGV[base + 5] == '1',
+    take = tonumber(ARGV[base + 6]),
+    amount = tonumber(ARGV[base + 7]),
+    offset_s = tonumber(ARGV[base + 8]),
+  }
+end
+
+local function expiry_s(w, index)
+  return (index + 1) * w.slice_s + w.period_s + w.margin_s
+end
+
+local function slice_index(w, now)
+  if w.offset_s then
+    return math.floor((now + w.offset_s) / 86400)
+  end
+  return math.floor(now / w.slice_s)
+end
+
+-- Loads a window's live state at `now`: w.slices (index -> amount), w.indexes
+-- (sorted), w.total, w.held, w.pace; drops slices that stopped counting.
+local function load(w, now)
+  local fields = redis.call('HGETALL', w.key)
+  w.slices, w.indexes, w.total, w.held, w.pace = {}, {}, 0, 0, -math.huge
+  local stale, day, day_total = {}, nil, 0
+  for i = 1, #fields, 2 do
+    local name, value = fields[i], tonumber(fields[i + 1])
+    local kind = string.sub(name, 1, 2)
+    if kind == 's:' then
+      local index = tonumber(string.sub(name, 3))
+      if expiry_s(w, index) <= now then
+        stale[#stale + 1] = name
+      else
+        w.slices[index] = value
+        w.indexes[#w.indexes + 1] = index
+        w.total = w.total + value
+      end
+    elseif kind == 'h:' then
+      w.held = w.held + value
+    elseif name == 'pace' then
+      w.pace = value
+    elseif name == 'day' then
+      day = value
+    elseif name == 'total' then
+      day_total = value
+    end
+  end
+  if #stale > 0 then
+    redis.call('HDEL', w.key, unpack(stale))
+  end
+  table.sort(w.indexes)
+  if w.offset_s then
+    w.day = slice_index(w, now)
+    w.total = (day == w.day) and day_total or 0
+  end
+end
+
+-- Seconds from `now` until `amount` more fits; 0 when it fits now, inf when only a
+-- release of held amounts can make room.
+local function wait_s(w, now, amount)
+  local slack = w.limit * EPSILON
+  local excess = w.total + w.held + amount - w.limit
+  local pace_wait = 0
+  if w.pacing then
+    pace_wait = w.pace - now
+  end
+  if excess <= slack then
+    return math.max(pace_wait, 0)
+  end
+  if excess > w.total + slack then
+    return math.huge
+  end
+  if w.offset_s then
+    return (w.day + 1) * 86400 - w.offset_s - now
+  end
+  local freed = 0
+  for _, index in ipairs(w.indexes) do
+    freed = freed + w.slices[index]
+    if freed >= excess - slack then
+      return math.max(expiry_s(w, index) - now, pace_wait)
+    end
+  end
+  return math.huge
+end
+
+-- Counts `amount` at `now` (in the current slice, or the current day).
+local function record(w, now, amount)
+  if amount <= 0 then
+    return
+  end
+  if w.offset_s then
+    local day = slice_index(w, now)
+    local stored = tonumber(redis.call('HGET', w.key, 'day'))
+    local total = 0
+    if stored == day then
+      total = tonumber(redis.call('HGET', w.key, 'total')) or 0
+    end
+    redis.call('HSET', w.key, 'day', fmt(day), 'total', fmt(total + amount))
+    return
+  end
+  if w.pacing then
+    local pace = tonumber(redis.call('HGET', w.key, 'pace')) or -math.huge
+    redis.call('HSET', w.key, 'pace', fmt(math.max(pace, now) + amount * w.period_s / w.limit))
+  end
+  local field = 's:' .. fmt(slice_index(w, now))
+  local current = tonumber(redis.call('HGET', w.key, field)) or 0
+  redis.call('HSET', w.key, field, fmt(current + amount))
+end
+
+-- Adds `amount` to the older slice (or day) `index` if it still counts at `now`.
+local function add_to_slice(w, now, index, amount)
+  if amount <= 0 then
+    return
+  end
+  if w.offset_s then
+    if index == slice_index(w, now) then
+      record(w, now, amount)
+    end
+    return
+  end
+  if expiry_s(w, index) <= now then
+    return
+  end
+  local field = 's:' .. fmt(index)
+  local current = tonumber(redis.call('HGET', w.key, field)) or 0
+  redis.call('HSET', w.key, field, fmt(current + amount))
+end
+
+-- Takes back up to `amount` recorded in slice (or day) `index`, if it still counts.
+local function refund(w, now, index, amount)
+  if w.offset_s then
+    if index ~= slice_index(w, now) then
+      return
+    end
+    local total = tonumber(redis.call('HGET', w.key, 'total')) or 0
+    redis.call('HSET', w.key, 'total', fmt(math.max(total - amount, 0)))
+    return
+  end
+  if expiry_s(w, index) <= now then
+    return
+  end
+  local field = 's:' .. fmt(index)
+  local current = tonumber(redis.call('HGET', w.key, field))
+  if current then
+    redis.call('HSET', w.key, field, fmt(math.max(current - amount, 0)))
+  end
+end

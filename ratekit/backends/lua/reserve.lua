@@ -1,0 +1,74 @@
+-- reserve: admit one demand on the concurrency cap and every window at once, or on
+-- none, and say how long to wait. One round trip per admission.
+--
+-- KEYS[1]      leases: sorted set, lease id -> expiry (s); one lease per call in flight
+-- KEYS[1 + i]  window i (see _window.lua)
+-- ARGV[1]      now (s), or "" for the server's TIME
+-- ARGV[2]      concurrency cap, or "" for none
+-- ARGV[3]      lease id of this admission
+-- ARGV[4]      lease ttl (s): a holder that stops renewing frees its slot after this
+-- ARGV[5]      key ttl (ms): how long an idle account's keys outlive their last write
+-- ARGV[6]      window count n, then 8 values per window (see read_spec); take is
+--              0 (record the amount now) or 1 (hold it under the lease)
+-- Returns {1, now, slice index per window} when admitted, or
+--         {0, wait (s), dimension} when refused: dimension 0 is concurrency, i window i.
+
+local now = server_now(ARGV[1])
+local cap = tonumber(ARGV[2])
+local lease_id = ARGV[3]
+local lease_ttl_s = tonumber(ARGV[4])
+local key_ttl_ms = tonumber(ARGV[5])
+local n = tonumber(ARGV[6])
+local leases = KEYS[1]
+
+-- Leases that lapsed belong to holders that died: free their slots and holds.
+local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
+if #dead > 0 then
+  for i = 1, n do
+    for _, id in ipairs(dead) do
+      redis.call('HDEL', KEYS[1 + i], 'h:' .. id)
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
+end
+
+if cap and redis.call('ZCARD', leases) >= cap then
+  -- Living holders renew and announce releases; the hint only covers a holder
+  -- that dies: its lease lapses then.
+  local oldest = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+  return {0, fmt(tonumber(oldest[2]) - now), 0}
+end
+
+local windows = {}
+local worst_s, worst = 0, -1
+for i = 1, n do
+  local w = read_spec(KEYS[1 + i], 6 + (i - 1) * 8)
+  windows[i] = w
+  if w.amount > 0 then
+    load(w, now)
+    local wait = wait_s(w, now, w.amount)
+    if wait > worst_s then
+      worst_s, worst = wait, i
+    end
+  end
+end
+if worst ~= -1 then
+  return {0, fmt(worst_s), worst}
+end
+
+local reply = {1, fmt(now)}
+for i = 1, n do
+  local w = windows[i]
+  if w.amount > 0 then
+    if w.take == 0 then
+      record(w, now, w.amount)
+    else
+      redis.call('HSET', w.key, 'h:' .. lease_id, fmt(w.amount))
+    end
+    redis.call('PEXPIRE', w.key, key_ttl_ms)
+  end
+  reply[#reply + 1] = fmt(slice_index(w, now))
+end
+redis.call('ZADD', leases, now + lease_ttl_s, lease_id)
+redis.call('PEXPIRE', leases, key_ttl_ms)
+return reply

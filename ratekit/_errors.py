@@ -47,6 +47,10 @@ class AcquireTimeout(RatekitError, TimeoutError):
         )
 
 
+class BackendUnavailableError(RatekitError, ConnectionError):
+    """The shared backend (Redis) cannot be reached and the policy is to fail closed."""
+
+
 class PermitError(RatekitError, RuntimeError):
     """A permit was used the wrong way (settled twice, settled after release)."""
 

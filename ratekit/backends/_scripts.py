@@ -34,10 +34,10 @@ class Script:
     async def run(self, client: Redis, keys: Sequence[str], args: Sequence[str | float]) -> Any:
         """EVALSHA; on NOSCRIPT, load the script and run it again."""
         try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
         except NoScriptError:
-            await client.script_load(self.text)  # type: ignore[no-untyped-call]
-            return await client.evalsha(self.sha, len(keys), *keys, *args)  # type: ignore[misc]
+            await client.script_load(self.text)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
 def _load(name: str) -> Script:

@@ -61,7 +61,7 @@ class MemoryBackend:
     `now`; tests pass a `FakeClock`.
     """
 
-    __slots__ = ("_binding", "_clock", "_listeners", "_in_flight", "_windows")
+    __slots__ = ("_binding", "_clock", "_in_flight", "_listeners", "_windows")
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock or SystemClock()

@@ -7,6 +7,7 @@ and `Limiter` (permits for calls within those limits).
 from ._clock import Clock, FakeClock, SystemClock
 from ._errors import (
     AcquireTimeout,
+    BackendUnavailableError,
     CostExceedsLimitError,
     InvalidCostError,
     LimitsError,
@@ -30,6 +31,7 @@ from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 __all__ = [
     "AcquireTimeout",
     "Backend",
+    "BackendUnavailableError",
     "CharacterRules",
     "Clock",
     "CostExceedsLimitError",
@@ -52,6 +54,7 @@ __all__ = [
     "ProfileError",
     "Rate",
     "RatekitError",
+    "RedisBackend",
     "RelayBilling",
     "SystemClock",
     "Tier",
@@ -68,3 +71,12 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str) -> object:
+    # The Redis backend needs the optional `redis` package: import it on first use.
+    if name == "RedisBackend":
+        from .backends.redis import RedisBackend
+
+        return RedisBackend
+    raise AttributeError(f"module 'ratekit' has no attribute {name!r}")

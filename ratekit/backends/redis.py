@@ -174,8 +174,10 @@ class RedisBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
-        # While Redis is down: when to try again, and how many failures in a row.
+        # While Redis is down: when to try again, how many failures in a row, and
+        # the last error's type (its text could hold connection details).
         self._retry_at = 0.0
+        self._last_error = ""
         self._failures = 0
         # Settles that could not reach Redis, sent again when it answers.
         self._pending: list[tuple[list[str], list[str]]] = []
@@ -300,7 +302,7 @@ class RedisBackend:
             reply = await STATS.run(self._client, binding.keys, args)
         except _UNREACHABLE as exc:
             self._mark_down(exc)
-            raise self._unavailable_error(exc) from None
+            raise self._unavailable_error() from None
         in_flight = int(reply[0])
         stats = []
         if limits.concurrency is not None:
@@ -380,6 +382,7 @@ class RedisBackend:
         return self._failures == 0 or time.monotonic() >= self._retry_at
 
     def _mark_down(self, exc: BaseException) -> None:
+        self._last_error = type(exc).__name__
         delay = _BACKOFF_S[min(self._failures, len(_BACKOFF_S) - 1)]
         self._failures += 1
         self._retry_at = time.monotonic() + delay
@@ -393,11 +396,10 @@ class RedisBackend:
             await SETTLE.run(self._client, keys, args)
             self._pending.pop(0)
 
-    def _unavailable_error(self, exc: BaseException | None = None) -> BackendUnavailableError:
-        cause = f" ({type(exc).__name__})" if exc is not None else ""
+    def _unavailable_error(self) -> BackendUnavailableError:
         return BackendUnavailableError(
-            f"redis at {self._where} is unreachable{cause}; namespace {self.namespace!r}, "
-            f"policy {self._policy}"
+            f"redis at {self._where} is unreachable ({self._last_error}); "
+            f"namespace {self.namespace!r}, policy {self._policy}"
         )
 
     def _reserve_unavailable(

@@ -1,4 +1,4 @@
-"""Property tests of the window math, through the memory backend's synchronous core.
+"""Property tests of the window math: the memory backend and the Lua scripts.
 
 For any arrivals, costs, settlements, refunds and limits: no window of any rate
 ever holds more than its limit (as the provider would count it), the concurrency
@@ -7,17 +7,23 @@ cap holds, wait hints are exact, and nothing is leaked or given back twice.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import math
+import uuid
 from dataclasses import dataclass
 
+import fakeredis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from redis.asyncio import Redis
 
-from ratekit import Limits, Rate, TokenCounting
-from ratekit.backends import Demand, Refusal
-from ratekit.backends.memory import MemoryBackend, MemoryGrant
+from ratekit import FakeClock, Limits, Rate, TokenCounting
+from ratekit.backends import Backend, Demand, Refusal
+from ratekit.backends.memory import MemoryBackend
+from ratekit.backends.redis import RedisBackend
 
+from .redis_server import RedisServer
 from .window_cases import BASE_S
 
 TOLERANCE = 1e-9
@@ -27,7 +33,7 @@ TOLERANCE = 1e-9
 class Admitted:
     at: float
     demand: Demand
-    grant: MemoryGrant
+    grant: object
     settled_at: float | None = None
     actual: Demand | None = None
     refunded: bool = False
@@ -103,23 +109,22 @@ def check_hint_is_exact(
         assert isinstance(sooner.reserve_now(limits, demand, now + wait_s - 1e-5), Refusal)
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(limits=limits_strategy(), script=steps)
-def test_no_window_ever_admits_more_than_its_limit(limits: Limits, script: list) -> None:
-    """Whatever happens, every provider view of every rate stays within its limit."""
-    backend = MemoryBackend()
+async def run_script(
+    backend: Backend, clock: FakeClock, limits: Limits, script: list, *, check_hints: bool
+) -> None:
+    """Play `script` on `backend` and check every invariant (see the module docstring)."""
     log: list[Admitted] = []
-    now = BASE_S
     for dt, (kind, a, b, c) in script:
-        now += dt
+        clock.advance(dt)
         if kind == "reserve":
             demand = Demand(a, b, c)
-            outcome = backend.reserve_now(limits, demand, now)
+            outcome = await backend.reserve(limits, demand)
             if isinstance(outcome, Refusal):
-                if not math.isinf(outcome.wait_s):
-                    check_hint_is_exact(backend, limits, demand, now, outcome.wait_s)
+                if check_hints and not math.isinf(outcome.wait_s):
+                    assert isinstance(backend, MemoryBackend)
+                    check_hint_is_exact(backend, limits, demand, clock.now(), outcome.wait_s)
                 continue
-            log.append(Admitted(now, demand, outcome))
+            log.append(Admitted(clock.now(), demand, outcome))
             if limits.concurrency is not None:
                 in_flight = sum(1 for e in log if e.settled_at is None and not e.refunded)
                 assert in_flight <= limits.concurrency
@@ -127,27 +132,79 @@ def test_no_window_ever_admits_more_than_its_limit(limits: Limits, script: list)
             entry = log[a % len(log)]
             if entry.refunded or entry.settled_at is not None:
                 # A second settle or refund of one grant must change nothing.
-                before = backend.statistics_now(limits, now)
-                backend.settle_now(entry.grant, None, now)
-                assert backend.statistics_now(limits, now) == before
+                before = await backend.statistics(limits)
+                await backend.settle(limits, entry.grant, None)
+                assert await backend.statistics(limits) == before
             elif kind == "refund":
-                backend.settle_now(entry.grant, None, now)
+                await backend.settle(limits, entry.grant, None)
                 entry.refunded = True
             else:
                 # Real usage at most the estimate: the provider never counts more.
-                actual = Demand(
-                    entry.demand.requests, entry.demand.tokens * b, entry.demand.cost * c
-                )
-                backend.settle_now(entry.grant, actual, now)
-                entry.settled_at, entry.actual = now, actual
+                estimate = entry.demand
+                actual = Demand(estimate.requests, estimate.tokens * b, estimate.cost * c)
+                await backend.settle(limits, entry.grant, actual)
+                entry.settled_at, entry.actual = clock.now(), actual
     for rate in limits.all_rates:
         for view in provider_views(rate, limits.token_counting, log):
             assert max_window_sum(view, rate.period_s) <= rate.limit * (1 + TOLERANCE) + 1e-9
 
     # Nothing leaks: once every grant is settled and every period has passed, all is zero.
     for entry in log:
-        backend.settle_now(entry.grant, entry.demand, now)
-    now += max(rate.period_s for rate in limits.all_rates) * 2 + limits.margin_s + 1
-    for dimension in backend.statistics_now(limits, now):
+        await backend.settle(limits, entry.grant, entry.demand)
+    clock.advance(max(rate.period_s for rate in limits.all_rates) * 2 + limits.margin_s + 1)
+    for dimension in await backend.statistics(limits):
         assert dimension.used == 0, dimension
         assert dimension.in_flight == 0, dimension
+
+
+def examples(count: int) -> settings:
+    return settings(
+        max_examples=count,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+    )
+
+
+@examples(1500)
+@given(limits=limits_strategy(), script=steps)
+def test_no_window_ever_admits_more_than_its_limit(limits: Limits, script: list) -> None:
+    """Every provider view of every rate stays within its limit, and wait hints are exact."""
+    clock = FakeClock(BASE_S)
+    backend = MemoryBackend(clock=clock)
+    asyncio.run(run_script(backend, clock, limits, script, check_hints=True))
+
+
+def _redis_backend(client: Redis, clock: FakeClock) -> RedisBackend:
+    # Leases that never lapse in fake time: the memory backend has no lapses either.
+    return RedisBackend(client, namespace=uuid.uuid4().hex, clock=clock, lease_ttl_s=1e9)
+
+
+@examples(150)
+@given(limits=limits_strategy(), script=steps)
+def test_the_lua_scripts_keep_every_window_within_its_limit(limits: Limits, script: list) -> None:
+    """The same invariants hold on the Lua scripts, on fakeredis."""
+    clock = FakeClock(BASE_S)
+
+    async def run() -> None:
+        backend = _redis_backend(fakeredis.FakeAsyncRedis(), clock)
+        await run_script(backend, clock, limits, script, check_hints=False)
+
+    asyncio.run(run())
+
+
+@examples(100)
+@given(limits=limits_strategy(), script=steps)
+def test_a_real_redis_keeps_every_window_within_its_limit(
+    redis_server: RedisServer, limits: Limits, script: list
+) -> None:
+    """The same invariants hold on the Lua scripts in a real redis-server."""
+    clock = FakeClock(BASE_S)
+
+    async def run() -> None:
+        backend = _redis_backend(Redis.from_url(redis_server.url), clock)
+        try:
+            await run_script(backend, clock, limits, script, check_hints=False)
+        finally:
+            await backend.aclose()
+
+    asyncio.run(run())

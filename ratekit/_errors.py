@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -15,7 +16,7 @@ class InvalidCostError(RatekitError, ValueError):
 
 
 class LimitsError(RatekitError, ValueError):
-    """A `Rate` or `Limits` was built with values that cannot describe a limit."""
+    """A `Rate`, `Limits`, limiter or backend was configured with values that cannot work."""
 
 
 class CostExceedsLimitError(RatekitError, ValueError):
@@ -42,9 +43,16 @@ class AcquireTimeout(RatekitError, TimeoutError):
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.dimension = dimension
-        super().__init__(
-            f"no permit within {timeout_s:g} s: {dimension} frees up in {retry_after_s:.3f} s"
-        )
+        if dimension == "queue":
+            if math.isinf(retry_after_s):
+                reason = "still queued behind earlier callers"
+            else:
+                reason = f"the caller ahead in the queue is admitted in {retry_after_s:.3f} s"
+        elif math.isinf(retry_after_s):
+            reason = f"{dimension} frees up only when a call in flight ends"
+        else:
+            reason = f"{dimension} frees up in {retry_after_s:.3f} s"
+        super().__init__(f"no permit within {timeout_s:g} s: {reason}")
 
 
 class BackendUnavailableError(RatekitError, ConnectionError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from collections.abc import Generator
 from dataclasses import dataclass
@@ -11,8 +12,8 @@ from typing import Any
 
 import anyio
 
-from ._clock import Clock
-from ._errors import AcquireTimeout, CostExceedsLimitError, PermitError
+from ._clock import Clock, SystemClock
+from ._errors import AcquireTimeout, CostExceedsLimitError, LimitsError, PermitError
 from ._limits import Limits, check_amount
 from .backends._base import Backend, Demand, DimensionStatistics, Grant, Refusal
 from .backends.memory import MemoryBackend
@@ -61,15 +62,18 @@ class Limiter:
     is not starved by small ones.
 
     `backend` keeps the usage: a fresh `MemoryBackend` (this process only) by
-    default, or a shared one. `clock` is where time is read and waited on; it
-    defaults to the memory backend's clock. A limiter belongs to one event loop
-    (asyncio or trio); it may be shared by any number of tasks of that loop.
+    default, or a shared one. `clock` is where time is read and waited on: the
+    memory backend's own clock (give it to one or the other), or the system
+    clock for a shared backend, whose waits are durations of the server's time.
+    A limiter belongs to one event loop (asyncio or trio); it may be shared by any
+    number of tasks of that loop.
     """
 
     __slots__ = (
         "_backend",
         "_ceilings",
         "_clock",
+        "_head_eta_s",
         "_limits",
         "_local",
         "_unsubscribe",
@@ -88,11 +92,14 @@ class Limiter:
             raise TypeError(f"Limiter: limits must be a ratekit.Limits, got {limits!r}")
         if backend is None:
             backend = MemoryBackend(clock=clock)
-        if clock is None:
-            clock = backend.clock if isinstance(backend, MemoryBackend) else None
-        if clock is None:
-            from ._clock import SystemClock
-
+        if isinstance(backend, MemoryBackend):
+            if clock is not None and clock is not backend.clock:
+                raise LimitsError(
+                    "Limiter: clock must be the memory backend's own clock "
+                    "(pass it to MemoryBackend(clock=...) and leave Limiter's unset)"
+                )
+            clock = backend.clock
+        elif clock is None:
             clock = SystemClock()
         self._limits = limits
         # The smallest limit per unit (requests, tokens, money): a larger demand never fits.
@@ -105,6 +112,8 @@ class Limiter:
         self._waiters: deque[anyio.Event] = deque()
         # Set when capacity may have been freed; the head waits on it.
         self._wake: anyio.Event | None = None
+        # When the head of the queue is predicted to be admitted (None: unknown).
+        self._head_eta_s: float | None = None
         self._unsubscribe = backend.subscribe(self._on_change)
 
     # -- configuration -------------------------------------------------------------
@@ -178,24 +187,34 @@ class Limiter:
                 if amount > rate.limit:
                     raise CostExceedsLimitError(rate.name, amount, rate.limit)
 
-    async def _reserve(self, demand: Demand, timeout_s: float | None) -> Grant:
-        """The one primitive: admit `demand`, waiting at most `timeout_s` (None: no bound)."""
-        if not self._waiters:
+    async def _reserve(
+        self, demand: Demand, timeout_s: float | None, refusal: Refusal | None = None
+    ) -> Grant:
+        """The one primitive: admit `demand`, waiting at most `timeout_s` (None: no bound).
+
+        `refusal` is the backend's answer to an attempt made just before, so that
+        the backend is not asked again at once.
+        """
+        if refusal is None and not self._waiters:
             outcome = await self._backend.reserve(self._limits, demand)
             if not isinstance(outcome, Refusal):
                 return outcome
+            refusal = outcome
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
         turn = anyio.Event()
         self._waiters.append(turn)
         try:
             if self._waiters[0] is not turn:
+                refusal = None  # it answered for another position in the queue
                 await self._wait_turn(turn, deadline_s, timeout_s)
-            return await self._wait_as_head(demand, deadline_s, timeout_s)
+            return await self._wait_as_head(demand, deadline_s, timeout_s, refusal)
         finally:
             was_head = self._waiters[0] is turn
             self._waiters.remove(turn)
-            if was_head and self._waiters:
-                self._waiters[0].set()
+            if was_head:
+                self._head_eta_s = None
+                if self._waiters:
+                    self._waiters[0].set()
 
     async def _wait_turn(
         self, turn: anyio.Event, deadline_s: float | None, timeout_s: float | None
@@ -203,27 +222,41 @@ class Limiter:
         if deadline_s is None:
             await turn.wait()
             return
-        await self._clock.wait(turn, deadline_s - self._clock.now())
+        now = self._clock.now()
+        eta_s = self._head_eta_s
+        if eta_s is not None and eta_s > deadline_s:
+            # Even the caller ahead cannot be admitted before this deadline.
+            raise AcquireTimeout(timeout_s or 0.0, eta_s - now, "queue")
+        await self._clock.wait(turn, deadline_s - now)
         if not turn.is_set():
             raise AcquireTimeout(timeout_s or 0.0, math.inf, "queue")
 
     async def _wait_as_head(
-        self, demand: Demand, deadline_s: float | None, timeout_s: float | None
+        self,
+        demand: Demand,
+        deadline_s: float | None,
+        timeout_s: float | None,
+        refusal: Refusal | None,
     ) -> Grant:
         while True:
             self._check_fits(demand)  # the limits may have changed while queued
             # Armed before asking, so a release during the round trip is not missed.
             self._wake = wake = anyio.Event()
-            outcome = await self._backend.reserve(self._limits, demand)
-            if not isinstance(outcome, Refusal):
-                return outcome
-            wait_s = outcome.wait_s
+            if refusal is None:
+                outcome = await self._backend.reserve(self._limits, demand)
+                if not isinstance(outcome, Refusal):
+                    return outcome
+                refusal = outcome
+            wait_s = refusal.wait_s
+            now = self._clock.now()
+            self._head_eta_s = None if math.isinf(wait_s) else now + wait_s
             if deadline_s is not None:
-                left_s = deadline_s - self._clock.now()
+                left_s = deadline_s - now
                 predictably_late = wait_s > left_s and not math.isinf(wait_s)
                 if predictably_late or left_s <= 0:
-                    raise AcquireTimeout(timeout_s or 0.0, wait_s, outcome.dimension)
+                    raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
                 wait_s = min(wait_s, left_s)
+            refusal = None
             await self._clock.wait(wake, wait_s)
 
     async def _release(self, grant: Grant, actual: Demand | None) -> None:
@@ -300,8 +333,12 @@ class Permit:
         self._demand = demand
         return demand
 
-    def _try_local(self) -> bool:
-        """Admit synchronously when the backend is in memory and nobody waits."""
+    def _try_local(self) -> bool | Refusal:
+        """Admit synchronously when the backend is in memory and nobody waits.
+
+        True when admitted; the refusal when the memory backend refused; False
+        when it was not asked (a shared backend, or callers already waiting).
+        """
         limiter = self._limiter
         local = limiter._local
         if local is None or limiter._waiters:
@@ -309,28 +346,40 @@ class Permit:
         demand = self._demand or self._validate()
         outcome = local.reserve_now(limiter._limits, demand, limiter._clock.now())
         if outcome.__class__ is Refusal:
-            return False
+            return outcome
         self._grant = outcome
         return True
 
-    async def _acquire(self) -> Permit:
+    async def _acquire(self, tried: bool | Refusal = False) -> Permit:
+        """Acquire; `tried` is what `_try_local` already answered, if it was asked."""
         if self._grant is not None:
-            raise PermitError("this permit was already acquired")
+            raise PermitError(
+                "this permit was already used; call limiter.acquire() once for each call"
+            )
         timeout = self._timeout
         if timeout is not None:
             timeout = check_amount("timeout", timeout)
-        if not self._try_local():
+            tried = False  # the fast path was skipped: a deadline is checked first
+        if tried is False:
+            tried = self._try_local()
+        if tried is not True:
             demand = self._demand or self._validate()
-            self._grant = await self._limiter._reserve(demand, timeout)
+            refusal = tried if isinstance(tried, Refusal) else None
+            self._grant = await self._limiter._reserve(demand, timeout, refusal)
         return self
 
     def __await__(self) -> Generator[Any, None, Permit]:
         return self._acquire().__await__()
 
     async def __aenter__(self) -> Permit:
-        if self._grant is None and (self._timeout is not None or not self._try_local()):
-            await self._acquire()
-        return self
+        # The uncontended in-memory path admits without suspending (the call inside
+        # the block is where the task yields); anything else goes through _acquire.
+        if self._grant is None and self._timeout is None:
+            tried = self._try_local()
+            if tried is True:
+                return self
+            return await self._acquire(tried)
+        return await self._acquire()
 
     async def __aexit__(
         self,
@@ -340,6 +389,18 @@ class Permit:
     ) -> None:
         if not self._finish_local(self._actual or self._demand):
             await self.release()
+
+    def __del__(self) -> None:
+        # A granted permit dropped without release: give its slot back (memory) or
+        # let its lease lapse (shared backends), and say so.
+        if self._grant is not None and not self._released:
+            warnings.warn(
+                "a ratekit permit was garbage-collected without release(); use "
+                "'async with limiter.acquire(...)' or await permit.release()",
+                ResourceWarning,
+                stacklevel=1,
+            )
+            self._finish_local(self._actual or self._demand)
 
     @property
     def demand(self) -> Demand:
@@ -356,9 +417,10 @@ class Permit:
     def settle(self, *, tokens: float | None = None, cost: float | None = None) -> None:
         """Record the call's real usage; applied when the permit is released.
 
-        `tokens` and `cost` default to the estimates. Settling more than was
-        estimated is allowed (the excess counts from now); settling twice is an
-        error.
+        `tokens` and `cost` default to the estimates. Settling twice is an error.
+        How the real usage counts depends on the provider's token counting: under
+        "reserve" the reservation stands whatever the usage; under "usage" the
+        real amount counts from the release; under "safe" the larger of the two.
         """
         estimate = self._demand
         if self._grant is None or estimate is None or self._released:
@@ -373,6 +435,8 @@ class Permit:
 
     async def refund(self) -> None:
         """Release the permit handing everything back: for a call that was never sent."""
+        if self._grant is None:
+            raise PermitError("this permit has not been acquired")
         if self._actual is not None:
             raise PermitError("a settled permit cannot be refunded")
         if not self._finish_local(None):
@@ -384,6 +448,8 @@ class Permit:
         Idempotent: only the first call does anything. Shielded from cancellation,
         so the slot is always given back.
         """
+        if self._grant is None:
+            raise PermitError("this permit has not been acquired")
         actual = self._actual or self._demand
         if not self._finish_local(actual):
             await self._finish(actual)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import warnings
+
 import anyio
 import pytest
 
@@ -135,7 +138,9 @@ async def test_timeout_on_concurrency_ends_at_the_deadline() -> None:
         await settle_tasks()
         assert outcome == []
         clock.advance(0.1)
-    assert str(outcome[0]) == "no permit within 5 s: concurrency frees up in inf s"
+    assert str(outcome[0]) == (
+        "no permit within 5 s: concurrency frees up only when a call in flight ends"
+    )
     await held.release()
 
 
@@ -323,3 +328,65 @@ def test_permit_misuse_is_a_typed_error() -> None:
             permit.settle(tokens=1)
 
     anyio.run(main)
+
+
+async def test_a_queued_caller_fails_at_once_when_the_head_is_later_than_its_deadline() -> None:
+    """Behind a head predicted to wait 61 s, a caller with 5 s to spare fails at once."""
+    limiter, clock = make(Limits(rpm=1))
+    await (await limiter.acquire()).release()
+    async with anyio.create_task_group() as group:
+        rec = Recorder(limiter, clock, group)
+        await rec.start("head")
+        with pytest.raises(ratekit.AcquireTimeout) as caught:
+            await limiter.acquire(timeout=5)
+        assert str(caught.value) == (
+            "no permit within 5 s: the caller ahead in the queue is admitted in 61.000 s"
+        )
+        clock.advance(61)
+    assert rec.order == ["head"]
+
+
+async def test_a_used_permit_cannot_be_entered_again() -> None:
+    """Re-entering a released permit is an error, not an unlimited call."""
+    limiter, _ = make(Limits(rpm=1))
+    permit = limiter.acquire()
+    async with permit:
+        pass
+    with pytest.raises(ratekit.PermitError, match=r"already used; call limiter\.acquire"):
+        async with permit:
+            pass
+    assert (await limiter.statistics()).dimension("rpm").used == 1
+
+
+async def test_releasing_a_permit_never_acquired_is_an_error() -> None:
+    """release() and refund() of a permit that was never granted raise PermitError."""
+    limiter, _ = make(Limits(rpm=1))
+    with pytest.raises(ratekit.PermitError, match="has not been acquired"):
+        await limiter.acquire().release()
+    with pytest.raises(ratekit.PermitError, match="has not been acquired"):
+        await limiter.acquire().refund()
+
+
+async def test_a_dropped_permit_gives_its_slot_back_with_a_warning() -> None:
+    """A granted permit garbage-collected without release frees its slot and warns."""
+    limiter, _ = make(Limits(concurrency=1, tpm=1000, token_counting=TokenCounting.USAGE))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        gc.collect()  # permits other tests dropped are not this test's business
+    permit = await limiter.acquire(tokens=600)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        del permit
+        gc.collect()
+    assert [w.category for w in caught] == [ResourceWarning]
+    assert "garbage-collected without release" in str(caught[0].message)
+    stats = await limiter.statistics()
+    assert stats.dimension("concurrency").used == 0
+    assert stats.dimension("tpm").in_flight == 0
+    assert stats.dimension("tpm").used == 600  # counted as sent: the estimate
+
+
+def test_a_clock_other_than_the_memory_backends_is_refused() -> None:
+    """Two clocks for one limiter would admit on two timelines: a typed error."""
+    with pytest.raises(ratekit.LimitsError, match="clock must be the memory backend's own clock"):
+        Limiter(Limits(rpm=1), clock=FakeClock(), backend=ratekit.MemoryBackend())

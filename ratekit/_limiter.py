@@ -70,6 +70,7 @@ class Limiter:
     """
 
     __slots__ = (
+        "__weakref__",
         "_backend",
         "_ceilings",
         "_clock",

@@ -26,7 +26,9 @@ _EPSILON = 1e-12
 
 
 class SlicedWindow:
-    """The in-use amount of one rolling rate, as a ring of at most ``slices + 1`` live slices.
+    """The in-use amount of one rolling rate, as a ring of live slices.
+
+    At most ``slices + 1 + ceil(margin_s / slice_s)`` slices are live at once.
 
     Not thread-safe; owned by one backend. `limit`, `margin_s` and `pacing` may be
     changed in place with `configure` (a tier upgrade keeps what was used so far).
@@ -139,7 +141,9 @@ class SlicedWindow:
             freed += slice_amount
             if freed >= excess - slack:
                 return max(self.expiry_s(index) - now, pace_wait)
-        return math.inf  # unreachable while `_total` equals the sum of slices
+        # Only float drift of `_total` above the slices' sum lands here: by the
+        # newest slice's expiry everything recorded so far is gone.
+        return max(self.expiry_s(self._slices[-1][0]) - now, pace_wait)
 
     def live_slices(self) -> int:
         """How many slices are kept (memory is O(slices) whatever the traffic)."""
@@ -262,7 +266,9 @@ class CalendarWindow:
         self._held = 0.0
 
     def _roll(self, now: float) -> None:
-        if self._day_start_s <= now < self._day_end_s:
+        if now < self._day_end_s:
+            # Today, or a clock stepped back: never return to an earlier day, whose
+            # count was already forgotten.
             return
         local = datetime.fromtimestamp(now, self._zone)
         start = local.replace(hour=0, minute=0, second=0, microsecond=0)

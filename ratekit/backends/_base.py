@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
+from types import MethodType
 from typing import NamedTuple, Protocol
 
 from .._limits import Limits, Rate, TokenCounting
@@ -68,9 +70,9 @@ class Refusal:
 class DimensionStatistics:
     """One dimension of an account at one instant.
 
-    `used` is what counts against `limit` now (for a rate: its live slices; for
-    concurrency: the slots taken). `in_flight` is the part held by calls not yet
-    settled. `limit` is `None` for nothing.
+    `used` is what counts against `limit` now (for a rate: its live slices and
+    holds; for concurrency: the calls in flight). `in_flight` is the part held by
+    calls not yet settled.
     """
 
     name: str
@@ -88,7 +90,8 @@ class Backend(Protocol):
     """Keeps an account's usage and admits demands atomically.
 
     Every method takes the limits in force; a backend keeps a rate's usage across
-    a change of limits (a tier upgrade) as long as its unit and period stay.
+    a change of limits (a tier upgrade) as long as its unit, period, calendar time
+    zone and slice count stay. Changing one of those starts a new, empty window.
     Methods are safe to call from many tasks of one event loop.
     """
 
@@ -111,3 +114,40 @@ class Backend(Protocol):
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` whenever capacity may have been freed; returns an unsubscribe."""
         ...
+
+
+class Listeners:
+    """Callbacks told when capacity may have been freed.
+
+    A bound method is held weakly, so a limiter that is dropped stops being called
+    without unsubscribing; other callables are held as given.
+    """
+
+    __slots__ = ("__weakref__", "_entries")
+
+    def __init__(self) -> None:
+        self._entries: list[Callable[[], Callable[[], None] | None]] = []
+
+    def add(self, listener: Callable[[], None]) -> Callable[[], None]:
+        """Register `listener`; returns the function that unregisters it."""
+        if isinstance(listener, MethodType):
+            entry: Callable[[], Callable[[], None] | None] = weakref.WeakMethod(listener)
+        else:
+            entry = lambda: listener  # noqa: E731 - same shape as a WeakMethod
+        self._entries.append(entry)
+        return lambda: self._entries.remove(entry) if entry in self._entries else None
+
+    def notify(self) -> None:
+        """Call every live listener; forget the dead ones."""
+        dead = False
+        for entry in self._entries:
+            listener = entry()
+            if listener is None:
+                dead = True
+            else:
+                listener()
+        if dead:
+            self._entries = [entry for entry in self._entries if entry() is not None]
+
+    def __bool__(self) -> bool:
+        return bool(self._entries)

@@ -15,6 +15,7 @@ from ._base import (
     Demand,
     DimensionStatistics,
     Grant,
+    Listeners,
     Refusal,
     take_kind,
 )
@@ -72,7 +73,7 @@ class MemoryBackend:
         # Admitted calls not yet settled: what a concurrency cap counts, whether or
         # not one was in force when they were admitted.
         self._in_flight = 0
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = Listeners()
 
     @property
     def clock(self) -> Clock:
@@ -154,8 +155,7 @@ class MemoryBackend:
                 else:
                     window.record(now, actual[position])
         self._in_flight -= 1
-        for listener in self._listeners:
-            listener()
+        self._listeners.notify()
 
     def statistics_now(self, limits: Limits, now: float) -> tuple[DimensionStatistics, ...]:
         """`statistics` at an explicit instant."""
@@ -194,5 +194,4 @@ class MemoryBackend:
         return self.statistics_now(limits, self._clock.now())
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        return self._listeners.add(listener)

@@ -35,7 +35,16 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from .._clock import Clock
 from .._errors import BackendUnavailableError, LimitsError
 from .._limits import Limits, Rate
-from ._base import RECORDED, UNIT_POSITION, Demand, DimensionStatistics, Grant, Refusal, take_kind
+from ._base import (
+    RECORDED,
+    UNIT_POSITION,
+    Demand,
+    DimensionStatistics,
+    Grant,
+    Listeners,
+    Refusal,
+    take_kind,
+)
 from ._scripts import RENEW, RESERVE, SETTLE, STATS
 from .memory import MemoryBackend, MemoryGrant
 
@@ -154,7 +163,7 @@ class RedisBackend:
             raise LimitsError(f"RedisBackend.lease_ttl_s must be positive, got {lease_ttl_s!r}")
         if isinstance(redis, str):
             self._where = _redacted(redis)
-            self._client = Redis.from_url(redis, socket_connect_timeout=1.0, socket_timeout=5.0)
+            self._client = Redis.from_url(redis, socket_connect_timeout=1.0, socket_timeout=2.0)
         else:
             self._where = _describe(redis)
             self._client = redis
@@ -170,7 +179,7 @@ class RedisBackend:
         self._binding: _Binding | None = None
         # Leases of calls in flight from this process, renewed in the background.
         self._live: dict[str, _Binding] = {}
-        self._listeners: list[Callable[[], None]] = []
+        self._listeners = Listeners()
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
@@ -182,6 +191,8 @@ class RedisBackend:
         # Settles that could not reach Redis, sent again when it answers.
         self._pending: list[tuple[list[str], list[str]]] = []
         self._fallback = MemoryBackend()
+        # A slot freed in the fallback must wake this backend's waiters too.
+        self._fallback.subscribe(self._listeners.notify)
         self._fallback_limits: tuple[Limits, Limits] | None = None
 
     def __repr__(self) -> str:
@@ -317,8 +328,7 @@ class RedisBackend:
         return tuple(stats)
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        self._listeners.append(listener)
-        return lambda: self._listeners.remove(listener)
+        return self._listeners.add(listener)
 
     # -- background: lease renewal and release notices ----------------------------------
 
@@ -359,8 +369,7 @@ class RedisBackend:
                 await pubsub.subscribe(self._channel)
                 async for message in pubsub.listen():
                     if message.get("type") == "message":
-                        for listener in list(self._listeners):
-                            listener()
+                        self._listeners.notify()
             except _UNREACHABLE:
                 await asyncio.sleep(_BACKOFF_S[-1])
             finally:
@@ -383,6 +392,8 @@ class RedisBackend:
 
     def _mark_down(self, exc: BaseException) -> None:
         self._last_error = type(exc).__name__
+        if self._failures and time.monotonic() < self._retry_at:
+            return  # another call of the same outage: one failure per retry
         delay = _BACKOFF_S[min(self._failures, len(_BACKOFF_S) - 1)]
         self._failures += 1
         self._retry_at = time.monotonic() + delay

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import itertools
 import math
 import uuid
 from dataclasses import dataclass
 
 import fakeredis
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
@@ -101,12 +103,41 @@ def provider_views(rate: Rate, counting: TokenCounting, log: list[Admitted]) -> 
 def check_hint_is_exact(
     backend: MemoryBackend, limits: Limits, demand: Demand, now: float, wait_s: float
 ) -> None:
-    """Just before the hinted instant the demand is still refused; at it, admitted."""
+    """At the hinted instant the demand is admitted; one float step before, refused."""
+    at = now + wait_s
+    if math.isinf(wait_s):
+        # Only a release helps: however long nothing else happens, still refused.
+        later = copy.deepcopy(backend)
+        far = now + 10 * max(rate.period_s for rate in limits.all_rates)
+        assert isinstance(later.reserve_now(limits, demand, far), Refusal)
+        return
     later = copy.deepcopy(backend)
-    assert not isinstance(later.reserve_now(limits, demand, now + wait_s + 1e-7), Refusal)
-    if wait_s > 1e-5:
-        sooner = copy.deepcopy(backend)
-        assert isinstance(sooner.reserve_now(limits, demand, now + wait_s - 1e-5), Refusal)
+    assert not isinstance(later.reserve_now(limits, demand, at), Refusal)
+    sooner = copy.deepcopy(backend)
+    assert isinstance(sooner.reserve_now(limits, demand, math.nextafter(at, -math.inf)), Refusal)
+
+
+def expected_in_flight(rate: Rate, counting: TokenCounting, log: list[Admitted]) -> float:
+    """What calls not yet settled hold on `rate`, by an independent ledger."""
+    outstanding = [e for e in log if e.settled_at is None and not e.refunded]
+    if rate.unit == "money":
+        return sum(e.demand.cost for e in outstanding)
+    if rate.unit == "tokens" and counting is not TokenCounting.RESERVE:
+        return sum(e.demand.tokens for e in outstanding)
+    return 0.0
+
+
+def check_pacing(limits: Limits, log: list[Admitted]) -> None:
+    """With pacing, requests are admitted at least ``amount * period / limit`` apart."""
+    if not limits.pacing:
+        return
+    for rate in limits.all_rates:
+        if rate.unit != "requests":
+            continue
+        paced = [e for e in log if e.demand.requests]
+        for first, second in itertools.pairwise(paced):
+            gap_s = first.demand.requests * rate.period_s / rate.limit
+            assert second.at - first.at >= gap_s - 1e-9, (first, second)
 
 
 async def run_script(
@@ -120,7 +151,7 @@ async def run_script(
             demand = Demand(a, b, c)
             outcome = await backend.reserve(limits, demand)
             if isinstance(outcome, Refusal):
-                if check_hints and not math.isinf(outcome.wait_s):
+                if check_hints:
                     assert isinstance(backend, MemoryBackend)
                     check_hint_is_exact(backend, limits, demand, clock.now(), outcome.wait_s)
                 continue
@@ -144,6 +175,11 @@ async def run_script(
                 actual = Demand(estimate.requests, estimate.tokens * b, estimate.cost * c)
                 await backend.settle(limits, entry.grant, actual)
                 entry.settled_at, entry.actual = clock.now(), actual
+        holds = {d.name: d.in_flight for d in await backend.statistics(limits)}
+        for rate in limits.all_rates:
+            ledger = expected_in_flight(rate, limits.token_counting, log)
+            assert holds[rate.name] == pytest.approx(ledger, abs=1e-9), rate.name
+    check_pacing(limits, log)
     for rate in limits.all_rates:
         for view in provider_views(rate, limits.token_counting, log):
             assert max_window_sum(view, rate.period_s) <= rate.limit * (1 + TOLERANCE) + 1e-9

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import deque
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -115,7 +115,13 @@ class Limiter:
         self._wake: anyio.Event | None = None
         # When the head of the queue is predicted to be admitted (None: unknown).
         self._head_eta_s: float | None = None
-        self._unsubscribe = backend.subscribe(self._on_change)
+        # Told when capacity may be freed. A shared backend's notices cross the
+        # network, so the limiter listens from the start; the memory backend is
+        # listened to only while someone waits (its releases are synchronous, so
+        # none can be missed), which keeps the uncontended path free of callbacks.
+        self._unsubscribe: Callable[[], None] | None = None
+        if self._local is None:
+            self._unsubscribe = backend.subscribe(self._on_change)
 
     # -- configuration -------------------------------------------------------------
 
@@ -204,6 +210,8 @@ class Limiter:
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
         turn = anyio.Event()
         self._waiters.append(turn)
+        if self._unsubscribe is None:
+            self._unsubscribe = self._backend.subscribe(self._on_change)
         try:
             if self._waiters[0] is not turn:
                 refusal = None  # it answered for another position in the queue
@@ -216,6 +224,9 @@ class Limiter:
                 self._head_eta_s = None
                 if self._waiters:
                     self._waiters[0].set()
+            if not self._waiters and self._local is not None and self._unsubscribe is not None:
+                self._unsubscribe()
+                self._unsubscribe = None
 
     async def _wait_turn(
         self, turn: anyio.Event, deadline_s: float | None, timeout_s: float | None
@@ -314,23 +325,27 @@ class Permit:
         self._released = False
 
     def _validate(self) -> Demand:
-        requests, tokens, cost = self._asked
+        asked = self._asked
+        requests, tokens, cost = asked
+        ceilings = self._limiter._ceilings
         if (
             requests.__class__ is int
             and tokens.__class__ is int
             and cost.__class__ is int
-            and requests >= 0
-            and tokens >= 0
-            and cost >= 0
+            and 0 <= requests <= ceilings[0]
+            and 0 <= tokens <= ceilings[1]
+            and 0 <= cost <= ceilings[2]
         ):
-            demand = Demand(requests, tokens, cost)
+            # The common case: valid ints within every limit. A Demand is a tuple,
+            # built here without its (slower) generated constructor.
+            demand: Demand = tuple.__new__(Demand, asked)
         else:
             demand = Demand(
                 check_amount("requests", requests),
                 check_amount("tokens", tokens),
                 check_amount("cost", cost),
             )
-        self._limiter._check_fits(demand)
+            self._limiter._check_fits(demand)
         self._demand = demand
         return demand
 

@@ -116,17 +116,15 @@ class Backend(Protocol):
         ...
 
 
-class Listeners:
+class Listeners(list[Callable[[], Callable[[], None] | None]]):
     """Callbacks told when capacity may have been freed.
 
     A bound method is held weakly, so a limiter that is dropped stops being called
-    without unsubscribing; other callables are held as given.
+    without unsubscribing; other callables are held as given. A list, so that
+    "anyone listening?" is a plain truth test on the hot path.
     """
 
-    __slots__ = ("__weakref__", "_entries")
-
-    def __init__(self) -> None:
-        self._entries: list[Callable[[], Callable[[], None] | None]] = []
+    __slots__ = ("__weakref__",)
 
     def add(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Register `listener`; returns the function that unregisters it."""
@@ -134,20 +132,17 @@ class Listeners:
             entry: Callable[[], Callable[[], None] | None] = weakref.WeakMethod(listener)
         else:
             entry = lambda: listener  # noqa: E731 - same shape as a WeakMethod
-        self._entries.append(entry)
-        return lambda: self._entries.remove(entry) if entry in self._entries else None
+        self.append(entry)
+        return lambda: self.remove(entry) if entry in self else None
 
     def notify(self) -> None:
         """Call every live listener; forget the dead ones."""
         dead = False
-        for entry in self._entries:
+        for entry in list(self):
             listener = entry()
             if listener is None:
                 dead = True
             else:
                 listener()
         if dead:
-            self._entries = [entry for entry in self._entries if entry() is not None]
-
-    def __bool__(self) -> bool:
-        return bool(self._entries)
+            self[:] = [entry for entry in self if entry() is not None]

@@ -155,7 +155,8 @@ class MemoryBackend:
                 else:
                     window.record(now, actual[position])
         self._in_flight -= 1
-        self._listeners.notify()
+        if self._listeners:
+            self._listeners.notify()
 
     def statistics_now(self, limits: Limits, now: float) -> tuple[DimensionStatistics, ...]:
         """`statistics` at an explicit instant."""

@@ -194,12 +194,25 @@ class SlicedWindow:
                     self._first_expiry_s = self.expiry_s(index)
                 return
 
-    def record_safe(self, now: float, index: int, reserved: float, real: float) -> None:
-        """Settle a call admitted in slice `index` the ``safe`` way.
+    def hold_at(self, now: float, amount: float) -> int:
+        """Hold `amount` for a call admitted at `now`; returns the admission's slice."""
+        self._held += amount
+        if self._last_start_s <= now < self._last_end_s:
+            return int(self._slices[-1][0])
+        return self.slice_index(now)
+
+    def settle_usage(self, now: float, reserved: float, real: float) -> None:
+        """Settle a held call the ``usage`` way: drop the hold, count `real` from now."""
+        self.unhold(reserved)
+        self.record(now, real)
+
+    def settle_safe(self, now: float, index: int, reserved: float, real: float) -> None:
+        """Settle a held call admitted in slice `index` the ``safe`` way.
 
         Until slice `index` expires, count max(reserved, real): the remainder of the
         reservation there, the real usage now; afterwards only the real usage.
         """
+        self.unhold(reserved)
         if self._last_start_s <= now < self._last_end_s and self._slices[-1][0] == index:
             self.record(now, max(reserved, real))  # admitted in this very slice
             return
@@ -313,7 +326,16 @@ class CalendarWindow:
         self._total += amount
         return int(self._day_start_s)
 
-    def record_safe(self, now: float, index: int, reserved: float, real: float) -> None:
+    def hold_at(self, now: float, amount: float) -> int:
+        self._held += amount
+        return self.slice_index(now)
+
+    def settle_usage(self, now: float, reserved: float, real: float) -> None:
+        self.unhold(reserved)
+        self.record(now, real)
+
+    def settle_safe(self, now: float, index: int, reserved: float, real: float) -> None:
+        self.unhold(reserved)
         if reserved > real:
             self.add_to_slice(now, index, reserved - real)
         self.record(now, real)

@@ -114,11 +114,8 @@ class MemoryBackend:
             amount = demand[position]
             if not amount:
                 continue
-            if kind == RECORDED:
-                index = window.record(now, amount)
-            else:
-                window.hold(amount)
-                index = window.slice_index(now) if kind == HELD_SAFE else 0
+            take = window.record if kind == RECORDED else window.hold_at
+            index = take(now, amount)
             entries.append((window, position, kind, index, amount))
         self._in_flight += 1
         return MemoryGrant(entries)
@@ -147,13 +144,10 @@ class MemoryBackend:
                     window.unhold(amount)
         else:
             for window, position, kind, index, amount in grant.entries:
-                if kind == RECORDED:
-                    continue  # counted at admission, as the provider does
-                window.unhold(amount)
                 if kind == HELD_SAFE:
-                    window.record_safe(now, index, amount, actual[position])
-                else:
-                    window.record(now, actual[position])
+                    window.settle_safe(now, index, amount, actual[position])
+                elif kind != RECORDED:  # recorded: counted at admission, as the provider does
+                    window.settle_usage(now, amount, actual[position])
         self._in_flight -= 1
         if self._listeners:
             self._listeners.notify()

@@ -175,7 +175,11 @@ class Limiter:
     async def try_acquire(
         self, requests: float = 1, *, tokens: float = 0, cost: float = 0
     ) -> Permit | None:
-        """A granted permit if every dimension admits now (and nobody waits), else None."""
+        """A granted permit if every dimension admits now (and nobody waits), else None.
+
+        Bad amounts raise as in `acquire` (`InvalidCostError`,
+        `CostExceedsLimitError`); release the permit (``async with permit:``).
+        """
         permit = Permit(self, requests, tokens, cost, None)
         demand = permit._validate()
         if self._waiters:

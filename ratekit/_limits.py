@@ -126,7 +126,8 @@ class Limits:
     every ``period / limit``, for providers with hidden per-second limits.
     `token_counting` says how the provider counts tokens (see `TokenCounting`).
     `tpd_calendar_tz` makes TPD the calendar day in that zone instead of a rolling
-    24 hours.
+    24 hours (it has no effect without `tpd`, and compressed limits roll instead:
+    a compressed day has no midnight).
 
     Limits are immutable values: derive new ones with `replace`.
     """
@@ -166,12 +167,18 @@ class Limits:
             raise LimitsError(
                 f"Limits.token_counting must be one of {choices}, got {self.token_counting!r}"
             ) from None
+        if not isinstance(self.pacing, bool):
+            raise LimitsError(f"Limits.pacing must be True or False, got {self.pacing!r}")
         rates = tuple(self.rates)
         for index, rate in enumerate(rates):
             if not isinstance(rate, Rate):
                 raise LimitsError(f"Limits.rates[{index}] must be a Rate, got {rate!r}")
         object.__setattr__(self, "rates", rates)
         object.__setattr__(self, "_all_rates", self._expand_rates())
+        names = [rate.name for rate in self._all_rates]
+        for name in names:
+            if names.count(name) > 1:
+                raise LimitsError(f"Limits: two rates are named {name!r}; names must be unique")
         seen: dict[tuple[str, float, str | None], str] = {}
         for rate in self._all_rates:
             if rate.key in seen:

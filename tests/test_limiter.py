@@ -300,34 +300,26 @@ async def test_compressed_limits_keep_the_ratio() -> None:
     assert await limiter.try_acquire() is not None
 
 
-def test_timeout_is_validated() -> None:
+async def test_timeout_is_validated() -> None:
     """A negative timeout is a typed error naming it."""
     limiter, _ = make(Limits(rpm=3))
-
-    async def main() -> None:
+    with pytest.raises(ratekit.InvalidCostError, match=r"^timeout must be non-negative, got -1$"):
         await limiter.acquire(timeout=-1)
 
-    with pytest.raises(ratekit.InvalidCostError, match=r"^timeout must be non-negative, got -1$"):
-        anyio.run(main)
 
-
-def test_permit_misuse_is_a_typed_error() -> None:
+async def test_permit_misuse_is_a_typed_error() -> None:
     """Settling twice or settling an unacquired permit raises PermitError."""
     limiter, _ = make(Limits(rpm=3))
-
-    async def main() -> None:
-        with pytest.raises(ratekit.PermitError, match="has not been acquired"):
-            _ = limiter.acquire().demand
-        async with limiter.acquire() as permit:
-            permit.settle(tokens=1)
-            with pytest.raises(ratekit.PermitError, match="already settled"):
-                permit.settle(tokens=2)
-            with pytest.raises(ratekit.PermitError, match="cannot be refunded"):
-                await permit.refund()
-        with pytest.raises(ratekit.PermitError, match="not yet released"):
-            permit.settle(tokens=1)
-
-    anyio.run(main)
+    with pytest.raises(ratekit.PermitError, match="has not been acquired"):
+        _ = limiter.acquire().demand
+    async with limiter.acquire() as permit:
+        permit.settle(tokens=1)
+        with pytest.raises(ratekit.PermitError, match="already settled"):
+            permit.settle(tokens=2)
+        with pytest.raises(ratekit.PermitError, match="cannot be refunded"):
+            await permit.refund()
+    with pytest.raises(ratekit.PermitError, match="not yet released"):
+        permit.settle(tokens=1)
 
 
 async def test_a_queued_caller_fails_at_once_when_the_head_is_later_than_its_deadline() -> None:

@@ -59,6 +59,14 @@ class BackendUnavailableError(RatekitError, ConnectionError):
     """The shared backend (Redis) cannot be reached and the policy is to fail closed."""
 
 
+class QueueFullError(RatekitError):
+    """The limiter's queue already holds its maximum number of waiting callers."""
+
+    def __init__(self, max_size: int) -> None:
+        self.max_size = max_size
+        super().__init__(f"the queue is full: {max_size} callers already wait")
+
+
 class PermitError(RatekitError, RuntimeError):
     """A permit was used the wrong way (settled twice, settled after release)."""
 

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import deque
 from collections.abc import Callable, Generator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any
 
@@ -15,6 +14,7 @@ import anyio
 from ._clock import Clock, SystemClock
 from ._errors import AcquireTimeout, CostExceedsLimitError, LimitsError, PermitError
 from ._limits import Limits, check_amount
+from ._queue import Waiter, WaitQueue
 from .backends._base import Backend, Demand, DimensionStatistics, Grant, Refusal
 from .backends.memory import MemoryBackend
 
@@ -37,11 +37,13 @@ def _ceilings(limits: Limits) -> tuple[float, float, float]:
 class LimiterStatistics:
     """A snapshot of a limiter: its dimensions and how many callers wait.
 
-    `dimensions` lists concurrency first (when capped), then every rate.
+    `dimensions` lists concurrency first (when capped), then every rate;
+    `waiting_by_priority` splits `waiting` by priority.
     """
 
     dimensions: tuple[DimensionStatistics, ...]
     waiting: int
+    waiting_by_priority: dict[int, int] = field(default_factory=dict)
 
     def dimension(self, name: str) -> DimensionStatistics:
         """The statistics of the dimension called `name` ("concurrency", "rpm", ...)."""
@@ -61,6 +63,10 @@ class Limiter:
     never waits. Waiters are served first come, first served, so a large demand
     is not starved by small ones.
 
+    Callers that wait are served by `priority` (higher first, FIFO within one),
+    with `lower_share` of admissions kept for lower priorities while they wait;
+    at most `max_queue` callers wait (`QueueFullError` beyond; None: no bound).
+
     `backend` keeps the usage: a fresh `MemoryBackend` (this process only) by
     default, or a shared one. `clock` is where time is read and waited on: the
     memory backend's own clock (give it to one or the other), or the system
@@ -77,8 +83,8 @@ class Limiter:
         "_head_eta_s",
         "_limits",
         "_local",
+        "_queue",
         "_unsubscribe",
-        "_waiters",
         "_wake",
     )
 
@@ -88,6 +94,8 @@ class Limiter:
         *,
         backend: Backend | None = None,
         clock: Clock | None = None,
+        max_queue: int | None = None,
+        lower_share: float = 0.1,
     ) -> None:
         if not isinstance(limits, Limits):
             raise TypeError(f"Limiter: limits must be a ratekit.Limits, got {limits!r}")
@@ -109,8 +117,8 @@ class Limiter:
         # The memory backend, called synchronously on the uncontended path.
         self._local = backend if isinstance(backend, MemoryBackend) else None
         self._clock: Clock = clock
-        # Turn events of callers waiting, first come first served; the head retries.
-        self._waiters: deque[anyio.Event] = deque()
+        # Callers waiting: by priority, first come first served; the head retries.
+        self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
         # Set when capacity may have been freed; the head waits on it.
         self._wake: anyio.Event | None = None
         # When the head of the queue is predicted to be admitted (None: unknown).
@@ -160,6 +168,7 @@ class Limiter:
         tokens: float = 0,
         cost: float = 0,
         timeout: float | None = None,
+        priority: int = 0,
     ) -> Permit:
         """A permit for one call of `requests`, `tokens` (estimated) and `cost` (money).
 
@@ -169,8 +178,9 @@ class Limiter:
         is raised at once. A demand larger than a whole rate raises
         `CostExceedsLimitError`; a negative, NaN or infinite amount
         `InvalidCostError`. Both raise when the permit is awaited or entered.
+        `priority` orders the callers that have to wait (higher first).
         """
-        return Permit(self, requests, tokens, cost, timeout)
+        return Permit(self, requests, tokens, cost, timeout, priority)
 
     async def try_acquire(
         self, requests: float = 1, *, tokens: float = 0, cost: float = 0
@@ -180,9 +190,9 @@ class Limiter:
         Bad amounts raise as in `acquire` (`InvalidCostError`,
         `CostExceedsLimitError`); release the permit (``async with permit:``).
         """
-        permit = Permit(self, requests, tokens, cost, None)
+        permit = Permit(self, requests, tokens, cost, None, 0)
         demand = permit._validate()
-        if self._waiters:
+        if self._queue:
             return None
         outcome = await self._backend.reserve(self._limits, demand)
         if isinstance(outcome, Refusal):
@@ -199,38 +209,80 @@ class Limiter:
                     raise CostExceedsLimitError(rate.name, amount, rate.limit)
 
     async def _reserve(
-        self, demand: Demand, timeout_s: float | None, refusal: Refusal | None = None
+        self,
+        demand: Demand,
+        timeout_s: float | None,
+        refusal: Refusal | None = None,
+        priority: int = 0,
     ) -> Grant:
         """The one primitive: admit `demand`, waiting at most `timeout_s` (None: no bound).
 
         `refusal` is the backend's answer to an attempt made just before, so that
         the backend is not asked again at once.
         """
-        if refusal is None and not self._waiters:
+        queue = self._queue
+        if refusal is None and not queue:
             outcome = await self._backend.reserve(self._limits, demand)
             if not isinstance(outcome, Refusal):
                 return outcome
             refusal = outcome
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
-        turn = anyio.Event()
-        self._waiters.append(turn)
+        waiter = queue.push(priority)
         if self._unsubscribe is None:
             self._unsubscribe = self._backend.subscribe(self._on_change)
+        if queue.head() is waiter:
+            self._on_change()  # a head displaced by a higher priority steps back
+        else:
+            refusal = None  # it answered for another position in the queue
         try:
-            if self._waiters[0] is not turn:
-                refusal = None  # it answered for another position in the queue
-                await self._wait_turn(turn, deadline_s, timeout_s)
-            return await self._wait_as_head(demand, deadline_s, timeout_s, refusal)
+            return await self._serve(waiter, demand, deadline_s, timeout_s, refusal)
         finally:
-            was_head = self._waiters[0] is turn
-            self._waiters.remove(turn)
+            was_head = queue.head() is waiter
+            queue.remove(waiter)
             if was_head:
                 self._head_eta_s = None
-                if self._waiters:
-                    self._waiters[0].set()
-            if not self._waiters and self._local is not None and self._unsubscribe is not None:
+            head = queue.head()
+            if head is not None:
+                head.turn.set()
+            elif self._local is not None and self._unsubscribe is not None:
                 self._unsubscribe()
                 self._unsubscribe = None
+
+    async def _serve(
+        self,
+        waiter: Waiter,
+        demand: Demand,
+        deadline_s: float | None,
+        timeout_s: float | None,
+        refusal: Refusal | None,
+    ) -> Grant:
+        """Wait for the turn, then as the head retry whenever the backend said or a release
+        came; a head displaced by a higher priority goes back to waiting for its turn."""
+        while True:
+            if self._queue.head() is not waiter:
+                waiter.turn = anyio.Event()
+                await self._wait_turn(waiter.turn, deadline_s, timeout_s)
+                continue
+            self._check_fits(demand)  # the limits may have changed while queued
+            # Armed before asking, so a release during the round trip is not missed.
+            self._wake = wake = anyio.Event()
+            if refusal is None:
+                outcome = await self._backend.reserve(self._limits, demand)
+                if not isinstance(outcome, Refusal):
+                    self._queue.admitted(waiter)
+                    return outcome
+                refusal = outcome
+            wait_s = refusal.wait_s
+            now = self._clock.now()
+            self._head_eta_s = None if math.isinf(wait_s) else now + wait_s
+            if deadline_s is not None:
+                left_s = deadline_s - now
+                predictably_late = wait_s > left_s and not math.isinf(wait_s)
+                if predictably_late or left_s <= 0:
+                    raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
+                wait_s = min(wait_s, left_s)
+            refusal = None
+            await self._clock.wait(wake, wait_s)
 
     async def _wait_turn(
         self, turn: anyio.Event, deadline_s: float | None, timeout_s: float | None
@@ -247,34 +299,6 @@ class Limiter:
         if not turn.is_set():
             raise AcquireTimeout(timeout_s or 0.0, math.inf, "queue")
 
-    async def _wait_as_head(
-        self,
-        demand: Demand,
-        deadline_s: float | None,
-        timeout_s: float | None,
-        refusal: Refusal | None,
-    ) -> Grant:
-        while True:
-            self._check_fits(demand)  # the limits may have changed while queued
-            # Armed before asking, so a release during the round trip is not missed.
-            self._wake = wake = anyio.Event()
-            if refusal is None:
-                outcome = await self._backend.reserve(self._limits, demand)
-                if not isinstance(outcome, Refusal):
-                    return outcome
-                refusal = outcome
-            wait_s = refusal.wait_s
-            now = self._clock.now()
-            self._head_eta_s = None if math.isinf(wait_s) else now + wait_s
-            if deadline_s is not None:
-                left_s = deadline_s - now
-                predictably_late = wait_s > left_s and not math.isinf(wait_s)
-                if predictably_late or left_s <= 0:
-                    raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
-                wait_s = min(wait_s, left_s)
-            refusal = None
-            await self._clock.wait(wake, wait_s)
-
     async def _release(self, grant: Grant, actual: Demand | None) -> None:
         with anyio.CancelScope(shield=True):
             await self._backend.settle(self._limits, grant, actual)
@@ -284,7 +308,7 @@ class Limiter:
     async def statistics(self) -> LimiterStatistics:
         """A frozen snapshot: per dimension, used / limit / in flight; and the waiters."""
         dimensions = await self._backend.statistics(self._limits)
-        return LimiterStatistics(dimensions, len(self._waiters))
+        return LimiterStatistics(dimensions, len(self._queue), self._queue.waiting())
 
     def __repr__(self) -> str:
         return f"Limiter({self._limits!r}, backend={type(self._backend).__name__})"
@@ -306,6 +330,7 @@ class Permit:
         "_demand",
         "_grant",
         "_limiter",
+        "_priority",
         "_released",
         "_timeout",
     )
@@ -317,8 +342,10 @@ class Permit:
         tokens: float,
         cost: float,
         timeout: float | None,
+        priority: int,
     ) -> None:
         self._limiter = limiter
+        self._priority = priority
         # The amounts as the caller gave them; validated when the permit is acquired.
         self._asked = (requests, tokens, cost)
         self._timeout = timeout
@@ -361,7 +388,7 @@ class Permit:
         """
         limiter = self._limiter
         local = limiter._local
-        if local is None or limiter._waiters:
+        if local is None or limiter._queue:
             return False
         demand = self._demand or self._validate()
         outcome = local.reserve_now(limiter._limits, demand, limiter._clock.now())
@@ -385,7 +412,7 @@ class Permit:
         if tried is not True:
             demand = self._demand or self._validate()
             refusal = tried if isinstance(tried, Refusal) else None
-            self._grant = await self._limiter._reserve(demand, timeout, refusal)
+            self._grant = await self._limiter._reserve(demand, timeout, refusal, self._priority)
         return self
 
     def __await__(self) -> Generator[Any, None, Permit]:

@@ -1,0 +1,90 @@
+"""Who waits for a limiter, and who goes next: pure bookkeeping, no I/O, no clock."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import anyio
+
+from ._errors import LimitsError, QueueFullError
+
+
+class Waiter:
+    """One caller waiting for a limiter. `turn` is set when it becomes the head."""
+
+    __slots__ = ("priority", "turn")
+
+    def __init__(self, priority: int) -> None:
+        self.priority = priority
+        self.turn = anyio.Event()
+
+
+class WaitQueue:
+    """Callers waiting, served one at a time: the head.
+
+    FIFO within a priority and higher priorities first, except that each lower
+    priority with callers waiting earns `lower_share` of a turn per admission and
+    is served when it has earned a whole one: while they wait, lower priorities
+    get at least that share of admissions, so batch work never starves behind
+    interactive work. `max_size` bounds the callers waiting (None: no bound).
+    """
+
+    __slots__ = ("_credits", "_levels", "_size", "lower_share", "max_size")
+
+    def __init__(self, *, lower_share: float = 0.1, max_size: int | None = None) -> None:
+        if not 0 <= lower_share < 1:
+            raise LimitsError(f"lower_share must be in [0, 1), got {lower_share!r}")
+        if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
+            raise LimitsError(f"max_queue must be a non-negative int or None, got {max_size!r}")
+        self.lower_share = lower_share
+        self.max_size = max_size
+        # Waiters by priority, each level first come first served.
+        self._levels: dict[int, deque[Waiter]] = {}
+        # Turns earned by each lower priority while it waited.
+        self._credits: dict[int, float] = {}
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def waiting(self) -> dict[int, int]:
+        """How many callers wait, per priority."""
+        return {priority: len(level) for priority, level in self._levels.items()}
+
+    def push(self, priority: int) -> Waiter:
+        """Queue a caller; `QueueFullError` when `max_size` callers already wait."""
+        if self.max_size is not None and self._size >= self.max_size:
+            raise QueueFullError(self.max_size)
+        waiter = Waiter(priority)
+        self._levels.setdefault(priority, deque()).append(waiter)
+        self._size += 1
+        return waiter
+
+    def remove(self, waiter: Waiter) -> None:
+        """Take a caller out (admitted, timed out or cancelled)."""
+        level = self._levels[waiter.priority]
+        level.remove(waiter)
+        self._size -= 1
+        if not level:
+            del self._levels[waiter.priority]
+            self._credits.pop(waiter.priority, None)
+
+    def head(self) -> Waiter | None:
+        """The caller to serve next, or None when nobody waits."""
+        if not self._levels:
+            return None
+        priorities = sorted(self._levels, reverse=True)
+        for priority in priorities[1:]:
+            # The admission about to happen earns its share too.
+            if self._credits.get(priority, 0.0) + self.lower_share >= 1.0 - 1e-9:
+                return self._levels[priority][0]
+        return self._levels[priorities[0]][0]
+
+    def admitted(self, waiter: Waiter) -> None:
+        """Account for `waiter`'s admission (before `remove`): lower priorities earn credit."""
+        top = max(self._levels)
+        if waiter.priority != top:
+            self._credits[waiter.priority] = self._credits.get(waiter.priority, 0.0) - 1.0
+        for priority in self._levels:
+            if priority < top:
+                self._credits[priority] = self._credits.get(priority, 0.0) + self.lower_share

@@ -1,10 +1,10 @@
 """A strict in-process provider and a workload driver: ratekit's main job, offline.
 
 `StrictProvider` enforces limits the way a provider that counts rolling windows
-does, exactly (a log of every arrival, no slices, no slack) and answers "429"
-on any excess. `simulate` drives a batch of calls from many tasks through a
-`Limiter` into it and reports 429s and how much of each limit was used. No
-network, no Redis, no API key.
+does, exactly (a log of every arrival, no slices, no slack: `StrictWindows`) and
+answers "429" on any excess. `simulate` drives a batch of calls from many tasks
+through a `Limiter` into it and reports 429s and how much of each limit was
+used. No network, no Redis, no API key.
 """
 
 from __future__ import annotations
@@ -15,12 +15,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import anyio
 
 from ._limiter import Limiter
-from ._limits import Limits, Rate
+from ._limits import Limits
+from ._strict import ProviderCounting, Refusal, StrictWindows
 
 
 class RateLimited(Exception):
@@ -31,80 +32,52 @@ class RateLimited(Exception):
         super().__init__(f"429: {dimension} exceeded")
 
 
-@dataclass
-class _Log:
-    rate: Rate
-    # (arrival time, amount) of every arrival still inside the window.
-    arrivals: deque[tuple[float, float]] = field(default_factory=deque)
-    total: float = 0.0
-    peak: float = 0.0
-
-    def expire(self, now: float) -> None:
-        while self.arrivals and self.arrivals[0][0] <= now - self.rate.period_s:
-            self.total -= self.arrivals.popleft()[1]
-
-    def fits(self, amount: float) -> bool:
-        return self.total + amount <= self.rate.limit
-
-    def add(self, now: float, amount: float) -> None:
-        self.arrivals.append((now, amount))
-        self.total += amount
-        self.peak = max(self.peak, self.total)
-
-
 class StrictProvider:
     """Answers calls within `limits` and raises `RateLimited` for any call beyond them.
 
     Requests and tokens (prompt + max output) count at arrival in rolling windows
     of exactly each rate's period; concurrency counts calls in flight. `clock`
     returns seconds (the limiter's clock by default). Refused calls count nothing.
+    The window math is `StrictWindows`, shared with the HTTP mock provider.
     """
 
     def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.time) -> None:
         self.limits = limits
         self._now = clock
-        self._logs = [_Log(rate) for rate in limits.all_rates if rate.unit != "money"]
-        self.in_flight = 0
-        self.peak_in_flight = 0
+        self._windows = StrictWindows(limits, ProviderCounting.RESERVE)
         self.served = 0
-        self.rejected: dict[str, int] = {}
 
-    def _arrive(self, tokens: float) -> None:
-        now = self._now()
-        cap = self.limits.concurrency
-        if cap is not None and self.in_flight >= cap:
-            self._reject("concurrency")
-        amounts = {"requests": 1.0, "tokens": tokens}
-        for log in self._logs:
-            log.expire(now)
-        for log in self._logs:
-            if not log.fits(amounts[log.rate.unit]):
-                self._reject(log.rate.name)
-        for log in self._logs:
-            log.add(now, amounts[log.rate.unit])
-        self.in_flight += 1
-        self.peak_in_flight = max(self.peak_in_flight, self.in_flight)
+    @property
+    def in_flight(self) -> int:
+        """Calls admitted and not yet answered."""
+        return self._windows.in_flight
 
-    def _reject(self, dimension: str) -> None:
-        self.rejected[dimension] = self.rejected.get(dimension, 0) + 1
-        raise RateLimited(dimension)
+    @property
+    def peak_in_flight(self) -> int:
+        """Most calls ever in flight at once."""
+        return self._windows.peak_in_flight
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """429s by the dimension over its limit (a rate's name or "concurrency")."""
+        return self._windows.rejected
 
     async def call(self, tokens: float, duration_s: float) -> float:
         """One call reserving `tokens`; takes `duration_s`; returns the tokens used."""
-        self._arrive(tokens)
+        now = self._now()
+        admitted = self._windows.try_admit(now, tokens=tokens, until_s=now + duration_s)
+        if isinstance(admitted, Refusal):
+            raise RateLimited(admitted.dimension)
         try:
             await anyio.sleep(duration_s)
         finally:
-            self.in_flight -= 1
+            self._windows.finish(admitted, self._now(), used_tokens=tokens)
         self.served += 1
         return tokens
 
     def peak_use(self) -> dict[str, tuple[float, float]]:
         """Per dimension: (largest amount seen in any window, limit)."""
-        use = {log.rate.name: (log.peak, log.rate.limit) for log in self._logs}
-        if self.limits.concurrency is not None:
-            use["concurrency"] = (self.peak_in_flight, self.limits.concurrency)
-        return use
+        return self._windows.peak_use()
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,7 @@ def _actual(estimate: Demand, step: Settle) -> Demand:
 
 def _check_wait(backend: Backend, step: Reserve, refusal: Refusal, where: str) -> None:
     assert refusal.dimension == step.dimension, where
-    if step.dimension == "concurrency" and isinstance(backend, RedisBackend):
+    if math.isinf(step.wait_s or 0.0) and isinstance(backend, RedisBackend):
         # A shared backend cannot wait for ever on a release: a holder may have
         # died. Its hint is when the oldest lease lapses unless renewed.
         assert 0 < refusal.wait_s <= backend._lease_ttl_s, where

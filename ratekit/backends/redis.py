@@ -16,7 +16,6 @@ redis-py's asyncio client ties this backend to asyncio (not trio).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import math
 import os
@@ -53,6 +52,10 @@ _POLICIES: tuple[OnUnavailable, ...] = ("fail_closed", "fail_open", "local")
 _UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
 # Waits before trying Redis again after it failed, growing to the last one.
 _BACKOFF_S = (0.25, 0.5, 1.0, 2.0)
+# How often the release listener looks up from an empty channel, and how long
+# closing waits for the background tasks.
+_LISTEN_POLL_S = 1.0
+_CLOSE_WAIT_S = 3.0
 
 
 class _Binding:
@@ -65,7 +68,8 @@ class _Binding:
         self.rates: tuple[Rate, ...] = limits.all_rates
         self.names = [rate.name for rate in self.rates]
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
-        self.keys = [f"{prefix}:leases"] + [_window_key(prefix, rate) for rate in self.rates]
+        windows = [_window_key(prefix, rate) for rate in self.rates]
+        self.keys = [f"{prefix}:leases", *windows, f"{prefix}:waiting"]
         # limit, period, slice width, margin, pacing, take kind, unit position per window.
         self.specs = [
             (
@@ -183,6 +187,7 @@ class RedisBackend:
         self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
+        self._closing = False
         # While Redis is down: when to try again, how many failures in a row, and
         # the last error's type (its text could hold connection details).
         self._retry_at = 0.0
@@ -363,26 +368,31 @@ class RedisBackend:
                     self._mark_down(exc)
 
     async def _listen_loop(self) -> None:
-        while self._listeners:
+        while self._listeners and not self._closing:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                async for message in pubsub.listen():
-                    if message.get("type") == "message":
+                while self._listeners and not self._closing:
+                    # A bounded wait, so that closing never depends on a message.
+                    message = await pubsub.get_message(
+                        ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
+                    )
+                    if message is not None and message.get("type") == "message":
                         self._listeners.notify()
             except _UNREACHABLE:
                 await asyncio.sleep(_BACKOFF_S[-1])
             finally:
-                with anyio.CancelScope(shield=True):
+                with anyio.move_on_after(1.0, shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
 
     async def aclose(self) -> None:
-        """Stop the background tasks and close the client."""
-        for task in list(self._tasks):
+        """Stop the background tasks (within a few seconds at most) and close the client."""
+        self._closing = True
+        tasks = list(self._tasks)
+        for task in tasks:
             task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):  # closing anyway
-                await task
+        if tasks:
+            await asyncio.wait(tasks, timeout=_CLOSE_WAIT_S)
         await self._client.aclose()
 
     # -- Redis unreachable ----------------------------------------------------------------

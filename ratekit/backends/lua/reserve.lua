@@ -3,6 +3,8 @@
 --
 -- KEYS[1]      leases: sorted set, lease id -> expiry (s); one lease per call in flight
 -- KEYS[1 + i]  window i (see _window.lua)
+-- KEYS[n + 2]  waiting: until when some caller is known to wait (s); settles publish
+--              their release only while someone waits
 -- ARGV[1]      now (s), or "" for the server's TIME
 -- ARGV[2]      concurrency cap, or "" for none
 -- ARGV[3]      lease id of this admission
@@ -12,6 +14,8 @@
 --              0 (record the amount now) or 1 (hold it under the lease)
 -- Returns {1, now, slice index per window} when admitted, or
 --         {0, wait (s), dimension} when refused: dimension 0 is concurrency, i window i.
+--         A wait that only a release can end is bounded by the oldest lease: a holder
+--         that died frees its slot and holds when that lease lapses.
 
 local now = server_now(ARGV[1])
 local cap = tonumber(ARGV[2])
@@ -32,11 +36,27 @@ if #dead > 0 then
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
 end
 
+local waiting = KEYS[n + 2]
+
+-- Refuses: records that a caller waits (so releases are announced) and bounds a
+-- wait for a release by the oldest lease.
+local function refuse(wait, dimension)
+  if wait == math.huge then
+    local oldest = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+    if oldest[2] then
+      wait = tonumber(oldest[2]) - now
+    end
+  end
+  local until_s = now + math.min(wait, lease_ttl_s)
+  local known = tonumber(redis.call('GET', waiting)) or 0
+  if until_s > known then
+    redis.call('SET', waiting, fmt(until_s), 'PX', key_ttl_ms)
+  end
+  return {0, fmt(wait), dimension}
+end
+
 if cap and redis.call('ZCARD', leases) >= cap then
-  -- Living holders renew and announce releases; the hint only covers a holder
-  -- that dies: its lease lapses then.
-  local oldest = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
-  return {0, fmt(tonumber(oldest[2]) - now), 0}
+  return refuse(math.huge, 0)
 end
 
 local windows = {}
@@ -53,7 +73,7 @@ for i = 1, n do
   end
 end
 if worst ~= -1 then
-  return {0, fmt(worst_s), worst}
+  return refuse(worst_s, worst)
 end
 
 local reply = {1, fmt(now)}

@@ -3,6 +3,7 @@
 --
 -- KEYS[1]      leases (see reserve.lua)
 -- KEYS[1 + i]  window i (see _window.lua)
+-- KEYS[n + 2]  waiting (see reserve.lua)
 -- ARGV[1]      now (s), or "" for the server's TIME
 -- ARGV[2]      lease id
 -- ARGV[3]      key ttl (ms)
@@ -42,5 +43,8 @@ for i = 1, n do
   end
   redis.call('PEXPIRE', w.key, key_ttl_ms)
 end
-redis.call('PUBLISH', ARGV[4], lease_id)
+-- Announce the release only while some caller waits: nobody listens otherwise.
+if now < (tonumber(redis.call('GET', KEYS[n + 2])) or 0) then
+  redis.call('PUBLISH', ARGV[4], lease_id)
+end
 return live

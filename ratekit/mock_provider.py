@@ -1,0 +1,983 @@
+"""A local OpenAI-compatible provider that enforces a tier strictly, over HTTP.
+
+`MockProvider` serves ``/v1/chat/completions`` (plain and SSE streaming),
+``/v1/embeddings``, ``/v1/responses`` (plain only) and ``/v1/models`` on
+127.0.0.1, so that the real `openai` client (``base_url=server.base_url``, any
+API key) can be run against a provider that counts rolling windows exactly
+(`StrictWindows`, the same math as `simulation.StrictProvider`) and answers 429
+on any excess. Standard library only: asyncio streams and a small HTTP/1.1
+parser (keep-alive, Content-Length or chunked request bodies, chunked responses).
+It runs on asyncio (not trio).
+
+Time compression: with ``speed=60`` every period of the limits is divided by 60
+(`Limits.compressed`), so a minute lasts a second, and so are the latencies
+(given in provider seconds). Header values (``Retry-After``, ``retry-after-ms``,
+``x-ratelimit-reset-*``) are in real, compressed seconds: what a client must wait.
+
+Tokens, deterministic so that tests can check settled usage:
+
+- a text's tokens are ``ceil(n / 4) + c`` where ``c`` counts CJK ideographs and
+  ``n`` every other character; a prompt's tokens sum its messages' text contents
+  (images and other parts count 0);
+- the output has ``min(max_tokens, completion_tokens)`` tokens of filler words, one
+  token a word, where ``max_tokens`` is the request's ``max_completion_tokens``,
+  ``max_tokens`` or ``max_output_tokens``, else `default_max_tokens`;
+- the reservation (``reserve`` counting) is prompt + ``max_tokens``; the usage
+  (``usage`` counting) is prompt + output, recorded when the call ends.
+
+Every response to a ``/v1`` call carries ``x-ratelimit-limit-requests``,
+``x-ratelimit-remaining-requests`` and ``x-ratelimit-reset-requests`` and the
+same for ``-tokens`` (for the rate of that unit with the least remaining; none
+when no rate of that unit is enforced). A 429 also carries ``Retry-After``
+(whole seconds, rounded up) and ``retry-after-ms`` (rounded up), except when the
+request can never be admitted (then ``x-should-retry: false``).
+
+Admin endpoints, for a server in another process: ``POST /admin/limits`` with
+``{"rpm": 10, "tpm": null, ...}`` (provider numbers, ``null`` for unlimited),
+``POST /admin/inject`` with ``{"count": 3, "retry_after_s": 1.0}`` (``count``
+``null`` for every call until a count of 0), and ``GET /admin/stats``.
+
+Run one with ``python -m ratekit.mock_provider --provider moonshot --tier tier1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import struct
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from ._errors import LimitsError, RatekitError
+from ._limits import Limits
+from ._pricing import character_class
+from ._profiles import load_profile
+from ._strict import CONCURRENCY, ProviderCounting, RateState, Refusal, StrictWindows, Ticket
+
+DEFAULT_MODEL = "mock-model"
+_FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests"}
+_ADMIN_LIMIT_KEYS = ("concurrency", "rpm", "tpm", "tpd")
+_MAX_BODY_BYTES = 32 * 1024 * 1024
+
+
+# --- tokens ---------------------------------------------------------------------------
+
+
+def estimate_tokens(text: str) -> int:
+    """Tokens in `text`: one per CJK ideograph plus ``ceil(other characters / 4)``."""
+    cjk = sum(1 for char in text if character_class(char) == "chinese")
+    return cjk + math.ceil((len(text) - cjk) / 4)
+
+
+def _content_text(content: object) -> str:
+    """The text of a message's content: a string, or the ``text`` of its parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(str(part.get("text", "")) for part in content if isinstance(part, dict))
+    return ""
+
+
+def _filler_words(count: int) -> list[str]:
+    """`count` words of filler, one token each; every word but the first has a leading space."""
+    return [("" if i == 0 else " ") + _FILLER[i % len(_FILLER)] for i in range(count)]
+
+
+def _embedding(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit-free vector in [-1, 1] of `dimensions` floats for `text`."""
+    values: list[float] = []
+    for block in itertools.count():
+        digest = hashlib.sha256(f"{block}:{text}".encode()).digest()
+        values.extend(byte / 127.5 - 1.0 for byte in digest)
+        if len(values) >= dimensions:
+            return values[:dimensions]
+    raise AssertionError("unreachable")
+
+
+# --- records --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """One admitted call: times on the server's clock (s) and its tokens.
+
+    `reserved_tokens` is prompt + max output (what ``reserve`` counts at
+    `arrived_s`); prompt + completion is what ``usage`` counts at `finished_s`.
+    `completed` is false when the client went away before the answer was sent.
+    """
+
+    endpoint: str
+    model: str
+    arrived_s: float
+    finished_s: float
+    prompt_tokens: int
+    completion_tokens: int
+    reserved_tokens: int
+    completed: bool
+
+
+@dataclass(frozen=True, slots=True)
+class MockProviderStatistics:
+    """A snapshot of what the server did.
+
+    `rejected` counts 429s by the first dimension over its limit (a rate's name,
+    ``"concurrency"``, or ``"injected"``); `peak_use` maps each dimension to (the
+    largest amount seen in any window, its limit), concurrency included;
+    `max_concurrency` is the most calls ever in flight at once.
+    """
+
+    served: int
+    rejected: dict[str, int]
+    bad_requests: int
+    in_flight: int
+    max_concurrency: int
+    peak_use: dict[str, tuple[float, float]]
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one call will cost and produce, decided from its request body."""
+
+    endpoint: str
+    model: str
+    prompt_tokens: int
+    completion_tokens: int
+    reserved_tokens: int
+
+
+# --- HTTP -----------------------------------------------------------------------------
+
+
+class _HttpError(Exception):
+    """An error answered as OpenAI does: a status and ``{"error": {...}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+class _ProtocolError(Exception):
+    """The bytes on the connection are not HTTP/1.1 this server understands."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+
+    @property
+    def keep_alive(self) -> bool:
+        return self.headers.get("connection", "").lower() != "close"
+
+
+async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
+    """The next request on a connection, or None when the client closed it."""
+    line = await reader.readline()
+    if not line:
+        return None
+    parts = line.decode("latin-1").strip().split(" ")
+    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
+        raise _ProtocolError(f"bad request line {line!r}")
+    headers: dict[str, str] = {}
+    while True:
+        raw = await reader.readline()
+        if raw in (b"\r\n", b"\n", b""):
+            break
+        name, sep, value = raw.decode("latin-1").partition(":")
+        if not sep:
+            raise _ProtocolError(f"bad header line {raw!r}")
+        headers[name.strip().lower()] = value.strip()
+    body = await _read_body(reader, headers)
+    return _Request(parts[0].upper(), parts[1].split("?", 1)[0], headers, body)
+
+
+async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
+    if "chunked" in headers.get("transfer-encoding", "").lower():
+        return await _read_chunked(reader)
+    length_text = headers.get("content-length", "0")
+    if not length_text.isdigit() or int(length_text) > _MAX_BODY_BYTES:
+        raise _ProtocolError(f"bad content-length {length_text!r}")
+    return await reader.readexactly(int(length_text))
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    body = bytearray()
+    while True:
+        size_line = (await reader.readline()).split(b";", 1)[0].strip()
+        try:
+            size = int(size_line, 16)
+        except ValueError:
+            raise _ProtocolError(f"bad chunk size {size_line!r}") from None
+        if size == 0:
+            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
+                pass  # trailers, ignored
+            return bytes(body)
+        if len(body) + size > _MAX_BODY_BYTES:
+            raise _ProtocolError("body too large")
+        body += await reader.readexactly(size)
+        await reader.readexactly(2)
+
+
+def _head(status: int, headers: dict[str, str]) -> bytes:
+    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+
+
+def _chunk(data: bytes) -> bytes:
+    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+
+
+def _sse(payload: object) -> bytes:
+    return _chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+
+
+def format_duration(seconds: float) -> str:
+    """A wait as OpenAI's reset headers write it: ``"250ms"``, ``"1.5s"``, ``"6m0s"``.
+
+    Rounded up to the millisecond; zero or less is ``"0s"``.
+    """
+    total_ms = math.ceil(seconds * 1000 - 1e-6)
+    if total_ms <= 0:
+        return "0s"
+    if total_ms < 1000:
+        return f"{total_ms}ms"
+    minutes, ms = divmod(total_ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    secs = f"{ms / 1000:.3f}".rstrip("0").rstrip(".") + "s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}"
+    return f"{minutes}m{secs}" if minutes else secs
+
+
+def _number(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else f"{value:g}"
+
+
+def _limit_headers(states: Iterable[RateState]) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers: per unit, the rate with the least remaining."""
+    tightest: dict[str, RateState] = {}
+    for state in states:
+        kept = tightest.get(state.unit)
+        if kept is None or state.remaining < kept.remaining:
+            tightest[state.unit] = state
+    headers: dict[str, str] = {}
+    for unit, state in tightest.items():
+        headers[f"x-ratelimit-limit-{unit}"] = _number(state.limit)
+        headers[f"x-ratelimit-remaining-{unit}"] = str(math.floor(state.remaining))
+        headers[f"x-ratelimit-reset-{unit}"] = format_duration(state.reset_s)
+    return headers
+
+
+def _retry_headers(retry_after_s: float) -> dict[str, str]:
+    """``Retry-After`` in whole seconds and ``retry-after-ms``, both rounded up."""
+    if math.isinf(retry_after_s):
+        return {"x-should-retry": "false"}
+    wait_ms = max(math.ceil(retry_after_s * 1000 - 1e-6), 0)
+    return {"retry-after": str(math.ceil(wait_ms / 1000)), "retry-after-ms": str(wait_ms)}
+
+
+# --- request validation ---------------------------------------------------------------
+
+
+def _json_object(request: _Request) -> dict[str, Any]:
+    try:
+        body = json.loads(request.body)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise _HttpError(400, "We could not parse the JSON body of your request.") from None
+    if not isinstance(body, dict):
+        raise _HttpError(400, "The request body must be a JSON object.")
+    return body
+
+
+def _model(body: dict[str, Any]) -> str:
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise _HttpError(400, "You must provide a model parameter.", param="model")
+    return model
+
+
+def _positive_int(body: dict[str, Any], key: str) -> int | None:
+    value = body.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _HttpError(400, f"{key} must be a positive integer, got {value!r}.", param=key)
+    return value
+
+
+def _messages_text(messages: object, key: str) -> str:
+    """The concatenated text of a list of messages; 400 unless it is one."""
+    if not isinstance(messages, list) or not messages:
+        raise _HttpError(400, f"'{key}' must be a non-empty array of messages.", param=key)
+    texts = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise _HttpError(400, f"'{key}[{index}]' must be an object with a role.", param=key)
+        texts.append(_content_text(message.get("content")))
+    return "".join(texts)
+
+
+def _bool(body: dict[str, Any], key: str) -> bool:
+    value = body.get(key, False)
+    if value is None:
+        return False
+    if not isinstance(value, bool):
+        raise _HttpError(400, f"{key} must be a boolean, got {value!r}.", param=key)
+    return value
+
+
+# --- the server -----------------------------------------------------------------------
+
+_Handler = Callable[[_Request, asyncio.StreamWriter], Awaitable[None]]
+
+
+class MockProvider:
+    """An OpenAI-compatible HTTP provider on 127.0.0.1 that enforces `limits` exactly.
+
+    `limits` are the provider's own numbers (a minute is 60 s); `speed` divides
+    every period and latency (60: a minute per second). `token_counting` is how the
+    provider counts tokens (``"reserve"`` or ``"usage"``, see `ProviderCounting`).
+    Each call takes ``(latency_s + latency_per_token_s * output tokens) / speed``
+    real seconds and holds a concurrency slot meanwhile. `port` 0 picks a free port.
+    `clock` returns the seconds the windows count in (`time.monotonic` by default;
+    a fake clock makes the window math exact in tests). `models` is what
+    ``/v1/models`` lists; any model name is accepted.
+
+    Use ``async with MockProvider(limits) as server`` or `start_mock_provider`;
+    `base_url` is then ready for ``openai.AsyncOpenAI(base_url=...)``. One event
+    loop; not thread-safe.
+    """
+
+    def __init__(
+        self,
+        limits: Limits,
+        *,
+        speed: float = 1.0,
+        port: int = 0,
+        host: str = "127.0.0.1",
+        token_counting: ProviderCounting | str = ProviderCounting.RESERVE,
+        completion_tokens: int = 16,
+        default_max_tokens: int = 1024,
+        latency_s: float = 0.0,
+        latency_per_token_s: float = 0.0,
+        embedding_dimensions: int = 8,
+        models: Iterable[str] = (DEFAULT_MODEL,),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if not speed > 0 or math.isinf(speed):
+            raise LimitsError(f"MockProvider.speed must be positive and finite, got {speed!r}")
+        if latency_s < 0 or latency_per_token_s < 0:
+            raise LimitsError("MockProvider latencies must be non-negative")
+        self.speed = speed
+        self.host = host
+        self.port = port
+        self.completion_tokens = completion_tokens
+        self.default_max_tokens = default_max_tokens
+        self.latency_s = latency_s
+        self.latency_per_token_s = latency_per_token_s
+        self.embedding_dimensions = embedding_dimensions
+        self.models = tuple(models)
+        self._clock = clock
+        self._limits = limits
+        self._windows = StrictWindows(limits.compressed(speed), token_counting)
+        # Every admitted call, in order of ending.
+        self.calls: list[CallRecord] = []
+        self._served = 0
+        self._bad_requests = 0
+        # Injected 429s still to answer (None: every call until cleared) and their wait (s).
+        self._inject_left: int | None = 0
+        self._inject_retry_s = 1.0
+        self._ids = itertools.count(1)
+        self._server: asyncio.Server | None = None
+        # True while `close` cancels the connections.
+        self._closing = False
+        # Connection tasks alive, to end them on close.
+        self._connections: set[asyncio.Task[None]] = set()
+        self._routes: dict[tuple[str, str], _Handler] = {
+            ("POST", "/v1/chat/completions"): self._chat,
+            ("POST", "/v1/embeddings"): self._embeddings,
+            ("POST", "/v1/responses"): self._responses,
+            ("GET", "/v1/models"): self._list_models,
+            ("POST", "/admin/limits"): self._admin_limits,
+            ("POST", "/admin/inject"): self._admin_inject,
+            ("GET", "/admin/stats"): self._admin_stats,
+        }
+
+    # --- lifecycle ---
+
+    async def start(self) -> None:
+        """Bind and start serving; `port` and `base_url` are then known."""
+        if self._server is not None:
+            return
+        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        """Stop listening and drop every open connection (calls in flight are cancelled)."""
+        if self._server is None:
+            return
+        self._closing = True
+        self._server.close()
+        for task in list(self._connections):
+            task.cancel()
+        await asyncio.gather(*self._connections, return_exceptions=True)
+        await self._server.wait_closed()
+        self._server = None
+        self._closing = False
+
+    async def __aenter__(self) -> MockProvider:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1``, for ``openai.AsyncOpenAI(base_url=...)``."""
+        return f"http://{self.host}:{self.port}/v1"
+
+    # --- control ---
+
+    @property
+    def limits(self) -> Limits:
+        """The provider's limits, uncompressed (a minute is 60 s)."""
+        return self._limits
+
+    @property
+    def effective_limits(self) -> Limits:
+        """The limits enforced: `limits` with every period divided by `speed`."""
+        return self._windows.limits
+
+    def set_limits(self, limits: Limits) -> None:
+        """Enforce `limits` (uncompressed) from now on; traffic already counted still counts."""
+        self._limits = limits
+        self._windows.set_limits(limits.compressed(self.speed), self._clock())
+
+    def inject_429s(self, count: int | None, *, retry_after_s: float = 1.0) -> None:
+        """Answer the next `count` calls with 429 (None: every call until a count of 0).
+
+        `retry_after_s` (real seconds) is the wait their headers name. Injected 429s
+        count nothing in the windows and are reported as dimension ``"injected"``.
+        """
+        if count is not None and (isinstance(count, bool) or count < 0):
+            raise ValueError(
+                f"inject_429s: count must be a non-negative int or None, got {count!r}"
+            )
+        self._inject_left = count
+        self._inject_retry_s = retry_after_s
+
+    def statistics(self) -> MockProviderStatistics:
+        """What the server has done so far."""
+        return MockProviderStatistics(
+            served=self._served,
+            rejected=dict(self._windows.rejected),
+            bad_requests=self._bad_requests,
+            in_flight=self._windows.in_flight,
+            max_concurrency=self._windows.peak_in_flight,
+            peak_use=self._windows.peak_use(),
+        )
+
+    # --- connections ---
+
+    async def _serve_connection(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        try:
+            await self._serve_requests(reader, writer)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass  # the client went away
+        except asyncio.CancelledError:
+            if not self._closing:
+                raise
+            # Cancelled by `close`: end quietly (asyncio reports a cancelled callback task).
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve_requests(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        while True:
+            try:
+                request = await _read_request(reader)
+            except _ProtocolError as exc:
+                error = _HttpError(400, f"Malformed HTTP request: {exc}")
+                await _send_json(writer, 400, error.body, {"connection": "close"})
+                return
+            if request is None:
+                return
+            await self._dispatch(request, writer)
+            if not request.keep_alive:
+                return
+
+    async def _dispatch(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        handler = self._routes.get((request.method, request.path))
+        try:
+            if handler is None:
+                raise _HttpError(404, f"Invalid URL ({request.method} {request.path})")
+            await handler(request, writer)
+        except _HttpError as error:
+            if error.status == 400:
+                self._bad_requests += 1
+            headers = _limit_headers(self._windows.states(self._clock()))
+            await _send_json(writer, error.status, error.body, headers)
+
+    # --- admission ---
+
+    def _latency_s(self, completion_tokens: int) -> float:
+        """Real seconds a call producing `completion_tokens` takes."""
+        return (self.latency_s + self.latency_per_token_s * completion_tokens) / self.speed
+
+    def _take_injected(self) -> bool:
+        if self._inject_left is None:
+            return True
+        if self._inject_left > 0:
+            self._inject_left -= 1
+            return True
+        return False
+
+    async def _run(
+        self,
+        writer: asyncio.StreamWriter,
+        plan: _Plan,
+        respond: Callable[[dict[str, str]], Awaitable[None]],
+    ) -> None:
+        """Admit `plan` (or answer 429), let `respond` answer, and count the call."""
+        now = self._clock()
+        if self._take_injected():
+            self._windows.rejected["injected"] = self._windows.rejected.get("injected", 0) + 1
+            refusal = Refusal("injected", "injected", self._inject_retry_s)
+            await self._send_429(writer, plan, refusal, now)
+            return
+        until = now + self._latency_s(plan.completion_tokens)
+        admitted = self._windows.try_admit(now, tokens=plan.reserved_tokens, until_s=until)
+        if isinstance(admitted, Refusal):
+            await self._send_429(writer, plan, admitted, now)
+            return
+        await self._answer(admitted, now, plan, _limit_headers(self._windows.states(now)), respond)
+
+    async def _answer(
+        self,
+        ticket: Ticket,
+        arrived_s: float,
+        plan: _Plan,
+        headers: dict[str, str],
+        respond: Callable[[dict[str, str]], Awaitable[None]],
+    ) -> None:
+        completed = False
+        try:
+            await respond(headers)
+            completed = True
+            self._served += 1
+        finally:
+            finished_s = self._clock()
+            used = plan.prompt_tokens + plan.completion_tokens
+            self._windows.finish(ticket, finished_s, used_tokens=used)
+            self.calls.append(
+                CallRecord(
+                    plan.endpoint,
+                    plan.model,
+                    arrived_s,
+                    finished_s,
+                    plan.prompt_tokens,
+                    plan.completion_tokens,
+                    plan.reserved_tokens,
+                    completed,
+                )
+            )
+
+    async def _send_429(
+        self, writer: asyncio.StreamWriter, plan: _Plan, refusal: Refusal, now_s: float
+    ) -> None:
+        headers = _limit_headers(self._windows.states(now_s))
+        headers.update(_retry_headers(refusal.retry_after_s))
+        body = {"error": self._rate_limit_error(plan, refusal)}
+        await _send_json(writer, 429, body, headers)
+
+    def _rate_limit_error(self, plan: _Plan, refusal: Refusal) -> dict[str, Any]:
+        kind = refusal.unit if refusal.unit in ("requests", "tokens") else "rate_limit_exceeded"
+        if refusal.dimension == "injected":
+            message = "The service is at capacity (an injected 429). Please try again later."
+        elif refusal.dimension == CONCURRENCY:
+            cap = self.effective_limits.concurrency
+            message = f"Rate limit reached for {plan.model}: at most {cap} requests in flight."
+        else:
+            rate = next(r for r in self.effective_limits.all_rates if r.name == refusal.dimension)
+            too_large = "Request too large. " if refusal.never else ""
+            message = (
+                f"{too_large}Rate limit reached for {plan.model} on {refusal.dimension}: "
+                f"limit {_number(rate.limit)} {rate.unit} per {rate.period_s:g} s, "
+                f"requested {plan.reserved_tokens if rate.unit == 'tokens' else 1}."
+            )
+            if not refusal.never:
+                message += f" Please try again in {format_duration(refusal.retry_after_s)}."
+        return {"message": message, "type": kind, "param": None, "code": "rate_limit_exceeded"}
+
+    def _next_id(self, prefix: str) -> str:
+        return f"{prefix}mock{next(self._ids)}"
+
+    def _output_tokens(self, requested_max: int | None) -> tuple[int, int]:
+        """(output tokens produced, max output tokens reserved) for a requested maximum."""
+        max_tokens = requested_max if requested_max is not None else self.default_max_tokens
+        return min(max_tokens, self.completion_tokens), max_tokens
+
+    # --- /v1/chat/completions ---
+
+    async def _chat(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        body = _json_object(request)
+        model = _model(body)
+        prompt = estimate_tokens(_messages_text(body.get("messages"), "messages"))
+        requested = _positive_int(body, "max_completion_tokens") or _positive_int(
+            body, "max_tokens"
+        )
+        completion, max_tokens = self._output_tokens(requested)
+        plan = _Plan("chat.completions", model, prompt, completion, prompt + max_tokens)
+        finish_reason = "length" if completion == max_tokens else "stop"
+        if _bool(body, "stream"):
+            options = body.get("stream_options")
+            include_usage = isinstance(options, dict) and options.get("include_usage") is True
+
+            async def stream(headers: dict[str, str]) -> None:
+                await self._stream_chat(writer, plan, headers, finish_reason, include_usage)
+
+            await self._run(writer, plan, stream)
+            return
+
+        async def answer(headers: dict[str, str]) -> None:
+            await asyncio.sleep(self._latency_s(plan.completion_tokens))
+            await _send_json(writer, 200, self._chat_body(plan, finish_reason), headers)
+
+        await self._run(writer, plan, answer)
+
+    def _chat_body(self, plan: _Plan, finish_reason: str) -> dict[str, Any]:
+        message = {"role": "assistant", "content": "".join(_filler_words(plan.completion_tokens))}
+        return {
+            "id": self._next_id("chatcmpl-"),
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": plan.model,
+            "choices": [
+                {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+            ],
+            "usage": _usage(plan),
+        }
+
+    async def _stream_chat(
+        self,
+        writer: asyncio.StreamWriter,
+        plan: _Plan,
+        headers: dict[str, str],
+        finish_reason: str,
+        include_usage: bool,
+    ) -> None:
+        """SSE: a role chunk after the fixed latency, one chunk a token, then [DONE]."""
+        base = {
+            "id": self._next_id("chatcmpl-"),
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": plan.model,
+        }
+        extra = {"usage": None} if include_usage else {}
+
+        def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice], **extra}
+
+        await asyncio.sleep(self.latency_s / self.speed)
+        stream_headers = {**headers, "content-type": "text/event-stream"}
+        writer.write(_head(200, {**stream_headers, "transfer-encoding": "chunked"}))
+        writer.write(_sse(chunk({"role": "assistant", "content": ""})))
+        await writer.drain()
+        per_token_s = self.latency_per_token_s / self.speed
+        for word in _filler_words(plan.completion_tokens):
+            if per_token_s > 0:
+                await asyncio.sleep(per_token_s)
+            writer.write(_sse(chunk({"content": word})))
+            await writer.drain()
+        writer.write(_sse(chunk({}, finish_reason)))
+        if include_usage:
+            writer.write(_sse({**base, "choices": [], "usage": _usage(plan)}))
+        writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
+        await writer.drain()
+
+    # --- /v1/embeddings ---
+
+    async def _embeddings(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        body = _json_object(request)
+        model = _model(body)
+        inputs, prompt = _embedding_inputs(body.get("input"))
+        dimensions = _positive_int(body, "dimensions") or self.embedding_dimensions
+        encoding = body.get("encoding_format") or "float"
+        if encoding not in ("float", "base64"):
+            raise _HttpError(400, f"Unknown encoding_format {encoding!r}.", param="encoding_format")
+        plan = _Plan("embeddings", model, prompt, 0, prompt)
+
+        async def answer(headers: dict[str, str]) -> None:
+            await asyncio.sleep(self._latency_s(0))
+            data = [
+                {"object": "embedding", "index": i, "embedding": _encode(v, dimensions, encoding)}
+                for i, v in enumerate(inputs)
+            ]
+            usage = {"prompt_tokens": prompt, "total_tokens": prompt}
+            reply = {"object": "list", "data": data, "model": model, "usage": usage}
+            await _send_json(writer, 200, reply, headers)
+
+        await self._run(writer, plan, answer)
+
+    # --- /v1/responses ---
+
+    async def _responses(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        body = _json_object(request)
+        model = _model(body)
+        if _bool(body, "stream"):
+            raise _HttpError(
+                400, "The mock provider does not stream /v1/responses.", param="stream"
+            )
+        prompt = estimate_tokens(_response_input_text(body))
+        completion, max_tokens = self._output_tokens(_positive_int(body, "max_output_tokens"))
+        plan = _Plan("responses", model, prompt, completion, prompt + max_tokens)
+
+        async def answer(headers: dict[str, str]) -> None:
+            await asyncio.sleep(self._latency_s(plan.completion_tokens))
+            await _send_json(writer, 200, self._response_body(plan), headers)
+
+        await self._run(writer, plan, answer)
+
+    def _response_body(self, plan: _Plan) -> dict[str, Any]:
+        text = "".join(_filler_words(plan.completion_tokens))
+        content = [{"type": "output_text", "text": text, "annotations": []}]
+        message = {
+            "type": "message",
+            "id": self._next_id("msg_"),
+            "status": "completed",
+            "role": "assistant",
+            "content": content,
+        }
+        return {
+            "id": self._next_id("resp_"),
+            "object": "response",
+            "created_at": int(time.time()),
+            "model": plan.model,
+            "status": "completed",
+            "output": [message],
+            "parallel_tool_calls": True,
+            "tool_choice": "auto",
+            "tools": [],
+            "usage": {
+                "input_tokens": plan.prompt_tokens,
+                "input_tokens_details": {"cached_tokens": 0},
+                "output_tokens": plan.completion_tokens,
+                "output_tokens_details": {"reasoning_tokens": 0},
+                "total_tokens": plan.prompt_tokens + plan.completion_tokens,
+            },
+        }
+
+    # --- /v1/models ---
+
+    async def _list_models(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        data = [
+            {"id": name, "object": "model", "created": 0, "owned_by": "ratekit-mock"}
+            for name in self.models
+        ]
+        headers = _limit_headers(self._windows.states(self._clock()))
+        await _send_json(writer, 200, {"object": "list", "data": data}, headers)
+
+    # --- /admin ---
+
+    async def _admin_limits(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        body = _json_object(request)
+        unknown = [key for key in body if key not in _ADMIN_LIMIT_KEYS]
+        if unknown:
+            known = ", ".join(_ADMIN_LIMIT_KEYS)
+            raise _HttpError(
+                400, f"Unknown limit {unknown[0]!r}; known: {known}.", param=unknown[0]
+            )
+        try:
+            self.set_limits(self._limits.replace(**body))
+        except (LimitsError, TypeError) as exc:
+            raise _HttpError(400, str(exc)) from None
+        numbers = {key: getattr(self._limits, key) for key in _ADMIN_LIMIT_KEYS}
+        await _send_json(writer, 200, {"limits": numbers}, {})
+
+    async def _admin_inject(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        body = _json_object(request)
+        count = body.get("count", 1)
+        retry_after_s = body.get("retry_after_s", 1.0)
+        if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
+            raise _HttpError(400, f"count must be an integer or null, got {count!r}.")
+        if isinstance(retry_after_s, bool) or not isinstance(retry_after_s, int | float):
+            raise _HttpError(400, f"retry_after_s must be a number, got {retry_after_s!r}.")
+        try:
+            self.inject_429s(count, retry_after_s=float(retry_after_s))
+        except ValueError as exc:
+            raise _HttpError(400, str(exc)) from None
+        await _send_json(writer, 200, {"count": count, "retry_after_s": retry_after_s}, {})
+
+    async def _admin_stats(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        await _send_json(writer, 200, dataclasses.asdict(self.statistics()), {})
+
+
+def _usage(plan: _Plan) -> dict[str, int]:
+    return {
+        "prompt_tokens": plan.prompt_tokens,
+        "completion_tokens": plan.completion_tokens,
+        "total_tokens": plan.prompt_tokens + plan.completion_tokens,
+    }
+
+
+def _embedding_inputs(value: object) -> tuple[list[str], int]:
+    """The inputs as strings (token arrays joined) and their total tokens; 400 if malformed."""
+    if isinstance(value, str) and value:
+        return [value], estimate_tokens(value)
+    if isinstance(value, list) and value:
+        if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
+            return [json.dumps(value)], len(value)
+        if all(isinstance(item, str) and item for item in value):
+            return list(value), sum(estimate_tokens(item) for item in value)
+        if all(isinstance(item, list) and item for item in value):
+            return [json.dumps(item) for item in value], sum(len(item) for item in value)
+    raise _HttpError(
+        400, "'input' must be a non-empty string, or an array of them or of tokens.", param="input"
+    )
+
+
+def _encode(text: str, dimensions: int, encoding: str) -> list[float] | str:
+    vector = _embedding(text, dimensions)
+    if encoding == "float":
+        return vector
+    return base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode("ascii")
+
+
+def _response_input_text(body: dict[str, Any]) -> str:
+    """The text of a /v1/responses request: instructions plus input (a string or messages)."""
+    value = body.get("input")
+    instructions = body.get("instructions")
+    prefix = instructions if isinstance(instructions, str) else ""
+    if isinstance(value, str) and value:
+        return prefix + value
+    if isinstance(value, list) and value:
+        return prefix + _messages_text(value, "input")
+    raise _HttpError(400, "'input' must be a non-empty string or array.", param="input")
+
+
+async def _send_json(
+    writer: asyncio.StreamWriter, status: int, payload: object, headers: dict[str, str]
+) -> None:
+    data = json.dumps(payload).encode()
+    head = {
+        **headers,
+        "content-type": "application/json",
+        "content-length": str(len(data)),
+    }
+    writer.write(_head(status, head) + data)
+    await writer.drain()
+
+
+async def start_mock_provider(limits: Limits, **options: Any) -> MockProvider:
+    """A started `MockProvider` (see its parameters); call ``await server.close()`` after."""
+    server = MockProvider(limits, **options)
+    await server.start()
+    return server
+
+
+# --- command line ---------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m ratekit.mock_provider",
+        description="Serve an OpenAI-compatible provider that enforces a tier's limits strictly.",
+    )
+    parser.add_argument("--provider", default="moonshot", help="bundled provider (moonshot)")
+    parser.add_argument("--tier", default="tier1", help="tier name (tier1)")
+    parser.add_argument("--model", default=None, help="model, for per-model limits")
+    parser.add_argument(
+        "--speed", type=float, default=1.0, help="time compression: 60 runs a minute per second"
+    )
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="port, 0 for any free one (8000)")
+    parser.add_argument(
+        "--counting",
+        choices=[mode.value for mode in ProviderCounting],
+        default="reserve",
+        help="how tokens count: reserve (at arrival) or usage (at completion)",
+    )
+    parser.add_argument(
+        "--latency-ms", type=float, default=0.0, help="fixed latency per call, provider ms (0)"
+    )
+    parser.add_argument(
+        "--ms-per-token", type=float, default=0.0, help="latency per output token, provider ms (0)"
+    )
+    parser.add_argument(
+        "--completion-tokens", type=int, default=16, help="output tokens per call at most (16)"
+    )
+    return parser
+
+
+async def _serve(limits: Limits, options: dict[str, Any], banner: str) -> None:
+    async with MockProvider(limits, **options) as server:
+        print(f"{banner}\n{server.base_url}", flush=True)
+        await asyncio.Event().wait()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m ratekit.mock_provider``: serve a tier until Ctrl-C; returns the exit code."""
+    args = _parser().parse_args(argv)
+    try:
+        tier = load_profile(args.provider).tier(args.tier)
+        limits = tier.limits(model=args.model)
+    except RatekitError as exc:
+        print(f"ratekit: {exc}", file=sys.stderr)
+        return 2
+    options = {
+        "speed": args.speed,
+        "host": args.host,
+        "port": args.port,
+        "token_counting": args.counting,
+        "latency_s": args.latency_ms / 1000,
+        "latency_per_token_s": args.ms_per_token / 1000,
+        "completion_tokens": args.completion_tokens,
+        "models": (args.model,) if args.model else (DEFAULT_MODEL,),
+    }
+    banner = (
+        f"{args.provider} {tier.name}: concurrency {limits.concurrency}, rpm {limits.rpm}, "
+        f"tpm {limits.tpm}, tpd {limits.tpd}; time x{args.speed:g}, counting {args.counting}"
+    )
+    try:
+        asyncio.run(_serve(limits, options, banner))
+    except KeyboardInterrupt:
+        return 0
+    except OSError as exc:
+        print(f"ratekit: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

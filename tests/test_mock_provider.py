@@ -1,0 +1,357 @@
+"""The HTTP mock provider: the real `openai` client against it, and its window math."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+from collections.abc import AsyncIterator
+
+import pytest
+
+import ratekit
+from ratekit import FakeClock, Limits, Rate
+from ratekit._strict import ProviderCounting, Refusal, StrictWindows, Ticket
+from ratekit.mock_provider import (
+    MockProvider,
+    estimate_tokens,
+    format_duration,
+    main,
+    start_mock_provider,
+)
+
+openai = pytest.importorskip("openai")
+
+pytestmark = pytest.mark.anyio
+
+USER = [{"role": "user", "content": "hello world!"}]  # 12 characters: 3 tokens
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def client(server: MockProvider) -> openai.AsyncOpenAI:
+    """An openai client that does not retry, so every 429 surfaces."""
+    return openai.AsyncOpenAI(base_url=server.base_url, api_key="any", max_retries=0)
+
+
+@pytest.fixture
+async def fake_server() -> AsyncIterator[tuple[MockProvider, FakeClock]]:
+    """RPM 3 and TPM 1,000 at 60x (1 s windows) on a fake clock, no latency."""
+    clock = FakeClock(start_s=1000.0)
+    limits = Limits(rpm=3, tpm=1_000, concurrency=5)
+    async with MockProvider(limits, speed=60, clock=clock.now) as server:
+        yield server, clock
+
+
+async def raw_http(server: MockProvider, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes on a new connection; the status, headers and body of the answer."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    writer.write(data)
+    await writer.drain()
+    status = int((await reader.readline()).split()[1])
+    headers: dict[str, str] = {}
+    while (line := await reader.readline()) not in (b"\r\n", b""):
+        name, _, value = line.decode().partition(":")
+        headers[name.lower()] = value.strip()
+    body = await reader.readexactly(int(headers["content-length"]))
+    writer.close()
+    return status, headers, body
+
+
+# --- window math at fixed instants ------------------------------------------------------
+
+
+def admit(
+    windows: StrictWindows, now_s: float, tokens: float = 0, until_s: float = math.inf
+) -> Ticket:
+    ticket = windows.try_admit(now_s, tokens=tokens, until_s=until_s)
+    assert isinstance(ticket, Ticket), ticket
+    return ticket
+
+
+def refuse(windows: StrictWindows, now_s: float, tokens: float = 0) -> Refusal:
+    refusal = windows.try_admit(now_s, tokens=tokens)
+    assert isinstance(refusal, Refusal), refusal
+    return refusal
+
+
+async def test_requests_count_in_a_rolling_window_and_the_wait_is_exact() -> None:
+    """Three per 60 s: the fourth waits until the oldest arrival is 60 s old, not a moment less."""
+    windows = StrictWindows(Limits(rpm=3))
+    for now in (0.0, 10.0, 20.0):
+        admit(windows, now)
+    assert refuse(windows, 30.0) == Refusal("rpm", "requests", 30.0)
+    assert refuse(windows, 59.5).retry_after_s == 0.5
+    admit(windows, 60.0)
+    assert refuse(windows, 60.0).retry_after_s == 10.0
+    assert windows.rejected == {"rpm": 3}
+
+
+async def test_tokens_reserved_at_arrival_wait_for_enough_old_arrivals_to_expire() -> None:
+    """TPM 100: 20 more tokens beside 60 + 30 wait for the 60 to expire; 101 never fit."""
+    windows = StrictWindows(Limits(tpm=100))
+    admit(windows, 0.0, tokens=60)
+    admit(windows, 10.0, tokens=30)
+    assert refuse(windows, 20.0, tokens=20) == Refusal("tpm", "tokens", 40.0)
+    too_large = refuse(windows, 20.0, tokens=101)
+    assert too_large.never
+    assert math.isinf(too_large.retry_after_s)
+    [state] = windows.states(20.0)
+    assert (state.limit, state.remaining, state.reset_s) == (100, 10, 50.0)
+
+
+async def test_usage_counting_holds_the_reservation_then_counts_usage_at_the_end() -> None:
+    """In ``usage`` mode a call in flight holds prompt + max; at its end its real usage counts."""
+    windows = StrictWindows(Limits(tpm=100), ProviderCounting.USAGE)
+    ticket = admit(windows, 0.0, tokens=80, until_s=30.0)
+    assert refuse(windows, 5.0, tokens=30).retry_after_s == 25.0  # a hint: the call's end
+    windows.finish(ticket, 30.0, used_tokens=50)
+    admit(windows, 31.0, tokens=50)
+    assert refuse(windows, 32.0, tokens=10).retry_after_s == 58.0  # the usage recorded at 30 s
+    assert windows.peak_use() == {"tpm": (100.0, 100)}
+
+
+async def test_concurrency_counts_calls_in_flight_and_hints_the_earliest_end() -> None:
+    """A cap of 1 refuses a second call until the first ends; the hint is its planned end."""
+    windows = StrictWindows(Limits(concurrency=1))
+    first = admit(windows, 0.0, until_s=4.0)
+    assert refuse(windows, 1.0) == Refusal("concurrency", "concurrency", 3.0)
+    windows.finish(first, 2.0, used_tokens=0)
+    windows.finish(first, 2.0, used_tokens=0)  # a second finish is a no-op
+    admit(windows, 2.0)
+    assert windows.peak_in_flight == 1
+
+
+async def test_new_limits_keep_the_traffic_already_counted() -> None:
+    """Tightening RPM counts earlier arrivals; a new rate is seeded from the same unit's log."""
+    windows = StrictWindows(Limits(rpm=10))
+    for now in (0.0, 1.0, 2.0):
+        admit(windows, now)
+    windows.set_limits(Limits(rpm=3, rates=(Rate(2, 5.0, name="rp5s"),)), 3.0)
+    assert refuse(windows, 3.0) == Refusal("rpm", "requests", 57.0)
+    assert refuse(windows, 6.5).dimension == "rpm"  # rp5s has 1 left, rpm none
+    windows.set_limits(Limits(rates=(Rate(2, 5.0, name="rp5s"),)), 6.5)
+    admit(windows, 6.5)
+    assert refuse(windows, 6.5).retry_after_s == 0.5  # the arrival at 2 s leaves the 5 s window
+
+
+async def test_durations_are_written_as_openai_writes_them() -> None:
+    """Reset headers read like Go durations, rounded up to the millisecond."""
+    cases = {0.0: "0s", 0.0004: "1ms", 0.25: "250ms", 1.5: "1.5s", 60.0: "1m0s", 3725.0: "1h2m5s"}
+    assert {seconds: format_duration(seconds) for seconds in cases} == cases
+
+
+async def test_tokens_are_estimated_by_a_documented_rule() -> None:
+    """ceil(characters / 4), and one token per CJK ideograph."""
+    assert [estimate_tokens(text) for text in ("", "hi", "hello world!", "你好 world")] == [
+        0,
+        1,
+        3,
+        4,
+    ]
+
+
+# --- the openai client against the server ---------------------------------------------
+
+
+async def test_a_chat_completion_reports_usage_and_rate_limit_headers(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """prompt ceil(12/4) = 3, output min(5, 16) = 5; 8 of TPM's 1,000 reserved, 2 of 3 RPM left."""
+    server, _ = fake_server
+    async with client(server) as api:
+        raw = await api.chat.completions.with_raw_response.create(
+            model="kimi", messages=USER, max_tokens=5
+        )
+    completion = raw.parse()
+    assert completion.model == "kimi"
+    assert completion.choices[0].message.content == "lorem ipsum dolor sit amet"
+    assert completion.usage is not None
+    usage = completion.usage
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (3, 5, 8)
+    headers = raw.headers
+    assert headers["x-ratelimit-limit-requests"] == "3"
+    assert headers["x-ratelimit-remaining-requests"] == "2"
+    assert headers["x-ratelimit-reset-requests"] == "1s"
+    assert headers["x-ratelimit-remaining-tokens"] == "992"
+    [call] = server.calls
+    assert (call.arrived_s, call.reserved_tokens, call.completed) == (1000.0, 8, True)
+
+
+async def test_a_streamed_chat_completion_ends_with_usage_and_done(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """SSE chunks carry the filler one token a chunk; include_usage adds a final usage chunk."""
+    server, _ = fake_server
+    async with client(server) as api:
+        stream = await api.chat.completions.create(
+            model="kimi",
+            messages=[{"role": "user", "content": "你好 world"}],
+            max_completion_tokens=3,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "lorem ipsum dolor"
+    assert chunks[-2].choices[0].finish_reason == "length"
+    usage = chunks[-1].usage
+    assert usage is not None
+    assert (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens) == (4, 3, 7)
+    assert server.statistics().served == 1
+
+
+async def test_embeddings_responses_and_models_answer_like_openai(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Embeddings decode (base64 by default in the client), responses have output_text."""
+    server, _ = fake_server
+    async with client(server) as api:
+        embedded = await api.embeddings.create(model="emb", input=["abcd", "abcdefgh"])
+        response = await api.responses.create(model="kimi", input="hi", max_output_tokens=2)
+        models = [model.id async for model in api.models.list()]
+    assert [len(item.embedding) for item in embedded.data] == [8, 8]
+    assert (embedded.usage.prompt_tokens, embedded.usage.total_tokens) == (3, 3)
+    assert response.output_text == "lorem ipsum"
+    assert response.usage is not None
+    assert (response.usage.input_tokens, response.usage.output_tokens) == (1, 2)
+    assert models == ["mock-model"]
+
+
+async def test_rpm_exceeded_is_a_rate_limit_error_with_an_exact_retry_after(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Three calls at t, a fourth at t + 0.25 s: 429, retry in 750 ms of the 1 s window."""
+    server, clock = fake_server
+    async with client(server) as api:
+        for _ in range(3):
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+        clock.advance(0.25)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+        clock.advance(0.75)
+        await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+    headers = caught.value.response.headers
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("1", "750")
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    assert headers["x-ratelimit-reset-requests"] == "750ms"
+    error = caught.value.body
+    assert (error["type"], error["code"]) == ("requests", "rate_limit_exceeded")
+    assert server.statistics().rejected == {"rpm": 1}
+
+
+async def test_a_request_larger_than_tpm_is_refused_for_good(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Prompt + max_tokens over the whole TPM: 429 without Retry-After, and no retry."""
+    server, _ = fake_server
+    async with client(server) as api:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=998)
+    headers = caught.value.response.headers
+    assert "retry-after" not in headers
+    assert headers["x-should-retry"] == "false"
+    assert caught.value.body["type"] == "tokens"
+    assert server.statistics().rejected == {"tpm": 1}
+
+
+async def test_calls_over_the_concurrency_cap_get_429() -> None:
+    """Cap 2, calls of 0.2 s real: of three at once, one is refused; two were ever in flight."""
+    limits = Limits(concurrency=2)
+    server = await start_mock_provider(limits, speed=60, latency_s=12.0)
+    try:
+        async with client(server) as api:
+            results = await asyncio.gather(
+                *(
+                    api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+                    for _ in range(3)
+                ),
+                return_exceptions=True,
+            )
+    finally:
+        await server.close()
+    refused = [r for r in results if isinstance(r, openai.RateLimitError)]
+    assert len(refused) == 1
+    assert 0 < int(refused[0].response.headers["retry-after-ms"]) <= 200
+    stats = server.statistics()
+    assert (stats.served, stats.rejected, stats.max_concurrency) == (2, {"concurrency": 1}, 2)
+    assert stats.peak_use["concurrency"] == (2, 2)
+
+
+async def test_set_limits_tightens_at_run_time_counting_earlier_calls(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Two calls under RPM 3; cut to RPM 2 (by the API, then by /admin): the third is refused."""
+    server, _ = fake_server
+    async with client(server) as api:
+        for _ in range(2):
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+        server.set_limits(server.limits.replace(rpm=2))
+        with pytest.raises(openai.RateLimitError):
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+        server.set_limits(server.limits.replace(rpm=3))
+        body = json.dumps({"rpm": 2}).encode()
+        request = b"POST /admin/limits HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+        status, _, answer = await raw_http(server, request)
+        assert (status, json.loads(answer)["limits"]["rpm"]) == (200, 2)
+        with pytest.raises(openai.RateLimitError):
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+    assert server.effective_limits.all_rates[0].period_s == 1.0
+    assert server.statistics().rejected == {"rpm": 2}
+
+
+async def test_injected_429s_answer_the_next_calls_then_stop(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Two injected 429s name their retry time and count nothing in the windows."""
+    server, _ = fake_server
+    server.inject_429s(2, retry_after_s=2.5)
+    async with client(server) as api:
+        for _ in range(2):
+            with pytest.raises(openai.RateLimitError) as caught:
+                await api.chat.completions.create(model="kimi", messages=USER)
+        await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+    headers = caught.value.response.headers
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("3", "2500")
+    assert headers["x-ratelimit-remaining-requests"] == "3"
+    assert server.statistics().rejected == {"injected": 2}
+
+
+async def test_bad_requests_get_400_and_unknown_paths_404(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Missing model or messages, bad max_tokens and malformed JSON: 400; a wrong path: 404."""
+    server, _ = fake_server
+    async with client(server) as api:
+        with pytest.raises(openai.BadRequestError, match="non-empty array"):
+            await api.chat.completions.create(model="kimi", messages=[])
+        with pytest.raises(openai.BadRequestError, match="model parameter"):
+            await api.chat.completions.create(model="", messages=USER)
+        with pytest.raises(openai.BadRequestError, match="positive integer"):
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=0)
+        with pytest.raises(openai.NotFoundError, match="Invalid URL"):
+            await api.get("/nowhere", cast_to=object)
+    request = b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n{oops"
+    status, _, body = await raw_http(server, request)
+    assert status == 400
+    assert json.loads(body)["error"]["type"] == "invalid_request_error"
+    stats = server.statistics()
+    assert (stats.bad_requests, stats.served, stats.rejected) == (4, 0, {})
+
+
+async def test_the_command_line_names_an_unknown_tier(capsys: pytest.CaptureFixture[str]) -> None:
+    """``python -m ratekit.mock_provider`` fails fast, exit code 2, on a tier it cannot find."""
+    assert main(["--provider", "moonshot", "--tier", "tier99"]) == 2
+    assert "tier99" in capsys.readouterr().err
+
+
+async def test_a_profile_tier_serves_at_speed() -> None:
+    """Moonshot tier1 at 60x: RPM 200 per 1 s real, reported in the headers."""
+    limits = ratekit.load_profile("moonshot").tier("tier1").limits()
+    async with MockProvider(limits, speed=60) as server, client(server) as api:
+        raw = await api.chat.completions.with_raw_response.create(model="kimi", messages=USER)
+    assert raw.headers["x-ratelimit-limit-requests"] == "200"
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(2_000_000 - 3 - 1024)

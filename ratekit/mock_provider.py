@@ -390,6 +390,13 @@ class MockProvider:
             raise LimitsError(f"MockProvider.speed must be positive and finite, got {speed!r}")
         if latency_s < 0 or latency_per_token_s < 0:
             raise LimitsError("MockProvider latencies must be non-negative")
+        for name, value in (
+            ("completion_tokens", completion_tokens),
+            ("default_max_tokens", default_max_tokens),
+            ("embedding_dimensions", embedding_dimensions),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise LimitsError(f"MockProvider.{name} must be a positive int, got {value!r}")
         self.speed = speed
         self.host = host
         self.port = port

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import signal
+import sys
 from collections.abc import AsyncIterator
 
 import pytest
@@ -340,6 +342,66 @@ async def test_bad_requests_get_400_and_unknown_paths_404(
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
     stats = server.statistics()
     assert (stats.bad_requests, stats.served, stats.rejected) == (4, 0, {})
+
+
+async def test_usage_counting_settles_the_real_usage_when_the_call_ends() -> None:
+    """With ``usage`` counting, 3 + 5 tokens count after the call, not 3 + 1,024 reserved."""
+    clock = FakeClock(start_s=0.0)
+    limits = Limits(tpm=2_000)
+    server = MockProvider(limits, speed=60, token_counting="usage", clock=clock.now)
+    async with server, client(server) as api:
+        await api.chat.completions.create(model="kimi", messages=USER, max_tokens=5)
+        raw = await api.chat.completions.with_raw_response.create(model="kimi", messages=USER)
+    # Headers are taken at admission: the second call's 1,027 is held beside the first's 8.
+    assert raw.headers["x-ratelimit-remaining-tokens"] == str(2_000 - 8 - 1_027)
+    assert server.statistics().peak_use["tpm"] == (8 + 1_027, 2_000)
+    assert [call.reserved_tokens for call in server.calls] == [8, 1_027]
+
+
+async def test_the_admin_endpoints_inject_429s_and_report_statistics(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """POST /admin/inject answers the next call with 429; GET /admin/stats counts it."""
+    server, _ = fake_server
+    body = b'{"count": 1, "retry_after_s": 0.5}'
+    inject = b"POST /admin/inject HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    assert (await raw_http(server, inject))[0] == 200
+    async with client(server) as api:
+        with pytest.raises(openai.RateLimitError) as caught:
+            await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
+    assert caught.value.response.headers["retry-after-ms"] == "500"
+    status, _, stats = await raw_http(server, b"GET /admin/stats HTTP/1.1\r\n\r\n")
+    assert (status, json.loads(stats)["rejected"]) == (200, {"injected": 1})
+    bad = b'{"rpm": -1}'
+    limits = b"POST /admin/limits HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(bad), bad)
+    status, _, error = await raw_http(server, limits)
+    assert (status, json.loads(error)["error"]["message"]) == (
+        400,
+        "Limits.rpm must be positive, got -1 (None means unlimited)",
+    )
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
+async def test_the_command_line_serves_a_tier_until_interrupted() -> None:
+    """``python -m ratekit.mock_provider`` prints its base URL, serves, and exits 0 on Ctrl-C."""
+    child = await asyncio.create_subprocess_exec(
+        sys.executable,
+        *("-m", "ratekit.mock_provider", "--tier", "tier0", "--port", "0", "--speed", "60"),
+        stdout=asyncio.subprocess.PIPE,
+    )
+    assert child.stdout is not None
+    try:
+        banner = (await asyncio.wait_for(child.stdout.readline(), 10)).decode()
+        base_url = (await asyncio.wait_for(child.stdout.readline(), 10)).decode().strip()
+        api = openai.AsyncOpenAI(base_url=base_url, api_key="any", max_retries=0)
+        async with api:
+            raw = await api.chat.completions.with_raw_response.create(model="kimi", messages=USER)
+    finally:
+        child.send_signal(signal.SIGINT)
+        code = await asyncio.wait_for(child.wait(), 10)
+    assert "rpm 3" in banner
+    assert raw.headers["x-ratelimit-remaining-requests"] == "2"
+    assert code == 0
 
 
 async def test_the_command_line_names_an_unknown_tier(capsys: pytest.CaptureFixture[str]) -> None:

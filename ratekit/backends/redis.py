@@ -35,7 +35,6 @@ from .._clock import Clock
 from .._errors import BackendUnavailableError, LimitsError
 from .._limits import Limits, Rate
 from ._base import (
-    RECORDED,
     UNIT_POSITION,
     Demand,
     DimensionStatistics,
@@ -59,9 +58,18 @@ _CLOSE_WAIT_S = 3.0
 
 
 class _Binding:
-    """One `Limits` value as the scripts see it: keys and the fixed part of each window spec."""
+    """One `Limits` value as the scripts see it: its keys and its packed window specs."""
 
-    __slots__ = ("concurrency", "key_ttl_ms", "keys", "limits", "names", "rates", "specs")
+    __slots__ = (
+        "concurrency",
+        "key_ttl_ms",
+        "keys",
+        "limits",
+        "names",
+        "rates",
+        "spec_until",
+        "specs",
+    )
 
     def __init__(self, limits: Limits, prefix: str) -> None:
         self.limits = limits
@@ -70,31 +78,50 @@ class _Binding:
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
         windows = [_window_key(prefix, rate) for rate in self.rates]
         self.keys = [f"{prefix}:leases", *windows, f"{prefix}:waiting"]
-        # limit, period, slice width, margin, pacing, take kind, unit position per window.
-        self.specs = [
-            (
+        longest_s = max((rate.period_s * (1 + 1 / rate.slices) for rate in self.rates), default=0.0)
+        self.key_ttl_ms = math.ceil((longest_s + limits.margin_s) * 1000)
+        self.specs = ""
+        self.spec_until = -math.inf
+        self.current_specs()
+
+    def current_specs(self) -> str:
+        """The window specs packed for the scripts (see parse_specs in _window.lua).
+
+        Packed once; a calendar day's UTC offset is looked up again every hour.
+        """
+        if time.monotonic() < self.spec_until:
+            return self.specs
+        limits = self.limits
+        parts = []
+        for rate in self.rates:
+            offset = _utc_offset_s(rate.calendar_tz) if rate.calendar_tz else "-"
+            pacing = "1" if limits.pacing and rate.unit == "requests" else "0"
+            fields = (
                 repr(float(rate.limit)),
                 repr(rate.period_s),
                 repr(rate.period_s / rate.slices),
                 repr(limits.margin_s),
-                "1" if limits.pacing and rate.unit == "requests" else "0",
-                take_kind(rate, limits.token_counting),
-                UNIT_POSITION[rate.unit],
-                rate.calendar_tz,
+                pacing,
+                str(take_kind(rate, limits.token_counting)),
+                str(UNIT_POSITION[rate.unit]),
+                offset,
             )
-            for rate in self.rates
-        ]
-        longest_s = max((rate.period_s * (1 + 1 / rate.slices) for rate in self.rates), default=0.0)
-        self.key_ttl_ms = math.ceil((longest_s + limits.margin_s) * 1000)
+            parts.append(" ".join(fields))
+        self.specs = "|".join(parts)
+        has_calendar = any(rate.calendar_tz for rate in self.rates)
+        self.spec_until = time.monotonic() + 3600 if has_calendar else math.inf
+        return self.specs
+
+
+def _amounts(demand: Demand) -> str:
+    return f"{demand[0]!r} {demand[1]!r} {demand[2]!r}"
 
 
 def _window_key(prefix: str, rate: Rate) -> str:
     return f"{prefix}:w:{rate.unit}:{rate.period_s!r}:{rate.slices}:{rate.calendar_tz or ''}"
 
 
-def _utc_offset_s(zone_name: str | None) -> str:
-    if zone_name is None:
-        return ""
+def _utc_offset_s(zone_name: str) -> str:
     zone = zoneinfo.ZoneInfo(zone_name)
     offset = datetime.now(zone).utcoffset()
     return repr(offset.total_seconds() if offset else 0.0)
@@ -226,16 +253,6 @@ class RedisBackend:
     def _now_arg(self) -> str:
         return "" if self._clock is None else repr(self._clock.now())
 
-    def _window_args(
-        self, binding: _Binding, amounts: tuple[float, ...], settle: bool
-    ) -> list[str]:
-        args = []
-        for limit, period, slice_s, margin, pacing, take, position, zone in binding.specs:
-            kind = take if settle else (0 if take == RECORDED else 1)
-            args += [limit, period, slice_s, margin, pacing, str(kind)]
-            args += [repr(float(amounts[position])), _utc_offset_s(zone)]
-        return args
-
     # -- the Backend protocol ----------------------------------------------------------
 
     async def reserve(self, limits: Limits, demand: Demand) -> Grant | Refusal:
@@ -249,8 +266,8 @@ class RedisBackend:
             lease_id,
             repr(self._lease_ttl_s),
             str(self._key_ttl_ms(binding)),
-            str(len(binding.specs)),
-            *self._window_args(binding, demand, settle=False),
+            binding.current_specs(),
+            _amounts(demand),
         ]
         try:
             # Shielded: a reply that was granted must reach us, or the grant would leak.
@@ -283,20 +300,15 @@ class RedisBackend:
             return
         self._live.pop(grant.lease_id, None)
         real = actual if actual is not None else grant.demand
-        window_args = self._window_args(binding, grant.demand, settle=True)
-        per_window = []
-        for number, index in enumerate(grant.indexes):
-            position = binding.specs[number][6]
-            per_window += [*window_args[number * 8 : number * 8 + 8], index]
-            per_window.append(repr(float(real[position])))
         args = [
             self._now_arg(),
             grant.lease_id,
-            str(self._key_ttl_ms(binding)),
             self._channel,
             "1" if actual is None else "0",
-            str(len(binding.specs)),
-            *per_window,
+            binding.current_specs(),
+            _amounts(grant.demand),
+            _amounts(real),
+            " ".join(grant.indexes),
         ]
         try:
             with anyio.CancelScope(shield=True):
@@ -309,11 +321,7 @@ class RedisBackend:
 
     async def statistics(self, limits: Limits) -> tuple[DimensionStatistics, ...]:
         binding = self._bind(limits)
-        args = [
-            self._now_arg(),
-            str(len(binding.specs)),
-            *self._window_args(binding, (0.0, 0.0, 0.0), settle=False),
-        ]
+        args = [self._now_arg(), binding.current_specs()]
         try:
             reply = await STATS.run(self._client, binding.keys, args)
         except _UNREACHABLE as exc:

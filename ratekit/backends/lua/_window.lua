@@ -22,20 +22,41 @@ local function server_now(override)
   return tonumber(t[1]) + tonumber(t[2]) / 1000000
 end
 
--- Reads a window spec of 8 ARGV values starting at `base` (exclusive):
--- limit, period_s, slice_s, margin_s, pacing (1/0), take, amount, calendar offset s.
-local function read_spec(key, base)
-  return {
-    key = key,
-    limit = tonumber(ARGV[base + 1]),
-    period_s = tonumber(ARGV[base + 2]),
-    slice_s = tonumber(ARGV[base + 3]),
-    margin_s = tonumber(ARGV[base + 4]),
-    pacing = ARGV[base + 5] == '1',
-    take = tonumber(ARGV[base + 6]),
-    amount = tonumber(ARGV[base + 7]),
-    offset_s = tonumber(ARGV[base + 8]),
-  }
+-- Parses the window specs the client packs into one argument: per window
+-- "limit period_s slice_s margin_s pacing take position offset_s", windows apart
+-- by "|". pacing is 1 or 0; take is 0 (recorded at admission), 1 (held, "usage")
+-- or 2 (held, "safe"); position picks the window's unit in an amounts triple
+-- (0 requests, 1 tokens, 2 money); offset_s is the calendar day's UTC offset, or
+-- "-" for a rolling window. Window i's key is KEYS[1 + i].
+local function parse_specs(packed)
+  local windows = {}
+  for chunk in string.gmatch(packed, '[^|]+') do
+    local f = {}
+    for value in string.gmatch(chunk, '%S+') do
+      f[#f + 1] = value
+    end
+    windows[#windows + 1] = {
+      key = KEYS[1 + #windows + 1],
+      limit = tonumber(f[1]),
+      period_s = tonumber(f[2]),
+      slice_s = tonumber(f[3]),
+      margin_s = tonumber(f[4]),
+      pacing = f[5] == '1',
+      take = tonumber(f[6]),
+      position = tonumber(f[7]) + 1,
+      offset_s = tonumber(f[8]),
+    }
+  end
+  return windows
+end
+
+-- An amounts triple "requests tokens cost" (one argument) as a Lua array.
+local function parse_amounts(packed)
+  local amounts = {}
+  for value in string.gmatch(packed, '%S+') do
+    amounts[#amounts + 1] = tonumber(value)
+  end
+  return amounts
 end
 
 local function expiry_s(w, index)
@@ -134,9 +155,7 @@ local function record(w, now, amount)
     local pace = tonumber(redis.call('HGET', w.key, 'pace')) or -math.huge
     redis.call('HSET', w.key, 'pace', fmt(math.max(pace, now) + amount * w.period_s / w.limit))
   end
-  local field = 's:' .. fmt(slice_index(w, now))
-  local current = tonumber(redis.call('HGET', w.key, field)) or 0
-  redis.call('HSET', w.key, field, fmt(current + amount))
+  redis.call('HINCRBYFLOAT', w.key, 's:' .. fmt(slice_index(w, now)), fmt(amount))
 end
 
 -- Adds `amount` to the older slice (or day) `index` if it still counts at `now`.
@@ -153,9 +172,7 @@ local function add_to_slice(w, now, index, amount)
   if expiry_s(w, index) <= now then
     return
   end
-  local field = 's:' .. fmt(index)
-  local current = tonumber(redis.call('HGET', w.key, field)) or 0
-  redis.call('HSET', w.key, field, fmt(current + amount))
+  redis.call('HINCRBYFLOAT', w.key, 's:' .. fmt(index), fmt(amount))
 end
 
 -- Takes back up to `amount` recorded in slice (or day) `index`, if it still counts.

@@ -10,8 +10,8 @@
 -- ARGV[3]      lease id of this admission
 -- ARGV[4]      lease ttl (s): a holder that stops renewing frees its slot after this
 -- ARGV[5]      key ttl (ms): how long an idle account's keys outlive their last write
--- ARGV[6]      window count n, then 8 values per window (see read_spec); take is
---              0 (record the amount now) or 1 (hold it under the lease)
+-- ARGV[6]      window specs (see parse_specs)
+-- ARGV[7]      the demand: "requests tokens cost"
 -- Returns {1, now, slice index per window} when admitted, or
 --         {0, wait (s), dimension} when refused: dimension 0 is concurrency, i window i.
 --         A wait that only a release can end is bounded by the oldest lease: a holder
@@ -22,8 +22,11 @@ local cap = tonumber(ARGV[2])
 local lease_id = ARGV[3]
 local lease_ttl_s = tonumber(ARGV[4])
 local key_ttl_ms = tonumber(ARGV[5])
-local n = tonumber(ARGV[6])
+local windows = parse_specs(ARGV[6])
+local demand = parse_amounts(ARGV[7])
+local n = #windows
 local leases = KEYS[1]
+local waiting = KEYS[n + 2]
 
 -- Leases that lapsed belong to holders that died: free their slots and holds.
 local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
@@ -35,8 +38,6 @@ if #dead > 0 then
   end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
 end
-
-local waiting = KEYS[n + 2]
 
 -- Refuses: records that a caller waits (so releases are announced) and bounds a
 -- wait for a release by the oldest lease.
@@ -59,11 +60,10 @@ if cap and redis.call('ZCARD', leases) >= cap then
   return refuse(math.huge, 0)
 end
 
-local windows = {}
 local worst_s, worst = 0, -1
 for i = 1, n do
-  local w = read_spec(KEYS[1 + i], 6 + (i - 1) * 8)
-  windows[i] = w
+  local w = windows[i]
+  w.amount = demand[w.position]
   if w.amount > 0 then
     load(w, now)
     local wait = wait_s(w, now, w.amount)

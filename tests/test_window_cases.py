@@ -16,7 +16,7 @@ from ratekit.backends import Backend, Demand, Refusal
 from ratekit.backends.redis import RedisBackend
 
 from .conftest import BackendFactory
-from .window_cases import BASE_S, CASES, Case, Refund, Reserve, Settle, Used
+from .window_cases import BASE_S, CASES, Case, Pause, Refund, Reserve, Settle, Used
 
 pytestmark = pytest.mark.anyio
 
@@ -66,6 +66,9 @@ async def run_case(case: Case, backend: Backend, clock: FakeClock) -> None:
             await backend.settle(case.limits, grants[step.grant], actual)
         elif isinstance(step, Refund):
             await backend.settle(case.limits, grants[step.grant], None)
+        elif isinstance(step, Pause):
+            lasts_s = await backend.pause(step.seconds)
+            assert lasts_s == pytest.approx(step.lasts_s, abs=1e-6), where
         elif isinstance(step, Used):
             stats = {d.name: d for d in await backend.statistics(case.limits)}
             assert stats[step.dimension].used == pytest.approx(step.amount), where

@@ -12,6 +12,8 @@ Steps:
   helps) on that dimension.
 - ``Settle(t, grant, tokens, cost)``: the call's real usage; ``Refund(t, grant)``.
 - ``Used(t, dimension, amount, in_flight)``: what the statistics say.
+- ``Pause(t, seconds, lasts_s)``: a provider's cooldown; the pause then in force
+  lasts `lasts_s` (a longer one already in force stands).
 """
 
 from __future__ import annotations
@@ -60,7 +62,14 @@ class Used:
     in_flight: float = 0
 
 
-Step = Reserve | Settle | Refund | Used
+@dataclass(frozen=True)
+class Pause:
+    t: float
+    seconds: float
+    lasts_s: float
+
+
+Step = Reserve | Settle | Refund | Used | Pause
 
 
 @dataclass(frozen=True)
@@ -264,6 +273,18 @@ CASES: list[Case] = [
             Reserve(60.0, tokens=1, wait_s=4 * 3600 - 60.0, dimension="tpd"),
             Used(4 * 3600 - 1.0, "tpd", 1000),
             Reserve(4 * 3600.0, "b", tokens=1000),
+        ],
+    ),
+    Case(
+        "cooldown: a pause refuses everything until it ends, the longer pause stands",
+        Limits(rpm=100),
+        [
+            Reserve(0.0, "a"),
+            Pause(1.0, 30.0, lasts_s=30.0),
+            Reserve(2.0, wait_s=29.0, dimension="cooldown"),
+            Pause(3.0, 5.0, lasts_s=28.0),
+            Reserve(30.999, wait_s=0.001, dimension="cooldown"),
+            Reserve(31.0, "b"),
         ],
     ),
 ]

@@ -111,6 +111,14 @@ class Backend(Protocol):
         """Usage of every dimension of `limits` now."""
         ...
 
+    async def pause(self, seconds: float) -> float:
+        """Refuse every admission for `seconds` from now (a provider's cooldown after a 429).
+
+        A longer pause already in force stands. Returns the seconds the pause lasts
+        from now. Refusals during it name the dimension "cooldown".
+        """
+        ...
+
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` whenever capacity may have been freed; returns an unsubscribe."""
         ...

@@ -62,7 +62,7 @@ class MemoryBackend:
     `now`; tests pass a `FakeClock`.
     """
 
-    __slots__ = ("_binding", "_clock", "_in_flight", "_listeners", "_windows")
+    __slots__ = ("_binding", "_clock", "_in_flight", "_listeners", "_paused_until", "_windows")
 
     def __init__(self, *, clock: Clock | None = None) -> None:
         self._clock: Clock = clock or SystemClock()
@@ -74,6 +74,8 @@ class MemoryBackend:
         # not one was in force when they were admitted.
         self._in_flight = 0
         self._listeners = Listeners()
+        # Until when every admission is refused (a provider's 429 cooldown).
+        self._paused_until = -math.inf
 
     @property
     def clock(self) -> Clock:
@@ -102,6 +104,8 @@ class MemoryBackend:
         binding = self._binding
         if binding is None or binding.limits is not limits:
             binding = self._bind(limits)
+        if now < self._paused_until:
+            return Refusal(self._paused_until - now, "cooldown")
         if binding.concurrency is not None and self._in_flight >= binding.concurrency:
             return Refusal(math.inf, "concurrency")
         takes = binding.takes
@@ -176,7 +180,15 @@ class MemoryBackend:
         """Slices kept over every window: memory is O(slices) whatever the traffic."""
         return sum(window.live_slices() for window in self._windows.values())
 
+    def pause_now(self, seconds: float, now: float) -> float:
+        """`pause` at an explicit instant."""
+        self._paused_until = max(self._paused_until, now + seconds)
+        return self._paused_until - now
+
     # -- the Backend protocol ----------------------------------------------------
+
+    async def pause(self, seconds: float) -> float:
+        return self.pause_now(seconds, self._clock.now())
 
     async def reserve(self, limits: Limits, demand: Demand) -> MemoryGrant | Refusal:
         return self.reserve_now(limits, demand, self._clock.now())

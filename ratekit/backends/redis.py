@@ -43,7 +43,7 @@ from ._base import (
     Refusal,
     take_kind,
 )
-from ._scripts import RENEW, RESERVE, SETTLE, STATS
+from ._scripts import PAUSE, RENEW, RESERVE, SETTLE, STATS
 from .memory import MemoryBackend, MemoryGrant
 
 OnUnavailable = Literal["fail_closed", "fail_open", "local"]
@@ -77,7 +77,7 @@ class _Binding:
         self.names = [rate.name for rate in self.rates]
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
         windows = [_window_key(prefix, rate) for rate in self.rates]
-        self.keys = [f"{prefix}:leases", *windows, f"{prefix}:waiting"]
+        self.keys = [f"{prefix}:leases", *windows, f"{prefix}:waiting", f"{prefix}:cooldown"]
         longest_s = max((rate.period_s * (1 + 1 / rate.slices) for rate in self.rates), default=0.0)
         self.key_ttl_ms = math.ceil((longest_s + limits.margin_s) * 1000)
         self.specs = ""
@@ -284,7 +284,10 @@ class RedisBackend:
             return RedisGrant(binding, demand, lease_id, [_text(i) for i in reply[2:]])
         self._start(renew=False)
         dimension = int(reply[2])
-        name = "concurrency" if dimension == 0 else binding.names[dimension - 1]
+        if dimension <= 0:
+            name = "concurrency" if dimension == 0 else "cooldown"
+        else:
+            name = binding.names[dimension - 1]
         return Refusal(float(reply[1]), name)
 
     async def settle(self, limits: Limits, grant: Grant, actual: Demand | None) -> None:
@@ -339,6 +342,15 @@ class RedisBackend:
             used, held = float(reply[1 + 2 * number]), float(reply[2 + 2 * number])
             stats.append(DimensionStatistics(rate.name, rate.unit, rate.limit, used, held))
         return tuple(stats)
+
+    async def pause(self, seconds: float) -> float:
+        key = f"{self._prefix}:cooldown"
+        try:
+            reply = await PAUSE.run(self._client, [key], [self._now_arg(), repr(float(seconds))])
+        except _UNREACHABLE as exc:
+            self._mark_down(exc)
+            return self._fallback.pause_now(seconds, self._fallback.clock.now())
+        return float(reply)
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         return self._listeners.add(listener)

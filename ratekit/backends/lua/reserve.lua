@@ -5,6 +5,7 @@
 -- KEYS[1 + i]  window i (see _window.lua)
 -- KEYS[n + 2]  waiting: until when some caller is known to wait (s); settles publish
 --              their release only while someone waits
+-- KEYS[n + 3]  cooldown: until when the account is paused after a provider's 429 (s)
 -- ARGV[1]      now (s), or "" for the server's TIME
 -- ARGV[2]      concurrency cap, or "" for none
 -- ARGV[3]      lease id of this admission
@@ -13,7 +14,8 @@
 -- ARGV[6]      window specs (see parse_specs)
 -- ARGV[7]      the demand: "requests tokens cost"
 -- Returns {1, now, slice index per window} when admitted, or
---         {0, wait (s), dimension} when refused: dimension 0 is concurrency, i window i.
+--         {0, wait (s), dimension} when refused: dimension 0 is concurrency, i window i,
+--         -1 the cooldown.
 --         A wait that only a release can end is bounded by the oldest lease: a holder
 --         that died frees its slot and holds when that lease lapses.
 
@@ -54,6 +56,11 @@ local function refuse(wait, dimension)
     redis.call('SET', waiting, fmt(until_s), 'PX', key_ttl_ms)
   end
   return {0, fmt(wait), dimension}
+end
+
+local paused_until = tonumber(redis.call('GET', KEYS[n + 3]))
+if paused_until and now < paused_until then
+  return refuse(paused_until - now, -1)
 end
 
 if cap and redis.call('ZCARD', leases) >= cap then

@@ -4,6 +4,7 @@ Start with `load_profile` (a provider's tiers), `Tier.limits` (what a tier allow
 and `Limiter` (permits for calls within those limits).
 """
 
+from ._account import Account
 from ._clock import Clock, FakeClock, SystemClock
 from ._errors import (
     AcquireTimeout,
@@ -23,43 +24,71 @@ from ._errors import (
     UnknownTierError,
 )
 from ._estimate import TokenEstimate
+from ._events import (
+    Admitted,
+    Cooldown,
+    Event,
+    Hook,
+    LimitsAdapted,
+    LoggingHook,
+    Queued,
+    RateLimited,
+    Settled,
+    TierChanged,
+)
 from ._limiter import Limiter, LimiterStatistics, Permit
 from ._limits import Limits, Rate, TokenCounting
 from ._pricing import CharacterRules, Prices, RelayBilling, count_billable_characters
 from ._profiles import LimitNumbers, Model, Profile, Tier, bundled_providers, load_profile
+from ._scheduler import PriorityStatistics, Scheduler, SchedulerStatistics, Slot
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 
 __all__ = [
+    "Account",
     "AcquireTimeout",
+    "Admitted",
     "Backend",
     "BackendUnavailableError",
     "CharacterRules",
     "Clock",
+    "Cooldown",
     "CostExceedsLimitError",
     "Demand",
     "DimensionStatistics",
+    "Event",
     "FakeClock",
+    "Hook",
     "InvalidCostError",
     "LimitNumbers",
     "Limiter",
     "LimiterStatistics",
     "Limits",
+    "LimitsAdapted",
     "LimitsError",
+    "LoggingHook",
     "MemoryBackend",
     "MissingPriceError",
     "Model",
     "Permit",
     "PermitError",
     "Prices",
+    "PriorityStatistics",
     "Profile",
     "ProfileError",
     "QueueFullError",
+    "Queued",
     "Rate",
+    "RateLimited",
     "RatekitError",
     "RedisBackend",
     "RelayBilling",
+    "Scheduler",
+    "SchedulerStatistics",
+    "Settled",
+    "Slot",
     "SystemClock",
     "Tier",
+    "TierChanged",
     "TokenCounting",
     "TokenEstimate",
     "UnknownBillingItemError",

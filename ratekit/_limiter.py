@@ -457,6 +457,11 @@ class Permit:
         return self._demand
 
     @property
+    def usage(self) -> Demand:
+        """What the release records: the settled usage, or the estimates if not settled."""
+        return self._actual or self.demand
+
+    @property
     def granted(self) -> bool:
         """Whether the permit holds an admission not yet released."""
         return self._grant is not None and not self._released

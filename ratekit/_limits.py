@@ -215,6 +215,28 @@ class Limits:
         """A copy with some fields changed, validated like a new one."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
+    def scaled(self, factor: float) -> Limits:
+        """The same limits with every amount and the concurrency cap times `factor`.
+
+        For running below the published numbers (a provider that tightened its
+        limits); the concurrency cap stays at least 1.
+        """
+        check_amount("Limits.scaled factor", factor, allow_zero=False)
+        if factor == 1:
+            return self
+
+        def times(value: float | None) -> float | None:
+            return None if value is None else value * factor
+
+        concurrency = self.concurrency
+        return self.replace(
+            concurrency=None if concurrency is None else max(1, int(concurrency * factor)),
+            rpm=times(self.rpm),
+            tpm=times(self.tpm),
+            tpd=times(self.tpd),
+            rates=tuple(dataclasses.replace(r, limit=r.limit * factor) for r in self.rates),
+        )
+
     def compressed(self, speed: float) -> Limits:
         """The same limits with time running `speed` times faster (every period divided)."""
         return self.replace(period_scale=self.period_scale / speed)

@@ -1,0 +1,439 @@
+"""The scheduler: admits or queues calls against an account's current tier, and answers 429s."""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics as stats
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Protocol, TypeVar
+
+import anyio
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
+
+from ._account import ACCOUNT_GROUP, Account
+from ._clock import Clock, SystemClock
+from ._events import (
+    Admitted,
+    Cooldown,
+    Event,
+    Hook,
+    LimitsAdapted,
+    Queued,
+    RateLimited,
+    Settled,
+    TierChanged,
+)
+from ._limiter import Limiter, Permit
+from ._limits import Limits
+from ._profiles import Tier
+from .backends._base import Backend
+from .backends.memory import MemoryBackend
+
+T = TypeVar("T")
+
+# Adapting to a provider below its table: each 429 that comes while ratekit kept to
+# the limits scales them by this, down to the floor; a clean period gives back a step.
+_ADAPT_DOWN = 0.8
+_ADAPT_FLOOR = 0.1
+_ADAPT_UP = 0.1
+# The cooldown after a 429 that names no wait, doubling while 429s keep coming.
+_DEFAULT_COOLDOWN_S = 1.0
+_MAX_COOLDOWN_S = 60.0
+# Wait samples kept per priority for the percentiles.
+_SAMPLES = 10_000
+
+
+class RateLimitSignalLike(Protocol):
+    """What the scheduler needs of a classified 429 (see `ratekit._signals`)."""
+
+    @property
+    def retry_after_s(self) -> float | None: ...
+
+    @property
+    def retryable(self) -> bool: ...
+
+    @property
+    def message(self) -> str: ...
+
+
+Classifier = Callable[[BaseException], RateLimitSignalLike | None]
+
+
+def _default_classifier() -> Classifier:
+    from ._signals import classify
+
+    clock = SystemClock()
+    return lambda error: classify(error, now_s=clock.now())
+
+
+@dataclass(frozen=True, slots=True)
+class PriorityStatistics:
+    """Waits of one priority: admitted calls and their wait percentiles (seconds)."""
+
+    admitted: int
+    waiting: int
+    wait_p50_s: float
+    wait_p99_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerStatistics:
+    """A snapshot of a scheduler.
+
+    `utilisation` is, per limiter group and dimension, used / limit now.
+    `factors` are the adapted shares of the tier's limits in force per group.
+    """
+
+    tier: str
+    queued: int
+    admitted: int
+    rate_limited: int
+    cooldowns: int
+    priorities: dict[int, PriorityStatistics] = field(default_factory=dict)
+    utilisation: dict[str, dict[str, float]] = field(default_factory=dict)
+    factors: dict[str, float] = field(default_factory=dict)
+
+
+class _Group:
+    """One limiter of the account (the account's own, or a model's with limits of its own)."""
+
+    __slots__ = ("cooldown_s", "factor", "last_429_s", "last_step_s", "limiter", "version")
+
+    def __init__(self, limiter: Limiter, version: int) -> None:
+        self.limiter = limiter
+        self.version = version
+        # Share of the tier's limits in force (below 1 after repeated 429s).
+        self.factor = 1.0
+        self.last_429_s = -math.inf
+        self.last_step_s = -math.inf
+        # The cooldown given to the last 429 that named no wait.
+        self.cooldown_s = _DEFAULT_COOLDOWN_S
+
+
+class Scheduler:
+    """Admits or queues LLM calls against an account's current tier.
+
+    `submit(fn, ...)` runs one call when the limits allow, retries it when the
+    provider answers 429, and returns its result; `slot(...)` is the same
+    admission as an ``async with`` block around your own call. Calls of models
+    with limits of their own (MiniMax) go through their own limiter.
+
+    `backend`: where usage is kept; a `RedisBackend` shares the account with
+    other pods (a model's own limits get a namespace of their own). Waiting
+    callers are served by `priority`, with `lower_share` of admissions kept for
+    lower priorities; at most `max_queue` wait per limiter. `hooks` receive every
+    event (see `ratekit.LoggingHook`). A 429 pauses the whole account (every pod,
+    through Redis) for the provider's Retry-After; 429s that keep coming lower
+    the effective limits, which recover a step per clean period.
+    """
+
+    def __init__(
+        self,
+        account: Account,
+        *,
+        backend: Backend | None = None,
+        clock: Clock | None = None,
+        max_queue: int | None = None,
+        lower_share: float = 0.1,
+        hooks: Sequence[Hook] = (),
+        max_attempts: int = 5,
+        adapt: bool = True,
+        classify: Classifier | None = None,
+    ) -> None:
+        self.account = account
+        if isinstance(backend, MemoryBackend):
+            clock = backend.clock
+        self._clock: Clock = clock or SystemClock()
+        self._backend = backend
+        self._max_queue = max_queue
+        self._lower_share = lower_share
+        self._hooks = list(hooks)
+        self._max_attempts = max_attempts
+        self._adapt = adapt
+        self._classify = classify
+        self._groups: dict[str, _Group] = {}
+        self._admitted = 0
+        self._queued = 0
+        self._rate_limited = 0
+        self._cooldowns = 0
+        self._waits: dict[int, deque[float]] = {}
+        self._admitted_by_priority: dict[int, int] = {}
+        account.on_change(self._tier_changed)
+
+    # -- limiters per group ---------------------------------------------------------
+
+    def _backend_for(self, group: str) -> Backend:
+        backend = self._backend
+        if group == ACCOUNT_GROUP and backend is not None:
+            return backend
+        child = getattr(backend, "child", None)
+        if child is not None:
+            return child(group)  # type: ignore[no-any-return]
+        if isinstance(self._clock, SystemClock):
+            return MemoryBackend()
+        return MemoryBackend(clock=self._clock)
+
+    def _group(self, model: str | None) -> _Group:
+        name = self.account.group(model)
+        group = self._groups.get(name)
+        if group is None:
+            backend = self._backend_for(name)
+            limiter = Limiter(
+                self.account.limits(model),
+                backend=backend,
+                clock=None if isinstance(backend, MemoryBackend) else self._clock,
+                max_queue=self._max_queue,
+                lower_share=self._lower_share,
+            )
+            group = self._groups[name] = _Group(limiter, self.account.version)
+        elif group.version != self.account.version:
+            group.version = self.account.version
+            self._apply(group, model)
+        self._recover(name, group, model)
+        return group
+
+    def _apply(self, group: _Group, model: str | None) -> None:
+        group.limiter.limits = self.account.limits(model).scaled(group.factor)
+
+    def limiter(self, model: str | None = None) -> Limiter:
+        """The limiter calls of `model` go through (None: the account's)."""
+        return self._group(model).limiter
+
+    def _tier_changed(self, old: Tier, new: Tier) -> None:
+        # Applied now, so that callers already waiting see the new tier at once.
+        for name, group in self._groups.items():
+            group.version = self.account.version
+            self._apply(group, None if name == ACCOUNT_GROUP else name)
+        self._emit(TierChanged(old.name, new.name))
+
+    # -- admission --------------------------------------------------------------------
+
+    def slot(
+        self,
+        *,
+        tokens: float = 0,
+        cost: float = 0,
+        model: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+    ) -> Slot:
+        """An admission for one call, as ``async with scheduler.slot(...) as permit:``.
+
+        `tokens` is the estimate (prompt + max output) and `cost` the money
+        estimate; settle the real usage with ``permit.settle(...)``. A 429 raised
+        inside the block is answered (cooldown, adaptation) and re-raised.
+        """
+        return Slot(self, tokens, cost, model, priority, timeout)
+
+    async def submit(
+        self,
+        fn: Callable[..., Awaitable[T]],
+        *args: Any,
+        tokens: float = 0,
+        cost: float = 0,
+        model: str | None = None,
+        priority: int = 0,
+        # A predicted wait fails at once, which a cancel scope (fail_after) cannot do.
+        timeout: float | None = None,  # noqa: ASYNC109
+        usage: Callable[[T], float | None] | None = None,
+        **kwargs: Any,
+    ) -> T:
+        """Run ``await fn(*args, **kwargs)`` when admitted, retrying on 429; return its result.
+
+        `usage`, if given, reads the real token count from the result for the
+        settle. `timeout` bounds the whole wait for admissions (seconds); a wait
+        predicted to be longer fails at once with `AcquireTimeout`. Up to
+        `max_attempts` tries; the last 429 is re-raised.
+        """
+        deadline_s = None if timeout is None else self._clock.now() + timeout
+        retrying = AsyncRetrying(
+            stop=stop_after_attempt(self._max_attempts),
+            retry=retry_if_exception(self._is_retryable),
+            wait=self._retry_wait,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        async for attempt in retrying:
+            with attempt:
+                left = None if deadline_s is None else max(deadline_s - self._clock.now(), 0.0)
+                async with self.slot(
+                    tokens=tokens, cost=cost, model=model, priority=priority, timeout=left
+                ) as permit:
+                    result = await fn(*args, **kwargs)
+                    real = usage(result) if usage is not None else None
+                    if real is not None:
+                        permit.settle(tokens=real)
+                return result
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _is_retryable(self, error: BaseException) -> bool:
+        signal = self._signal(error)
+        return signal is not None and signal.retryable
+
+    def _retry_wait(self, state: RetryCallState) -> float:
+        # The cooldown already holds every caller back; a little jitter keeps the
+        # retries of many callers from arriving in one burst.
+        return random.uniform(0.0, 0.05 * state.attempt_number)
+
+    async def _sleep(self, seconds: float) -> None:
+        await self._clock.wait(anyio.Event(), seconds)
+
+    def _signal(self, error: BaseException) -> RateLimitSignalLike | None:
+        if self._classify is None:
+            self._classify = _default_classifier()
+        return self._classify(error)
+
+    # -- 429s -------------------------------------------------------------------------
+
+    async def rate_limited(self, model: str | None, signal: RateLimitSignalLike) -> None:
+        """Answer a provider's 429: pause the account, and adapt when 429s keep coming."""
+        self._rate_limited += 1
+        self._emit(RateLimited(model, signal.retry_after_s, signal.message))
+        name = self.account.group(model)
+        group = self._group(model)
+        now = self._clock.now()
+        period_s = self._longest_period(group.limiter.limits)
+        repeated = now - group.last_429_s < period_s
+        group.last_429_s = now
+        if signal.retry_after_s is not None:
+            cooldown_s = signal.retry_after_s
+        else:
+            group.cooldown_s = (
+                min(group.cooldown_s * 2, _MAX_COOLDOWN_S) if repeated else (_DEFAULT_COOLDOWN_S)
+            )
+            cooldown_s = group.cooldown_s
+        if cooldown_s > 0:
+            lasts_s = await group.limiter.backend.pause(cooldown_s)
+            self._cooldowns += 1
+            self._emit(Cooldown(name, lasts_s))
+        if self._adapt and repeated and group.factor > _ADAPT_FLOOR:
+            group.factor = max(group.factor * _ADAPT_DOWN, _ADAPT_FLOOR)
+            group.last_step_s = now
+            self._apply(group, model)
+            self._emit(LimitsAdapted(name, group.factor, "429s within the limits"))
+
+    def _recover(self, name: str, group: _Group, model: str | None) -> None:
+        if group.factor >= 1.0:
+            return
+        now = self._clock.now()
+        period_s = self._longest_period(group.limiter.limits)
+        if now - max(group.last_429_s, group.last_step_s) >= period_s:
+            group.factor = min(group.factor + _ADAPT_UP, 1.0)
+            group.last_step_s = now
+            self._apply(group, model)
+            self._emit(LimitsAdapted(name, group.factor, "a period without 429"))
+
+    @staticmethod
+    def _longest_period(limits: Limits) -> float:
+        periods = [rate.period_s for rate in limits.all_rates if rate.period_s < 86_400]
+        return max(periods, default=60.0)
+
+    # -- observing ----------------------------------------------------------------------
+
+    def _emit(self, event: Event) -> None:
+        for hook in self._hooks:
+            hook(event)
+
+    def _record_wait(self, priority: int, waited_s: float) -> None:
+        self._admitted += 1
+        self._admitted_by_priority[priority] = self._admitted_by_priority.get(priority, 0) + 1
+        samples = self._waits.setdefault(priority, deque(maxlen=_SAMPLES))
+        samples.append(waited_s)
+
+    async def statistics(self) -> SchedulerStatistics:
+        """A frozen snapshot: queue, admissions, waits per priority, utilisation, 429s."""
+        utilisation: dict[str, dict[str, float]] = {}
+        waiting: dict[int, int] = {}
+        for name, group in self._groups.items():
+            snapshot = await group.limiter.statistics()
+            utilisation[name] = {
+                d.name: (d.used / d.limit if d.limit else 0.0) for d in snapshot.dimensions
+            }
+            for priority, count in snapshot.waiting_by_priority.items():
+                waiting[priority] = waiting.get(priority, 0) + count
+        priorities = {}
+        for priority in set(self._waits) | set(waiting):
+            samples = sorted(self._waits.get(priority, ()))
+            priorities[priority] = PriorityStatistics(
+                admitted=self._admitted_by_priority.get(priority, 0),
+                waiting=waiting.get(priority, 0),
+                wait_p50_s=_percentile(samples, 0.50),
+                wait_p99_s=_percentile(samples, 0.99),
+            )
+        return SchedulerStatistics(
+            tier=self.account.tier.name,
+            queued=sum(waiting.values()),
+            admitted=self._admitted,
+            rate_limited=self._rate_limited,
+            cooldowns=self._cooldowns,
+            priorities=priorities,
+            utilisation=utilisation,
+            factors={name: group.factor for name, group in self._groups.items()},
+        )
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    if not samples:
+        return 0.0
+    if len(samples) == 1:
+        return samples[0]
+    return stats.quantiles(samples, n=100, method="inclusive")[min(int(q * 100), 99) - 1]
+
+
+class Slot:
+    """One admission through a scheduler; see `Scheduler.slot`."""
+
+    __slots__ = ("_cost", "_model", "_permit", "_priority", "_scheduler", "_timeout", "_tokens")
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        tokens: float,
+        cost: float,
+        model: str | None,
+        priority: int,
+        timeout: float | None,
+    ) -> None:
+        self._scheduler = scheduler
+        self._tokens = tokens
+        self._cost = cost
+        self._model = model
+        self._priority = priority
+        self._timeout = timeout
+        self._permit: Permit | None = None
+
+    async def __aenter__(self) -> Permit:
+        scheduler = self._scheduler
+        limiter = scheduler._group(self._model).limiter
+        scheduler._emit(Queued(self._model, self._priority, self._tokens))
+        started = scheduler._clock.now()
+        permit = limiter.acquire(
+            tokens=self._tokens, cost=self._cost, timeout=self._timeout, priority=self._priority
+        )
+        self._permit = await permit
+        waited_s = scheduler._clock.now() - started
+        scheduler._record_wait(self._priority, waited_s)
+        scheduler._emit(Admitted(self._model, self._priority, waited_s))
+        return permit
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        permit = self._permit
+        assert permit is not None
+        scheduler = self._scheduler
+        await permit.release()
+        usage = permit.usage
+        scheduler._emit(Settled(self._model, usage.tokens, usage.cost))
+        if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+            signal = scheduler._signal(exc)
+            if signal is not None:
+                with anyio.CancelScope(shield=True):
+                    await scheduler.rate_limited(self._model, signal)

@@ -1,0 +1,224 @@
+"""The scheduler on a fake clock: admission, tiers, 429s, adaptation, timeouts, statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import anyio
+import pytest
+
+import ratekit
+from ratekit import Account, FakeClock, Scheduler
+
+pytestmark = pytest.mark.anyio
+
+
+class TooManyRequests(Exception):
+    """What a provider client raises on a 429, in these tests."""
+
+    def __init__(self, retry_after_s: float | None = None, *, retryable: bool = True) -> None:
+        super().__init__("429")
+        self.retry_after_s = retry_after_s
+        self.retryable = retryable
+
+
+@dataclass(frozen=True)
+class Signal:
+    retry_after_s: float | None
+    retryable: bool
+    message: str = "429"
+
+
+def classify(error: BaseException) -> Signal | None:
+    if isinstance(error, TooManyRequests):
+        return Signal(error.retry_after_s, error.retryable)
+    return None
+
+
+def make(
+    tier: str = "tier0", provider: str = "moonshot", **kwargs: object
+) -> tuple[Scheduler, FakeClock, list[ratekit.Event]]:
+    clock = FakeClock()
+    events: list[ratekit.Event] = []
+    account = Account(provider, tier=tier)
+    scheduler = Scheduler(
+        account,
+        clock=clock,
+        classify=classify,
+        hooks=[events.append],
+        **kwargs,  # type: ignore[arg-type]
+    )
+    return scheduler, clock, events
+
+
+async def run_clock(clock: FakeClock, seconds: float, step_s: float = 0.5) -> None:
+    """Let time pass in steps, letting woken tasks run at each."""
+    elapsed = 0.0
+    while elapsed < seconds:
+        await anyio.wait_all_tasks_blocked()
+        clock.advance(step_s)
+        elapsed += step_s
+    await anyio.wait_all_tasks_blocked()
+
+
+async def test_submit_runs_calls_at_the_tiers_rate() -> None:
+    """Moonshot Tier0 (3 RPM, 1 concurrent): six calls take two windows, one at a time."""
+    scheduler, clock, _ = make()
+    start = clock.now()
+    done: list[float] = []
+
+    async def call(n: int) -> int:
+        done.append(clock.now() - start)
+        return n * 2
+
+    results: list[int] = []
+
+    async def one(n: int) -> None:
+        results.append(await scheduler.submit(call, n, tokens=1000))
+
+    async with anyio.create_task_group() as group:
+        for n in range(6):
+            group.start_soon(one, n)
+        await run_clock(clock, 130)
+    assert sorted(results) == [0, 2, 4, 6, 8, 10]
+    assert done[:3] == [0.0, 0.0, 0.0]
+    assert all(61.0 <= t <= 61.5 for t in done[3:])
+    stats = await scheduler.statistics()
+    assert stats.admitted == 6
+    assert stats.tier == "Tier0"
+
+
+async def test_a_tier_upgrade_applies_to_the_next_admission() -> None:
+    """A top-up that unlocks Tier1 lets waiting calls through without waiting out Tier0."""
+    scheduler, clock, events = make()
+    admitted: list[float] = []
+
+    async def call() -> None:
+        admitted.append(clock.now())
+
+    async with anyio.create_task_group() as group:
+        for _ in range(5):
+            group.start_soon(scheduler.submit, call)
+        await anyio.wait_all_tasks_blocked()
+        assert len(admitted) == 3
+        assert scheduler.account.add_top_up(10).name == "Tier1"
+        await run_clock(clock, 1)
+    assert len(admitted) == 5
+    assert ratekit.TierChanged("Tier0", "Tier1") in events
+
+
+async def test_a_429_pauses_the_account_then_the_call_is_retried() -> None:
+    """A 429 with Retry-After 10 s: no call is admitted for 10 s, then the retry succeeds."""
+    scheduler, clock, events = make("tier1")
+    attempts: list[float] = []
+    start = clock.now()
+
+    async def flaky() -> str:
+        attempts.append(clock.now() - start)
+        if len(attempts) == 1:
+            raise TooManyRequests(retry_after_s=10)
+        return "ok"
+
+    async with anyio.create_task_group() as group:
+        result: list[str] = []
+
+        async def run() -> None:
+            result.append(await scheduler.submit(flaky))
+
+        group.start_soon(run)
+        await run_clock(clock, 12, step_s=0.25)
+    assert result == ["ok"]
+    assert attempts[0] == 0.0
+    assert 10.0 <= attempts[1] <= 10.5
+    stats = await scheduler.statistics()
+    assert (stats.rate_limited, stats.cooldowns) == (1, 1)
+    assert any(isinstance(e, ratekit.Cooldown) and e.seconds == 10 for e in events)
+
+
+async def test_a_429_that_says_retrying_wont_help_is_raised_at_once() -> None:
+    """A non-retryable rate-limit answer (quota exhausted) is not retried."""
+    scheduler, _, _ = make("tier1")
+    calls = 0
+
+    async def exhausted() -> None:
+        nonlocal calls
+        calls += 1
+        raise TooManyRequests(retry_after_s=0, retryable=False)
+
+    with pytest.raises(TooManyRequests):
+        await scheduler.submit(exhausted)
+    assert calls == 1
+
+
+async def test_429s_that_keep_coming_lower_the_limits_which_then_recover() -> None:
+    """Two 429s within a period scale the limits to 80%; a clean period gives 10% back."""
+    scheduler, clock, events = make("tier1")
+    for _ in range(2):
+        await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
+    limiter = scheduler.limiter()
+    assert limiter.limits.rpm == pytest.approx(160)
+    assert ratekit.LimitsAdapted("account", 0.8, "429s within the limits") in events
+    clock.advance(61)
+    assert scheduler.limiter().limits.rpm == pytest.approx(180)
+    clock.advance(61)
+    scheduler.limiter()
+    clock.advance(61)
+    assert scheduler.limiter().limits.rpm == 200
+    assert (await scheduler.statistics()).factors == {"account": 1.0}
+
+
+async def test_a_wait_longer_than_the_timeout_fails_at_once() -> None:
+    """With Tier0's 3 RPM used, a call with a 10 s timeout fails without waiting."""
+    scheduler, _, _ = make()
+
+    async def call() -> None:
+        return None
+
+    for _ in range(3):
+        await scheduler.submit(call)
+    with pytest.raises(ratekit.AcquireTimeout, match=r"rpm frees up in 61\.000 s"):
+        await scheduler.submit(call, timeout=10)
+
+
+async def test_models_with_limits_of_their_own_have_their_own_limiter() -> None:
+    """MiniMax's M2 and M2-Stable are limited apart; paying users get M2-Stable's 500 RPM."""
+    scheduler, _, _ = make("paid", provider="minimax")
+    assert scheduler.limiter("MiniMax-M2").limits.rpm == 20
+    assert scheduler.limiter("minimax-m2-stable").limits.rpm == 500
+    assert scheduler.limiter("MiniMax-M2") is not scheduler.limiter("MiniMax-M2-Stable")
+
+
+async def test_statistics_report_waits_per_priority() -> None:
+    """Wait percentiles are kept per priority."""
+    scheduler, clock, _ = make()
+
+    async def call() -> None:
+        return None
+
+    async with anyio.create_task_group() as group:
+        for priority in (0, 0, 0, 5):
+            group.start_soon(lambda p=priority: scheduler.submit(call, priority=p))
+            await anyio.wait_all_tasks_blocked()
+        await run_clock(clock, 62)
+    stats = await scheduler.statistics()
+    assert stats.priorities[0].admitted == 3
+    assert stats.priorities[5].admitted == 1
+    assert stats.priorities[5].wait_p50_s == pytest.approx(61.0, abs=0.5)
+    assert stats.priorities[0].wait_p50_s == 0.0
+
+
+async def test_cancelling_waiting_submissions_leaks_nothing() -> None:
+    """Submissions cancelled while queued leave no waiter, slot or hold behind."""
+    scheduler, _, _ = make()
+
+    async def call() -> None:
+        await anyio.sleep_forever()
+
+    async with anyio.create_task_group() as group:
+        for _ in range(20):
+            group.start_soon(scheduler.submit, call)
+        await anyio.wait_all_tasks_blocked()
+        group.cancel_scope.cancel()
+    stats = await scheduler.limiter().statistics()
+    assert stats.waiting == 0
+    assert stats.dimension("concurrency").used == 0

@@ -6,7 +6,7 @@ import math
 import random
 import statistics as stats
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Protocol, TypeVar
@@ -30,6 +30,7 @@ from ._events import (
 from ._limiter import Limiter, Permit
 from ._limits import Limits
 from ._profiles import Tier
+from ._signals import parse_provider_limits
 from .backends._base import Backend
 from .backends.memory import MemoryBackend
 
@@ -101,7 +102,15 @@ class SchedulerStatistics:
 class _Group:
     """One limiter of the account (the account's own, or a model's with limits of its own)."""
 
-    __slots__ = ("cooldown_s", "factor", "last_429_s", "last_step_s", "limiter", "version")
+    __slots__ = (
+        "cooldown_s",
+        "factor",
+        "header_cap",
+        "last_429_s",
+        "last_step_s",
+        "limiter",
+        "version",
+    )
 
     def __init__(self, limiter: Limiter, version: int) -> None:
         self.limiter = limiter
@@ -112,6 +121,8 @@ class _Group:
         self.last_step_s = -math.inf
         # The cooldown given to the last 429 that named no wait.
         self.cooldown_s = _DEFAULT_COOLDOWN_S
+        # The share of the tier's limits the provider's own headers allow (1: all).
+        self.header_cap = 1.0
 
 
 class Scheduler:
@@ -163,6 +174,11 @@ class Scheduler:
         self._waits: dict[int, deque[float]] = {}
         self._admitted_by_priority: dict[int, int] = {}
         account.on_change(self._tier_changed)
+        # A shared backend carries tier changes between pods.
+        self._tier_synced = not hasattr(backend, "publish_tier")
+        on_tier = getattr(backend, "on_tier", None)
+        if on_tier is not None:
+            on_tier(self._tier_published)
 
     # -- limiters per group ---------------------------------------------------------
 
@@ -197,11 +213,44 @@ class Scheduler:
         return group
 
     def _apply(self, group: _Group, model: str | None) -> None:
-        group.limiter.limits = self.account.limits(model).scaled(group.factor)
+        share = min(group.factor, group.header_cap)
+        group.limiter.limits = self.account.limits(model).scaled(share)
 
     def limiter(self, model: str | None = None) -> Limiter:
         """The limiter calls of `model` go through (None: the account's)."""
         return self._group(model).limiter
+
+    async def set_tier(self, name: str) -> Tier:
+        """Move the account to tier `name`, in every pod sharing a Redis backend."""
+        tier = self.account.set_tier(name)
+        await self._publish_tier()
+        return tier
+
+    async def add_top_up(self, amount: float) -> Tier:
+        """Add a top-up; the tier it unlocks applies in every pod sharing a Redis backend."""
+        before = self.account.tier
+        tier = self.account.add_top_up(amount)
+        if tier is not before:
+            await self._publish_tier()
+        return tier
+
+    async def _publish_tier(self) -> None:
+        publish = getattr(self._backend, "publish_tier", None)
+        if publish is not None:
+            await publish(self.account.tier.name)
+
+    def _tier_published(self, name: str) -> None:
+        if name.casefold() != self.account.tier.name.casefold():
+            self.account.set_tier(name)
+
+    async def _sync_tier(self) -> None:
+        """Adopt the tier other pods agreed on, once, before the first admission."""
+        self._tier_synced = True
+        shared = getattr(self._backend, "shared_tier", None)
+        if shared is not None:
+            name = await shared()
+            if name is not None:
+                self._tier_published(name)
 
     def _tier_changed(self, old: Tier, new: Tier) -> None:
         # Applied now, so that callers already waiting see the new tier at once.
@@ -332,6 +381,48 @@ class Scheduler:
         periods = [rate.period_s for rate in limits.all_rates if rate.period_s < 86_400]
         return max(periods, default=60.0)
 
+    def observe(self, headers: Mapping[str, str], *, model: str | None = None) -> None:
+        """Read a response's ``x-ratelimit-limit-*`` headers: when the provider allows less
+        per minute than the tier says, run at the provider's numbers and report it."""
+        reported = parse_provider_limits(headers)
+        if reported is None:
+            return
+        limits = self.account.limits(model)
+        name = self.account.group(model)
+        group = self._group(model)
+        cap = 1.0
+        for unit, mine in (("requests", limits.rpm), ("tokens", limits.tpm)):
+            theirs = reported.unit(unit)
+            if theirs is None or theirs.limit is None or mine is None:
+                continue
+            if theirs.limit < mine:
+                cap = min(cap, theirs.limit / mine)
+                reason = f"the provider reports {unit} limit {theirs.limit:g}, the tier {mine:g}"
+        if cap != group.header_cap:
+            group.header_cap = cap
+            self._apply(group, model)
+            if cap < 1.0:
+                self._emit(LimitsAdapted(name, cap, reason))
+
+    def estimate_cost(
+        self,
+        model: str,
+        *,
+        input_tokens: float,
+        output_tokens: float,
+        cached_input_tokens: float = 0,
+    ) -> float:
+        """What a call of `model` costs at most, from the profile's prices (its currency).
+
+        Pass it as ``cost=`` so that a money rate (a spend budget) admits it.
+        """
+        prices = self.account.profile.model(model).prices
+        return prices.cost_of_tokens(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cached_input_tokens=cached_input_tokens,
+        )
+
     # -- observing ----------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
@@ -408,6 +499,8 @@ class Slot:
 
     async def __aenter__(self) -> Permit:
         scheduler = self._scheduler
+        if not scheduler._tier_synced:
+            await scheduler._sync_tier()
         limiter = scheduler._group(self._model).limiter
         scheduler._emit(Queued(self._model, self._priority, self._tokens))
         started = scheduler._clock.now()

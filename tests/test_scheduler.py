@@ -222,3 +222,42 @@ async def test_cancelling_waiting_submissions_leaks_nothing() -> None:
     stats = await scheduler.limiter().statistics()
     assert stats.waiting == 0
     assert stats.dimension("concurrency").used == 0
+
+
+async def test_provider_headers_below_the_tier_tighten_the_limits() -> None:
+    """A provider reporting 100 RPM where the tier says 200 makes ratekit run at 100."""
+    scheduler, _, events = make("tier1")
+    scheduler.observe({"x-ratelimit-limit-requests": "100", "x-ratelimit-limit-tokens": "2000000"})
+    assert scheduler.limiter().limits.rpm == pytest.approx(100)
+    assert (
+        ratekit.LimitsAdapted(
+            "account", 0.5, "the provider reports requests limit 100, the tier 200"
+        )
+        in events
+    )
+    scheduler.observe({"x-ratelimit-limit-requests": "200"})
+    assert scheduler.limiter().limits.rpm == 200
+
+
+async def test_a_spend_budget_that_cannot_free_up_in_time_fails_at_once() -> None:
+    """A daily budget of 1 USD, priced from the profile: the call that would exceed it fails
+    at once, saying when the budget frees up."""
+    clock = FakeClock()
+    budget = ratekit.Rate(1.0, 86_400, "money", name="usd/day")
+    account = Account("stepfun", tier="v1", rates=(budget,))
+    scheduler = Scheduler(account, clock=clock, classify=classify)
+    # step-3.7-flash: 0.20 USD per 1M input tokens, 1.15 per 1M output tokens.
+    cost = scheduler.estimate_cost("step-3.7-flash", input_tokens=1_000_000, output_tokens=400_000)
+    assert cost == pytest.approx(0.20 + 0.46)
+
+    async def call() -> str:
+        return "ok"
+
+    assert await scheduler.submit(call, model="step-3.7-flash", cost=cost) == "ok"
+    with pytest.raises(ratekit.AcquireTimeout) as caught:
+        await scheduler.submit(call, model="step-3.7-flash", cost=cost, timeout=3600)
+    assert caught.value.dimension == "usd/day"
+    # The first cost counts until its 24-minute slice ends plus a day.
+    slice_s = 86_400 / 60
+    frees_at = (clock.now() // slice_s + 1) * slice_s + 86_400
+    assert caught.value.retry_after_s == pytest.approx(frees_at - clock.now())

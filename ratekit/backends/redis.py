@@ -215,6 +215,10 @@ class RedisBackend:
         self._renewer: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
         self._closing = False
+        self._prefix_root = prefix
+        self._owns_client = True
+        self._children: list[RedisBackend] = []
+        self._tier_callbacks: list[Callable[[str], None]] = []
         # While Redis is down: when to try again, how many failures in a row, and
         # the last error's type (its text could hold connection details).
         self._retry_at = 0.0
@@ -352,6 +356,42 @@ class RedisBackend:
             return self._fallback.pause_now(seconds, self._fallback.clock.now())
         return float(reply)
 
+    def child(self, name: str) -> RedisBackend:
+        """A backend for limits of their own (a model's) within this account.
+
+        Same server, client and policy; namespace ``<namespace>.<name>``. Closed
+        with this one.
+        """
+        backend = RedisBackend(
+            self._client,
+            namespace=f"{self.namespace}.{name}",
+            lease_ttl_s=self._lease_ttl_s,
+            on_unavailable=self._policy,
+            local_share=self._local_share,
+            prefix=self._prefix_root,
+            clock=self._clock,
+        )
+        backend._owns_client = False
+        backend._where = self._where
+        self._children.append(backend)
+        return backend
+
+    async def publish_tier(self, tier: str) -> None:
+        """Tell every pod of the account that it is now on `tier` (and remember it)."""
+        async with self._client.pipeline(transaction=True) as pipe:
+            pipe.set(f"{self._prefix}:tier", tier)
+            pipe.publish(self._channel, f"tier:{tier}")
+            await pipe.execute()
+
+    async def shared_tier(self) -> str | None:
+        """The tier the account's pods last agreed on, if any was published."""
+        value = await self._client.get(f"{self._prefix}:tier")
+        return None if value is None else _text(value)
+
+    def on_tier(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(tier)` when another pod publishes a tier change."""
+        self._tier_callbacks.append(callback)
+
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         return self._listeners.add(listener)
 
@@ -360,7 +400,8 @@ class RedisBackend:
     def _start(self, *, renew: bool) -> None:
         if renew and (self._renewer is None or self._renewer.done()):
             self._renewer = self._spawn(self._renew_loop())
-        if self._listeners and (self._subscriber is None or self._subscriber.done()):
+        wanted = self._listeners or self._tier_callbacks
+        if wanted and (self._subscriber is None or self._subscriber.done()):
             self._subscriber = self._spawn(self._listen_loop())
 
     def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
@@ -388,22 +429,29 @@ class RedisBackend:
                     self._mark_down(exc)
 
     async def _listen_loop(self) -> None:
-        while self._listeners and not self._closing:
+        while (self._listeners or self._tier_callbacks) and not self._closing:
             pubsub = self._client.pubsub()
             try:
                 await pubsub.subscribe(self._channel)
-                while self._listeners and not self._closing:
+                while not self._closing:
                     # A bounded wait, so that closing never depends on a message.
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
                     )
                     if message is not None and message.get("type") == "message":
-                        self._listeners.notify()
+                        self._dispatch(_text(message.get("data", b"")))
             except _UNREACHABLE:
                 await asyncio.sleep(_BACKOFF_S[-1])
             finally:
                 with anyio.move_on_after(1.0, shield=True):
                     await pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    def _dispatch(self, data: str) -> None:
+        if data.startswith("tier:"):
+            for callback in list(self._tier_callbacks):
+                callback(data[len("tier:") :])
+        else:
+            self._listeners.notify()
 
     async def aclose(self) -> None:
         """Stop the background tasks (within a few seconds at most) and close the client."""
@@ -413,7 +461,10 @@ class RedisBackend:
             task.cancel()
         if tasks:
             await asyncio.wait(tasks, timeout=_CLOSE_WAIT_S)
-        await self._client.aclose()
+        for child in self._children:
+            await child.aclose()
+        if self._owns_client:
+            await self._client.aclose()
 
     # -- Redis unreachable ----------------------------------------------------------------
 

@@ -1,0 +1,93 @@
+"""Schedulers of several pods sharing one account through Redis (fakeredis with Lua)."""
+
+from __future__ import annotations
+
+import anyio
+import fakeredis
+import pytest
+
+import ratekit
+from ratekit import Account, Scheduler
+from ratekit.backends.redis import RedisBackend
+
+from .test_scheduler import Signal, TooManyRequests, classify
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def pod(server: fakeredis.FakeServer, tier: str = "tier1", provider: str = "moonshot") -> Scheduler:
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="acct-7")
+    return Scheduler(Account(provider, tier=tier), backend=backend, classify=classify)
+
+
+async def close(*schedulers: Scheduler) -> None:
+    for scheduler in schedulers:
+        await scheduler.limiter().backend.aclose()  # type: ignore[attr-defined]
+
+
+async def test_a_429_in_one_pod_pauses_the_other() -> None:
+    """The cooldown after a 429 is the account's, not the pod's."""
+    server = fakeredis.FakeServer()
+    first, second = pod(server), pod(server)
+    await first.rate_limited(None, Signal(retry_after_s=30.0, retryable=True))
+    with pytest.raises(ratekit.AcquireTimeout) as caught:
+        async with second.slot(timeout=1):
+            pass
+    assert caught.value.dimension == "cooldown"
+    assert 29 < caught.value.retry_after_s <= 30
+    await close(first, second)
+
+
+async def test_a_tier_change_in_one_pod_reaches_the_others() -> None:
+    """A tier set in one pod applies in a running pod (pub/sub) and in a new one (stored)."""
+    server = fakeredis.FakeServer()
+    first, second = pod(server, "tier0"), pod(server, "tier0")
+    async with second.slot():  # starts its listener
+        pass
+    changed = anyio.Event()
+    second.account.on_change(lambda old, new: changed.set())
+    await first.set_tier("tier2")
+    with anyio.fail_after(5):
+        await changed.wait()
+    assert second.account.tier.name == "Tier2"
+    assert second.limiter().limits.rpm == 500
+    third = pod(server, "tier0")
+    async with third.slot():
+        pass
+    assert third.account.tier.name == "Tier2"
+    await close(first, second, third)
+
+
+async def test_models_with_their_own_limits_get_their_own_namespace() -> None:
+    """MiniMax-M2 and MiniMax-M2-Stable count apart in Redis too."""
+    server = fakeredis.FakeServer()
+    scheduler = pod(server, "free", provider="minimax")
+    for _ in range(20):
+        async with scheduler.slot(model="MiniMax-M2"):
+            pass
+    stable = await scheduler.limiter("MiniMax-M2-Stable").try_acquire()
+    assert stable is not None
+    await stable.release()
+    assert await scheduler.limiter("MiniMax-M2").try_acquire() is None
+    keys = {key.decode() for key in await fakeredis.FakeAsyncRedis(server=server).keys("*")}
+    assert any("{acct-7.MiniMax-M2}" in key for key in keys)
+    assert any("{acct-7.MiniMax-M2-Stable}" in key for key in keys)
+    await close(scheduler)
+
+
+async def test_a_429_raised_in_a_slot_is_answered_and_re_raised() -> None:
+    """A 429 inside ``async with scheduler.slot()`` pauses the account, then propagates."""
+    server = fakeredis.FakeServer()
+    scheduler = pod(server)
+    with pytest.raises(TooManyRequests):
+        async with scheduler.slot():
+            raise TooManyRequests(retry_after_s=5)
+    stats = await scheduler.statistics()
+    assert (stats.rate_limited, stats.cooldowns) == (1, 1)
+    assert await scheduler.limiter().try_acquire() is None
+    await close(scheduler)

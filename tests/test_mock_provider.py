@@ -9,6 +9,7 @@ import signal
 import sys
 from collections.abc import AsyncIterator
 
+import openai
 import pytest
 
 import ratekit
@@ -21,8 +22,6 @@ from ratekit.mock_provider import (
     main,
     start_mock_provider,
 )
-
-openai = pytest.importorskip("openai")
 
 pytestmark = pytest.mark.anyio
 

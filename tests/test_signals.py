@@ -31,7 +31,7 @@ def _httpx() -> ModuleType:
             return __import__(name)
         except ImportError:
             continue
-    pytest.skip("httpx is not installed")
+    raise AssertionError("httpx is not installed (openai depends on it; pip install -e '.[dev]')")
 
 
 # --- parse_duration -------------------------------------------------------------------
@@ -240,7 +240,8 @@ def test_provider_limits_exhausted_lists_units_below_one() -> None:
 
 def _openai_error(status: int, body: dict[str, Any], headers: dict[str, str]) -> Any:
     """The error openai's client raises for this answer: it keeps the body's "error" object."""
-    openai = pytest.importorskip("openai")
+    import openai
+
     httpx = _httpx()
     response = httpx.Response(
         status, headers=headers, json=body, request=httpx.Request("POST", "http://x")
@@ -251,7 +252,8 @@ def _openai_error(status: int, body: dict[str, Any], headers: dict[str, str]) ->
 
 def test_classify_openai_rate_limit_error() -> None:
     """openai.RateLimitError: retry-after-ms, the code, and the dimension from the error type."""
-    openai = pytest.importorskip("openai")
+    import openai
+
     body = {
         "error": {
             "message": "Rate limit reached for gpt-4o in organization org-AbCdEf123 on tokens "
@@ -276,7 +278,8 @@ def test_classify_openai_rate_limit_error() -> None:
 
 def test_classify_openai_error_built_directly() -> None:
     """An openai.RateLimitError made by hand from an httpx.Response is read the same way."""
-    openai = pytest.importorskip("openai")
+    import openai
+
     httpx = _httpx()
     response = httpx.Response(
         429,

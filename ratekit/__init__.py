@@ -13,6 +13,7 @@ from ._errors import (
     InvalidCostError,
     LimitsError,
     MissingPriceError,
+    NoEventLoopError,
     PermitError,
     ProfileError,
     QueueFullError,
@@ -42,6 +43,7 @@ from ._pricing import CharacterRules, Prices, RelayBilling, count_billable_chara
 from ._profiles import LimitNumbers, Model, Profile, Tier, bundled_providers, load_profile
 from ._scheduler import PriorityStatistics, Scheduler, SchedulerStatistics, Slot
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
+from .integrations._calls import SyncScheduler
 
 __all__ = [
     "Account",
@@ -69,6 +71,7 @@ __all__ = [
     "MemoryBackend",
     "MissingPriceError",
     "Model",
+    "NoEventLoopError",
     "Permit",
     "PermitError",
     "Prices",
@@ -86,6 +89,7 @@ __all__ = [
     "SchedulerStatistics",
     "Settled",
     "Slot",
+    "SyncScheduler",
     "SystemClock",
     "Tier",
     "TierChanged",

@@ -67,6 +67,10 @@ class QueueFullError(RatekitError):
         super().__init__(f"the queue is full: {max_size} callers already wait")
 
 
+class NoEventLoopError(RatekitError, RuntimeError):
+    """A synchronous call site has no event loop to run the scheduler in."""
+
+
 class PermitError(RatekitError, RuntimeError):
     """A permit was used the wrong way (settled twice, settled after release)."""
 

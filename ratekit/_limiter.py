@@ -506,6 +506,16 @@ class Permit:
         if not self._finish_local(actual):
             await self._finish(actual)
 
+    def release_nowait(self) -> bool:
+        """Release at once, without awaiting, where the backend allows it (memory).
+
+        Returns False for a shared backend: release it with `release`, or its lease
+        lapses. For finalisers and synchronous cleanup.
+        """
+        if self._grant is None:
+            return True
+        return self._finish_local(self._actual or self._demand)
+
     def _finish_local(self, actual: Demand | None) -> bool:
         """Release synchronously on the memory backend; False when the backend is remote.
 

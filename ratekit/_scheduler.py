@@ -174,6 +174,8 @@ class Scheduler:
         self._waits: dict[int, deque[float]] = {}
         self._admitted_by_priority: dict[int, int] = {}
         account.on_change(self._tier_changed)
+        # The event loop this scheduler runs in, for calls from other threads.
+        self.loop_token: anyio.lowlevel.EventLoopToken | None = None
         # A shared backend carries tier changes between pods.
         self._tier_synced = not hasattr(backend, "publish_tier")
         on_tier = getattr(backend, "on_tier", None)
@@ -299,14 +301,7 @@ class Scheduler:
         `max_attempts` tries; the last 429 is re-raised.
         """
         deadline_s = None if timeout is None else self._clock.now() + timeout
-        retrying = AsyncRetrying(
-            stop=stop_after_attempt(self._max_attempts),
-            retry=retry_if_exception(self._is_retryable),
-            wait=self._retry_wait,
-            sleep=self._sleep,
-            reraise=True,
-        )
-        async for attempt in retrying:
+        async for attempt in self.retrying():
             with attempt:
                 left = None if deadline_s is None else max(deadline_s - self._clock.now(), 0.0)
                 async with self.slot(
@@ -318,6 +313,53 @@ class Scheduler:
                         permit.settle(tokens=real)
                 return result
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def retrying(self) -> AsyncRetrying:
+        """The retry policy of `submit`, for calls made another way::
+
+            async for attempt in scheduler.retrying():
+                with attempt:
+                    async with scheduler.slot(...) as permit:
+                        ...
+
+        Retries what the classifier calls a retryable rate-limit answer, up to
+        `max_attempts` tries, re-raising the last error.
+        """
+        return AsyncRetrying(**self.retry_policy(), sleep=self._sleep)
+
+    def retry_policy(self) -> dict[str, Any]:
+        """The retry policy as tenacity arguments (stop, retry, wait, reraise), shared by
+        the async and the sync call sites."""
+        return {
+            "stop": stop_after_attempt(self._max_attempts),
+            "retry": retry_if_exception(self._is_retryable),
+            "wait": self._retry_wait,
+            "reraise": True,
+        }
+
+    def limit(
+        self,
+        *,
+        tokens: float | Callable[..., float] = 0,
+        cost: float | Callable[..., float] = 0,
+        model: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,
+        usage: Callable[[Any], float | None] | None = None,
+    ) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator admitting every call of an async (or sync) function; `tokens` and
+        `cost` are numbers or functions of the call's arguments. See `ratekit.limit`."""
+        from .integrations._calls import limit
+
+        return limit(
+            self,
+            tokens=tokens,
+            cost=cost,
+            model=model,
+            priority=priority,
+            timeout=timeout,
+            usage=usage,
+        )
 
     def _is_retryable(self, error: BaseException) -> bool:
         signal = self._signal(error)
@@ -497,8 +539,15 @@ class Slot:
         self._timeout = timeout
         self._permit: Permit | None = None
 
+    @property
+    def permit(self) -> Permit | None:
+        """The permit once admitted."""
+        return self._permit
+
     async def __aenter__(self) -> Permit:
         scheduler = self._scheduler
+        if scheduler.loop_token is None:
+            scheduler.loop_token = anyio.lowlevel.current_token()
         if not scheduler._tier_synced:
             await scheduler._sync_tier()
         limiter = scheduler._group(self._model).limiter

@@ -1,0 +1,1 @@
+"""Where calls are made: OpenAI-compatible clients, decorated functions, sync code."""

@@ -1,0 +1,198 @@
+"""Decorated call sites and synchronous code, on the scheduler's async core.
+
+Nothing here admits, waits or retries by itself: an async function goes through
+`Scheduler.submit`; a sync function's admission runs in the scheduler's event
+loop (`anyio.from_thread`) and only the function itself runs in the caller's
+thread, retried under the scheduler's own policy.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar, cast
+
+import anyio.from_thread
+from anyio.lowlevel import EventLoopToken
+from tenacity import Retrying
+
+from .._errors import NoEventLoopError
+from .._limiter import Permit
+from .._scheduler import Scheduler
+
+T = TypeVar("T")
+
+TokensArg = float | Callable[..., float]
+
+
+def _amount(value: TokensArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
+    return value(*args, **kwargs) if callable(value) else value
+
+
+def limit(
+    scheduler: Scheduler,
+    *,
+    tokens: TokensArg = 0,
+    cost: TokensArg = 0,
+    model: str | None = None,
+    priority: int = 0,
+    timeout: float | None = None,
+    usage: Callable[[Any], float | None] | None = None,
+) -> Callable[[Callable[..., T]], Callable[..., T]]:
+    """A decorator that admits every call of a function through `scheduler`.
+
+    `tokens` and `cost` are numbers or functions of the call's arguments. Works
+    on async functions and on sync ones; a sync one must run in a thread that can
+    reach the scheduler's loop (a `SyncScheduler`, or ``anyio.to_thread``).
+    """
+
+    def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def admitted(*args: Any, **kwargs: Any) -> Any:
+                return await scheduler.submit(
+                    fn,
+                    *args,
+                    tokens=_amount(tokens, args, kwargs),
+                    cost=_amount(cost, args, kwargs),
+                    model=model,
+                    priority=priority,
+                    timeout=timeout,
+                    usage=usage,
+                    **kwargs,
+                )
+
+            return admitted  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def admitted_sync(*args: Any, **kwargs: Any) -> T:
+            return submit_sync(  # type: ignore[no-any-return]
+                scheduler,
+                fn,
+                *args,
+                tokens=_amount(tokens, args, kwargs),
+                cost=_amount(cost, args, kwargs),
+                model=model,
+                priority=priority,
+                timeout=timeout,
+                usage=usage,
+                **kwargs,
+            )
+
+        return admitted_sync
+
+    return decorate
+
+
+def _token(scheduler: Scheduler) -> EventLoopToken:
+    token = scheduler.loop_token
+    if token is None:
+        raise NoEventLoopError(
+            "this scheduler has no event loop for synchronous calls yet: use "
+            "ratekit.SyncScheduler, or call from a worker thread of the scheduler's loop "
+            "(anyio.to_thread.run_sync) after it has admitted an async call"
+        )
+    return token
+
+
+@contextmanager
+def slot_sync(
+    scheduler: Scheduler,
+    *,
+    tokens: float = 0,
+    cost: float = 0,
+    model: str | None = None,
+    priority: int = 0,
+    timeout: float | None = None,
+) -> Iterator[Permit]:
+    """`Scheduler.slot` for a thread: ``with slot_sync(scheduler, tokens=n) as permit:``."""
+    token = _token(scheduler)
+    slot = scheduler.slot(tokens=tokens, cost=cost, model=model, priority=priority, timeout=timeout)
+    permit = anyio.from_thread.run(slot.__aenter__, token=token)
+    try:
+        yield permit
+    except BaseException as exc:
+        anyio.from_thread.run(slot.__aexit__, type(exc), exc, exc.__traceback__, token=token)
+        raise
+    anyio.from_thread.run(slot.__aexit__, None, None, None, token=token)
+
+
+def submit_sync(
+    scheduler: Scheduler,
+    fn: Callable[..., T],
+    *args: Any,
+    tokens: float = 0,
+    cost: float = 0,
+    model: str | None = None,
+    priority: int = 0,
+    timeout: float | None = None,
+    usage: Callable[[T], float | None] | None = None,
+    **kwargs: Any,
+) -> T:
+    """`Scheduler.submit` for a sync function, called from a thread."""
+    for attempt in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
+        with (
+            attempt,
+            slot_sync(
+                scheduler, tokens=tokens, cost=cost, model=model, priority=priority, timeout=timeout
+            ) as permit,
+        ):
+            result = fn(*args, **kwargs)
+            real = usage(result) if usage is not None else None
+            if real is not None:
+                permit.settle(tokens=real)
+            return result
+    raise AssertionError("unreachable: tenacity re-raises the last error")
+
+
+class SyncScheduler:
+    """A `Scheduler` for threaded code: its event loop runs in a thread of its own.
+
+    ``SyncScheduler(account, backend=...)`` takes the `Scheduler`'s arguments;
+    `backend` may be a function that builds it, so that a Redis client is made in
+    the scheduler's loop. Use `submit`, `slot` (a ``with`` block) and `limit` (a
+    decorator) from any number of threads; `close` stops the loop. All share one
+    scheduler, so threads and processes see the same limits.
+    """
+
+    def __init__(self, *args: Any, backend: Any = None, **kwargs: Any) -> None:
+        self._portal_context = anyio.from_thread.start_blocking_portal()
+        self._portal = self._portal_context.__enter__()
+
+        async def build() -> Scheduler:
+            made = backend() if callable(backend) else backend
+            scheduler = Scheduler(*args, backend=made, **kwargs)
+            scheduler.loop_token = anyio.lowlevel.current_token()
+            return scheduler
+
+        self.scheduler: Scheduler = self._portal.call(build)
+
+    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run ``fn(*args, **kwargs)`` in this thread once admitted; see `Scheduler.submit`."""
+        return cast(T, submit_sync(self.scheduler, fn, *args, **kwargs))
+
+    def slot(self, **kwargs: Any) -> Any:
+        """``with sync_scheduler.slot(tokens=n) as permit:``; see `Scheduler.slot`."""
+        return slot_sync(self.scheduler, **kwargs)
+
+    def limit(self, **kwargs: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
+        """A decorator for sync functions; see `limit`."""
+        return limit(self.scheduler, **kwargs)
+
+    def close(self) -> None:
+        """Stop the scheduler's loop (and close a backend that has `aclose`)."""
+        backend = self.scheduler.limiter().backend
+        close = getattr(backend, "aclose", None)
+        if close is not None:
+            self._portal.call(close)
+        self._portal_context.__exit__(None, None, None)
+
+    def __enter__(self) -> SyncScheduler:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

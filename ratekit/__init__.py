@@ -42,8 +42,21 @@ from ._limits import Limits, Rate, TokenCounting
 from ._pricing import CharacterRules, Prices, RelayBilling, count_billable_characters
 from ._profiles import LimitNumbers, Model, Profile, Tier, bundled_providers, load_profile
 from ._scheduler import PriorityStatistics, Scheduler, SchedulerStatistics, Slot
+from ._tokens import (
+    HeuristicEstimator,
+    RequestShapeError,
+    TiktokenEstimator,
+    TokenEstimator,
+    TokenizerUnavailableError,
+    UnknownRequestKindError,
+    default_estimator,
+    estimate_prompt_tokens,
+    estimate_request_tokens,
+    tokens_to_reserve,
+)
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 from .integrations._calls import SyncScheduler
+from .integrations._openai import wrap
 
 __all__ = [
     "Account",
@@ -59,6 +72,7 @@ __all__ = [
     "DimensionStatistics",
     "Event",
     "FakeClock",
+    "HeuristicEstimator",
     "Hook",
     "InvalidCostError",
     "LimitNumbers",
@@ -85,6 +99,7 @@ __all__ = [
     "RatekitError",
     "RedisBackend",
     "RelayBilling",
+    "RequestShapeError",
     "Scheduler",
     "SchedulerStatistics",
     "Settled",
@@ -93,16 +108,25 @@ __all__ = [
     "SystemClock",
     "Tier",
     "TierChanged",
+    "TiktokenEstimator",
     "TokenCounting",
     "TokenEstimate",
+    "TokenEstimator",
+    "TokenizerUnavailableError",
     "UnknownBillingItemError",
     "UnknownModelError",
     "UnknownNameError",
     "UnknownProviderError",
+    "UnknownRequestKindError",
     "UnknownTierError",
     "bundled_providers",
     "count_billable_characters",
+    "default_estimator",
+    "estimate_prompt_tokens",
+    "estimate_request_tokens",
     "load_profile",
+    "tokens_to_reserve",
+    "wrap",
 ]
 
 __version__ = "0.1.0"

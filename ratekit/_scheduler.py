@@ -291,9 +291,12 @@ class Scheduler:
         # A predicted wait fails at once, which a cancel scope (fail_after) cannot do.
         timeout: float | None = None,  # noqa: ASYNC109
         usage: Callable[[T], float | None] | None = None,
-        **kwargs: Any,
     ) -> T:
-        """Run ``await fn(*args, **kwargs)`` when admitted, retrying on 429; return its result.
+        """Run ``await fn(*args)`` when admitted, retrying on 429; return its result.
+
+        Keyword arguments belong to the scheduler; give the call's own with a
+        lambda or `functools.partial` (``submit(lambda: client.create(model=m, ...),
+        model=m, tokens=n)``), so that names like `model` and `timeout` never clash.
 
         `usage`, if given, reads the real token count from the result for the
         settle. `timeout` bounds the whole wait for admissions (seconds); a wait
@@ -307,7 +310,7 @@ class Scheduler:
                 async with self.slot(
                     tokens=tokens, cost=cost, model=model, priority=priority, timeout=left
                 ) as permit:
-                    result = await fn(*args, **kwargs)
+                    result = await fn(*args)
                     real = usage(result) if usage is not None else None
                     if real is not None:
                         permit.settle(tokens=real)

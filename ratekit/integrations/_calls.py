@@ -55,15 +55,13 @@ def limit(
             @functools.wraps(fn)
             async def admitted(*args: Any, **kwargs: Any) -> Any:
                 return await scheduler.submit(
-                    fn,
-                    *args,
+                    functools.partial(fn, *args, **kwargs),
                     tokens=_amount(tokens, args, kwargs),
                     cost=_amount(cost, args, kwargs),
                     model=model,
                     priority=priority,
                     timeout=timeout,
                     usage=usage,
-                    **kwargs,
                 )
 
             return admitted  # type: ignore[return-value]
@@ -72,15 +70,13 @@ def limit(
         def admitted_sync(*args: Any, **kwargs: Any) -> T:
             return submit_sync(  # type: ignore[no-any-return]
                 scheduler,
-                fn,
-                *args,
+                functools.partial(fn, *args, **kwargs),
                 tokens=_amount(tokens, args, kwargs),
                 cost=_amount(cost, args, kwargs),
                 model=model,
                 priority=priority,
                 timeout=timeout,
                 usage=usage,
-                **kwargs,
             )
 
         return admitted_sync
@@ -131,9 +127,8 @@ def submit_sync(
     priority: int = 0,
     timeout: float | None = None,
     usage: Callable[[T], float | None] | None = None,
-    **kwargs: Any,
 ) -> T:
-    """`Scheduler.submit` for a sync function, called from a thread."""
+    """`Scheduler.submit` for a sync function, called from a thread: ``fn(*args)``."""
     for attempt in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
         with (
             attempt,
@@ -141,7 +136,7 @@ def submit_sync(
                 scheduler, tokens=tokens, cost=cost, model=model, priority=priority, timeout=timeout
             ) as permit,
         ):
-            result = fn(*args, **kwargs)
+            result = fn(*args)
             real = usage(result) if usage is not None else None
             if real is not None:
                 permit.settle(tokens=real)
@@ -171,9 +166,9 @@ class SyncScheduler:
 
         self.scheduler: Scheduler = self._portal.call(build)
 
-    def submit(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run ``fn(*args, **kwargs)`` in this thread once admitted; see `Scheduler.submit`."""
-        return cast(T, submit_sync(self.scheduler, fn, *args, **kwargs))
+    def submit(self, fn: Callable[..., T], *args: Any, **options: Any) -> T:
+        """Run ``fn(*args)`` in this thread once admitted; `options` as `Scheduler.submit`."""
+        return cast(T, submit_sync(self.scheduler, fn, *args, **options))
 
     def slot(self, **kwargs: Any) -> Any:
         """``with sync_scheduler.slot(tokens=n) as permit:``; see `Scheduler.slot`."""

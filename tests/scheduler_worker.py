@@ -1,0 +1,168 @@
+"""The scheduler driving the real `openai` client: shared by tests/test_scheduler_e2e.py and
+run as one process of a fleet sharing an account through Redis.
+
+``python -m tests.scheduler_worker '<json config>'`` builds a `Scheduler` on a
+`RedisBackend` (``url``, ``namespace``), prints ``ready``, reads the wall-clock
+start instant (``time.time()`` seconds) from a line of stdin, pauses the shared
+account until then (so that every task is queued when the window opens), and
+submits ``calls`` chat completions from ``tasks`` tasks to ``base_url``. It then
+prints one JSON line: ``{"results": n, "errors": [...], "events": {type: count}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+import openai
+
+import ratekit
+from ratekit.mock_provider import MockProvider
+
+# Time compression: a provider minute lasts one real second.
+SPEED = 60
+PROVIDER = "moonshot"
+TIER = "tier1"  # 200 RPM, 50 in flight, 2,000,000 TPM: the RPM binds
+MODEL = "kimi-k2"
+PROMPT = "Say hello."  # 3 tokens for the mock provider (ceil(10 / 4))
+MAX_TOKENS = 50
+# How long a call counts beyond its slice on the client: it must cover the wait between
+# an admission and the request's arrival at the provider. Measured on 2 shared cores
+# with client and provider on one machine: 5-15 ms typically, spikes to ~90 ms.
+MARGIN_S = 0.1
+
+
+def make_account(**overrides: Any) -> ratekit.Account:
+    """The account under test, its periods compressed like the mock provider's."""
+    options: dict[str, Any] = {"period_scale": 1 / SPEED, "margin_s": MARGIN_S, **overrides}
+    return ratekit.Account(PROVIDER, tier=TIER, **options)
+
+
+def provider_limits() -> ratekit.Limits:
+    """The tier's own (uncompressed) numbers, for `MockProvider`."""
+    return ratekit.load_profile(PROVIDER).tier(TIER).limits()
+
+
+@dataclass
+class Outcome:
+    """What one run of calls came to: results returned, errors raised, events by type."""
+
+    results: int = 0
+    errors: list[str] = field(default_factory=list)
+    events: Counter[str] = field(default_factory=Counter)
+
+    def record(self, event: ratekit.Event) -> None:
+        """A scheduler hook: count the event by its type's name."""
+        self.events[type(event).__name__] += 1
+
+    def as_json(self) -> dict[str, Any]:
+        return {"results": self.results, "errors": self.errors, "events": dict(self.events)}
+
+
+def chat_call(client: openai.AsyncOpenAI) -> Callable[[], Awaitable[Any]]:
+    """One small chat completion; the model is bound here, as `submit` keeps its own
+    ``model=`` keyword (the limiter group) and does not pass it on."""
+
+    async def call() -> Any:
+        return await client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": PROMPT}], max_tokens=MAX_TOKENS
+        )
+
+    return call
+
+
+def _total_tokens(response: Any) -> float:
+    return float(response.usage.total_tokens)
+
+
+async def drive(
+    scheduler: ratekit.Scheduler,
+    call: Callable[[], Awaitable[Any]],
+    outcome: Outcome,
+    *,
+    calls: int,
+    tasks: int,
+) -> None:
+    """Submit `calls` calls from `tasks` tasks; count results and errors into `outcome`."""
+    left = calls
+    tokens = 3 + MAX_TOKENS
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            try:
+                result = await scheduler.submit(call, tokens=tokens, usage=_total_tokens)
+            except Exception as exc:  # every lost call is reported, not raised
+                outcome.errors.append(repr(exc))
+            else:
+                outcome.results += result is not None
+
+    async with anyio.create_task_group() as group:
+        for _ in range(tasks):
+            group.start_soon(worker)
+
+
+async def warm_up(client: openai.AsyncOpenAI, connections: int) -> None:
+    """Run the client's first chat completion against a throwaway provider (a cold first
+    call takes tens of milliseconds more), then open `connections` keep-alive
+    connections to `client`'s provider (``GET /v1/models`` counts in no window)."""
+    async with MockProvider(ratekit.Limits(), speed=SPEED) as throwaway:
+        cold = openai.AsyncOpenAI(base_url=throwaway.base_url, api_key="x", max_retries=0)
+        try:
+            await chat_call(cold)()
+        finally:
+            await cold.close()
+
+    async def one() -> None:
+        await client.models.list()
+
+    async with anyio.create_task_group() as group:
+        for _ in range(connections):
+            group.start_soon(one)
+
+
+async def _fleet_member(config: dict[str, Any]) -> Outcome:
+    from ratekit.backends.redis import RedisBackend
+
+    outcome = Outcome()
+    backend = RedisBackend(config["url"], namespace=config["namespace"])
+    account = make_account(margin_s=config.get("margin_s", MARGIN_S))
+    scheduler = ratekit.Scheduler(account, backend=backend, hooks=[outcome.record])
+    client = openai.AsyncOpenAI(base_url=config["base_url"], api_key="x", max_retries=0)
+    try:
+        await warm_up(client, config["connections"])
+        await scheduler.limiter().statistics()  # connected, scripts loaded
+        print("ready", flush=True)
+        start_at = float(await anyio.to_thread.run_sync(sys.stdin.readline))
+        # Every task is queued behind the pause when the window opens.
+        await backend.pause(max(start_at - time.time(), 0.0))
+        with anyio.fail_after(config["timeout_s"]):
+            await drive(
+                scheduler,
+                chat_call(client),
+                outcome,
+                calls=config["calls"],
+                tasks=config["tasks"],
+            )
+    finally:
+        await client.close()
+        await backend.aclose()
+    return outcome
+
+
+def main() -> None:
+    config = json.loads(sys.argv[1])
+    outcome = asyncio.run(_fleet_member(config))
+    print(json.dumps(outcome.as_json()), flush=True)
+
+
+if __name__ == "__main__":
+    main()

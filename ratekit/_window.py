@@ -154,8 +154,11 @@ class SlicedWindow:
     def record(self, now: float, amount: float) -> int:
         """Count `amount` at `now`; returns the slice index it landed in."""
         if self.pacing and amount:
-            spacing_s = amount * self.period_s / self.limit
-            self._pace_next_s = max(self._pace_next_s, now) + spacing_s
+            # The schedule may lag `now` by one request's spacing: a caller woken a
+            # little late catches up instead of losing the time for good, and no burst
+            # is longer than two.
+            one_s = self.period_s / self.limit
+            self._pace_next_s = max(self._pace_next_s, now - one_s) + amount * one_s
         if not amount:
             return self.slice_index(now)
         if self._last_start_s <= now < self._last_end_s:

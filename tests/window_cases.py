@@ -140,14 +140,17 @@ CASES: list[Case] = [
         ],
     ),
     Case(
-        "pacing: admissions one every period / limit",
+        "pacing: one every period / limit, with one spacing of slack to catch up",
         Limits(rpm=60, pacing=True),
         [
+            # Spacing 1 s: after a pause a second admission may follow at once.
             Reserve(0.0, "a"),
-            Reserve(0.25, wait_s=0.75, dimension="rpm"),
-            Reserve(1.0, "b"),
-            Reserve(1.5, wait_s=0.5, dimension="rpm"),
-            Reserve(5.0, "c"),
+            Reserve(0.0, "b"),
+            Reserve(0.5, wait_s=0.5, dimension="rpm"),
+            Reserve(1.0, "c"),
+            Reserve(1.25, wait_s=0.75, dimension="rpm"),
+            Reserve(5.0, "d"),
+            Reserve(5.0, "e"),
             Reserve(5.0, wait_s=1.0, dimension="rpm"),
         ],
     ),

@@ -153,7 +153,10 @@ local function record(w, now, amount)
   end
   if w.pacing then
     local pace = tonumber(redis.call('HGET', w.key, 'pace')) or -math.huge
-    redis.call('HSET', w.key, 'pace', fmt(math.max(pace, now) + amount * w.period_s / w.limit))
+    -- The schedule may lag now by one request's spacing (see ratekit/_window.py).
+    local one_s = w.period_s / w.limit
+    local next_s = math.max(pace, now - one_s) + amount * one_s
+    redis.call('HSET', w.key, 'pace', fmt(next_s))
   end
   redis.call('HINCRBYFLOAT', w.key, 's:' .. fmt(slice_index(w, now)), fmt(amount))
 end

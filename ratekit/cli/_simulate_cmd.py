@@ -1,0 +1,362 @@
+"""``ratekit simulate``: a workload through ratekit into the strict local provider, over HTTP.
+
+The provider enforces the tier exactly and answers 429 to anything beyond it;
+ratekit's job is to send nothing it would refuse, and to leave nothing unused.
+The report says both: 429s, and how much of each limit the run used. With
+``--plot`` a PNG shows what the provider admitted per window against the limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import multiprocessing
+import random
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Any
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from .._account import Account
+from .._errors import RatekitError
+from .._limits import Limits
+from .._profiles import load_profile
+from .._scheduler import Scheduler
+from ..mock_provider import CallRecord, MockProvider
+
+
+@dataclass(frozen=True)
+class Workload:
+    """What the simulated callers send: `calls` chat requests of random sizes."""
+
+    calls: int
+    prompt_words: tuple[int, int]
+    max_tokens: tuple[int, int]
+    seed: int
+
+
+def _requests(workload: Workload, share: int, part: int) -> list[dict[str, Any]]:
+    rng = random.Random(workload.seed * 1000 + part)
+    bodies = []
+    for _ in range(share):
+        words = rng.randint(*workload.prompt_words)
+        bodies.append(
+            {
+                "messages": [{"role": "user", "content": "word " * words}],
+                "max_tokens": rng.randint(*workload.max_tokens),
+            }
+        )
+    return bodies
+
+
+async def _drive(
+    base_url: str,
+    account: Account,
+    bodies: list[dict[str, Any]],
+    workers: int,
+    model: str,
+    redis_url: str | None,
+    namespace: str,
+) -> dict[str, int]:
+    """Send `bodies` through ratekit from `workers` tasks; returns counts of outcomes."""
+    import openai
+
+    from ..integrations._openai import wrap
+
+    backend = None
+    if redis_url is not None:
+        from ..backends.redis import RedisBackend
+
+        backend = RedisBackend(redis_url, namespace=namespace)
+    scheduler = Scheduler(account, backend=backend)
+    raw = openai.AsyncOpenAI(base_url=base_url, api_key="simulation", max_retries=0)
+    client = wrap(raw, scheduler)
+    queue = deque(bodies)
+    outcome = {"ok": 0, "failed": 0}
+
+    async def worker() -> None:
+        while queue:
+            body = queue.popleft()
+            try:
+                await client.chat.completions.create(model=model, **body)
+                outcome["ok"] += 1
+            except openai.OpenAIError:
+                outcome["failed"] += 1
+
+    try:
+        await asyncio.gather(*(worker() for _ in range(workers)))
+    finally:
+        await raw.close()
+        if backend is not None:
+            await backend.aclose()
+    outcome["rate_limited"] = (await scheduler.statistics()).rate_limited
+    return outcome
+
+
+def _process_main(arguments: str) -> None:
+    """One worker process of a multi-process simulation (arguments as JSON)."""
+    spec = json.loads(arguments)
+    account = _account(
+        spec["provider"], spec["tier"], spec["speed"], spec["margin_ms"], spec["pacing"]
+    )
+    workload = Workload(spec["calls"], (20, 400), (16, 256), spec["seed"])
+    bodies = _requests(workload, spec["share"], spec["part"])
+    result = asyncio.run(
+        _drive(
+            spec["base_url"],
+            account,
+            bodies,
+            spec["workers"],
+            spec["model"],
+            spec["redis"],
+            spec["namespace"],
+        )
+    )
+    print(json.dumps(result))
+
+
+def _account(provider: str, tier: str, speed: float, margin_ms: float, pacing: bool) -> Account:
+    # Margins are real time. Pacing spreads admissions: a burst of hundreds of
+    # admissions takes the client's one thread long enough to send that the last
+    # arrive hundreds of ms after their admission, too late for any margin.
+    return Account(
+        provider,
+        tier=tier,
+        period_scale=1 / speed,
+        margin_s=margin_ms / 1000,
+        pacing=pacing,
+    )
+
+
+def window_series(
+    calls: list[CallRecord], period_s: float, amount: str
+) -> tuple[list[float], list[float]]:
+    """At each arrival, the amount the provider admitted in the window ending then.
+
+    `amount` is "requests" (1 per call) or "tokens" (prompt + max output).
+    """
+    ordered = sorted(calls, key=lambda c: c.arrived_s)
+    times, totals = [], []
+    window: deque[tuple[float, float]] = deque()
+    total = 0.0
+    for call in ordered:
+        value = 1.0 if amount == "requests" else float(call.reserved_tokens)
+        window.append((call.arrived_s, value))
+        total += value
+        while window and window[0][0] <= call.arrived_s - period_s:
+            total -= window.popleft()[1]
+        times.append(call.arrived_s)
+        totals.append(total)
+    return times, totals
+
+
+def plot(calls: list[CallRecord], limits: Limits, path: str, title: str) -> None:
+    """A PNG: requests and tokens admitted per window over time, against the limits."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(rate, rate.unit) for rate in limits.all_rates if rate.unit in ("requests", "tokens")]
+    figure, axes = plt.subplots(len(panels) or 1, 1, figsize=(9, 3.2 * max(len(panels), 1)))
+    axes_list = list(axes) if len(panels) > 1 else [axes]
+    start = min((c.arrived_s for c in calls), default=0.0)
+    for axis, (rate, unit) in zip(axes_list, panels, strict=False):
+        times, totals = window_series(calls, rate.period_s, unit)
+        axis.plot([t - start for t in times], totals, drawstyle="steps-post", label="admitted")
+        axis.axhline(rate.limit, color="red", linestyle="--", label=f"limit {rate.limit:,.0f}")
+        axis.set_ylabel(f"{unit} per window")
+        axis.set_title(
+            f"{rate.name}: {unit} the provider admitted in the {rate.period_s:g} s window"
+            " ending at each arrival"
+        )
+        axis.set_ylim(0, rate.limit * 1.15)
+        axis.legend(loc="lower right")
+    axes_list[-1].set_xlabel("seconds since the first call (compressed time)")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], MockProvider]:
+    profile = load_profile(options["provider"])
+    tier = profile.tier(options["tier"])
+    provider_limits = tier.limits(model=options["model_limits"])
+    speed = options["speed"]
+    server = MockProvider(
+        provider_limits, speed=speed, completion_tokens=options["completion_tokens"]
+    )
+    await server.start()
+    started = time.monotonic()
+    workload = Workload(options["calls"], (20, 400), (16, 256), options["seed"])
+    try:
+        if options["processes"] > 1:
+            outcome = await _in_processes(options, workload, server.base_url)
+        else:
+            account = _account(
+                options["provider"], tier.name, speed, options["margin_ms"], options["pacing"]
+            )
+            bodies = _requests(workload, workload.calls, 0)
+            outcome = await _drive(
+                server.base_url,
+                account,
+                bodies,
+                options["workers"],
+                options["model"],
+                options["redis"],
+                options["namespace"],
+            )
+    finally:
+        elapsed = time.monotonic() - started
+        await server.close()
+    report: dict[str, Any] = {**outcome, "elapsed_s": elapsed}
+    return report, server
+
+
+async def _in_processes(
+    options: dict[str, Any], workload: Workload, base_url: str
+) -> dict[str, int]:
+    count = options["processes"]
+    shares = [
+        workload.calls // count + (1 if i < workload.calls % count else 0) for i in range(count)
+    ]
+    spec = {
+        key: options[key]
+        for key in (
+            "provider",
+            "tier",
+            "speed",
+            "margin_ms",
+            "pacing",
+            "model",
+            "redis",
+            "namespace",
+        )
+    }
+    spec.update({"calls": workload.calls, "seed": workload.seed, "base_url": base_url})
+    spec["workers"] = max(1, options["workers"] // count)
+    processes = []
+    for part, share in enumerate(shares):
+        arguments = json.dumps({**spec, "share": share, "part": part})
+        processes.append(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-c",
+                "from ratekit.cli._simulate_cmd import _process_main; "
+                f"_process_main({arguments!r})",
+                stdout=asyncio.subprocess.PIPE,
+            )
+        )
+    total = {"ok": 0, "failed": 0, "rate_limited": 0}
+    for process in processes:
+        stdout, _ = await process.communicate()
+        if process.returncode != 0:
+            raise click.ClickException(f"a simulation process failed (exit {process.returncode})")
+        for key, value in json.loads(stdout.decode().strip().splitlines()[-1]).items():
+            total[key] += value
+    return total
+
+
+def _by_dimension(rejected: dict[str, int]) -> str:
+    if not rejected:
+        return ""
+    return " (" + ", ".join(f"{name} {count}" for name, count in rejected.items()) + ")"
+
+
+def _report(console: Console, outcome: dict[str, Any], server: MockProvider, title: str) -> int:
+    stats = server.statistics()
+    table = Table(title=title)
+    for column in ("dimension", "peak in any window", "limit", "used"):
+        table.add_column(column, justify="left" if column == "dimension" else "right")
+    for name, (peak, limit) in stats.peak_use.items():
+        table.add_row(name, f"{peak:,.0f}", f"{limit:,.0f}", f"{peak / limit:.0%}")
+    console.print(table)
+    rejected = sum(stats.rejected.values())
+    console.print(
+        f"calls: {outcome['ok']} ok, {outcome['failed']} failed; 429s at the provider: "
+        f"{rejected}{_by_dimension(stats.rejected)}; elapsed {outcome['elapsed_s']:.2f} s"
+    )
+    return 0 if rejected == 0 and outcome["failed"] == 0 else 1
+
+
+@click.command()
+@click.option("--provider", default="moonshot", show_default=True, help="bundled provider")
+@click.option("--tier", default="tier1", show_default=True, help="tier name")
+@click.option("--model", default="kimi-k2", show_default=True, help="model name sent")
+@click.option("--calls", default=600, show_default=True, help="calls to make")
+@click.option("--workers", default=100, show_default=True, help="concurrent tasks in all")
+@click.option("--processes", default=1, show_default=True, help="OS processes (needs --redis)")
+@click.option("--redis", "redis_url", default=None, help="share the account through Redis")
+@click.option("--speed", default=60.0, show_default=True, help="60 runs a minute per second")
+@click.option("--margin-ms", default=50.0, show_default=True, help="safety margin per admission")
+@click.option(
+    "--pacing/--no-pacing", default=True, show_default=True, help="spread requests evenly"
+)
+@click.option("--plot", "plot_path", default=None, help="write a PNG of use per window")
+@click.option("--seed", default=1, show_default=True, help="random seed of the workload")
+def simulate(
+    provider: str,
+    tier: str,
+    model: str,
+    calls: int,
+    workers: int,
+    processes: int,
+    redis_url: str | None,
+    speed: float,
+    margin_ms: float,
+    pacing: bool,
+    plot_path: str | None,
+    seed: int,
+) -> None:
+    """Drive a workload through ratekit against the strict local provider; report 429s."""
+    if processes > 1 and redis_url is None:
+        raise click.UsageError("--processes above 1 needs --redis URL to share the account")
+    try:
+        profile = load_profile(provider)
+        tier_name = profile.tier(tier).name
+        account = Account(profile, tier=tier_name)
+        has_own_limits = account.group(model) != "account"
+    except RatekitError as exc:
+        raise click.ClickException(str(exc)) from None
+    options = {
+        "provider": provider,
+        "tier": tier_name,
+        "model": model,
+        "model_limits": model if has_own_limits else None,
+        "calls": calls,
+        "workers": workers,
+        "processes": processes,
+        "redis": redis_url,
+        "namespace": f"simulate-{random.getrandbits(32):08x}",
+        "speed": speed,
+        "margin_ms": margin_ms,
+        "pacing": pacing,
+        "seed": seed,
+        "completion_tokens": 64,
+    }
+    console = Console()
+    limits = account.limits(model if has_own_limits else None)
+    console.print(
+        f"{profile.display_name} {tier_name}: concurrency {limits.concurrency}, rpm {limits.rpm}, "
+        f"tpm {limits.tpm}, tpd {limits.tpd}; {calls} calls, {workers} tasks, "
+        f"{processes} process(es), time x{speed:g}"
+    )
+    outcome, server = asyncio.run(_simulate(options))
+    title = f"{provider} {tier_name}: what the strict provider admitted"
+    code = _report(console, outcome, server, title)
+    if plot_path:
+        plot(
+            server.calls, server.effective_limits, plot_path, f"{provider} {tier_name}, x{speed:g}"
+        )
+        console.print(f"plot: {plot_path}")
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    multiprocessing.freeze_support()

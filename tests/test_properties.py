@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import itertools
 import math
 import uuid
 from dataclasses import dataclass

@@ -17,12 +17,16 @@ the client until its slice's end plus the period plus `margin_s`.
 
 Why not 95 %: `margin_s` must cover the time from an admission to the request's
 arrival at the provider, and under 60x compression every millisecond of it is
-0.1 % of a period. On 2 shared cores that time is 5-15 ms, with spikes to ~90 ms
-(GC, the OS scheduling four workers, Redis and the provider). With margin_s =
-0.02 one process measured 96.7-96.9 % but 0-3 429s a run; with 0.1 (one
-process) and 0.2 (four processes) no run saw a 429, at 86.7-89.7 % and
-82.5-90.2 %. The tests assert zero 429s at those margins and the utilisation
-measured, not 95 % (see bench/README.md, `python -m bench.scheduler`).
+0.1 % of a period. On 2 shared cores that time is 5-15 ms, with spikes to ~90 ms.
+With margin_s = 0.02 one process measured 96.7-96.9 % but 0-3 429s a run; with
+0.1 no run saw a 429, at 86.7-89.8 %. The test asserts zero 429s at 0.1 and the
+utilisation measured, not 95 % (see bench/README.md, `python -m bench.scheduler`).
+
+Four processes, Redis and the provider on 2 cores saturate the CPU in each
+window's burst: the first window's 200 arrivals spread over 0.3-0.4 s after
+their admissions, and 1-11 calls of the second window (at 1.1-1.4 s) are refused
+in most runs at margin_s 0.05, 0.1 and 0.2 alike (2 of 7 runs were clean, at
+82.5-90.2 %). That test asserts zero 429s as asked, and fails on such a machine.
 
 Every run starts with its tasks queued behind a short pause of the account, as
 they are after a cooldown: started cold, hundreds of tasks entering `submit` keep
@@ -149,8 +153,8 @@ async def test_four_processes_share_the_rate_through_redis_without_a_429(
     provider: MockProvider, redis_server: RedisServer
 ) -> None:
     """Four processes on one Redis account, 1,000 calls against one provider: all complete,
-    no 429, and together they use at least 80 % of the RPM (measured 82.5-90.2 % at
-    margin_s 0.2; with 0.1, 0-6 429s a run at 87-90 %)."""
+    no 429, and together they use at least 80 % of the RPM (82.5-90.2 % in the clean
+    runs; on 2 shared cores most runs see 1-11 429s, see the module docstring)."""
     members, calls = 4, 1000
     config = {
         "url": redis_server.url,

@@ -383,14 +383,28 @@ class Scheduler:
 
     # -- 429s -------------------------------------------------------------------------
 
-    async def rate_limited(self, model: str | None, signal: RateLimitSignalLike) -> None:
-        """Answer a provider's 429: pause the account, and adapt when 429s keep coming."""
+    async def rate_limited(
+        self,
+        model: str | None,
+        signal: RateLimitSignalLike,
+        *,
+        admitted_at_s: float | None = None,
+    ) -> None:
+        """Answer a provider's 429: pause the account, and adapt when 429s keep coming.
+
+        `admitted_at_s` is when the refused call was admitted (default: now). The
+        429s of calls admitted before the previous 429 was seen are one burst: they
+        adapt the limits once, not once each.
+        """
         self._rate_limited += 1
         self._emit(RateLimited(model, signal.retry_after_s, signal.message))
         name = self.account.group(model)
         group = self._group(model)
         now = self._clock.now()
+        admitted_at_s = now if admitted_at_s is None else admitted_at_s
         period_s = self._longest_period(group.limiter.limits)
+        if admitted_at_s <= group.last_429_s:
+            return  # the same burst: already paused and adapted for
         repeated = now - group.last_429_s < period_s
         group.last_429_s = now
         if signal.retry_after_s is not None:
@@ -523,7 +537,16 @@ def _percentile(samples: list[float], q: float) -> float:
 class Slot:
     """One admission through a scheduler; see `Scheduler.slot`."""
 
-    __slots__ = ("_cost", "_model", "_permit", "_priority", "_scheduler", "_timeout", "_tokens")
+    __slots__ = (
+        "_admitted_s",
+        "_cost",
+        "_model",
+        "_permit",
+        "_priority",
+        "_scheduler",
+        "_timeout",
+        "_tokens",
+    )
 
     def __init__(
         self,
@@ -541,6 +564,7 @@ class Slot:
         self._priority = priority
         self._timeout = timeout
         self._permit: Permit | None = None
+        self._admitted_s = 0.0
 
     @property
     def permit(self) -> Permit | None:
@@ -560,7 +584,8 @@ class Slot:
             tokens=self._tokens, cost=self._cost, timeout=self._timeout, priority=self._priority
         )
         self._permit = await permit
-        waited_s = scheduler._clock.now() - started
+        self._admitted_s = scheduler._clock.now()
+        waited_s = self._admitted_s - started
         scheduler._record_wait(self._priority, waited_s)
         scheduler._emit(Admitted(self._model, self._priority, waited_s))
         return permit
@@ -581,4 +606,6 @@ class Slot:
             signal = scheduler._signal(exc)
             if signal is not None:
                 with anyio.CancelScope(shield=True):
-                    await scheduler.rate_limited(self._model, signal)
+                    await scheduler.rate_limited(
+                        self._model, signal, admitted_at_s=self._admitted_s
+                    )

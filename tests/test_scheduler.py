@@ -151,10 +151,17 @@ async def test_a_429_that_says_retrying_wont_help_is_raised_at_once() -> None:
 
 
 async def test_429s_that_keep_coming_lower_the_limits_which_then_recover() -> None:
-    """Two 429s within a period scale the limits to 80%; a clean period gives 10% back."""
+    """429s that keep coming within a period scale the limits to 80% (a burst counts once);
+    a clean period gives 10% back."""
     scheduler, clock, events = make("tier1")
-    for _ in range(2):
-        await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
+    await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
+    # A 429 to a call admitted before that one was seen is the same burst: no change.
+    burst = Signal(retry_after_s=0.0, retryable=True)
+    await scheduler.rate_limited(None, burst, admitted_at_s=clock.now() - 0.5)
+    assert scheduler.limiter().limits.rpm == 200
+    # A call admitted afterwards that is refused again: the provider is below the table.
+    clock.advance(1)
+    await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
     limiter = scheduler.limiter()
     assert limiter.limits.rpm == pytest.approx(160)
     assert ratekit.LimitsAdapted("account", 0.8, "429s within the limits") in events

@@ -1,0 +1,137 @@
+"""Several OS processes sharing one account through Redis, against a strict provider.
+
+Starts a redis-server on a free loopback port (``redis-server`` must be on PATH)
+and a strict local provider enforcing Moonshot's Tier1 (50 in flight, 200 RPM, a
+minute per second), then runs worker processes that each wrap their own
+``openai.AsyncOpenAI`` with a scheduler on one `RedisBackend` namespace: together
+they keep to the tier. Exits 1 on any 429 or lost call, 2 without redis-server.
+
+    python examples/redis_processes.py
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from typing import Any
+
+import openai
+from anyio.from_thread import start_blocking_portal
+
+import ratekit
+from ratekit.backends.redis import RedisBackend
+from ratekit.mock_provider import MockProvider
+
+SPEED = 60  # a minute of the provider's limits lasts a second
+MARGIN_S = 0.25  # admission to arrival at the provider, for cold clients in busy processes
+PROCESSES = 4
+TASKS_PER_PROCESS = 20
+CALLS_PER_TASK = 5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def start_redis(binary: str, port: int, directory: str) -> subprocess.Popen[bytes]:
+    """A throwaway redis-server on 127.0.0.1:`port`, without persistence; waits for it."""
+    command = [binary, "--port", str(port), "--bind", "127.0.0.1"]
+    command += ["--save", "", "--appendonly", "no", "--dir", directory]
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return process
+        except OSError:
+            time.sleep(0.02)
+    process.kill()
+    raise RuntimeError(f"redis-server did not listen on 127.0.0.1:{port} within 10 s")
+
+
+async def work(redis_url: str, namespace: str, base_url: str) -> dict[str, int]:
+    """One process: TASKS_PER_PROCESS tasks, each making CALLS_PER_TASK calls."""
+    account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S)
+    backend = RedisBackend(redis_url, namespace=namespace)
+    scheduler = ratekit.Scheduler(account, backend=backend)
+    raw = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0)
+    client = ratekit.wrap(raw, scheduler)
+    done = 0
+
+    async def task() -> None:
+        nonlocal done
+        for _ in range(CALLS_PER_TASK):
+            await client.chat.completions.create(
+                model="kimi-k2",
+                messages=[{"role": "user", "content": "Say something short."}],
+                max_tokens=32,
+            )
+            done += 1
+
+    try:
+        await asyncio.gather(*(task() for _ in range(TASKS_PER_PROCESS)))
+        stats = await scheduler.statistics()
+    finally:
+        await raw.close()
+        await backend.aclose()
+    return {"done": done, "admitted": stats.admitted, "rate_limited": stats.rate_limited}
+
+
+def worker(args: tuple[str, str, str]) -> dict[str, int]:
+    return asyncio.run(work(*args))
+
+
+def main() -> int:
+    binary = shutil.which("redis-server")
+    if binary is None:
+        print(
+            "redis-server is not on PATH: install it (Debian: apt-get install redis-server)",
+            file=sys.stderr,
+        )
+        return 2
+    tier = ratekit.load_profile("moonshot").tier("tier1")
+    with tempfile.TemporaryDirectory(prefix="ratekit-example-") as directory:
+        port = free_port()
+        redis = start_redis(binary, port, directory)
+        try:
+            with start_blocking_portal() as provider_loop:
+                server = MockProvider(tier.limits(), speed=SPEED, latency_s=1.2)
+                provider_loop.call(server.start)
+                try:
+                    jobs = [(f"redis://127.0.0.1:{port}/0", uuid.uuid4().hex, server.base_url)]
+                    started = time.monotonic()
+                    context = multiprocessing.get_context("spawn")
+                    with context.Pool(PROCESSES) as pool:
+                        results: list[dict[str, Any]] = pool.map(worker, jobs * PROCESSES)
+                    elapsed_s = time.monotonic() - started
+                finally:
+                    provider_loop.call(server.close)
+        finally:
+            redis.kill()
+            redis.wait(timeout=10)
+
+    expected = PROCESSES * TASKS_PER_PROCESS * CALLS_PER_TASK
+    done = sum(result["done"] for result in results)
+    admitted = sum(result["admitted"] for result in results)
+    rejected = sum(server.statistics().rejected.values())
+    print(f"processes: {PROCESSES}, one account in Redis; {elapsed_s:.2f} s")
+    print(f"calls: {done}/{expected}; total admitted: {admitted}")
+    print(f"provider 429s: {rejected}; peak in flight: {server.statistics().max_concurrency}")
+    if rejected or done != expected:
+        print("FAILED: a 429 or a lost call", file=sys.stderr)
+        return 1
+    print("ok: no 429")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

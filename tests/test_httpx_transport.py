@@ -1,0 +1,221 @@
+"""RateLimitedTransport: a plain httpx.AsyncClient over HTTP to the strict local provider."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from ratekit import Account, Limits, Scheduler
+from ratekit._tokens import default_estimator, estimate_request_tokens
+from ratekit.integrations._httpx import RateLimitedTransport, usage_tokens
+from ratekit.mock_provider import MockProvider
+
+pytestmark = pytest.mark.anyio
+
+MESSAGES = [{"role": "user", "content": "hello world!"}]  # 3 prompt tokens at the provider
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # the mock provider runs on asyncio
+
+
+def scheduler_for(**overrides: Any) -> Scheduler:
+    # Count usage the way the settle reports it, so the tests can read it back exactly.
+    return Scheduler(Account("moonshot", tier="tier1", token_counting="usage", **overrides))
+
+
+def client_for(base_url: str, scheduler: Scheduler, **options: Any) -> httpx.AsyncClient:
+    transport = RateLimitedTransport(scheduler, **options)
+    return httpx.AsyncClient(base_url=base_url, transport=transport)
+
+
+def chat(**extra: Any) -> dict[str, Any]:
+    return {"model": "kimi-k2", "messages": MESSAGES, "max_tokens": 50, **extra}
+
+
+async def used(scheduler: Scheduler, dimension: str) -> float:
+    return (await scheduler.limiter().statistics()).dimension(dimension).used
+
+
+async def test_a_chat_call_is_admitted_and_settled_with_its_true_usage() -> None:
+    """A chat POST reserves prompt + max_tokens, then settles the body's usage.total_tokens."""
+    async with MockProvider(Limits(rpm=100, tpm=100_000), completion_tokens=5) as server:
+        scheduler = scheduler_for()
+        async with client_for(server.base_url, scheduler) as client:
+            response = await client.post("/chat/completions", json=chat())
+        assert response.status_code == 200
+        assert response.json()["usage"]["total_tokens"] == 8
+        assert await used(scheduler, "tpm") == 8
+        assert await used(scheduler, "rpm") == 1
+        assert await used(scheduler, "concurrency") == 0
+        assert (await scheduler.statistics()).admitted == 1
+
+
+async def test_embeddings_and_responses_settle_with_their_usage() -> None:
+    """/embeddings settles total_tokens; /responses settles input + output tokens."""
+    async with MockProvider(Limits(rpm=100), completion_tokens=4) as server:
+        scheduler = scheduler_for()
+        async with client_for(server.base_url, scheduler) as client:
+            embedded = await client.post("/embeddings", json={"model": "e", "input": "a b c d"})
+            answered = await client.post(
+                "/responses", json={"model": "kimi-k2", "input": "hi", "max_output_tokens": 8}
+            )
+        expected = usage_tokens(embedded.json()) + usage_tokens(answered.json())  # type: ignore[operator]
+        assert await used(scheduler, "tpm") == expected
+        assert await used(scheduler, "rpm") == 2
+
+
+async def test_a_stream_holds_its_slot_until_read_to_its_end_and_settles() -> None:
+    """A streamed chat call keeps its slot while open and settles from its usage event."""
+    async with MockProvider(Limits(rpm=100, tpm=100_000), completion_tokens=4) as server:
+        scheduler = scheduler_for()
+        body = chat(stream=True, stream_options={"include_usage": True})
+        async with (
+            client_for(server.base_url, scheduler) as client,
+            client.stream("POST", "/chat/completions", json=body) as response,
+        ):
+            assert response.headers["content-type"].startswith("text/event-stream")
+            assert await used(scheduler, "concurrency") == 1
+            lines = [line async for line in response.aiter_lines()]
+            assert await used(scheduler, "concurrency") == 0
+        assert lines[-2] == "data: [DONE]" or lines[-1] == "data: [DONE]"
+        assert await used(scheduler, "tpm") == 7  # 3 prompt + 4 output, not 53 reserved
+
+
+async def test_a_stream_closed_early_gives_its_slot_back() -> None:
+    """Leaving the stream's block before its end releases the slot at once."""
+    async with MockProvider(Limits(rpm=100), completion_tokens=50) as server:
+        scheduler = scheduler_for()
+        async with client_for(server.base_url, scheduler) as client:
+            async with client.stream("POST", "/chat/completions", json=chat(stream=True)) as r:
+                async for _ in r.aiter_bytes():
+                    break
+                assert await used(scheduler, "concurrency") == 1
+            assert await used(scheduler, "concurrency") == 0
+            # No usage seen: the estimate (prompt + 50 max output) stands.
+            estimator = default_estimator(scheduler.account.profile)
+            prompt, output = estimate_request_tokens("chat.completions.create", chat(), estimator)
+            assert output == 50
+            assert await used(scheduler, "tpm") == prompt + output
+
+
+async def test_a_429_is_answered_and_returned_unchanged() -> None:
+    """A provider 429 pauses the account and reaches the caller as the provider sent it."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = scheduler_for()
+        server.inject_429s(1, retry_after_s=0.2)
+        async with client_for(server.base_url, scheduler) as client:
+            response = await client.post("/chat/completions", json=chat())
+            assert response.status_code == 429
+            assert response.headers["retry-after-ms"] == "200"
+            assert response.json()["error"]["code"] == "rate_limit_exceeded"
+            stats = await scheduler.statistics()
+            assert (stats.rate_limited, stats.cooldowns) == (1, 1)
+            assert await used(scheduler, "concurrency") == 0
+            # The cooldown holds the next call back for the provider's wait.
+            started = anyio.current_time()
+            assert (await client.post("/chat/completions", json=chat())).status_code == 200
+            assert anyio.current_time() - started >= 0.15
+
+
+async def test_a_streamed_call_refused_with_429_is_answered_too() -> None:
+    """A stream refused when opened is a JSON 429: answered, released, returned."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = scheduler_for()
+        server.inject_429s(1, retry_after_s=0.05)
+        async with client_for(server.base_url, scheduler) as client:
+            response = await client.post("/chat/completions", json=chat(stream=True))
+        assert response.status_code == 429
+        assert (await scheduler.statistics()).rate_limited == 1
+        assert await used(scheduler, "concurrency") == 0
+
+
+async def test_other_requests_pass_through_unadmitted() -> None:
+    """GET /v1/models and non-JSON posts are sent as they are, outside the limits."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = scheduler_for()
+        async with client_for(server.base_url, scheduler) as client:
+            models = await client.get("/models")
+            odd = await client.post("/chat/completions", content=b"not json")
+        assert models.status_code == 200
+        assert models.json()["object"] == "list"
+        assert odd.status_code == 400
+        assert (await scheduler.statistics()).admitted == 0
+        assert await used(scheduler, "rpm") == 0
+
+
+async def test_per_request_extensions_override_the_estimate() -> None:
+    """extensions={"ratekit_tokens": n} reserves exactly n, not sent to the provider."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))  # reserve counting
+        async with client_for(server.base_url, scheduler) as client:
+            await client.post("/embeddings", json={"model": "e", "input": "x"})
+            reserved = await used(scheduler, "tpm")
+            await client.post(
+                "/embeddings",
+                json={"model": "e", "input": "x"},
+                extensions={"ratekit_tokens": 1_000},
+            )
+        assert await used(scheduler, "tpm") == reserved + 1_000
+
+
+async def test_a_call_that_never_connects_hands_its_reservation_back() -> None:
+    """An httpx.ConnectError is raised and the request counts nothing."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    scheduler = scheduler_for()
+    async with client_for(f"http://127.0.0.1:{port}/v1", scheduler) as client:
+        with pytest.raises(httpx.ConnectError):
+            await client.post("/chat/completions", json=chat())
+    assert await used(scheduler, "rpm") == 0
+    assert await used(scheduler, "concurrency") == 0
+
+
+async def test_hundreds_of_concurrent_calls_get_no_429_from_a_strict_provider() -> None:
+    """300 calls from 100 tasks, half of them streamed, against 120 RPM enforced exactly."""
+    limits = Limits(concurrency=20, rpm=120, tpm=60_000)
+    async with MockProvider(limits, speed=60, completion_tokens=8) as server:
+        account = Account(
+            "moonshot",
+            tier="tier1",
+            concurrency=20,
+            rpm=120,
+            tpm=60_000,
+            period_scale=1 / 60,
+            # Client and provider share one loop: a burst of 120 admissions reaches the
+            # provider over tens of ms, unevenly (more on a loaded machine): count each
+            # admission that much longer, as a client across a network would.
+            margin_s=0.1,
+        )
+        scheduler = Scheduler(account)
+        done = 0
+        limits_http = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+        transport = RateLimitedTransport(scheduler, httpx.AsyncHTTPTransport(limits=limits_http))
+
+        async def worker(client: httpx.AsyncClient, calls: int, stream: bool) -> None:
+            nonlocal done
+            for _ in range(calls):
+                if stream:
+                    async with client.stream(
+                        "POST", "/chat/completions", json=chat(max_tokens=20, stream=True)
+                    ) as response:
+                        await response.aread()
+                else:
+                    response = await client.post("/chat/completions", json=chat(max_tokens=20))
+                done += response.status_code == 200
+
+        async with (
+            httpx.AsyncClient(base_url=server.base_url, transport=transport) as client,
+            anyio.create_task_group() as group,
+        ):
+            for index in range(100):
+                group.start_soon(worker, client, 3, index % 2 == 0)
+        assert server.statistics().rejected == {}
+        assert (await scheduler.statistics()).rate_limited == 0
+        assert done == 300

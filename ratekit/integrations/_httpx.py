@@ -140,7 +140,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             response = await self._transport.handle_async_request(request)
             if body.get("stream") is True and _is_event_stream(response):
                 return _with_stream(response, _AdmittedByteStream(response, slot))
-            return await self._read_and_settle(response, slot, model)
+            return await self._read_and_settle(request, response, slot)
         except BaseException as exc:
             with anyio.CancelScope(shield=True):
                 if isinstance(exc, httpx.ConnectError) and slot.permit is not None:
@@ -156,7 +156,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         return float(prompt + output)
 
     async def _read_and_settle(
-        self, response: httpx.Response, slot: Slot, model: str | None
+        self, request: httpx.Request, response: httpx.Response, slot: Slot
     ) -> httpx.Response:
         """Read `response` whole, settle or answer a rate limit, and release the slot."""
         try:
@@ -166,16 +166,17 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         # A twin to decode (content-encoding) and parse; the caller gets an unread copy.
         decoded = _with_stream(response, httpx.ByteStream(raw))
         await decoded.aread()
-        signal = classify(decoded, now_s=time.time())
-        if signal is not None:
-            # Pause first, so that no waiter slips in between the release and the pause.
+        if classify(decoded, now_s=time.time()) is not None:
+            # Answered by the slot as a raised 429 would be (the scheduler's classifier,
+            # one pause per burst), but returned, not raised.
+            refusal = httpx.HTTPStatusError("rate limited", request=request, response=decoded)
             with anyio.CancelScope(shield=True):
-                await self.scheduler.rate_limited(model, signal)
+                await slot.__aexit__(type(refusal), refusal, None)
         else:
             used = usage_tokens(_json_object(decoded.content))
             if used is not None and slot.permit is not None:
                 slot.permit.settle(tokens=used)
-        await slot.__aexit__(None, None, None)
+            await slot.__aexit__(None, None, None)
         return _with_stream(response, httpx.ByteStream(raw))
 
     async def aclose(self) -> None:

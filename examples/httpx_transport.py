@@ -18,7 +18,7 @@ import anyio
 import httpx
 
 import ratekit
-from ratekit.integrations._httpx import RateLimitedTransport
+from ratekit import RateLimitedTransport
 from ratekit.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second

@@ -96,6 +96,7 @@ __all__ = [
     "Queued",
     "Rate",
     "RateLimited",
+    "RateLimitedTransport",
     "RatekitError",
     "RedisBackend",
     "RelayBilling",
@@ -138,4 +139,8 @@ def __getattr__(name: str) -> object:
         from .backends.redis import RedisBackend
 
         return RedisBackend
+    if name == "RateLimitedTransport":  # needs the optional `httpx` package
+        from .integrations._httpx import RateLimitedTransport
+
+        return RateLimitedTransport
     raise AttributeError(f"module 'ratekit' has no attribute {name!r}")

@@ -599,13 +599,15 @@ class Slot:
         permit = self._permit
         assert permit is not None
         scheduler = self._scheduler
-        await permit.release()
-        usage = permit.usage
-        scheduler._emit(Settled(self._model, usage.tokens, usage.cost))
-        if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
-            signal = scheduler._signal(exc)
-            if signal is not None:
-                with anyio.CancelScope(shield=True):
+        with anyio.CancelScope(shield=True):
+            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
+                signal = scheduler._signal(exc)
+                if signal is not None:
+                    # Paused before the slot is given back, so that no waiter woken
+                    # by the release is admitted ahead of the cooldown.
                     await scheduler.rate_limited(
                         self._model, signal, admitted_at_s=self._admitted_s
                     )
+            await permit.release()
+        usage = permit.usage
+        scheduler._emit(Settled(self._model, usage.tokens, usage.cost))

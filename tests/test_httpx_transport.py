@@ -190,8 +190,9 @@ async def test_hundreds_of_concurrent_calls_get_no_429_from_a_strict_provider() 
             period_scale=1 / 60,
             # Client and provider share one loop: a burst of 120 admissions reaches the
             # provider over tens of ms, unevenly (more on a loaded machine): count each
-            # admission that much longer, as a client across a network would.
+            # admission that much longer, as a client across a network would, and pace.
             margin_s=0.1,
+            pacing=True,
         )
         scheduler = Scheduler(account)
         done = 0

@@ -33,6 +33,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from bench._common import require
+
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
 # Seconds of every peer's window: a minute, like an rpm.
@@ -107,27 +109,9 @@ class Memory:
 # -- the contenders ------------------------------------------------------------------
 
 
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
 def require_peers() -> None:
     """Exit with the install command when ratekit or a peer library cannot be imported."""
-    missing = [dist for module, dist in PEERS.items() if not _importable(module)]
-    if missing:
-        raise SystemExit(
-            f"bench.acquire: missing peer package(s): {', '.join(missing)}. "
-            f"Install the bench extra: {EXTRA_HINT}"
-        )
-    if not _importable("ratekit"):
-        raise SystemExit(
-            "bench.acquire: cannot import ratekit; run from the repository root "
-            f"(python -m bench.acquire) or {EXTRA_HINT}"
-        )
+    require("bench.acquire", PEERS, "ratekit", EXTRA_HINT)
 
 
 def _check(name: str, admitted: bool) -> None:

@@ -49,6 +49,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from bench._common import require
+
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
 EXTRA_HINT = "pip install -e '.[bench,redis]'"
@@ -245,27 +247,9 @@ def require_redis_server() -> str:
 # -- the contenders ------------------------------------------------------------------
 
 
-def _importable(module: str) -> bool:
-    try:
-        importlib.import_module(module)
-    except ImportError:
-        return False
-    return True
-
-
 def require_peers() -> None:
-    """Exit with the install command when ratekit, redis-py or a peer cannot be imported."""
-    missing = [dist for module, dist in PEERS.items() if not _importable(module)]
-    if missing:
-        raise SystemExit(
-            f"bench.redis: missing package(s): {', '.join(missing)}. "
-            f"Install the bench and redis extras: {EXTRA_HINT}"
-        )
-    if not _importable("ratekit.backends.redis"):
-        raise SystemExit(
-            "bench.redis: cannot import ratekit.backends.redis; run from the repository root "
-            f"(python -m bench.redis) or {EXTRA_HINT}"
-        )
+    """Exit with the install command when ratekit or a peer library cannot be imported."""
+    require("bench.redis", PEERS, "ratekit.backends.redis", EXTRA_HINT)
 
 
 def _check(name: str, admitted: bool) -> None:

@@ -1,0 +1,28 @@
+"""What every benchmark checks before it runs: that it can import what it compares."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+
+
+def importable(module: str) -> bool:
+    """Whether `module` imports here."""
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return True
+
+
+def require(tool: str, peers: Mapping[str, str], ratekit_module: str, hint: str) -> None:
+    """Exit naming the install command when a peer (import name -> distribution) or
+    ratekit's `ratekit_module` cannot be imported."""
+    missing = [dist for module, dist in peers.items() if not importable(module)]
+    if missing:
+        raise SystemExit(f"{tool}: missing package(s): {', '.join(missing)}. Install: {hint}")
+    if not importable(ratekit_module):
+        raise SystemExit(
+            f"{tool}: cannot import {ratekit_module}; run from the repository root "
+            f"(python -m {tool}) or {hint}"
+        )

@@ -1,0 +1,5 @@
+"""``python -m ratekit.cli``: the ``ratekit`` command."""
+
+from . import main
+
+main()

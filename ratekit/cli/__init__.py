@@ -1,6 +1,7 @@
 """The ``ratekit`` command: profiles, plans, batch runs, a strict local provider, simulations.
 
-Each command lives in a module of its own and is registered here.
+Each command lives in a module of its own and is registered here. It needs the
+``cli`` extra (``pip install 'ratekit[cli]'``).
 """
 
 from __future__ import annotations
@@ -8,7 +9,10 @@ from __future__ import annotations
 import click
 
 from ._mock_provider_cmd import mock_provider
+from ._plan_cmd import plan
 from ._profiles_cmd import profiles
+from ._run_cmd import run
+from ._simulate_cmd import simulate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -17,21 +21,5 @@ def main() -> None:
     """Keep LLM calls inside a provider's tier: plan, run and simulate batches."""
 
 
-main.add_command(profiles)
-main.add_command(mock_provider)
-
-
-def _register_optional() -> None:
-    # Commands written in modules of their own, registered when present.
-    from importlib import import_module
-
-    commands = (("._plan_cmd", "plan"), ("._run_cmd", "run"), ("._simulate_cmd", "simulate"))
-    for module, name in commands:
-        try:
-            command = getattr(import_module(module, __name__), name)
-        except ModuleNotFoundError:
-            continue
-        main.add_command(command)
-
-
-_register_optional()
+for command in (profiles, plan, run, simulate, mock_provider):
+    main.add_command(command)

@@ -130,16 +130,17 @@ class SlicedWindow:
         """
         self.expire(now)
         pace_wait = self._pace_next_s - now if self.pacing else 0.0
-        excess = self._total + self._held + amount - self.limit
-        slack = self.limit * _EPSILON
-        if excess <= slack:
+        used = self._total + self._held
+        # The same test as `fits`, so that a hint never disagrees with an admission.
+        if used + amount <= self._ceiling:
             return max(pace_wait, 0.0)
-        if excess > self._total + slack:
+        excess = used + amount - self._ceiling
+        if excess > self._total:
             return math.inf
         freed = 0.0
         for index, slice_amount in self._slices:
             freed += slice_amount
-            if freed >= excess - slack:
+            if freed >= excess:
                 return max(self.expiry_s(index) - now, pace_wait)
         # Only float drift of `_total` above the slices' sum lands here: by the
         # newest slice's expiry everything recorded so far is gone.
@@ -314,10 +315,11 @@ class CalendarWindow:
 
     def wait_s(self, now: float, amount: float) -> float:
         self._roll(now)
-        excess = self._total + self._held + amount - self.limit
-        if excess <= self.limit * _EPSILON:
+        ceiling = self.limit * (1 + _EPSILON)
+        used = self._total + self._held
+        if used + amount <= ceiling:
             return 0.0
-        if excess > self._total * (1 + _EPSILON):
+        if used + amount - ceiling > self._total:
             return math.inf
         return self._day_end_s - now
 

@@ -111,16 +111,17 @@ end
 -- Seconds from `now` until `amount` more fits; 0 when it fits now, inf when only a
 -- release of held amounts can make room.
 local function wait_s(w, now, amount)
-  local slack = w.limit * EPSILON
-  local excess = w.total + w.held + amount - w.limit
+  local ceiling = w.limit * (1 + EPSILON)
+  local used = w.total + w.held
   local pace_wait = 0
   if w.pacing then
     pace_wait = w.pace - now
   end
-  if excess <= slack then
+  if used + amount <= ceiling then
     return math.max(pace_wait, 0)
   end
-  if excess > w.total + slack then
+  local excess = used + amount - ceiling
+  if excess > w.total then
     return math.huge
   end
   if w.offset_s then
@@ -129,11 +130,12 @@ local function wait_s(w, now, amount)
   local freed = 0
   for _, index in ipairs(w.indexes) do
     freed = freed + w.slices[index]
-    if freed >= excess - slack then
+    if freed >= excess then
       return math.max(expiry_s(w, index) - now, pace_wait)
     end
   end
-  return math.huge
+  -- Only float drift lands here: by the newest slice's expiry all of it is gone.
+  return math.max(expiry_s(w, w.indexes[#w.indexes]) - now, pace_wait)
 end
 
 -- Counts `amount` at `now` (in the current slice, or the current day).

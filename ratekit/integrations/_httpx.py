@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator
 from typing import Any
 
 import anyio
@@ -24,6 +24,7 @@ import httpx
 from .._scheduler import Scheduler, Slot
 from .._signals import classify
 from .._tokens import TokenEstimator, default_estimator, estimate_request_tokens
+from ._usage import usage_tokens
 
 # Path endings that are admitted, and the request kind their body is estimated as.
 # Longest first: "/chat/completions" also ends in "/completions".
@@ -54,35 +55,6 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     except (ValueError, UnicodeDecodeError):
         return None
     return value if isinstance(value, dict) else None
-
-
-def usage_tokens(body: object) -> float | None:
-    """The tokens a JSON answer (or one SSE event) reports as used, else None.
-
-    ``usage.total_tokens``, else ``usage.input_tokens + usage.output_tokens``; the
-    usage may sit at the top (chat, embeddings, responses) or under ``response``
-    (the responses API's ``response.completed`` event).
-    """
-    if not isinstance(body, Mapping):
-        return None
-    usage = body.get("usage")
-    if not isinstance(usage, Mapping):
-        inner = body.get("response")
-        usage = inner.get("usage") if isinstance(inner, Mapping) else None
-        if not isinstance(usage, Mapping):
-            return None
-    total = _count(usage.get("total_tokens"))
-    if total is not None:
-        return total
-    parts = [_count(usage.get(name)) for name in ("input_tokens", "output_tokens")]
-    counted = [part for part in parts if part is not None]
-    return sum(counted) if counted else None
-
-
-def _count(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    return None
 
 
 class RateLimitedTransport(httpx.AsyncBaseTransport):

@@ -20,6 +20,7 @@ import anyio
 
 from .._scheduler import Scheduler, Slot
 from .._tokens import TokenEstimator, default_estimator, estimate_request_tokens
+from ._usage import usage_tokens
 
 # The create methods that are admitted, by the attribute path that leads to them.
 _ADMITTED = {
@@ -120,7 +121,7 @@ class _Create:
             model=model,
             priority=priority,
             timeout=timeout,
-            usage=_total_tokens,
+            usage=usage_tokens,
         )
 
     async def _stream(
@@ -160,17 +161,6 @@ def _asks_for_usage(params: Mapping[str, Any]) -> bool:
     return bool(isinstance(options, Mapping) and options.get("include_usage"))
 
 
-def _total_tokens(response: Any) -> float | None:
-    usage = getattr(response, "usage", None)
-    if usage is None:
-        return None
-    total = getattr(usage, "total_tokens", None)
-    if total is None:  # the responses API names them input and output tokens
-        parts = [getattr(usage, name, None) for name in ("input_tokens", "output_tokens")]
-        total = sum(part for part in parts if part is not None) if any(parts) else None
-    return None if total is None else float(total)
-
-
 class _AdmittedStream:
     """A provider stream that holds its admission until it ends, is closed or is dropped.
 
@@ -198,7 +188,7 @@ class _AdmittedStream:
         try:
             while True:
                 chunk = await self._iterator.__anext__()
-                usage = _total_tokens(chunk)
+                usage = usage_tokens(chunk)
                 if usage is not None:
                     self._usage = usage
                     if self._hide_usage_chunk and not getattr(chunk, "choices", None):

@@ -402,6 +402,8 @@ class BatchConfig:
     `MockProvider` with the same speed); `margin_ms` is real milliseconds each admission
     counts beyond its window. `redis_url` and `namespace` share the account with other
     runners through Redis. `workers` defaults to the tier's concurrency (at most 256).
+    `pacing` spreads requests one every period / limit (across runners sharing Redis
+    too), so that no burst reaches the provider later than it was counted.
     """
 
     provider: str
@@ -414,6 +416,7 @@ class BatchConfig:
     namespace: str | None = None
     speed: float = 1.0
     margin_ms: float = DEFAULT_MARGIN_MS
+    pacing: bool = True
     model: str | None = None
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
@@ -433,6 +436,7 @@ def make_account(config: BatchConfig) -> Account:
         tier=config.tier,
         period_scale=1 / config.speed,
         margin_s=config.margin_ms / 1000,  # real seconds: a margin is not compressed
+        pacing=config.pacing,
     )
 
 

@@ -200,6 +200,12 @@ def _api_key(variable: str, base_url: str) -> str:
     show_default=True,
     help="Real ms each admission counts beyond its window (network jitter).",
 )
+@click.option(
+    "--pacing/--no-pacing",
+    default=True,
+    show_default=True,
+    help="Spread requests evenly (one every period / limit) instead of in bursts.",
+)
 @click.option("--model", help="Model for lines without one.")
 @click.option(
     "--connect-timeout",
@@ -236,6 +242,7 @@ def run(
     namespace: str | None,
     speed: float,
     margin_ms: float,
+    pacing: bool,
     model: str | None,
     connect_timeout: float,
     request_timeout: float,
@@ -261,6 +268,7 @@ def run(
         namespace=namespace,
         speed=speed,
         margin_ms=margin_ms,
+        pacing=pacing,
         model=model,
         connect_timeout_s=connect_timeout,
         request_timeout_s=request_timeout,

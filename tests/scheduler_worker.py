@@ -130,10 +130,16 @@ async def warm_up(client: openai.AsyncOpenAI, connections: int) -> None:
 
 
 async def _fleet_member(config: dict[str, Any]) -> Outcome:
+    from ratekit.backends import Backend, MemoryBackend
     from ratekit.backends.redis import RedisBackend
 
     outcome = Outcome()
-    backend = RedisBackend(config["url"], namespace=config["namespace"])
+    # Without a Redis URL the member keeps the account in its own memory.
+    backend: Backend = (
+        MemoryBackend()
+        if config.get("url") is None
+        else RedisBackend(config["url"], namespace=config["namespace"])
+    )
     account = make_account(
         margin_s=config.get("margin_s", MARGIN_S), pacing=config.get("pacing", False)
     )
@@ -156,7 +162,8 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
             )
     finally:
         await client.close()
-        await backend.aclose()
+        if isinstance(backend, RedisBackend):
+            await backend.aclose()
     return outcome
 
 

@@ -23,10 +23,11 @@ margin_s = 0.02 one process measured 96.7-96.9 % but 0-3 429s a run, with 0.1
 no 429 at 86.7-89.8 %; four processes on Redis saw 1-11 429s in most runs at any
 margin from 0.05 to 0.2. Paced (one request every period / limit, shared through
 Redis by the fleet) with margin_s = 0.03, four processes measured 96.1-97.0 %
-with no 429 in a dozen runs on a quiet machine; one process, whose provider
-shares its loop, measured 93.8-94.1 % at 0.05. Inside a full CI run (one long
-pytest process on 2 cores) 0.05 still let one 429 through, so the tests run at
-margin_s = 0.1 and assert 85 %: zero 429s is the point they keep strict.
+with no 429 in a dozen runs on a quiet machine. Inside a full CI run (one long
+pytest process on 2 cores) smaller margins still let the odd 429 through, so
+the tests run paced at margin_s = 0.1 and assert 85 %: zero 429s is the point
+they keep strict. The clients run in processes of their own, as they would, so
+that the provider's arrival stamps do not wait for the clients' loop.
 
 Every run starts with its tasks queued behind a short pause of the account, as
 they are after a cooldown: started cold, hundreds of tasks entering `submit` keep
@@ -100,48 +101,6 @@ def _client(server: MockProvider) -> openai.AsyncOpenAI:
     return openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
 
 
-async def _run_single(
-    server: MockProvider,
-    *,
-    calls: int,
-    tasks: int,
-    account: dict[str, Any] | None = None,
-    **options: Any,
-) -> tuple[Outcome, ratekit.Scheduler]:
-    outcome = Outcome()
-    scheduler = ratekit.Scheduler(
-        make_account(**(account or {})), hooks=[outcome.record], **options
-    )
-    client = _client(server)
-    try:
-        await warm_up(client, 60)
-        await scheduler.limiter().backend.pause(START_PAUSE_S)
-        with anyio.fail_after(30):
-            await drive(scheduler, chat_call(client), outcome, calls=calls, tasks=tasks)
-    finally:
-        await client.close()
-    return outcome, scheduler
-
-
-async def test_one_process_fills_the_binding_rate_without_a_429(provider: MockProvider) -> None:
-    """1,000 calls from 300 tasks, paced: all complete, no 429, and at least 85 % of the
-    RPM is used at margin_s 0.1. The provider shares this process's loop, which
-    delays its arrival stamps: margin_s 0.05 measured 93.8-94.1 % but a CI run saw a
-    429; 0.03 measured 95.6-96.9 % with a 429 one run in three."""
-    calls = 1000
-    paced = {"margin_s": PACED_MARGIN_S, "pacing": True}
-    outcome, _ = await _run_single(provider, calls=calls, tasks=300, account=paced)
-    arrivals = [call.arrived_s for call in provider.calls]
-    used = utilisation(arrivals, RPM, PERIOD_S)
-    print(f"\none process: {outcome.results} calls, {used:.1%} of {RPM} RPM, {outcome.events}")
-    assert outcome.errors == []
-    assert outcome.results == calls
-    assert provider.statistics().rejected == {}
-    assert outcome.events["RateLimited"] == 0
-    assert len(arrivals) == calls
-    assert used >= 0.85
-
-
 def _start_member(config: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen(
         [sys.executable, "-m", "tests.scheduler_worker", json.dumps(config)],
@@ -157,6 +116,60 @@ async def _readline(process: subprocess.Popen[str]) -> str:
     assert process.stdout is not None
     with anyio.fail_after(20):
         return await anyio.to_thread.run_sync(process.stdout.readline)
+
+
+async def _run_members(provider: MockProvider, config: dict[str, Any], members: int) -> list[Any]:
+    """Start `members` worker processes on `config`, release them together, collect reports."""
+    processes = [_start_member(config) for _ in range(members)]
+    reports = []
+    try:
+        for process in processes:
+            line = await _readline(process)
+            assert line.strip() == "ready", line + process.stderr.read()  # type: ignore[union-attr]
+        start_at = time.time() + START_PAUSE_S
+        for process in processes:
+            assert process.stdin is not None
+            process.stdin.write(f"{start_at!r}\n")
+            process.stdin.flush()
+        for process in processes:
+            stdout, stderr = await anyio.to_thread.run_sync(
+                lambda p=process: p.communicate(timeout=40)
+            )
+            assert process.returncode == 0, stderr
+            reports.append(json.loads(stdout.splitlines()[-1]))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return reports
+
+
+async def test_one_process_fills_the_binding_rate_without_a_429(provider: MockProvider) -> None:
+    """1,000 calls from 300 tasks of one client process, paced: all complete, no 429, and
+    at least 85 % of the RPM is used (the provider runs in another process, as it would)."""
+    calls = 1000
+    config = {
+        "url": None,
+        "base_url": provider.base_url,
+        "calls": calls,
+        "tasks": 300,
+        "connections": 60,
+        "timeout_s": 30,
+        "margin_s": PACED_MARGIN_S,
+        "pacing": True,
+    }
+    reports = await _run_members(provider, config, 1)
+    arrivals = [call.arrived_s for call in provider.calls]
+    used = utilisation(arrivals, RPM, PERIOD_S)
+    rate_limited = reports[0]["events"].get("RateLimited", 0)
+    print(f"\none process: {reports[0]['results']} calls, {used:.1%} of {RPM} RPM")
+    assert reports[0]["errors"] == []
+    assert reports[0]["results"] == calls
+    assert provider.statistics().rejected == {}
+    assert rate_limited == 0
+    assert len(arrivals) == calls
+    assert used >= 0.85
 
 
 @pytest.mark.redis
@@ -180,28 +193,7 @@ async def test_four_processes_share_the_rate_through_redis_without_a_429(
         # of a burst that six busy processes on two cores take too long to deliver.
         "pacing": True,
     }
-    processes = [_start_member(config) for _ in range(members)]
-    reports = []
-    try:
-        for process in processes:
-            line = await _readline(process)
-            assert line.strip() == "ready", line + process.stderr.read()  # type: ignore[union-attr]
-        start_at = time.time() + START_PAUSE_S
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write(f"{start_at!r}\n")
-            process.stdin.flush()
-        for process in processes:
-            stdout, stderr = await anyio.to_thread.run_sync(
-                lambda p=process: p.communicate(timeout=40)
-            )
-            assert process.returncode == 0, stderr
-            reports.append(json.loads(stdout.splitlines()[-1]))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    reports = await _run_members(provider, config, members)
 
     arrivals = [call.arrived_s for call in provider.calls]
     used = utilisation(arrivals, RPM, PERIOD_S)

@@ -6,7 +6,6 @@ import dataclasses
 import enum
 import math
 import zoneinfo
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -240,8 +239,3 @@ class Limits:
     def compressed(self, speed: float) -> Limits:
         """The same limits with time running `speed` times faster (every period divided)."""
         return self.replace(period_scale=self.period_scale / speed)
-
-    @classmethod
-    def of(cls, rates: Iterable[Rate], **kwargs: object) -> Limits:
-        """Limits made only of explicit rates."""
-        return cls(rates=tuple(rates), **kwargs)  # type: ignore[arg-type]

@@ -251,10 +251,6 @@ class SlicedWindow:
                 break
         return 0.0
 
-    def hold(self, amount: float) -> None:
-        """Count `amount` until `unhold`, whatever the time."""
-        self._held += amount
-
     def unhold(self, amount: float) -> None:
         """Stop counting a held amount."""
         self._held -= amount
@@ -359,9 +355,6 @@ class CalendarWindow:
         taken = min(self._total, amount)
         self._total -= taken
         return taken
-
-    def hold(self, amount: float) -> None:
-        self._held += amount
 
     def unhold(self, amount: float) -> None:
         self._held -= amount

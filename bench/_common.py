@@ -3,7 +3,28 @@
 from __future__ import annotations
 
 import importlib
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+
+Op = Callable[[], Awaitable[None]]
+
+
+class BenchError(RuntimeError):
+    """A contender misbehaved (refused an admission under a huge limit)."""
+
+
+async def nothing() -> None:
+    """An awaitable that does nothing: a subject's default close, and the harness baseline."""
+    return None
+
+
+@dataclass(frozen=True)
+class Subject:
+    """One live limiter under test: `op` does one admission (and its release, where the
+    library has one); `close` frees it."""
+
+    op: Op
+    close: Callable[[], Awaitable[None]] = nothing
 
 
 def importable(module: str) -> bool:

@@ -29,11 +29,11 @@ import statistics
 import sys
 import time
 import tracemalloc
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench._common import require
+from bench._common import BenchError, Op, Subject, nothing, require
 
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
@@ -45,24 +45,6 @@ GOAL_RATIO = 1.0
 EXTRA_HINT = "pip install -e '.[bench]'"
 # Import name -> distribution name of every peer the bench compares against.
 PEERS = {"aiolimiter": "aiolimiter", "limits": "limits", "pyrate_limiter": "pyrate-limiter"}
-
-Op = Callable[[], Awaitable[None]]
-
-
-class BenchError(RuntimeError):
-    """A contender misbehaved (refused an admission under a huge limit)."""
-
-
-async def _nothing() -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One live limiter under test: `op` does one acquire+release; `close` frees it."""
-
-    op: Op
-    close: Callable[[], Awaitable[None]] = _nothing
 
 
 @dataclass(frozen=True)
@@ -120,7 +102,7 @@ def _check(name: str, admitted: bool) -> None:
 
 
 def _empty() -> Subject:
-    return Subject(_nothing)
+    return Subject(nothing)
 
 
 def _ratekit_one() -> Subject:

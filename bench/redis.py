@@ -49,7 +49,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bench._common import require
+from bench._common import BenchError, Op, Subject, require
 
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
@@ -74,24 +74,6 @@ HARNESS_COMMANDS = frozenset(
 SENTINEL = "bench-redis-trace-end"
 # Seconds a subject may take to close before the bench reports it and moves on.
 CLOSE_TIMEOUT_S = 5.0
-
-Op = Callable[[], Awaitable[None]]
-
-
-class BenchError(RuntimeError):
-    """A contender misbehaved (refused an admission under a huge limit)."""
-
-
-async def _nothing() -> None:
-    return None
-
-
-@dataclass(frozen=True)
-class Subject:
-    """One live limiter under test: `op` does one admission (and its release); `close` frees it."""
-
-    op: Op
-    close: Callable[[], Awaitable[None]] = _nothing
 
 
 @dataclass(frozen=True)

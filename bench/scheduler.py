@@ -22,6 +22,8 @@ arrival times, ``m = (n - 1) // limit``: 1.0 is the fastest any client could go.
 
 from __future__ import annotations
 
+import math
+
 import argparse
 import asyncio
 import json
@@ -61,9 +63,11 @@ class CountingBackend(MemoryBackend):
         super().__init__()
         self.reserves = 0
 
-    def reserve_now(self, limits: ratekit.Limits, demand: Any, now: float) -> Any:
+    def reserve_now(
+        self, limits: ratekit.Limits, demand: Any, now: float, wall: float = math.nan
+    ) -> Any:
         self.reserves += 1
-        return super().reserve_now(limits, demand, now)
+        return super().reserve_now(limits, demand, now, wall)
 
 
 @dataclass(frozen=True)
@@ -195,7 +199,7 @@ async def single_process(calls: int, margin_s: float) -> EndToEndRow:
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
         try:
             await warm_up(client, 60)
-            await scheduler.limiter().backend.pause(0.1)
+            await scheduler.limiter().pause(0.1)
             started = time.perf_counter()
             await drive(scheduler, chat_call(client), outcome, calls=calls, tasks=300)
             seconds = time.perf_counter() - started

@@ -5,11 +5,13 @@ and `Limiter` (permits for calls within those limits).
 """
 
 from ._account import Account
-from ._clock import Clock, FakeClock, SystemClock
+from ._admission import Admission
+from ._clock import Clock, FakeClock, Instant, SystemClock
 from ._errors import (
     AcquireTimeout,
     BackendUnavailableError,
     CostExceedsLimitError,
+    InvalidArgumentError,
     InvalidCostError,
     LimitsError,
     MissingPriceError,
@@ -23,6 +25,7 @@ from ._errors import (
     UnknownNameError,
     UnknownProviderError,
     UnknownTierError,
+    WrongEventLoopError,
 )
 from ._estimate import TokenEstimate
 from ._events import (
@@ -61,6 +64,7 @@ from .integrations._openai import wrap
 __all__ = [
     "Account",
     "AcquireTimeout",
+    "Admission",
     "Admitted",
     "Backend",
     "BackendUnavailableError",
@@ -74,6 +78,8 @@ __all__ = [
     "FakeClock",
     "HeuristicEstimator",
     "Hook",
+    "Instant",
+    "InvalidArgumentError",
     "InvalidCostError",
     "LimitNumbers",
     "Limiter",
@@ -120,6 +126,7 @@ __all__ = [
     "UnknownProviderError",
     "UnknownRequestKindError",
     "UnknownTierError",
+    "WrongEventLoopError",
     "bundled_providers",
     "count_billable_characters",
     "default_estimator",

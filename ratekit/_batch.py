@@ -838,7 +838,7 @@ async def open_batch(
         with anyio.CancelScope(shield=True):
             await client.close()
             if backend is not None:
-                await backend.aclose()  # type: ignore[attr-defined]
+                await backend.aclose()
 
 
 async def run_batch(

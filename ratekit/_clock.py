@@ -1,9 +1,17 @@
-"""Clocks: the only place the async layer reads time or sleeps.
+"""Clocks: the only place ratekit reads time or sleeps.
 
-The window math takes `now` as an argument; limiters and the memory backend get
-it from a `Clock`. `SystemClock` is the real one. `FakeClock` moves only when a
-test calls `advance`, so limiter behaviour is tested at exact instants without
-sleeping.
+The window math takes `now` as an argument; a limiter reads its `Clock` and
+hands the instant to its backend. Two readings, for two purposes:
+
+- `now()` is monotonic: rolling windows, pacing, wait hints and deadlines run
+  on it, so that a step of the wall clock (NTP, a suspended laptop, an operator)
+  neither stalls admissions nor admits a burst.
+- `wall()` is Unix time: only calendar days (a TPD that resets at midnight in a
+  zone) and providers' absolute reset timestamps read it.
+
+`SystemClock` is the real one. `FakeClock` moves only when a test calls
+`advance` (both readings) or `step_wall` (the wall clock alone), so limiter
+behaviour is tested at exact instants without sleeping.
 """
 
 from __future__ import annotations
@@ -12,19 +20,27 @@ import heapq
 import itertools
 import math
 import time
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import anyio
 
 
-class Clock(Protocol):
-    """Where a limiter reads the time and waits.
+class Instant(NamedTuple):
+    """One reading of a clock: `mono` (monotonic seconds) and `wall` (Unix seconds)."""
 
-    `now` is Unix time in seconds (calendar-day windows need wall-clock days).
-    """
+    mono: float
+    wall: float
+
+
+class Clock(Protocol):
+    """Where a limiter reads the time and waits."""
 
     def now(self) -> float:
-        """The current time in seconds since the epoch."""
+        """Monotonic seconds (an arbitrary origin): never steps back or jumps."""
+        ...
+
+    def wall(self) -> float:
+        """Unix time in seconds: for calendar days and absolute timestamps only."""
         ...
 
     async def wait(self, event: anyio.Event, timeout_s: float) -> None:
@@ -33,11 +49,17 @@ class Clock(Protocol):
 
 
 class SystemClock:
-    """The real clock: `time.time()` and the event loop's timers. Stateless; share freely."""
+    """The real clock: `time.monotonic()`, `time.time()` and the event loop's timers.
+
+    Stateless; share freely.
+    """
 
     __slots__ = ()
 
     def now(self) -> float:
+        return time.monotonic()
+
+    def wall(self) -> float:
         return time.time()
 
     async def wait(self, event: anyio.Event, timeout_s: float) -> None:
@@ -51,12 +73,16 @@ class SystemClock:
 class FakeClock:
     """A clock that stands still until `advance` moves it; for tests.
 
-    Waits registered with `wait` end when `advance` reaches their deadline. Use one
-    FakeClock per event loop.
+    `now()` starts at `start_s` and `wall()` at `wall_start_s`; `advance` moves
+    both, `step_wall` only the wall clock (an NTP step). Waits registered with
+    `wait` end when `advance` reaches their deadline. Use one FakeClock per event
+    loop.
     """
 
-    def __init__(self, start_s: float = 1_000_000.0) -> None:
+    def __init__(self, start_s: float = 1_000_000.0, *, wall_start_s: float | None = None) -> None:
         self._now = start_s
+        # The wall clock's offset from `now`; moved by `step_wall`.
+        self._wall_offset_s = (start_s if wall_start_s is None else wall_start_s) - start_s
         # (deadline, sequence, event) of pending waits, earliest first.
         self._timers: list[tuple[float, int, anyio.Event]] = []
         self._sequence = itertools.count()
@@ -64,10 +90,13 @@ class FakeClock:
     def now(self) -> float:
         return self._now
 
+    def wall(self) -> float:
+        return self._now + self._wall_offset_s
+
     def advance(self, seconds: float) -> None:
         """Move time forward and end every wait whose deadline is reached."""
-        if seconds < 0:
-            raise ValueError(f"FakeClock.advance: seconds must be >= 0, got {seconds!r}")
+        if not seconds >= 0 or math.isinf(seconds):
+            raise ValueError(f"FakeClock.advance: seconds must be finite and >= 0, got {seconds!r}")
         self._now += seconds
         while self._timers and self._timers[0][0] <= self._now:
             heapq.heappop(self._timers)[2].set()
@@ -75,6 +104,11 @@ class FakeClock:
     def set(self, now_s: float) -> None:
         """Jump to an absolute instant (not earlier than now)."""
         self.advance(now_s - self._now)
+
+    def step_wall(self, seconds: float) -> None:
+        """Step the wall clock alone by `seconds` (negative: back), as NTP or an operator
+        would; the monotonic reading and pending waits are untouched."""
+        self._wall_offset_s += seconds
 
     @property
     def pending_timers(self) -> int:

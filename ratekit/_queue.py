@@ -12,11 +12,13 @@ from ._errors import LimitsError, QueueFullError
 class Waiter:
     """One caller waiting for a limiter. `turn` is set when it becomes the head."""
 
-    __slots__ = ("priority", "turn")
+    __slots__ = ("gone", "priority", "turn")
 
     def __init__(self, priority: int) -> None:
         self.priority = priority
         self.turn = anyio.Event()
+        # Removed while not at the front of its level: skipped when it gets there.
+        self.gone = False
 
 
 class WaitQueue:
@@ -27,19 +29,31 @@ class WaitQueue:
     is served when it has earned a whole one: while they wait, lower priorities
     get at least that share of admissions, so batch work never starves behind
     interactive work. `max_size` bounds the callers waiting (None: no bound).
+
+    Removing a caller is O(1) whatever its place (a cancelled waiter is marked and
+    skipped when it reaches the front), so a storm of cancellations stays linear.
     """
 
-    __slots__ = ("_credits", "_levels", "_size", "lower_share", "max_size")
+    __slots__ = ("_counts", "_credits", "_levels", "_size", "lower_share", "max_size")
 
     def __init__(self, *, lower_share: float = 0.1, max_size: int | None = None) -> None:
-        if not 0 <= lower_share < 1:
-            raise LimitsError(f"lower_share must be in [0, 1), got {lower_share!r}")
-        if max_size is not None and (not isinstance(max_size, int) or max_size < 0):
+        if (
+            isinstance(lower_share, bool)
+            or not isinstance(lower_share, int | float)
+            or not 0 <= lower_share < 1
+        ):
+            raise LimitsError(f"lower_share must be a number in [0, 1), got {lower_share!r}")
+        if max_size is not None and (
+            isinstance(max_size, bool) or not isinstance(max_size, int) or max_size < 0
+        ):
             raise LimitsError(f"max_queue must be a non-negative int or None, got {max_size!r}")
         self.lower_share = lower_share
         self.max_size = max_size
-        # Waiters by priority, each level first come first served.
+        # Waiters by priority, each level first come first served; the front of a
+        # level is always a live waiter, removed ones further back are skipped later.
         self._levels: dict[int, deque[Waiter]] = {}
+        # Live waiters per priority.
+        self._counts: dict[int, int] = {}
         # Turns earned by each lower priority while it waited.
         self._credits: dict[int, float] = {}
         self._size = 0
@@ -49,7 +63,7 @@ class WaitQueue:
 
     def waiting(self) -> dict[int, int]:
         """How many callers wait, per priority."""
-        return {priority: len(level) for priority, level in self._levels.items()}
+        return dict(self._counts)
 
     def push(self, priority: int) -> Waiter:
         """Queue a caller; `QueueFullError` when `max_size` callers already wait."""
@@ -57,17 +71,27 @@ class WaitQueue:
             raise QueueFullError(self.max_size)
         waiter = Waiter(priority)
         self._levels.setdefault(priority, deque()).append(waiter)
+        self._counts[priority] = self._counts.get(priority, 0) + 1
         self._size += 1
         return waiter
 
     def remove(self, waiter: Waiter) -> None:
-        """Take a caller out (admitted, timed out or cancelled)."""
-        level = self._levels[waiter.priority]
-        level.remove(waiter)
+        """Take a caller out (admitted, timed out or cancelled), in O(1)."""
+        if waiter.gone:
+            return
+        waiter.gone = True
+        priority = waiter.priority
         self._size -= 1
-        if not level:
-            del self._levels[waiter.priority]
-            self._credits.pop(waiter.priority, None)
+        left = self._counts[priority] - 1
+        if not left:
+            del self._counts[priority]
+            del self._levels[priority]
+            self._credits.pop(priority, None)
+            return
+        self._counts[priority] = left
+        level = self._levels[priority]
+        while level[0].gone:
+            level.popleft()
 
     def head(self) -> Waiter | None:
         """The caller to serve next, or None when nobody waits."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import statistics as stats
@@ -15,7 +16,9 @@ import anyio
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_after_attempt
 
 from ._account import ACCOUNT_GROUP, Account
+from ._admission import Admission, check_priority, check_timeout
 from ._clock import Clock, SystemClock
+from ._errors import InvalidArgumentError, LimitsError, PermitError
 from ._events import (
     Admitted,
     Cooldown,
@@ -27,12 +30,15 @@ from ._events import (
     Settled,
     TierChanged,
 )
-from ._limiter import Limiter, Permit
-from ._limits import Limits
+from ._limiter import Limiter
+from ._limits import Limits, check_amount
 from ._profiles import Tier
+from ._queue import WaitQueue
 from ._signals import parse_provider_limits
-from .backends._base import Backend
+from .backends._base import Backend, SharedAccount
 from .backends.memory import MemoryBackend
+
+_log = logging.getLogger("ratekit")
 
 T = TypeVar("T")
 
@@ -44,8 +50,12 @@ _ADAPT_UP = 0.1
 # The cooldown after a 429 that names no wait, doubling while 429s keep coming.
 _DEFAULT_COOLDOWN_S = 1.0
 _MAX_COOLDOWN_S = 60.0
+# The longest pause a provider's Retry-After may impose (a day): beyond, a typo or garbage.
+_MAX_PAUSE_S = 86_400.0
 # Wait samples kept per priority for the percentiles.
 _SAMPLES = 10_000
+# The most tries `max_attempts` may ask for: a bound, so that no 429 is retried for ever.
+_MAX_ATTEMPTS = 100
 
 
 class RateLimitSignalLike(Protocol):
@@ -64,11 +74,24 @@ class RateLimitSignalLike(Protocol):
 Classifier = Callable[[BaseException], RateLimitSignalLike | None]
 
 
-def _default_classifier() -> Classifier:
+def _default_classifier(clock: Clock) -> Classifier:
     from ._signals import classify
 
-    clock = SystemClock()
-    return lambda error: classify(error, now_s=clock.now())
+    # Providers' reset headers are absolute Unix times: the one use of the wall clock here.
+    wall = getattr(clock, "wall", None) or SystemClock().wall
+    return lambda error: classify(error, now_s=wall())
+
+
+def _check_attempts(max_attempts: object) -> int:
+    if (
+        isinstance(max_attempts, bool)
+        or not isinstance(max_attempts, int)
+        or not 1 <= max_attempts <= _MAX_ATTEMPTS
+    ):
+        raise InvalidArgumentError(
+            f"Scheduler.max_attempts must be an int in [1, {_MAX_ATTEMPTS}], got {max_attempts!r}"
+        )
+    return max_attempts
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,15 +178,35 @@ class Scheduler:
         adapt: bool = True,
         classify: Classifier | None = None,
     ) -> None:
+        if not isinstance(account, Account):
+            raise InvalidArgumentError(
+                f"Scheduler: account must be a ratekit.Account (e.g. Account('moonshot', "
+                f"tier='tier1')), got {account!r}"
+            )
+        if backend is not None and not isinstance(backend, Backend):
+            raise InvalidArgumentError(
+                f"Scheduler.backend must be a ratekit backend (MemoryBackend, RedisBackend) "
+                f"or None, got {backend!r}"
+            )
+        if isinstance(hooks, str | bytes) or not all(callable(hook) for hook in hooks):
+            raise InvalidArgumentError(f"Scheduler.hooks must be callables, got {hooks!r}")
+        if classify is not None and not callable(classify):
+            raise InvalidArgumentError(f"Scheduler.classify must be callable, got {classify!r}")
+        if not isinstance(adapt, bool):
+            raise InvalidArgumentError(f"Scheduler.adapt must be a bool, got {adapt!r}")
+        # The same checks as each limiter's queue makes, made now rather than at the first call.
+        try:
+            WaitQueue(lower_share=lower_share, max_size=max_queue)
+        except LimitsError as error:
+            raise LimitsError(f"Scheduler: {error}") from None
         self.account = account
-        if isinstance(backend, MemoryBackend):
-            clock = backend.clock
+        # The one clock of every limiter of this scheduler.
         self._clock: Clock = clock or SystemClock()
         self._backend = backend
         self._max_queue = max_queue
         self._lower_share = lower_share
         self._hooks = list(hooks)
-        self._max_attempts = max_attempts
+        self._max_attempts = _check_attempts(max_attempts)
         self._adapt = adapt
         self._classify = classify
         self._groups: dict[str, _Group] = {}
@@ -177,10 +220,10 @@ class Scheduler:
         # The event loop this scheduler runs in, for calls from other threads.
         self.loop_token: anyio.lowlevel.EventLoopToken | None = None
         # A shared backend carries tier changes between pods.
-        self._tier_synced = not hasattr(backend, "publish_tier")
-        on_tier = getattr(backend, "on_tier", None)
-        if on_tier is not None:
-            on_tier(self._tier_published)
+        self._shared = backend if isinstance(backend, SharedAccount) else None
+        self._tier_synced = self._shared is None
+        if self._shared is not None:
+            self._shared.on_tier(self._tier_published)
 
     # -- limiters per group ---------------------------------------------------------
 
@@ -188,12 +231,9 @@ class Scheduler:
         backend = self._backend
         if group == ACCOUNT_GROUP and backend is not None:
             return backend
-        child = getattr(backend, "child", None)
-        if child is not None:
-            return child(group)  # type: ignore[no-any-return]
-        if isinstance(self._clock, SystemClock):
-            return MemoryBackend()
-        return MemoryBackend(clock=self._clock)
+        if self._shared is not None:
+            return self._shared.child(group)
+        return MemoryBackend()
 
     def _group(self, model: str | None) -> _Group:
         name = self.account.group(model)
@@ -203,7 +243,7 @@ class Scheduler:
             limiter = Limiter(
                 self.account.limits(model),
                 backend=backend,
-                clock=None if isinstance(backend, MemoryBackend) else self._clock,
+                clock=self._clock,
                 max_queue=self._max_queue,
                 lower_share=self._lower_share,
             )
@@ -237,9 +277,8 @@ class Scheduler:
         return tier
 
     async def _publish_tier(self) -> None:
-        publish = getattr(self._backend, "publish_tier", None)
-        if publish is not None:
-            await publish(self.account.tier.name)
+        if self._shared is not None:
+            await self._shared.publish_tier(self.account.tier.name)
 
     def _tier_published(self, name: str) -> None:
         if name.casefold() != self.account.tier.name.casefold():
@@ -247,12 +286,11 @@ class Scheduler:
 
     async def _sync_tier(self) -> None:
         """Adopt the tier other pods agreed on, once, before the first admission."""
-        self._tier_synced = True
-        shared = getattr(self._backend, "shared_tier", None)
-        if shared is not None:
-            name = await shared()
+        if self._shared is not None:
+            name = await self._shared.shared_tier()
             if name is not None:
                 self._tier_published(name)
+        self._tier_synced = True
 
     def _tier_changed(self, old: Tier, new: Tier) -> None:
         # Applied now, so that callers already waiting see the new tier at once.
@@ -272,13 +310,69 @@ class Scheduler:
         priority: int = 0,
         timeout: float | None = None,
     ) -> Slot:
-        """An admission for one call, as ``async with scheduler.slot(...) as permit:``.
+        """An admission for one call, as ``async with scheduler.slot(...) as admission:``.
 
         `tokens` is the estimate (prompt + max output) and `cost` the money
-        estimate; settle the real usage with ``permit.settle(...)``. A 429 raised
-        inside the block is answered (cooldown, adaptation) and re-raised.
+        estimate; settle the real usage with ``admission.settle(...)``. When the
+        block ends the admission is released first; a 429 raised inside the block
+        is then answered (cooldown, adaptation) and re-raised.
         """
         return Slot(self, tokens, cost, model, priority, timeout)
+
+    async def admit(
+        self,
+        *,
+        tokens: float = 0,
+        cost: float = 0,
+        model: str | None = None,
+        priority: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 - a predicted wait fails at once
+    ) -> Admission:
+        """Wait for and return a granted admission of one call (see `slot`).
+
+        For call sites that hold an admission beyond one block (a stream, a
+        transport): end it with `finish` exactly once, on every path.
+        """
+        limiter = self._group(model).limiter
+        admission = limiter.acquire(tokens=tokens, cost=cost, timeout=timeout, priority=priority)
+        if self.loop_token is None:
+            self.loop_token = anyio.lowlevel.current_token()
+        if not self._tier_synced:
+            await self._sync_tier()
+        self._emit(Queued(model, priority, tokens))
+        started = self._clock.now()
+        await admission
+        admission.admitted_at_s = admitted_s = self._clock.now()
+        waited_s = admitted_s - started
+        self._record_wait(priority, waited_s)
+        self._emit(Admitted(model, priority, waited_s))
+        return admission
+
+    async def finish(
+        self,
+        admission: Admission,
+        error: BaseException | None = None,
+        *,
+        model: str | None = None,
+    ) -> None:
+        """End a call admitted by `admit`: release the admission, then answer `error`.
+
+        The release comes first, in a ``finally`` and shielded, so that nothing
+        after it (a classifier, the 429 policy, a hook) can keep the capacity.
+        When `error` is a provider's rate-limit answer, the account is then paused
+        and adapted (see `rate_limited`). Events: `Settled` after the release.
+        Idempotent for the release; call it once per admission.
+        """
+        granted = admission.granted
+        await admission.release()  # first: nothing below can keep the capacity
+        if error is not None and not isinstance(error, anyio.get_cancelled_exc_class()):
+            signal = self._signal(error)
+            if signal is not None:
+                with anyio.CancelScope(shield=True):
+                    await self.rate_limited(model, signal, admitted_at_s=admission.admitted_at_s)
+        if granted:
+            usage = admission.usage
+            self._emit(Settled(model, usage.tokens, usage.cost))
 
     async def submit(
         self,
@@ -301,19 +395,25 @@ class Scheduler:
         `usage`, if given, reads the real token count from the result for the
         settle. `timeout` bounds the whole wait for admissions (seconds); a wait
         predicted to be longer fails at once with `AcquireTimeout`. Up to
-        `max_attempts` tries; the last 429 is re-raised.
+        `max_attempts` tries, each a new admission; the last 429 is re-raised.
         """
+        if not callable(fn):
+            raise InvalidArgumentError(f"Scheduler.submit: fn must be callable, got {fn!r}")
+        timeout = check_timeout(timeout)
+        check_priority(priority)
+        check_amount("tokens", tokens)
+        check_amount("cost", cost)
         deadline_s = None if timeout is None else self._clock.now() + timeout
         async for attempt in self.retrying():
             with attempt:
                 left = None if deadline_s is None else max(deadline_s - self._clock.now(), 0.0)
                 async with self.slot(
                     tokens=tokens, cost=cost, model=model, priority=priority, timeout=left
-                ) as permit:
+                ) as admission:
                     result = await fn(*args)
                     real = usage(result) if usage is not None else None
                     if real is not None:
-                        permit.settle(tokens=real)
+                        admission.settle(tokens=real)
                 return result
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
@@ -377,9 +477,15 @@ class Scheduler:
         await self._clock.wait(anyio.Event(), seconds)
 
     def _signal(self, error: BaseException) -> RateLimitSignalLike | None:
+        """The classifier's reading of `error`; a classifier that raises reads as None
+        (and is logged): it never breaks a call or keeps an admission."""
         if self._classify is None:
-            self._classify = _default_classifier()
-        return self._classify(error)
+            self._classify = _default_classifier(self._clock)
+        try:
+            return self._classify(error)
+        except Exception:
+            _log.exception("ratekit: the 429 classifier raised on %r; treated as no 429", error)
+            return None
 
     # -- 429s -------------------------------------------------------------------------
 
@@ -401,10 +507,16 @@ class Scheduler:
         name = self.account.group(model)
         group = self._group(model)
         now = self._clock.now()
-        admitted_at_s = now if admitted_at_s is None else admitted_at_s
+        if admitted_at_s is None or math.isnan(admitted_at_s):
+            admitted_at_s = now
         period_s = self._longest_period(group.limiter.limits)
-        if admitted_at_s <= group.last_429_s:
-            return  # the same burst: already paused and adapted for
+        same_burst = admitted_at_s <= group.last_429_s
+        if same_burst:
+            # Already paused and adapted for; a longer Retry-After still lengthens the
+            # pause (the backend keeps the longer of two).
+            if signal.retry_after_s is not None and signal.retry_after_s > 0:
+                await self._pause(name, group, signal.retry_after_s)
+            return
         repeated = now - group.last_429_s < period_s
         group.last_429_s = now
         if signal.retry_after_s is not None:
@@ -415,14 +527,17 @@ class Scheduler:
             )
             cooldown_s = group.cooldown_s
         if cooldown_s > 0:
-            lasts_s = await group.limiter.backend.pause(cooldown_s)
-            self._cooldowns += 1
-            self._emit(Cooldown(name, lasts_s))
+            await self._pause(name, group, cooldown_s)
         if self._adapt and repeated and group.factor > _ADAPT_FLOOR:
             group.factor = max(group.factor * _ADAPT_DOWN, _ADAPT_FLOOR)
             group.last_step_s = now
             self._apply(group, model)
             self._emit(LimitsAdapted(name, group.factor, "429s within the limits"))
+
+    async def _pause(self, name: str, group: _Group, seconds: float) -> None:
+        lasts_s = await group.limiter.pause(min(seconds, _MAX_PAUSE_S))
+        self._cooldowns += 1
+        self._emit(Cooldown(name, lasts_s))
 
     def _recover(self, name: str, group: _Group, model: str | None) -> None:
         if group.factor >= 1.0:
@@ -485,8 +600,12 @@ class Scheduler:
     # -- observing ----------------------------------------------------------------------
 
     def _emit(self, event: Event) -> None:
+        """Tell every hook; a hook that raises is logged and never breaks a call."""
         for hook in self._hooks:
-            hook(event)
+            try:
+                hook(event)
+            except Exception:
+                _log.exception("ratekit: hook %r raised on %r", hook, event)
 
     def _record_wait(self, priority: int, waited_s: float) -> None:
         self._admitted += 1
@@ -535,18 +654,9 @@ def _percentile(samples: list[float], q: float) -> float:
 
 
 class Slot:
-    """One admission through a scheduler; see `Scheduler.slot`."""
+    """One admission through a scheduler, as an ``async with`` block; see `Scheduler.slot`."""
 
-    __slots__ = (
-        "_admitted_s",
-        "_cost",
-        "_model",
-        "_permit",
-        "_priority",
-        "_scheduler",
-        "_timeout",
-        "_tokens",
-    )
+    __slots__ = ("_admission", "_cost", "_model", "_priority", "_scheduler", "_timeout", "_tokens")
 
     def __init__(
         self,
@@ -563,32 +673,24 @@ class Slot:
         self._model = model
         self._priority = priority
         self._timeout = timeout
-        self._permit: Permit | None = None
-        self._admitted_s = 0.0
+        self._admission: Admission | None = None
 
     @property
-    def permit(self) -> Permit | None:
-        """The permit once admitted."""
-        return self._permit
+    def permit(self) -> Admission | None:
+        """The admission once granted."""
+        return self._admission
 
-    async def __aenter__(self) -> Permit:
-        scheduler = self._scheduler
-        if scheduler.loop_token is None:
-            scheduler.loop_token = anyio.lowlevel.current_token()
-        if not scheduler._tier_synced:
-            await scheduler._sync_tier()
-        limiter = scheduler._group(self._model).limiter
-        scheduler._emit(Queued(self._model, self._priority, self._tokens))
-        started = scheduler._clock.now()
-        permit = limiter.acquire(
-            tokens=self._tokens, cost=self._cost, timeout=self._timeout, priority=self._priority
+    async def __aenter__(self) -> Admission:
+        if self._admission is not None:
+            raise PermitError("this slot was already entered; take one slot per call")
+        self._admission = await self._scheduler.admit(
+            tokens=self._tokens,
+            cost=self._cost,
+            model=self._model,
+            priority=self._priority,
+            timeout=self._timeout,
         )
-        self._permit = await permit
-        self._admitted_s = scheduler._clock.now()
-        waited_s = self._admitted_s - started
-        scheduler._record_wait(self._priority, waited_s)
-        scheduler._emit(Admitted(self._model, self._priority, waited_s))
-        return permit
+        return self._admission
 
     async def __aexit__(
         self,
@@ -596,18 +698,6 @@ class Slot:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        permit = self._permit
-        assert permit is not None
-        scheduler = self._scheduler
-        with anyio.CancelScope(shield=True):
-            if exc is not None and not isinstance(exc, anyio.get_cancelled_exc_class()):
-                signal = scheduler._signal(exc)
-                if signal is not None:
-                    # Paused before the slot is given back, so that no waiter woken
-                    # by the release is admitted ahead of the cooldown.
-                    await scheduler.rate_limited(
-                        self._model, signal, admitted_at_s=self._admitted_s
-                    )
-            await permit.release()
-        usage = permit.usage
-        scheduler._emit(Settled(self._model, usage.tokens, usage.cost))
+        admission = self._admission
+        assert admission is not None
+        await self._scheduler.finish(admission, exc, model=self._model)

@@ -261,48 +261,62 @@ class SlicedWindow:
 class CalendarWindow:
     """The in-use amount of a daily rate that resets at midnight in a time zone.
 
-    `now` is Unix time (seconds since the epoch), since the day boundary is a wall
-    clock instant. Same interface as `SlicedWindow`; the "slice" is the day's
-    start instant.
+    The day is a wall-clock matter, everything else is not: `sync(now, wall)`
+    tells the window both readings of the clock (monotonic `now`, Unix `wall`)
+    before each use, and the day's boundaries are found from `wall` with the
+    zone's offset for that very instant (daylight saving included). The end of
+    the day is then kept as a monotonic instant, so wait hints are durations on
+    the same clock as every other window's. Same interface as `SlicedWindow`;
+    the "slice" is the day's start (Unix seconds).
     """
 
-    __slots__ = ("_day_end_s", "_day_start_s", "_held", "_total", "_zone", "limit", "name")
+    __slots__ = (
+        "_day_end_s",
+        "_day_end_wall_s",
+        "_day_start_wall_s",
+        "_held",
+        "_total",
+        "_zone",
+        "limit",
+        "name",
+    )
 
     def __init__(self, rate: Rate) -> None:
         assert rate.calendar_tz is not None
         self.name = rate.name
         self.limit = float(rate.limit)
         self._zone = zoneinfo.ZoneInfo(rate.calendar_tz)
-        self._day_start_s = -math.inf
+        # The current day, as Unix instants, and its end on the monotonic clock.
+        self._day_start_wall_s = -math.inf
+        self._day_end_wall_s = -math.inf
         self._day_end_s = -math.inf
         self._total = 0.0
         self._held = 0.0
 
-    def _roll(self, now: float) -> None:
-        if now < self._day_end_s:
-            # Today, or a clock stepped back: never return to an earlier day, whose
-            # count was already forgotten.
-            return
-        local = datetime.fromtimestamp(now, self._zone)
-        start = local.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = (start + timedelta(days=1)).replace(tzinfo=self._zone)
-        self._day_start_s = start.timestamp()
-        self._day_end_s = end.timestamp()
-        self._total = 0.0
+    def sync(self, now: float, wall: float) -> None:
+        """Read the clock: roll to a new day when `wall` reached the current one's end."""
+        if wall >= self._day_end_wall_s:
+            local = datetime.fromtimestamp(wall, self._zone)
+            start = local.replace(hour=0, minute=0, second=0, microsecond=0)
+            end = (start + timedelta(days=1)).replace(tzinfo=self._zone)
+            self._day_start_wall_s = start.timestamp()
+            self._day_end_wall_s = end.timestamp()
+            self._total = 0.0
+        # A wall clock stepped back stays on the current day (its count is all we
+        # have); the end is as far away as the wall clock says.
+        self._day_end_s = now + (self._day_end_wall_s - wall)
 
     def configure(self, limit: float, *, margin_s: float, pacing: bool) -> None:
         """Change the limit (margin and pacing do not apply to calendar days)."""
         self.limit = float(limit)
 
     def slice_index(self, now: float) -> int:
-        self._roll(now)
-        return int(self._day_start_s)
+        return int(self._day_start_wall_s)
 
     def fits(self, now: float, amount: float) -> bool:
         return self.wait_s(now, amount) == 0.0
 
     def used(self, now: float) -> float:
-        self._roll(now)
         return self._total + self._held
 
     @property
@@ -310,26 +324,24 @@ class CalendarWindow:
         return self._held
 
     def wait_s(self, now: float, amount: float) -> float:
-        self._roll(now)
         ceiling = self.limit * (1 + _EPSILON)
         used = self._total + self._held
         if used + amount <= ceiling:
             return 0.0
         if used + amount - ceiling > self._total:
             return math.inf
-        return self._day_end_s - now
+        return max(self._day_end_s - now, 0.0)
 
     def live_slices(self) -> int:
         return 1
 
     def record(self, now: float, amount: float) -> int:
-        self._roll(now)
         self._total += amount
-        return int(self._day_start_s)
+        return int(self._day_start_wall_s)
 
     def hold_at(self, now: float, amount: float) -> int:
         self._held += amount
-        return self.slice_index(now)
+        return int(self._day_start_wall_s)
 
     def settle_usage(self, now: float, reserved: float, real: float) -> None:
         self.unhold(reserved)
@@ -342,15 +354,13 @@ class CalendarWindow:
         self.record(now, real)
 
     def add_to_slice(self, now: float, index: int, amount: float) -> bool:
-        self._roll(now)
-        if amount <= 0 or index != int(self._day_start_s):
+        if amount <= 0 or index != int(self._day_start_wall_s):
             return False
         self._total += amount
         return True
 
     def refund(self, now: float, index: int, amount: float) -> float:
-        self._roll(now)
-        if index != int(self._day_start_s):
+        if index != int(self._day_start_wall_s):
             return 0.0
         taken = min(self._total, amount)
         self._total -= taken

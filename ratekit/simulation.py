@@ -41,7 +41,7 @@ class StrictProvider:
     The window math is `StrictWindows`, shared with the HTTP mock provider.
     """
 
-    def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self._now = clock
         self._windows = StrictWindows(limits, ProviderCounting.RESERVE)
@@ -126,7 +126,7 @@ async def simulate(
     limiter = Limiter(limits)
     jobs = deque((rng.randint(*tokens), rng.uniform(*duration_s)) for _ in range(calls))
     totals = {"requests": float(calls), "tokens": float(sum(job[0] for job in jobs))}
-    started = time.time()
+    started = time.monotonic()
 
     async def worker() -> None:
         while jobs:
@@ -138,7 +138,7 @@ async def simulate(
     async with anyio.create_task_group() as group:
         for _ in range(workers):
             group.start_soon(worker)
-    elapsed_s = time.time() - started
+    elapsed_s = time.monotonic() - started
     binding, utilisation = _binding(limits, totals, elapsed_s)
     return SimulationReport(
         calls=calls,

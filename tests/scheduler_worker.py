@@ -151,7 +151,7 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
         print("ready", flush=True)
         start_at = float(await anyio.to_thread.run_sync(sys.stdin.readline))
         # Every task is queued behind the pause when the window opens.
-        await backend.pause(max(start_at - time.time(), 0.0))
+        await scheduler.limiter().pause(max(start_at - time.time(), 0.0))
         with anyio.fail_after(config["timeout_s"]):
             await drive(
                 scheduler,
@@ -162,8 +162,7 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
             )
     finally:
         await client.close()
-        if isinstance(backend, RedisBackend):
-            await backend.aclose()
+        await backend.aclose()
     return outcome
 
 

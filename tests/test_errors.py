@@ -35,7 +35,7 @@ async def test_bad_amounts_are_typed_errors(demand: dict[str, object], message: 
 async def test_a_cost_above_a_whole_limit_fails_at_once() -> None:
     """A demand no window could ever admit raises CostExceedsLimitError instead of waiting."""
     clock = FakeClock()
-    limiter = Limiter(Limits(tpm=1000), backend=ratekit.MemoryBackend(clock=clock))
+    limiter = Limiter(Limits(tpm=1000), backend=ratekit.MemoryBackend(), clock=clock)
     with anyio.fail_after(1):
         with pytest.raises(ratekit.CostExceedsLimitError) as caught:
             await limiter.acquire(tokens=1001)

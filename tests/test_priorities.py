@@ -16,8 +16,8 @@ pytestmark = pytest.mark.anyio
 
 def make(**kwargs: object) -> tuple[Limiter, FakeClock]:
     clock = FakeClock()
-    backend = ratekit.MemoryBackend(clock=clock)
-    return Limiter(Limits(rpm=1), backend=backend, **kwargs), clock  # type: ignore[arg-type]
+    backend = ratekit.MemoryBackend()
+    return Limiter(Limits(rpm=1), backend=backend, clock=clock, **kwargs), clock  # type: ignore[arg-type]
 
 
 async def test_higher_priorities_go_first_and_fifo_within_one() -> None:

@@ -11,7 +11,7 @@ import math
 
 import pytest
 
-from ratekit import FakeClock
+from ratekit import FakeClock, Instant
 from ratekit.backends import Backend, Demand, Refusal
 from ratekit.backends.redis import RedisBackend
 
@@ -51,10 +51,11 @@ async def run_case(case: Case, backend: Backend, clock: FakeClock) -> None:
     demands: dict[str, Demand] = {}
     for number, step in enumerate(case.steps):
         clock.set(BASE_S + step.t)
+        now = Instant(clock.now(), clock.wall())
         where = f"step {number} ({step})"
         if isinstance(step, Reserve):
             demand = Demand(step.requests, step.tokens, step.cost)
-            outcome = await backend.reserve(case.limits, demand)
+            outcome = await backend.reserve(case.limits, demand, now)
             if step.wait_s is None:
                 assert not isinstance(outcome, Refusal), f"{where}: refused {outcome}"
                 grants[step.grant], demands[step.grant] = outcome, demand
@@ -63,14 +64,14 @@ async def run_case(case: Case, backend: Backend, clock: FakeClock) -> None:
                 _check_wait(backend, step, outcome, where)
         elif isinstance(step, Settle):
             actual = _actual(demands[step.grant], step)
-            await backend.settle(case.limits, grants[step.grant], actual)
+            await backend.settle(case.limits, grants[step.grant], actual, now)
         elif isinstance(step, Refund):
-            await backend.settle(case.limits, grants[step.grant], None)
+            await backend.settle(case.limits, grants[step.grant], None, now)
         elif isinstance(step, Pause):
-            lasts_s = await backend.pause(step.seconds)
+            lasts_s = await backend.pause(step.seconds, now)
             assert lasts_s == pytest.approx(step.lasts_s, abs=1e-6), where
         elif isinstance(step, Used):
-            stats = {d.name: d for d in await backend.statistics(case.limits)}
+            stats = {d.name: d for d in await backend.statistics(case.limits, now)}
             assert stats[step.dimension].used == pytest.approx(step.amount), where
             assert stats[step.dimension].in_flight == pytest.approx(step.in_flight), where
 
@@ -81,4 +82,4 @@ async def test_every_backend_passes_the_shared_table(
 ) -> None:
     """Every case of the shared table holds on every backend, to the microsecond."""
     clock = FakeClock(BASE_S)
-    await run_case(case, make_backend(clock), clock)
+    await run_case(case, make_backend(), clock)

@@ -6,8 +6,9 @@ import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import MethodType
-from typing import NamedTuple, Protocol
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+from .._clock import Instant
 from .._limits import Limits, Rate, TokenCounting
 
 # How an admission takes its amount from one window, so that settle and refund undo
@@ -86,32 +87,55 @@ Grant = object
 """A backend's record of one admitted demand; opaque to the limiter."""
 
 
+@runtime_checkable
 class Backend(Protocol):
     """Keeps an account's usage and admits demands atomically.
+
+    Time is handed in: `now` is the limiter's reading of its clock (monotonic
+    seconds for rolling windows and pacing, wall seconds for calendar days). A
+    backend whose store has a clock of its own shared by every process (Redis's
+    ``TIME``) uses that one instead, and says so in its docstring; wait hints
+    are durations either way.
 
     Every method takes the limits in force; a backend keeps a rate's usage across
     a change of limits (a tier upgrade) as long as its unit, period, calendar time
     zone and slice count stay. Changing one of those starts a new, empty window.
-    Methods are safe to call from many tasks of one event loop.
+    Methods are safe to call from many tasks of the event loop the backend is
+    used in.
     """
 
-    async def reserve(self, limits: Limits, demand: Demand) -> Grant | Refusal:
-        """Admit `demand` on every dimension at once, or on none and say how long to wait."""
-        ...
+    async def reserve(self, limits: Limits, demand: Demand, now: Instant) -> Grant | Refusal:
+        """Admit `demand` on every dimension at once, or on none and say how long to wait.
 
-    async def settle(self, limits: Limits, grant: Grant, actual: Demand | None) -> None:
-        """Record the real usage of an admitted call and free its concurrency slot.
-
-        `actual` is `None` for a call that never reached the provider: everything
-        the grant took is handed back.
+        Cancelling the call never leaves a grant behind: a grant that arrives
+        after the caller left is handed back by the backend itself.
         """
         ...
 
-    async def statistics(self, limits: Limits) -> tuple[DimensionStatistics, ...]:
+    async def settle(
+        self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant
+    ) -> None:
+        """Record the real usage of an admitted call and free its concurrency slot.
+
+        `actual` is `None` for a call that never reached the provider: everything
+        the grant took is handed back. Only the first settle of a grant counts.
+        """
+        ...
+
+    def abandon(self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant) -> None:
+        """Settle a grant whose holder dropped it, without awaiting.
+
+        Called by the limiter on the loop that owns the grant (never from a
+        finalizer): the memory backend settles at once, a shared one stops
+        renewing the grant's lease and settles it in the background.
+        """
+        ...
+
+    async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
         """Usage of every dimension of `limits` now."""
         ...
 
-    async def pause(self, seconds: float) -> float:
+    async def pause(self, seconds: float, now: Instant) -> float:
         """Refuse every admission for `seconds` from now (a provider's cooldown after a 429).
 
         A longer pause already in force stands. Returns the seconds the pause lasts
@@ -121,6 +145,49 @@ class Backend(Protocol):
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` whenever capacity may have been freed; returns an unsubscribe."""
+        ...
+
+    async def aclose(self) -> None:
+        """Stop background work and close connections the backend opened itself."""
+        ...
+
+
+@runtime_checkable
+class InProcess(Protocol):
+    """What a backend with no I/O adds: the same operations, synchronous, at an explicit
+    instant. The limiter admits and ends through them without suspending the task, so
+    no cancellation can come between a grant and its holder, or an end and its slot."""
+
+    def reserve_now(
+        self, limits: Limits, demand: Demand, now: float, wall: float = ...
+    ) -> Grant | Refusal:
+        """`reserve` at monotonic `now` (and Unix `wall`, read for calendar days only)."""
+        ...
+
+    def settle_now(self, grant: Any, actual: Demand | None, now: float, wall: float = ...) -> None:
+        """`settle` at an explicit instant."""
+        ...
+
+
+@runtime_checkable
+class SharedAccount(Protocol):
+    """What a backend shared by several processes adds: the account's tier, agreed by
+    every pod, and child namespaces for limits of their own (a model's)."""
+
+    def child(self, name: str) -> Backend:
+        """A backend for limits of their own within this account (closed with it)."""
+        ...
+
+    async def publish_tier(self, tier: str) -> None:
+        """Tell every pod of the account that it is now on `tier`."""
+        ...
+
+    async def shared_tier(self) -> str | None:
+        """The tier the pods last agreed on, if any (None also when the store is down)."""
+        ...
+
+    def on_tier(self, callback: Callable[[str], None]) -> None:
+        """Call `callback(tier)` when another pod publishes a tier change."""
         ...
 
 

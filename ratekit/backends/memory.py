@@ -5,9 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 
-from .._clock import Clock, SystemClock
+from .._clock import Instant
 from .._limits import UNITS, Limits
-from .._window import Window, new_window
+from .._window import CalendarWindow, Window, new_window
 from ._base import (
     HELD_SAFE,
     RECORDED,
@@ -26,7 +26,7 @@ _WindowKey = tuple[str, float, str | None, int]
 class _Binding:
     """The windows that enforce one `Limits` value, in the order of `limits.all_rates`."""
 
-    __slots__ = ("concurrency", "limits", "takes")
+    __slots__ = ("calendars", "concurrency", "limits", "takes")
 
     def __init__(self, limits: Limits, windows: list[Window]) -> None:
         self.limits = limits
@@ -36,6 +36,8 @@ class _Binding:
             (window, UNIT_POSITION[rate.unit], take_kind(rate, limits.token_counting))
             for window, rate in zip(windows, limits.all_rates, strict=True)
         ]
+        # Calendar-day windows: told the wall clock before each use.
+        self.calendars = [window for window in windows if isinstance(window, CalendarWindow)]
 
 
 class MemoryGrant:
@@ -58,14 +60,14 @@ class MemoryBackend:
 
     One instance is one account. It may be shared by several limiters of one event
     loop (they then share the account's usage); it is not thread-safe and not
-    shared across processes (use the Redis backend for that). `clock` supplies
-    `now`; tests pass a `FakeClock`.
+    shared across processes (use the Redis backend for that). It reads no clock:
+    every operation takes the instant its limiter hands it (`now`: monotonic
+    seconds; `wall`: Unix seconds, read only for calendar-day windows).
     """
 
-    __slots__ = ("_binding", "_clock", "_in_flight", "_listeners", "_paused_until", "_windows")
+    __slots__ = ("_binding", "_in_flight", "_listeners", "_paused_until", "_windows")
 
-    def __init__(self, *, clock: Clock | None = None) -> None:
-        self._clock: Clock = clock or SystemClock()
+    def __init__(self) -> None:
         # Every window ever bound, by (unit, period, calendar zone, slices).
         self._windows: dict[_WindowKey, Window] = {}
         # The binding of the limits seen last (usually the only ones).
@@ -76,10 +78,6 @@ class MemoryBackend:
         self._listeners = Listeners()
         # Until when every admission is refused (a provider's 429 cooldown).
         self._paused_until = -math.inf
-
-    @property
-    def clock(self) -> Clock:
-        return self._clock
 
     def _bind(self, limits: Limits) -> _Binding:
         binding = self._binding
@@ -99,11 +97,19 @@ class MemoryBackend:
         self._binding = binding = _Binding(limits, windows)
         return binding
 
-    def reserve_now(self, limits: Limits, demand: Demand, now: float) -> MemoryGrant | Refusal:
-        """`reserve` at an explicit instant: the synchronous core, for tests and simulations."""
+    def reserve_now(
+        self, limits: Limits, demand: Demand, now: float, wall: float = math.nan
+    ) -> MemoryGrant | Refusal:
+        """`reserve` at an explicit instant: the synchronous core.
+
+        `now` is monotonic seconds; `wall` (Unix seconds) is needed only when
+        `limits` has a calendar-day rate.
+        """
         binding = self._binding
         if binding is None or binding.limits is not limits:
             binding = self._bind(limits)
+        if binding.calendars:
+            self._sync_calendars(binding, now, wall)
         if now < self._paused_until:
             return Refusal(self._paused_until - now, "cooldown")
         if binding.concurrency is not None and self._in_flight >= binding.concurrency:
@@ -116,8 +122,8 @@ class MemoryBackend:
         entries = []
         for window, position, kind in takes:
             amount = demand[position]
-            if not amount:
-                continue
+            if not amount and kind == RECORDED:
+                continue  # a held amount of 0 is kept: its settle records the real usage
             take = window.record if kind == RECORDED else window.hold_at
             index = take(now, amount)
             entries.append((window, position, kind, index, amount))
@@ -135,11 +141,23 @@ class MemoryBackend:
                     worst_s, worst_name = wait_s, window.name
         return Refusal(worst_s, worst_name)
 
-    def settle_now(self, grant: MemoryGrant, actual: Demand | None, now: float) -> None:
+    @staticmethod
+    def _sync_calendars(binding: _Binding, now: float, wall: float) -> None:
+        if math.isnan(wall):
+            raise ValueError("a calendar-day rate needs the wall clock: pass `wall`")
+        for window in binding.calendars:
+            window.sync(now, wall)
+
+    def settle_now(
+        self, grant: MemoryGrant, actual: Demand | None, now: float, wall: float = math.nan
+    ) -> None:
         """`settle` at an explicit instant; only the first settle of a grant counts."""
         if grant.settled:
             return
         grant.settled = True
+        binding = self._binding
+        if binding is not None and binding.calendars and not math.isnan(wall):
+            self._sync_calendars(binding, now, wall)
         if actual is None:
             for window, _, kind, index, amount in grant.entries:
                 if kind == RECORDED:
@@ -156,9 +174,13 @@ class MemoryBackend:
         if self._listeners:
             self._listeners.notify()
 
-    def statistics_now(self, limits: Limits, now: float) -> tuple[DimensionStatistics, ...]:
+    def statistics_now(
+        self, limits: Limits, now: float, wall: float = math.nan
+    ) -> tuple[DimensionStatistics, ...]:
         """`statistics` at an explicit instant."""
         binding = self._bind(limits)
+        if binding.calendars:
+            self._sync_calendars(binding, now, wall)
         stats = []
         if binding.concurrency is not None:
             stats.append(
@@ -187,18 +209,26 @@ class MemoryBackend:
 
     # -- the Backend protocol ----------------------------------------------------
 
-    async def pause(self, seconds: float) -> float:
-        return self.pause_now(seconds, self._clock.now())
+    async def pause(self, seconds: float, now: Instant) -> float:
+        return self.pause_now(seconds, now.mono)
 
-    async def reserve(self, limits: Limits, demand: Demand) -> MemoryGrant | Refusal:
-        return self.reserve_now(limits, demand, self._clock.now())
+    async def reserve(self, limits: Limits, demand: Demand, now: Instant) -> MemoryGrant | Refusal:
+        return self.reserve_now(limits, demand, now.mono, now.wall)
 
-    async def settle(self, limits: Limits, grant: Grant, actual: Demand | None) -> None:
+    async def settle(
+        self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant
+    ) -> None:
+        self.abandon(limits, grant, actual, now)
+
+    def abandon(self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant) -> None:
         assert isinstance(grant, MemoryGrant), "a grant of another backend"
-        self.settle_now(grant, actual, self._clock.now())
+        self.settle_now(grant, actual, now.mono, now.wall)
 
-    async def statistics(self, limits: Limits) -> tuple[DimensionStatistics, ...]:
-        return self.statistics_now(limits, self._clock.now())
+    async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
+        return self.statistics_now(limits, now.mono, now.wall)
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         return self._listeners.add(listener)
+
+    async def aclose(self) -> None:
+        """Nothing to close: the memory backend holds no connection or task."""

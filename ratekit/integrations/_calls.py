@@ -19,8 +19,8 @@ import anyio.from_thread
 from anyio.lowlevel import EventLoopToken
 from tenacity import Retrying
 
+from .._admission import Admission
 from .._errors import NoEventLoopError
-from .._limiter import Permit
 from .._scheduler import Scheduler
 
 T = TypeVar("T")
@@ -104,17 +104,30 @@ def slot_sync(
     model: str | None = None,
     priority: int = 0,
     timeout: float | None = None,
-) -> Iterator[Permit]:
+) -> Iterator[Admission]:
     """`Scheduler.slot` for a thread: ``with slot_sync(scheduler, tokens=n) as permit:``."""
     token = _token(scheduler)
-    slot = scheduler.slot(tokens=tokens, cost=cost, model=model, priority=priority, timeout=timeout)
-    permit = anyio.from_thread.run(slot.__aenter__, token=token)
+    admission = anyio.from_thread.run(
+        functools.partial(
+            scheduler.admit,
+            tokens=tokens,
+            cost=cost,
+            model=model,
+            priority=priority,
+            timeout=timeout,
+        ),
+        token=token,
+    )
+    error: BaseException | None = None
     try:
-        yield permit
+        yield admission
     except BaseException as exc:
-        anyio.from_thread.run(slot.__aexit__, type(exc), exc, exc.__traceback__, token=token)
+        error = exc
         raise
-    anyio.from_thread.run(slot.__aexit__, None, None, None, token=token)
+    finally:
+        anyio.from_thread.run(
+            functools.partial(scheduler.finish, admission, error, model=model), token=token
+        )
 
 
 def submit_sync(

@@ -126,3 +126,23 @@ class UnknownBillingItemError(UnknownNameError):
 
 class MissingPriceError(RatekitError, LookupError):
     """The model has no price for what was asked (no output price, no such video variant)."""
+
+
+class WrongEventLoopError(RatekitError, RuntimeError):
+    """A limiter, scheduler or shared backend used from an event loop other than its own.
+
+    Each belongs to the loop it was first used in; build one per loop, or call
+    from threads through `ratekit.SyncScheduler`.
+    """
+
+
+class InvalidArgumentError(RatekitError, TypeError, ValueError):
+    """An argument of the wrong type or out of range, named with where it was given."""
+
+
+class LimitsTypeError(InvalidArgumentError, LimitsError):
+    """A `Rate` or `Limits` field (or a `Limits` method's argument) of the wrong type.
+
+    Both an `InvalidArgumentError`, as every wrong type is, and a `LimitsError`, as
+    every bad `Rate` or `Limits` value always was, so either ``except`` catches it.
+    """

@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from ._errors import InvalidArgumentError, PermitError
-from ._limits import check_amount
+from ._limits import MAX_AMOUNT, check_amount
 from .backends._base import Demand, Grant, Refusal
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ _ENDED = 3  # released or refunded: its capacity is back with the limiter
 
 def _amount(where: str, value: float) -> float:
     # The common case (a non-negative int) without the full check's cost.
-    if value.__class__ is int and value >= 0:
+    if value.__class__ is int and 0 <= value <= MAX_AMOUNT:
         return value
     return check_amount(where, value)
 

@@ -570,7 +570,8 @@ class Scheduler:
             if theirs is None or theirs.limit is None or mine is None:
                 continue
             if theirs.limit < mine:
-                cap = min(cap, theirs.limit / mine)
+                # A reported 0 would stop the account for good: keep a sliver to recover from.
+                cap = min(cap, max(theirs.limit / mine, _ADAPT_FLOOR / 10))
                 reason = f"the provider reports {unit} limit {theirs.limit:g}, the tier {mine:g}"
         if cap != group.header_cap:
             group.header_cap = cap

@@ -32,7 +32,7 @@ from ._errors import (
     UnknownTierError,
 )
 from ._estimate import SCRIPTS, TokenEstimate
-from ._limits import Limits, TokenCounting, check_amount
+from ._limits import MAX_AMOUNT, Limits, TokenCounting, check_amount, show
 from ._pricing import CharacterRules, Prices, RelayBilling, Side
 
 CURRENCIES = ("USD", "CNY")
@@ -348,16 +348,23 @@ class _Reader:
     def number(self, value: object, path: str, *, positive: bool) -> float:
         bad = isinstance(value, bool) or not isinstance(value, int | float)
         if not bad:
-            amount = float(cast(float, value))
+            try:
+                amount = float(cast(float, value))
+            except OverflowError:
+                amount = math.inf
             bad = not math.isfinite(amount) or amount < 0 or (positive and amount == 0)
+            if not bad and amount > MAX_AMOUNT:
+                self.fail(path, f"expected a number up to {MAX_AMOUNT:g}, got {show(value)}")
         if bad:
             kind = "a positive" if positive else "a non-negative"
-            self.fail(path, f"expected {kind} number, got {value!r}")
+            self.fail(path, f"expected {kind} number, got {show(value)}")
         return cast(float, value)  # an int stays an int, so 500 reads back as 500
 
     def integer(self, value: object, path: str) -> int:
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             self.fail(path, f"expected a positive integer, got {value!r}")
+        if value > MAX_AMOUNT:
+            self.fail(path, f"expected an integer up to {MAX_AMOUNT:g}, got {show(value)}")
         return value
 
     def array(self, value: object, path: str) -> list[Any]:

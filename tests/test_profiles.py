@@ -317,6 +317,13 @@ def test_negative_rpm(tmp_path: Path) -> None:
     )
 
 
+def test_an_rpm_too_large_to_count_exactly_is_rejected_at_load(tmp_path: Path) -> None:
+    """A limit beyond 1e15 (where window sums stop being exact) names its field at load."""
+    assert _error(tmp_path, GOOD.replace("rpm = 10\n", "rpm = 1e20\n")) == (
+        "tiers[0].rpm: expected a number up to 1e+15, got 1e+20"
+    )
+
+
 def test_zero_tpm(tmp_path: Path) -> None:
     """A limit of zero is not a limit (leave the key out for unlimited)."""
     assert _error(tmp_path, GOOD.replace("tpm = 1000\n", "tpm = 0\n")) == (

@@ -2,8 +2,9 @@
 
 For OpenAI-compatible clients other than the `openai` package: the transport
 admits every POST to .../chat/completions, .../completions, .../embeddings and
-.../responses, settles it with the answer's usage (a stream's from its last
-usage event) and passes anything else through. Runs against a strict local
+.../responses (each request sent, one admission), settles it with the answer's
+usage (a stream's from its last usage event, the admission held until the stream
+is read or closed) and passes anything else through. Runs against a strict local
 provider (Moonshot Tier1, a minute per second). Exits 1 on any 429 or lost call.
 
     python examples/httpx_transport.py

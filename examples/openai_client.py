@@ -1,8 +1,11 @@
 """ratekit.wrap around openai.AsyncOpenAI: plain and streaming calls from many tasks.
 
 Runs against a strict local provider enforcing Moonshot's Tier1 (50 in flight,
-200 RPM) with a minute compressed into a second; no API key, no network.
-Exits 1 if the provider answered any 429 or a call was lost.
+200 RPM) with a minute compressed into a second; no API key, no network. The
+client keeps the SDK's default ``max_retries``: wrap turns the SDK's own retries
+off on a copy and retries itself, so every request the provider sees was
+admitted. Exits 1 if the provider answered any 429, a call was lost, or the
+provider saw a request that was not admitted.
 
     python examples/openai_client.py
 """
@@ -35,7 +38,7 @@ async def main() -> int:
             "moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S
         )
         scheduler = ratekit.Scheduler(account)
-        raw = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0)
+        raw = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed")
         client = ratekit.wrap(raw, scheduler)
         plain = streamed = 0
 
@@ -66,11 +69,16 @@ async def main() -> int:
         stats = await scheduler.statistics()
         expected = TASKS * CALLS_PER_TASK
         rejected = sum(provider.rejected.values())
+        requests = provider.served + rejected
         print(f"calls: {plain + streamed}/{expected} ({plain} plain, {streamed} streamed)")
         print(f"provider 429s: {rejected}; admitted: {stats.admitted}; {elapsed_s:.2f} s")
+        print(f"requests at the provider: {requests}, each admitted once")
         print(f"peak in flight: {provider.max_concurrency}/{account.limits().concurrency}")
         if rejected or plain + streamed != expected:
             print("FAILED: a 429 or a lost call", file=sys.stderr)
+            return 1
+        if requests != stats.admitted:
+            print("FAILED: the provider saw a request that was not admitted", file=sys.stderr)
             return 1
         print("ok: no 429")
         return 0

@@ -46,8 +46,10 @@ _UNITS: Final = ("requests", "tokens")
 class RateLimitSignal:
     """A provider refused a call because of a rate limit or a quota.
 
-    `retry_after_s` is the wait the provider asked for, in seconds from the answer
-    (never negative), or None when it did not say. `dimension` is what ran out when the
+    `retry_after_s` is the wait this answer asks for, in seconds from the answer
+    (never negative; see `parse_retry_after` for which header wins), or None when it
+    did not say. Each answer of a burst gives its own: keeping the longest is the
+    caller's (the scheduler's) business. `dimension` is what ran out when the
     answer says so: ``"requests"``, ``"tokens"`` or ``"concurrency"``, else None.
     `status` is the HTTP status seen (429, but 200 for a MiniMax answer that carries its
     error in the body), None when the answer had none (a bare JSON body). `code` is the

@@ -14,16 +14,20 @@ Three ways to get the number, from most to least exact:
 - `HeuristicEstimator`: no dependency, O(n), CJK-aware, slightly conservative.
 
 `default_estimator` picks tiktoken when it is installed *and* its encoding loads,
-else the heuristic with the profile's hint. `estimate_prompt_tokens` and
+else the heuristic with the profile's hint; it may block while the encoding loads.
+`BackgroundEstimator` never blocks: it counts with the heuristic until tiktoken has
+loaded in a thread of its own (what the integrations use). `estimate_prompt_tokens` and
 `estimate_request_tokens` turn OpenAI request parameters (chat messages, embeddings
 input, responses input) into (prompt tokens, maximum output tokens).
 
-Every estimator here is immutable after construction and may be shared across tasks,
-threads and event loops.
+Every estimator here may be shared across tasks, threads and event loops. All are
+immutable after construction, except that a `BackgroundEstimator`'s counts switch from
+the heuristic's to tiktoken's once the encoding has loaded.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import functools
 import json
 import math
@@ -48,6 +52,7 @@ __all__ = [
     "PER_MESSAGE_OVERHEAD",
     "REPLY_PRIMING_TOKENS",
     "REQUEST_KINDS",
+    "BackgroundEstimator",
     "HeuristicEstimator",
     "RequestShapeError",
     "TiktokenEstimator",
@@ -384,6 +389,94 @@ def _tiktoken_or_none(encoding: str, timeout_s: float) -> TiktokenEstimator | No
         return None
 
 
+class BackgroundEstimator:
+    """tiktoken once it has loaded, the heuristic until then: a count never blocks.
+
+    Construction starts loading `encoding` in a daemon thread (one load per encoding
+    and process, shared by every `BackgroundEstimator`; once done, `default_estimator`
+    finds it loaded too) and returns at once. Until the load is done, and for good when it fails
+    (tiktoken not installed, no encoding file and no network), `count` is the
+    `HeuristicEstimator` with the profile's ``token_estimate`` hint. A load that hangs
+    (a download on a closed network) is never waited for. This is what `ratekit.wrap`
+    and `RateLimitedTransport` use by default, so that no call on an event loop waits
+    for a tokenizer to load. Shareable across tasks, threads and event loops.
+    """
+
+    __slots__ = ("_fallback", "_load")
+
+    def __init__(self, profile: Profile | None = None, *, encoding: str = "o200k_base") -> None:
+        hint = profile.token_estimate if profile is not None else None
+        self._fallback = HeuristicEstimator(hint)  # counts until the load is done
+        self._load = _background_load(encoding)  # the shared load of `encoding`
+
+    @property
+    def exact(self) -> TiktokenEstimator | None:
+        """The tiktoken estimator once loaded, else None (loading, or it failed)."""
+        load = self._load
+        if not load.done() or load.exception() is not None:
+            return None
+        return load.result()
+
+    def count(self, text: str) -> int:
+        """Tokens in `text`: tiktoken's count once loaded, else the heuristic's."""
+        exact = self.exact
+        return (exact if exact is not None else self._fallback).count(text)
+
+    def wait_loaded(self, timeout_s: float | None = None) -> bool:
+        """Block this thread until the load is over (at most `timeout_s` seconds; None:
+        no bound); True when tiktoken is in use. Never call it on an event loop."""
+        try:
+            self._load.result(timeout_s)
+        except Exception:  # not loaded in time, or failed: the heuristic is in use
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.exact is not None else "heuristic"
+        return f"BackgroundEstimator({state}, fallback={self._fallback!r})"
+
+
+# Loads started in the background, by encoding name; each runs once per process.
+_background: dict[str, concurrent.futures.Future[TiktokenEstimator]] = {}
+_background_lock = threading.Lock()
+
+
+def _load_tiktoken(encoding: str) -> TiktokenEstimator:
+    """Load `encoding` where blocking is harmless (a worker thread of its own): with no
+    time bound, since nobody waits for it; kept for the process like any other load."""
+    with _loaded_lock:
+        loaded = _loaded.get(encoding)
+    if loaded is None:
+        tiktoken = _import_tiktoken()
+        try:
+            found: _Encoding = tiktoken.get_encoding(encoding)
+        except Exception as exc:
+            raise TokenizerUnavailableError(
+                encoding, f"tiktoken could not load it ({type(exc).__name__}: {exc})"
+            ) from exc
+        with _loaded_lock:
+            loaded = _loaded.setdefault(encoding, found)
+    return TiktokenEstimator(loaded)
+
+
+def _background_load(encoding: str) -> concurrent.futures.Future[TiktokenEstimator]:
+    with _background_lock:
+        load = _background.get(encoding)
+        if load is not None:
+            return load
+        load = _background[encoding] = concurrent.futures.Future()
+
+    def run() -> None:
+        try:
+            load.set_result(_load_tiktoken(encoding))
+        except BaseException as exc:  # kept on the future: the heuristic stays in use
+            load.set_exception(exc)
+
+    thread = threading.Thread(target=run, name=f"ratekit-tiktoken-{encoding}", daemon=True)
+    thread.start()
+    return load
+
+
 def default_estimator(
     profile: Profile | None = None,
     *,
@@ -397,6 +490,10 @@ def default_estimator(
     For providers other than OpenAI, tiktoken's count is an estimate too (o200k_base
     spends about 0.8 tokens per Chinese character where MiniMax states 0.625: it
     over-reserves, the safe side).
+
+    The first call may block its thread for up to `load_timeout_s` seconds while
+    tiktoken loads (or downloads) the encoding: on an event loop use
+    `BackgroundEstimator`, which never waits.
     """
     exact = _tiktoken_or_none(encoding, float(load_timeout_s))
     if exact is not None:

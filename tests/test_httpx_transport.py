@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import gc
 import socket
+import warnings
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import httpx
 import pytest
 
-from ratekit import Account, Limits, Scheduler
+from ratekit import Account, CostExceedsLimitError, Limits, Rate, RatekitError, Scheduler
 from ratekit._tokens import default_estimator, estimate_request_tokens
 from ratekit.integrations._httpx import RateLimitedTransport, usage_tokens
 from ratekit.mock_provider import MockProvider
@@ -220,3 +223,83 @@ async def test_hundreds_of_concurrent_calls_get_no_429_from_a_strict_provider() 
         assert server.statistics().rejected == {}
         assert (await scheduler.statistics()).rate_limited == 0
         assert done == 300
+
+
+async def test_every_request_sent_is_one_admission() -> None:
+    """Requests sent again after 429s are admissions of their own, each 429 answered."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = scheduler_for()
+        server.inject_429s(2, retry_after_s=0.02)
+        async with client_for(server.base_url, scheduler) as client:
+            statuses = [(await client.post("/chat/completions", json=chat())).status_code]
+            while statuses[-1] == 429:
+                statuses.append((await client.post("/chat/completions", json=chat())).status_code)
+        provider = server.statistics()
+        stats = await scheduler.statistics()
+        assert statuses == [429, 429, 200]
+        assert provider.served + sum(provider.rejected.values()) == stats.admitted == 3
+        assert (stats.rate_limited, stats.cooldowns) == (2, 2)
+        assert await used(scheduler, "concurrency") == 0
+
+
+async def test_a_stream_dropped_unclosed_gives_its_slot_back_on_the_loop() -> None:
+    """A response dropped before its end, never closed, frees its slot on the event loop
+    (its byte iterator is closed there, or its admission's finalizer hands it back):
+    nothing is released from the garbage collector."""
+    async with MockProvider(Limits(rpm=100), completion_tokens=50) as server:
+        scheduler = scheduler_for()
+        async with client_for(server.base_url, scheduler) as client:
+            request = client.build_request("POST", "/chat/completions", json=chat(stream=True))
+            response = await client.send(request, stream=True)
+            async for _ in response.aiter_bytes():
+                break
+            assert await used(scheduler, "concurrency") == 1
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ResourceWarning)
+                del response
+                gc.collect()
+            with anyio.fail_after(2):
+                while await used(scheduler, "concurrency") != 0:
+                    await anyio.lowlevel.checkpoint()
+
+
+async def test_money_is_reserved_and_settled_at_the_profiles_prices() -> None:
+    """A priced model reserves its most cost and settles the real cost from the usage."""
+    budget = Rate(0.01, 86_400, "money", name="money/day")  # 1,000 tokens' worth
+    async with MockProvider(Limits(rpm=100), completion_tokens=5) as server:
+        # INF's inf-chat-v1: 10 per million input and output tokens.
+        account = Account("infly", tier="tier1", token_counting="usage", rates=(budget,))
+        scheduler = Scheduler(account)
+        body = {"model": "inf-chat-v1", "messages": MESSAGES, "max_tokens": 50}
+        async with client_for(server.base_url, scheduler) as client:
+            answer = await client.post("/chat/completions", json=body)
+            assert answer.json()["usage"]["total_tokens"] == 8
+            assert await used(scheduler, "money/day") == pytest.approx(8 * 10 / 1_000_000)
+            streamed = {**body, "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/chat/completions", json=streamed) as response:
+                # In flight: the estimate (prompt + 50 output) is held.
+                assert await used(scheduler, "money/day") >= (8 + 3 + 50) * 10 / 1_000_000
+                await response.aread()
+            assert await used(scheduler, "money/day") == pytest.approx(16 * 10 / 1_000_000)
+            with pytest.raises(CostExceedsLimitError, match="money/day"):
+                await client.post("/chat/completions", json={**body, "max_tokens": 2_000})
+
+
+async def test_bad_arguments_are_named_where_they_are_given() -> None:
+    """The transport's own arguments fail at construction; a request's extensions at that
+    request, naming the extension, with nothing admitted."""
+    scheduler = scheduler_for()
+    with pytest.raises(RatekitError, match="RateLimitedTransport: priority must be"):
+        RateLimitedTransport(scheduler, priority="high")  # type: ignore[arg-type]
+    with pytest.raises(RatekitError, match="RateLimitedTransport: timeout must be"):
+        RateLimitedTransport(scheduler, timeout=-1)
+    with pytest.raises(RatekitError, match=r"scheduler must be a ratekit\.Scheduler"):
+        RateLimitedTransport("moonshot")  # type: ignore[arg-type]
+    async with MockProvider(Limits(rpm=100)) as server:
+        async with client_for(server.base_url, scheduler) as client:
+            with pytest.raises(RatekitError, match="ratekit_tokens'\\] must be"):
+                await client.post(
+                    "/chat/completions", json=chat(), extensions={"ratekit_tokens": "many"}
+                )
+            assert (await client.post("/chat/completions", json=chat())).status_code == 200
+        assert (await scheduler.statistics()).admitted == 1

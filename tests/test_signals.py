@@ -650,3 +650,51 @@ def test_classify_message_is_short_and_holds_no_secrets() -> None:
     assert signal.message.endswith("…")
     for secret in ("header-secret", "Abc123def456", "tok_abcdefgh", "0123456789abcdef0123"):
         assert secret not in signal.message
+
+
+# --- classify: the wait each answer of a burst asks for ---------------------------------
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # the mock provider runs on asyncio
+@pytest.mark.anyio
+async def test_each_429_of_a_burst_gives_the_wait_its_answer_asks_for() -> None:
+    """Real openai errors over HTTP: 429s asking 1 s and 30 s read as 1 s and 30 s (so the
+    scheduler can keep the longest), and the exact retry-after-ms beats the rounded
+    Retry-After and the shorter x-ratelimit-reset-* the same answer carries."""
+    import openai
+
+    from ratekit import Limits
+    from ratekit.mock_provider import MockProvider
+
+    messages = [{"role": "user", "content": "hi"}]
+    async with MockProvider(Limits(rpm=100)) as server:
+        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="t", max_retries=0)
+        waits: list[float | None] = []
+        try:
+            for asked_s in (1.0, 30.0, 0.25):
+                server.inject_429s(1, retry_after_s=asked_s)
+                with pytest.raises(openai.RateLimitError) as caught:
+                    await client.chat.completions.create(model="m", messages=messages)
+                headers = caught.value.response.headers
+                assert headers["retry-after"] == str(math.ceil(asked_s))
+                signal = classify(caught.value, now_s=NOW_S)
+                assert signal is not None
+                waits.append(signal.retry_after_s)
+        finally:
+            await client.close()
+    assert waits == [1.0, 30.0, 0.25]
+
+
+def test_an_answer_with_only_reset_headers_asks_for_its_exhausted_units_reset() -> None:
+    """No Retry-After: the reset of the unit that ran out, not a shorter one of another."""
+    headers = {
+        "x-ratelimit-remaining-requests": "12",
+        "x-ratelimit-reset-requests": "200ms",
+        "x-ratelimit-remaining-tokens": "0",
+        "x-ratelimit-reset-tokens": "30s",
+    }
+    signal = classify(
+        _openai_error(429, {"error": {"code": "rate_limit_exceeded"}}, headers), now_s=NOW_S
+    )
+    assert signal is not None
+    assert signal.retry_after_s == 30.0

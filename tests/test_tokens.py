@@ -29,6 +29,7 @@ from ratekit._tokens import (
     IMAGE_TOKENS,
     PER_MESSAGE_OVERHEAD,
     REPLY_PRIMING_TOKENS,
+    BackgroundEstimator,
     HeuristicEstimator,
     RequestShapeError,
     TiktokenEstimator,
@@ -536,11 +537,13 @@ class FakeEncoding:
 
 @pytest.fixture
 def fresh_tiktoken_state() -> Iterator[None]:
-    """No encoding loaded and no default chosen before or after the test."""
+    """No encoding loaded or loading, and no default chosen, before or after the test."""
     _tokens._loaded.clear()
+    _tokens._background.clear()
     _tokens._tiktoken_or_none.cache_clear()
     yield
     _tokens._loaded.clear()
+    _tokens._background.clear()
     _tokens._tiktoken_or_none.cache_clear()
 
 
@@ -661,6 +664,78 @@ def test_default_is_tiktoken_when_it_loads(monkeypatch: pytest.MonkeyPatch) -> N
     """tiktoken installed and loadable: the exact count."""
     _fake_tiktoken(monkeypatch, lambda name: FakeEncoding())
     assert isinstance(default_estimator(load_profile("minimax")), TiktokenEstimator)
+
+
+# --- the background estimator: never blocks ---------------------------------------------
+
+
+@pytest.mark.usefixtures("fresh_tiktoken_state")
+def test_background_estimator_counts_with_the_heuristic_while_tiktoken_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Construction returns at once; the heuristic (with the profile's hint) counts until
+    the encoding has loaded, tiktoken's count after; one load for every instance."""
+    release = threading.Event()
+    loads: list[str] = []
+
+    def get_encoding(name: str) -> FakeEncoding:
+        loads.append(name)
+        release.wait(10)
+        return FakeEncoding()
+
+    _fake_tiktoken(monkeypatch, get_encoding)
+    started = time.monotonic()
+    estimator = BackgroundEstimator(load_profile("minimax"))
+    other = BackgroundEstimator()
+    assert time.monotonic() - started < 1
+    text = "调度器为每个优先级 one two three"
+    heuristic = HeuristicEstimator(MINIMAX_HINT).count(text)
+    assert estimator.count(text) == heuristic
+    assert estimator.exact is None
+    assert not estimator.wait_loaded(0.01)
+    release.set()
+    assert estimator.wait_loaded(5)
+    assert estimator.count(text) == 4  # FakeEncoding: one token per word
+    assert other.wait_loaded(5)
+    assert loads == ["o200k_base"]
+    assert "loaded" in repr(estimator)
+    # Once loaded, the blocking default finds it at once.
+    assert isinstance(default_estimator(), TiktokenEstimator)
+
+
+@pytest.mark.usefixtures("fresh_tiktoken_state")
+def test_background_estimator_keeps_the_heuristic_when_tiktoken_is_missing(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No tiktoken (or an encoding that fails to load): the heuristic for good."""
+    _no_tiktoken(monkeypatch)
+    estimator = BackgroundEstimator()
+    assert not estimator.wait_loaded(5)
+    assert estimator.exact is None
+    assert estimator.count("one two three") == HeuristicEstimator().count("one two three")
+    assert isinstance(estimator, TokenEstimator)
+
+
+@pytest.mark.usefixtures("fresh_tiktoken_state")
+def test_background_estimator_never_waits_for_a_hanging_download(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A download that never answers costs no caller anything: counts go on at once."""
+    release = threading.Event()
+
+    def get_encoding(name: str) -> FakeEncoding:
+        release.wait(30)
+        return FakeEncoding()
+
+    _fake_tiktoken(monkeypatch, get_encoding)
+    try:
+        started = time.monotonic()
+        estimator = BackgroundEstimator()
+        for _ in range(100):
+            estimator.count("some words here")
+        assert time.monotonic() - started < 1
+    finally:
+        release.set()
 
 
 def test_real_tiktoken_matches_the_reference_counts() -> None:

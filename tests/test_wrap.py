@@ -3,15 +3,28 @@
 from __future__ import annotations
 
 import gc
+import socket
+import threading
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import anyio
+import anyio.lowlevel
 import openai
 import pytest
 
 import ratekit
-from ratekit import Account, Limits, Scheduler
+from ratekit import Account, Limits, Rate, Scheduler
+from ratekit import _tokens as tokens_module
+from ratekit._tokens import BackgroundEstimator, TiktokenEstimator
+from ratekit.integrations._usage import CallPrice, Usage, read_usage
 from ratekit.mock_provider import MockProvider
+
+try:  # the HTTP library this openai release sends with
+    import httpx2 as openai_httpx
+except ImportError:  # pragma: no cover - older openai releases use httpx itself
+    import httpx as openai_httpx  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.anyio
 
@@ -112,8 +125,11 @@ async def test_breaking_out_of_a_stream_releases_its_slot() -> None:
         )
         async for _ in stream:
             break
-        del stream
-        gc.collect()
+        # Reported when the last reference goes, or by the cycle collector.
+        with pytest.warns(ResourceWarning, match="dropped without release"):  # noqa: PT031
+            del stream
+            gc.collect()
+        await anyio.lowlevel.checkpoint()  # the hand-back runs on the scheduler's loop
         assert await in_flight(scheduler) == 0
 
 
@@ -180,3 +196,371 @@ async def test_hundreds_of_tasks_get_no_429_from_a_strict_provider() -> None:
         assert done == 300
         assert server.statistics().rejected == {}
         assert (await scheduler.statistics()).rate_limited == 0
+
+
+# --- every HTTP request is one admission -------------------------------------------------
+
+
+def sdk_client(server: MockProvider, **options: Any) -> openai.AsyncOpenAI:
+    """A client with the SDK's own retries, as a new user builds one (max_retries=2)."""
+    client = openai.AsyncOpenAI(base_url=server.base_url, api_key="test", **options)
+    OPENED.append(client)
+    return client
+
+
+def requests_seen(server: MockProvider) -> int:
+    stats = server.statistics()
+    return stats.served + sum(stats.rejected.values())
+
+
+async def test_sdk_retries_are_admissions_and_their_429s_reach_the_scheduler() -> None:
+    """Two 429s then an answer: three requests at the provider, three admissions, and
+    both 429s answered by the scheduler; the caller's client keeps its own retries."""
+    async with MockProvider(Limits(rpm=100), completion_tokens=5) as server:
+        raw = sdk_client(server)
+        scheduler = Scheduler(Account("moonshot", tier="tier1", token_counting="usage"))
+        client = ratekit.wrap(raw, scheduler)
+        server.inject_429s(2, retry_after_s=0.05)
+        response = await client.chat.completions.create(
+            model="kimi-k2", messages=MESSAGES, max_tokens=50
+        )
+        assert response.usage.total_tokens == 8
+        stats = await scheduler.statistics()
+        assert requests_seen(server) == stats.admitted == 3
+        assert (stats.rate_limited, stats.cooldowns) == (2, 2)
+        assert raw.max_retries == 2
+        assert await in_flight(scheduler) == 0
+
+
+async def test_a_429_pauses_the_account_for_its_retry_after() -> None:
+    """The provider's Retry-After holds the retry back: the 429 reached the scheduler."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        client, scheduler = setup(server)
+        server.inject_429s(1, retry_after_s=0.3)
+        started = anyio.current_time()
+        await client.chat.completions.create(  # type: ignore[attr-defined]
+            model="kimi-k2", messages=MESSAGES, max_tokens=10
+        )
+        assert anyio.current_time() - started >= 0.25
+        stats = await scheduler.statistics()
+        assert (stats.admitted, stats.rate_limited, stats.cooldowns) == (2, 1, 1)
+
+
+async def test_429s_beyond_the_schedulers_attempts_are_raised() -> None:
+    """max_attempts tries, each an admission and a request; then the last 429 is raised."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = Scheduler(Account("moonshot", tier="tier1"), max_attempts=3)
+        client = ratekit.wrap(sdk_client(server), scheduler)
+        server.inject_429s(None, retry_after_s=0.01)
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(model="kimi-k2", messages=MESSAGES)
+        stats = await scheduler.statistics()
+        assert requests_seen(server) == stats.admitted == stats.rate_limited == 3
+        assert await in_flight(scheduler) == 0
+
+
+async def test_ratekit_timeout_bounds_the_waits_of_all_tries() -> None:
+    """A 429 asking for 5 s leaves a call with ratekit_timeout=1 no time for another try:
+    AcquireTimeout at once, not a 5 s wait."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        client, scheduler = setup(server)
+        server.inject_429s(1, retry_after_s=5.0)
+        started = anyio.current_time()
+        with pytest.raises(ratekit.AcquireTimeout):
+            await client.chat.completions.create(  # type: ignore[attr-defined]
+                model="kimi-k2", messages=MESSAGES, max_tokens=5, ratekit_timeout=1
+            )
+        assert anyio.current_time() - started < 1
+        stats = await scheduler.statistics()
+        assert (stats.admitted, stats.rate_limited, requests_seen(server)) == (1, 1, 1)
+
+
+async def test_a_stream_refused_when_opened_is_retried_as_a_new_admission() -> None:
+    """The 429 that refuses a stream comes at opening: retried, one admission per try."""
+    async with MockProvider(Limits(rpm=100), completion_tokens=3) as server:
+        client, scheduler = setup(server)
+        server.inject_429s(1, retry_after_s=0.05)
+        stream = await client.chat.completions.create(  # type: ignore[attr-defined]
+            model="kimi-k2", messages=MESSAGES, max_tokens=10, stream=True
+        )
+        async with stream:
+            chunks = [chunk async for chunk in stream]
+        assert chunks
+        stats = await scheduler.statistics()
+        assert requests_seen(server) == stats.admitted == 2
+        assert stats.rate_limited == 1
+        assert await in_flight(scheduler) == 0
+
+
+class FailingFirst(openai_httpx.AsyncBaseTransport):
+    """Answers the first `failures` requests with `status` (never sent on), then forwards
+    to the real provider; counts what it was asked to send."""
+
+    def __init__(self, failures: int, status: int = 500, retry_after_ms: str = "10") -> None:
+        self.failures = failures
+        self.status = status
+        self.retry_after_ms = retry_after_ms
+        self.sent = 0
+        self.inner = openai_httpx.AsyncHTTPTransport()
+
+    async def handle_async_request(self, request: Any) -> Any:
+        self.sent += 1
+        if self.failures:
+            self.failures -= 1
+            body = {"error": {"message": "boom", "type": "server_error", "code": None}}
+            headers = {"retry-after-ms": self.retry_after_ms}
+            return openai_httpx.Response(self.status, json=body, headers=headers)
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def failing_client(server: MockProvider, transport: FailingFirst, retries: int) -> Any:
+    http = openai_httpx.AsyncClient(transport=transport)
+    raw = openai.AsyncOpenAI(
+        base_url=server.base_url, api_key="test", max_retries=retries, http_client=http
+    )
+    OPENED.append(raw)
+    return raw
+
+
+@pytest.mark.parametrize("status", [500, 503, 408, 409])
+async def test_what_the_sdk_retries_ratekit_retries_each_try_admitted(status: int) -> None:
+    """5xx, 408 and 409 are retried up to the client's max_retries, each an admission."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        transport = FailingFirst(2, status)
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        client = ratekit.wrap(failing_client(server, transport, retries=2), scheduler)
+        await client.chat.completions.create(model="kimi-k2", messages=MESSAGES)
+        stats = await scheduler.statistics()
+        assert transport.sent == stats.admitted == 3
+        assert stats.rate_limited == 0
+
+        transport.failures = 3
+        with pytest.raises(openai.APIStatusError):
+            await client.chat.completions.create(model="kimi-k2", messages=MESSAGES)
+        assert transport.sent == (await scheduler.statistics()).admitted == 6
+        assert await in_flight(scheduler) == 0
+
+
+async def test_what_the_sdk_does_not_retry_is_tried_once() -> None:
+    """A 400, or a 5xx answered with x-should-retry: false, is one try."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        transport = FailingFirst(1, 400)
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        client = ratekit.wrap(failing_client(server, transport, retries=2), scheduler)
+        with pytest.raises(openai.BadRequestError):
+            await client.chat.completions.create(model="kimi-k2", messages=MESSAGES)
+        assert transport.sent == (await scheduler.statistics()).admitted == 1
+
+
+async def test_connection_errors_are_retried_up_to_max_retries_with_backoff() -> None:
+    """A provider that cannot be reached: 1 + max_retries tries, each admitted, the SDK's
+    backoff between them (0.5 s less up to 25 %)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    raw = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="t", max_retries=1)
+    OPENED.append(raw)
+    scheduler = Scheduler(Account("moonshot", tier="tier1"))
+    client = ratekit.wrap(raw, scheduler)
+    started = anyio.current_time()
+    with pytest.raises(openai.APIConnectionError):
+        await client.chat.completions.create(model="kimi-k2", messages=MESSAGES)
+    assert anyio.current_time() - started >= 0.37
+    assert (await scheduler.statistics()).admitted == 2
+    assert await in_flight(scheduler) == 0
+
+
+async def test_with_options_returns_a_wrapped_client() -> None:
+    """A copy made with with_options() is admitted too, with the copy's max_retries."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        client, scheduler = setup(server)
+        copied = client.with_options(max_retries=1, timeout=30)  # type: ignore[attr-defined]
+        assert repr(copied).startswith("ratekit.wrap(")
+        server.inject_429s(1, retry_after_s=0.01)
+        await copied.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
+        assert requests_seen(server) == (await scheduler.statistics()).admitted == 2
+
+
+# --- money ---------------------------------------------------------------------------------
+
+
+def priced_scheduler(**overrides: Any) -> Scheduler:
+    # INF's inf-chat-v1: 10 per million input and output tokens.
+    account = Account("infly", tier="tier1", token_counting="usage", **overrides)
+    return Scheduler(account)
+
+
+async def test_money_is_reserved_at_the_prices_and_settled_from_the_usage() -> None:
+    """A priced model reserves the most it may cost and settles the real cost."""
+    budget = Rate(1.0, 86_400, "money", name="money/day")
+    async with MockProvider(Limits(rpm=100), completion_tokens=5) as server:
+        scheduler = priced_scheduler(rates=(budget,))
+        client = ratekit.wrap(raw_client(server), scheduler)
+
+        async def money_used() -> float:
+            return (await scheduler.limiter().statistics()).dimension("money/day").used
+
+        response = await client.chat.completions.create(
+            model="inf-chat-v1", messages=MESSAGES, max_tokens=50
+        )
+        assert response.usage.total_tokens == 8  # 3 prompt + 5 output
+        assert await money_used() == pytest.approx(8 * 10 / 1_000_000)
+
+        # While a call is in flight its estimate (prompt estimate + 50 output) is held.
+        stream = await client.chat.completions.create(
+            model="inf-chat-v1", messages=MESSAGES, max_tokens=50, stream=True
+        )
+        assert await money_used() >= (8 + 3 + 50) * 10 / 1_000_000
+        async with stream:
+            chunks = [chunk async for chunk in stream]
+        assert all(chunk.choices for chunk in chunks)  # the usage chunk read, not shown
+        assert await money_used() == pytest.approx(2 * 8 * 10 / 1_000_000)
+
+
+async def test_a_money_budget_refuses_a_call_it_cannot_hold() -> None:
+    """A call whose estimate exceeds the whole budget fails at once: cost reaches the limits."""
+    budget = Rate(0.0001, 86_400, "money", name="money/day")  # 10 tokens' worth
+    async with MockProvider(Limits(rpm=100)) as server:
+        scheduler = priced_scheduler(rates=(budget,))
+        client = ratekit.wrap(raw_client(server), scheduler)
+        with pytest.raises(ratekit.CostExceedsLimitError, match="money/day"):
+            await client.chat.completions.create(
+                model="inf-chat-v1", messages=MESSAGES, max_tokens=500
+            )
+        assert server.statistics().served == 0
+        # An unpriced model costs nothing: the budget does not hold it back.
+        await client.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=500)
+        assert (await scheduler.limiter().statistics()).dimension("money/day").used == 0
+
+
+# --- the tokenizer loads off the loop ---------------------------------------------------------
+
+
+class FakeEncoding:
+    """Stands for a tiktoken.Encoding: one token per whitespace-separated word."""
+
+    name = "fake_base"
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        return [0] * len(text.split())
+
+
+async def test_the_loop_stays_responsive_while_the_tokenizer_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A tokenizer that takes seconds to load never blocks the loop: calls are estimated
+    with the heuristic meanwhile, and the loop ticks throughout."""
+    release = threading.Event()
+
+    def slow_load(encoding: str) -> TiktokenEstimator:
+        release.wait(10.0)
+        return TiktokenEstimator(FakeEncoding())
+
+    monkeypatch.setattr(tokens_module, "_load_tiktoken", slow_load)
+    monkeypatch.setattr(tokens_module, "_background", {})
+    async with MockProvider(Limits(rpm=1_000)) as server:
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        started = time.monotonic()
+        client = ratekit.wrap(raw_client(server), scheduler)
+        assert time.monotonic() - started < 0.5  # no waiting for the tokenizer here
+        gaps: list[float] = []
+
+        async def ticker() -> None:
+            last = time.monotonic()
+            while True:
+                await anyio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(ticker)
+            for _ in range(5):
+                await client.chat.completions.create(
+                    model="kimi-k2", messages=MESSAGES, max_tokens=5
+                )
+            group.cancel_scope.cancel()
+        assert not release.is_set()  # all done while the tokenizer was still loading
+        assert max(gaps) < 0.5  # never blocked (a blocking load stalls the loop for seconds)
+        release.set()
+        estimator = BackgroundEstimator(scheduler.account.profile)
+        assert await anyio.to_thread.run_sync(estimator.wait_loaded, 5.0)
+        assert estimator.count("one two three") == 3  # tiktoken's count from now on
+
+
+# --- usage and its price ---------------------------------------------------------------------
+
+
+async def test_usage_is_read_from_every_answer_shape() -> None:
+    """Chat, responses, embeddings, a stream's last event and Moonshot's own cache field."""
+    chat = {
+        "usage": {
+            "prompt_tokens": 1_000,
+            "completion_tokens": 100,
+            "total_tokens": 1_100,
+            "prompt_tokens_details": {"cached_tokens": 800},
+        }
+    }
+    assert read_usage(chat) == Usage(1_100, 1_000, 100, 800)
+    responses = {
+        "response": {
+            "usage": {
+                "input_tokens": 30,
+                "output_tokens": 5,
+                "input_tokens_details": {"cached_tokens": 0},
+            }
+        }
+    }
+    assert read_usage(responses) == Usage(35, 30, 5, 0)
+    assert read_usage({"usage": {"prompt_tokens": 4, "total_tokens": 4}}) == Usage(4, 4, 0, 0)
+    moonshot = {"usage": {"prompt_tokens": 10, "completion_tokens": 2, "cached_tokens": 50}}
+    assert read_usage(moonshot) == Usage(12, 10, 2, 10)  # never more than the input
+    assert read_usage({"usage": {"total_tokens": 9}}) == Usage(9)
+    for nothing in ({}, {"usage": None}, {"usage": {"total_tokens": -1}}, None, "text"):
+        assert read_usage(nothing) is None
+
+
+async def test_cache_hits_settle_at_the_cached_price() -> None:
+    """MiniMax-M2: cache misses at 2.1, hits at 0.21 and output at 8.4 per million."""
+    scheduler = Scheduler(Account("minimax", tier="paid"))
+    price = CallPrice(scheduler, "MiniMax-M2")
+    estimate = price.estimate(1_000, 500)
+    assert estimate == pytest.approx((1_000 * 2.1 + 500 * 8.4) / 1e6)
+    assert price.estimate_total(1_500) == pytest.approx(1_500 * 8.4 / 1e6)
+    assert CallPrice(scheduler, "no-such-model").estimate(1_000, 500) == 0
+    admission = await scheduler.admit(tokens=1_500, cost=estimate, model="MiniMax-M2")
+    try:
+        price.settle(admission, Usage(1_100, 1_000, 100, 800))
+        assert admission.usage.tokens == 1_100
+        assert admission.usage.cost == pytest.approx((200 * 2.1 + 800 * 0.21 + 100 * 8.4) / 1e6)
+    finally:
+        await scheduler.finish(admission, None, model="MiniMax-M2")
+
+
+# --- arguments ---------------------------------------------------------------------------
+
+
+async def test_bad_arguments_are_named_where_they_are_given() -> None:
+    """wrap's own arguments fail at wrap; a call's ratekit_* options fail at that call,
+    naming the option, and leave the next call unharmed."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        raw = raw_client(server)
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        with pytest.raises(ratekit.RatekitError, match=r"scheduler must be a ratekit\.Scheduler"):
+            ratekit.wrap(raw, "moonshot")  # type: ignore[arg-type]
+        with pytest.raises(ratekit.RatekitError, match="wrap: priority: priority must be"):
+            ratekit.wrap(raw, scheduler, priority="high")  # type: ignore[arg-type]
+        client = ratekit.wrap(raw, scheduler)
+        with pytest.raises(ratekit.RatekitError, match="ratekit_timeout: timeout must be"):
+            await client.chat.completions.create(
+                model="kimi-k2", messages=MESSAGES, ratekit_timeout="5"
+            )
+        with pytest.raises(ratekit.RatekitError, match="ratekit_tokens must be"):
+            await client.chat.completions.create(
+                model="kimi-k2", messages=MESSAGES, ratekit_tokens=-1
+            )
+        await client.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
+        assert (await scheduler.statistics()).admitted == 1

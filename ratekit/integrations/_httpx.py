@@ -3,12 +3,13 @@
 For OpenAI-compatible clients other than the `openai` package (or plain
 ``httpx.AsyncClient`` code): every ``POST`` with a JSON object body to a path
 ending in ``/chat/completions``, ``/completions``, ``/embeddings`` or
-``/responses`` waits for `Scheduler.slot` (prompt + max output tokens, the
-body's ``model``) before it is sent; any other request passes through
-unadmitted. The answer is read (or, for an event stream, scanned as it is read)
-for its ``usage``, which settles the reservation. A rate-limit answer (a 429, or
-a provider's own rate-limit code) pauses the account and is returned unchanged:
-retrying it is the client's business.
+``/responses`` is one admission (`Scheduler.admit`: prompt + max output tokens,
+the money they may cost, the body's ``model``) before it is sent; any other
+request passes through unadmitted. The answer is read (or, for an event stream,
+scanned as it is read) for its ``usage``, which settles the reservation. A
+rate-limit answer (a 429, or a provider's own rate-limit code) pauses the account
+and is returned unchanged: retrying it is the client's business, and each request
+the client sends again is a new admission.
 """
 
 from __future__ import annotations
@@ -18,13 +19,17 @@ import time
 from collections.abc import AsyncIterator
 from typing import Any
 
-import anyio
 import httpx
 
-from .._scheduler import Scheduler, Slot
+from .._admission import Admission, check_priority, check_timeout
+from .._errors import InvalidArgumentError, InvalidCostError
+from .._limits import check_amount
+from .._scheduler import Scheduler
 from .._signals import classify
-from .._tokens import TokenEstimator, default_estimator, estimate_request_tokens
-from ._usage import usage_tokens
+from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
+from ._usage import CallPrice, Usage, read_usage, usage_tokens
+
+__all__ = ["RateLimitedTransport", "usage_tokens"]
 
 # Path endings that are admitted, and the request kind their body is estimated as.
 # Longest first: "/chat/completions" also ends in "/completions".
@@ -36,6 +41,7 @@ _KINDS = (
 )
 # Per-request overrides, given as ``extensions={...}`` on an httpx request; not sent.
 TOKENS_EXTENSION = "ratekit_tokens"
+COST_EXTENSION = "ratekit_cost"
 PRIORITY_EXTENSION = "ratekit_priority"
 
 
@@ -62,18 +68,31 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
 
     ``httpx.AsyncClient(transport=RateLimitedTransport(scheduler))``. `transport`
     sends the requests (a new ``httpx.AsyncHTTPTransport()`` by default; closed
-    with this one). `estimator` counts prompt tokens (`default_estimator` of the
-    account's profile by default); `priority` and `timeout` (seconds of waiting
-    for admission, None for no bound) are those of `Scheduler.slot`. Per request,
-    ``extensions={"ratekit_tokens": n, "ratekit_priority": p}`` override the
-    estimate and the priority.
+    with this one). `estimator` counts prompt tokens (by default a
+    `BackgroundEstimator` of the account's profile, which never blocks the loop);
+    `priority` and `timeout` (seconds of waiting for admission, None for no bound)
+    are those of `Scheduler.admit`. Per request, ``extensions={"ratekit_tokens": n,
+    "ratekit_cost": c, "ratekit_priority": p}`` override the estimates and the
+    priority.
 
-    A plain answer is read whole here and settles with its ``usage``. An event
-    stream (``"stream": true``) keeps its admission until it is read to its end
-    or closed, settling with the last ``usage`` among its ``data:`` events (ask
-    for one with ``stream_options: {"include_usage": true}``; a stream without
-    one, or a compressed one, keeps its estimate: the safe side). A request that
-    never reached the provider (``httpx.ConnectError``) hands its reservation back.
+    Every request of those sent (each one the client sends again included) is one
+    admission, ended once (`Scheduler.finish`) on every path. A model the profile
+    prices reserves the most its prompt and maximum output cost, and settles the
+    real cost from the answer's usage, so money rates (spend budgets) hold; an
+    unpriced model costs 0.
+
+    A plain answer is read whole here, settles with its ``usage`` and ends its
+    admission before it is returned. An event stream (``"stream": true``) keeps
+    its admission until it is read to its end or closed, settling with the last
+    ``usage`` among its ``data:`` events (ask for one with ``stream_options:
+    {"include_usage": true}``; a stream without one, or a compressed one, keeps
+    its estimate: the safe side). A stream dropped without being closed gives its
+    capacity back on the scheduler's loop, never from the garbage collector: its
+    byte iterator is closed there, or its admission's finalizer warns and hands
+    it back; close it (``async with client.stream(...)``). A rate-limit
+    answer ends its admission and is then answered by the scheduler (the account
+    pauses). A request that never reached the provider (``httpx.ConnectError``)
+    hands its reservation back.
 
     Use one per event loop, shared by any number of tasks and clients.
     """
@@ -87,11 +106,30 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         priority: int = 0,
         timeout: float | None = None,
     ) -> None:
+        if not isinstance(scheduler, Scheduler):
+            raise InvalidArgumentError(
+                f"RateLimitedTransport: scheduler must be a ratekit.Scheduler, got {scheduler!r}"
+            )
+        if transport is not None and not isinstance(transport, httpx.AsyncBaseTransport):
+            raise InvalidArgumentError(
+                "RateLimitedTransport: transport must be an httpx.AsyncBaseTransport or None, "
+                f"got {transport!r}"
+            )
+        if estimator is None:
+            estimator = BackgroundEstimator(scheduler.account.profile)
+        elif not isinstance(estimator, TokenEstimator):
+            raise InvalidArgumentError(
+                "RateLimitedTransport: estimator must have count(text) -> int (a "
+                f"TokenEstimator), got {estimator!r}"
+            )
+        try:
+            self._priority = check_priority(priority)
+            self._timeout = check_timeout(timeout)
+        except (InvalidArgumentError, InvalidCostError) as error:
+            raise type(error)(f"RateLimitedTransport: {error}") from None
         self.scheduler = scheduler
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
-        self._estimator = estimator or default_estimator(scheduler.account.profile)
-        self._priority = priority
-        self._timeout = timeout
+        self._estimator = estimator
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         kind = _kind_of(request)
@@ -101,54 +139,74 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         if body is None:
             return await self._transport.handle_async_request(request)
         model = body.get("model") if isinstance(body.get("model"), str) else None
-        slot = self.scheduler.slot(
-            tokens=self._tokens(request, kind, body),
+        price = CallPrice(self.scheduler, model)
+        tokens, cost = self._estimate(request, kind, body, price)
+        admission = await self.scheduler.admit(
+            tokens=tokens,
+            cost=cost,
             model=model,
-            priority=int(request.extensions.get(PRIORITY_EXTENSION, self._priority)),
+            priority=request.extensions.get(PRIORITY_EXTENSION, self._priority),
             timeout=self._timeout,
         )
-        await slot.__aenter__()
         try:
             response = await self._transport.handle_async_request(request)
-            if body.get("stream") is True and _is_event_stream(response):
-                return _with_stream(response, _AdmittedByteStream(response, slot))
-            return await self._read_and_settle(request, response, slot)
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                if isinstance(exc, httpx.ConnectError) and slot.permit is not None:
-                    await slot.permit.refund()
-                await slot.__aexit__(type(exc), exc, exc.__traceback__)
+        except BaseException as error:
+            try:
+                if isinstance(error, httpx.ConnectError):
+                    await admission.refund()  # never sent: nothing counts
+            finally:
+                await self.scheduler.finish(admission, error, model=model)
             raise
+        if body.get("stream") is True and _is_event_stream(response):
+            stream = _AdmittedByteStream(response, self.scheduler, admission, model, price)
+            return _with_stream(response, stream)
+        return await self._read_and_finish(request, response, admission, model, price)
 
-    def _tokens(self, request: httpx.Request, kind: str, body: dict[str, Any]) -> float:
-        exact = request.extensions.get(TOKENS_EXTENSION)
-        if exact is not None:
-            return float(exact)
-        prompt, output = estimate_request_tokens(kind, body, self._estimator)
-        return float(prompt + output)
-
-    async def _read_and_settle(
-        self, request: httpx.Request, response: httpx.Response, slot: Slot
-    ) -> httpx.Response:
-        """Read `response` whole, settle or answer a rate limit, and release the slot."""
-        try:
-            raw = b"".join([chunk async for chunk in response.aiter_raw()])
-        finally:
-            await response.aclose()
-        # A twin to decode (content-encoding) and parse; the caller gets an unread copy.
-        decoded = _with_stream(response, httpx.ByteStream(raw))
-        await decoded.aread()
-        if classify(decoded, now_s=time.time()) is not None:
-            # Answered by the slot as a raised 429 would be (the scheduler's classifier,
-            # one pause per burst), but returned, not raised.
-            refusal = httpx.HTTPStatusError("rate limited", request=request, response=decoded)
-            with anyio.CancelScope(shield=True):
-                await slot.__aexit__(type(refusal), refusal, None)
+    def _estimate(
+        self, request: httpx.Request, kind: str, body: dict[str, Any], price: CallPrice
+    ) -> tuple[float, float]:
+        """(tokens, cost) to reserve: the extensions', else estimated from the body."""
+        exact_tokens = request.extensions.get(TOKENS_EXTENSION)
+        exact_cost = request.extensions.get(COST_EXTENSION)
+        if exact_tokens is not None:
+            tokens = check_amount(f"extensions[{TOKENS_EXTENSION!r}]", exact_tokens)
+            cost = price.estimate_total(tokens)
         else:
-            used = usage_tokens(_json_object(decoded.content))
-            if used is not None and slot.permit is not None:
-                slot.permit.settle(tokens=used)
-            await slot.__aexit__(None, None, None)
+            prompt, output = estimate_request_tokens(kind, body, self._estimator)
+            tokens = float(prompt + output)
+            cost = price.estimate(prompt, output)
+        if exact_cost is not None:
+            cost = check_amount(f"extensions[{COST_EXTENSION!r}]", exact_cost)
+        return tokens, cost
+
+    async def _read_and_finish(
+        self,
+        request: httpx.Request,
+        response: httpx.Response,
+        admission: Admission,
+        model: str | None,
+        price: CallPrice,
+    ) -> httpx.Response:
+        """Read `response` whole, settle it, and end the admission (answering a rate limit)."""
+        error: BaseException | None = None
+        try:
+            try:
+                raw = b"".join([chunk async for chunk in response.aiter_raw()])
+            finally:
+                await response.aclose()
+            # A twin to decode (content-encoding) and parse; the caller gets an unread copy.
+            decoded = _with_stream(response, httpx.ByteStream(raw))
+            await decoded.aread()
+            if response.status_code >= 400 or classify(decoded, now_s=time.time()) is not None:
+                # Answered by the scheduler as a raised 429 would be, but returned, not raised.
+                error = httpx.HTTPStatusError("refused", request=request, response=decoded)
+            else:
+                price.settle(admission, read_usage(_json_object(decoded.content)))
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await self.scheduler.finish(admission, error, model=model)
         return _with_stream(response, httpx.ByteStream(raw))
 
     async def aclose(self) -> None:
@@ -176,55 +234,70 @@ class _AdmittedByteStream(httpx.AsyncByteStream):
     ``usage`` object; the last one found settles the reservation.
     """
 
-    def __init__(self, response: httpx.Response, slot: Slot) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        scheduler: Scheduler,
+        admission: Admission,
+        model: str | None,
+        price: CallPrice,
+    ) -> None:
         self._stream = response.stream
-        self._slot: Slot | None = slot
+        self._scheduler = scheduler
+        self._admission: Admission | None = admission  # None once ended
+        self._model = model
+        self._price = price
         # Only an unencoded stream can be scanned as it goes.
         self._scan = response.headers.get("content-encoding", "identity") == "identity"
         # The bytes after the last newline, waiting for the rest of their line.
         self._partial = b""
-        self._usage: float | None = None
+        self._usage: Usage | None = None
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         assert isinstance(self._stream, httpx.AsyncByteStream)
-        async for chunk in self._stream:
-            if self._scan:
-                self._read_lines(chunk)
-            yield chunk
-        # The connection goes back to the pool before the slot frees, so that the call
-        # admitted next finds it instead of opening one (a delay the margin must cover).
+        try:
+            async for chunk in self._stream:
+                if self._scan:
+                    self._read_lines(chunk)
+                yield chunk
+        except GeneratorExit:  # the iterator closed early: as aclose()
+            await self._end(None)
+            raise
+        except BaseException as error:
+            await self._end(error)
+            raise
+        # The connection goes back to the pool before the admission ends, so that the
+        # call admitted next finds it instead of opening one (a delay the margin covers).
         await self.aclose()
 
     def _read_lines(self, chunk: bytes) -> None:
         *lines, self._partial = (self._partial + chunk).split(b"\n")
         for line in lines:
             if line.startswith(b"data:") and b'"usage"' in line:
-                used = usage_tokens(_json_object(line[5:].strip()))
-                if used is not None:
-                    self._usage = used
+                usage = read_usage(_json_object(line[5:].strip()))
+                if usage is not None:
+                    self._usage = usage
 
     async def aclose(self) -> None:
         try:
             if isinstance(self._stream, httpx.AsyncByteStream):
                 await self._stream.aclose()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._finish()
+            await self._end(None)
 
-    async def _finish(self) -> None:
-        slot, self._slot = self._slot, None
-        if slot is None:
+    async def _end(self, error: BaseException | None) -> None:
+        admission, self._admission = self._admission, None
+        if admission is None:
             return
-        if self._usage is not None and slot.permit is not None:
-            slot.permit.settle(tokens=self._usage)
-        await slot.__aexit__(None, None, None)
+        try:
+            self._price.settle(admission, self._usage)
+        finally:
+            await self._scheduler.finish(admission, error, model=self._model)
 
     def __del__(self) -> None:
-        # Dropped unclosed: give the slot back where that needs no I/O (memory);
-        # on a shared backend the permit's finaliser warns and its lease lapses.
-        slot, self._slot = self._slot, None
-        permit = slot.permit if slot is not None else None
-        if permit is not None and permit.granted:
-            if self._usage is not None:
-                permit.settle(tokens=self._usage)
-            permit.release_nowait()
+        # Dropped unclosed: the admission's own finalizer warns and hands it back on
+        # the scheduler's loop. Only the usage already seen is recorded on it here,
+        # which touches nothing shared.
+        admission = self._admission
+        if admission is not None and admission.granted and self._usage is not None:
+            self._price.settle(admission, self._usage)

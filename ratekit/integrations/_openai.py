@@ -1,26 +1,37 @@
-"""`wrap`: an OpenAI-compatible async client whose calls go through a scheduler.
+"""`wrap`: an OpenAI-compatible async client whose requests go through a scheduler.
 
 The wrapped client is the same client: every attribute passes through, and
-``chat.completions.create`` (plain and streaming), ``embeddings.create`` and
-``responses.create`` are admitted first. Each call reserves its prompt's
-estimated tokens plus the most it may output, and settles with the response's
-``usage``. A stream keeps its concurrency slot until it ends or is closed, and
-asks for usage in its last chunk without changing what the caller sees.
+``chat.completions.create`` (plain and streaming), ``completions.create``,
+``embeddings.create`` and ``responses.create`` are admitted first. Every HTTP
+request one of them sends is one admission: the SDK's own retries are turned off
+(on a copy of the client, ``with_options(max_retries=0)``) and ratekit retries
+instead, each attempt admitted anew. Each admission reserves the prompt's
+estimated tokens plus the most the call may output, and the most it may cost at
+the profile's prices; it settles with the response's ``usage``. A stream keeps its
+admission until it ends or is closed, and asks for usage in its last chunk
+without changing what the caller sees.
 """
 
 from __future__ import annotations
 
-import copy
-import functools
-from collections.abc import AsyncIterator, Callable, Mapping
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
 
-from .._scheduler import Scheduler, Slot
-from .._tokens import TokenEstimator, default_estimator, estimate_request_tokens
-from ._usage import usage_tokens
+from .._admission import Admission, check_priority, check_timeout
+from .._errors import InvalidArgumentError, InvalidCostError
+from .._limits import check_amount
+from .._scheduler import Scheduler
+from .._signals import parse_retry_after
+from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
+from ._usage import CallPrice, Usage, read_usage
+
+R = TypeVar("R")
 
 # The create methods that are admitted, by the attribute path that leads to them.
 _ADMITTED = {
@@ -30,6 +41,28 @@ _ADMITTED = {
     ("responses",): "responses.create",
 }
 _PREFIXES = {path[:depth] for path in _ADMITTED for depth in range(1, len(path) + 1)}
+# Methods of the client that return a changed copy of it: the copy is wrapped too.
+_COPIES = ("copy", "with_options")
+
+# The openai SDK's own retry timing (openai/_constants.py), which ratekit's retries of
+# failures other than 429 follow: 0.5 s doubling up to 8 s, less up to 25 % of jitter,
+# or the answer's Retry-After when it asks for at most two minutes (beyond: no retry).
+_INITIAL_RETRY_DELAY_S = 0.5
+_MAX_RETRY_DELAY_S = 8.0
+_MAX_RETRY_AFTER_S = 120.0
+# What the SDK retries besides 429 (left to the scheduler): a timed-out request, a
+# lock timeout, and the server's errors.
+_RETRIED_STATUSES = frozenset({408, 409})
+
+
+@runtime_checkable
+class RetryingClient(Protocol):
+    """A client that retries on its own (the openai SDK's): `max_retries` and a copy with
+    other options. `wrap` turns the retries off on a copy and retries itself."""
+
+    max_retries: int
+
+    def with_options(self, **options: Any) -> Any: ...
 
 
 def wrap(
@@ -40,16 +73,74 @@ def wrap(
     priority: int = 0,
     timeout: float | None = None,
 ) -> Any:
-    """`client` (an ``openai.AsyncOpenAI`` or a compatible one) with every call admitted.
+    """`client` (an ``openai.AsyncOpenAI`` or a compatible one) with every request admitted.
 
-    `estimator` counts prompt tokens (the best available by default: tiktoken
-    when installed, else a CJK-aware heuristic with the profile's hint). Per call,
-    ``ratekit_tokens=`` gives an exact reservation, ``ratekit_priority=`` and
-    ``ratekit_timeout=`` override the defaults; they are not sent.
+    Retries: a client that retries on its own (`RetryingClient`: the openai SDK's
+    ``max_retries``, 2 by default) is called through a copy with
+    ``max_retries=0``, so that each HTTP request is an admission of its own, and
+    ratekit retries in its place:
+
+    - a rate-limit answer (429, or a provider's own rate-limit code) is answered
+      by the scheduler (the account pauses for its Retry-After; 429s that keep
+      coming lower the limits) and, unless it says retrying cannot help (a spent
+      quota, ``x-should-retry: false``), retried by the scheduler's policy
+      (`Scheduler.retrying`: up to ``max_attempts`` tries, each after the pause);
+    - what the SDK would retry besides (connection errors and timeouts, 408, 409
+      and 5xx answers, or any answer saying ``x-should-retry: true``) is retried
+      up to the client's own ``max_retries`` times, with the SDK's backoff.
+
+    Each try is a new admission. A stream is retried the same way when it is
+    refused on opening; once open it is never retried. Other methods of the
+    client (``models.list``, ``with_raw_response``...) pass through unadmitted,
+    on the original client with its own retries. ``with_options(...)`` and
+    ``copy(...)`` return a wrapped copy. A client without ``max_retries`` and
+    ``with_options`` is called as it is: ratekit retries its 429s, and any retries
+    of its own are not seen.
+
+    Money: a model the profile prices reserves ``cost=`` its prompt estimate and
+    maximum output at those prices and settles the real cost from ``usage``
+    (cache hits at the cached price when the usage reports them), so money rates
+    (spend budgets) hold through `wrap`; an unpriced model costs 0.
+
+    `estimator` counts prompt tokens; by default a `BackgroundEstimator` of the
+    profile, which never blocks the loop (the heuristic until tiktoken, if
+    installed, has loaded in a thread). Per call, ``ratekit_tokens=`` gives an
+    exact reservation, ``ratekit_cost=`` an exact money estimate,
+    ``ratekit_priority=`` and ``ratekit_timeout=`` (seconds of waiting for
+    admissions, over all tries) override the defaults; they are not sent.
     """
+    if not isinstance(scheduler, Scheduler):
+        raise InvalidArgumentError(
+            f"wrap: scheduler must be a ratekit.Scheduler, got {scheduler!r}"
+        )
     if estimator is None:
-        estimator = default_estimator(scheduler.account.profile)
-    return _Proxy(client, (), _Settings(scheduler, estimator, priority, timeout))
+        estimator = BackgroundEstimator(scheduler.account.profile)
+    elif not isinstance(estimator, TokenEstimator):
+        raise InvalidArgumentError(
+            f"wrap: estimator must have count(text) -> int (a TokenEstimator), got {estimator!r}"
+        )
+    priority = _checked("wrap: priority", check_priority, priority)
+    timeout = _checked("wrap: timeout", check_timeout, timeout)
+    settings = _Settings(scheduler, estimator, priority, timeout)
+    return _wrap_client(client, settings)
+
+
+def _checked(where: str, check: Callable[[Any], R], value: object) -> R:
+    """`check(value)`, its error naming `where` (the argument as the caller gave it)."""
+    try:
+        return check(value)
+    except (InvalidArgumentError, InvalidCostError) as error:
+        raise type(error)(f"{where}: {error}") from None
+
+
+def _wrap_client(client: Any, settings: _Settings) -> _Proxy:
+    if isinstance(client, RetryingClient):
+        retries = client.max_retries
+        quiet = client.with_options(max_retries=0)
+    else:
+        retries = 0
+        quiet = client
+    return _Proxy(client, quiet, (), settings, retries)
 
 
 class _Settings:
@@ -65,95 +156,189 @@ class _Settings:
         self.scheduler = scheduler
         self.estimator = estimator
         self.priority = priority
-        self.timeout = timeout
+        self.timeout = timeout  # seconds of waiting for admissions per call, None: no bound
 
 
 class _Proxy:
     """Passes every attribute through, except along the paths to the admitted creates."""
 
-    __slots__ = ("_path", "_settings", "_target")
+    __slots__ = ("_path", "_quiet", "_retries", "_settings", "_target")
 
-    def __init__(self, target: Any, path: tuple[str, ...], settings: _Settings) -> None:
-        self._target = target
+    def __init__(
+        self, target: Any, quiet: Any, path: tuple[str, ...], settings: _Settings, retries: int
+    ) -> None:
+        self._target = target  # the caller's object, with its own retries
+        self._quiet = quiet  # the same object on the copy without retries
         self._path = path
         self._settings = settings
+        self._retries = retries  # the client's own max_retries, for failures other than 429
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
         path = (*self._path, name)
         if path in _PREFIXES:
-            return _Proxy(value, path, self._settings)
+            return _Proxy(value, getattr(self._quiet, name), path, self._settings, self._retries)
         if name == "create" and self._path in _ADMITTED:
-            return _Create(value, _ADMITTED[self._path], self._settings)
+            create = getattr(self._quiet, name)
+            return _Create(create, _ADMITTED[self._path], self._settings, self._retries)
+        if name in _COPIES and not self._path:
+            return _wrapped_copy(value, self._settings)
         return value
 
     def __repr__(self) -> str:
         return f"ratekit.wrap({self._target!r})"
 
 
+def _wrapped_copy(method: Callable[..., Any], settings: _Settings) -> Callable[..., _Proxy]:
+    """`method` (a client's ``copy``/``with_options``) returning a wrapped copy."""
+
+    def wrapped(*args: Any, **options: Any) -> _Proxy:
+        return _wrap_client(method(*args, **options), settings)
+
+    return wrapped
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What one call asks of the scheduler, the same for each of its tries."""
+
+    tokens: float  # prompt estimate + most output
+    cost: float  # money estimate, in the profile's currency
+    model: str | None
+    priority: int
+    timeout: float | None  # seconds of waiting for admissions, over all tries
+    price: CallPrice
+
+
 class _Create:
     """One admitted ``create``."""
 
-    __slots__ = ("_create", "_kind", "_settings")
+    __slots__ = ("_create", "_kind", "_retries", "_settings")
 
-    def __init__(self, create: Callable[..., Any], kind: str, settings: _Settings) -> None:
-        self._create = create
+    def __init__(
+        self, create: Callable[..., Any], kind: str, settings: _Settings, retries: int
+    ) -> None:
+        self._create = create  # the create of the copy without retries
         self._kind = kind
         self._settings = settings
+        self._retries = retries
 
     async def __call__(self, **params: Any) -> Any:
-        settings = self._settings
-        exact = params.pop("ratekit_tokens", None)
-        priority = params.pop("ratekit_priority", settings.priority)
-        timeout = params.pop("ratekit_timeout", settings.timeout)
-        if exact is None:
-            prompt, output = estimate_request_tokens(self._kind, params, settings.estimator)
-            tokens = prompt + output
-        else:
-            tokens = exact
-        model = params.get("model")
-        scheduler = settings.scheduler
-        if params.get("stream"):
-            return await self._stream(params, tokens, model, priority, timeout)
-        return await scheduler.submit(
-            functools.partial(self._create, **params),
-            tokens=tokens,
-            model=model,
-            priority=priority,
-            timeout=timeout,
-            usage=usage_tokens,
-        )
-
-    async def _stream(
-        self,
-        params: dict[str, Any],
-        tokens: float,
-        model: str | None,
-        priority: int,
-        timeout: float | None,  # noqa: ASYNC109 - the admission's deadline, as in submit
-    ) -> _AdmittedStream:
-        asked_usage = _asks_for_usage(params)
-        if not asked_usage and self._kind == "chat.completions.create":
-            params = copy.copy(params)
+        plan = self._plan(params)
+        if not params.get("stream"):
+            return await self._retried(lambda left: self._call(params, plan, left), plan)
+        hide_usage = False
+        if self._kind == "chat.completions.create" and not _asks_for_usage(params):
+            # Asked for the settle, not shown: the caller did not ask for it.
             options = dict(params.get("stream_options") or {})
             options["include_usage"] = True
-            params["stream_options"] = options
+            params = {**params, "stream_options": options}
+            hide_usage = True
+        return await self._retried(lambda left: self._open(params, plan, left, hide_usage), plan)
+
+    def _plan(self, params: dict[str, Any]) -> _Plan:
+        """Take the ``ratekit_*`` options out of `params` and estimate the call."""
+        settings = self._settings
+        exact_tokens = params.pop("ratekit_tokens", None)
+        exact_cost = params.pop("ratekit_cost", None)
+        priority = _checked(
+            "ratekit_priority", check_priority, params.pop("ratekit_priority", settings.priority)
+        )
+        timeout = _checked(
+            "ratekit_timeout", check_timeout, params.pop("ratekit_timeout", settings.timeout)
+        )
+        model = params.get("model")
+        model = model if isinstance(model, str) else None
+        price = CallPrice(settings.scheduler, model)
+        if exact_tokens is None:
+            prompt, output = estimate_request_tokens(self._kind, params, settings.estimator)
+            tokens: float = prompt + output
+            cost = price.estimate(prompt, output)
+        else:
+            tokens = check_amount("ratekit_tokens", exact_tokens)
+            cost = price.estimate_total(tokens)
+        if exact_cost is not None:
+            cost = check_amount("ratekit_cost", exact_cost)
+        return _Plan(tokens, cost, model, priority, timeout, price)
+
+    async def _retried(self, attempt: Callable[[float | None], Awaitable[R]], plan: _Plan) -> R:
+        """Run `attempt` (one admission, one request) until it succeeds or may not retry.
+
+        429s are the scheduler's to retry; what the SDK would have retried besides, up
+        to the client's ``max_retries`` times, with its backoff. `attempt` is given the
+        seconds left for waiting for admission (None: no bound).
+        """
         scheduler = self._settings.scheduler
-        # The 429 that refuses a stream comes when it is opened: retried like a call.
-        async for attempt in scheduler.retrying():
-            with attempt:
-                slot = scheduler.slot(
-                    tokens=tokens, model=model, priority=priority, timeout=timeout
-                )
-                await slot.__aenter__()
-                try:
-                    stream = await self._create(**params)
-                except BaseException as exc:
-                    with anyio.CancelScope(shield=True):
-                        await slot.__aexit__(type(exc), exc, exc.__traceback__)
-                    raise
-                return _AdmittedStream(stream, slot, hide_usage_chunk=not asked_usage)
+        left = _Deadline(scheduler, plan)
+        retried = 0
+        async for tried in scheduler.retrying():
+            with tried:
+                while True:
+                    try:
+                        return await attempt(left.seconds())
+                    except Exception as error:
+                        if retried >= self._retries:
+                            raise
+                        wait_s = _sdk_retry_wait(error, retried)
+                        if wait_s is None:
+                            raise
+                    retried += 1
+                    await anyio.sleep(wait_s)
         raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    async def _admit(self, plan: _Plan, left: float | None) -> Admission:
+        return await self._settings.scheduler.admit(
+            tokens=plan.tokens,
+            cost=plan.cost,
+            model=plan.model,
+            priority=plan.priority,
+            timeout=left,
+        )
+
+    async def _call(self, params: dict[str, Any], plan: _Plan, left: float | None) -> Any:
+        """One admission, one request, settled with the answer's usage."""
+        admission = await self._admit(plan, left)
+        error: BaseException | None = None
+        try:
+            result = await self._create(**params)
+            plan.price.settle(admission, read_usage(result))
+            return result
+        except BaseException as exc:
+            error = exc
+            raise
+        finally:
+            await self._settings.scheduler.finish(admission, error, model=plan.model)
+
+    async def _open(
+        self, params: dict[str, Any], plan: _Plan, left: float | None, hide_usage: bool
+    ) -> _AdmittedStream:
+        """One admission, one stream opened: the stream holds the admission from here."""
+        admission = await self._admit(plan, left)
+        try:
+            stream = await self._create(**params)
+        except BaseException as error:
+            await self._settings.scheduler.finish(admission, error, model=plan.model)
+            raise
+        return _AdmittedStream(stream, self._settings.scheduler, admission, plan, hide_usage)
+
+
+class _Deadline:
+    """The seconds left of a call's `timeout` for waiting for admissions, over its tries,
+    on the scheduler's clock."""
+
+    __slots__ = ("_clock", "_deadline_s")
+
+    def __init__(self, scheduler: Scheduler, plan: _Plan) -> None:
+        self._clock = scheduler.limiter(plan.model).clock if plan.timeout is not None else None
+        self._deadline_s = 0.0
+        if self._clock is not None and plan.timeout is not None:
+            self._deadline_s = self._clock.now() + plan.timeout
+
+    def seconds(self) -> float | None:
+        """Seconds left (never below 0), None for no bound."""
+        if self._clock is None:
+            return None
+        return max(self._deadline_s - self._clock.now(), 0.0)
 
 
 def _asks_for_usage(params: Mapping[str, Any]) -> bool:
@@ -161,19 +346,62 @@ def _asks_for_usage(params: Mapping[str, Any]) -> bool:
     return bool(isinstance(options, Mapping) and options.get("include_usage"))
 
 
+def _sdk_retry_wait(error: BaseException, retried: int) -> float | None:
+    """Seconds to wait before another try of a call that failed with `error`, as the
+    openai SDK would retry it, or None when it would not (429s: the scheduler's).
+
+    `retried` is how many tries were retried already, for the backoff.
+    """
+    try:
+        import openai
+    except ImportError:  # no SDK, no SDK errors
+        return None
+    headers: Mapping[str, str] = {}
+    if isinstance(error, openai.APIStatusError):
+        status = error.status_code
+        headers = error.response.headers
+        should_retry = headers.get("x-should-retry")
+        if status == 429 or should_retry == "false":
+            return None
+        wanted = should_retry == "true" or status in _RETRIED_STATUSES or status >= 500
+        if not wanted:
+            return None
+    elif not isinstance(error, openai.APIConnectionError):  # timeouts are these too
+        return None
+    asked = {name: headers[name] for name in ("retry-after-ms", "retry-after") if name in headers}
+    retry_after_s = parse_retry_after(asked, now_s=time.time()) if asked else None
+    if retry_after_s is not None and retry_after_s > _MAX_RETRY_AFTER_S:
+        return None
+    if retry_after_s is not None and retry_after_s > 0:
+        return retry_after_s
+    backoff_s = min(_INITIAL_RETRY_DELAY_S * 2.0 ** min(retried, 30), _MAX_RETRY_DELAY_S)
+    return backoff_s * (1 - 0.25 * random.random())
+
+
 class _AdmittedStream:
-    """A provider stream that holds its admission until it ends, is closed or is dropped.
+    """A provider stream that holds its admission until it ends or is closed.
 
     Iterate it as the original (``async for chunk in stream``); ``async with
     stream`` or ``await stream.close()`` ends it early. Its usage chunk, if the
-    caller did not ask for one, is read for the settle and not shown.
+    caller did not ask for one, is read for the settle and not shown. A stream
+    dropped unfinished (a loop broken out of without closing) is reported by its
+    admission's finalizer, which hands the capacity back on the scheduler's loop.
     """
 
-    def __init__(self, stream: Any, slot: Slot, *, hide_usage_chunk: bool) -> None:
+    def __init__(
+        self,
+        stream: Any,
+        scheduler: Scheduler,
+        admission: Admission,
+        plan: _Plan,
+        hide_usage_chunk: bool,
+    ) -> None:
         self._stream = stream
-        self._slot: Slot | None = slot
+        self._scheduler = scheduler
+        self._admission: Admission | None = admission  # None once finished
+        self._plan = plan
         self._hide_usage_chunk = hide_usage_chunk
-        self._usage: float | None = None
+        self._usage: Usage | None = None  # the last usage seen
         self._iterator: AsyncIterator[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -188,7 +416,7 @@ class _AdmittedStream:
         try:
             while True:
                 chunk = await self._iterator.__anext__()
-                usage = usage_tokens(chunk)
+                usage = read_usage(chunk)
                 if usage is not None:
                     self._usage = usage
                     if self._hide_usage_chunk and not getattr(chunk, "choices", None):
@@ -197,18 +425,16 @@ class _AdmittedStream:
         except StopAsyncIteration:
             await self._finish(None)
             raise
-        except BaseException as exc:
-            with anyio.CancelScope(shield=True):
-                await self._finish(exc)
+        except BaseException as error:
+            await self._finish(error)
             raise
 
     async def close(self) -> None:
-        """Close the provider stream and give the admission back."""
+        """Close the provider stream and end the admission."""
         try:
             await self._stream.close()
         finally:
-            with anyio.CancelScope(shield=True):
-                await self._finish(None)
+            await self._finish(None)
 
     async def __aenter__(self) -> _AdmittedStream:
         return self
@@ -221,21 +447,19 @@ class _AdmittedStream:
     ) -> None:
         await self.close()
 
-    async def _finish(self, exc: BaseException | None) -> None:
-        slot, self._slot = self._slot, None
-        if slot is None:
+    async def _finish(self, error: BaseException | None) -> None:
+        admission, self._admission = self._admission, None
+        if admission is None:
             return
-        if self._usage is not None and slot.permit is not None:
-            slot.permit.settle(tokens=self._usage)
-        await slot.__aexit__(type(exc) if exc else None, exc, None)
+        try:
+            self._plan.price.settle(admission, self._usage)
+        finally:
+            await self._scheduler.finish(admission, error, model=self._plan.model)
 
     def __del__(self) -> None:
-        # Dropped before its end or close() (a caller that broke out of the loop):
-        # give the slot back now where that needs no I/O; on a shared backend the
-        # permit's finaliser warns and its lease lapses.
-        slot, self._slot = self._slot, None
-        permit = slot.permit if slot is not None else None
-        if permit is not None:
-            if self._usage is not None and permit.granted:
-                permit.settle(tokens=self._usage)
-            permit.release_nowait()
+        # Dropped unfinished: the admission's own finalizer warns and hands it back on
+        # the scheduler's loop. Only the usage already seen is recorded on it here,
+        # which touches nothing shared.
+        admission = self._admission
+        if admission is not None and admission.granted and self._usage is not None:
+            self._plan.price.settle(admission, self._usage)

@@ -1,8 +1,21 @@
-"""What an answer reports as used: one reader for parsed JSON and for client objects."""
+"""What an answer reports as used, and what that costs: one reader for parsed JSON and
+for client objects, shared by the openai wrapper and the httpx transport.
+
+`read_usage` reads an answer's ``usage`` (chat, completions, embeddings, responses, and
+the responses API's ``response.completed`` event); `CallPrice` turns a call's estimate
+and its real usage into money with the profile's prices. Pure: no I/O, never raises on
+a malformed answer (it reads as "not said").
+"""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
+
+from .._admission import Admission
+from .._errors import MissingPriceError, UnknownModelError
+from .._limits import MAX_AMOUNT
+from .._scheduler import Scheduler
 
 
 def _field(value: object, name: str) -> object:
@@ -12,27 +25,128 @@ def _field(value: object, name: str) -> object:
 
 
 def _count(value: object) -> float | None:
-    if isinstance(value, int | float) and not isinstance(value, bool) and value >= 0:
-        return float(value)
+    """A token count as an answer may write it: a number in [0, MAX_AMOUNT], else None."""
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        # NaN fails both tests; infinity and absurd counts fail the second.
+        return float(value) if value >= 0 and value <= MAX_AMOUNT else None
     return None
 
 
-def usage_tokens(answer: object) -> float | None:
-    """The tokens an answer (a JSON body, an SSE event, or a client's response object)
-    reports as used, else None.
+def _first(usage: object, *names: str) -> float | None:
+    for name in names:
+        found = _count(_field(usage, name))
+        if found is not None:
+            return found
+    return None
 
-    ``usage.total_tokens``, else ``usage.input_tokens + usage.output_tokens``; the
-    usage may sit at the top (chat, embeddings, responses) or under ``response``
-    (the responses API's ``response.completed`` event).
+
+@dataclass(frozen=True, slots=True)
+class Usage:
+    """Tokens one answer reports as used.
+
+    `tokens` is the total; `input_tokens` every prompt token (cache hits included) and
+    `output_tokens` every output token (reasoning included), each None when the answer
+    does not say; `cached_input_tokens` the prompt tokens served from the provider's
+    cache (0 when not reported), never more than `input_tokens`.
+    """
+
+    tokens: float
+    input_tokens: float | None = None
+    output_tokens: float | None = None
+    cached_input_tokens: float = 0.0
+
+
+def read_usage(answer: object) -> Usage | None:
+    """The usage an answer (a JSON body, an SSE event, or a client's response object)
+    reports, else None.
+
+    The usage may sit at the top (chat, embeddings, responses) or under ``response``
+    (the responses API's ``response.completed`` event). The total is ``total_tokens``,
+    else input + output. Input is ``prompt_tokens`` or ``input_tokens``; output
+    ``completion_tokens`` or ``output_tokens``, else the total less the input (an
+    embedding's usage: 0). Cache hits are ``prompt_tokens_details.cached_tokens``
+    (OpenAI chat), ``input_tokens_details.cached_tokens`` (responses) or a top-level
+    ``cached_tokens`` (Moonshot).
     """
     usage = _field(answer, "usage")
     if usage is None:
         usage = _field(_field(answer, "response"), "usage")
         if usage is None:
             return None
-    total = _count(_field(usage, "total_tokens"))
-    if total is not None:
-        return total
-    parts = [_count(_field(usage, name)) for name in ("input_tokens", "output_tokens")]
-    counted = [part for part in parts if part is not None]
-    return sum(counted) if counted else None
+    total = _first(usage, "total_tokens")
+    input_tokens = _first(usage, "prompt_tokens", "input_tokens")
+    output_tokens = _first(usage, "completion_tokens", "output_tokens")
+    if total is None:
+        parts = [part for part in (input_tokens, output_tokens) if part is not None]
+        if not parts:
+            return None
+        total = sum(parts)
+    if output_tokens is None and input_tokens is not None:
+        output_tokens = max(total - input_tokens, 0.0)
+    cached = (
+        _first(_field(usage, "prompt_tokens_details"), "cached_tokens")
+        or _first(_field(usage, "input_tokens_details"), "cached_tokens")
+        or _first(usage, "cached_tokens")
+        or 0.0
+    )
+    if input_tokens is not None:
+        cached = min(cached, input_tokens)
+    return Usage(total, input_tokens, output_tokens, cached)
+
+
+def usage_tokens(answer: object) -> float | None:
+    """The total tokens an answer reports as used (see `read_usage`), else None."""
+    usage = read_usage(answer)
+    return None if usage is None else usage.tokens
+
+
+class CallPrice:
+    """The money side of calls of one model, from the profile's prices (its currency).
+
+    `estimate` is what a call may cost at most, passed as the admission's ``cost`` so
+    that money rates (spend budgets) admit it; `settle` records the real cost from the
+    answer's usage. A model the profile does not price (or None) costs 0 and settles
+    only tokens.
+    """
+
+    __slots__ = ("_model", "_scheduler")
+
+    def __init__(self, scheduler: Scheduler, model: str | None) -> None:
+        self._scheduler = scheduler
+        self._model = model
+
+    def _cost(self, input_tokens: float, output_tokens: float, cached: float = 0.0) -> float | None:
+        if self._model is None:
+            return None
+        try:
+            return self._scheduler.estimate_cost(
+                self._model,
+                input_tokens=input_tokens,
+                output_tokens=output_tokens,
+                cached_input_tokens=cached,
+            )
+        except (UnknownModelError, MissingPriceError):
+            return None
+
+    def estimate(self, input_tokens: float, output_tokens: float) -> float:
+        """The most a call of `input_tokens` prompt and `output_tokens` output costs."""
+        return self._cost(input_tokens, output_tokens) or 0.0
+
+    def estimate_total(self, tokens: float) -> float:
+        """The most a call of `tokens` in all costs, its split unknown: every token at
+        the dearer of the input and output prices."""
+        as_input = self._cost(tokens, 0) or 0.0
+        as_output = self._cost(0, tokens) or 0.0
+        return max(as_input, as_output)
+
+    def settle(self, admission: Admission, usage: Usage | None) -> None:
+        """Settle `admission` with the real tokens and, when the call was priced and the
+        usage splits input from output, the real cost; what is not known keeps its
+        estimate (the safe side)."""
+        if usage is None or not admission.granted:
+            return
+        cost = None
+        if admission.demand.cost > 0 and usage.input_tokens is not None:
+            cached = usage.cached_input_tokens
+            cost = self._cost(usage.input_tokens - cached, usage.output_tokens or 0.0, cached)
+        admission.settle(tokens=usage.tokens, cost=cost)

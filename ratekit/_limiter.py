@@ -20,14 +20,16 @@ from ._errors import (
     InvalidArgumentError,
     WrongEventLoopError,
 )
-from ._limits import Limits, check_amount
+from ._limits import MAX_AMOUNT, Limits, check_amount
 from ._queue import Waiter, WaitQueue
 from .backends._base import Backend, Demand, DimensionStatistics, Grant, InProcess, Refusal
 from .backends.memory import MemoryBackend
 
 
 def _ceilings(limits: Limits) -> tuple[float, float, float]:
-    smallest = {"requests": math.inf, "tokens": math.inf, "money": math.inf}
+    # The most of each unit one call may ask for: its smallest rate, and never beyond
+    # MAX_AMOUNT (larger amounts take the slow path, which names them).
+    smallest = {"requests": MAX_AMOUNT, "tokens": MAX_AMOUNT, "money": MAX_AMOUNT}
     for rate in limits.all_rates:
         smallest[rate.unit] = min(smallest[rate.unit], rate.limit)
     return smallest["requests"], smallest["tokens"], smallest["money"]

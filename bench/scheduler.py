@@ -22,11 +22,10 @@ arrival times, ``m = (n - 1) // limit``: 1.0 is the fastest any client could go.
 
 from __future__ import annotations
 
-import math
-
 import argparse
 import asyncio
 import json
+import math
 import shutil
 import subprocess
 import sys

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
 
 import pytest
 
-from ratekit import Clock, FakeClock, MemoryBackend
+from ratekit import MemoryBackend
 from ratekit.backends import Backend
 
 from .redis_server import RedisServer, require_redis_server
@@ -27,7 +28,7 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
-BackendFactory = Callable[[Clock | None], Backend]
+BackendFactory = Callable[[], Backend]
 
 BACKENDS = ["memory", "fakeredis", "redis"]
 
@@ -36,15 +37,18 @@ BACKENDS = ["memory", "fakeredis", "redis"]
 async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[BackendFactory]:
     """Builds backends of one kind (each a fresh account); closes them afterwards.
 
-    Modules using it run on asyncio only, as redis-py's client does; the memory
-    backend's trio coverage is in the limiter's own tests.
+    No backend reads a clock of its own: tests hand the instant to every call (the
+    Redis ones run with ``server_time=False`` for that). Modules using it run on
+    asyncio only, as redis-py's client does; the memory backend's trio coverage is
+    in the limiter's own tests.
     """
     kind = request.param
     made: list[Backend] = []
+    clients: list[Any] = []  # a RedisBackend leaves the client it was given open
 
-    def factory(clock: Clock | None = None) -> Backend:
+    def factory() -> Backend:
         if kind == "memory":
-            backend: Backend = MemoryBackend(clock=clock or FakeClock())
+            backend: Backend = MemoryBackend()
         else:
             from ratekit.backends.redis import RedisBackend
 
@@ -56,12 +60,13 @@ async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[BackendF
                 from redis.asyncio import Redis
 
                 client = Redis.from_url(request.getfixturevalue("redis_server").url)
-            backend = RedisBackend(client, namespace=f"test-{uuid.uuid4().hex}", clock=clock)
+            clients.append(client)
+            backend = RedisBackend(client, namespace=f"test-{uuid.uuid4().hex}", server_time=False)
         made.append(backend)
         return backend
 
     yield factory
     for backend in made:
-        close = getattr(backend, "aclose", None)
-        if close is not None:
-            await close()
+        await backend.aclose()
+    for client in clients:
+        await client.aclose()

@@ -103,7 +103,9 @@ async def test_a_full_queue_refuses_at_once() -> None:
 
 def test_queue_settings_are_validated() -> None:
     """A share outside [0, 1) or a negative bound is a typed error."""
-    with pytest.raises(ratekit.LimitsError, match=r"lower_share must be a number in \[0, 1\), got 1"):
+    with pytest.raises(
+        ratekit.LimitsError, match=r"lower_share must be a number in \[0, 1\), got 1"
+    ):
         WaitQueue(lower_share=1)
     with pytest.raises(ratekit.LimitsError, match="max_queue must be a non-negative int"):
         WaitQueue(max_size=-1)

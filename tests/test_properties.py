@@ -19,7 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from ratekit import FakeClock, Limits, Rate, TokenCounting
+from ratekit import FakeClock, Instant, Limits, Rate, TokenCounting
 from ratekit.backends import Backend, Demand, Refusal
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend
@@ -145,6 +145,11 @@ def check_pacing(limits: Limits, log: list[Admitted]) -> None:
                 assert later.at - first.at >= owed - slack_s - 1e-9, (first, later)
 
 
+def at(clock: FakeClock) -> Instant:
+    """The instant a limiter on `clock` would hand its backend."""
+    return Instant(clock.now(), clock.wall())
+
+
 async def run_script(
     backend: Backend, clock: FakeClock, limits: Limits, script: list, *, check_hints: bool
 ) -> None:
@@ -154,7 +159,7 @@ async def run_script(
         clock.advance(dt)
         if kind == "reserve":
             demand = Demand(a, b, c)
-            outcome = await backend.reserve(limits, demand)
+            outcome = await backend.reserve(limits, demand, at(clock))
             if isinstance(outcome, Refusal):
                 if check_hints:
                     assert isinstance(backend, MemoryBackend)
@@ -168,19 +173,19 @@ async def run_script(
             entry = log[a % len(log)]
             if entry.refunded or entry.settled_at is not None:
                 # A second settle or refund of one grant must change nothing.
-                before = await backend.statistics(limits)
-                await backend.settle(limits, entry.grant, None)
-                assert await backend.statistics(limits) == before
+                before = await backend.statistics(limits, at(clock))
+                await backend.settle(limits, entry.grant, None, at(clock))
+                assert await backend.statistics(limits, at(clock)) == before
             elif kind == "refund":
-                await backend.settle(limits, entry.grant, None)
+                await backend.settle(limits, entry.grant, None, at(clock))
                 entry.refunded = True
             else:
                 # Real usage at most the estimate: the provider never counts more.
                 estimate = entry.demand
                 actual = Demand(estimate.requests, estimate.tokens * b, estimate.cost * c)
-                await backend.settle(limits, entry.grant, actual)
+                await backend.settle(limits, entry.grant, actual, at(clock))
                 entry.settled_at, entry.actual = clock.now(), actual
-        holds = {d.name: d.in_flight for d in await backend.statistics(limits)}
+        holds = {d.name: d.in_flight for d in await backend.statistics(limits, at(clock))}
         for rate in limits.all_rates:
             ledger = expected_in_flight(rate, limits.token_counting, log)
             assert holds[rate.name] == pytest.approx(ledger, abs=1e-9), rate.name
@@ -191,9 +196,9 @@ async def run_script(
 
     # Nothing leaks: once every grant is settled and every period has passed, all is zero.
     for entry in log:
-        await backend.settle(limits, entry.grant, entry.demand)
+        await backend.settle(limits, entry.grant, entry.demand, at(clock))
     clock.advance(max(rate.period_s for rate in limits.all_rates) * 2 + limits.margin_s + 1)
-    for dimension in await backend.statistics(limits):
+    for dimension in await backend.statistics(limits, at(clock)):
         assert dimension.used == 0, dimension
         assert dimension.in_flight == 0, dimension
 
@@ -211,13 +216,13 @@ def examples(count: int) -> settings:
 def test_no_window_ever_admits_more_than_its_limit(limits: Limits, script: list) -> None:
     """Every provider view of every rate stays within its limit, and wait hints are exact."""
     clock = FakeClock(BASE_S)
-    backend = MemoryBackend(clock=clock)
+    backend = MemoryBackend()
     asyncio.run(run_script(backend, clock, limits, script, check_hints=True))
 
 
-def _redis_backend(client: Redis, clock: FakeClock) -> RedisBackend:
+def _redis_backend(client: Redis) -> RedisBackend:
     # Leases that never lapse in fake time: the memory backend has no lapses either.
-    return RedisBackend(client, namespace=uuid.uuid4().hex, clock=clock, lease_ttl_s=1e9)
+    return RedisBackend(client, namespace=uuid.uuid4().hex, server_time=False, lease_ttl_s=1e6)
 
 
 @examples(150)
@@ -227,7 +232,7 @@ def test_the_lua_scripts_keep_every_window_within_its_limit(limits: Limits, scri
     clock = FakeClock(BASE_S)
 
     async def run() -> None:
-        backend = _redis_backend(fakeredis.FakeAsyncRedis(), clock)
+        backend = _redis_backend(fakeredis.FakeAsyncRedis())
         await run_script(backend, clock, limits, script, check_hints=False)
 
     asyncio.run(run())
@@ -242,7 +247,7 @@ def test_a_real_redis_keeps_every_window_within_its_limit(
     clock = FakeClock(BASE_S)
 
     async def run() -> None:
-        backend = _redis_backend(Redis.from_url(redis_server.url), clock)
+        backend = _redis_backend(Redis.from_url(redis_server.url))
         try:
             await run_script(backend, clock, limits, script, check_hints=False)
         finally:

@@ -1,17 +1,22 @@
 """The Redis backend's own behaviour: policies when Redis is down, leases, scripts, secrets.
 
-Fast layer on fakeredis (with Lua); the fleet and restart tests with a real
-redis-server are in test_redis_fleet.py.
+Fast layer on fakeredis (with Lua), through the Backend protocol with the instant
+handed in; the admission path (busy pools, cancellation, dropped grants, clocks,
+loops) is in test_redis_admission.py, and the fleet and restart tests with a real
+redis-server in test_redis_fleet.py.
 """
 
 from __future__ import annotations
 
-import anyio
+import asyncio
+import math
+import time
+
 import fakeredis
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limiter, Limits, TokenCounting
+from ratekit import FakeClock, Instant, Limits, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends import _scripts as scripts
 from ratekit.backends.redis import RedisBackend, RedisGrant
@@ -20,27 +25,39 @@ from .window_cases import BASE_S
 
 pytestmark = pytest.mark.anyio
 
+ONE = Demand(1, 0, 0)
+
 
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"
 
 
-def make(
-    server: fakeredis.FakeServer | None = None, clock: FakeClock | None = None, **kwargs: object
-) -> RedisBackend:
+def make(server: fakeredis.FakeServer | None = None, **kwargs: object) -> RedisBackend:
     client = fakeredis.FakeAsyncRedis(server=server or fakeredis.FakeServer())
-    return RedisBackend(client, namespace="acct-42", clock=clock, **kwargs)  # type: ignore[arg-type]
+    return RedisBackend(client, namespace="acct-42", **kwargs)  # type: ignore[arg-type]
+
+
+def real_now() -> Instant:
+    return Instant(time.monotonic(), time.time())
+
+
+def at(clock: FakeClock) -> Instant:
+    return Instant(clock.now(), clock.wall())
+
+
+async def used(backend: RedisBackend, limits: Limits, name: str) -> float:
+    stats = {d.name: d for d in await backend.statistics(limits, real_now())}
+    return stats[name].used
 
 
 async def test_fail_closed_raises_a_typed_error_without_secrets() -> None:
-    """With Redis down and the default policy, an acquire raises BackendUnavailableError."""
+    """With Redis down and the default policy, a reserve raises BackendUnavailableError."""
     server = fakeredis.FakeServer()
     backend = make(server)
-    limiter = Limiter(Limits(rpm=10), backend=backend)
     server.connected = False
     with pytest.raises(ratekit.BackendUnavailableError) as caught:
-        await limiter.acquire()
+        await backend.reserve(Limits(rpm=10), ONE, real_now())
     host = backend.client.connection_pool.connection_kwargs["host"]
     assert str(caught.value) == (
         f"redis at redis://{host}:6379/0 is unreachable (ConnectionError); "
@@ -53,14 +70,15 @@ async def test_fail_open_admits_and_counts_nothing() -> None:
     """With fail_open, calls are admitted while Redis is down, and nothing is counted."""
     server = fakeredis.FakeServer()
     backend = make(server, on_unavailable="fail_open")
-    limiter = Limiter(Limits(rpm=1), backend=backend)
+    limits = Limits(rpm=1)
     server.connected = False
     for _ in range(5):
-        async with limiter.acquire():
-            pass
+        grant = await backend.reserve(limits, ONE, real_now())
+        assert isinstance(grant, RedisGrant)
+        await backend.settle(limits, grant, ONE, real_now())
     server.connected = True
-    backend._retry_at = 0.0  # skip the backoff
-    assert (await limiter.statistics()).dimension("rpm").used == 0
+    backend._link.retry_at = 0.0  # skip the backoff
+    assert await used(backend, limits, "rpm") == 0
     await backend.aclose()
 
 
@@ -68,32 +86,32 @@ async def test_local_fallback_admits_within_the_local_share() -> None:
     """With "local", a pod admits within its share of the limits while Redis is down."""
     server = fakeredis.FakeServer()
     backend = make(server, on_unavailable="local", local_share=0.25)
-    limiter = Limiter(Limits(concurrency=8, rpm=20), backend=backend)
+    limits = Limits(concurrency=8, rpm=20)
     server.connected = False
     admitted = 0
-    while (permit := await limiter.try_acquire()) is not None:
+    while not isinstance(grant := await backend.reserve(limits, ONE, real_now()), Refusal):
         admitted += 1
-        await permit.release()
+        await backend.settle(limits, grant, ONE, real_now())
     assert admitted == 5  # a quarter of 20 per minute
     await backend.aclose()
 
 
 async def test_backend_recovers_when_redis_answers_again() -> None:
-    """After an outage, the next acquire past the backoff uses Redis again."""
+    """After an outage, the next reserve past the backoff uses Redis again."""
     server = fakeredis.FakeServer()
     backend = make(server)
-    limiter = Limiter(Limits(rpm=10), backend=backend)
+    limits = Limits(rpm=10)
     server.connected = False
     with pytest.raises(ratekit.BackendUnavailableError):
-        await limiter.acquire()
+        await backend.reserve(limits, ONE, real_now())
     server.connected = True
     # Within the backoff Redis is not even tried.
     with pytest.raises(ratekit.BackendUnavailableError):
-        await limiter.acquire()
-    backend._retry_at = 0.0
-    async with limiter.acquire():
-        pass
-    assert (await limiter.statistics()).dimension("rpm").used == 1
+        await backend.reserve(limits, ONE, real_now())
+    backend._link.retry_at = 0.0
+    grant = await backend.reserve(limits, ONE, real_now())
+    await backend.settle(limits, grant, ONE, real_now())
+    assert await used(backend, limits, "rpm") == 1
     await backend.aclose()
 
 
@@ -102,96 +120,101 @@ async def test_a_settle_that_cannot_reach_redis_is_sent_later() -> None:
     server = fakeredis.FakeServer()
     backend = make(server)
     limits = Limits(tpm=1000, token_counting=TokenCounting.USAGE)
-    limiter = Limiter(limits, backend=backend)
-    permit = await limiter.acquire(tokens=500)
-    permit.settle(tokens=300)
+    grant = await backend.reserve(limits, Demand(1, 500, 0), real_now())
     server.connected = False
-    await permit.release()
+    await backend.settle(limits, grant, Demand(1, 300, 0), real_now())  # kept, no error
     server.connected = True
-    backend._retry_at = 0.0
-    async with limiter.acquire(tokens=1):
-        pass
-    stats = (await limiter.statistics()).dimension("tpm")
-    assert stats.used == 301
-    assert stats.in_flight == 0
+    backend._link.retry_at = 0.0
+    second = await backend.reserve(limits, Demand(1, 1, 0), real_now())
+    await backend.settle(limits, second, Demand(1, 1, 0), real_now())
+    await asyncio.sleep(0.05)  # the replay runs in the background
+    stats = {d.name: d for d in await backend.statistics(limits, real_now())}
+    assert stats["tpm"].used == 301
+    assert stats["tpm"].in_flight == 0
     await backend.aclose()
 
 
 async def test_a_lapsed_lease_frees_the_slot_and_its_holds() -> None:
     """A holder that stops renewing loses its slot and held tokens when its lease lapses."""
     clock = FakeClock(BASE_S)
-    backend = make(clock=clock, lease_ttl_s=5.0)
+    backend = make(server_time=False, lease_ttl_s=5.0)
     limits = Limits(concurrency=1, tpm=1000, token_counting=TokenCounting.USAGE)
-    grant = await backend.reserve(limits, Demand(1, 800, 0))
+    grant = await backend.reserve(limits, Demand(1, 800, 0), at(clock))
     assert isinstance(grant, RedisGrant)
-    refusal = await backend.reserve(limits, Demand(1, 100, 0))
+    refusal = await backend.reserve(limits, Demand(1, 100, 0), at(clock))
     assert refusal == Refusal(5.0, "concurrency")
     clock.advance(5.0)
-    assert isinstance(await backend.reserve(limits, Demand(1, 900, 0)), RedisGrant)
+    assert isinstance(await backend.reserve(limits, Demand(1, 900, 0), at(clock)), RedisGrant)
     await backend.aclose()
 
 
 async def test_two_namespaces_never_share_counts() -> None:
     """Accounts in different namespaces of one server count separately."""
     server = fakeredis.FakeServer()
-    first_backend = make(server)
-    other_client = fakeredis.FakeAsyncRedis(server=server)
-    second_backend = RedisBackend(other_client, namespace="acct-43")
-    first = Limiter(Limits(rpm=2), backend=first_backend)
-    second = Limiter(Limits(rpm=2), backend=second_backend)
+    first = make(server)
+    second = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="acct-43")
+    limits = Limits(rpm=2)
     for _ in range(2):
-        async with first.acquire():
-            pass
-    assert await first.try_acquire() is None
-    permit = await second.try_acquire()
-    assert permit is not None
-    await permit.release()
-    assert (await second.statistics()).dimension("rpm").used == 1
-    await first_backend.aclose()
-    await second_backend.aclose()
+        assert isinstance(await first.reserve(limits, ONE, real_now()), RedisGrant)
+    assert isinstance(await first.reserve(limits, ONE, real_now()), Refusal)
+    assert isinstance(await second.reserve(limits, ONE, real_now()), RedisGrant)
+    assert await used(second, limits, "rpm") == 1
+    await first.aclose()
+    await second.aclose()
 
 
 async def test_scripts_are_loaded_again_after_a_flush() -> None:
     """After SCRIPT FLUSH (or a restart), EVALSHA's NOSCRIPT loads the script and retries."""
     backend = make()
-    limiter = Limiter(Limits(rpm=10), backend=backend)
-    async with limiter.acquire():
-        pass
+    limits = Limits(rpm=10)
+    await backend.reserve(limits, ONE, real_now())
     await backend.client.script_flush()
-    async with limiter.acquire():
-        pass
-    assert (await limiter.statistics()).dimension("rpm").used == 2
+    await backend.reserve(limits, ONE, real_now())
+    assert await used(backend, limits, "rpm") == 2
     await backend.aclose()
 
 
 async def test_a_release_elsewhere_wakes_a_waiter_through_pubsub() -> None:
-    """A slot released by another process wakes this one's waiter before its hint."""
+    """A slot released by another process is announced to this one before its hint."""
     server = fakeredis.FakeServer()
-    here = Limiter(Limits(concurrency=1), backend=make(server, lease_ttl_s=30.0))
-    there_backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="acct-42")
-    there = Limiter(Limits(concurrency=1), backend=there_backend)
-    held = await there.acquire()
-    woke_after: list[float] = []
+    here = make(server, lease_ttl_s=30.0)
+    there = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="acct-42")
+    limits = Limits(concurrency=1)
+    woken = asyncio.Event()
+    here.subscribe(woken.set)
+    held = await there.reserve(limits, ONE, real_now())
+    refusal = await here.reserve(limits, ONE, real_now())  # subscribes, records a waiter
+    assert isinstance(refusal, Refusal)
+    assert refusal.wait_s > 5
+    await asyncio.sleep(0.3)  # the listener subscribed
+    started = time.monotonic()
+    await there.settle(limits, held, ONE, real_now())
+    await asyncio.wait_for(woken.wait(), 5)
+    assert time.monotonic() - started < 5
+    assert isinstance(await here.reserve(limits, ONE, real_now()), RedisGrant)
+    await here.aclose()
+    await there.aclose()
 
-    async def wait_here() -> None:
-        start = anyio.current_time()
-        async with here.acquire():
-            woke_after.append(anyio.current_time() - start)
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(wait_here)
-        await anyio.sleep(0.3)  # the waiter is refused, subscribes and sleeps
-        await held.release()
-    # The lease hint was 30 s: only the release notice can have woken it.
-    assert len(woke_after) == 1
-    assert woke_after[0] < 5
-    await here.backend.aclose()  # type: ignore[attr-defined]
-    await there_backend.aclose()
+async def test_pause_outlasts_a_renewal() -> None:
+    """A cooldown longer than the windows' key ttl is not cut short by lease renewals."""
+    clock = FakeClock(BASE_S)
+    backend = make(server_time=False, lease_ttl_s=0.03)
+    limits = Limits(concurrency=2, rpm=100).compressed(60)  # keys live about 1 s
+    grant = await backend.reserve(limits, ONE, at(clock))
+    assert await backend.pause(30.0, at(clock)) == 30.0
+    await asyncio.sleep(0.1)  # several renewals
+    pttl = await backend.client.pttl(f"{backend.key_prefix()}:cooldown")
+    assert pttl > 25_000
+    refusal = await backend.reserve(limits, ONE, at(clock))
+    assert refusal == Refusal(30.0, "cooldown")
+    await backend.settle(limits, grant, ONE, at(clock))
+    await backend.aclose()
 
 
 def test_every_script_is_one_file_loaded_in_one_place() -> None:
     """Each atomic operation is its own .lua file, prefixed by the shared window helpers."""
-    for script in (scripts.RESERVE, scripts.SETTLE, scripts.RENEW, scripts.STATS):
+    for script in (scripts.RESERVE, scripts.SETTLE, scripts.RENEW, scripts.STATS, scripts.PAUSE):
         assert script.text.startswith("-- Shared window helpers")
         assert f"-- {script.name}:" in script.text
 
@@ -203,19 +226,88 @@ def test_password_never_shows_in_repr() -> None:
     assert "s3cr3t" not in repr(backend)
 
 
-def test_bad_configuration_is_a_typed_error() -> None:
-    """Namespace, policy, share and lease ttl are validated with exact messages."""
-    client = fakeredis.FakeAsyncRedis()
-    cases = [
-        ({"namespace": "a{b}"}, "namespace must be non-empty without braces, got 'a{b}'"),
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
         (
-            {"namespace": "a", "on_unavailable": "maybe"},
+            {"namespace": "a{b}"},
+            ratekit.LimitsError,
+            "namespace must be non-empty without braces, got 'a{b}'",
+        ),
+        ({"namespace": 42}, ratekit.InvalidArgumentError, "namespace must be a str, got 42"),
+        (
+            {"on_unavailable": "maybe"},
+            ratekit.LimitsError,
             "on_unavailable must be one of fail_closed, fail_open, local, got 'maybe'",
         ),
-        ({"namespace": "a", "local_share": 0}, "local_share must be in (0, 1], got 0"),
-        ({"namespace": "a", "lease_ttl_s": -1}, "lease_ttl_s must be positive, got -1"),
-    ]
-    for kwargs, message in cases:
-        with pytest.raises(ratekit.LimitsError) as caught:
-            RedisBackend(client, **kwargs)  # type: ignore[arg-type]
-        assert str(caught.value) == f"RedisBackend.{message}"
+        ({"local_share": 0}, ratekit.LimitsError, "local_share must be in (0, 1], got 0"),
+        ({"local_share": math.nan}, ratekit.LimitsError, "local_share must be in (0, 1], got nan"),
+        (
+            {"local_share": "half"},
+            ratekit.InvalidArgumentError,
+            "local_share must be a number, got 'half'",
+        ),
+        (
+            {"lease_ttl_s": -1},
+            ratekit.LimitsError,
+            "lease_ttl_s must be in [0.01, 1e+06] s, got -1",
+        ),
+        (
+            {"lease_ttl_s": 1e308},
+            ratekit.LimitsError,
+            "lease_ttl_s must be in [0.01, 1e+06] s, got 1e+308",
+        ),
+        (
+            {"lease_ttl_s": math.nan},
+            ratekit.LimitsError,
+            "lease_ttl_s must be in [0.01, 1e+06] s, got nan",
+        ),
+        (
+            {"lease_ttl_s": "10"},
+            ratekit.InvalidArgumentError,
+            "lease_ttl_s must be a number, got '10'",
+        ),
+        (
+            {"lease_ttl_s": True},
+            ratekit.InvalidArgumentError,
+            "lease_ttl_s must be a number, got True",
+        ),
+        (
+            {"command_timeout_s": math.inf},
+            ratekit.LimitsError,
+            "command_timeout_s must be in [0.001, 3600] s, got inf",
+        ),
+        (
+            {"server_time": "no"},
+            ratekit.InvalidArgumentError,
+            "server_time must be True or False, got 'no'",
+        ),
+        (
+            {"connections": 0},
+            ratekit.InvalidArgumentError,
+            "connections must be a positive int or None, got 0",
+        ),
+        (
+            {"prefix": ""},
+            ratekit.LimitsError,
+            "prefix must be non-empty without braces, got ''",
+        ),
+    ],
+)
+def test_bad_configuration_is_a_typed_error(
+    kwargs: dict[str, object], error: type[Exception], message: str
+) -> None:
+    """Every argument is validated where it is given, with a typed error naming it."""
+    arguments: dict[str, object] = {"namespace": "a", **kwargs}
+    with pytest.raises(error) as caught:
+        RedisBackend(fakeredis.FakeAsyncRedis(), **arguments)  # type: ignore[arg-type]
+    assert str(caught.value) == f"RedisBackend.{message}"
+
+
+def test_a_client_of_the_wrong_kind_is_a_typed_error() -> None:
+    """Neither a URL nor a redis.asyncio client: InvalidArgumentError naming the argument."""
+    with pytest.raises(ratekit.InvalidArgumentError) as caught:
+        RedisBackend(42, namespace="a")  # type: ignore[arg-type]
+    assert str(caught.value) == (
+        "RedisBackend.redis must be a redis:// URL or a redis.asyncio.Redis client, got int"
+    )

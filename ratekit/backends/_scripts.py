@@ -1,8 +1,9 @@
 """The Lua scripts of the Redis backend: loaded here, and only here.
 
 Each atomic operation is one file under ``lua/``; the shared window helpers in
-``lua/_window.lua`` are prepended to each. A script runs by EVALSHA and is sent
-(SCRIPT LOAD) only when the server answers NOSCRIPT, after a restart or a flush.
+``lua/_window.lua`` are prepended to each. A script runs by EVALSHA (one command
+per operation, possibly pipelined with others') and is sent (SCRIPT LOAD) only
+when the server answers NOSCRIPT, after a restart or a flush.
 """
 
 from __future__ import annotations
@@ -11,10 +12,6 @@ import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
-
-from redis.asyncio import Redis
-from redis.exceptions import NoScriptError
 
 _PACKAGE = "ratekit.backends"
 
@@ -25,19 +22,19 @@ def _read(name: str) -> str:
 
 @dataclass(frozen=True)
 class Script:
-    """One Lua script: its full text and SHA1, run with `run` (one round trip)."""
+    """One Lua script: its full text and SHA1."""
 
     name: str
     text: str
     sha: str
 
-    async def run(self, client: Redis, keys: Sequence[str], args: Sequence[str | float]) -> Any:
-        """EVALSHA; on NOSCRIPT, load the script and run it again."""
-        try:
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
-        except NoScriptError:
-            await client.script_load(self.text)
-            return await client.evalsha(self.sha, len(keys), *keys, *args)
+    def evalsha(self, keys: Sequence[str], args: Sequence[str]) -> tuple[str, ...]:
+        """The EVALSHA command that runs this script on `keys` with `args`."""
+        return ("EVALSHA", self.sha, str(len(keys)), *keys, *args)
+
+    def load(self) -> tuple[str, ...]:
+        """The SCRIPT LOAD command that sends it (after the server answered NOSCRIPT)."""
+        return ("SCRIPT", "LOAD", self.text)
 
 
 def _load(name: str) -> Script:

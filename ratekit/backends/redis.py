@@ -2,37 +2,70 @@
 
 Same contract as the memory backend (DESIGN.md, "Window semantics"), kept in
 Lua scripts (``lua/*.lua``): an admission over every dimension is one EVALSHA,
-a settle or refund another. Time is the Redis server's ``TIME``, so pods with
-skewed clocks agree. All keys of an account share one hash tag (Redis Cluster),
-expire by themselves once the account is idle, and hold O(slices) fields per rate.
+a settle or refund another. All keys of an account share one hash tag (Redis
+Cluster), expire by themselves once the account is idle, and hold O(slices)
+fields per rate.
+
+Time is the Redis server's ``TIME``, read inside each script, so every pod uses
+one clock and no client's skew matters. Per account it never goes back: a step
+back of the server's clock is absorbed (the account's clock resumes where it was
+and runs on, so pacing and windows neither stall nor restart). A step forward
+cannot be told from idle time: it is taken as it comes, and windows expire that
+much early (a burst the provider may answer with 429s); only an NTP-disciplined
+server clock avoids it. Calendar days read the same ``TIME`` (wall time) with the
+zone's UTC offset for the instant at hand, daylight saving included; a day already
+reached is never left for an earlier one. The limiter's own instant is used only
+with ``server_time=False`` (one process, tests with a fake clock).
 
 Concurrency slots are leases that living holders renew; the slot of a process
-killed mid-call comes back when its lease lapses (`lease_ttl_s`). Releases are
-announced on pub/sub so that waiting pods retry at once.
+killed mid-call, or of an admission dropped without a settle, comes back when its
+lease lapses (`lease_ttl_s`). Releases are announced on pub/sub so that waiting
+pods retry at once.
 
-redis-py's asyncio client ties this backend to asyncio (not trio).
+Commands are sent by the backend's own tasks, over at most `connections`
+connections at once: callers beyond wait their turn, and a burst of them shares
+round trips (each still one EVALSHA, pipelined). Each round trip is bounded by
+`command_timeout_s`, and the caller's await is cancellable whatever the client: a
+grant that arrives after its caller left is handed back by the backend itself.
+Only socket-level failures (refused, reset, timed out) count as an outage; a busy
+connection pool never does.
+
+redis-py's asyncio client ties this backend to asyncio (not trio) and to the
+event loop it is first used in.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+import logging
 import math
 import os
 import time
+import weakref
 import zoneinfo
-from collections.abc import Callable
-from datetime import datetime
-from typing import Any, Literal
+from collections import OrderedDict, deque
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-import anyio
 from redis.asyncio import Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from .._clock import Clock
-from .._errors import BackendUnavailableError, LimitsError
+from .._clock import Instant
+from .._errors import (
+    BackendUnavailableError,
+    InvalidArgumentError,
+    LimitsError,
+    WrongEventLoopError,
+)
 from .._limits import Limits, Rate
 from ._base import (
     UNIT_POSITION,
@@ -43,18 +76,132 @@ from ._base import (
     Refusal,
     take_kind,
 )
-from ._scripts import PAUSE, RENEW, RESERVE, SETTLE, STATS
+from ._scripts import PAUSE, RENEW, RESERVE, SETTLE, STATS, Script
 from .memory import MemoryBackend, MemoryGrant
 
 OnUnavailable = Literal["fail_closed", "fail_open", "local"]
 _POLICIES: tuple[OnUnavailable, ...] = ("fail_closed", "fail_open", "local")
-_UNREACHABLE = (RedisConnectionError, RedisTimeoutError, OSError)
+_T = TypeVar("_T")
+
+_log = logging.getLogger("ratekit.redis")
+
 # Waits before trying Redis again after it failed, growing to the last one.
 _BACKOFF_S = (0.25, 0.5, 1.0, 2.0)
 # How often the release listener looks up from an empty channel, and how long
-# closing waits for the background tasks.
+# closing waits for settles still on their way.
 _LISTEN_POLL_S = 1.0
 _CLOSE_WAIT_S = 3.0
+# Connections sending commands at once when the client's pool allows more (or is
+# unbounded), and how many commands one round trip carries at most: a burst of
+# thousands of callers shares a few connections, far below a process's file
+# descriptors, and keeps one server busy.
+_CONNECTIONS = 8
+_BATCH = 128
+# Connections of the pool left to the release listeners and the user's own calls.
+_POOL_SPARE = 4
+# How many command timeouts a round trip may last while the server still answers a
+# PING (it is busy, not down) before it is given up as lost.
+_SLOW_LIMIT = 5
+# A pool exhausted by someone else's use of the client: wait and try again.
+_POOL_RETRY_S = (0.002, 0.05)
+# Settles (and a tier) kept while Redis is down, sent when it answers again.
+_MAX_PENDING = 10_000
+# Bounds of the arguments (seconds), so that no sum or ttl overflows on the server.
+_LEASE_TTL_RANGE_S = (0.01, 1e6)
+_COMMAND_TIMEOUT_RANGE_S = (0.001, 3600.0)
+_MAX_PAUSE_S = 1e7
+# How far from the client's wall clock a calendar day's transition is looked for, and
+# how long one lookup serves (the server's clock may differ from the client's).
+_TRANSITION_SEARCH_S = 2 * 86400.0
+_SPECS_VALID_S = 86400.0
+
+
+# -- arguments --------------------------------------------------------------------------
+
+
+def _check_number(name: str, value: object, low: float, high: float) -> float:
+    """`value` as a float in [low, high], or a typed error naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidArgumentError(f"RedisBackend.{name} must be a number, got {value!r}")
+    number = float(value)
+    if not low <= number <= high:
+        raise LimitsError(f"RedisBackend.{name} must be in [{low:g}, {high:g}] s, got {value!r}")
+    return number
+
+
+def _check_name(name: str, value: object) -> str:
+    if not isinstance(value, str):
+        raise InvalidArgumentError(f"RedisBackend.{name} must be a str, got {value!r}")
+    if not value or any(c in value for c in "{}"):
+        raise LimitsError(f"RedisBackend.{name} must be non-empty without braces, got {value!r}")
+    return value
+
+
+# -- failures ---------------------------------------------------------------------------
+
+
+class _Down(Exception):
+    """Redis is known to be down (within the backoff): the command was not sent."""
+
+
+def _is_outage(exc: BaseException) -> bool:
+    """Whether `exc` says the server cannot be reached: a socket-level failure or a
+    command that timed out. A busy connection pool is not an outage."""
+    if isinstance(exc, MaxConnectionsError):
+        return False
+    return isinstance(exc, _Down | RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def _raise_if_cancelled() -> None:
+    """Raise CancelledError if the current task was asked to stop.
+
+    A loop in the background checks after each await into redis-py: on Python 3.11
+    a cancel that arrives while a call completes can be swallowed inside it, and a
+    loop that went on would never end.
+    """
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+# -- packing for the scripts ------------------------------------------------------------
+
+
+def _amounts(demand: Demand) -> str:
+    return f"{demand[0]!r} {demand[1]!r} {demand[2]!r}"
+
+
+def _window_key(prefix: str, rate: Rate, kind: str = "w") -> str:
+    """The key of `rate`'s window (kind "w") or of its holds ("h")."""
+    return f"{prefix}:{kind}:{rate.unit}:{rate.period_s!r}:{rate.slices}:{rate.calendar_tz or ''}"
+
+
+def _utc_offset_s(zone: zoneinfo.ZoneInfo, wall: float) -> float:
+    offset = datetime.fromtimestamp(wall, UTC).astimezone(zone).utcoffset()
+    return offset.total_seconds() if offset else 0.0
+
+
+def zone_transition(zone_name: str, wall: float) -> tuple[float, float, float]:
+    """The zone's UTC offsets (s) before and after its transition nearest `wall`
+    (Unix s), and the transition's instant: ``(before, switch_at, after)``.
+
+    Looked for within two days of `wall`; with none there, ``(offset, 0, offset)``.
+    The scripts pick the offset of their own instant, so a calendar day is right on
+    both sides of a daylight-saving change, on a server clock within a day of ours.
+    """
+    zone = zoneinfo.ZoneInfo(zone_name)
+    low, high = math.floor(wall - _TRANSITION_SEARCH_S), math.ceil(wall + _TRANSITION_SEARCH_S)
+    before, after = _utc_offset_s(zone, low), _utc_offset_s(zone, high)
+    if before == after:
+        return before, 0.0, after
+    # The first whole second on the new offset (transitions fall on whole seconds).
+    while high - low > 1:
+        middle = (low + high) // 2
+        if _utc_offset_s(zone, middle) == before:
+            low = middle
+        else:
+            high = middle
+    return before, float(high), after
 
 
 class _Binding:
@@ -62,75 +209,113 @@ class _Binding:
 
     __slots__ = (
         "concurrency",
+        "fields",
+        "fields_from",
+        "fields_until",
         "key_ttl_ms",
         "keys",
         "limits",
         "names",
         "rates",
-        "spec_until",
-        "specs",
+        "specs_text",
+        "windows",
     )
 
-    def __init__(self, limits: Limits, prefix: str) -> None:
+    def __init__(self, limits: Limits, prefix: str, lease_ttl_s: float) -> None:
         self.limits = limits
         self.rates: tuple[Rate, ...] = limits.all_rates
         self.names = [rate.name for rate in self.rates]
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
-        windows = [_window_key(prefix, rate) for rate in self.rates]
-        self.keys = [f"{prefix}:leases", *windows, f"{prefix}:waiting", f"{prefix}:cooldown"]
-        longest_s = max((rate.period_s * (1 + 1 / rate.slices) for rate in self.rates), default=0.0)
-        self.key_ttl_ms = math.ceil((longest_s + limits.margin_s) * 1000)
-        self.specs = ""
-        self.spec_until = -math.inf
-        self.current_specs()
+        self.windows = [_window_key(prefix, rate) for rate in self.rates]
+        holds = [_window_key(prefix, rate, kind="h") for rate in self.rates]
+        # The clock key last: the scripts find it at KEYS[#KEYS].
+        self.keys = [
+            f"{prefix}:leases",
+            *self.windows,
+            *holds,
+            f"{prefix}:waiting",
+            f"{prefix}:cooldown",
+            f"{prefix}:clock",
+        ]
+        # Keys outlive the longest window (a 25 h calendar day) and two leases, so
+        # that live holds and counts are never lost.
+        longest_s = max(
+            (
+                90_000.0 if rate.calendar_tz else rate.period_s * (1 + 1 / rate.slices)
+                for rate in self.rates
+            ),
+            default=0.0,
+        )
+        self.key_ttl_ms = math.ceil((longest_s + limits.margin_s) * 1000) + math.ceil(
+            lease_ttl_s * 2000
+        )
+        # Each window's spec fields, packed, and the span of wall-clock instants
+        # they serve (a calendar day's zone transition is looked up near one).
+        self.fields: list[list[str]] = []
+        self.specs_text = ""
+        self.fields_from = math.inf
+        self.fields_until = -math.inf
 
-    def current_specs(self) -> str:
+    def _fields(self, wall: float) -> list[list[str]]:
+        """Each window's spec: limit, period, slice, margin, pacing, take, position, zone."""
+        if self.fields_from <= wall <= self.fields_until:
+            return self.fields
+        limits = self.limits
+        self.fields = []
+        for rate in self.rates:
+            if rate.calendar_tz:
+                before, switch_at, after = zone_transition(rate.calendar_tz, wall)
+                zone = f"{before!r} {switch_at!r} {after!r}"
+            else:
+                zone = "-"
+            self.fields.append(
+                [
+                    repr(float(rate.limit)),
+                    repr(rate.period_s),
+                    repr(rate.period_s / rate.slices),
+                    repr(limits.margin_s),
+                    "1" if limits.pacing and rate.unit == "requests" else "0",
+                    str(take_kind(rate, limits.token_counting)),
+                    str(UNIT_POSITION[rate.unit]),
+                    zone,
+                ]
+            )
+        self.specs_text = "|".join(" ".join(fields) for fields in self.fields)
+        if any(rate.calendar_tz for rate in self.rates) and math.isfinite(wall):
+            self.fields_from, self.fields_until = wall - _SPECS_VALID_S, wall + _SPECS_VALID_S
+        else:
+            self.fields_from, self.fields_until = -math.inf, math.inf
+        return self.fields
+
+    def specs(self, wall: float, current: _Binding | None = None) -> str:
         """The window specs packed for the scripts (see parse_specs in _window.lua).
 
-        Packed once; a calendar day's UTC offset is looked up again every hour.
+        With `current` (the limits in force at a settle, `self` those of the
+        admission): each window of the admission is settled under the numbers in
+        force now (limit, margin, pacing), as the memory backend's windows are, and
+        taken back the way it was taken.
         """
-        if time.monotonic() < self.spec_until:
-            return self.specs
-        limits = self.limits
-        parts = []
-        for rate in self.rates:
-            offset = _utc_offset_s(rate.calendar_tz) if rate.calendar_tz else "-"
-            pacing = "1" if limits.pacing and rate.unit == "requests" else "0"
-            fields = (
-                repr(float(rate.limit)),
-                repr(rate.period_s),
-                repr(rate.period_s / rate.slices),
-                repr(limits.margin_s),
-                pacing,
-                str(take_kind(rate, limits.token_counting)),
-                str(UNIT_POSITION[rate.unit]),
-                offset,
-            )
-            parts.append(" ".join(fields))
-        self.specs = "|".join(parts)
-        has_calendar = any(rate.calendar_tz for rate in self.rates)
-        self.spec_until = time.monotonic() + 3600 if has_calendar else math.inf
-        return self.specs
-
-
-def _amounts(demand: Demand) -> str:
-    return f"{demand[0]!r} {demand[1]!r} {demand[2]!r}"
-
-
-def _window_key(prefix: str, rate: Rate) -> str:
-    return f"{prefix}:w:{rate.unit}:{rate.period_s!r}:{rate.slices}:{rate.calendar_tz or ''}"
-
-
-def _utc_offset_s(zone_name: str) -> str:
-    zone = zoneinfo.ZoneInfo(zone_name)
-    offset = datetime.now(zone).utcoffset()
-    return repr(offset.total_seconds() if offset else 0.0)
+        mine = self._fields(wall)
+        if current is None or current is self:
+            return self.specs_text
+        now_in_force = dict(zip(current.windows, current._fields(wall), strict=True))
+        packed = []
+        for key, fields in zip(self.windows, mine, strict=True):
+            theirs = now_in_force.get(key)
+            if theirs is not None:
+                fields = [*theirs[:5], fields[5], fields[6], *theirs[7:]]
+            packed.append(" ".join(fields))
+        return "|".join(packed)
 
 
 class RedisGrant:
-    """One admission through Redis: its lease, and what it took from each window."""
+    """One admission through Redis: its lease, and what it took from each window.
 
-    __slots__ = ("binding", "demand", "indexes", "lease_id", "local", "settled")
+    The backend keeps only a weak reference: a grant its holder dropped is no
+    longer renewed, so its slot comes back when its lease lapses.
+    """
+
+    __slots__ = ("__weakref__", "binding", "demand", "indexes", "lease_id", "local", "settled")
 
     def __init__(
         self,
@@ -140,32 +325,569 @@ class RedisGrant:
         indexes: list[str],
         local: MemoryGrant | None = None,
     ) -> None:
+        # None: admitted while Redis was down (failing open, or by the local fallback).
         self.binding = binding
         self.demand = demand
         self.lease_id = lease_id
+        # The slice (or day) of the admission per window, as the scripts wrote it.
         self.indexes = indexes
         # Admitted by the local fallback while Redis was down.
         self.local = local
+        # Settled, refunded or abandoned: only the first one counts.
         self.settled = False
+
+
+class _Command:
+    """One command on its way to Redis: what it sends, where its reply goes."""
+
+    __slots__ = ("abortable", "args", "future", "orphan", "script", "sending")
+
+    def __init__(
+        self,
+        args: tuple[str, ...],
+        script: Script | None,
+        future: asyncio.Future[Any],
+        *,
+        abortable: bool,
+        orphan: Callable[[asyncio.Future[Any]], None],
+    ) -> None:
+        self.args = args
+        # The script an EVALSHA runs, loaded again if the server answers NOSCRIPT.
+        self.script = script
+        # The caller's: its reply (or error). Cancelled with its caller.
+        self.future = future
+        # Dropped, if its caller left before it was sent (nothing else depends on it).
+        self.abortable = abortable
+        # Where the reply goes when its caller left after it was sent: a done future.
+        self.orphan = orphan
+        # True from the moment the command may have reached the server.
+        self.sending = False
+
+    def wanted(self) -> bool:
+        """Whether it is still to be sent: its caller waits, or it must go anyway."""
+        return not (self.abortable and self.future.done())
+
+    def deliver(self, reply: Any) -> None:
+        """Hand the reply (an exception for an error) to the caller, or to the orphan
+        handler when the caller left."""
+        future = self.future
+        if not future.done():
+            if isinstance(reply, BaseException):
+                future.set_exception(reply)
+            else:
+                future.set_result(reply)
+            return
+        if future.cancelled() and self.sending:
+            resolved = future.get_loop().create_future()
+            if isinstance(reply, BaseException):
+                resolved.set_exception(reply)
+            else:
+                resolved.set_result(reply)
+            self.orphan(resolved)
+
+
+class _Watch:
+    """A round trip under watch: given up (its sender cancelled) only when the server
+    stops answering, not when it is merely slow."""
+
+    __slots__ = ("done", "gave_up", "handle", "task", "timeouts")
+
+    def __init__(self, task: asyncio.Task[Any]) -> None:
+        self.task = task
+        self.handle: asyncio.TimerHandle | None = None
+        self.timeouts = 0
+        self.done = False
+        self.gave_up = False
+
+
+class _Link:
+    """What a backend and its children share: one client, the event loop it is bound
+    to, the commands waiting to be sent, the outage state and the work in the
+    background.
+
+    Commands are sent by at most `connections` senders at once, each taking every
+    command waiting (up to `_BATCH`) and sending them in one pipeline on one
+    connection: each is still its own EVALSHA, but a burst of callers shares round
+    trips instead of waiting for a connection each. Bound to the loop of its first
+    use; `enter` refuses any other.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        where: str,
+        owns_client: bool,
+        command_timeout_s: float,
+        connections: int | None,
+    ) -> None:
+        self.client = client
+        # Where Redis is, without credentials (for messages).
+        self.where = where
+        self.owns_client = owns_client
+        self.command_timeout_s = command_timeout_s
+        if connections is None:
+            pool_size = getattr(client.connection_pool, "max_connections", None)
+            if not isinstance(pool_size, int) or pool_size <= 0:
+                pool_size = _CONNECTIONS + _POOL_SPARE
+            connections = min(_CONNECTIONS, max(1, pool_size - _POOL_SPARE))
+        self.connections = connections
+        self.loop: asyncio.AbstractEventLoop | None = None
+        # Commands waiting for a sender, oldest first.
+        self.queue: deque[_Command] = deque()
+        # Senders running, and those idle, each waiting on its future for work.
+        self.senders = 0
+        self.idle: deque[asyncio.Future[None]] = deque()
+        # When (loop time) Redis last answered anything, and the PING in flight that
+        # tells a slow server from a gone one.
+        self.answered_at = -math.inf
+        self.ping: asyncio.Task[bool] | None = None
+        # Background tasks: senders, renewers, listeners, replays, late settles.
+        self.tasks: set[asyncio.Task[Any]] = set()
+        # Failures of background work that nothing else could report (bugs).
+        self.errors: list[Exception] = []
+        # Closing: background loops stop, commands still on their way are sent.
+        # Closed: nothing is sent any more.
+        self.closing = False
+        self.closed = False
+        # While Redis is down: when to try again, how many failures in a row, and
+        # the last error's type (its text could hold connection details).
+        self.retry_at = 0.0
+        self.failures = 0
+        self.last_error = ""
+        # Writes that could not reach Redis, by key (a newer one replaces it), sent
+        # again in order once Redis answers.
+        self.pending: OrderedDict[object, tuple[tuple[str, ...], Script | None]] = OrderedDict()
+        self.replayer: asyncio.Task[None] | None = None
+
+    # -- the loop ----------------------------------------------------------------------
+
+    def enter(self, owner: object) -> None:
+        """Bind to the running loop at first use; refuse any other loop after."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            raise WrongEventLoopError(
+                f"{owner!r} runs on asyncio (redis-py's client) and was called outside a "
+                "running asyncio event loop (trio, or no loop)"
+            ) from None
+        if loop is self.loop:
+            return
+        if self.loop is None:
+            self.loop = loop
+            return
+        state = "closed" if self.loop.is_closed() else "still running"
+        raise WrongEventLoopError(
+            f"{owner!r} belongs to the event loop it was first used in (now {state}) and "
+            "was used from another one: its Redis client's connections are bound to that "
+            "loop. Build one RedisBackend (and limiter, and scheduler) per event loop, or "
+            "call from threads through ratekit.SyncScheduler"
+        )
+
+    # -- outages -----------------------------------------------------------------------
+
+    def reachable(self) -> bool:
+        return self.failures == 0 or time.monotonic() >= self.retry_at
+
+    def mark_down(self, exc: BaseException) -> None:
+        if isinstance(exc, _Down):
+            return
+        self.last_error = type(exc).__name__
+        if self.failures and time.monotonic() < self.retry_at:
+            return  # another call of the same outage: one failure per retry
+        delay = _BACKOFF_S[min(self.failures, len(_BACKOFF_S) - 1)]
+        self.failures += 1
+        self.retry_at = time.monotonic() + delay
+
+    def mark_up(self) -> None:
+        self.failures = 0
+        if self.pending and (self.replayer is None or self.replayer.done()) and not self.closing:
+            self.replayer = self.spawn(self._replay())
+
+    # -- commands ----------------------------------------------------------------------
+
+    async def call(
+        self,
+        args: tuple[str, ...],
+        script: Script | None = None,
+        *,
+        abortable: bool,
+        orphan: Callable[[asyncio.Future[Any]], None] | None = None,
+    ) -> Any:
+        """Send one command and wait for its reply, cancellably.
+
+        If the caller is cancelled, a command not yet sent is dropped when
+        `abortable` (and sent anyway otherwise); once sent, its reply goes to
+        `orphan(future)` (by default: an outage is noted, anything else logged).
+        While Redis is known to be down nothing is sent (`_Down`).
+        """
+        if self.closed or not self.reachable():
+            raise _Down
+        assert self.loop is not None
+        future = self.loop.create_future()
+        command = _Command(args, script, future, abortable=abortable, orphan=orphan or self.orphan)
+        self.queue.append(command)
+        self._wake_sender()
+        try:
+            return await future
+        except asyncio.CancelledError:
+            if future.done() and not future.cancelled():
+                command.orphan(future)  # the reply came in the very step the caller left
+            raise
+
+    def orphan(self, future: asyncio.Future[Any]) -> None:
+        """The reply to a command whose caller left: note an outage, log the rest."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self.mark_up()
+        elif _is_outage(exc):
+            self.mark_down(exc)
+        else:
+            _log.warning("a Redis command whose caller left failed: %r", exc)
+
+    def _wake_sender(self) -> None:
+        """An idle sender takes the queue, or a new one starts (up to `connections`)."""
+        while self.idle:
+            waiting = self.idle.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+                return
+        if self.senders < self.connections:
+            self.senders += 1
+            self.spawn(self._send_loop())
+
+    async def _send_loop(self) -> None:
+        """Send what waits, a batch at a time; idle until woken, until closing."""
+        assert self.loop is not None
+        try:
+            while True:
+                while self.queue:
+                    batch = self._take_batch()
+                    if batch:
+                        await self._send_batch(batch)
+                if self.closing:
+                    return
+                waiting = self.loop.create_future()
+                self.idle.append(waiting)
+                await waiting
+        finally:
+            self.senders -= 1
+
+    def _take_batch(self) -> list[_Command]:
+        batch: list[_Command] = []
+        queue = self.queue
+        while queue and len(batch) < _BATCH:
+            command = queue.popleft()
+            if command.wanted():
+                command.sending = True
+                batch.append(command)
+        return batch
+
+    async def _send_batch(self, batch: list[_Command]) -> None:
+        """One pipeline; each command's reply (or error) goes where it belongs."""
+        if not self.reachable():
+            self._fail(batch, _Down())
+            return
+        pause_s = _POOL_RETRY_S[0]
+        while True:
+            try:
+                replies = await self._round_trip(batch)
+                break
+            except MaxConnectionsError:
+                # The pool is busy with someone else's calls: nothing was sent, and
+                # a caller that leaves meanwhile drops its command.
+                for command in batch:
+                    command.sending = False
+                await asyncio.sleep(pause_s)
+                pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
+                batch = [command for command in batch if command.wanted()]
+                if not batch:
+                    return
+                for command in batch:
+                    command.sending = True
+            except asyncio.CancelledError:
+                self._fail(batch, _Down())  # closing: the callers' calls failed
+                raise
+            except Exception as exc:
+                if _is_outage(exc):
+                    self.mark_down(exc)
+                self._fail(batch, exc)
+                return
+        for command, reply in zip(batch, replies, strict=True):
+            command.deliver(reply)
+
+    async def _round_trip(self, batch: list[_Command]) -> list[Any]:
+        """The replies to `batch`, or TimeoutError when the server stopped answering.
+
+        A round trip slower than `command_timeout_s` is not given up at once: a busy
+        server (or a busy process) is slow, not down. While other round trips still
+        come back, or else the server answers a PING on a connection of its own
+        within the timeout, this one goes on, up to `_SLOW_LIMIT` timeouts in all.
+        """
+        assert self.loop is not None
+        task = asyncio.current_task()
+        assert task is not None
+        watch = _Watch(task)
+        watch.handle = self.loop.call_later(self.command_timeout_s, self._check, watch)
+        try:
+            replies = await self._pipeline(batch)
+        except asyncio.CancelledError:
+            if watch.gave_up and task.uncancel() == 0:
+                raise TimeoutError(
+                    f"no reply from Redis within {self.command_timeout_s:g} s"
+                ) from None
+            raise
+        finally:
+            watch.done = True
+            watch.handle.cancel()
+        if watch.gave_up:
+            task.uncancel()  # the replies won the race: the cancel is withdrawn
+        self.answered_at = self.loop.time()
+        return replies
+
+    def _check(self, watch: _Watch) -> None:
+        """A round trip outlasted the command timeout: go on while Redis answers."""
+        assert self.loop is not None
+        if watch.done:
+            return
+        watch.timeouts += 1
+        if self.loop.time() - self.answered_at < self.command_timeout_s:
+            self._rearm(watch)  # other replies come back: busy, not gone
+            return
+        if self.ping is None or self.ping.done():
+            self.ping = self.spawn(self._answers_ping())
+        self.ping.add_done_callback(lambda ping: self._judge(watch, ping))
+
+    def _judge(self, watch: _Watch, ping: asyncio.Task[bool]) -> None:
+        if watch.done:
+            return
+        if not ping.cancelled() and ping.result():
+            self._rearm(watch)
+        else:
+            watch.gave_up = True
+            watch.task.cancel()
+
+    def _rearm(self, watch: _Watch) -> None:
+        assert self.loop is not None
+        if watch.timeouts >= _SLOW_LIMIT:
+            watch.gave_up = True
+            watch.task.cancel()
+        else:
+            watch.handle = self.loop.call_later(self.command_timeout_s, self._check, watch)
+
+    async def _answers_ping(self) -> bool:
+        """Whether the server answers a PING within the command timeout, on a fresh
+        connection outside the pool (the pool may be the slow part)."""
+        assert self.loop is not None
+        connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
+        try:
+            async with asyncio.timeout(self.command_timeout_s):
+                await connection.connect()
+                await connection.send_command("PING")
+                await connection.read_response()
+            self.answered_at = self.loop.time()
+            return True
+        except Exception:
+            return False
+        finally:
+            with contextlib.suppress(Exception):
+                await connection.disconnect()
+
+    async def _pipeline(self, batch: list[_Command]) -> list[Any]:
+        """Send `batch` in one pipeline (a lone command as it is); commands answered
+        NOSCRIPT are sent again after their scripts are loaded. An error reply is
+        returned in its command's place."""
+        if len(batch) == 1:
+            return [await self._one(batch[0])]
+        async with self.client.pipeline(transaction=False) as pipe:
+            for command in batch:
+                pipe.execute_command(*command.args)
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
+            if unknown:
+                scripts = {s for i in unknown if (s := batch[i].script) is not None}
+                for script in scripts:
+                    pipe.execute_command(*script.load())
+                for i in unknown:
+                    pipe.execute_command(*batch[i].args)
+                again: list[Any] = await pipe.execute(raise_on_error=False)
+                for i, reply in zip(unknown, again[len(scripts) :], strict=True):
+                    replies[i] = reply
+            return replies
+
+    async def _one(self, command: _Command) -> Any:
+        """Send a lone command; its reply, or its error reply as an exception."""
+        send = self.client.execute_command
+        try:
+            try:
+                return await send(*command.args)  # type: ignore[no-untyped-call]
+            except NoScriptError:
+                if command.script is None:
+                    raise
+                await send(*command.script.load())  # type: ignore[no-untyped-call]
+                return await send(*command.args)  # type: ignore[no-untyped-call]
+        except ResponseError as exc:
+            return exc
+
+    @staticmethod
+    def _fail(batch: list[_Command], exc: Exception) -> None:
+        for command in batch:
+            command.deliver(exc)
+
+    # -- the background ----------------------------------------------------------------
+
+    def spawn(self, coroutine: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
+        """Run `coroutine` in the background; a failure it did not handle is logged at
+        once and raised again by `aclose`."""
+        assert self.loop is not None
+        task = self.loop.create_task(coroutine)
+        self.tasks.add(task)
+        task.add_done_callback(self._surface)
+        return task
+
+    def _surface(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if isinstance(exc, Exception):
+            _log.error("ratekit's Redis background work failed", exc_info=exc)
+            self.errors.append(exc)
+
+    def defer(self, key: object, args: tuple[str, ...], script: Script | None) -> None:
+        """Keep a write for when Redis answers again (a newer one under `key` replaces
+        it); beyond `_MAX_PENDING` the oldest is dropped with a warning."""
+        self.pending.pop(key, None)
+        self.pending[key] = (args, script)
+        if len(self.pending) > _MAX_PENDING:
+            dropped, _ = self.pending.popitem(last=False)
+            _log.warning(
+                "Redis at %s down too long: dropped a queued write (%r); its lease lapses "
+                "on its own",
+                self.where,
+                dropped,
+            )
+
+    async def send_later(self, key: object, args: tuple[str, ...], script: Script | None) -> None:
+        """Send a write nobody awaits (a settle of a dropped grant, a late refund); kept
+        for later while Redis is down, dropped with a warning if Redis refuses it."""
+        try:
+            await self.call(args, script, abortable=False)
+        except Exception as exc:
+            if _is_outage(exc):
+                self.mark_down(exc)
+                self.defer(key, args, script)
+            else:
+                _log.warning("a Redis write sent in the background failed (%r): %r", key, exc)
+            return
+        self.mark_up()
+
+    async def _replay(self, *, closing: bool = False) -> None:
+        """Send the writes kept while Redis was down, oldest first, a batch at a time.
+        A network failure stops the replay until Redis answers again; any other
+        failure drops that write with a warning, so it cannot block the ones after it.
+        """
+        while self.pending and (closing or not self.closing):
+            _raise_if_cancelled()
+            chunk = list(itertools.islice(self.pending.items(), _BATCH))
+            outcomes = await asyncio.gather(
+                *(self.call(args, script, abortable=False) for _, (args, script) in chunk),
+                return_exceptions=True,
+            )
+            down = False
+            for (key, entry), outcome in zip(chunk, outcomes, strict=True):
+                if isinstance(outcome, BaseException) and _is_outage(outcome):
+                    self.mark_down(outcome)
+                    down = True
+                    continue  # kept for the next replay
+                if isinstance(outcome, BaseException):
+                    _log.warning("dropped a queued Redis write (%r) that failed: %r", key, outcome)
+                if self.pending.get(key) == entry:
+                    del self.pending[key]
+            if down:
+                return
+
+    async def aclose(self) -> None:
+        """Let writes on their way finish and send those kept from an outage (a few
+        seconds at most), then stop the rest."""
+        assert self.loop is not None
+        self.closing = True
+        while self.idle:  # idle senders see the closing and end
+            waiting = self.idle.popleft()
+            if not waiting.done():
+                waiting.set_result(None)
+        deadline = self.loop.time() + _CLOSE_WAIT_S
+        running = [task for task in self.tasks if not task.done()]
+        if running:
+            await asyncio.wait(running, timeout=_CLOSE_WAIT_S)
+        if self.pending:
+            # One last try, after the backoff if it ends in time.
+            wait_s = max(self.retry_at - time.monotonic(), 0.0) if self.failures else 0.0
+            left_s = deadline - self.loop.time()
+            if wait_s < left_s:
+                await asyncio.sleep(wait_s)
+                self.failures = 0
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(left_s - wait_s, 0.1)):
+                        await self._replay(closing=True)
+        if self.pending:
+            _log.warning(
+                "Redis at %s: %d settles could not be sent before closing; their leases "
+                "lapse on their own",
+                self.where,
+                len(self.pending),
+            )
+        self.closed = True
+        for task in list(self.tasks):
+            task.cancel()
+        if self.tasks:
+            await asyncio.wait(list(self.tasks), timeout=_CLOSE_WAIT_S)
+        self._fail(list(self.queue), _Down())
+        self.queue.clear()
+        if self.owns_client:
+            await self.client.aclose()
 
 
 class RedisBackend:
     """Keeps one account's usage in Redis, shared by every process that names it.
 
     `redis` is a ``redis://`` or ``rediss://`` URL (a password in it is never
-    shown in an error, a log or a repr) or a ``redis.asyncio.Redis`` client.
-    `namespace` names the account: processes with the same namespace share
-    limits, others never touch each other's counts.
+    shown in an error, a log or a repr) or a ``redis.asyncio.Redis`` client (left
+    open by `aclose`). `namespace` names the account: processes with the same
+    namespace share limits, others never touch each other's counts.
 
     `lease_ttl_s`: how long a concurrency slot outlives a holder that stops
-    renewing (a killed process). `on_unavailable` says what to do while Redis
-    cannot be reached: ``"fail_closed"`` raises `BackendUnavailableError`
-    (default), ``"fail_open"`` admits everything, ``"local"`` admits within
-    `local_share` of the limits kept in this process. Redis is tried again after
-    a short backoff, and used as soon as it answers.
+    renewing (a killed process, a dropped admission). `on_unavailable` says what
+    to do while Redis cannot be reached: ``"fail_closed"`` raises
+    `BackendUnavailableError` (default), ``"fail_open"`` admits everything,
+    ``"local"`` admits within `local_share` of the limits kept in this process.
+    Redis is tried again after a short backoff, and used as soon as it answers;
+    settles that could not be sent meanwhile are sent then.
 
-    `clock` replaces the server's TIME (tests with a `FakeClock`). One instance
-    serves any number of limiters of one asyncio loop; close it with `aclose`.
+    `server_time`: by default the server's ``TIME`` is the clock (shared by every
+    pod) and the limiter's instant is ignored; ``False`` uses the limiter's instant
+    instead (its monotonic reading for windows, pacing and leases, its wall reading
+    for calendar days): for tests with a `FakeClock`, in one process only.
+
+    `command_timeout_s` bounds the wait for a reply, whatever the client's own
+    socket timeouts: a round trip with no reply within it, from a server that then
+    answers no PING within it either, counts as unreachable (a hung server is
+    given up after about twice the timeout); a server that is slow but answers is
+    waited for, up to five timeouts. `connections`: how many of the client's
+    connections send commands at once (default: its pool size less a few spare
+    ones, at most 8); callers beyond wait for their turn, which never counts as an
+    outage, and share round trips (pipelined, still one EVALSHA each).
+
+    Every call may be cancelled at any point: a `reserve` whose caller left is
+    never admitted (a grant that arrives after is refunded by the backend), a
+    `settle` goes on. A grant its holder dropped is no longer renewed; `abandon`
+    (on this backend's loop) settles it in the background at once.
+
+    One instance (and its children) serves any number of limiters of the asyncio
+    loop it is first used in; another loop gets `WrongEventLoopError`. Close it
+    with `aclose`, which sends the settles still on their way.
     """
 
     def __init__(
@@ -177,115 +899,190 @@ class RedisBackend:
         on_unavailable: OnUnavailable = "fail_closed",
         local_share: float = 1.0,
         prefix: str = "ratekit",
-        clock: Clock | None = None,
+        server_time: bool = True,
+        command_timeout_s: float = 2.0,
+        connections: int | None = None,
     ) -> None:
-        if not namespace or any(c in namespace for c in "{}"):
-            raise LimitsError(
-                f"RedisBackend.namespace must be non-empty without braces, got {namespace!r}"
-            )
+        namespace = _check_name("namespace", namespace)
+        prefix = _check_name("prefix", prefix)
         if on_unavailable not in _POLICIES:
             raise LimitsError(
                 f"RedisBackend.on_unavailable must be one of {', '.join(_POLICIES)}, "
                 f"got {on_unavailable!r}"
             )
+        if isinstance(local_share, bool) or not isinstance(local_share, int | float):
+            raise InvalidArgumentError(
+                f"RedisBackend.local_share must be a number, got {local_share!r}"
+            )
         if not 0 < local_share <= 1:
             raise LimitsError(f"RedisBackend.local_share must be in (0, 1], got {local_share!r}")
-        if not lease_ttl_s > 0:
-            raise LimitsError(f"RedisBackend.lease_ttl_s must be positive, got {lease_ttl_s!r}")
+        lease_ttl = _check_number("lease_ttl_s", lease_ttl_s, *_LEASE_TTL_RANGE_S)
+        timeout_s = _check_number("command_timeout_s", command_timeout_s, *_COMMAND_TIMEOUT_RANGE_S)
+        if not isinstance(server_time, bool):
+            raise InvalidArgumentError(
+                f"RedisBackend.server_time must be True or False, got {server_time!r}"
+            )
+        if connections is not None and (
+            isinstance(connections, bool) or not isinstance(connections, int) or connections < 1
+        ):
+            raise InvalidArgumentError(
+                f"RedisBackend.connections must be a positive int or None, got {connections!r}"
+            )
         if isinstance(redis, str):
-            self._where = _redacted(redis)
-            self._client = Redis.from_url(redis, socket_connect_timeout=1.0, socket_timeout=2.0)
+            where = _redacted(redis)
+            # Our own backoff and policy decide about outages: one quick reconnect
+            # (a connection the server closed while idle), no backoff of redis-py's.
+            client = Redis.from_url(
+                redis,
+                socket_connect_timeout=1.0,
+                socket_timeout=timeout_s,
+                retry=Retry(NoBackoff(), 1),
+            )
+            owns_client = True
+        elif isinstance(redis, Redis):
+            where, client, owns_client = _describe(redis), redis, False
         else:
-            self._where = _describe(redis)
-            self._client = redis
+            raise InvalidArgumentError(
+                "RedisBackend.redis must be a redis:// URL or a redis.asyncio.Redis client, "
+                f"got {type(redis).__name__}"
+            )
+        link = _Link(
+            client,
+            where=where,
+            owns_client=owns_client,
+            command_timeout_s=timeout_s,
+            connections=connections,
+        )
+        self._setup(
+            link, namespace, prefix, lease_ttl, on_unavailable, float(local_share), server_time
+        )
+        self._is_root = True
+
+    def _setup(
+        self,
+        link: _Link,
+        namespace: str,
+        prefix: str,
+        lease_ttl_s: float,
+        policy: OnUnavailable,
+        local_share: float,
+        server_time: bool,
+    ) -> None:
+        self._link = link
         self.namespace = namespace
+        self._prefix_root = prefix
         self._prefix = f"{prefix}:{{{namespace}}}"
         self._channel = f"{self._prefix}:released"
-        self._lease_ttl_s = float(lease_ttl_s)
-        self._policy: OnUnavailable = on_unavailable
+        self._lease_ttl_s = lease_ttl_s
+        self._policy: OnUnavailable = policy
         self._local_share = local_share
-        self._clock = clock
+        self._server_time = server_time
         self._lease_ids = itertools.count()
         self._instance = os.urandom(6).hex()
         self._binding: _Binding | None = None
-        # Leases of calls in flight from this process, renewed in the background.
-        self._live: dict[str, _Binding] = {}
+        # The latest instant a limiter handed in: background work's clock when the
+        # server's TIME is not used.
+        self._last_now = Instant(-math.inf, -math.inf)
+        # Leases of calls in flight from this process, renewed while their grant lives.
+        self._live: dict[str, tuple[weakref.ref[RedisGrant], _Binding]] = {}
         self._listeners = Listeners()
-        self._tasks: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
         self._subscriber: asyncio.Task[None] | None = None
-        self._closing = False
-        self._prefix_root = prefix
-        self._owns_client = True
+        self._closed = False
         self._children: list[RedisBackend] = []
         self._tier_callbacks: list[Callable[[str], None]] = []
-        # While Redis is down: when to try again, how many failures in a row, and
-        # the last error's type (its text could hold connection details).
-        self._retry_at = 0.0
-        self._last_error = ""
-        self._failures = 0
-        # Settles that could not reach Redis, sent again when it answers.
-        self._pending: list[tuple[list[str], list[str]]] = []
         self._fallback = MemoryBackend()
         # A slot freed in the fallback must wake this backend's waiters too.
         self._fallback.subscribe(self._listeners.notify)
         self._fallback_limits: tuple[Limits, Limits] | None = None
 
     def __repr__(self) -> str:
-        return f"RedisBackend({self._where}, namespace={self.namespace!r})"
+        return f"RedisBackend({self._link.where}, namespace={self.namespace!r})"
 
     @property
     def client(self) -> Redis:
-        return self._client
+        return self._link.client
 
     def key_prefix(self) -> str:
         """The prefix (with the account's hash tag) of every key of this account."""
         return self._prefix
 
-    # -- binding ------------------------------------------------------------------
+    # -- binding and time -------------------------------------------------------------
 
     def _bind(self, limits: Limits) -> _Binding:
         binding = self._binding
-        if binding is None or binding.limits is not limits:
-            binding = self._binding = _Binding(limits, self._prefix)
+        if binding is None or (binding.limits is not limits and binding.limits != limits):
+            binding = self._binding = _Binding(limits, self._prefix, self._lease_ttl_s)
         return binding
 
-    def _key_ttl_ms(self, binding: _Binding) -> int:
-        # Keys outlive the longest window and a lease, so live holds are never lost.
-        return binding.key_ttl_ms + math.ceil(self._lease_ttl_s * 2000)
+    def _enter(self, now: Instant | None = None, *, settling: bool = False) -> bool:
+        """Check the loop and note the instant; False for a settle after `aclose` (its
+        lease lapses), a typed error for anything else after it."""
+        if self._closed or self._link.closed:
+            if settling:
+                return False
+            raise BackendUnavailableError(f"{self!r} is closed")
+        self._link.enter(self)
+        if now is not None and now.mono >= self._last_now.mono:
+            self._last_now = now
+        return True
 
-    def _now_arg(self) -> str:
-        return "" if self._clock is None else repr(self._clock.now())
+    def _clock_arg(self, now: Instant | None = None) -> str:
+        """The scripts' time argument: "" for the server's TIME, else "<mono> <wall>"."""
+        if self._server_time:
+            return ""
+        instant = self._last_now if now is None else now
+        wall = instant.wall if math.isfinite(instant.wall) else instant.mono
+        return f"{instant.mono!r} {wall!r}"
+
+    def _wall(self, now: Instant | None) -> float:
+        """The wall clock for a calendar day's zone lookup (the client's own)."""
+        if now is not None and math.isfinite(now.wall):
+            return now.wall
+        return time.time()
 
     # -- the Backend protocol ----------------------------------------------------------
 
-    async def reserve(self, limits: Limits, demand: Demand) -> Grant | Refusal:
+    async def reserve(self, limits: Limits, demand: Demand, now: Instant) -> Grant | Refusal:
+        """Admit `demand` atomically on every dimension, or say how long to wait.
+
+        Cancellable at any point: a grant that arrives after the caller left is
+        refunded by the backend (`settle` with nothing used).
+        """
+        self._enter(now)
+        link = self._link
         binding = self._bind(limits)
-        if not self._reachable():
-            return self._reserve_unavailable(limits, demand, binding)
         lease_id = f"{self._instance}:{next(self._lease_ids)}"
-        args = [
-            self._now_arg(),
-            binding.concurrency,
-            lease_id,
-            repr(self._lease_ttl_s),
-            str(self._key_ttl_ms(binding)),
-            binding.current_specs(),
-            _amounts(demand),
-        ]
+        command = RESERVE.evalsha(
+            binding.keys,
+            [
+                self._clock_arg(now),
+                str(binding.key_ttl_ms),
+                binding.concurrency,
+                lease_id,
+                repr(self._lease_ttl_s),
+                binding.specs(self._wall(now)),
+                _amounts(demand),
+            ],
+        )
         try:
-            # Shielded: a reply that was granted must reach us, or the grant would leak.
-            with anyio.CancelScope(shield=True):
-                await self._flush_pending()
-                reply = await RESERVE.run(self._client, binding.keys, args)
-        except _UNREACHABLE as exc:
-            self._mark_down(exc)
-            return self._reserve_unavailable(limits, demand, binding)
-        self._mark_up()
+            reply = await link.call(
+                command,
+                RESERVE,
+                abortable=True,
+                orphan=partial(self._refund_orphan, binding, demand, lease_id),
+            )
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
+            return self._reserve_unavailable(limits, demand, now)
+        link.mark_up()
         if int(reply[0]) == 1:
-            self._live[lease_id] = binding
+            grant = RedisGrant(binding, demand, lease_id, [_text(i) for i in reply[2:]])
+            self._live[lease_id] = (weakref.ref(grant), binding)
             self._start(renew=True)
-            return RedisGrant(binding, demand, lease_id, [_text(i) for i in reply[2:]])
+            return grant
         self._start(renew=False)
         dimension = int(reply[2])
         if dimension <= 0:
@@ -294,46 +1091,144 @@ class RedisBackend:
             name = binding.names[dimension - 1]
         return Refusal(float(reply[1]), name)
 
-    async def settle(self, limits: Limits, grant: Grant, actual: Demand | None) -> None:
+    async def settle(
+        self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant
+    ) -> None:
+        """Record the call's real usage (None: it never reached the provider, hand all
+        back) and free its slot. Only the first settle of a grant counts.
+
+        Cancelling the caller does not stop the settle. While Redis is down it is
+        kept and sent when Redis answers again; the slot comes back then, or when
+        its lease lapses.
+        """
         assert isinstance(grant, RedisGrant), "a grant of another backend"
-        if grant.settled:
+        if not self._enter(now, settling=True):
             return
+        self._bind(limits)  # the limits in force: the settle runs under them
+        command = self._end(grant, actual, now)
+        if command is None:
+            return
+        link = self._link
+        lease_id = grant.lease_id
+        try:
+            await link.call(
+                command,
+                SETTLE,
+                abortable=False,
+                orphan=partial(self._settle_orphan, lease_id, command),
+            )
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
+            link.defer(lease_id, command, SETTLE)
+            return
+        link.mark_up()
+
+    def abandon(self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant) -> None:
+        """Settle a grant whose holder dropped it, in the background: its lease is no
+        longer renewed from now on, and the settle is sent (or kept while Redis is
+        down). To be called on the backend's event loop, never from a finalizer."""
+        assert isinstance(grant, RedisGrant), "a grant of another backend"
+        if not self._enter(now, settling=True):
+            return
+        self._bind(limits)  # the limits in force: the settle runs under them
+        command = self._end(grant, actual, now)
+        if command is not None:
+            self._link.spawn(self._link.send_later(grant.lease_id, command, SETTLE))
+
+    def _end(
+        self, grant: RedisGrant, actual: Demand | None, now: Instant
+    ) -> tuple[str, ...] | None:
+        """Mark `grant` settled; the settle to send to Redis, if there is one."""
+        if grant.settled:
+            return None
         grant.settled = True
         if grant.local is not None:
-            self._fallback.settle_now(grant.local, actual, self._fallback.clock.now())
-            return
+            self._fallback.settle_now(grant.local, actual, now.mono, now.wall)
+            return None
         binding = grant.binding
         if binding is None:  # admitted while failing open: nothing was counted
-            return
+            return None
         self._live.pop(grant.lease_id, None)
-        real = actual if actual is not None else grant.demand
-        args = [
-            self._now_arg(),
-            grant.lease_id,
-            self._channel,
-            "1" if actual is None else "0",
-            binding.current_specs(),
-            _amounts(grant.demand),
-            _amounts(real),
-            " ".join(grant.indexes),
-        ]
-        try:
-            with anyio.CancelScope(shield=True):
-                await SETTLE.run(self._client, binding.keys, args)
-        except _UNREACHABLE as exc:
-            self._mark_down(exc)
-            # Sent again when Redis answers; until then the lease lapses on its own.
-            args[0] = ""
-            self._pending.append((binding.keys, args))
+        return self._settle_command(
+            binding, grant.lease_id, grant.demand, grant.indexes, actual, now
+        )
 
-    async def statistics(self, limits: Limits) -> tuple[DimensionStatistics, ...]:
+    def _settle_command(
+        self,
+        binding: _Binding,
+        lease_id: str,
+        demand: Demand,
+        indexes: list[str],
+        actual: Demand | None,
+        now: Instant | None,
+    ) -> tuple[str, ...]:
+        """The SETTLE of an admission made under `binding`, under the limits in force."""
+        real = actual if actual is not None else demand
+        return SETTLE.evalsha(
+            binding.keys,
+            [
+                self._clock_arg(now),
+                str(binding.key_ttl_ms),
+                lease_id,
+                self._channel,
+                "1" if actual is None else "0",
+                binding.specs(self._wall(now), self._binding),
+                _amounts(demand),
+                _amounts(real),
+                " ".join(indexes),
+            ],
+        )
+
+    def _settle_orphan(
+        self, lease_id: str, command: tuple[str, ...], future: asyncio.Future[Any]
+    ) -> None:
+        """A settle whose caller was cancelled finished: keep it if Redis was down."""
+        if future.cancelled():
+            return
+        exc = future.exception()
+        if exc is None:
+            self._link.mark_up()
+        elif _is_outage(exc):
+            self._link.mark_down(exc)
+            self._link.defer(lease_id, command, SETTLE)
+        else:
+            _log.warning("a settle whose caller was cancelled failed: %r", exc)
+
+    def _refund_orphan(
+        self, binding: _Binding, demand: Demand, lease_id: str, future: asyncio.Future[Any]
+    ) -> None:
+        """A reserve whose caller left got its reply: hand back a grant nobody holds."""
+        if future.cancelled() or future.exception() is not None:
+            # Unsent, or lost on the way: if the script ran, its lease is never
+            # renewed and lapses, and the requests it counted stay counted.
+            self._link.orphan(future)
+            return
+        reply = future.result()
+        self._link.mark_up()
+        if int(reply[0]) == 1:
+            indexes = [_text(i) for i in reply[2:]]
+            command = self._settle_command(binding, lease_id, demand, indexes, None, None)
+            self._link.spawn(self._link.send_later(lease_id, command, SETTLE))
+
+    async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
+        """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
+        self._enter(now)
+        link = self._link
         binding = self._bind(limits)
-        args = [self._now_arg(), binding.current_specs()]
+        command = STATS.evalsha(
+            binding.keys,
+            [self._clock_arg(now), str(binding.key_ttl_ms), binding.specs(self._wall(now))],
+        )
         try:
-            reply = await STATS.run(self._client, binding.keys, args)
-        except _UNREACHABLE as exc:
-            self._mark_down(exc)
+            reply = await link.call(command, STATS, abortable=True)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
             raise self._unavailable_error() from None
+        link.mark_up()
         in_flight = int(reply[0])
         stats = []
         if limits.concurrency is not None:
@@ -347,165 +1242,253 @@ class RedisBackend:
             stats.append(DimensionStatistics(rate.name, rate.unit, rate.limit, used, held))
         return tuple(stats)
 
-    async def pause(self, seconds: float) -> float:
-        key = f"{self._prefix}:cooldown"
+    async def pause(self, seconds: float, now: Instant) -> float:
+        """Refuse every admission of the account for `seconds` (at most 1e7) from now;
+        while Redis is down, in this process only."""
+        self._enter(now)
+        if isinstance(seconds, bool) or not isinstance(seconds, int | float):
+            raise InvalidArgumentError(
+                f"RedisBackend.pause: seconds must be a number, got {seconds!r}"
+            )
+        if not 0 <= seconds <= _MAX_PAUSE_S:
+            raise InvalidArgumentError(
+                f"RedisBackend.pause: seconds must be in [0, {_MAX_PAUSE_S:g}], got {seconds!r}"
+            )
+        link = self._link
+        command = PAUSE.evalsha(
+            [f"{self._prefix}:cooldown", f"{self._prefix}:clock"],
+            [self._clock_arg(now), str(self._key_ttl_ms()), repr(float(seconds))],
+        )
         try:
-            reply = await PAUSE.run(self._client, [key], [self._now_arg(), repr(float(seconds))])
-        except _UNREACHABLE as exc:
-            self._mark_down(exc)
-            return self._fallback.pause_now(seconds, self._fallback.clock.now())
+            reply = await link.call(command, PAUSE, abortable=True)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
+            return self._fallback.pause_now(float(seconds), now.mono)
+        link.mark_up()
         return float(reply)
+
+    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
+        return self._listeners.add(listener)
+
+    def _key_ttl_ms(self) -> int:
+        """The ttl of the account's keys (ms), as the limits seen last set it."""
+        if self._binding is not None:
+            return self._binding.key_ttl_ms
+        return math.ceil(self._lease_ttl_s * 2000)
+
+    # -- the SharedAccount protocol ----------------------------------------------------
 
     def child(self, name: str) -> RedisBackend:
         """A backend for limits of their own (a model's) within this account.
 
-        Same server, client and policy; namespace ``<namespace>.<name>``. Closed
-        with this one.
+        Same server, client, event loop and policy; namespace ``<namespace>.<name>``.
+        Closed with this one.
         """
-        backend = RedisBackend(
-            self._client,
-            namespace=f"{self.namespace}.{name}",
-            lease_ttl_s=self._lease_ttl_s,
-            on_unavailable=self._policy,
-            local_share=self._local_share,
-            prefix=self._prefix_root,
-            clock=self._clock,
+        name = _check_name("child name", name)
+        backend = RedisBackend.__new__(RedisBackend)
+        backend._setup(
+            self._link,
+            f"{self.namespace}.{name}",
+            self._prefix_root,
+            self._lease_ttl_s,
+            self._policy,
+            self._local_share,
+            self._server_time,
         )
-        backend._owns_client = False
-        backend._where = self._where
+        backend._is_root = False
         self._children.append(backend)
         return backend
 
     async def publish_tier(self, tier: str) -> None:
-        """Tell every pod of the account that it is now on `tier` (and remember it)."""
-        async with self._client.pipeline(transaction=True) as pipe:
-            pipe.set(f"{self._prefix}:tier", tier)
-            pipe.publish(self._channel, f"tier:{tier}")
-            await pipe.execute()
+        """Tell every pod of the account that it is now on `tier` (and remember it).
+
+        While Redis is down: `BackendUnavailableError` when failing closed;
+        otherwise it is sent once Redis answers again (a warning says so).
+        """
+        self._enter()
+        link = self._link
+        remember = ("SET", f"{self._prefix}:tier", tier)
+        announce = ("PUBLISH", self._channel, f"tier:{tier}")
+        try:
+            await link.call(remember, abortable=True)
+            await link.call(announce, abortable=True)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
+            if self._policy == "fail_closed":
+                raise self._unavailable_error() from None
+            _log.warning(
+                "Redis at %s is unreachable: tier %r of namespace %r is published once it "
+                "answers again",
+                link.where,
+                tier,
+                self.namespace,
+            )
+            link.defer(("tier", self._prefix), remember, None)
+            link.defer(("tier notice", self._prefix), announce, None)
+            return
+        link.mark_up()
 
     async def shared_tier(self) -> str | None:
-        """The tier the account's pods last agreed on, if any was published."""
-        value = await self._client.get(f"{self._prefix}:tier")
+        """The tier the account's pods last agreed on, if any was published.
+
+        While Redis is down: `BackendUnavailableError` when failing closed, else None.
+        """
+        self._enter()
+        link = self._link
+        try:
+            value = await link.call(("GET", f"{self._prefix}:tier"), abortable=True)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
+            if self._policy == "fail_closed":
+                raise self._unavailable_error() from None
+            return None
+        link.mark_up()
         return None if value is None else _text(value)
 
     def on_tier(self, callback: Callable[[str], None]) -> None:
         """Call `callback(tier)` when another pod publishes a tier change."""
         self._tier_callbacks.append(callback)
 
-    def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        return self._listeners.add(listener)
-
     # -- background: lease renewal and release notices ----------------------------------
 
     def _start(self, *, renew: bool) -> None:
+        if self._link.closing:
+            return
         if renew and (self._renewer is None or self._renewer.done()):
-            self._renewer = self._spawn(self._renew_loop())
+            self._renewer = self._link.spawn(self._renew_loop())
         wanted = self._listeners or self._tier_callbacks
         if wanted and (self._subscriber is None or self._subscriber.done()):
-            self._subscriber = self._spawn(self._listen_loop())
+            self._subscriber = self._link.spawn(self._listen_loop())
 
-    def _spawn(self, coroutine: Any) -> asyncio.Task[None]:
-        task = asyncio.get_running_loop().create_task(coroutine)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return task
+    def _leases_to_renew(self) -> list[tuple[_Binding, list[str]]]:
+        """The leases of grants still held, by binding; forgets dropped and settled ones."""
+        by_binding: dict[int, tuple[_Binding, list[str]]] = {}
+        for lease_id, (ref, binding) in list(self._live.items()):
+            grant = ref()
+            if grant is None or grant.settled:
+                # Dropped without a settle: no longer renewed, its lease lapses.
+                del self._live[lease_id]
+                continue
+            by_binding.setdefault(id(binding), (binding, []))[1].append(lease_id)
+        return list(by_binding.values())
 
     async def _renew_loop(self) -> None:
-        while self._live:
+        link = self._link
+        while self._live and not link.closing:
             await asyncio.sleep(self._lease_ttl_s / 3)
-            by_binding: dict[int, tuple[_Binding, list[str]]] = {}
-            for lease_id, binding in list(self._live.items()):
-                by_binding.setdefault(id(binding), (binding, []))[1].append(lease_id)
-            for binding, lease_ids in by_binding.values():
-                args = [
-                    self._now_arg(),
-                    repr(self._lease_ttl_s),
-                    str(self._key_ttl_ms(binding)),
-                    *lease_ids,
-                ]
+            for binding, lease_ids in self._leases_to_renew():
+                _raise_if_cancelled()
+                command = RENEW.evalsha(
+                    binding.keys,
+                    [
+                        self._clock_arg(),
+                        str(binding.key_ttl_ms),
+                        repr(self._lease_ttl_s),
+                        *lease_ids,
+                    ],
+                )
                 try:
-                    await RENEW.run(self._client, binding.keys, args)
-                except _UNREACHABLE as exc:
-                    self._mark_down(exc)
+                    await link.call(command, RENEW, abortable=False)
+                except Exception as exc:
+                    if _is_outage(exc):
+                        link.mark_down(exc)
+                    else:
+                        _log.warning("renewing %d Redis leases failed: %r", len(lease_ids), exc)
+                else:
+                    link.mark_up()
 
     async def _listen_loop(self) -> None:
-        while (self._listeners or self._tier_callbacks) and not self._closing:
-            pubsub = self._client.pubsub()
+        link = self._link
+        while (self._listeners or self._tier_callbacks) and not link.closing:
+            pubsub = link.client.pubsub()
             try:
-                await pubsub.subscribe(self._channel)
-                while not self._closing:
+                async with asyncio.timeout(link.command_timeout_s):
+                    await pubsub.subscribe(self._channel)
+                while not link.closing:
+                    _raise_if_cancelled()
                     # A bounded wait, so that closing never depends on a message.
                     message = await pubsub.get_message(
                         ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
                     )
                     if message is not None and message.get("type") == "message":
                         self._dispatch(_text(message.get("data", b"")))
-            except _UNREACHABLE:
+            except Exception as exc:
+                if not _is_outage(exc) and not isinstance(exc, MaxConnectionsError):
+                    _log.warning("the Redis release listener failed: %r", exc)
                 await asyncio.sleep(_BACKOFF_S[-1])
             finally:
-                with anyio.move_on_after(1.0, shield=True):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                try:
+                    async with asyncio.timeout(1.0):
+                        await asyncio.shield(pubsub.aclose())  # type: ignore[no-untyped-call]
+                except Exception:  # best effort: the connection goes either way
+                    pass
 
     def _dispatch(self, data: str) -> None:
-        if data.startswith("tier:"):
-            for callback in list(self._tier_callbacks):
-                callback(data[len("tier:") :])
-        else:
-            self._listeners.notify()
+        """A notice on the account's channel: a tier published, or a release."""
+        try:
+            if data.startswith("tier:"):
+                for callback in list(self._tier_callbacks):
+                    callback(data[len("tier:") :])
+            else:
+                self._listeners.notify()
+        except Exception:
+            # Someone else's callback: logged, and the listener goes on listening.
+            _log.exception("a callback of a Redis notice failed (%r)", data)
 
     async def aclose(self) -> None:
-        """Stop the background tasks (within a few seconds at most) and close the client."""
-        self._closing = True
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks, timeout=_CLOSE_WAIT_S)
+        """Stop the background work (within a few seconds), sending settles still on
+        their way, and close the client if it was built from a URL.
+
+        Raises an `ExceptionGroup` of background failures nothing else reported.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        link = self._link
+        if link.loop is None or link.loop.is_closed():
+            # Never used, or its loop is gone (and its connections with it).
+            if self._is_root:
+                link.closing = link.closed = True
+                if link.loop is None and link.owns_client:
+                    await link.client.aclose()
+            return
+        link.enter(self)
         for child in self._children:
             await child.aclose()
-        if self._owns_client:
-            await self._client.aclose()
+        for task in (self._renewer, self._subscriber):
+            if task is not None:
+                task.cancel()
+        if not self._is_root:
+            return
+        await link.aclose()
+        if link.errors:
+            errors, link.errors = link.errors, []
+            raise ExceptionGroup("ratekit's Redis background work failed", errors)
 
     # -- Redis unreachable ----------------------------------------------------------------
 
-    def _reachable(self) -> bool:
-        return self._failures == 0 or time.monotonic() >= self._retry_at
-
-    def _mark_down(self, exc: BaseException) -> None:
-        self._last_error = type(exc).__name__
-        if self._failures and time.monotonic() < self._retry_at:
-            return  # another call of the same outage: one failure per retry
-        delay = _BACKOFF_S[min(self._failures, len(_BACKOFF_S) - 1)]
-        self._failures += 1
-        self._retry_at = time.monotonic() + delay
-
-    def _mark_up(self) -> None:
-        self._failures = 0
-
-    async def _flush_pending(self) -> None:
-        while self._pending:
-            keys, args = self._pending[0]
-            await SETTLE.run(self._client, keys, args)
-            self._pending.pop(0)
-
     def _unavailable_error(self) -> BackendUnavailableError:
         return BackendUnavailableError(
-            f"redis at {self._where} is unreachable ({self._last_error}); "
+            f"redis at {self._link.where} is unreachable ({self._link.last_error}); "
             f"namespace {self.namespace!r}, policy {self._policy}"
         )
 
-    def _reserve_unavailable(
-        self, limits: Limits, demand: Demand, binding: _Binding
-    ) -> Grant | Refusal:
+    def _reserve_unavailable(self, limits: Limits, demand: Demand, now: Instant) -> Grant | Refusal:
         if self._policy == "fail_closed":
             raise self._unavailable_error()
         if self._policy == "fail_open":
             return RedisGrant(None, demand, "", [])
         local_limits = self._local_limits(limits)
-        outcome = self._fallback.reserve_now(local_limits, demand, self._fallback.clock.now())
+        outcome = self._fallback.reserve_now(local_limits, demand, now.mono, now.wall)
         if isinstance(outcome, Refusal):
             # Redis may be back before the local hint: retry no later than the backoff.
-            wait_s = min(outcome.wait_s, max(self._retry_at - time.monotonic(), 0.0))
+            wait_s = min(outcome.wait_s, max(self._link.retry_at - time.monotonic(), 0.0))
             return Refusal(wait_s, outcome.dimension)
         return RedisGrant(None, demand, "", [], local=outcome)
 

@@ -1,16 +1,18 @@
 -- reserve: admit one demand on the concurrency cap and every window at once, or on
 -- none, and say how long to wait. One round trip per admission.
 --
--- KEYS[1]      leases: sorted set, lease id -> expiry (s); one lease per call in flight
--- KEYS[1 + i]  window i (see _window.lua)
--- KEYS[n + 2]  waiting: until when some caller is known to wait (s); settles publish
+-- KEYS[1]      leases: sorted set, lease id -> expiry (s, account clock); one lease
+--              per call in flight
+-- KEYS[1 + i]  window i, KEYS[1 + n + i] its holds (see _window.lua)
+-- KEYS[2n + 2] waiting: until when some caller is known to wait (s); settles publish
 --              their release only while someone waits
--- KEYS[n + 3]  cooldown: until when the account is paused after a provider's 429 (s)
--- ARGV[1]      now (s), or "" for the server's TIME
--- ARGV[2]      concurrency cap, or "" for none
--- ARGV[3]      lease id of this admission
--- ARGV[4]      lease ttl (s): a holder that stops renewing frees its slot after this
--- ARGV[5]      key ttl (ms): how long an idle account's keys outlive their last write
+-- KEYS[2n + 3] cooldown: until when the account is paused after a provider's 429 (s)
+-- KEYS[2n + 4] clock: the account's clock (see account_clock)
+-- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
+-- ARGV[2]      key ttl (ms): how long an idle account's keys outlive their last write
+-- ARGV[3]      concurrency cap, or "" for none
+-- ARGV[4]      lease id of this admission
+-- ARGV[5]      lease ttl (s): a holder that stops renewing frees its slot after this
 -- ARGV[6]      window specs (see parse_specs)
 -- ARGV[7]      the demand: "requests tokens cost"
 -- Returns {1, now, slice index per window} when admitted, or
@@ -19,23 +21,24 @@
 --         A wait that only a release can end is bounded by the oldest lease: a holder
 --         that died frees its slot and holds when that lease lapses.
 
-local now = server_now(ARGV[1])
-local cap = tonumber(ARGV[2])
-local lease_id = ARGV[3]
-local lease_ttl_s = tonumber(ARGV[4])
-local key_ttl_ms = tonumber(ARGV[5])
-local windows = parse_specs(ARGV[6])
+local n = (#KEYS - 4) / 2
+local key_ttl_ms = tonumber(ARGV[2])
+local now, wall = account_clock(KEYS[2 * n + 4], ARGV[1], key_ttl_ms)
+local cap = tonumber(ARGV[3])
+local lease_id = ARGV[4]
+local lease_ttl_s = tonumber(ARGV[5])
+local windows = parse_specs(ARGV[6], now, wall, key_ttl_ms)
 local demand = parse_amounts(ARGV[7])
-local n = #windows
 local leases = KEYS[1]
-local waiting = KEYS[n + 2]
+local waiting = KEYS[2 * n + 2]
+sync_calendars(windows)
 
 -- Leases that lapsed belong to holders that died: free their slots and holds.
 local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
 if #dead > 0 then
   for i = 1, n do
     for _, id in ipairs(dead) do
-      redis.call('HDEL', KEYS[1 + i], 'h:' .. id)
+      unhold(windows[i], id)
     end
   end
   redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
@@ -58,7 +61,7 @@ local function refuse(wait, dimension)
   return {0, fmt(wait), dimension}
 end
 
-local paused_until = tonumber(redis.call('GET', KEYS[n + 3]))
+local paused_until = tonumber(redis.call('GET', KEYS[2 * n + 3]))
 if paused_until and now < paused_until then
   return refuse(paused_until - now, -1)
 end
@@ -72,8 +75,8 @@ for i = 1, n do
   local w = windows[i]
   w.amount = demand[w.position]
   if w.amount > 0 then
-    load(w, now)
-    local wait = wait_s(w, now, w.amount)
+    load(w)
+    local wait = wait_s(w, w.amount)
     if wait > worst_s then
       worst_s, worst = wait, i
     end
@@ -88,13 +91,13 @@ for i = 1, n do
   local w = windows[i]
   if w.amount > 0 then
     if w.take == 0 then
-      record(w, now, w.amount)
+      record(w, w.amount)
     else
-      redis.call('HSET', w.key, 'h:' .. lease_id, fmt(w.amount))
+      hold(w, lease_id, w.amount)
     end
     redis.call('PEXPIRE', w.key, key_ttl_ms)
   end
-  reply[#reply + 1] = fmt(slice_index(w, now))
+  reply[#reply + 1] = fmt(slice_index(w))
 end
 redis.call('ZADD', leases, now + lease_ttl_s, lease_id)
 redis.call('PEXPIRE', leases, key_ttl_ms)

@@ -2,51 +2,60 @@
 -- back), free its lease and announce the release. One round trip.
 --
 -- KEYS[1]      leases (see reserve.lua)
--- KEYS[1 + i]  window i (see _window.lua)
--- KEYS[n + 2]  waiting (see reserve.lua)
--- ARGV[1]      now (s), or "" for the server's TIME
--- ARGV[2]      lease id
--- ARGV[3]      channel to publish the release on
--- ARGV[4]      1 to refund (the call was never sent), 0 to settle
--- ARGV[5]      window specs (see parse_specs)
--- ARGV[6]      what was reserved: "requests tokens cost"
--- ARGV[7]      what was really used: "requests tokens cost"
--- ARGV[8]      the slice index of the admission per window, apart by spaces
+-- KEYS[1 + i]  window i, KEYS[1 + n + i] its holds (see _window.lua)
+-- KEYS[2n + 2] waiting (see reserve.lua)
+-- KEYS[2n + 3] cooldown (unused here)
+-- KEYS[2n + 4] clock (see account_clock)
+-- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
+-- ARGV[2]      key ttl (ms), for the clock key and a new day's window
+-- ARGV[3]      lease id
+-- ARGV[4]      channel to publish the release on
+-- ARGV[5]      1 to refund (the call was never sent), 0 to settle
+-- ARGV[6]      window specs (see parse_specs)
+-- ARGV[7]      what was reserved: "requests tokens cost"
+-- ARGV[8]      what was really used: "requests tokens cost"
+-- ARGV[9]      the slice index of the admission per window, apart by spaces
 -- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed).
 
-local now = server_now(ARGV[1])
-local lease_id = ARGV[2]
-local refunding = ARGV[4] == '1'
-local windows = parse_specs(ARGV[5])
-local reserved = parse_amounts(ARGV[6])
-local used = parse_amounts(ARGV[7])
-local indexes = parse_amounts(ARGV[8])
-local n = #windows
+local n = (#KEYS - 4) / 2
+local key_ttl_ms = tonumber(ARGV[2])
+local now, wall = account_clock(KEYS[2 * n + 4], ARGV[1], key_ttl_ms)
+local lease_id = ARGV[3]
+local refunding = ARGV[5] == '1'
+local windows = parse_specs(ARGV[6], now, wall, key_ttl_ms)
+local reserved = parse_amounts(ARGV[7])
+local used = parse_amounts(ARGV[8])
+local indexes = parse_amounts(ARGV[9])
+sync_calendars(windows)
 
+-- A refund takes back what was recorded only while the lease is live: a lease
+-- already gone was settled before (this settle is sent again after its reply was
+-- lost) or lapsed, and what it recorded stays counted (never less than was sent).
 local live = redis.call('ZREM', KEYS[1], lease_id)
 for i = 1, n do
   local w = windows[i]
   local amount, real, index = reserved[w.position], used[w.position], indexes[i]
   if w.take == 0 then
-    if refunding and amount > 0 then
-      refund(w, now, index, amount)
+    if refunding and amount > 0 and live == 1 then
+      refund(w, index, amount)
     end
   elseif amount > 0 or real > 0 then
-    redis.call('HDEL', w.key, 'h:' .. lease_id)
+    -- Held (also an estimate of 0): the real usage is recorded now, as the provider does.
+    unhold(w, lease_id)
     if not refunding then
       if w.take == 2 and amount > real then
         -- Until the admission's slice expires count max(reserved, real): the
         -- remainder there, the real usage now.
-        add_to_slice(w, now, index, amount - real)
+        add_to_slice(w, index, amount - real)
       end
-      record(w, now, real)
+      record(w, real)
     end
   end
 end
--- No PEXPIRE here: reserve gave every key a ttl of a period, a slice, the margin
--- and two leases, and holders renew it while their calls are in flight.
+-- No PEXPIRE of the windows here: reserve gave every key a ttl of a period, a slice,
+-- the margin and two leases, and holders renew it while their calls are in flight.
 -- Announce the release only while some caller waits: nobody listens otherwise.
-if now < (tonumber(redis.call('GET', KEYS[n + 2])) or 0) then
-  redis.call('PUBLISH', ARGV[3], lease_id)
+if now < (tonumber(redis.call('GET', KEYS[2 * n + 2])) or 0) then
+  redis.call('PUBLISH', ARGV[4], lease_id)
 end
 return live

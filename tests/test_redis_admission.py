@@ -1,0 +1,846 @@
+"""One admission on Redis, owned end to end (issue 9), through the Backend protocol.
+
+A healthy Redis is never reported down however many callers wait; every call is
+cancellable and a cancelled reserve never admits nor counts; a dropped grant's
+slot comes back; background failures are surfaced; time never goes back and a
+calendar day is right across a daylight-saving change; a second event loop gets
+a clear error; the shared tier follows the outage policy. Real-time parts run on
+compressed periods with generous bounds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import gc
+import json
+import logging
+import math
+import random
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import fakeredis
+import pytest
+import trio
+from fakeredis.commands_mixins import server_mixin
+from redis.asyncio import Redis
+
+import ratekit
+from ratekit import FakeClock, Instant, Limits, Rate, TokenCounting
+from ratekit.backends import Demand, Refusal
+from ratekit.backends._base import SharedAccount
+from ratekit.backends._scripts import SETTLE
+from ratekit.backends.memory import MemoryBackend
+from ratekit.backends.redis import RedisBackend, RedisGrant, zone_transition
+
+from .redis_server import RedisServer, require_redis_server
+
+pytestmark = pytest.mark.anyio
+
+ONE = Demand(1, 0, 0)
+ROOT = Path(__file__).resolve().parent.parent
+NEW_YORK = ZoneInfo("America/New_York")
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"  # redis-py's client is asyncio only
+
+
+@pytest.fixture
+def fresh_server() -> Iterator[RedisServer]:
+    """A redis-server of this test alone, so that its client and command counts are exact."""
+    server = RedisServer(require_redis_server())
+    server.start()
+    yield server
+    server.stop()
+
+
+def now() -> Instant:
+    return Instant(time.monotonic(), time.time())
+
+
+def at(clock: FakeClock) -> Instant:
+    return Instant(clock.now(), clock.wall())
+
+
+def namespace() -> str:
+    return f"adm-{uuid.uuid4().hex[:12]}"
+
+
+async def statistics(
+    backend: Any, limits: Limits, instant: Instant | None = None
+) -> dict[str, Any]:
+    return {d.name: d for d in await backend.statistics(limits, instant or now())}
+
+
+class GatedRedis(fakeredis.FakeAsyncRedis):
+    """A client whose script replies are held back until `gate` opens: the server has
+    already run the script (`executed` says so), the caller has not heard yet."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.gate = asyncio.Event()
+        self.executed = asyncio.Event()
+
+    async def execute_command(self, *args: Any, **options: Any) -> Any:
+        reply = await super().execute_command(*args, **options)
+        if args[0] == "EVALSHA":
+            self.executed.set()
+            await self.gate.wait()
+        return reply
+
+    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
+        inner = super().pipeline(transaction=transaction, shard_hint=shard_hint)
+        execute = inner.execute
+
+        async def held(raise_on_error: bool = True) -> Any:
+            replies = await execute(raise_on_error=raise_on_error)
+            self.executed.set()
+            await self.gate.wait()
+            return replies
+
+        inner.execute = held  # type: ignore[method-assign]
+        return inner
+
+
+@pytest.fixture
+async def silent_server() -> AsyncIterator[int]:
+    """A TCP server that accepts connections and never answers: a hung Redis."""
+
+    async def swallow(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await reader.read(65536):
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(swallow, "127.0.0.1", 0)
+    yield server.sockets[0].getsockname()[1]
+    server.close()
+
+
+# -- a busy Redis is not a down Redis ----------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("callers", [300, 10_000])
+async def test_gathered_callers_on_a_healthy_redis_see_no_error(
+    fresh_server: RedisServer, callers: int
+) -> None:
+    """300 and 10,000 reserve+settle gathered at once on one healthy redis-server, failing
+    closed: zero errors, a handful of connections, one EVALSHA per admission and one per
+    settle."""
+    client = Redis.from_url(fresh_server.url)  # the default pool: 100 connections
+    # Leases long enough that no renewal falls within the burst (it would be counted).
+    backend = RedisBackend(client, namespace=namespace(), lease_ttl_s=60.0)
+    limits = Limits(concurrency=100_000, rpm=10**7, tpm=10**9)
+    probe = Redis.from_url(fresh_server.url)
+    errors: list[BaseException | Refusal] = []
+    most_clients = 0
+    done = asyncio.Event()
+
+    async def call() -> None:
+        try:
+            grant = await backend.reserve(limits, Demand(1, 100, 0), now())
+            if isinstance(grant, Refusal):
+                errors.append(grant)
+                return
+            await backend.settle(limits, grant, Demand(1, 80, 0), now())
+        except Exception as exc:
+            errors.append(exc)
+
+    async def sample() -> None:
+        nonlocal most_clients
+        while not done.is_set():
+            info = await probe.info("clients")
+            most_clients = max(most_clients, int(info["connected_clients"]) - 1)  # not the probe
+            await asyncio.sleep(0.01)
+
+    try:
+        # Scripts loaded and counters reset: the burst's own commands are counted.
+        await call()
+        await statistics(backend, limits)
+        await probe.config_resetstat()
+        sampler = asyncio.create_task(sample())
+        started = time.monotonic()
+        await asyncio.gather(*(call() for _ in range(callers)))
+        took_s = time.monotonic() - started
+        done.set()
+        await sampler
+        stats = await statistics(backend, limits)
+        evalsha = (await probe.info("commandstats"))["cmdstat_evalsha"]["calls"]
+    finally:
+        await backend.aclose()
+        await client.aclose()
+        await probe.aclose()
+    print(
+        f"\n{callers} gathered: {len(errors)} errors in {took_s:.2f} s, at most "
+        f"{most_clients} client connections, {evalsha} EVALSHA"
+    )
+    assert errors == []
+    assert stats["rpm"].used == callers + 1
+    assert stats["tpm"].used == 100 * (callers + 1)  # "safe": the larger of estimate and use
+    assert stats["concurrency"].used == 0
+    assert most_clients <= 8
+    assert evalsha == 2 * callers + 1  # + the statistics
+    assert took_s < 20
+
+
+# One process of test_four_processes_of_gathered_callers: argv is url, namespace, callers.
+_WORKER = """
+import asyncio, json, sys, time
+from ratekit import Instant, Limits
+from ratekit.backends import Demand, Refusal
+from ratekit.backends.redis import RedisBackend
+
+async def main(url, namespace, callers):
+    backend = RedisBackend(url, namespace=namespace, lease_ttl_s=60.0)
+    limits = Limits(concurrency=100_000, rpm=10**7, tpm=10**9)
+    errors = []
+
+    async def call():
+        try:
+            now = Instant(time.monotonic(), time.time())
+            grant = await backend.reserve(limits, Demand(1, 100, 0), now)
+            if isinstance(grant, Refusal):
+                errors.append(repr(grant))
+                return
+            await backend.settle(limits, grant, Demand(1, 80, 0), now)
+        except Exception as exc:
+            errors.append(repr(exc))
+
+    started = time.monotonic()
+    await asyncio.gather(*(call() for _ in range(callers)))
+    took_s = time.monotonic() - started
+    await backend.aclose()
+    print(json.dumps({"errors": errors, "took_s": took_s}))
+
+asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3])))
+"""
+
+
+def _start_worker(url: str, account: str, callers: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-c", _WORKER, url, account, str(callers)],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.mark.redis
+async def test_four_processes_of_gathered_callers(fresh_server: RedisServer) -> None:
+    """10,000 reserve+settle over four processes gathered at once on one redis-server:
+    zero errors, every one counted."""
+    account = namespace()
+    processes = [_start_worker(fresh_server.url, account, 2500) for _ in range(4)]
+    reports = []
+    for process in processes:
+        stdout, stderr = await asyncio.to_thread(process.communicate, timeout=60)
+        assert process.returncode == 0, stderr
+        reports.append(json.loads(stdout.splitlines()[-1]))
+    backend = RedisBackend(fresh_server.url, namespace=account)
+    stats = await statistics(backend, Limits(concurrency=100_000, rpm=10**7, tpm=10**9))
+    await backend.aclose()
+    took = ", ".join(f"{report['took_s']:.2f} s" for report in reports)
+    print(f"\nfour processes of 2,500 gathered callers: took {took}")
+    assert [report["errors"] for report in reports] == [[]] * 4
+    assert stats["rpm"].used == 10_000
+    assert stats["concurrency"].used == 0
+
+
+async def test_a_small_pool_is_waited_for_never_an_outage() -> None:
+    """With a pool of 2 connections, 300 gathered callers all get through."""
+    client = fakeredis.FakeAsyncRedis(max_connections=2)
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(rpm=10**6)
+    grants = await asyncio.gather(*(backend.reserve(limits, ONE, now()) for _ in range(300)))
+    assert all(isinstance(grant, RedisGrant) for grant in grants)
+    assert backend._link.failures == 0
+    await backend.aclose()
+
+
+async def test_a_pool_exhausted_by_someone_else_is_waited_for() -> None:
+    """Connections held by other users of the client make a reserve wait, not fail."""
+    client = fakeredis.FakeAsyncRedis(max_connections=1)
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(rpm=10)
+    taken = await client.connection_pool.get_connection()  # someone else's call
+    reserve = asyncio.create_task(backend.reserve(limits, ONE, now()))
+    await asyncio.sleep(0.2)
+    assert not reserve.done()  # waiting for the connection, not failed
+    await client.connection_pool.release(taken)
+    grant = await asyncio.wait_for(reserve, 2)
+    assert isinstance(grant, RedisGrant)
+    assert backend._link.failures == 0
+    await backend.aclose()
+
+
+# -- every call is cancellable -------------------------------------------------------
+
+
+async def test_a_hung_server_is_cancellable_and_then_counts_as_down(silent_server: int) -> None:
+    """A user-built client with no socket timeout against a server that never answers:
+    the caller's deadline ends the reserve at once, and on its own the command times
+    out, a PING gets no answer either, and it counts as an outage (fail_closed raises)."""
+    client = Redis(host="127.0.0.1", port=silent_server)  # no socket timeout
+    backend = RedisBackend(client, namespace=namespace(), command_timeout_s=0.5)
+    limits = Limits(rpm=10)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(0.2):
+            await backend.reserve(limits, ONE, now())
+    cancelled_after_s = time.monotonic() - started
+    await backend.aclose()
+    backend = RedisBackend(client, namespace=namespace(), command_timeout_s=0.5)
+    started = time.monotonic()
+    with pytest.raises(ratekit.BackendUnavailableError):
+        await backend.reserve(limits, ONE, now())
+    down_after_s = time.monotonic() - started
+    print(
+        f"\nhung server: cancelled after {cancelled_after_s:.3f} s, down after {down_after_s:.3f} s"
+    )
+    assert cancelled_after_s < 0.5
+    # One timeout for the command, one for a PING that tells slow from gone.
+    assert 0.9 < down_after_s < 2.5
+    await backend.aclose()
+    await client.aclose()
+
+
+async def test_callers_waiting_behind_a_hung_server_fail_over_together(
+    silent_server: int,
+) -> None:
+    """300 callers queued on a hung server all fall back (local policy) within about one
+    command timeout (and its PING), not one timeout each."""
+    client = Redis(host="127.0.0.1", port=silent_server)
+    backend = RedisBackend(
+        client, namespace=namespace(), command_timeout_s=0.3, on_unavailable="local"
+    )
+    limits = Limits(rpm=10**6)
+    started = time.monotonic()
+    outcomes = await asyncio.gather(*(backend.reserve(limits, ONE, now()) for _ in range(300)))
+    took_s = time.monotonic() - started
+    assert all(isinstance(outcome, RedisGrant) and outcome.local for outcome in outcomes)
+    assert took_s < 1.5
+    await backend.aclose()
+    await client.aclose()
+
+
+async def test_a_grant_that_arrives_after_its_caller_left_is_handed_back() -> None:
+    """The server admitted, the caller was cancelled before hearing: the backend refunds
+    the grant, so it neither holds a slot nor counts."""
+    client = GatedRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=1, rpm=100)
+    reserve = asyncio.create_task(backend.reserve(limits, ONE, now()))
+    await client.executed.wait()  # admitted on the server
+    reserve.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await reserve
+    client.gate.set()
+    await asyncio.sleep(0.05)  # the refund is sent in the background
+    stats = await statistics(backend, limits)
+    assert stats["concurrency"].used == 0
+    assert stats["rpm"].used == 0
+    assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+    await backend.aclose()
+
+
+async def test_a_cancel_arriving_with_the_reply_is_never_lost() -> None:
+    """A cancel delivered in the very step the reply arrives (what Python 3.11's
+    wait_for can swallow): the caller is cancelled, and the grant handed back."""
+    client = GatedRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=1, rpm=100)
+    outcomes: list[str] = []
+    for _ in range(30):
+        client.gate.clear()
+        client.executed.clear()
+        reserve = asyncio.create_task(backend.reserve(limits, ONE, now()))
+        await client.executed.wait()
+        client.gate.set()
+        reserve.cancel()
+        try:
+            grant = await reserve
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+        else:
+            outcomes.append("granted")
+            await backend.settle(limits, grant, None, now())
+        await asyncio.sleep(0.01)
+        stats = await statistics(backend, limits)
+        assert stats["concurrency"].used == 0
+        assert stats["rpm"].used == 0
+    assert outcomes == ["cancelled"] * 30
+    await backend.aclose()
+
+
+@pytest.mark.redis
+async def test_a_cancellation_storm_never_admits_a_cancelled_caller(
+    redis_server: RedisServer,
+) -> None:
+    """500 reserves cancelled at random instants on a real server, before, during and
+    after their round trip: every grant a caller received is counted once, and nothing
+    a cancelled caller was given is held or counted."""
+    client = Redis.from_url(redis_server.url)
+    backend = RedisBackend(client, namespace=namespace(), lease_ttl_s=30.0)
+    limits = Limits(concurrency=40, rpm=10**6)
+    await statistics(backend, limits)  # scripts loaded
+    rng = random.Random(9)
+    outcomes: list[str] = []
+    late_grants = 0
+    refund_orphan = backend._refund_orphan
+
+    def spy(binding: Any, demand: Demand, lease_id: str, future: Any) -> None:
+        nonlocal late_grants
+        if not future.cancelled() and future.exception() is None and int(future.result()[0]):
+            late_grants += 1
+        refund_orphan(binding, demand, lease_id, future)
+
+    backend._refund_orphan = spy  # type: ignore[method-assign]
+
+    async def caller() -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        asyncio.get_running_loop().call_later(rng.uniform(0, 0.06), task.cancel)
+        try:
+            grant = await backend.reserve(limits, ONE, now())
+        except asyncio.CancelledError:
+            outcomes.append("cancelled")
+            return
+        if isinstance(grant, Refusal):
+            outcomes.append("refused")
+            return
+        outcomes.append("granted")
+        with contextlib.suppress(asyncio.CancelledError):
+            await backend.settle(limits, grant, ONE, now())  # the call was made
+
+    try:
+        await asyncio.gather(*(caller() for _ in range(500)))
+        await asyncio.sleep(0.2)  # late refunds
+        stats = await statistics(backend, limits)
+    finally:
+        await backend.aclose()
+        await client.aclose()
+    counts = {kind: outcomes.count(kind) for kind in ("granted", "refused", "cancelled")}
+    print(f"\nstorm: {counts}, {late_grants} granted after their caller left (refunded)")
+    assert stats["concurrency"].used == 0
+    assert stats["rpm"].used == counts["granted"]
+    assert counts["cancelled"] > 0
+
+
+# -- dropped grants ------------------------------------------------------------------
+
+
+async def test_an_abandoned_grant_frees_its_slot_at_once() -> None:
+    """`abandon` (the limiter's hand-back of a dropped admission) settles in the
+    background: the slot is free within moments, long before the lease would lapse."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace(), lease_ttl_s=30.0)
+    limits = Limits(concurrency=1, rpm=100)
+    grant = await backend.reserve(limits, ONE, now())
+    backend.abandon(limits, grant, None, now())
+    await asyncio.sleep(0.05)
+    stats = await statistics(backend, limits)
+    assert stats["concurrency"].used == 0
+    assert stats["rpm"].used == 0  # abandoned unsent: refunded
+    assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+    await backend.aclose()
+
+
+async def test_a_dropped_grant_stops_being_renewed_and_its_lease_lapses() -> None:
+    """A grant nobody holds any more is not renewed: its slot comes back when its lease
+    lapses. A grant still held keeps its slot however long."""
+    lease_ttl_s = 0.3
+    backend = RedisBackend(
+        fakeredis.FakeAsyncRedis(), namespace=namespace(), lease_ttl_s=lease_ttl_s
+    )
+    limits = Limits(concurrency=1, rpm=10_000)
+    held = await backend.reserve(limits, ONE, now())
+    await asyncio.sleep(3 * lease_ttl_s)  # renewed all along
+    assert isinstance(await backend.reserve(limits, ONE, now()), Refusal)
+    await backend.settle(limits, held, ONE, now())
+
+    dropped: Any = await backend.reserve(limits, ONE, now())
+    assert isinstance(dropped, RedisGrant)
+    dropped_at = time.monotonic()
+    del dropped
+    gc.collect()
+    while isinstance(await backend.reserve(limits, ONE, now()), Refusal):
+        assert time.monotonic() - dropped_at < 3 * lease_ttl_s, "a dropped grant's slot is held"
+        await asyncio.sleep(0.02)
+    back_after_s = time.monotonic() - dropped_at
+    print(f"\ndropped grant: slot back after {back_after_s:.3f} s (lease {lease_ttl_s} s)")
+    assert back_after_s >= lease_ttl_s * 0.9
+    await asyncio.sleep(lease_ttl_s / 2)  # a renewal pass forgets the grants nobody holds
+    assert [lease for lease, (ref, _) in backend._live.items() if ref() is None] == []
+    await backend.aclose()
+
+
+# -- background work -------------------------------------------------------------------
+
+
+async def test_a_queued_write_that_redis_refuses_is_dropped_and_harms_nothing(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A settle replayed after an outage that fails for a non-network reason is dropped
+    with a warning; the writes after it and every later reserve go through."""
+    server = fakeredis.FakeServer()
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace=namespace())
+    limits = Limits(tpm=1000, token_counting=TokenCounting.USAGE)
+    grant = await backend.reserve(limits, Demand(1, 500, 0), now())
+    server.connected = False
+    backend._link.defer("bogus", ("NOSUCHCOMMAND",), None)
+    await backend.settle(limits, grant, Demand(1, 300, 0), now())  # kept for later
+    server.connected = True
+    backend._link.retry_at = 0.0
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        for _ in range(3):
+            assert isinstance(await backend.reserve(limits, Demand(1, 1, 0), now()), RedisGrant)
+            await asyncio.sleep(0.05)
+    assert "dropped a queued Redis write ('bogus')" in caplog.text
+    assert not backend._link.pending
+    stats = await statistics(backend, limits)
+    assert stats["tpm"].used == 300 + 3  # the settle after the bogus write went through
+    await backend.aclose()
+
+
+async def test_a_failure_in_the_background_is_logged_and_raised_at_close(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Background work that fails unexpectedly is logged at once and raised by aclose."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    await backend.reserve(Limits(rpm=10), ONE, now())
+
+    async def broken() -> None:
+        raise RuntimeError("a bug")
+
+    with caplog.at_level(logging.ERROR, logger="ratekit.redis"):
+        backend._link.spawn(broken())
+        await asyncio.sleep(0)
+        await asyncio.sleep(0)
+    assert "background work failed" in caplog.text
+    with pytest.raises(ExceptionGroup) as caught:
+        await backend.aclose()
+    assert [str(e) for e in caught.value.exceptions] == ["a bug"]
+
+
+# -- time -----------------------------------------------------------------------------
+
+
+class SteppableTime:
+    """Stands in for the `time` module of fakeredis's TIME command: a server clock that
+    an operator can step."""
+
+    def __init__(self) -> None:
+        self.offset_s = 0.0
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+
+async def test_a_server_clock_stepped_back_stalls_neither_pacing_nor_windows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """TIME stepped back an hour: pacing goes on one per spacing and a full window frees
+    up a period later, as if nothing had happened (the account's clock never goes back)."""
+    server_time = SteppableTime()
+    monkeypatch.setattr(server_mixin, "time", server_time)
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    paced = Limits(rates=(Rate(60, 6.0, "requests", name="paced"),), pacing=True)  # 1 / 0.1 s
+    # The schedule may lag by one spacing: two at once, then one per 0.1 s.
+    while isinstance(first := await backend.reserve(paced, ONE, now()), RedisGrant):
+        pass
+    assert isinstance(first, Refusal)
+    assert 0 < first.wait_s <= 0.1
+    server_time.offset_s -= 3600
+    refusal = await backend.reserve(paced, ONE, now())
+    assert isinstance(refusal, Refusal)
+    assert refusal.wait_s <= 0.1
+    await asyncio.sleep(0.12)
+    assert isinstance(await backend.reserve(paced, ONE, now()), RedisGrant)
+
+    window = Limits(rates=(Rate(2, 0.5, "requests", name="burst", slices=5),))
+    for _ in range(2):
+        assert isinstance(await backend.reserve(window, ONE, now()), RedisGrant)
+    server_time.offset_s -= 3600
+    refusal = await backend.reserve(window, ONE, now())
+    assert isinstance(refusal, Refusal)
+    assert refusal.wait_s <= 0.7
+    await asyncio.sleep(refusal.wait_s + 0.05)
+    assert isinstance(await backend.reserve(window, ONE, now()), RedisGrant)
+    await backend.aclose()
+
+
+def test_the_zone_transition_nearest_an_instant() -> None:
+    """The offsets around New York's spring change, found from a day before it."""
+    change = datetime(2026, 3, 8, 7, tzinfo=UTC).timestamp()  # 2 am EST
+    assert zone_transition("America/New_York", change - 86_400) == (-18000.0, change, -14400.0)
+    assert zone_transition("America/New_York", change + 86_400) == (-18000.0, change, -14400.0)
+    summer = datetime(2026, 7, 1, tzinfo=UTC).timestamp()
+    assert zone_transition("America/New_York", summer) == (-14400.0, 0.0, -14400.0)
+    assert zone_transition("Asia/Shanghai", change) == (28800.0, 0.0, 28800.0)
+
+
+def next_midnight(instant: datetime) -> float:
+    """The Unix instant of the local midnight that ends `instant`'s day in New York."""
+    day = instant.astimezone(NEW_YORK).date() + timedelta(days=1)
+    return datetime(day.year, day.month, day.day, tzinfo=NEW_YORK).timestamp()
+
+
+@pytest.mark.parametrize(
+    "instants",
+    [
+        # The 23-hour day: filled at 1:30 am EST, before the change; asked again after.
+        [datetime(2026, 3, 8, 1, 30, tzinfo=NEW_YORK), datetime(2026, 3, 8, 12, tzinfo=NEW_YORK)],
+        # Specs packed the evening before the change, used after it (a new day).
+        [datetime(2026, 3, 7, 20, tzinfo=NEW_YORK), datetime(2026, 3, 8, 12, tzinfo=NEW_YORK)],
+        # The 25-hour day of the autumn change.
+        [datetime(2026, 11, 1, 0, 30, tzinfo=NEW_YORK), datetime(2026, 11, 1, 22, tzinfo=NEW_YORK)],
+    ],
+    ids=["spring-day", "spring-specs-packed-before", "autumn-day"],
+)
+async def test_a_calendar_day_is_right_across_a_daylight_saving_change(
+    instants: list[datetime],
+) -> None:
+    """A calendar TPD on Redis resets at the zone's midnight on both sides of a
+    daylight-saving change, with the very hints of the memory backend."""
+    limits = Limits(tpd=100, tpd_calendar_tz="America/New_York", token_counting="reserve")
+    clock = FakeClock(1_000_000.0, wall_start_s=instants[0].timestamp())
+    backends = [
+        MemoryBackend(),
+        RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace(), server_time=False),
+    ]
+    previous_day = None
+    for instant in instants:
+        clock.advance(instant.timestamp() - clock.wall())
+        new_day = instant.date() != previous_day
+        previous_day = instant.date()
+        for backend in backends:
+            filled = await backend.reserve(limits, Demand(1, 100, 0), at(clock))
+            assert isinstance(filled, Refusal) is not new_day, (backend, instant)
+            refusal = await backend.reserve(limits, Demand(1, 1, 0), at(clock))
+            assert isinstance(refusal, Refusal), (backend, instant)
+            expected_s = next_midnight(instant) - instant.timestamp()
+            assert refusal.wait_s == pytest.approx(expected_s, abs=1e-6), (backend, instant)
+    clock.advance(expected_s)
+    for backend in backends:
+        assert not isinstance(await backend.reserve(limits, Demand(1, 100, 0), at(clock)), Refusal)
+        await backend.aclose()
+
+
+# -- event loops ------------------------------------------------------------------------
+
+
+def test_a_second_event_loop_gets_a_clear_error() -> None:
+    """A backend first used in one loop refuses another one, with a message that says
+    what to do, instead of failing inside redis-py ("Event loop is closed")."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    limits = Limits(rpm=10)
+    asyncio.run(backend.reserve(limits, ONE, now()))
+    with pytest.raises(ratekit.WrongEventLoopError) as caught:
+        asyncio.run(backend.reserve(limits, ONE, now()))
+    assert "belongs to the event loop it was first used in (now closed)" in str(caught.value)
+    assert "one RedisBackend (and limiter, and scheduler) per event loop" in str(caught.value)
+
+
+def test_two_threads_loops_the_second_is_refused() -> None:
+    """Used from two threads' loops at once: the second gets WrongEventLoopError, the
+    first goes on working."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    limits = Limits(rpm=1000)
+    first_in = threading.Event()
+    second_done = threading.Event()
+    results: dict[str, Any] = {}
+
+    def first() -> None:
+        async def run() -> None:
+            await backend.reserve(limits, ONE, now())
+            first_in.set()
+            await asyncio.to_thread(second_done.wait, 10)
+            results["first"] = await backend.reserve(limits, ONE, now())
+
+        asyncio.run(run())
+
+    def second() -> None:
+        first_in.wait(10)
+        try:
+            asyncio.run(backend.reserve(limits, ONE, now()))
+        except ratekit.WrongEventLoopError as exc:
+            results["second"] = exc
+        finally:
+            second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert isinstance(results["second"], ratekit.WrongEventLoopError)
+    assert "(now still running)" in str(results["second"])
+    assert isinstance(results["first"], RedisGrant)
+
+
+def test_trio_gets_a_clear_error() -> None:
+    """redis-py's client is asyncio only: under trio the backend says so."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    with pytest.raises(ratekit.WrongEventLoopError, match="runs on asyncio"):
+        trio.run(backend.reserve, Limits(rpm=10), ONE, now())
+
+
+# -- the shared tier ---------------------------------------------------------------------
+
+
+async def test_the_shared_tier_fails_closed_with_a_typed_error() -> None:
+    """With Redis down and fail_closed, the shared tier raises BackendUnavailableError,
+    never redis-py's own ConnectionError."""
+    server = fakeredis.FakeServer()
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace=namespace())
+    assert isinstance(backend, SharedAccount)
+    server.connected = False
+    with pytest.raises(ratekit.BackendUnavailableError):
+        await backend.shared_tier()
+    with pytest.raises(ratekit.BackendUnavailableError):
+        await backend.publish_tier("tier3")
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("policy", ["fail_open", "local"])
+async def test_the_shared_tier_is_kept_for_later_when_failing_open(
+    policy: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With Redis down and fail_open or local, the shared tier reads as unknown and a
+    published tier is sent once Redis answers again (a warning says so)."""
+    server = fakeredis.FakeServer()
+    backend = RedisBackend(
+        fakeredis.FakeAsyncRedis(server=server),
+        namespace=namespace(),
+        on_unavailable=policy,  # type: ignore[arg-type]
+    )
+    server.connected = False
+    assert await backend.shared_tier() is None
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        await backend.publish_tier("tier3")
+    assert "tier 'tier3'" in caplog.text
+    assert "once it answers again" in caplog.text
+    server.connected = True
+    backend._link.retry_at = 0.0
+    await backend.reserve(Limits(rpm=10), ONE, now())  # Redis answers: the replay starts
+    await asyncio.sleep(0.05)
+    assert await backend.shared_tier() == "tier3"
+    await backend.aclose()
+
+
+# -- memory and Redis agree -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("counting", [TokenCounting.USAGE, TokenCounting.SAFE])
+async def test_real_usage_above_an_estimate_of_zero_counts_on_both_backends(
+    counting: TokenCounting,
+) -> None:
+    """An estimate of 0 tokens that really used 500: both backends count the 500."""
+    limits = Limits(tpm=1000, token_counting=counting)
+    clock = FakeClock(1_000_000.0)
+    used = []
+    for backend in (
+        MemoryBackend(),
+        RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace(), server_time=False),
+    ):
+        grant = await backend.reserve(limits, Demand(1, 0, 0), at(clock))
+        await backend.settle(limits, grant, Demand(1, 500, 0), at(clock))
+        used.append((await statistics(backend, limits, at(clock)))["tpm"].used)
+        await backend.aclose()
+    assert used == [500, 500]
+
+
+async def test_pause_rejects_a_duration_that_cannot_work() -> None:
+    """pause(nan | inf | negative) is a typed error naming the argument."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    for seconds in (math.nan, math.inf, -1.0, 1e308):
+        with pytest.raises(ratekit.InvalidArgumentError, match="pause: seconds must be in"):
+            await backend.pause(seconds, now())
+    await backend.aclose()
+
+
+async def test_a_closed_backend_says_so_and_lets_late_settles_go() -> None:
+    """After aclose a reserve is a typed error naming the backend; a settle of a grant
+    still held is dropped quietly (its lease lapses)."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace="closing")
+    limits = Limits(rpm=10)
+    grant = await backend.reserve(limits, ONE, now())
+    child = backend.child("gpt")
+    await child.reserve(limits, ONE, now())
+    await backend.aclose()
+    for closed in (backend, child):
+        with pytest.raises(ratekit.BackendUnavailableError, match="is closed"):
+            await closed.reserve(limits, ONE, now())
+    await backend.settle(limits, grant, ONE, now())
+
+
+async def test_a_child_counts_apart_and_shares_the_connections() -> None:
+    """A child namespace (a model's own limits) counts apart from its parent, over the
+    parent's client and turns at sending."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace="parent")
+    child = backend.child("model-a")
+    assert isinstance(child, RedisBackend)
+    assert child._link is backend._link
+    assert child.key_prefix() == "ratekit:{parent.model-a}"
+    limits = Limits(rpm=1)
+    assert isinstance(await child.reserve(limits, ONE, now()), RedisGrant)
+    assert isinstance(await child.reserve(limits, ONE, now()), Refusal)
+    assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+    with pytest.raises(ratekit.LimitsError, match="child name must be non-empty"):
+        backend.child("a{b}")
+    await backend.aclose()
+
+
+async def test_a_failing_tier_callback_does_not_stop_the_listener(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tier callback that raises is logged; release notices still arrive after it."""
+    server = fakeredis.FakeServer()
+    here = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="tiers")
+    there = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="tiers")
+    limits = Limits(concurrency=1)
+    woken = asyncio.Event()
+
+    def broken(tier: str) -> None:
+        raise RuntimeError(f"cannot apply {tier}")
+
+    here.on_tier(broken)
+    here.subscribe(woken.set)
+    held = await there.reserve(limits, ONE, now())
+    assert isinstance(await here.reserve(limits, ONE, now()), Refusal)  # listening now
+    await asyncio.sleep(0.3)
+    with caplog.at_level(logging.ERROR, logger="ratekit.redis"):
+        await there.publish_tier("tier9")
+        await asyncio.sleep(0.2)
+    assert "a callback of a Redis notice failed" in caplog.text
+    await there.settle(limits, held, ONE, now())
+    await asyncio.wait_for(woken.wait(), 5)
+    await here.aclose()
+    await there.aclose()
+
+
+async def test_a_refund_sent_again_takes_back_only_once() -> None:
+    """A refund whose reply was lost and that is sent again (a replay after a timeout)
+    gives back the admission once: another admission's count is not taken with it."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    limits = Limits(rpm=10)
+    first = await backend.reserve(limits, ONE, now())
+    await backend.reserve(limits, ONE, now())
+    assert isinstance(first, RedisGrant)
+    assert first.binding is not None
+    refund = backend._settle_command(first.binding, first.lease_id, ONE, first.indexes, None, now())
+    for _ in range(2):
+        await backend._link.call(refund, SETTLE, abortable=False)
+    assert (await statistics(backend, limits))["rpm"].used == 1
+    await backend.aclose()

@@ -17,14 +17,28 @@ import math
 import warnings
 from collections.abc import Generator
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ._errors import InvalidArgumentError, PermitError
 from ._limits import MAX_AMOUNT, check_amount
 from .backends._base import Demand, Grant, Refusal
 
-if TYPE_CHECKING:
-    from ._limiter import Limiter
+
+class Owner(Protocol):
+    """What an admission needs of the limiter that created it (`ratekit.Limiter`)."""
+
+    def _reserve_now(self, demand: Demand) -> Grant | Refusal | None: ...
+
+    async def _reserve(
+        self, demand: Demand, timeout_s: float | None, refusal: Refusal | None, priority: int
+    ) -> Grant: ...
+
+    def _granted(self, admission: Admission) -> None: ...
+
+    async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
+
+    def _hand_back(self, grant: Grant, actual: Demand | None) -> None: ...
+
 
 # The states of an admission, in the only order they are gone through.
 _NEW = 0  # created, not yet asked for
@@ -81,7 +95,7 @@ class Admission:
 
     def __init__(
         self,
-        limiter: Limiter,
+        limiter: Owner,
         demand: Demand,
         timeout: float | None,
         priority: int,
@@ -185,11 +199,6 @@ class Admission:
     def granted(self) -> bool:
         """Whether the admission is held (granted and not yet ended)."""
         return self._state == _GRANTED
-
-    @property
-    def limiter(self) -> Limiter:
-        """The limiter that created the admission."""
-        return self._limiter
 
     def settle(self, *, tokens: float | None = None, cost: float | None = None) -> None:
         """Record the call's real usage; applied when the admission ends.

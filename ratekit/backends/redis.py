@@ -1379,10 +1379,15 @@ class RedisBackend:
         return list(by_binding.values())
 
     async def _renew_loop(self) -> None:
+        # Stays for two idle rounds after the last lease, so that short calls do not
+        # start a renewer each.
         link = self._link
-        while self._live and not link.closing:
+        idle_rounds = 0
+        while idle_rounds < 2 and not link.closing:
             await asyncio.sleep(self._lease_ttl_s / 3)
-            for binding, lease_ids in self._leases_to_renew():
+            leases = self._leases_to_renew()
+            idle_rounds = 0 if leases else idle_rounds + 1
+            for binding, lease_ids in leases:
                 _raise_if_cancelled()
                 command = RENEW.evalsha(
                     binding.keys,

@@ -155,7 +155,7 @@ class Limiter:
             )
         if clock is None:
             clock = SystemClock()
-        elif not (callable(getattr(clock, "now", None)) and callable(getattr(clock, "wait", None))):
+        elif not all(callable(getattr(clock, name, None)) for name in ("now", "wall", "wait")):
             raise InvalidArgumentError(f"Limiter: clock must be a ratekit Clock, got {clock!r}")
         self._clock: Clock = clock
         self._backend: Backend = backend

@@ -78,8 +78,7 @@ def _default_classifier(clock: Clock) -> Classifier:
     from ._signals import classify
 
     # Providers' reset headers are absolute Unix times: the one use of the wall clock here.
-    wall = getattr(clock, "wall", None) or SystemClock().wall
-    return lambda error: classify(error, now_s=wall())
+    return lambda error: classify(error, now_s=clock.wall())
 
 
 def _check_attempts(max_attempts: object) -> int:
@@ -192,6 +191,10 @@ class Scheduler:
             raise InvalidArgumentError(f"Scheduler.hooks must be callables, got {hooks!r}")
         if classify is not None and not callable(classify):
             raise InvalidArgumentError(f"Scheduler.classify must be callable, got {classify!r}")
+        if clock is not None and not all(
+            callable(getattr(clock, name, None)) for name in ("now", "wall", "wait")
+        ):
+            raise InvalidArgumentError(f"Scheduler.clock must be a ratekit Clock, got {clock!r}")
         if not isinstance(adapt, bool):
             raise InvalidArgumentError(f"Scheduler.adapt must be a bool, got {adapt!r}")
         # The same checks as each limiter's queue makes, made now rather than at the first call.

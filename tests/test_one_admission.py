@@ -1093,7 +1093,7 @@ def test_a_redis_scheduler_in_two_threads_loops_works_or_says_so(redis_url: str)
 # -- loading a tokenizer never blocks the loop -------------------------------------------
 
 SLOW_TIKTOKEN = '''
-"""A stand-in for tiktoken whose encodings take 1 s to load (a download)."""
+"""A stand-in for tiktoken whose encodings take 2 s to load (a download)."""
 
 import time
 
@@ -1114,7 +1114,7 @@ class Encoding:
 def get_encoding(name):
     global LOADS
     LOADS += 1
-    time.sleep(1.0)
+    time.sleep(2.0)
     return Encoding(name)
 
 
@@ -1125,8 +1125,9 @@ def encoding_for_model(model):
 
 @pytest.mark.timeout(60)
 def test_loading_the_tokenizer_never_blocks_the_event_loop(tmp_path: Path) -> None:
-    """With a tiktoken whose encoding takes 1 s to load, wrapping a client and making its
-    first call never stalls the event loop for more than 0.5 s."""
+    """With a tiktoken whose encoding takes 2 s to load, wrapping a client and making its
+    first call never stalls the event loop for 1 s (a load on the loop stalls it >= 2 s;
+    the bound leaves room for a busy machine's scheduling)."""
     package = tmp_path / "tiktoken"
     package.mkdir()
     (package / "__init__.py").write_text(textwrap.dedent(SLOW_TIKTOKEN))
@@ -1142,4 +1143,4 @@ def test_loading_the_tokenizer_never_blocks_the_event_loop(tmp_path: Path) -> No
     )
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["max_lag_s"] < 0.5, report
+    assert report["max_lag_s"] < 1.0, report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import random
@@ -413,7 +414,13 @@ class Scheduler:
                 async with self.slot(
                     tokens=tokens, cost=cost, model=model, priority=priority, timeout=left
                 ) as admission:
-                    result = await fn(*args)
+                    awaitable = fn(*args)
+                    if not inspect.isawaitable(awaitable):
+                        raise InvalidArgumentError(
+                            "Scheduler.submit: fn must return an awaitable (an async "
+                            f"function, or a lambda calling one), got {awaitable!r}"
+                        )
+                    result = await awaitable
                     real = usage(result) if usage is not None else None
                     if real is not None:
                         admission.settle(tokens=real)

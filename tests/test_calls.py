@@ -122,3 +122,20 @@ async def test_worker_threads_of_the_loop_can_use_the_async_scheduler() -> None:
         pass
     assert await anyio.to_thread.run_sync(blocking, 41) == 42
     assert (await scheduler.limiter().statistics()).dimension("rpm").used == 2
+
+
+@pytest.mark.anyio
+async def test_a_sync_admitted_call_on_the_loop_thread_fails_instead_of_hanging() -> None:
+    """A decorated sync function called on the event loop's own thread raises at once
+    (waiting there for an admission would block the loop for good)."""
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), classify=classify)
+
+    @scheduler.limit(tokens=7)
+    def blocking(x: int) -> int:
+        return x + 1
+
+    async with scheduler.slot():  # the scheduler learns its loop
+        pass
+    with anyio.fail_after(5), pytest.raises(NoEventLoopError, match="event loop's own thread"):
+        blocking(41)
+    assert await anyio.to_thread.run_sync(blocking, 41) == 42

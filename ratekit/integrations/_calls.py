@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from typing import Any, TypeVar, cast
 
 import anyio.from_thread
+import sniffio
 from anyio.lowlevel import EventLoopToken
 from tenacity import Retrying
 
@@ -84,7 +85,22 @@ def limit(
     return decorate
 
 
+def _on_a_loop_thread() -> bool:
+    try:
+        sniffio.current_async_library()
+    except sniffio.AsyncLibraryNotFoundError:
+        return False
+    return True
+
+
 def _token(scheduler: Scheduler) -> EventLoopToken:
+    if _on_a_loop_thread():
+        # Waiting here for the loop would block that very loop for good.
+        raise NoEventLoopError(
+            "a synchronous call admitted by ratekit ran on an event loop's own thread, "
+            "where waiting for an admission would block the loop for good: run it in a "
+            "worker thread (anyio.to_thread.run_sync) or use an async function"
+        )
     token = scheduler.loop_token
     if token is None:
         raise NoEventLoopError(

@@ -141,7 +141,9 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
         else RedisBackend(config["url"], namespace=config["namespace"])
     )
     account = make_account(
-        margin_s=config.get("margin_s", MARGIN_S), pacing=config.get("pacing", False)
+        margin_s=config.get("margin_s", MARGIN_S),
+        pacing=config.get("pacing", False),
+        period_scale=1 / config.get("speed", SPEED),
     )
     scheduler = ratekit.Scheduler(account, backend=backend, hooks=[outcome.record])
     client = openai.AsyncOpenAI(base_url=config["base_url"], api_key="x", max_retries=0)

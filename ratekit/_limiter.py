@@ -435,6 +435,8 @@ class Limiter:
             return
         with anyio.CancelScope(shield=True):
             await self._backend.settle(self._limits, grant, actual, self.instant())
+        # Our own waiters retry now, whether or not the store's notice reaches them.
+        self._on_change()
 
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None:
         """End a dropped admission's grant on this limiter's loop (called by a finalizer,
@@ -447,6 +449,8 @@ class Limiter:
 
         def end() -> None:
             backend.abandon(limits, grant, actual, self.instant())
+            # A shared backend settles in the background, queued ahead of any retry.
+            self._on_change()
 
         # A closed loop raises: nothing of this process waits there any more.
         with contextlib.suppress(RuntimeError):

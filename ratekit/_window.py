@@ -162,7 +162,10 @@ class SlicedWindow:
             self._pace_next_s = max(self._pace_next_s, now - one_s) + amount * one_s
         if not amount:
             return self.slice_index(now)
-        if self._last_start_s <= now < self._last_end_s:
+        if (
+            self._last_start_s <= now < self._last_end_s
+            and self.slice_index(now) == self._slices[-1][0]
+        ):
             newest = self._slices[-1]
             newest[1] += amount
             self._total += amount
@@ -201,7 +204,10 @@ class SlicedWindow:
     def hold_at(self, now: float, amount: float) -> int:
         """Hold `amount` for a call admitted at `now`; returns the admission's slice."""
         self._held += amount
-        if self._last_start_s <= now < self._last_end_s:
+        if (
+            self._last_start_s <= now < self._last_end_s
+            and self.slice_index(now) == self._slices[-1][0]
+        ):
             return int(self._slices[-1][0])
         return self.slice_index(now)
 
@@ -296,7 +302,7 @@ class CalendarWindow:
     def sync(self, now: float, wall: float) -> None:
         """Read the clock: roll to a new day when `wall` reached the current one's end."""
         if wall >= self._day_end_wall_s:
-            local = datetime.fromtimestamp(wall, self._zone)
+            local = datetime.fromtimestamp(math.floor(wall), self._zone)
             start = local.replace(hour=0, minute=0, second=0, microsecond=0)
             end = (start + timedelta(days=1)).replace(tzinfo=self._zone)
             self._day_start_wall_s = start.timestamp()

@@ -28,6 +28,16 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture
+def fresh_server() -> Iterator[RedisServer]:
+    """A redis-server of one test alone: exact client and command counts, and free to be
+    stopped and started again."""
+    server = RedisServer(require_redis_server())
+    server.start()
+    yield server
+    server.stop()
+
+
 BackendFactory = Callable[[], Backend]
 
 BACKENDS = ["memory", "fakeredis", "redis"]

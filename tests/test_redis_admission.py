@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -42,7 +42,7 @@ from ratekit.backends._scripts import SETTLE
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend, RedisGrant, zone_transition
 
-from .redis_server import RedisServer, require_redis_server
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -54,15 +54,6 @@ NEW_YORK = ZoneInfo("America/New_York")
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py's client is asyncio only
-
-
-@pytest.fixture
-def fresh_server() -> Iterator[RedisServer]:
-    """A redis-server of this test alone, so that its client and command counts are exact."""
-    server = RedisServer(require_redis_server())
-    server.start()
-    yield server
-    server.stop()
 
 
 def now() -> Instant:

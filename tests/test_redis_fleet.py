@@ -18,7 +18,7 @@ import time
 import traceback
 import uuid
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -45,15 +45,6 @@ JITTER_S = 0.05
 @pytest.fixture
 def anyio_backend() -> str:
     return "asyncio"  # redis-py's client is asyncio only
-
-
-@pytest.fixture
-def fresh_server() -> Iterator[RedisServer]:
-    """A redis-server of this test alone (it may be stopped and started again)."""
-    server = RedisServer(require_redis_server())
-    server.start()
-    yield server
-    server.stop()
 
 
 @pytest.fixture

@@ -37,6 +37,8 @@ class Owner(Protocol):
 
     async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
 
+    async def _restamp(self, grant: Grant) -> None: ...
+
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None: ...
 
 
@@ -83,6 +85,7 @@ class Admission:
     """
 
     __slots__ = (
+        "__weakref__",
         "_actual",
         "_demand",
         "_grant",
@@ -218,6 +221,18 @@ class Admission:
             estimate.tokens if tokens is None else _amount("settle tokens", tokens),
             estimate.cost if cost is None else _amount("settle cost", cost),
         )
+
+    async def sent(self) -> None:
+        """Say that the request leaves the process now: what the admission counted is
+        counted from now on, so that a request sent long after its admission (a busy
+        event loop, a slow client) is not counted as if it had arrived at once.
+
+        Wrapped clients and `RateLimitedTransport` call it as the request's first
+        bytes are written. Call it yourself when a request leaves well after
+        ``acquire`` returns. Does nothing for an admission not held.
+        """
+        if self._state == _GRANTED:
+            await self._limiter._restamp(self._grant)
 
     # -- ending: the one way out ---------------------------------------------------------
 

@@ -438,6 +438,14 @@ class Limiter:
         # Our own waiters retry now, whether or not the store's notice reaches them.
         self._on_change()
 
+    async def _restamp(self, grant: Grant) -> None:
+        """The request of `grant` leaves now: count what it recorded from now."""
+        local = self._local
+        if local is not None:
+            local.restamp_now(grant, self._clock.now())
+            return
+        await self._backend.restamp(self._limits, grant, self.instant())
+
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None:
         """End a dropped admission's grant on this limiter's loop (called by a finalizer,
         which must not touch shared state itself)."""

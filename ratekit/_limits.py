@@ -52,6 +52,12 @@ MAX_SLICES = 100_000
 MIN_SLICE_S = 1e-5
 MAX_CONCURRENCY = 1_000_000
 MAX_MARGIN_S = 3_600.0
+# The margin of a provider tier's limits unless the account says otherwise, in real
+# seconds (never compressed): how much later than the instant an admission counts
+# from its request may reach the provider. Wrapped clients count a request from
+# the end of its write (`Admission.sent`), so this covers the provider's side (the
+# network, its own loop); 0.03 % of a 60 s window.
+DEFAULT_MARGIN_S = 0.02
 MIN_SCALE = 1e-6
 MAX_SCALE = 1e6
 

@@ -32,7 +32,7 @@ from ._errors import (
     UnknownTierError,
 )
 from ._estimate import SCRIPTS, TokenEstimate
-from ._limits import MAX_AMOUNT, Limits, TokenCounting, check_amount, show
+from ._limits import DEFAULT_MARGIN_S, MAX_AMOUNT, Limits, TokenCounting, check_amount, show
 from ._pricing import CharacterRules, Prices, RelayBilling, Side
 
 CURRENCIES = ("USD", "CNY")
@@ -184,8 +184,9 @@ class Tier:
         profile has limit overrides (then the list is taken as complete and
         `UnknownModelError` is raised). `overrides` are any `Limits` fields (rpm=...,
         tpm=..., concurrency=..., margin_s=..., pacing=..., ...); `None` for a number
-        means unlimited. A profile whose limits are all per model (MiniMax) has no
-        tier-level limits, so without `model` the result is unlimited.
+        means unlimited; `margin_s` is `DEFAULT_MARGIN_S` (20 ms) unless overridden. A
+        profile whose limits are all per model (MiniMax) has no tier-level limits, so
+        without `model` the result is unlimited.
         """
         numbers = self.numbers
         if model is not None:
@@ -199,6 +200,7 @@ class Tier:
             )
         fields: dict[str, Any] = {
             **numbers.as_dict(),
+            "margin_s": DEFAULT_MARGIN_S,
             "token_counting": self.token_counting,
             "tpd_calendar_tz": self.tpd_calendar_tz if numbers.tpd is not None else None,
         }

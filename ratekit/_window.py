@@ -257,6 +257,20 @@ class SlicedWindow:
                 break
         return 0.0
 
+    def move(self, now: float, index: int, amount: float) -> int:
+        """Count `amount`, recorded in slice `index`, from `now` instead (the request it
+        stands for left the process now); returns the slice it counts in.
+
+        The amount is counted in the slice of `now` even when slice `index` has
+        expired since: the provider counts the request from its arrival.
+        """
+        new = self.slice_index(now)
+        if new <= index or amount <= 0:
+            return index
+        self.refund(now, index, amount)
+        self._add(new, amount)
+        return new
+
     def unhold(self, amount: float) -> None:
         """Stop counting a held amount."""
         self._held -= amount
@@ -371,6 +385,10 @@ class CalendarWindow:
         taken = min(self._total, amount)
         self._total -= taken
         return taken
+
+    def move(self, now: float, index: int, amount: float) -> int:
+        """A request's day does not change when it is sent a moment after its admission."""
+        return index
 
     def unhold(self, amount: float) -> None:
         self._held -= amount

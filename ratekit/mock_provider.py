@@ -126,6 +126,9 @@ class CallRecord:
     completed: bool
 
 
+_CALL_FIELDS = [field.name for field in dataclasses.fields(CallRecord)]
+
+
 @dataclass(frozen=True, slots=True)
 class MockProviderStatistics:
     """A snapshot of what the server did.
@@ -385,11 +388,16 @@ class MockProvider:
         embedding_dimensions: int = 8,
         models: Iterable[str] = (DEFAULT_MODEL,),
         clock: Callable[[], float] = time.monotonic,
+        tokenizer_factor: float = 1.0,
     ) -> None:
         if not speed > 0 or math.isinf(speed):
             raise LimitsError(f"MockProvider.speed must be positive and finite, got {speed!r}")
         if latency_s < 0 or latency_per_token_s < 0:
             raise LimitsError("MockProvider latencies must be non-negative")
+        if not 0.01 <= tokenizer_factor <= 100:
+            raise LimitsError(
+                f"MockProvider.tokenizer_factor must be in [0.01, 100], got {tokenizer_factor!r}"
+            )
         for name, value in (
             ("completion_tokens", completion_tokens),
             ("default_max_tokens", default_max_tokens),
@@ -405,6 +413,7 @@ class MockProvider:
         self.latency_s = latency_s
         self.latency_per_token_s = latency_per_token_s
         self.embedding_dimensions = embedding_dimensions
+        self.tokenizer_factor = tokenizer_factor
         self.models = tuple(models)
         self._clock = clock
         self._limits = limits
@@ -430,6 +439,7 @@ class MockProvider:
             ("POST", "/admin/limits"): self._admin_limits,
             ("POST", "/admin/inject"): self._admin_inject,
             ("GET", "/admin/stats"): self._admin_stats,
+            ("GET", "/admin/calls"): self._admin_calls,
         }
 
     # --- lifecycle ---
@@ -561,6 +571,13 @@ class MockProvider:
         """Real seconds a call producing `completion_tokens` takes."""
         return (self.latency_s + self.latency_per_token_s * completion_tokens) / self.speed
 
+    def _tokens(self, text: str) -> int:
+        """The provider's count of `text`: `estimate_tokens` times `tokenizer_factor`."""
+        counted = estimate_tokens(text)
+        if self.tokenizer_factor == 1.0:
+            return counted
+        return math.ceil(counted * self.tokenizer_factor)
+
     def _take_injected(self) -> bool:
         if self._inject_left is None:
             return True
@@ -659,7 +676,7 @@ class MockProvider:
     async def _chat(self, request: _Request, writer: asyncio.StreamWriter) -> None:
         body = _json_object(request)
         model = _model(body)
-        prompt = estimate_tokens(_messages_text(body.get("messages"), "messages"))
+        prompt = self._tokens(_messages_text(body.get("messages"), "messages"))
         requested = _positive_int(body, "max_completion_tokens") or _positive_int(
             body, "max_tokens"
         )
@@ -738,7 +755,7 @@ class MockProvider:
     async def _embeddings(self, request: _Request, writer: asyncio.StreamWriter) -> None:
         body = _json_object(request)
         model = _model(body)
-        inputs, prompt = _embedding_inputs(body.get("input"))
+        inputs, prompt = _embedding_inputs(body.get("input"), self._tokens)
         dimensions = _positive_int(body, "dimensions") or self.embedding_dimensions
         encoding = body.get("encoding_format") or "float"
         if encoding not in ("float", "base64"):
@@ -766,7 +783,7 @@ class MockProvider:
             raise _HttpError(
                 400, "The mock provider does not stream /v1/responses.", param="stream"
             )
-        prompt = estimate_tokens(_response_input_text(body))
+        prompt = self._tokens(_response_input_text(body))
         completion, max_tokens = self._output_tokens(_positive_int(body, "max_output_tokens"))
         plan = _Plan("responses", model, prompt, completion, prompt + max_tokens)
 
@@ -849,6 +866,10 @@ class MockProvider:
     async def _admin_stats(self, request: _Request, writer: asyncio.StreamWriter) -> None:
         await _send_json(writer, 200, dataclasses.asdict(self.statistics()), {})
 
+    async def _admin_calls(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        calls = [dataclasses.astuple(call) for call in self.calls]
+        await _send_json(writer, 200, {"fields": _CALL_FIELDS, "calls": calls}, {})
+
 
 def _usage(plan: _Plan) -> dict[str, int]:
     return {
@@ -858,15 +879,16 @@ def _usage(plan: _Plan) -> dict[str, int]:
     }
 
 
-def _embedding_inputs(value: object) -> tuple[list[str], int]:
-    """The inputs as strings (token arrays joined) and their total tokens; 400 if malformed."""
+def _embedding_inputs(value: object, count: Callable[[str], int]) -> tuple[list[str], int]:
+    """The inputs as strings (token arrays joined) and their total tokens (texts counted by
+    `count`); 400 if malformed."""
     if isinstance(value, str) and value:
-        return [value], estimate_tokens(value)
+        return [value], count(value)
     if isinstance(value, list) and value:
         if all(isinstance(item, int) and not isinstance(item, bool) for item in value):
             return [json.dumps(value)], len(value)
         if all(isinstance(item, str) and item for item in value):
-            return list(value), sum(estimate_tokens(item) for item in value)
+            return list(value), sum(count(item) for item in value)
         if all(isinstance(item, list) and item for item in value):
             return [json.dumps(item) for item in value], sum(len(item) for item in value)
     raise _HttpError(
@@ -913,6 +935,172 @@ async def start_mock_provider(limits: Limits, **options: Any) -> MockProvider:
     return server
 
 
+# --- in a process of its own ------------------------------------------------------------
+
+
+def _limits_from_json(text: str) -> Limits:
+    try:
+        values = json.loads(text)
+    except ValueError as exc:
+        raise LimitsError(f"--limits must be a JSON object: {exc}") from None
+    if not isinstance(values, dict) or set(values) - set(_ADMIN_LIMIT_KEYS):
+        keys = ", ".join(_ADMIN_LIMIT_KEYS)
+        raise LimitsError(f"--limits must be a JSON object of {keys}, got {text!r}")
+    return Limits(**values)
+
+
+class ProviderProcess:
+    """A `MockProvider` served by a child process: its own interpreter, loop and clock
+    readings, as a real provider is, so that a busy client cannot delay its stamps.
+
+    `limits` may hold concurrency, rpm, tpm and tpd (what ``/admin/limits`` sets);
+    `options` are `MockProvider`'s (speed, token_counting, latency_s,
+    latency_per_token_s, completion_tokens, tokenizer_factor). Arrival stamps are
+    ``time.monotonic()`` of the child, which on one machine is the parent's clock.
+    Use ``async with ProviderProcess(limits, speed=30) as provider``; `calls`,
+    `statistics`, `set_limits` and `inject_429s` ask the child over HTTP.
+    """
+
+    def __init__(self, limits: Limits, **options: Any) -> None:
+        extra = [rate.name for rate in limits.rates]
+        if extra:
+            raise LimitsError(
+                f"ProviderProcess serves concurrency, rpm, tpm and tpd only, not {extra}"
+            )
+        self._limits = limits
+        self._options = options
+        self._process: asyncio.subprocess.Process | None = None
+        self.base_url = ""
+        self._host = ""
+        self._port = 0
+
+    def _command(self) -> list[str]:
+        options = self._options
+        counting = ProviderCounting(options.get("token_counting", ProviderCounting.RESERVE))
+        limits = {key: getattr(self._limits, key) for key in _ADMIN_LIMIT_KEYS}
+        return [
+            sys.executable,
+            "-m",
+            "ratekit.mock_provider",
+            "--port",
+            "0",
+            "--until-stdin-closes",
+            "--limits",
+            json.dumps(limits),
+            "--speed",
+            repr(float(options.get("speed", 1.0))),
+            "--counting",
+            counting.value,
+            "--latency-ms",
+            repr(float(options.get("latency_s", 0.0)) * 1000),
+            "--ms-per-token",
+            repr(float(options.get("latency_per_token_s", 0.0)) * 1000),
+            "--completion-tokens",
+            str(int(options.get("completion_tokens", 16))),
+            "--tokenizer-factor",
+            repr(float(options.get("tokenizer_factor", 1.0))),
+        ]
+
+    async def start(self) -> None:
+        """Start the child and wait (at most 30 s) until it serves."""
+        unknown = set(self._options) - _PROCESS_OPTIONS
+        if unknown:
+            raise LimitsError(f"ProviderProcess: unknown options {sorted(unknown)}")
+        process = await asyncio.create_subprocess_exec(
+            *self._command(),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        self._process = process
+        assert process.stdout is not None
+        try:
+            async with asyncio.timeout(30):
+                while not self.base_url:
+                    line = (await process.stdout.readline()).decode()
+                    if not line:
+                        raise RatekitError("the mock provider's process ended before serving")
+                    if line.startswith("http://"):
+                        self.base_url = line.strip()
+        except BaseException:
+            await self.close()
+            raise
+        address = self.base_url.removeprefix("http://").split("/", 1)[0]
+        host, port = address.rsplit(":", 1)
+        self._host, self._port = host, int(port)
+
+    async def close(self) -> None:
+        """Stop the child (closing its stdin ends it; killed after 5 s)."""
+        process, self._process = self._process, None
+        if process is None:
+            return
+        if process.stdin is not None:
+            process.stdin.close()
+        try:
+            async with asyncio.timeout(5):
+                await process.wait()
+        except TimeoutError:
+            process.kill()
+            await process.wait()
+
+    async def __aenter__(self) -> ProviderProcess:
+        await self.start()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def _ask(self, method: str, path: str, body: object = None) -> Any:
+        data = b"" if body is None else json.dumps(body).encode()
+        reader, writer = await asyncio.open_connection(self._host, self._port)
+        try:
+            head = (
+                f"{method} {path} HTTP/1.1\r\nhost: {self._host}\r\nconnection: close\r\n"
+                f"content-type: application/json\r\ncontent-length: {len(data)}\r\n\r\n"
+            )
+            writer.write(head.encode() + data)
+            await writer.drain()
+            answer = await reader.read()
+        finally:
+            writer.close()
+        head_bytes, _, payload = answer.partition(b"\r\n\r\n")
+        status = int(head_bytes.split(b" ", 2)[1])
+        if status != 200:
+            raise RatekitError(f"mock provider {method} {path}: {status} {payload[:200]!r}")
+        return json.loads(payload)
+
+    async def calls(self) -> list[CallRecord]:
+        """Every call the provider admitted so far, in order of ending."""
+        answer = await self._ask("GET", "/admin/calls")
+        return [CallRecord(*row) for row in answer["calls"]]
+
+    async def statistics(self) -> MockProviderStatistics:
+        """The child's `MockProvider.statistics`."""
+        answer = await self._ask("GET", "/admin/stats")
+        answer["peak_use"] = {name: tuple(pair) for name, pair in answer["peak_use"].items()}
+        return MockProviderStatistics(**answer)
+
+    async def set_limits(self, limits: Limits) -> None:
+        """Enforce other limits from now (concurrency, rpm, tpm and tpd)."""
+        body = {key: getattr(limits, key) for key in _ADMIN_LIMIT_KEYS}
+        await self._ask("POST", "/admin/limits", body)
+
+    async def inject_429s(self, count: int | None, *, retry_after_s: float = 1.0) -> None:
+        """Answer the next `count` calls 429 (None: every call until a count of 0)."""
+        await self._ask("POST", "/admin/inject", {"count": count, "retry_after_s": retry_after_s})
+
+
+_PROCESS_OPTIONS = frozenset(
+    {
+        "speed",
+        "token_counting",
+        "latency_s",
+        "latency_per_token_s",
+        "completion_tokens",
+        "tokenizer_factor",
+    }
+)
+
+
 # --- command line ---------------------------------------------------------------------
 
 
@@ -944,13 +1132,34 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--completion-tokens", type=int, default=16, help="output tokens per call at most (16)"
     )
+    parser.add_argument(
+        "--tokenizer-factor",
+        type=float,
+        default=1.0,
+        help="the provider's prompt tokens per mock-tokenizer token (1.0)",
+    )
+    parser.add_argument(
+        "--limits",
+        default=None,
+        help='JSON limits instead of the tier\'s: {"rpm": 200, "tpm": null, ...}',
+    )
+    parser.add_argument(
+        "--until-stdin-closes",
+        action="store_true",
+        help="stop when standard input closes (a child of another process)",
+    )
     return parser
 
 
-async def _serve(limits: Limits, options: dict[str, Any], banner: str) -> None:
+async def _serve(
+    limits: Limits, options: dict[str, Any], banner: str, until_stdin_closes: bool
+) -> None:
     async with MockProvider(limits, **options) as server:
         print(f"{banner}\n{server.base_url}", flush=True)
-        await asyncio.Event().wait()
+        if until_stdin_closes:
+            await asyncio.to_thread(sys.stdin.read)
+        else:
+            await asyncio.Event().wait()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -959,6 +1168,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         tier = load_profile(args.provider).tier(args.tier)
         limits = tier.limits(model=args.model)
+        if args.limits is not None:
+            limits = _limits_from_json(args.limits)
     except RatekitError as exc:
         print(f"ratekit: {exc}", file=sys.stderr)
         return 2
@@ -970,6 +1181,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_s": args.latency_ms / 1000,
         "latency_per_token_s": args.ms_per_token / 1000,
         "completion_tokens": args.completion_tokens,
+        "tokenizer_factor": args.tokenizer_factor,
         "models": (args.model,) if args.model else (DEFAULT_MODEL,),
     }
     banner = (
@@ -977,7 +1189,7 @@ def main(argv: list[str] | None = None) -> int:
         f"tpm {limits.tpm}, tpd {limits.tpd}; time x{args.speed:g}, counting {args.counting}"
     )
     try:
-        asyncio.run(_serve(limits, options, banner))
+        asyncio.run(_serve(limits, options, banner, args.until_stdin_closes))
     except KeyboardInterrupt:
         return 0
     except OSError as exc:

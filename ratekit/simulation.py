@@ -9,6 +9,7 @@ used. No network, no Redis, no API key.
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import math
 import random
@@ -169,3 +170,37 @@ def _binding(limits: Limits, totals: dict[str, float], elapsed_s: float) -> tupl
     if best_floor == 0 or elapsed_s <= 0:
         return best_name, math.nan
     return best_name, min(best_floor / elapsed_s, 1.0)
+
+
+def steady_utilisation(
+    stamps: list[float], amounts: list[float], limit: float, period_s: float
+) -> float:
+    """How much of a rate a run used in its steady state, as the provider saw it.
+
+    `stamps` are the provider's arrival instants (any order) and `amounts` what
+    each counted. The mean amount in a window of `period_s`, over the windows that
+    start after the first half period of the run and end before its last arrival
+    (sampled at 200 starts), divided by `limit`. NaN for a run shorter than 1.5
+    periods, which has no steady state.
+    """
+    if len(stamps) != len(amounts):
+        raise ValueError("steady_utilisation: one amount per stamp")
+    if not stamps:
+        return math.nan
+    order = sorted(range(len(stamps)), key=stamps.__getitem__)
+    times = [stamps[i] for i in order]
+    prefix = [0.0]
+    for i in order:
+        prefix.append(prefix[-1] + amounts[i])
+    first = times[0] + period_s / 2
+    last = times[-1] - period_s  # the last window ends at the last arrival
+    if last < first:
+        return math.nan
+    samples = 200
+    total = 0.0
+    for k in range(samples):
+        start = first + (last - first) * k / (samples - 1)
+        low = bisect.bisect_left(times, start)
+        high = bisect.bisect_left(times, start + period_s)
+        total += prefix[high] - prefix[low]
+    return total / samples / limit

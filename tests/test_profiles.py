@@ -14,7 +14,7 @@ from ratekit._errors import (
     UnknownProviderError,
     UnknownTierError,
 )
-from ratekit._limits import Limits, TokenCounting
+from ratekit._limits import DEFAULT_MARGIN_S, Limits, TokenCounting
 from ratekit._profiles import Profile, bundled_providers, load_profile, parse_profile
 
 GOOD = """\
@@ -129,6 +129,7 @@ def test_moonshot_tier2_limits_for_any_model() -> None:
         tpm=3_000_000,
         token_counting=TokenCounting.SAFE,
         tpd_calendar_tz=None,
+        margin_s=DEFAULT_MARGIN_S,
     )
     assert (limits.rpm, limits.tpm, limits.tpd) == (500, 3_000_000, None)
 
@@ -248,7 +249,11 @@ def test_with_overrides_changes_one_tier() -> None:
     profile = load_profile("relay")
     mine = profile.with_overrides("DEFAULT", rpm=60, tpm=100_000, concurrency=4)
     assert mine.tier("default").limits() == Limits(
-        concurrency=4, rpm=60, tpm=100_000, token_counting=TokenCounting.SAFE
+        concurrency=4,
+        rpm=60,
+        tpm=100_000,
+        token_counting=TokenCounting.SAFE,
+        margin_s=DEFAULT_MARGIN_S,
     )
     assert profile.tier("default").rpm is None
     with pytest.raises(LimitsError):
@@ -263,7 +268,7 @@ def test_relay_has_one_unlimited_tier() -> None:
     assert profile.tier_names == ("default",)
     tier = profile.tier_for_top_up(0)
     assert tier is not None
-    assert tier.limits() == Limits()
+    assert tier.limits() == Limits(margin_s=DEFAULT_MARGIN_S)
     assert tier.limits(model="gpt-4o").rpm is None
 
 

@@ -122,6 +122,13 @@ class Backend(Protocol):
         """
         ...
 
+    async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
+        """The request of `grant` left the process at `now`: what the admission recorded
+        counts from now on, as the provider counts it from its arrival (held amounts
+        are untouched: they count until the settle). Best effort: a backend that
+        cannot reach its store leaves the admission as it was."""
+        ...
+
     def abandon(self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant) -> None:
         """Settle a grant whose holder dropped it, without awaiting.
 
@@ -166,6 +173,10 @@ class InProcess(Protocol):
 
     def settle_now(self, grant: Any, actual: Demand | None, now: float, wall: float = ...) -> None:
         """`settle` at an explicit instant."""
+        ...
+
+    def restamp_now(self, grant: Any, now: float) -> None:
+        """`restamp` at monotonic `now`."""
         ...
 
 

@@ -174,6 +174,26 @@ class MemoryBackend:
         if self._listeners:
             self._listeners.notify()
 
+    def restamp_now(self, grant: MemoryGrant, now: float) -> None:
+        """The call of `grant` left the process at `now`: what it recorded at its
+        admission counts from now, as the provider counts it from arrival."""
+        if grant.settled:
+            return
+        entries = grant.entries
+        for i, (window, position, kind, index, amount) in enumerate(entries):
+            if kind == RECORDED:
+                moved = window.move(now, index, amount)
+            elif kind == HELD_SAFE:
+                moved = max(window.slice_index(now), index)  # where its remainder counts
+            else:
+                continue
+            if moved != index:
+                entries[i] = (window, position, kind, moved, amount)
+
+    async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
+        assert isinstance(grant, MemoryGrant), "a grant of another backend"
+        self.restamp_now(grant, now.mono)
+
     def statistics_now(
         self, limits: Limits, now: float, wall: float = math.nan
     ) -> tuple[DimensionStatistics, ...]:

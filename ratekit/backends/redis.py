@@ -76,7 +76,7 @@ from ._base import (
     Refusal,
     take_kind,
 )
-from ._scripts import PAUSE, RENEW, RESERVE, SETTLE, STATS, Script
+from ._scripts import PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
 from .memory import MemoryBackend, MemoryGrant
 
 OnUnavailable = Literal["fail_closed", "fail_open", "local"]
@@ -315,7 +315,16 @@ class RedisGrant:
     longer renewed, so its slot comes back when its lease lapses.
     """
 
-    __slots__ = ("__weakref__", "binding", "demand", "indexes", "lease_id", "local", "settled")
+    __slots__ = (
+        "__weakref__",
+        "admitted",
+        "binding",
+        "demand",
+        "indexes",
+        "lease_id",
+        "local",
+        "settled",
+    )
 
     def __init__(
         self,
@@ -335,6 +344,8 @@ class RedisGrant:
         self.local = local
         # Settled, refunded or abandoned: only the first one counts.
         self.settled = False
+        # (the account's clock, this process's monotonic clock) at the admission.
+        self.admitted = (math.nan, math.nan)
 
 
 class _Command:
@@ -1080,6 +1091,7 @@ class RedisBackend:
         link.mark_up()
         if int(reply[0]) == 1:
             grant = RedisGrant(binding, demand, lease_id, [_text(i) for i in reply[2:]])
+            grant.admitted = (float(reply[1]), now.mono)
             self._live[lease_id] = (weakref.ref(grant), binding)
             self._start(renew=True)
             return grant
@@ -1124,6 +1136,59 @@ class RedisBackend:
             link.defer(lease_id, command, SETTLE)
             return
         link.mark_up()
+
+    async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
+        """The call of `grant` left the process now: what it recorded at its admission
+        counts from now. A round trip only when the account's clock has entered a later
+        slice of some window since the admission (estimated from this process's clock);
+        else nothing is sent. Cancelling it, or Redis failing, leaves the admission as
+        it was (the margin is then all there is)."""
+        assert isinstance(grant, RedisGrant), "a grant of another backend"
+        if grant.settled or not self._enter(now, settling=True):
+            return
+        if grant.local is not None:
+            self._fallback.restamp_now(grant.local, now.mono)
+            return
+        binding = grant.binding
+        if binding is None or not self._slices_passed(grant, now.mono):
+            return
+        command = SENT.evalsha(
+            binding.keys,
+            [
+                self._clock_arg(now),
+                str(binding.key_ttl_ms),
+                grant.lease_id,
+                binding.specs(self._wall(now), self._binding),
+                _amounts(grant.demand),
+                " ".join(grant.indexes),
+            ],
+        )
+        try:
+            reply = await self._link.call(command, SENT, abortable=True)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            self._link.mark_down(exc)
+            return
+        if not grant.settled:
+            grant.indexes = [_text(index) for index in reply]
+
+    @staticmethod
+    def _slices_passed(grant: RedisGrant, now_s: float) -> bool:
+        """Whether the account's clock is now (`now_s` on the limiter's clock) in a later
+        slice than the admission's of some rolling window."""
+        account_s, local_s = grant.admitted
+        if math.isnan(account_s):
+            return True
+        binding = grant.binding
+        assert binding is not None
+        estimate_s = account_s + (now_s - local_s)
+        for rate, index in zip(binding.rates, grant.indexes, strict=True):
+            if rate.calendar_tz:
+                continue
+            if math.floor(estimate_s / (rate.period_s / rate.slices)) > float(index):
+                return True
+        return False
 
     def abandon(self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant) -> None:
         """Settle a grant whose holder dropped it, in the background: its lease is no

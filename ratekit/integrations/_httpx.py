@@ -27,6 +27,7 @@ from .._limits import check_amount
 from .._scheduler import Scheduler
 from .._signals import classify
 from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
+from ._sending import stamp_when_sent
 from ._usage import CallPrice, Usage, read_usage, usage_tokens
 
 __all__ = ["RateLimitedTransport", "usage_tokens"]
@@ -148,6 +149,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             priority=request.extensions.get(PRIORITY_EXTENSION, self._priority),
             timeout=self._timeout,
         )
+        stamp_when_sent(request, admission)
         try:
             response = await self._transport.handle_async_request(request)
         except BaseException as error:

@@ -14,9 +14,11 @@ without changing what the caller sees.
 
 from __future__ import annotations
 
+import inspect
 import random
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
@@ -29,6 +31,7 @@ from .._limits import check_amount
 from .._scheduler import Scheduler
 from .._signals import parse_retry_after
 from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
+from ._sending import stamp_when_sent
 from ._usage import CallPrice, Usage, read_usage
 
 R = TypeVar("R")
@@ -140,7 +143,51 @@ def _wrap_client(client: Any, settings: _Settings) -> _Proxy:
     else:
         retries = 0
         quiet = client
-    return _Proxy(client, quiet, (), settings, retries)
+    at_send = _admit_at_send(quiet)
+    return _Proxy(client, quiet, (), settings, retries, at_send)
+
+
+# The call being sent in this task, for the request hook of its HTTP client.
+_SENDING: ContextVar[_Sending | None] = ContextVar("ratekit_sending", default=None)
+
+
+def _admit_at_send(client: Any) -> bool:
+    """Admit `client`'s calls when their request is handed to its HTTP client.
+
+    The openai SDK builds each request (validation, serialisation, headers) before
+    it sends it: under load that CPU is milliseconds a call, and hundreds of calls
+    admitted at once leave the process up to hundreds of milliseconds after their
+    admission, while the provider counts them at arrival. A request hook on the
+    client's ``httpx.AsyncClient`` (httpx runs request hooks just before the
+    transport) admits there instead; it does nothing for requests that ratekit did
+    not wrap. Returns False for a client without one (the call is then admitted
+    before the SDK runs).
+    """
+    http = getattr(client, "_client", None)
+    # An httpx.AsyncClient (or the openai SDK's httpx2 one, the same interface).
+    hooks = getattr(http, "event_hooks", None)
+    send = getattr(http, "send", None)
+    if not (
+        isinstance(hooks, dict)
+        and isinstance(hooks.get("request"), list)
+        and inspect.iscoroutinefunction(send)
+    ):
+        return False
+    if _admit_on_send not in hooks["request"]:
+        hooks["request"].append(_admit_on_send)
+        http.event_hooks = hooks  # type: ignore[union-attr]
+    return True
+
+
+async def _admit_on_send(request: Any) -> None:
+    """httpx request hook: admit the wrapped call this request belongs to, if any, and
+    have it counted from when its first bytes are written (`stamp_when_sent`)."""
+    sending = _SENDING.get()
+    if sending is None:
+        return
+    await sending.admit()
+    if sending.admission is not None:
+        stamp_when_sent(request, sending.admission)
 
 
 class _Settings:
@@ -162,25 +209,34 @@ class _Settings:
 class _Proxy:
     """Passes every attribute through, except along the paths to the admitted creates."""
 
-    __slots__ = ("_path", "_quiet", "_retries", "_settings", "_target")
+    __slots__ = ("_at_send", "_path", "_quiet", "_retries", "_settings", "_target")
 
     def __init__(
-        self, target: Any, quiet: Any, path: tuple[str, ...], settings: _Settings, retries: int
+        self,
+        target: Any,
+        quiet: Any,
+        path: tuple[str, ...],
+        settings: _Settings,
+        retries: int,
+        at_send: bool,
     ) -> None:
         self._target = target  # the caller's object, with its own retries
         self._quiet = quiet  # the same object on the copy without retries
         self._path = path
         self._settings = settings
         self._retries = retries  # the client's own max_retries, for failures other than 429
+        self._at_send = at_send  # admitted by the HTTP client's request hook
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
         path = (*self._path, name)
         if path in _PREFIXES:
-            return _Proxy(value, getattr(self._quiet, name), path, self._settings, self._retries)
+            quiet = getattr(self._quiet, name)
+            return _Proxy(value, quiet, path, self._settings, self._retries, self._at_send)
         if name == "create" and self._path in _ADMITTED:
             create = getattr(self._quiet, name)
-            return _Create(create, _ADMITTED[self._path], self._settings, self._retries)
+            kind = _ADMITTED[self._path]
+            return _Create(create, kind, self._settings, self._retries, self._at_send)
         if name in _COPIES and not self._path:
             return _wrapped_copy(value, self._settings)
         return value
@@ -213,15 +269,21 @@ class _Plan:
 class _Create:
     """One admitted ``create``."""
 
-    __slots__ = ("_create", "_kind", "_retries", "_settings")
+    __slots__ = ("_at_send", "_create", "_kind", "_retries", "_settings")
 
     def __init__(
-        self, create: Callable[..., Any], kind: str, settings: _Settings, retries: int
+        self,
+        create: Callable[..., Any],
+        kind: str,
+        settings: _Settings,
+        retries: int,
+        at_send: bool,
     ) -> None:
         self._create = create  # the create of the copy without retries
         self._kind = kind
         self._settings = settings
         self._retries = retries
+        self._at_send = at_send
 
     async def __call__(self, **params: Any) -> Any:
         plan = self._plan(params)
@@ -286,40 +348,90 @@ class _Create:
                     await anyio.sleep(wait_s)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
-    async def _admit(self, plan: _Plan, left: float | None) -> Admission:
-        return await self._settings.scheduler.admit(
-            tokens=plan.tokens,
-            cost=plan.cost,
-            model=plan.model,
-            priority=plan.priority,
-            timeout=left,
-        )
+    async def _sent(
+        self, params: dict[str, Any], plan: _Plan, left: float | None
+    ) -> tuple[Any, Admission]:
+        """One request sent through one admission: the SDK's answer and the admission.
+
+        The admission is made by the HTTP client's request hook as the request leaves
+        (see `_admit_at_send`), else here before the SDK runs. An error raised before
+        the request was admitted needs no ending; a failed admission raises its own
+        error, not the SDK's wrapping of it.
+        """
+        sending = _Sending(self._settings.scheduler, plan, left)
+        if not self._at_send:
+            await sending.admit()
+        token = _SENDING.set(sending)
+        try:
+            answer = await self._create(**params)
+        except BaseException as error:
+            if sending.error is not None:
+                raise sending.error from None
+            admission = sending.take()
+            if admission is not None:
+                await self._settings.scheduler.finish(admission, error, model=plan.model)
+            raise
+        finally:
+            _SENDING.reset(token)
+        if sending.admission is None:
+            # The client sent nothing through its HTTP client (a test double, or an SDK
+            # that answers from elsewhere): admitted now, so that the call is counted.
+            await sending.admit()
+        admission = sending.take()
+        assert admission is not None
+        return answer, admission
 
     async def _call(self, params: dict[str, Any], plan: _Plan, left: float | None) -> Any:
         """One admission, one request, settled with the answer's usage."""
-        admission = await self._admit(plan, left)
-        error: BaseException | None = None
+        result, admission = await self._sent(params, plan, left)
         try:
-            result = await self._create(**params)
             plan.price.settle(admission, read_usage(result))
-            return result
-        except BaseException as exc:
-            error = exc
-            raise
         finally:
-            await self._settings.scheduler.finish(admission, error, model=plan.model)
+            await self._settings.scheduler.finish(admission, None, model=plan.model)
+        return result
 
     async def _open(
         self, params: dict[str, Any], plan: _Plan, left: float | None, hide_usage: bool
     ) -> _AdmittedStream:
         """One admission, one stream opened: the stream holds the admission from here."""
-        admission = await self._admit(plan, left)
-        try:
-            stream = await self._create(**params)
-        except BaseException as error:
-            await self._settings.scheduler.finish(admission, error, model=plan.model)
-            raise
+        stream, admission = await self._sent(params, plan, left)
         return _AdmittedStream(stream, self._settings.scheduler, admission, plan, hide_usage)
+
+
+class _Sending:
+    """The admission of one request of a wrapped call, made once: before the SDK runs,
+    or by the HTTP client's request hook as the request leaves."""
+
+    __slots__ = ("_left", "_plan", "_scheduler", "admission", "error")
+
+    def __init__(self, scheduler: Scheduler, plan: _Plan, left: float | None) -> None:
+        self._scheduler = scheduler
+        self._plan = plan
+        self._left = left
+        self.admission: Admission | None = None
+        self.error: Exception | None = None  # why the admission failed
+
+    async def admit(self) -> None:
+        if self.admission is not None:
+            return  # a redirect's second request belongs to the same admission
+        plan = self._plan
+        try:
+            self.admission = await self._scheduler.admit(
+                tokens=plan.tokens,
+                cost=plan.cost,
+                model=plan.model,
+                priority=plan.priority,
+                timeout=self._left,
+            )
+        except Exception as error:
+            self.error = error
+            raise
+
+    def take(self) -> Admission | None:
+        """The admission, handed to the caller: a task spawned while the request was
+        sent keeps this object in its context, and must not keep the admission alive."""
+        admission, self.admission = self.admission, None
+        return admission
 
 
 class _Deadline:

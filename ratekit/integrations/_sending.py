@@ -1,0 +1,43 @@
+"""When a request leaves: the instant its admission should count from.
+
+A provider counts a request when it arrives, so the admission of a request is
+counted from the moment its first bytes are written (`Admission.sent`), not from
+when the admission was granted: on a busy event loop the two are milliseconds to
+hundreds of milliseconds apart. httpx (and the openai SDK's httpx2) report that
+moment through the ``trace`` request extension (``http11.send_request_headers
+.started``, or ``http2.``): `stamp_when_sent` hooks it.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from .._admission import Admission
+
+_Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
+_SENDING_EVENT = ".send_request_body.complete"
+
+
+def stamp_when_sent(request: Any, admission: Admission) -> None:
+    """Have `admission` count from when `request` (an httpx request, before the
+    transport) starts to be written, keeping any trace the caller set."""
+    extensions = getattr(request, "extensions", None)
+    if not isinstance(extensions, dict):
+        return
+    previous: _Trace | None = extensions.get("trace")
+    # Weak: the request outlives the admission (a response keeps its request).
+    held: weakref.ref[Admission] | None = weakref.ref(admission)
+
+    async def trace(event: str, info: dict[str, Any]) -> None:
+        nonlocal held
+        if held is not None and event.endswith(_SENDING_EVENT):
+            admission = held()
+            held = None
+            if admission is not None:
+                await admission.sent()
+        if previous is not None:
+            await previous(event, info)
+
+    extensions["trace"] = trace

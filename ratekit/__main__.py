@@ -29,13 +29,16 @@ def main(argv: list[str] | None = None) -> int:
         "--speed", type=float, default=60.0, help="time compression: 60 runs a minute per second"
     )
     parser.add_argument(
-        "--margin-ms", type=float, default=5.0, help="safety margin per admission, real ms (5)"
+        "--margin-ms",
+        type=float,
+        default=None,
+        help="safety margin per admission, real ms (the library's default, 20)",
     )
     args = parser.parse_args(argv)
     try:
         tier = load_profile(args.provider).tier(args.tier)
-        margin_s = args.margin_ms / 1000  # real seconds: margins are not compressed
-        limits = tier.limits(model=args.model, margin_s=margin_s).compressed(args.speed)
+        overrides = {} if args.margin_ms is None else {"margin_s": args.margin_ms / 1000}
+        limits = tier.limits(model=args.model, **overrides).compressed(args.speed)
     except RatekitError as exc:
         print(f"ratekit: {exc}", file=sys.stderr)
         return 2

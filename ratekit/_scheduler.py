@@ -18,6 +18,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception, stop_aft
 
 from ._account import ACCOUNT_GROUP, Account
 from ._admission import Admission, check_priority, check_timeout
+from ._calibration import Calibration, EstimateStatistics
 from ._clock import Clock, SystemClock
 from ._errors import InvalidArgumentError, LimitsError, PermitError
 from ._events import (
@@ -110,6 +111,8 @@ class SchedulerStatistics:
 
     `utilisation` is, per limiter group and dimension, used / limit now.
     `factors` are the adapted shares of the tier's limits in force per group.
+    `estimates` says per model how far prompt estimates were from the provider's
+    counts and what they are scaled by now (`Scheduler.estimates`).
     """
 
     tier: str
@@ -120,6 +123,7 @@ class SchedulerStatistics:
     priorities: dict[int, PriorityStatistics] = field(default_factory=dict)
     utilisation: dict[str, dict[str, float]] = field(default_factory=dict)
     factors: dict[str, float] = field(default_factory=dict)
+    estimates: dict[str, EstimateStatistics] = field(default_factory=dict)
 
 
 class _Group:
@@ -220,6 +224,8 @@ class Scheduler:
         self._cooldowns = 0
         self._waits: dict[int, deque[float]] = {}
         self._admitted_by_priority: dict[int, int] = {}
+        # What prompt estimates are scaled by, learned from the provider's counts.
+        self.estimates = Calibration()
         account.on_change(self._tier_changed)
         # The event loop this scheduler runs in, for calls from other threads.
         self.loop_token: anyio.lowlevel.EventLoopToken | None = None
@@ -653,6 +659,7 @@ class Scheduler:
             priorities=priorities,
             utilisation=utilisation,
             factors={name: group.factor for name, group in self._groups.items()},
+            estimates=self.estimates.statistics(),
         )
 
 

@@ -47,6 +47,8 @@ class StrictProvider:
         self._now = clock
         self._windows = StrictWindows(limits, ProviderCounting.RESERVE)
         self.served = 0
+        # (arrival instant, tokens) of every admitted call.
+        self.arrivals: list[tuple[float, float]] = []
 
     @property
     def in_flight(self) -> int:
@@ -69,6 +71,7 @@ class StrictProvider:
         admitted = self._windows.try_admit(now, tokens=tokens, until_s=now + duration_s)
         if isinstance(admitted, Refusal):
             raise RateLimited(admitted.dimension)
+        self.arrivals.append((now, tokens))
         try:
             await anyio.sleep(duration_s)
         finally:
@@ -102,7 +105,8 @@ class SimulationReport:
         for name, (peak, limit) in self.peak_use.items():
             out.append(f"  {name:<12} peak in any window {peak:>12,.0f} of {limit:>12,.0f}")
         out.append(
-            f"binding limit: {self.binding}, throughput {self.binding_utilisation:.1%} of it"
+            f"binding limit: {self.binding}, steady-state utilisation "
+            f"{self.binding_utilisation:.1%} of it"
         )
         return out
 
@@ -141,6 +145,9 @@ async def simulate(
             group.start_soon(worker)
     elapsed_s = time.monotonic() - started
     binding, utilisation = _binding(limits, totals, elapsed_s)
+    steady = _steady(limits, provider.arrivals, binding)
+    if not math.isnan(steady):
+        utilisation = steady
     return SimulationReport(
         calls=calls,
         served=provider.served,
@@ -150,6 +157,16 @@ async def simulate(
         binding=binding,
         binding_utilisation=utilisation,
     )
+
+
+def _steady(limits: Limits, arrivals: list[tuple[float, float]], binding: str) -> float:
+    """The steady-state utilisation of rate `binding` (see `steady_utilisation`)."""
+    for rate in limits.all_rates:
+        if rate.name == binding and rate.unit in ("requests", "tokens"):
+            stamps = [stamp for stamp, _ in arrivals]
+            amounts = [1.0 if rate.unit == "requests" else tokens for _, tokens in arrivals]
+            return steady_utilisation(stamps, amounts, rate.limit, rate.period_s)
+    return math.nan
 
 
 def _binding(limits: Limits, totals: dict[str, float], elapsed_s: float) -> tuple[str, float]:

@@ -110,6 +110,42 @@ async def drive(
             group.start_soon(worker)
 
 
+async def drive_wrapped(
+    client: Any, outcome: Outcome, *, calls: int, tasks: int, stream: bool = False
+) -> None:
+    """`calls` chat completions from `tasks` tasks through a `ratekit.wrap`ped client (with
+    the SDK's own retry settings, as a user has them); results and errors into `outcome`."""
+    left = calls
+    messages = [{"role": "user", "content": PROMPT}]
+
+    async def one() -> None:
+        if stream:
+            answer = await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stream=True
+            )
+            async for _ in answer:
+                pass
+        else:
+            await client.chat.completions.create(
+                model=MODEL, messages=messages, max_tokens=MAX_TOKENS
+            )
+
+    async def worker() -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            try:
+                await one()
+            except Exception as exc:  # every lost call is reported, not raised
+                outcome.errors.append(repr(exc))
+            else:
+                outcome.results += 1
+
+    async with anyio.create_task_group() as group:
+        for _ in range(tasks):
+            group.start_soon(worker)
+
+
 async def warm_up(client: openai.AsyncOpenAI, connections: int) -> None:
     """Run the client's first chat completion against a throwaway provider (a cold first
     call takes tens of milliseconds more), then open `connections` keep-alive
@@ -140,13 +176,21 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
         if config.get("url") is None
         else RedisBackend(config["url"], namespace=config["namespace"])
     )
-    account = make_account(
-        margin_s=config.get("margin_s", MARGIN_S),
-        pacing=config.get("pacing", False),
-        period_scale=1 / config.get("speed", SPEED),
-    )
+    if config.get("defaults"):
+        # As a user writes it: the library's defaults, only time compressed.
+        account = ratekit.Account(PROVIDER, tier=TIER, period_scale=1 / config["speed"])
+    else:
+        account = make_account(
+            margin_s=config.get("margin_s", MARGIN_S),
+            pacing=config.get("pacing", False),
+            period_scale=1 / config.get("speed", SPEED),
+        )
     scheduler = ratekit.Scheduler(account, backend=backend, hooks=[outcome.record])
-    client = openai.AsyncOpenAI(base_url=config["base_url"], api_key="x", max_retries=0)
+    client = openai.AsyncOpenAI(
+        base_url=config["base_url"],
+        api_key="x",
+        **({} if config.get("defaults") else {"max_retries": 0}),
+    )
     try:
         await warm_up(client, config["connections"])
         await scheduler.limiter().statistics()  # connected, scripts loaded
@@ -155,13 +199,22 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
         # Every task is queued behind the pause when the window opens.
         await scheduler.limiter().pause(max(start_at - time.time(), 0.0))
         with anyio.fail_after(config["timeout_s"]):
-            await drive(
-                scheduler,
-                chat_call(client),
-                outcome,
-                calls=config["calls"],
-                tasks=config["tasks"],
-            )
+            if config.get("defaults"):
+                await drive_wrapped(
+                    ratekit.wrap(client, scheduler),
+                    outcome,
+                    calls=config["calls"],
+                    tasks=config["tasks"],
+                    stream=config.get("stream", False),
+                )
+            else:
+                await drive(
+                    scheduler,
+                    chat_call(client),
+                    outcome,
+                    calls=config["calls"],
+                    tasks=config["tasks"],
+                )
     finally:
         await client.close()
         await backend.aclose()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import gc
 import socket
 import warnings
@@ -100,11 +102,14 @@ async def test_a_stream_closed_early_gives_its_slot_back() -> None:
                     break
                 assert await used(scheduler, "concurrency") == 1
             assert await used(scheduler, "concurrency") == 0
-            # No usage seen: the estimate (prompt + 50 max output) stands.
+            # No usage seen: the reservation (prompt, scaled safe before any answer came
+            # back, + 50 max output) stands.
             estimator = default_estimator(scheduler.account.profile)
             prompt, output = estimate_request_tokens("chat.completions.create", chat(), estimator)
             assert output == 50
-            assert await used(scheduler, "tpm") == prompt + output
+            reserved = scheduler.estimates.reserve("kimi-k2", prompt)
+            assert reserved == math.ceil((prompt + 8) * 1.5 - 8)
+            assert await used(scheduler, "tpm") == reserved + output
 
 
 async def test_a_429_is_answered_and_returned_unchanged() -> None:

@@ -1,15 +1,20 @@
 """``ratekit simulate``: a workload through ratekit into the strict local provider, over HTTP.
 
-The provider enforces the tier exactly and answers 429 to anything beyond it;
-ratekit's job is to send nothing it would refuse, and to leave nothing unused.
-The report says both: 429s, and how much of each limit the run used. With
-``--plot`` a PNG shows what the provider admitted per window against the limits.
+The provider runs in a process of its own (`ProviderProcess`), as a real one
+does, so that its arrival stamps never wait for the client's event loop; it
+enforces the tier exactly and answers 429 to anything beyond it. ratekit runs
+with the library's defaults (only time is compressed): its job is to send
+nothing the provider would refuse, and to leave nothing unused. The report says
+both: 429s, and the steady-state utilisation of the binding limit
+(`steady_utilisation`). With ``--plot`` a PNG shows what the provider admitted
+per window against the limits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import multiprocessing
 import random
 import sys
@@ -27,7 +32,8 @@ from .._errors import RatekitError
 from .._limits import Limits
 from .._profiles import load_profile
 from .._scheduler import Scheduler
-from ..mock_provider import CallRecord, MockProvider
+from ..mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
+from ..simulation import steady_utilisation
 
 
 @dataclass(frozen=True)
@@ -120,17 +126,17 @@ def _process_main(arguments: str) -> None:
     print(json.dumps(result))
 
 
-def _account(provider: str, tier: str, speed: float, margin_ms: float, pacing: bool) -> Account:
-    # Margins are real time. Pacing spreads admissions: a burst of hundreds of
-    # admissions takes the client's one thread long enough to send that the last
-    # arrive hundreds of ms after their admission, too late for any margin.
-    return Account(
-        provider,
-        tier=tier,
-        period_scale=1 / speed,
-        margin_s=margin_ms / 1000,
-        pacing=pacing,
-    )
+def _account(
+    provider: str, tier: str, speed: float, margin_ms: float | None, pacing: bool
+) -> Account:
+    """The account as a user builds it: the library's defaults, time compressed; a margin
+    (real ms, never compressed) and pacing only when asked for."""
+    overrides: dict[str, Any] = {"period_scale": 1 / speed}
+    if margin_ms is not None:
+        overrides["margin_s"] = margin_ms / 1000
+    if pacing:
+        overrides["pacing"] = True
+    return Account(provider, tier=tier, **overrides)
 
 
 def window_series(
@@ -184,12 +190,20 @@ def plot(calls: list[CallRecord], limits: Limits, path: str, title: str) -> None
     plt.close(figure)
 
 
-async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], MockProvider]:
+@dataclass
+class _Run:
+    """What the provider saw of one simulation."""
+
+    calls: list[CallRecord]
+    statistics: MockProviderStatistics
+
+
+async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], _Run]:
     profile = load_profile(options["provider"])
     tier = profile.tier(options["tier"])
     provider_limits = tier.limits(model=options["model_limits"])
     speed = options["speed"]
-    server = MockProvider(
+    server = ProviderProcess(
         provider_limits, speed=speed, completion_tokens=options["completion_tokens"]
     )
     await server.start()
@@ -212,11 +226,12 @@ async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], MockProvid
                 options["redis"],
                 options["namespace"],
             )
-    finally:
         elapsed = time.monotonic() - started
+        run = _Run(await server.calls(), await server.statistics())
+    finally:
         await server.close()
     report: dict[str, Any] = {**outcome, "elapsed_s": elapsed}
-    return report, server
+    return report, run
 
 
 async def _in_processes(
@@ -269,8 +284,32 @@ def _by_dimension(rejected: dict[str, int]) -> str:
     return " (" + ", ".join(f"{name} {count}" for name, count in rejected.items()) + ")"
 
 
-def _report(console: Console, outcome: dict[str, Any], server: MockProvider, title: str) -> int:
-    stats = server.statistics()
+def binding_utilisation(calls: list[CallRecord], limits: Limits) -> tuple[str, float]:
+    """The rate the run used most of in its steady state, and that share of it.
+
+    Requests count at arrival; tokens as the provider counts them (prompt + max
+    output at arrival). NaN for a run too short to have a steady state.
+    """
+    best_name, best = "none", math.nan
+    for rate in limits.all_rates:
+        if rate.unit == "requests":
+            amounts = [1.0] * len(calls)
+        elif rate.unit == "tokens":
+            amounts = [float(call.reserved_tokens) for call in calls]
+        else:
+            continue
+        share = steady_utilisation(
+            [call.arrived_s for call in calls], amounts, rate.limit, rate.period_s
+        )
+        if not math.isnan(share) and (math.isnan(best) or share > best):
+            best_name, best = rate.name, share
+    return best_name, best
+
+
+def _report(
+    console: Console, outcome: dict[str, Any], run: _Run, limits: Limits, title: str
+) -> int:
+    stats = run.statistics
     table = Table(title=title)
     for column in ("dimension", "peak in any window", "limit", "used"):
         table.add_column(column, justify="left" if column == "dimension" else "right")
@@ -282,6 +321,11 @@ def _report(console: Console, outcome: dict[str, Any], server: MockProvider, tit
         f"calls: {outcome['ok']} ok, {outcome['failed']} failed; 429s at the provider: "
         f"{rejected}{_by_dimension(stats.rejected)}; elapsed {outcome['elapsed_s']:.2f} s"
     )
+    name, share = binding_utilisation(run.calls, limits)
+    if math.isnan(share):
+        console.print("steady-state utilisation: the run is too short to have a steady state")
+    else:
+        console.print(f"steady-state utilisation of the binding limit ({name}): {share:.1%}")
     return 0 if rejected == 0 and outcome["failed"] == 0 else 1
 
 
@@ -293,10 +337,20 @@ def _report(console: Console, outcome: dict[str, Any], server: MockProvider, tit
 @click.option("--workers", default=100, show_default=True, help="concurrent tasks in all")
 @click.option("--processes", default=1, show_default=True, help="OS processes (needs --redis)")
 @click.option("--redis", "redis_url", default=None, help="share the account through Redis")
-@click.option("--speed", default=60.0, show_default=True, help="60 runs a minute per second")
-@click.option("--margin-ms", default=50.0, show_default=True, help="safety margin per admission")
 @click.option(
-    "--pacing/--no-pacing", default=True, show_default=True, help="spread requests evenly"
+    "--speed",
+    default=20.0,
+    show_default=True,
+    help="time compression: 20 runs a minute in 3 s (one SDK process sends ~100 calls/s)",
+)
+@click.option(
+    "--margin-ms",
+    type=float,
+    default=None,
+    help="safety margin per admission, real ms [default: the library's, 20]",
+)
+@click.option(
+    "--pacing/--no-pacing", default=False, show_default=True, help="spread requests evenly"
 )
 @click.option("--plot", "plot_path", default=None, help="write a PNG of use per window")
 @click.option("--seed", default=1, show_default=True, help="random seed of the workload")
@@ -309,7 +363,7 @@ def simulate(
     processes: int,
     redis_url: str | None,
     speed: float,
-    margin_ms: float,
+    margin_ms: float | None,
     pacing: bool,
     plot_path: str | None,
     seed: int,
@@ -324,11 +378,12 @@ def simulate(
         has_own_limits = account.group(model) != "account"
     except RatekitError as exc:
         raise click.ClickException(str(exc)) from None
+    model_limits = model if has_own_limits else None
     options = {
         "provider": provider,
         "tier": tier_name,
         "model": model,
-        "model_limits": model if has_own_limits else None,
+        "model_limits": model_limits,
         "calls": calls,
         "workers": workers,
         "processes": processes,
@@ -347,13 +402,12 @@ def simulate(
         f"tpm {limits.tpm}, tpd {limits.tpd}; {calls} calls, {workers} tasks, "
         f"{processes} process(es), time x{speed:g}"
     )
-    outcome, server = asyncio.run(_simulate(options))
+    outcome, run = asyncio.run(_simulate(options))
     title = f"{provider} {tier_name}: what the strict provider admitted"
-    code = _report(console, outcome, server, title)
+    compressed = profile.tier(tier_name).limits(model_limits).compressed(speed)
+    code = _report(console, outcome, run, compressed, title)
     if plot_path:
-        plot(
-            server.calls, server.effective_limits, plot_path, f"{provider} {tier_name}, x{speed:g}"
-        )
+        plot(run.calls, compressed, plot_path, f"{provider} {tier_name}, x{speed:g}")
         console.print(f"plot: {plot_path}")
     sys.exit(code)
 

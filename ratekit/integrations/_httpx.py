@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 
 from .._admission import Admission, check_priority, check_timeout
+from .._calibration import PromptEstimate
 from .._errors import InvalidArgumentError, InvalidCostError
 from .._limits import check_amount
 from .._scheduler import Scheduler
@@ -141,7 +142,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             return await self._transport.handle_async_request(request)
         model = body.get("model") if isinstance(body.get("model"), str) else None
         price = CallPrice(self.scheduler, model)
-        tokens, cost = self._estimate(request, kind, body, price)
+        tokens, cost, prompt = self._estimate(request, kind, body, price)
         admission = await self.scheduler.admit(
             tokens=tokens,
             cost=cost,
@@ -160,26 +161,30 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
                 await self.scheduler.finish(admission, error, model=model)
             raise
         if body.get("stream") is True and _is_event_stream(response):
-            stream = _AdmittedByteStream(response, self.scheduler, admission, model, price)
+            stream = _AdmittedByteStream(response, self.scheduler, admission, model, price, prompt)
             return _with_stream(response, stream)
-        return await self._read_and_finish(request, response, admission, model, price)
+        return await self._read_and_finish(request, response, admission, model, price, prompt)
 
     def _estimate(
         self, request: httpx.Request, kind: str, body: dict[str, Any], price: CallPrice
-    ) -> tuple[float, float]:
-        """(tokens, cost) to reserve: the extensions', else estimated from the body."""
+    ) -> tuple[float, float, PromptEstimate | None]:
+        """(tokens, cost) to reserve: the extensions', else estimated from the body (its
+        prompt scaled as the scheduler learned, see `Scheduler.estimates`)."""
         exact_tokens = request.extensions.get(TOKENS_EXTENSION)
         exact_cost = request.extensions.get(COST_EXTENSION)
+        prompt: PromptEstimate | None = None
         if exact_tokens is not None:
             tokens = check_amount(f"extensions[{TOKENS_EXTENSION!r}]", exact_tokens)
             cost = price.estimate_total(tokens)
         else:
-            prompt, output = estimate_request_tokens(kind, body, self._estimator)
-            tokens = float(prompt + output)
-            cost = price.estimate(prompt, output)
+            estimate, output = estimate_request_tokens(kind, body, self._estimator)
+            model = body.get("model") if isinstance(body.get("model"), str) else None
+            prompt = PromptEstimate(self.scheduler.estimates, model, estimate)
+            tokens = float(prompt.reserved + output)
+            cost = price.estimate(prompt.reserved, output)
         if exact_cost is not None:
             cost = check_amount(f"extensions[{COST_EXTENSION!r}]", exact_cost)
-        return tokens, cost
+        return tokens, cost, prompt
 
     async def _read_and_finish(
         self,
@@ -188,6 +193,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         admission: Admission,
         model: str | None,
         price: CallPrice,
+        prompt: PromptEstimate | None,
     ) -> httpx.Response:
         """Read `response` whole, settle it, and end the admission (answering a rate limit)."""
         error: BaseException | None = None
@@ -203,7 +209,10 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
                 # Answered by the scheduler as a raised 429 would be, but returned, not raised.
                 error = httpx.HTTPStatusError("refused", request=request, response=decoded)
             else:
-                price.settle(admission, read_usage(_json_object(decoded.content)))
+                usage = read_usage(_json_object(decoded.content))
+                if prompt is not None and usage is not None:
+                    prompt.learn(usage.input_tokens)
+                price.settle(admission, usage)
         except BaseException as exc:
             error = exc
             raise
@@ -243,12 +252,14 @@ class _AdmittedByteStream(httpx.AsyncByteStream):
         admission: Admission,
         model: str | None,
         price: CallPrice,
+        prompt: PromptEstimate | None,
     ) -> None:
         self._stream = response.stream
         self._scheduler = scheduler
         self._admission: Admission | None = admission  # None once ended
         self._model = model
         self._price = price
+        self._prompt = prompt
         # Only an unencoded stream can be scanned as it goes.
         self._scan = response.headers.get("content-encoding", "identity") == "identity"
         # The bytes after the last newline, waiting for the rest of their line.
@@ -292,6 +303,8 @@ class _AdmittedByteStream(httpx.AsyncByteStream):
         if admission is None:
             return
         try:
+            if self._prompt is not None and self._usage is not None:
+                self._prompt.learn(self._usage.input_tokens)
             self._price.settle(admission, self._usage)
         finally:
             await self._scheduler.finish(admission, error, model=self._model)

@@ -26,6 +26,7 @@ from typing import Any, Protocol, TypeVar, runtime_checkable
 import anyio
 
 from .._admission import Admission, check_priority, check_timeout
+from .._calibration import PromptEstimate
 from .._errors import InvalidArgumentError, InvalidCostError
 from .._limits import check_amount
 from .._scheduler import Scheduler
@@ -264,6 +265,13 @@ class _Plan:
     priority: int
     timeout: float | None  # seconds of waiting for admissions, over all tries
     price: CallPrice
+    prompt: PromptEstimate | None  # None: the caller gave exact tokens
+
+    def settle(self, admission: Admission, usage: Usage | None) -> None:
+        """Settle `admission` with the answer's usage; learn how the prompt was counted."""
+        if self.prompt is not None and usage is not None:
+            self.prompt.learn(usage.input_tokens)
+        self.price.settle(admission, usage)
 
 
 class _Create:
@@ -312,16 +320,18 @@ class _Create:
         model = params.get("model")
         model = model if isinstance(model, str) else None
         price = CallPrice(settings.scheduler, model)
+        prompt: PromptEstimate | None = None
         if exact_tokens is None:
-            prompt, output = estimate_request_tokens(self._kind, params, settings.estimator)
-            tokens: float = prompt + output
-            cost = price.estimate(prompt, output)
+            estimate, output = estimate_request_tokens(self._kind, params, settings.estimator)
+            prompt = PromptEstimate(settings.scheduler.estimates, model, estimate)
+            tokens: float = prompt.reserved + output
+            cost = price.estimate(prompt.reserved, output)
         else:
             tokens = check_amount("ratekit_tokens", exact_tokens)
             cost = price.estimate_total(tokens)
         if exact_cost is not None:
             cost = check_amount("ratekit_cost", exact_cost)
-        return _Plan(tokens, cost, model, priority, timeout, price)
+        return _Plan(tokens, cost, model, priority, timeout, price, prompt)
 
     async def _retried(self, attempt: Callable[[float | None], Awaitable[R]], plan: _Plan) -> R:
         """Run `attempt` (one admission, one request) until it succeeds or may not retry.
@@ -385,7 +395,7 @@ class _Create:
         """One admission, one request, settled with the answer's usage."""
         result, admission = await self._sent(params, plan, left)
         try:
-            plan.price.settle(admission, read_usage(result))
+            plan.settle(admission, read_usage(result))
         finally:
             await self._settings.scheduler.finish(admission, None, model=plan.model)
         return result
@@ -564,7 +574,7 @@ class _AdmittedStream:
         if admission is None:
             return
         try:
-            self._plan.price.settle(admission, self._usage)
+            self._plan.settle(admission, self._usage)
         finally:
             await self._scheduler.finish(admission, error, model=self._plan.model)
 

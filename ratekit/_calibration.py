@@ -1,0 +1,143 @@
+"""Token estimates that learn how the provider counts.
+
+ratekit estimates a prompt's tokens before the call (tiktoken's o200k, or a
+heuristic); the provider counts with its own tokenizer and says how many it
+counted in the answer's ``usage``. `Calibration` keeps, per model, the ratio of
+the two over recent calls and scales every later estimate by the largest of
+them, so that reservations cover the provider's own counts whatever its
+tokenizer. Until a model has answered `WARM_CALLS` times, estimates are scaled
+by at least `PRIOR_FACTOR`: the first calls err safe.
+
+A ratio is taken as ``(reported + OFFSET) / (estimate + OFFSET)``, and an estimate
+scaled as ``(estimate + OFFSET) x factor - OFFSET``: the few tokens a tokenizer
+adds or drops around a tiny prompt do not inflate the factor for large ones.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import dataclass
+
+# Until this many answers of a model reported their prompt tokens, estimates are
+# scaled by at least PRIOR_FACTOR (tokenizers differ by up to ~50 % on real text).
+WARM_CALLS = 16
+PRIOR_FACTOR = 1.5
+# Ratios kept per model: the factor follows the workload as it changes.
+KEPT_RATIOS = 256
+# Above the largest ratio seen: what the next prompt may add to it.
+HEADROOM = 1.02
+OFFSET = 8.0
+DEFAULT_MODEL = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class EstimateStatistics:
+    """How far one model's prompt estimates were from the provider's counts.
+
+    `calls` answers reported their prompt tokens; `factor` is what estimates are
+    scaled by now; `mean_ratio`, `min_ratio` and `max_ratio` are the provider's
+    count over ratekit's raw estimate for the recent calls (1.2: the provider
+    counted 20 % more); `short` calls were reserved fewer prompt tokens than the
+    provider counted.
+    """
+
+    calls: int
+    factor: float
+    mean_ratio: float
+    min_ratio: float
+    max_ratio: float
+    short: int
+
+
+class _Model:
+    __slots__ = ("calls", "factor", "ratios", "short")
+
+    def __init__(self) -> None:
+        self.ratios: deque[float] = deque(maxlen=KEPT_RATIOS)
+        self.calls = 0
+        self.short = 0
+        self.factor = PRIOR_FACTOR
+
+
+class Calibration:
+    """Per model, the factor that prompt estimates are scaled by; learns from answers.
+
+    One per `Scheduler` (`Scheduler.estimates`); plain state of one event loop.
+    """
+
+    __slots__ = ("_models",)
+
+    def __init__(self) -> None:
+        self._models: dict[str, _Model] = {}
+
+    def _model(self, model: str | None) -> _Model:
+        key = DEFAULT_MODEL if model is None else model
+        found = self._models.get(key)
+        if found is None:
+            found = self._models[key] = _Model()
+        return found
+
+    def factor(self, model: str | None) -> float:
+        """What prompt estimates of `model` are scaled by now."""
+        return self._model(model).factor
+
+    def reserve(self, model: str | None, estimate: float) -> float:
+        """The prompt tokens to reserve for a prompt estimated at `estimate`."""
+        if estimate <= 0:
+            return estimate
+        factor = self._model(model).factor
+        return math.ceil((estimate + OFFSET) * factor - OFFSET)
+
+    def observe(self, model: str | None, estimate: float, reserved: float, reported: float) -> None:
+        """The provider counted `reported` prompt tokens for a prompt estimated at
+        `estimate` and reserved as `reserved`."""
+        if not (estimate >= 0 and reported >= 0) or math.isinf(reported):
+            return
+        state = self._model(model)
+        state.calls += 1
+        if reported > reserved:
+            state.short += 1
+        state.ratios.append((reported + OFFSET) / (estimate + OFFSET))
+        learned = max(state.ratios) * HEADROOM
+        if state.calls < WARM_CALLS:
+            learned = max(learned, PRIOR_FACTOR)
+        state.factor = learned
+
+    def statistics(self) -> dict[str, EstimateStatistics]:
+        """Per model that answered at least once: how far its estimates were off."""
+        out = {}
+        for name, state in self._models.items():
+            if not state.ratios:
+                continue
+            ratios = state.ratios
+            out[name] = EstimateStatistics(
+                calls=state.calls,
+                factor=state.factor,
+                mean_ratio=sum(ratios) / len(ratios),
+                min_ratio=min(ratios),
+                max_ratio=max(ratios),
+                short=state.short,
+            )
+        return out
+
+
+class PromptEstimate:
+    """One call's prompt estimate: what was estimated and reserved, learned from once
+    the answer says what the provider counted. None of a call with exact tokens."""
+
+    __slots__ = ("_calibration", "_done", "estimate", "model", "reserved")
+
+    def __init__(self, calibration: Calibration, model: str | None, estimate: float) -> None:
+        self._calibration = calibration
+        self.model = model
+        self.estimate = estimate
+        self.reserved = calibration.reserve(model, estimate)
+        self._done = False
+
+    def learn(self, reported: float | None) -> None:
+        """The provider counted `reported` prompt tokens (None: the answer did not say)."""
+        if reported is None or self._done:
+            return
+        self._done = True
+        self._calibration.observe(self.model, self.estimate, self.reserved, reported)

@@ -4,47 +4,49 @@ Run from the repository root::
 
     python -m bench.provider [--quick] [--rows 1,4] [--json]
 
-Every run serves a fresh `ratekit.mock_provider.ProviderProcess` (a child process
-that enforces the limits with exact rolling windows and answers 429 on any excess)
-and sends it one workload of chat completions through the real `openai` client,
-from 80 tasks (four processes of 20 for the shared rows), limited by one
-contender:
+Every run starts a fresh `ratekit.mock_provider.ProviderProcess` (a child process
+that counts exact rolling windows and answers 429 on any excess) and sends it one
+workload of chat completions through the real `openai` client from 80 tasks (4
+processes of 20 in row 3), limited by one contender:
 
-- ratekit: library defaults but for the time compression,
+- ratekit, library defaults but for the time compression:
   ``ratekit.wrap(openai.AsyncOpenAI(...), Scheduler(Account("moonshot", tier="tier1",
-  period_scale=1 / speed)))``; the SDK's retries are turned off by `wrap`, which
-  retries 429s itself;
-- aiolimiter: ``AsyncLimiter(limit, period)`` at exactly the tier's numbers,
-  ``await limiter.acquire(amount)`` before each call;
-- limits: ``MovingWindowRateLimiter`` over ``MemoryStorage`` (``RedisStorage``
-  for the shared rows), a ``RateLimitItemPerSecond(limit, period)``,
-  ``hit(item, key, cost=amount)`` polled every 10 ms until it succeeds.
+  period_scale=1 / speed)))`` and no per-call options (a 20 ms margin, "safe" token
+  counting, its own token estimates; `wrap` retries 429s itself);
+- aiolimiter: ``AsyncLimiter(limit, period)``, ``await acquire(amount)`` per call;
+- limits: ``MovingWindowRateLimiter`` over ``MemoryStorage`` (``RedisStorage`` in
+  row 3), ``RateLimitItemPerSecond(limit, period)``, ``hit(item, key, cost=amount)``
+  polled every 10 ms until it succeeds.
 
-Neither peer caps concurrency, so each call of theirs also holds an
-``asyncio.Semaphore`` of the tier's 50 (its share, 12, in each of four
+The peers are set at exactly the tier's numbers. Neither caps concurrency, so their
+calls also hold an ``asyncio.Semaphore`` of the tier's 50 (12 in each of 4
 processes); their client has ``max_retries=0`` and a 429 is a failed call.
 
-Workloads. RPM rows: Moonshot Tier1 (200 RPM, 50 in flight, 2,000,000 TPM), a
-prompt of 90-110 characters, ``max_tokens=50``; the peers acquire 1 a request.
+Workloads. RPM rows: Moonshot Tier1 (200 RPM, 50 in flight, 2,000,000 TPM),
+prompts of 90-110 characters, ``max_tokens=50``; peers acquire 1 a call; a minute
+lasts 2 s (x30), 4 s when streamed (x15: the SDK's stream parsing is CPU-heavy).
 TPM rows: the same tier with ``tpm=20_000`` and no RPM on both sides, prompts of
-300-500 characters and ``max_tokens`` 100-200, 50 tokens of output; every
-contender reserves the same estimate, the prompt's tokens as the mock counts them
-(`ratekit.mock_provider.estimate_tokens`) plus ``max_tokens``, which ratekit is
-given as ``ratekit_tokens=`` (so that the rows compare limiters, not token
-estimators). The provider's ``tokenizer_factor`` then makes its own count 30 %
-above or below that estimate. Each call takes 1.5 provider seconds (50 ms at
-x30). The number of calls is the binding limit's capacity for ``periods + 1``
-periods: a client at 100 % of the limit ends ``periods`` periods after it starts.
+800-1,200 characters, ``max_tokens`` 100-200, 50 tokens of output, a minute in
+1 s (x60, to keep the run short). The peers reserve the prompt's tokens as the
+mock counts them at factor 1.0 (`ratekit.mock_provider.estimate_tokens`) plus
+``max_tokens``: an exact tokenizer, the best a fixed estimate can do. ratekit
+estimates as it does by default (`wrap`'s estimator: tiktoken if installed, else
+its heuristic, scaled by what the provider reports it counted). The provider's
+``tokenizer_factor`` makes its count of a prompt 30 % above or below the mock's.
 
-Columns: calls sent; calls that failed (429s not retried, or retried until
-ratekit gave up); the 429s the provider sent (`statistics().rejected`, every
-dimension); the steady-state utilisation of the binding limit
-(`ratekit.simulation.steady_utilisation` over the provider's own call records:
-arrival stamps and 1 a call for RPM, arrival stamps and the provider's
-reservation for reserve-counted TPM, completion stamps and prompt + completion
-for usage-counted TPM; the mean of windows of one period, the first half period
-and the last period left out, as a share of the limit); wall seconds from the
-first call to the last answer.
+A call takes 1.5 provider seconds. A workload is as many calls as the binding
+limit holds, as the provider counts them, for ``periods + 1`` periods (3, or 2
+with ``--quick``): a client at 100 % of the limit sends a period's worth at once
+and ends ``periods`` periods later.
+
+Columns: calls sent; calls that failed (a 429 not retried, or retried until ratekit
+gave up); 429s the provider sent (`statistics().rejected`, every dimension); the
+steady-state utilisation of the binding limit, from the provider's own records
+(`ratekit.simulation.steady_utilisation`: arrivals and 1 a call for RPM, arrivals
+and the provider's reservation for reserve-counted TPM, completions and prompt +
+completion for usage-counted TPM; the mean of one-period windows, leaving out the
+first half period and the last period, over the limit); wall seconds from the first
+call to the last answer.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -76,7 +79,9 @@ ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = "moonshot"
 TIER = "tier1"
 MODEL = "kimi-k2"
-CONCURRENCY = 50  # the tier's, on the provider and for the peers' semaphore
+TIER_LIMITS = ratekit.load_profile(PROVIDER).tier(TIER).limits()
+RPM = int(TIER_LIMITS.rpm or 0)
+CONCURRENCY = TIER_LIMITS.concurrency or 0  # on the provider and the peers' semaphore
 TASKS = 80
 MEMBERS = 4  # processes of the shared rows
 TPM = 20_000  # the TPM rows' own limit, on both sides
@@ -94,15 +99,16 @@ Counting = Literal["reserve", "usage"]
 
 @dataclass(frozen=True)
 class Call:
-    """One chat completion: its prompt, its output cap and the tokens a client reserves."""
+    """One chat completion: its prompt, its output cap, and `estimate`, the tokens a peer
+    reserves for it: the prompt's tokens as the mock counts them at factor 1.0
+    (`estimate_tokens`) plus the output cap (computed once, outside the timed loop)."""
 
     prompt: str
     max_tokens: int
+    estimate: int = field(init=False)
 
-    @property
-    def estimate(self) -> int:
-        """Prompt tokens as the mock counts them at factor 1.0, plus the output cap."""
-        return estimate_tokens(self.prompt) + self.max_tokens
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "estimate", estimate_tokens(self.prompt) + self.max_tokens)
 
 
 def _text(rng: random.Random, characters: int) -> str:
@@ -132,11 +138,11 @@ class Scenario:
     @property
     def limit(self) -> int:
         """The binding limit per period, in provider numbers."""
-        return 200 if self.binding == "rpm" else TPM
+        return RPM if self.binding == "rpm" else TPM
 
     def provider_limits(self) -> ratekit.Limits:
         if self.binding == "rpm":
-            return ratekit.load_profile(PROVIDER).tier(TIER).limits()
+            return TIER_LIMITS
         return ratekit.Limits(concurrency=CONCURRENCY, tpm=TPM)
 
     def provider_options(self) -> dict[str, Any]:
@@ -160,12 +166,6 @@ class Scenario:
         """What a peer acquires for `call`: a request, or its estimated tokens."""
         return 1 if self.binding == "rpm" else call.estimate
 
-    def workload(self, calls: int, seed: int) -> list[Call]:
-        rng = random.Random(seed)
-        if self.binding == "rpm":
-            return [Call(_text(rng, rng.randint(90, 110)), 50) for _ in range(calls)]
-        return [Call(_text(rng, rng.randint(300, 500)), rng.randint(60, 140)) for _ in range(calls)]
-
     def counted(self, call: Call) -> int:
         """What the provider counts for `call` against the binding limit."""
         if self.binding == "rpm":
@@ -175,12 +175,11 @@ class Scenario:
             return prompt + call.max_tokens
         return prompt + min(call.max_tokens, TPM_COMPLETION_TOKENS)
 
-    def calls(self) -> int:
-        """As many calls as the binding limit holds in ``periods + 1`` periods, as the
-        provider counts them: a client at 100 % of it ends `periods` periods after it starts."""
-        sample = self.workload(500, seed=-1)
-        per_call = sum(self.counted(call) for call in sample) / len(sample)
-        return round(self.limit / per_call * (self.periods + 1))
+    def workload(self, seed: int, share: int = 1) -> tuple[Call, ...]:
+        """Calls (one process's `share` of them) that fill the binding limit, as the
+        provider counts them, for ``periods + 1`` periods: a client at 100 % of the limit
+        sends the first period's at once and ends `periods` periods later."""
+        return _workload(self, seed, share)
 
     def utilisation(self, records: list[Any]) -> float:
         """The binding limit's steady-state share, from the provider's call records."""
@@ -196,16 +195,32 @@ class Scenario:
         return steady_utilisation(stamps, amounts, self.limit, self.period_s)
 
 
+@functools.cache
+def _workload(scenario: Scenario, seed: int, share: int) -> tuple[Call, ...]:
+    rng = random.Random(seed)
+    budget = scenario.limit * (scenario.periods + 1) / share
+    calls: list[Call] = []
+    counted = 0
+    while counted < budget:
+        if scenario.binding == "rpm":
+            call = Call(_text(rng, rng.randint(90, 110)), 50)
+        else:
+            call = Call(_text(rng, rng.randint(800, 1200)), rng.randint(100, 200))
+        calls.append(call)
+        counted += scenario.counted(call)
+    return tuple(calls)
+
+
 def scenarios(quick: bool) -> list[Scenario]:
     periods = 2 if quick else 3
     return [
-        Scenario(1, "RPM, 1 process", "rpm", 30, periods),
-        Scenario(2, "RPM, 1 process, streamed", "rpm", 15, periods, stream=True),
-        Scenario(3, f"RPM, {MEMBERS} processes, Redis", "rpm", 30, periods, members=MEMBERS),
-        Scenario(4, "TPM, reserve, tokenizer x1.0", "tpm", 30, periods),
-        Scenario(5, "TPM, reserve, tokenizer x1.3", "tpm", 30, periods, factor=1.3),
-        Scenario(6, "TPM, reserve, tokenizer x0.7", "tpm", 30, periods, factor=0.7),
-        Scenario(7, "TPM, usage at completion", "tpm", 30, periods, counting="usage"),
+        Scenario(1, "RPM, 1 process, x30", "rpm", 30, periods),
+        Scenario(2, "RPM, 1 process, streamed, x15", "rpm", 15, periods, stream=True),
+        Scenario(3, f"RPM, {MEMBERS} processes, Redis, x30", "rpm", 30, periods, members=MEMBERS),
+        Scenario(4, "TPM, reserve, tokenizer 1.0, x60", "tpm", 60, periods),
+        Scenario(5, "TPM, reserve, tokenizer 1.3, x60", "tpm", 60, periods, factor=1.3),
+        Scenario(6, "TPM, reserve, tokenizer 0.7, x60", "tpm", 60, periods, factor=0.7),
+        Scenario(7, "TPM, usage at completion, x60", "tpm", 60, periods, counting="usage"),
     ]
 
 
@@ -272,7 +287,7 @@ def _ratekit(**account_overrides: Any) -> Contender:
         wrapped = ratekit.wrap(client, scheduler)
 
         async def call(call: Call) -> None:
-            await complete(wrapped, scenario, call, ratekit_tokens=call.estimate)
+            await complete(wrapped, scenario, call)  # ratekit estimates (and learns) itself
 
         async def ready() -> None:
             await scheduler.limiter().statistics()  # connected, scripts loaded
@@ -440,7 +455,7 @@ class Row:
 
 async def run_local(scenario: Scenario, name: str) -> Row:
     """One contender in this process against a fresh provider."""
-    workload = scenario.workload(scenario.calls(), seed=scenario.number)
+    workload = scenario.workload(seed=scenario.number)
     async with ProviderProcess(scenario.provider_limits(), **scenario.provider_options()) as server:
         async with CONTENDERS[name](scenario, server.base_url, None) as session:
             await open_connections(session.client, CONCURRENCY)
@@ -472,7 +487,6 @@ def _start_member(config: dict[str, Any]) -> subprocess.Popen[str]:
 
 async def run_shared(scenario: Scenario, name: str, redis_url: str) -> Row:
     """`scenario.members` processes of one contender sharing the account through Redis."""
-    calls = scenario.calls()
     async with ProviderProcess(scenario.provider_limits(), **scenario.provider_options()) as server:
         base = {
             "contender": name,
@@ -481,11 +495,9 @@ async def run_shared(scenario: Scenario, name: str, redis_url: str) -> Row:
             "redis_url": redis_url,
             "namespace": f"bench-provider-{uuid.uuid4().hex[:12]}",
         }
-        processes = [
-            _start_member({**base, "index": index, "calls": calls // scenario.members})
-            for index in range(scenario.members)
-        ]
+        processes = [_start_member({**base, "index": index}) for index in range(scenario.members)]
         outcome = Outcome()
+        calls = 0
         try:
             for process in processes:
                 assert process.stdout is not None
@@ -503,6 +515,7 @@ async def run_shared(scenario: Scenario, name: str, redis_url: str) -> Row:
                 report = json.loads(stdout.splitlines()[-1])
                 outcome.add(Outcome(report["failed_429"], report["failed_other"], report["errors"]))
                 ended_at = max(ended_at, report["ended_at"])
+                calls += report["calls"]
         finally:
             for process in processes:
                 if process.poll() is None:
@@ -514,7 +527,7 @@ async def run_shared(scenario: Scenario, name: str, redis_url: str) -> Row:
         f"{name} (Redis)",
         scenario.number,
         scenario.title,
-        calls // scenario.members * scenario.members,
+        calls,
         outcome.failed_429 + outcome.failed_other,
         sum(statistics.rejected.values()),
         scenario.utilisation(records),
@@ -528,7 +541,7 @@ async def member(config: dict[str, Any]) -> dict[str, Any]:
     from stdin, makes its calls; returns its outcome."""
     scenario = Scenario(**config["scenario"])
     shared = Shared(config["redis_url"], config["namespace"], scenario.members)
-    workload = scenario.workload(config["calls"], seed=scenario.number * 100 + config["index"])
+    workload = scenario.workload(scenario.number * 100 + config["index"], scenario.members)
     await warm_sdk()
     async with CONTENDERS[config["contender"]](scenario, config["base_url"], shared) as session:
         await open_connections(session.client, CONCURRENCY // scenario.members)
@@ -538,22 +551,7 @@ async def member(config: dict[str, Any]) -> dict[str, Any]:
         await asyncio.sleep(max(start_at - time.time(), 0.0))
         outcome = await drive(session.call, workload, TASKS // scenario.members)
         ended_at = time.time()
-    return {**asdict(outcome), "ended_at": ended_at}
-
-
-class RedisServer:
-    """A throwaway redis-server on a free loopback port, no persistence."""
-
-    def __init__(self, binary: str) -> None:
-        from bench.redis import RedisProcess
-
-        self._process = RedisProcess(binary)
-
-    def __enter__(self) -> str:
-        return self._process.__enter__().url
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self._process.__exit__(None, None, None)
+    return {**asdict(outcome), "calls": len(workload), "ended_at": ended_at}
 
 
 async def run_all(numbers: set[int], quick: bool) -> list[Row]:
@@ -567,9 +565,11 @@ async def run_all(numbers: set[int], quick: bool) -> list[Row]:
             if binary is None:
                 print("bench.provider: no redis-server on PATH; row 3 skipped", file=sys.stderr)
                 continue
-            with RedisServer(binary) as url:
+            from bench.redis import RedisProcess
+
+            with RedisProcess(binary) as redis:
                 for name in SHARED_CONTENDERS:
-                    rows.append(await run_shared(scenario, name, url))
+                    rows.append(await run_shared(scenario, name, redis.url))
                     _progress(rows[-1])
             continue
         names = ["ratekit", "aiolimiter", "limits"]
@@ -587,7 +587,7 @@ async def run_all(numbers: set[int], quick: bool) -> list[Row]:
 def _progress(row: Row) -> None:
     print(
         f"  row {row.row} {row.contender}: {row.rejected_429} 429s, "
-        f"{row.utilisation:.1%}, {row.wall_s:.1f} s",
+        f"{_percent(row.utilisation)}, {row.wall_s:.1f} s",
         file=sys.stderr,
         flush=True,
     )
@@ -597,11 +597,30 @@ def _percent(value: float) -> str:
     return "n/a" if math.isnan(value) else f"{value:.1%}"
 
 
-def print_table(rows: list[Row], load: tuple[float, float, float], quick: bool) -> None:
+def revision() -> str:
+    """The repository's commit, and whether ratekit/ has changes not committed."""
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+        ).stdout.strip()
+        changed = subprocess.run(
+            ["git", "status", "--porcelain", "--", "ratekit"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+    except OSError:
+        return "unknown"
+    if not commit:
+        return "unknown"
+    return f"{commit}, with uncommitted changes in ratekit/" if changed else commit
+
+
+def print_table(rows: list[Row], load: tuple[float, float, float], quick: bool, at: str) -> None:
     print(
         f"429s and steady-state utilisation against the strict mock provider "
-        f"({'quick' if quick else 'full'} run; {os.cpu_count()} CPUs, load average at "
-        f"start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})\n"
+        f"({'quick' if quick else 'full'} run; ratekit at {at}; {os.cpu_count()} CPUs, "
+        f"load average at start {load[0]:.2f} {load[1]:.2f} {load[2]:.2f})\n"
     )
     header = ["#", "scenario", "contender", "calls", "failed", "429s", "utilisation", "wall"]
     lines = [
@@ -642,12 +661,19 @@ def print_table(rows: list[Row], load: tuple[float, float, float], quick: bool) 
             print(f"- row {row.row}, {row.contender}: {error}")
 
 
+def _json_row(row: Row) -> dict[str, Any]:
+    fields = asdict(row)
+    if math.isnan(row.utilisation):
+        fields["utilisation"] = None  # no steady state: strict JSON has no NaN
+    return fields
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         prog="python -m bench.provider",
         description=(__doc__ or "").split("\n\n")[0],
     )
-    parser.add_argument("--quick", action="store_true", help="2 periods a run: about 1 minute")
+    parser.add_argument("--quick", action="store_true", help="2 periods a run instead of 3")
     parser.add_argument("--rows", default="1,2,3,4,5,6,7", help="rows to run (1-7)")
     parser.add_argument("--json", action="store_true", help="print the rows as JSON")
     parser.add_argument("--member", help=argparse.SUPPRESS)  # a process of a shared row
@@ -657,19 +683,26 @@ def main(argv: list[str] | None = None) -> None:
         print(json.dumps(report), flush=True)
         return
     load = os.getloadavg()
+    at = revision()
     print(f"bench.provider: load average {load[0]:.2f} at start", file=sys.stderr)
-    numbers = {int(part) for part in args.rows.split(",") if part}
+    try:
+        numbers = {int(part) for part in args.rows.split(",") if part}
+    except ValueError:
+        parser.error(f"--rows: row numbers, comma-separated, got {args.rows!r}")
+    if not numbers or not numbers <= {1, 2, 3, 4, 5, 6, 7}:
+        parser.error(f"--rows: numbers from 1 to 7, got {args.rows!r}")
     rows = asyncio.run(run_all(numbers, args.quick))
     if args.json:
         report = {
             "cpus": os.cpu_count(),
             "load_average": load,
             "quick": args.quick,
-            "rows": [asdict(row) for row in rows],
+            "revision": at,
+            "rows": [_json_row(row) for row in rows],
         }
         print(json.dumps(report, indent=2))
     else:
-        print_table(rows, load, args.quick)
+        print_table(rows, load, args.quick, at)
 
 
 if __name__ == "__main__":

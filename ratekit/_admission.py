@@ -203,13 +203,25 @@ class Admission:
         """Whether the admission is held (granted and not yet ended)."""
         return self._state == _GRANTED
 
-    def settle(self, *, tokens: float | None = None, cost: float | None = None) -> None:
+    def settle(
+        self,
+        *,
+        tokens: float | None = None,
+        cost: float | None = None,
+        counted_tokens: float | None = None,
+    ) -> None:
         """Record the call's real usage; applied when the admission ends.
 
         `tokens` and `cost` default to the estimates. Settling twice is an error.
         How the real usage counts depends on the provider's token counting: under
         "reserve" the reservation stands whatever the usage; under "usage" the
         real amount counts from the end; under "safe" the larger of the two.
+
+        `counted_tokens` is what the provider reserved for the call at its arrival,
+        when the answer tells (its own count of the prompt plus the request's output
+        cap): under "reserve" and "safe" it stands instead of ratekit's estimate, so
+        that an estimate made too large (or too small) counts as the provider
+        counted it.
         """
         if self._state != _GRANTED:
             raise PermitError("settle needs a granted admission that has not ended")
@@ -220,6 +232,9 @@ class Admission:
             estimate.requests,
             estimate.tokens if tokens is None else _amount("settle tokens", tokens),
             estimate.cost if cost is None else _amount("settle cost", cost),
+            math.nan
+            if counted_tokens is None
+            else _amount("settle counted_tokens", counted_tokens),
         )
 
     async def sent(self) -> None:

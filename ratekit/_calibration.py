@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 # Until this many answers of a model reported their prompt tokens, estimates are
 # scaled by at least PRIOR_FACTOR (tokenizers differ by up to ~50 % on real text).
-WARM_CALLS = 16
+WARM_CALLS = 8
 PRIOR_FACTOR = 1.5
 # Ratios kept per model: the factor follows the workload as it changes.
 KEPT_RATIOS = 256
@@ -124,16 +124,26 @@ class Calibration:
 
 class PromptEstimate:
     """One call's prompt estimate: what was estimated and reserved, learned from once
-    the answer says what the provider counted. None of a call with exact tokens."""
+    the answer says what the provider counted. `output` is the call's output cap."""
 
-    __slots__ = ("_calibration", "_done", "estimate", "model", "reserved")
+    __slots__ = ("_calibration", "_done", "estimate", "model", "output", "reserved")
 
-    def __init__(self, calibration: Calibration, model: str | None, estimate: float) -> None:
+    def __init__(
+        self, calibration: Calibration, model: str | None, estimate: float, output: float = 0
+    ) -> None:
         self._calibration = calibration
         self.model = model
         self.estimate = estimate
+        self.output = output
         self.reserved = calibration.reserve(model, estimate)
         self._done = False
+
+    def counted(self, reported: float | None) -> float | None:
+        """What a provider that reserves at arrival counted for the call, from its count of
+        the prompt (`reported`, None: not said): that count plus the output cap."""
+        if reported is None:
+            return None
+        return reported + self.output
 
     def learn(self, reported: float | None) -> None:
         """The provider counted `reported` prompt tokens (None: the answer did not say)."""

@@ -25,6 +25,9 @@ from ._queue import Waiter, WaitQueue
 from .backends._base import Backend, Demand, DimensionStatistics, Grant, InProcess, Refusal
 from .backends.memory import MemoryBackend
 
+# Callers admitted in one backend call at most: the head and those behind it.
+_BATCH = 32
+
 
 def _ceilings(limits: Limits) -> tuple[float, float, float]:
     # The most of each unit one call may ask for: its smallest rate, and never beyond
@@ -350,7 +353,7 @@ class Limiter:
                 return outcome
             refusal = outcome
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
-        waiter = queue.push(priority)
+        waiter = queue.push(priority, demand)
         if self._unsubscribe is None:
             self._unsubscribe = self._backend.subscribe(self._on_change)
         if queue.head() is waiter:
@@ -360,6 +363,11 @@ class Limiter:
         try:
             return await self._serve(waiter, demand, deadline_s, timeout_s, refusal)
         finally:
+            if waiter.grant is not None:
+                # Admitted with the head, then cancelled or timed out before taking it:
+                # nothing was sent, everything goes back.
+                grant, waiter.grant = waiter.grant, None
+                self._backend.abandon(self._limits, grant, None, self.instant())
             was_head = queue.head() is waiter
             queue.remove(waiter)
             if was_head:
@@ -382,6 +390,9 @@ class Limiter:
         """Wait for the turn, then as the head retry whenever the backend said or a release
         came; a head displaced by a higher priority goes back to waiting for its turn."""
         while True:
+            if waiter.grant is not None:  # admitted together with the head
+                grant, waiter.grant = waiter.grant, None
+                return grant
             if self._queue.head() is not waiter:
                 waiter.turn = anyio.Event()
                 await self._wait_turn(waiter.turn, deadline_s, timeout_s)
@@ -390,9 +401,8 @@ class Limiter:
             # Armed before asking, so a release during the round trip is not missed.
             self._wake = wake = anyio.Event()
             if refusal is None:
-                outcome = await self._backend.reserve(self._limits, demand, self.instant())
+                outcome = await self._reserve_with_followers(waiter, demand)
                 if not isinstance(outcome, Refusal):
-                    self._queue.admitted(waiter)
                     return outcome
                 refusal = outcome
             wait_s = refusal.wait_s
@@ -406,6 +416,33 @@ class Limiter:
                 wait_s = min(wait_s, left_s)
             refusal = None
             await self._clock.wait(wake, wait_s)
+
+    async def _reserve_with_followers(self, head: Waiter, demand: Demand) -> Grant | Refusal:
+        """Admit the head, and in the same backend call the callers behind it in its
+        priority (up to `_BATCH`) until one does not fit: a burst of capacity freed at
+        once is handed out in one round trip, in queue order, not one per round trip.
+        The followers admitted are woken with their grants."""
+        followers = self._queue.behind(head, _BATCH - 1)
+        if not followers:
+            outcome = await self._backend.reserve(self._limits, demand, self.instant())
+            if not isinstance(outcome, Refusal):
+                self._queue.admitted(head)
+            return outcome
+        demands = [demand, *(follower.demand for follower in followers)]
+        grants, refusal = await self._backend.reserve_many(self._limits, demands, self.instant())
+        if not grants:
+            assert refusal is not None, "a backend admits or refuses the head"
+            return refusal
+        self._queue.admitted(head)
+        for follower, grant in zip(followers, grants[1:], strict=False):
+            if follower.gone:
+                # Left while the call was on its way: nothing was sent, all goes back.
+                self._backend.abandon(self._limits, grant, None, self.instant())
+                continue
+            self._queue.admitted(follower)
+            follower.grant = grant
+            follower.turn.set()
+        return grants[0]
 
     async def _wait_turn(
         self, turn: anyio.Event, deadline_s: float | None, timeout_s: float | None

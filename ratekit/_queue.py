@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 from collections import deque
+from typing import Any
 
 import anyio
 
@@ -10,15 +12,19 @@ from ._errors import LimitsError, QueueFullError
 
 
 class Waiter:
-    """One caller waiting for a limiter. `turn` is set when it becomes the head."""
+    """One caller waiting for a limiter. `turn` is set when it becomes the head, or when
+    the head was admitted together with it (then `grant` holds its admission)."""
 
-    __slots__ = ("gone", "priority", "turn")
+    __slots__ = ("demand", "gone", "grant", "priority", "turn")
 
-    def __init__(self, priority: int) -> None:
+    def __init__(self, priority: int, demand: Any = None) -> None:
         self.priority = priority
+        self.demand = demand
         self.turn = anyio.Event()
         # Removed while not at the front of its level: skipped when it gets there.
         self.gone = False
+        # Admitted with the head, not yet taken by its caller.
+        self.grant: Any = None
 
 
 class WaitQueue:
@@ -65,11 +71,11 @@ class WaitQueue:
         """How many callers wait, per priority."""
         return dict(self._counts)
 
-    def push(self, priority: int) -> Waiter:
+    def push(self, priority: int, demand: Any = None) -> Waiter:
         """Queue a caller; `QueueFullError` when `max_size` callers already wait."""
         if self.max_size is not None and self._size >= self.max_size:
             raise QueueFullError(self.max_size)
-        waiter = Waiter(priority)
+        waiter = Waiter(priority, demand)
         self._levels.setdefault(priority, deque()).append(waiter)
         self._counts[priority] = self._counts.get(priority, 0) + 1
         self._size += 1
@@ -103,6 +109,20 @@ class WaitQueue:
             if self._credits.get(priority, 0.0) + self.lower_share >= 1.0 - 1e-9:
                 return self._levels[priority][0]
         return self._levels[priorities[0]][0]
+
+    def behind(self, head: Waiter, count: int) -> list[Waiter]:
+        """Up to `count` callers after `head` in its own priority, in order, not yet
+        admitted: those that may be admitted together with it."""
+        found: list[Waiter] = []
+        level = self._levels.get(head.priority)
+        if not level or level[0] is not head:
+            return found
+        for waiter in itertools.islice(level, 1, None):
+            if len(found) >= count:
+                break
+            if not waiter.gone and waiter.grant is None:
+                found.append(waiter)
+        return found
 
     def admitted(self, waiter: Waiter) -> None:
         """Account for `waiter`'s admission (before `remove`): lower priorities earn credit."""

@@ -216,13 +216,19 @@ class SlicedWindow:
         self.unhold(reserved)
         self.record(now, real)
 
-    def settle_safe(self, now: float, index: int, reserved: float, real: float) -> None:
+    def settle_safe(
+        self, now: float, index: int, held: float, real: float, reserved: float | None = None
+    ) -> None:
         """Settle a held call admitted in slice `index` the ``safe`` way.
 
         Until slice `index` expires, count max(reserved, real): the remainder of the
         reservation there, the real usage now; afterwards only the real usage.
+        `reserved` is what the provider counted at arrival when the answer told
+        (default: `held`, ratekit's estimate).
         """
-        self.unhold(reserved)
+        self.unhold(held)
+        if reserved is None:
+            reserved = held
         if self._last_start_s <= now < self._last_end_s and self._slices[-1][0] == index:
             self.record(now, max(reserved, real))  # admitted in this very slice
             return
@@ -367,8 +373,12 @@ class CalendarWindow:
         self.unhold(reserved)
         self.record(now, real)
 
-    def settle_safe(self, now: float, index: int, reserved: float, real: float) -> None:
-        self.unhold(reserved)
+    def settle_safe(
+        self, now: float, index: int, held: float, real: float, reserved: float | None = None
+    ) -> None:
+        self.unhold(held)
+        if reserved is None:
+            reserved = held
         if reserved > real:
             self.add_to_slice(now, index, reserved - real)
         self.record(now, real)

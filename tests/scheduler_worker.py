@@ -111,23 +111,30 @@ async def drive(
 
 
 async def drive_wrapped(
-    client: Any, outcome: Outcome, *, calls: int, tasks: int, stream: bool = False
+    client: Any,
+    outcome: Outcome,
+    *,
+    calls: int,
+    tasks: int,
+    stream: bool = False,
+    prompt: str = PROMPT,
+    max_tokens: int = MAX_TOKENS,
 ) -> None:
     """`calls` chat completions from `tasks` tasks through a `ratekit.wrap`ped client (with
     the SDK's own retry settings, as a user has them); results and errors into `outcome`."""
     left = calls
-    messages = [{"role": "user", "content": PROMPT}]
+    messages = [{"role": "user", "content": prompt}]
 
     async def one() -> None:
         if stream:
             answer = await client.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=MAX_TOKENS, stream=True
+                model=MODEL, messages=messages, max_tokens=max_tokens, stream=True
             )
             async for _ in answer:
                 pass
         else:
             await client.chat.completions.create(
-                model=MODEL, messages=messages, max_tokens=MAX_TOKENS
+                model=MODEL, messages=messages, max_tokens=max_tokens
             )
 
     async def worker() -> None:
@@ -178,7 +185,12 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
     )
     if config.get("defaults"):
         # As a user writes it: the library's defaults, only time compressed.
-        account = ratekit.Account(PROVIDER, tier=TIER, period_scale=1 / config["speed"])
+        account = ratekit.Account(
+            config.get("provider", PROVIDER),
+            tier=config.get("tier", TIER),
+            period_scale=1 / config["speed"],
+            **config.get("overrides", {}),
+        )
     else:
         account = make_account(
             margin_s=config.get("margin_s", MARGIN_S),
@@ -206,6 +218,8 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
                     calls=config["calls"],
                     tasks=config["tasks"],
                     stream=config.get("stream", False),
+                    prompt=config.get("prompt", PROMPT),
+                    max_tokens=config.get("max_tokens", MAX_TOKENS),
                 )
             else:
                 await drive(

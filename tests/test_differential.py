@@ -28,7 +28,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from zoneinfo import ZoneInfo
 
 import fakeredis
@@ -435,6 +435,7 @@ class Differential(RuleBasedStateMachine):
         tokens_extra=st.sampled_from([0, 0, 1, 7, 40, 500]),
         cost_scale=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
         cost_extra=st.sampled_from([0.0, 0.0, 0.125, 0.5]),
+        counted_scale=st.sampled_from([None, None, 0.5, 1.0, 1.25]),
     )
     def settle(
         self,
@@ -443,15 +444,65 @@ class Differential(RuleBasedStateMachine):
         tokens_extra: int,
         cost_scale: float,
         cost_extra: float,
+        counted_scale: float | None,
     ) -> None:
-        """The real usage: below, at or above the estimate (also above an estimate of 0)."""
+        """The real usage: below, at or above the estimate (also above an estimate of 0);
+        sometimes with what the provider counted at arrival, below or above the estimate."""
         estimate = admission.demand
         actual = Demand(
             estimate.requests,
             estimate.tokens * tokens_scale + tokens_extra,
             estimate.cost * cost_scale + cost_extra,
+            math.nan if counted_scale is None else estimate.tokens * counted_scale,
         )
         self._settle(admission, actual)
+
+    @rule(admission=admissions, later_s=st.sampled_from([0.0, 0.01, 0.3, 1.0, 2.5]))
+    def sent(self, admission: Admission, later_s: float) -> None:
+        """The request leaves a while after its admission: it counts from then on."""
+        self._advance_to(self._mono_s + later_s)
+        limits, now = self.limits, self.now
+        outcomes = self._on_all(
+            lambda backend, index: backend.restamp(limits, admission.grants[index], now)
+        )
+        kinds = [_outcome_kind(outcome) for outcome in outcomes]
+        assert len(set(kinds)) == 1, f"sent: {_describe_all(outcomes)}"
+
+    @rule(
+        target=admissions,
+        count=st.integers(2, 5),
+        tokens=st.integers(0, 30),
+    )
+    def reserve_queue(self, count: int, tokens: int) -> object:
+        """A queue's head and the callers behind it in one call: the same prefix admitted
+        on every backend, and the same refusal for the first one left out."""
+        limits, now = self.limits, self.now
+        demands = [Demand(1, tokens + 3 * i, 0.0) for i in range(count)]
+        outcomes = self._on_all(lambda backend, _: backend.reserve_many(limits, demands, now))
+        if any(isinstance(outcome, Raised) for outcome in outcomes):
+            kinds = [_outcome_kind(outcome) for outcome in outcomes]
+            assert len(set(kinds)) == 1, f"reserve_many: {_describe_all(outcomes)}"
+            return multiple()
+        batches = [cast(tuple[list[Any], Refusal | None], outcome) for outcome in outcomes]
+        admitted = [len(grants) for grants, _ in batches]
+        assert len(set(admitted)) == 1, f"reserve_many({demands}) at {now}: {admitted}"
+        refusals = [refusal for _, refusal in batches]
+        # A release-only wait is bounded by the oldest lease, those just granted included.
+        oldest = min(
+            [*self._leases.values(), *([now.mono] if admitted[0] else [])], default=math.inf
+        )
+        check_same_outcome(
+            f"reserve_many({demands}) at {now}, after {admitted[0]}",
+            [refusal if refusal is not None else "all" for refusal in refusals],
+            oldest + LEASE_TTL_S - now.mono,
+        )
+        made = []
+        for j in range(admitted[0]):
+            self._admitted += 1
+            self._leases[self._admitted] = now.mono
+            grants = (batches[0][0][j], batches[1][0][j], batches[2][0][j])
+            made.append(Admission(self._admitted, demands[j], now.mono, grants))
+        return multiple(*made)
 
     @rule(admission=admissions)
     def release(self, admission: Admission) -> None:

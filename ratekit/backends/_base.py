@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -38,12 +39,18 @@ UNIT_POSITION = {"requests": 0, "tokens": 1, "money": 2}
 class Demand(NamedTuple):
     """What one call asks for (or really used): validated, non-negative amounts.
 
-    A tuple, so that the hot path can unpack it as ``requests, tokens, cost``.
+    A tuple, so that the hot path can index it by `UNIT_POSITION`. `counted`, in a
+    call's real usage only, is the tokens the provider counted against its rates at
+    the call's arrival when its answer told (its own prompt count plus the request's
+    output cap): it replaces ratekit's estimate where a token counting keeps the
+    reservation (``reserve``, and ``safe`` until the admission's slice ends). NaN:
+    not known.
     """
 
     requests: float = 1
     tokens: float = 0
     cost: float = 0
+    counted: float = math.nan
 
     def of_unit(self, unit: str) -> float:
         """The amount in `unit` ("requests", "tokens" or "money")."""
@@ -109,6 +116,15 @@ class Backend(Protocol):
 
         Cancelling the call never leaves a grant behind: a grant that arrives
         after the caller left is handed back by the backend itself.
+        """
+        ...
+
+    async def reserve_many(
+        self, limits: Limits, demands: Sequence[Demand], now: Instant
+    ) -> tuple[list[Grant], Refusal | None]:
+        """Admit `demands` in order, as `reserve` each, until one does not fit: the grants
+        of those admitted and the refusal of the first that was not (None: all were).
+        Nothing comes between them: a queue served this way keeps its order.
         """
         ...
 

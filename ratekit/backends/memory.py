@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from .._clock import Instant
 from .._limits import UNITS, Limits
@@ -21,6 +21,7 @@ from ._base import (
 )
 
 _WindowKey = tuple[str, float, str | None, int]
+_TOKENS = UNIT_POSITION["tokens"]
 
 
 class _Binding:
@@ -165,11 +166,20 @@ class MemoryBackend:
                 else:
                     window.unhold(amount)
         else:
+            counted = actual.counted
+            known = not math.isnan(counted)
             for window, position, kind, index, amount in grant.entries:
+                reserved = counted if known and position == _TOKENS else amount
                 if kind == HELD_SAFE:
-                    window.settle_safe(now, index, amount, actual[position])
-                elif kind != RECORDED:  # recorded: counted at admission, as the provider does
+                    window.settle_safe(now, index, amount, actual[position], reserved)
+                elif kind != RECORDED:
                     window.settle_usage(now, amount, actual[position])
+                elif reserved < amount:
+                    # Counted at admission, as the provider does, with an estimate the
+                    # provider's own count corrects.
+                    window.refund(now, index, amount - reserved)
+                elif reserved > amount:
+                    window.add_to_slice(now, index, reserved - amount)
         self._in_flight -= 1
         if self._listeners:
             self._listeners.notify()
@@ -234,6 +244,17 @@ class MemoryBackend:
 
     async def reserve(self, limits: Limits, demand: Demand, now: Instant) -> MemoryGrant | Refusal:
         return self.reserve_now(limits, demand, now.mono, now.wall)
+
+    async def reserve_many(
+        self, limits: Limits, demands: Sequence[Demand], now: Instant
+    ) -> tuple[list[Grant], Refusal | None]:
+        grants: list[Grant] = []
+        for demand in demands:
+            outcome = self.reserve_now(limits, demand, now.mono, now.wall)
+            if isinstance(outcome, Refusal):
+                return grants, outcome
+            grants.append(outcome)
+        return grants, None
 
     async def settle(
         self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant

@@ -46,7 +46,7 @@ import time
 import weakref
 import zoneinfo
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -1060,20 +1060,37 @@ class RedisBackend:
         Cancellable at any point: a grant that arrives after the caller left is
         refunded by the backend (`settle` with nothing used).
         """
+        grants, refusal = await self.reserve_many(limits, (demand,), now)
+        if grants:
+            return grants[0]
+        assert refusal is not None
+        return refusal
+
+    async def reserve_many(
+        self, limits: Limits, demands: Sequence[Demand], now: Instant
+    ) -> tuple[list[Grant], Refusal | None]:
+        """Admit `demands` in order, each atomically on every dimension, until one does not
+        fit: the grants of those admitted, and the refusal of the first that was not
+        (None when all were). One round trip, in one script: nothing can come between
+        them, so a queue served this way keeps its order.
+
+        Cancellable like `reserve`: grants that arrive after the caller left are
+        refunded by the backend.
+        """
         self._enter(now)
         link = self._link
         binding = self._bind(limits)
-        lease_id = f"{self._instance}:{next(self._lease_ids)}"
+        lease_ids = [f"{self._instance}:{next(self._lease_ids)}" for _ in demands]
         command = RESERVE.evalsha(
             binding.keys,
             [
                 self._clock_arg(now),
                 str(binding.key_ttl_ms),
                 binding.concurrency,
-                lease_id,
+                " ".join(lease_ids),
                 repr(self._lease_ttl_s),
                 binding.specs(self._wall(now)),
-                _amounts(demand),
+                "|".join(_amounts(demand) for demand in demands),
             ],
         )
         try:
@@ -1081,27 +1098,35 @@ class RedisBackend:
                 command,
                 RESERVE,
                 abortable=True,
-                orphan=partial(self._refund_orphan, binding, demand, lease_id),
+                orphan=partial(self._refund_orphan, binding, demands, lease_ids),
             )
         except Exception as exc:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            return self._reserve_unavailable(limits, demand, now)
+            return self._reserve_many_unavailable(limits, demands, now)
         link.mark_up()
-        if int(reply[0]) == 1:
-            grant = RedisGrant(binding, demand, lease_id, [_text(i) for i in reply[2:]])
-            grant.admitted = (float(reply[1]), now.mono)
-            self._live[lease_id] = (weakref.ref(grant), binding)
-            self._start(renew=True)
-            return grant
-        self._start(renew=False)
-        dimension = int(reply[2])
+        admitted = int(reply[0])
+        account_now = float(reply[1])
+        windows = len(binding.rates)
+        grants: list[Grant] = []
+        for j in range(admitted):
+            at = 2 + j * windows
+            indexes = [_text(i) for i in reply[at : at + windows]]
+            grant = RedisGrant(binding, demands[j], lease_ids[j], indexes)
+            grant.admitted = (account_now, now.mono)
+            self._live[lease_ids[j]] = (weakref.ref(grant), binding)
+            grants.append(grant)
+        self._start(renew=bool(grants))
+        if admitted == len(demands):
+            return grants, None
+        at = 2 + admitted * windows
+        dimension = int(reply[at + 1])
         if dimension <= 0:
             name = "concurrency" if dimension == 0 else "cooldown"
         else:
             name = binding.names[dimension - 1]
-        return Refusal(float(reply[1]), name)
+        return grants, Refusal(float(reply[at]), name)
 
     async def settle(
         self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant
@@ -1152,6 +1177,7 @@ class RedisBackend:
         binding = grant.binding
         if binding is None or not self._slices_passed(grant, now.mono):
             return
+        account_s, local_s = grant.admitted
         command = SENT.evalsha(
             binding.keys,
             [
@@ -1161,6 +1187,7 @@ class RedisBackend:
                 binding.specs(self._wall(now), self._binding),
                 _amounts(grant.demand),
                 " ".join(grant.indexes),
+                "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s)),
             ],
         )
         try:
@@ -1243,6 +1270,7 @@ class RedisBackend:
                 _amounts(demand),
                 _amounts(real),
                 " ".join(indexes),
+                "" if actual is None or math.isnan(actual.counted) else repr(actual.counted),
             ],
         )
 
@@ -1262,20 +1290,26 @@ class RedisBackend:
             _log.warning("a settle whose caller was cancelled failed: %r", exc)
 
     def _refund_orphan(
-        self, binding: _Binding, demand: Demand, lease_id: str, future: asyncio.Future[Any]
+        self,
+        binding: _Binding,
+        demands: Sequence[Demand],
+        lease_ids: list[str],
+        future: asyncio.Future[Any],
     ) -> None:
-        """A reserve whose caller left got its reply: hand back a grant nobody holds."""
+        """A reserve whose caller left got its reply: hand back grants nobody holds."""
         if future.cancelled() or future.exception() is not None:
-            # Unsent, or lost on the way: if the script ran, its lease is never
-            # renewed and lapses, and the requests it counted stay counted.
+            # Unsent, or lost on the way: if the script ran, its leases are never
+            # renewed and lapse, and the requests it counted stay counted.
             self._link.orphan(future)
             return
         reply = future.result()
         self._link.mark_up()
-        if int(reply[0]) == 1:
-            indexes = [_text(i) for i in reply[2:]]
-            command = self._settle_command(binding, lease_id, demand, indexes, None, None)
-            self._link.spawn(self._link.send_later(lease_id, command, SETTLE))
+        windows = len(binding.rates)
+        for j in range(int(reply[0])):
+            at = 2 + j * windows
+            indexes = [_text(i) for i in reply[at : at + windows]]
+            command = self._settle_command(binding, lease_ids[j], demands[j], indexes, None, None)
+            self._link.spawn(self._link.send_later(lease_ids[j], command, SETTLE))
 
     async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
         """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
@@ -1548,6 +1582,17 @@ class RedisBackend:
             f"redis at {self._link.where} is unreachable ({self._link.last_error}); "
             f"namespace {self.namespace!r}, policy {self._policy}"
         )
+
+    def _reserve_many_unavailable(
+        self, limits: Limits, demands: Sequence[Demand], now: Instant
+    ) -> tuple[list[Grant], Refusal | None]:
+        grants: list[Grant] = []
+        for demand in demands:
+            outcome = self._reserve_unavailable(limits, demand, now)
+            if isinstance(outcome, Refusal):
+                return grants, outcome
+            grants.append(outcome)
+        return grants, None
 
     def _reserve_unavailable(self, limits: Limits, demand: Demand, now: Instant) -> Grant | Refusal:
         if self._policy == "fail_closed":

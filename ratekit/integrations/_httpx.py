@@ -179,7 +179,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         else:
             estimate, output = estimate_request_tokens(kind, body, self._estimator)
             model = body.get("model") if isinstance(body.get("model"), str) else None
-            prompt = PromptEstimate(self.scheduler.estimates, model, estimate)
+            prompt = PromptEstimate(self.scheduler.estimates, model, estimate, output)
             tokens = float(prompt.reserved + output)
             cost = price.estimate(prompt.reserved, output)
         if exact_cost is not None:
@@ -210,9 +210,11 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
                 error = httpx.HTTPStatusError("refused", request=request, response=decoded)
             else:
                 usage = read_usage(_json_object(decoded.content))
+                counted = None
                 if prompt is not None and usage is not None:
                     prompt.learn(usage.input_tokens)
-                price.settle(admission, usage)
+                    counted = prompt.counted(usage.input_tokens)
+                price.settle(admission, usage, counted)
         except BaseException as exc:
             error = exc
             raise
@@ -303,9 +305,11 @@ class _AdmittedByteStream(httpx.AsyncByteStream):
         if admission is None:
             return
         try:
+            counted = None
             if self._prompt is not None and self._usage is not None:
                 self._prompt.learn(self._usage.input_tokens)
-            self._price.settle(admission, self._usage)
+                counted = self._prompt.counted(self._usage.input_tokens)
+            self._price.settle(admission, self._usage, counted)
         finally:
             await self._scheduler.finish(admission, error, model=self._model)
 

@@ -269,9 +269,11 @@ class _Plan:
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:
         """Settle `admission` with the answer's usage; learn how the prompt was counted."""
+        counted = None
         if self.prompt is not None and usage is not None:
             self.prompt.learn(usage.input_tokens)
-        self.price.settle(admission, usage)
+            counted = self.prompt.counted(usage.input_tokens)
+        self.price.settle(admission, usage, counted)
 
 
 class _Create:
@@ -323,7 +325,7 @@ class _Create:
         prompt: PromptEstimate | None = None
         if exact_tokens is None:
             estimate, output = estimate_request_tokens(self._kind, params, settings.estimator)
-            prompt = PromptEstimate(settings.scheduler.estimates, model, estimate)
+            prompt = PromptEstimate(settings.scheduler.estimates, model, estimate, output)
             tokens: float = prompt.reserved + output
             cost = price.estimate(prompt.reserved, output)
         else:

@@ -139,14 +139,17 @@ class CallPrice:
         as_output = self._cost(0, tokens) or 0.0
         return max(as_input, as_output)
 
-    def settle(self, admission: Admission, usage: Usage | None) -> None:
+    def settle(
+        self, admission: Admission, usage: Usage | None, counted: float | None = None
+    ) -> None:
         """Settle `admission` with the real tokens and, when the call was priced and the
         usage splits input from output, the real cost; what is not known keeps its
-        estimate (the safe side)."""
+        estimate (the safe side). `counted` is what the provider reserved at arrival,
+        when known (see `Admission.settle`)."""
         if usage is None or not admission.granted:
             return
         cost = None
         if admission.demand.cost > 0 and usage.input_tokens is not None:
             cached = usage.cached_input_tokens
             cost = self._cost(usage.input_tokens - cached, usage.output_tokens or 0.0, cached)
-        admission.settle(tokens=usage.tokens, cost=cost)
+        admission.settle(tokens=usage.tokens, cost=cost, counted_tokens=counted)

@@ -271,6 +271,28 @@ local function record(w, amount)
   redis.call('HINCRBYFLOAT', w.key, 's:' .. fmt(slice_index(w)), fmt(amount))
 end
 
+-- After record(w, amount) on a loaded window: the same in w's loaded state, so that
+-- the next demand of one reserve sees it.
+local function counted(w, amount)
+  if not w.slices then
+    return
+  end
+  w.total = w.total + amount
+  if w.calendar then
+    return
+  end
+  local index = slice_index(w)
+  if w.slices[index] then
+    w.slices[index] = w.slices[index] + amount
+  else
+    w.slices[index] = amount
+    w.indexes[#w.indexes + 1] = index
+  end
+  if w.pacing then
+    w.pace = tonumber(redis.call('HGET', w.key, 'pace')) or w.pace
+  end
+end
+
 -- Adds `amount` to the older slice (or day) `index` if it still counts.
 local function add_to_slice(w, index, amount)
   if amount <= 0 then

@@ -12,6 +12,10 @@
 -- ARGV[4]      window specs (see parse_specs)
 -- ARGV[5]      what was reserved: "requests tokens cost"
 -- ARGV[6]      the slice index of the admission per window, apart by spaces
+-- ARGV[7]      when the request left, on the account's clock (s), as the client
+--              reckons it from its own clock since the admission; the server's now
+--              if later ("": now). Not the script's own now: the round trip that
+--              carries this script comes after the request left.
 -- Returns the slice index per window from now on (unchanged when the lease has
 -- ended or lapsed: a settled call is not moved).
 
@@ -21,6 +25,7 @@ local now, wall = account_clock(KEYS[2 * n + 4], ARGV[1], key_ttl_ms)
 local windows = parse_specs(ARGV[4], now, wall, key_ttl_ms)
 local reserved = parse_amounts(ARGV[5])
 local indexes = parse_amounts(ARGV[6])
+local sent_at = math.min(tonumber(ARGV[7]) or now, now)
 local result = {}
 for i = 1, n do
   result[i] = fmt(indexes[i])
@@ -32,7 +37,7 @@ for i = 1, n do
   local w = windows[i]
   local amount, index = reserved[w.position], indexes[i]
   if not w.calendar and (w.take == 0 or w.take == 2) then
-    local moved = slice_index(w)
+    local moved = math.floor(sent_at / w.slice_s)
     if moved > index then
       if w.take == 0 and amount > 0 then
         -- Counted from now even if its slice expired meanwhile: the provider counts it.

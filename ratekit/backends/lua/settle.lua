@@ -15,6 +15,8 @@
 -- ARGV[7]      what was reserved: "requests tokens cost"
 -- ARGV[8]      what was really used: "requests tokens cost"
 -- ARGV[9]      the slice index of the admission per window, apart by spaces
+-- ARGV[10]     the tokens the provider counted at arrival when its answer told, else ""
+--              (replaces the token estimate where the reservation is kept)
 -- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed).
 
 local n = (#KEYS - 4) / 2
@@ -26,6 +28,7 @@ local windows = parse_specs(ARGV[6], now, wall, key_ttl_ms)
 local reserved = parse_amounts(ARGV[7])
 local used = parse_amounts(ARGV[8])
 local indexes = parse_amounts(ARGV[9])
+local counted = tonumber(ARGV[10])
 sync_calendars(windows)
 
 -- A refund takes back what was recorded only while the lease is live: a lease
@@ -35,18 +38,27 @@ local live = redis.call('ZREM', KEYS[1], lease_id)
 for i = 1, n do
   local w = windows[i]
   local amount, real, index = reserved[w.position], used[w.position], indexes[i]
+  -- What the reservation was, as the provider counted it when it said (tokens only).
+  local kept = amount
+  if counted and w.position == 2 and not refunding then
+    kept = counted
+  end
   if w.take == 0 then
     if refunding and amount > 0 and live == 1 then
       refund(w, index, amount)
+    elseif kept < amount then
+      refund(w, index, amount - kept)
+    elseif kept > amount then
+      add_to_slice(w, index, kept - amount)
     end
   elseif amount > 0 or real > 0 then
     -- Held (also an estimate of 0): the real usage is recorded now, as the provider does.
     unhold(w, lease_id)
     if not refunding then
-      if w.take == 2 and amount > real then
+      if w.take == 2 and kept > real then
         -- Until the admission's slice expires count max(reserved, real): the
         -- remainder there, the real usage now.
-        add_to_slice(w, index, amount - real)
+        add_to_slice(w, index, kept - real)
       end
       record(w, real)
     end

@@ -6,6 +6,7 @@ and `Limiter` (permits for calls within those limits).
 
 from ._account import Account
 from ._admission import Admission
+from ._calibration import Calibration, EstimateStatistics
 from ._clock import Clock, FakeClock, Instant, SystemClock
 from ._errors import (
     AcquireTimeout,
@@ -41,7 +42,7 @@ from ._events import (
     TierChanged,
 )
 from ._limiter import Limiter, LimiterStatistics, Permit
-from ._limits import Limits, Rate, TokenCounting
+from ._limits import DEFAULT_MARGIN_S, Limits, Rate, TokenCounting
 from ._pricing import CharacterRules, Prices, RelayBilling, count_billable_characters
 from ._profiles import LimitNumbers, Model, Profile, Tier, bundled_providers, load_profile
 from ._scheduler import PriorityStatistics, Scheduler, SchedulerStatistics, Slot
@@ -62,18 +63,21 @@ from .integrations._calls import SyncScheduler
 from .integrations._openai import wrap
 
 __all__ = [
+    "DEFAULT_MARGIN_S",
     "Account",
     "AcquireTimeout",
     "Admission",
     "Admitted",
     "Backend",
     "BackendUnavailableError",
+    "Calibration",
     "CharacterRules",
     "Clock",
     "Cooldown",
     "CostExceedsLimitError",
     "Demand",
     "DimensionStatistics",
+    "EstimateStatistics",
     "Event",
     "FakeClock",
     "HeuristicEstimator",

@@ -27,6 +27,8 @@ from .backends.memory import MemoryBackend
 
 # Callers admitted in one backend call at most: the head and those behind it.
 _BATCH = 32
+# A demand's `counted` field: not known (one NaN object, so that equal demands compare equal).
+_NOT_COUNTED = Demand().counted
 
 
 def _ceilings(limits: Limits) -> tuple[float, float, float]:
@@ -205,6 +207,11 @@ class Limiter:
         return self._backend
 
     @property
+    def max_tokens(self) -> float:
+        """The most tokens one call may ask for: the smallest token rate's limit."""
+        return self._ceilings[1]
+
+    @property
     def clock(self) -> Clock:
         return self._clock
 
@@ -285,7 +292,7 @@ class Limiter:
         ):
             # The common case: valid ints within every limit. A Demand is a tuple,
             # built here without its (slower) generated constructor.
-            return tuple.__new__(Demand, (requests, tokens, cost))
+            return tuple.__new__(Demand, (requests, tokens, cost, _NOT_COUNTED))
         demand = Demand(
             check_amount("requests", requests),
             check_amount("tokens", tokens),

@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from ratekit import Account, CostExceedsLimitError, Limits, Rate, RatekitError, Scheduler
+from ratekit._calibration import PRIOR_FACTOR
 from ratekit._tokens import default_estimator, estimate_request_tokens
 from ratekit.integrations._httpx import RateLimitedTransport, usage_tokens
 from ratekit.mock_provider import MockProvider
@@ -107,7 +108,7 @@ async def test_a_stream_closed_early_gives_its_slot_back() -> None:
             prompt, output = estimate_request_tokens("chat.completions.create", chat(), estimator)
             assert output == 50
             reserved = scheduler.estimates.reserve("kimi-k2", prompt)
-            assert reserved == math.ceil((prompt + 8) * 1.5 - 8)
+            assert reserved == math.ceil((prompt + 8) * PRIOR_FACTOR - 8)
             assert await used(scheduler, "tpm") == reserved + output
 
 

@@ -224,8 +224,10 @@ async def test_one_process_fills_the_binding_rate_without_a_429() -> None:
 
 
 async def test_one_process_of_streams_fills_the_binding_rate_without_a_429() -> None:
-    """The same with streamed answers, read to the end."""
-    _, used, _ = await _defaults_run(Workload(calls=600, stream=True))
+    """The same with streamed answers, read to the end. A minute lasts 7.5 s: the SDK
+    parses a stream chunk by chunk, and at 40 calls/s beside the rest of a test run its
+    CPU, not ratekit, was what bound (94.5 % once)."""
+    _, used, _ = await _defaults_run(Workload(calls=500, stream=True, speed=8))
     assert used >= 0.95
 
 

@@ -179,7 +179,8 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         else:
             estimate, output = estimate_request_tokens(kind, body, self._estimator)
             model = body.get("model") if isinstance(body.get("model"), str) else None
-            prompt = PromptEstimate(self.scheduler.estimates, model, estimate, output)
+            ceiling = self.scheduler.limiter(model).max_tokens
+            prompt = PromptEstimate(self.scheduler.estimates, model, estimate, output, ceiling)
             tokens = float(prompt.reserved + output)
             cost = price.estimate(prompt.reserved, output)
         if exact_cost is not None:

@@ -325,7 +325,8 @@ class _Create:
         prompt: PromptEstimate | None = None
         if exact_tokens is None:
             estimate, output = estimate_request_tokens(self._kind, params, settings.estimator)
-            prompt = PromptEstimate(settings.scheduler.estimates, model, estimate, output)
+            ceiling = settings.scheduler.limiter(model).max_tokens
+            prompt = PromptEstimate(settings.scheduler.estimates, model, estimate, output, ceiling)
             tokens: float = prompt.reserved + output
             cost = price.estimate(prompt.reserved, output)
         else:

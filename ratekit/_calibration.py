@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 # Until this many answers of a model reported their prompt tokens, estimates are
@@ -32,6 +33,8 @@ KEPT_RATIOS = 256
 HEADROOM = 1.02
 OFFSET = 8.0
 DEFAULT_MODEL = "default"
+# A factor from the fleet beyond this is taken for garbage.
+MAX_FACTOR = 100.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,31 +57,62 @@ class EstimateStatistics:
 
 
 class _Model:
-    __slots__ = ("calls", "factor", "ratios", "short")
+    __slots__ = ("asked", "calls", "fleet", "learned", "ratios", "sent", "sent_at", "short")
 
     def __init__(self) -> None:
         self.ratios: deque[float] = deque(maxlen=KEPT_RATIOS)
         self.calls = 0
         self.short = 0
-        self.factor = PRIOR_FACTOR
+        # The largest recent ratio times HEADROOM (0: nothing answered yet).
+        self.learned = 0.0
+        # The largest factor the account's other pods learned (0: none known).
+        self.fleet = 0.0
+        # What this pod last shared, and after how many answers.
+        self.sent = 0.0
+        self.sent_at = 0
+        # Reservations made while neither this pod nor the fleet knew the model.
+        self.asked = 0
+
+    @property
+    def factor(self) -> float:
+        if self.calls >= WARM_CALLS:
+            return max(self.learned, self.fleet)
+        if self.fleet:
+            return max(self.learned, self.fleet)  # another pod has learned it already
+        return max(self.learned, PRIOR_FACTOR)
+
+
+# A pod shares its factor again when it moved by more than this, or after SHARE_EVERY
+# answers (so that the fleet's value stays fresh); a pod that knows nothing of a model
+# asks the fleet when it first meets it and again every ASK_EVERY reservations.
+SHARE_CHANGE = 0.01
+SHARE_EVERY = 64
+ASK_EVERY = 16
 
 
 class Calibration:
     """Per model, the factor that prompt estimates are scaled by; learns from answers.
 
     One per `Scheduler` (`Scheduler.estimates`); plain state of one event loop.
+    `share`, when given (a scheduler on a shared backend), is called with this pod's
+    learned factors whenever they change, and the fleet's come back through
+    `fleet_learned`: a pod scales by the largest factor any pod of the account
+    learned, and a new pod starts from the fleet's instead of the prior.
     """
 
-    __slots__ = ("_models",)
+    __slots__ = ("_models", "_share")
 
-    def __init__(self) -> None:
+    def __init__(self, share: Callable[[dict[str, float]], None] | None = None) -> None:
         self._models: dict[str, _Model] = {}
+        self._share = share
 
     def _model(self, model: str | None) -> _Model:
         key = DEFAULT_MODEL if model is None else model
         found = self._models.get(key)
         if found is None:
             found = self._models[key] = _Model()
+            if self._share is not None:
+                self._share({})  # ask the fleet what it learned of this model
         return found
 
     def factor(self, model: str | None) -> float:
@@ -89,8 +123,12 @@ class Calibration:
         """The prompt tokens to reserve for a prompt estimated at `estimate`."""
         if estimate <= 0:
             return estimate
-        factor = self._model(model).factor
-        return math.ceil((estimate + OFFSET) * factor - OFFSET)
+        state = self._model(model)
+        if self._share is not None and state.calls < WARM_CALLS and not state.fleet:
+            state.asked += 1
+            if state.asked % ASK_EVERY == 0:
+                self._share({})
+        return math.ceil((estimate + OFFSET) * state.factor - OFFSET)
 
     def observe(self, model: str | None, estimate: float, reserved: float, reported: float) -> None:
         """The provider counted `reported` prompt tokens for a prompt estimated at
@@ -102,10 +140,20 @@ class Calibration:
         if reported > reserved:
             state.short += 1
         state.ratios.append((reported + OFFSET) / (estimate + OFFSET))
-        learned = max(state.ratios) * HEADROOM
-        if state.calls < WARM_CALLS:
-            learned = max(learned, PRIOR_FACTOR)
-        state.factor = learned
+        state.learned = max(state.ratios) * HEADROOM
+        share = self._share
+        if share is None or state.calls < WARM_CALLS:
+            return
+        moved = abs(state.learned - state.sent) > SHARE_CHANGE * state.learned
+        if moved or state.calls - state.sent_at >= SHARE_EVERY:
+            state.sent, state.sent_at = state.learned, state.calls
+            share({DEFAULT_MODEL if model is None else model: state.learned})
+
+    def fleet_learned(self, factors: Mapping[str, float]) -> None:
+        """The largest factor of each model over the account's pods (theirs and ours)."""
+        for name, factor in factors.items():
+            if math.isfinite(factor) and 0 < factor <= MAX_FACTOR:
+                self._model(name).fleet = factor
 
     def statistics(self) -> dict[str, EstimateStatistics]:
         """Per model that answered at least once: how far its estimates were off."""

@@ -224,16 +224,20 @@ class Scheduler:
         self._cooldowns = 0
         self._waits: dict[int, deque[float]] = {}
         self._admitted_by_priority: dict[int, int] = {}
+        # A shared backend carries tier changes and learned estimates between pods.
+        self._shared = backend if isinstance(backend, SharedAccount) else None
         # What prompt estimates are scaled by, learned from the provider's counts.
-        self.estimates = Calibration()
+        self.estimates = Calibration(None if self._shared is None else self._share_estimates)
         account.on_change(self._tier_changed)
         # The event loop this scheduler runs in, for calls from other threads.
         self.loop_token: anyio.lowlevel.EventLoopToken | None = None
-        # A shared backend carries tier changes between pods.
-        self._shared = backend if isinstance(backend, SharedAccount) else None
         self._tier_synced = self._shared is None
         if self._shared is not None:
             self._shared.on_tier(self._tier_published)
+
+    def _share_estimates(self, factors: dict[str, float]) -> None:
+        assert self._shared is not None
+        self._shared.share_estimates(factors, self.estimates.fleet_learned)
 
     # -- limiters per group ---------------------------------------------------------
 

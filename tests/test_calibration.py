@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import uuid
 
 import anyio
 import openai
@@ -20,6 +21,8 @@ from ratekit._calibration import (
     PromptEstimate,
 )
 from ratekit.mock_provider import MockProvider
+
+from .redis_server import RedisServer
 
 
 def counted(estimate: float, ratio: float) -> float:
@@ -128,3 +131,81 @@ async def test_wrapped_reservations_cover_the_providers_counts() -> None:
     # Ratios are (count + 8) / (estimate + 8) of whole tokens: near, not equal, to 1.3 / 0.7.
     assert above.mean_ratio / below.mean_ratio == pytest.approx(1.3 / 0.7, rel=0.1)
     assert above.factor > 1.3 > below.factor
+
+
+class _Fleet:
+    """The account's pods' learned factors, as a shared backend keeps them: the largest
+    per model comes back to whoever sends."""
+
+    def __init__(self) -> None:
+        self.factors: dict[str, float] = {}
+        self.sent: list[dict[str, float]] = []
+
+    def pod(self) -> Calibration:
+        calibration: Calibration
+
+        def share(factors: dict[str, float]) -> None:
+            self.sent.append(dict(factors))
+            for model, factor in factors.items():
+                self.factors[model] = max(self.factors.get(model, 0.0), factor)
+            calibration.fleet_learned(self.factors)
+
+        calibration = Calibration(share)
+        return calibration
+
+
+def test_pods_scale_by_the_largest_factor_any_pod_learned() -> None:
+    fleet = _Fleet()
+    first, second = fleet.pod(), fleet.pod()
+    for _ in range(WARM_CALLS):
+        first.observe("m", 100, 300, counted(100, 1.4))
+    # The first pod shared what it learned once warm; a new pod starts from it, not the prior.
+    assert fleet.factors["m"] == pytest.approx(1.4 * HEADROOM)
+    assert second.factor("m") == pytest.approx(1.4 * HEADROOM)
+    # The second pod sees smaller ratios: it still scales by the fleet's largest.
+    for _ in range(WARM_CALLS):
+        second.observe("m", 100, 300, counted(100, 1.1))
+    assert second.factor("m") == pytest.approx(1.4 * HEADROOM)
+    # A pod shares again only when its factor moves (or after SHARE_EVERY answers).
+    before = len(fleet.sent)
+    for _ in range(10):
+        first.observe("m", 100, 300, counted(100, 1.4))
+    assert len(fleet.sent) == before
+
+
+@pytest.mark.redis
+@pytest.mark.anyio
+async def test_pods_share_learned_estimates_through_redis(redis_server: RedisServer) -> None:
+    """Two schedulers on one Redis account: what one learned reaches the other."""
+    namespace = f"estimates-{uuid.uuid4().hex[:8]}"
+    pods = [
+        ratekit.Scheduler(
+            ratekit.Account("moonshot", tier="tier1"),
+            backend=ratekit.RedisBackend(redis_server.url, namespace=namespace),
+        )
+        for _ in range(2)
+    ]
+    try:
+        for pod in pods:
+            await pod.limiter().statistics()  # the backends are in use on this loop
+        for _ in range(WARM_CALLS):
+            pods[0].estimates.observe("kimi-k2", 100, 300, counted(100, 1.3))
+        # The second pod asks when it meets the model, and again every ASK_EVERY
+        # reservations until it knows: each reservation here is one more chance.
+        with anyio.fail_after(10):
+            while pods[1].estimates.factor("kimi-k2") != pytest.approx(1.3 * HEADROOM):
+                pods[1].estimates.reserve("kimi-k2", 100)
+                await anyio.sleep(0.01)
+        # Another namespace is another account: it keeps its prior.
+        other = ratekit.RedisBackend(redis_server.url, namespace=namespace + "-other")
+        stranger = ratekit.Scheduler(ratekit.Account("moonshot", tier="tier1"), backend=other)
+        await stranger.limiter().statistics()
+        assert stranger.estimates.factor("kimi-k2") == PRIOR_FACTOR
+        await anyio.sleep(0.1)
+        assert stranger.estimates.factor("kimi-k2") == PRIOR_FACTOR
+        await other.aclose()
+    finally:
+        for pod in pods:
+            backend = pod.limiter().backend
+            assert isinstance(backend, ratekit.RedisBackend)
+            await backend.aclose()

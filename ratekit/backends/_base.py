@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MethodType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
@@ -215,6 +215,14 @@ class SharedAccount(Protocol):
 
     def on_tier(self, callback: Callable[[str], None]) -> None:
         """Call `callback(tier)` when another pod publishes a tier change."""
+        ...
+
+    def share_estimates(
+        self, factors: Mapping[str, float], on_fleet: Callable[[dict[str, float]], None]
+    ) -> None:
+        """Send this pod's learned token-estimate factors (by model) in the background;
+        `on_fleet` gets the largest fresh factor of each model over the pods. Best
+        effort: while the store is down nothing is sent and the pod's own stand."""
         ...
 
 

@@ -46,7 +46,7 @@ import time
 import weakref
 import zoneinfo
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -76,7 +76,7 @@ from ._base import (
     Refusal,
     take_kind,
 )
-from ._scripts import PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
+from ._scripts import ESTIMATES, PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
 from .memory import MemoryBackend, MemoryGrant
 
 OnUnavailable = Literal["fail_closed", "fail_open", "local"]
@@ -90,6 +90,9 @@ _BACKOFF_S = (0.25, 0.5, 1.0, 2.0)
 # How often the release listener looks up from an empty channel, and how long
 # closing waits for settles still on their way.
 _LISTEN_POLL_S = 1.0
+# How long a pod's learned token-estimate factor counts for the fleet after it last
+# sent it (see share_estimates).
+_ESTIMATES_FRESH_S = 600.0
 _CLOSE_WAIT_S = 3.0
 # Connections sending commands at once when the client's pool allows more (or is
 # unbounded), and how many commands one round trip carries at most: a burst of
@@ -1453,6 +1456,37 @@ class RedisBackend:
     def on_tier(self, callback: Callable[[str], None]) -> None:
         """Call `callback(tier)` when another pod publishes a tier change."""
         self._tier_callbacks.append(callback)
+
+    def share_estimates(
+        self, factors: Mapping[str, float], on_fleet: Callable[[dict[str, float]], None]
+    ) -> None:
+        """Send this pod's learned token-estimate factors (by model; none: only ask) in
+        the background; `on_fleet` gets the largest fresh factor of each model over the
+        account's pods (a pod's factor stays fresh `_ESTIMATES_FRESH_S` after it last
+        sent it). One EVALSHA; nothing while Redis is down, before the backend's first
+        use, or after `aclose`."""
+        if self._closed or self._link.closing or self._link.loop is None:
+            return
+        pairs = [item for model, factor in factors.items() for item in (model, repr(factor))]
+        command = ESTIMATES.evalsha(
+            [f"{self._prefix}:estimates"],
+            [self._instance, repr(_ESTIMATES_FRESH_S), *pairs],
+        )
+
+        async def send() -> None:
+            try:
+                reply = await self._link.call(command, ESTIMATES, abortable=True)
+            except Exception as exc:
+                if _is_outage(exc):
+                    return  # the pod's own factors stand; sent again on the next change
+                raise
+            fleet = {}
+            for i in range(0, len(reply) - 1, 2):
+                with contextlib.suppress(ValueError):
+                    fleet[_text(reply[i])] = float(reply[i + 1])
+            on_fleet(fleet)
+
+        self._link.spawn(send())
 
     # -- background: lease renewal and release notices ----------------------------------
 

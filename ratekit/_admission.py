@@ -242,8 +242,8 @@ class Admission:
         counted from now on, so that a request sent long after its admission (a busy
         event loop, a slow client) is not counted as if it had arrived at once.
 
-        Wrapped clients and `RateLimitedTransport` call it as the request's first
-        bytes are written. Call it yourself when a request leaves well after
+        Wrapped clients and `RateLimitedTransport` call it once the request's body
+        has been written. Call it yourself when a request leaves well after
         ``acquire`` returns. Does nothing for an admission not held.
         """
         if self._state == _GRANTED:

@@ -106,12 +106,12 @@ class Calibration:
         self._models: dict[str, _Model] = {}
         self._share = share
 
-    def _model(self, model: str | None) -> _Model:
+    def _model(self, model: str | None, *, ask: bool = True) -> _Model:
         key = DEFAULT_MODEL if model is None else model
         found = self._models.get(key)
         if found is None:
             found = self._models[key] = _Model()
-            if self._share is not None:
+            if ask and self._share is not None:
                 self._share({})  # ask the fleet what it learned of this model
         return found
 
@@ -150,10 +150,14 @@ class Calibration:
             share({DEFAULT_MODEL if model is None else model: state.learned})
 
     def fleet_learned(self, factors: Mapping[str, float]) -> None:
-        """The largest factor of each model over the account's pods (theirs and ours)."""
+        """The largest fresh factor of each model over the account's pods (theirs and
+        ours); a model missing from `factors` has no fresh factor in the fleet."""
+        for name, state in self._models.items():
+            if name not in factors:
+                state.fleet = 0.0
         for name, factor in factors.items():
             if math.isfinite(factor) and 0 < factor <= MAX_FACTOR:
-                self._model(name).fleet = factor
+                self._model(name, ask=False).fleet = factor
 
     def statistics(self) -> dict[str, EstimateStatistics]:
         """Per model that answered at least once: how far its estimates were off."""

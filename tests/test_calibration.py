@@ -8,6 +8,7 @@ import uuid
 import anyio
 import openai
 import pytest
+from redis.asyncio import Redis
 
 import ratekit
 from ratekit._calibration import (
@@ -188,6 +189,10 @@ async def test_pods_share_learned_estimates_through_redis(redis_server: RedisSer
     try:
         for pod in pods:
             await pod.limiter().statistics()  # the backends are in use on this loop
+        # Garbage in the store (an old version's, an operator's) is dropped, not fatal.
+        store = Redis.from_url(redis_server.url)
+        key = f"{pods[0].limiter().backend._prefix}:estimates"  # type: ignore[attr-defined]
+        await store.hset(key, mapping={"kimi-k2\nold": "not numbers", "no newline": "1 2"})
         for _ in range(WARM_CALLS):
             pods[0].estimates.observe("kimi-k2", 100, 300, counted(100, 1.3))
         # The second pod asks when it meets the model, and again every ASK_EVERY
@@ -204,8 +209,30 @@ async def test_pods_share_learned_estimates_through_redis(redis_server: RedisSer
         await anyio.sleep(0.1)
         assert stranger.estimates.factor("kimi-k2") == PRIOR_FACTOR
         await other.aclose()
+        assert (
+            sorted(await store.hkeys(key))
+            == sorted(
+                f"kimi-k2\n{pod.limiter().backend._instance}".encode()  # type: ignore[attr-defined]
+                for pod in pods[:1]
+            )
+        )
+        await store.aclose()
     finally:
         for pod in pods:
             backend = pod.limiter().backend
             assert isinstance(backend, ratekit.RedisBackend)
             await backend.aclose()
+
+
+def test_a_factor_no_pod_sends_any_more_stops_counting() -> None:
+    fleet = _Fleet()
+    pod = fleet.pod()
+    pod.fleet_learned({"m": 1.8})
+    assert pod.factor("m") == pytest.approx(1.8)
+    # The fleet's answer no longer has it (its pod went quiet and the entry expired).
+    pod.fleet_learned({})
+    assert pod.factor("m") == PRIOR_FACTOR
+    # Garbage from the store is ignored.
+    pod.fleet_learned({"m": math.nan, "n": -1.0, "o": 1e9})
+    assert pod.factor("m") == PRIOR_FACTOR
+    assert pod.factor("n") == PRIOR_FACTOR

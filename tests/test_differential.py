@@ -453,7 +453,7 @@ class Differential(RuleBasedStateMachine):
             estimate.requests,
             estimate.tokens * tokens_scale + tokens_extra,
             estimate.cost * cost_scale + cost_extra,
-            math.nan if counted_scale is None else estimate.tokens * counted_scale,
+            math.nan if counted_scale is None else estimate.tokens * counted_scale + 30,
         )
         self._settle(admission, actual)
 

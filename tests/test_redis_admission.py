@@ -835,3 +835,25 @@ async def test_a_refund_sent_again_takes_back_only_once() -> None:
         await backend._link.call(refund, SETTLE, abortable=False)
     assert (await statistics(backend, limits))["rpm"].used == 1
     await backend.aclose()
+
+
+async def test_a_settle_sent_again_does_not_correct_a_reservation_twice() -> None:
+    """A settle whose reply was lost is sent again (the replay queue): the provider's own
+    count replaces the estimate once, and never takes from what other calls recorded."""
+    redis = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(redis, namespace=namespace())
+    limits = Limits(tpm=10_000, token_counting=TokenCounting.RESERVE)
+    other = await backend.reserve(limits, Demand(1, 3000, 0), now())
+    mine = await backend.reserve(limits, Demand(1, 2000, 0), now())
+    assert isinstance(other, RedisGrant)
+    assert isinstance(mine, RedisGrant)
+    actual = Demand(1, 700, 0, 500.0)  # the provider reserved 500 for it at arrival
+    command = backend._settle_command(
+        mine.binding, mine.lease_id, mine.demand, mine.indexes, actual, None
+    )  # type: ignore[arg-type]
+    await redis.script_load(SETTLE.text)
+    await redis.execute_command(*command)
+    assert (await statistics(backend, limits))["tpm"].used == 3500
+    await redis.execute_command(*command)  # the same settle, replayed
+    assert (await statistics(backend, limits))["tpm"].used == 3500
+    await backend.aclose()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import socket
 import threading
@@ -564,3 +565,44 @@ async def test_bad_arguments_are_named_where_they_are_given() -> None:
             )
         await client.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
         assert (await scheduler.statistics()).admitted == 1
+
+
+async def test_a_task_spawned_during_a_request_sends_its_own_requests_unadmitted() -> None:
+    """A request hook of the caller's own spawns a task while a wrapped call is sent; the
+    task inherits the call's context, and its later unwrapped requests are not admitted
+    as part of that call (which is over): nothing is left in flight."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        raw = openai.AsyncOpenAI(base_url=server.base_url, api_key="x")
+        spawned: list[asyncio.Task[object]] = []
+
+        async def later() -> object:
+            await asyncio.sleep(0.05)
+            return await raw.models.list()
+
+        async def spawn(request: object) -> None:
+            spawned.append(asyncio.get_running_loop().create_task(later()))
+
+        raw._client.event_hooks["request"].append(spawn)
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        client = ratekit.wrap(raw, scheduler)
+        await client.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
+        await asyncio.gather(*spawned)
+        stats = await scheduler.statistics()
+        assert stats.admitted == 1
+        assert await in_flight(scheduler) == 0
+        await raw.close()
+
+
+async def test_hooks_replaced_after_wrap_are_put_back() -> None:
+    """A caller who replaces the HTTP client's hooks after `wrap` still gets every call
+    admitted as it is sent (the hook is checked at each call), not after its answer."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        raw = openai.AsyncOpenAI(base_url=server.base_url, api_key="x")
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        client = ratekit.wrap(raw, scheduler)
+        raw._client.event_hooks = {"request": [], "response": []}
+        await client.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
+        hooks = raw._client.event_hooks["request"]
+        assert len(hooks) == 1
+        assert (await scheduler.statistics()).admitted == 1
+        await raw.close()

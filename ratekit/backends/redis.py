@@ -1196,9 +1196,12 @@ class RedisBackend:
         try:
             reply = await self._link.call(command, SENT, abortable=True)
         except Exception as exc:
-            if not _is_outage(exc):
-                raise
-            self._link.mark_down(exc)
+            # The request is on its way: the admission stands as it was (counted from its
+            # admission, the margin covering the rest), never an error for the caller.
+            if _is_outage(exc):
+                self._link.mark_down(exc)
+            else:
+                _log.warning("ratekit could not restamp an admission on Redis: %r", exc)
             return
         if not grant.settled:
             grant.indexes = [_text(index) for index in reply]

@@ -144,8 +144,8 @@ def _wrap_client(client: Any, settings: _Settings) -> _Proxy:
     else:
         retries = 0
         quiet = client
-    at_send = _admit_at_send(quiet)
-    return _Proxy(client, quiet, (), settings, retries, at_send)
+    owner = quiet if _admit_at_send(quiet) else None
+    return _Proxy(client, quiet, (), settings, retries, owner)
 
 
 # The call being sent in this task, for the request hook of its HTTP client.
@@ -182,9 +182,9 @@ def _admit_at_send(client: Any) -> bool:
 
 async def _admit_on_send(request: Any) -> None:
     """httpx request hook: admit the wrapped call this request belongs to, if any, and
-    have it counted from when its first bytes are written (`stamp_when_sent`)."""
+    have it counted from when its body has been written (`stamp_when_sent`)."""
     sending = _SENDING.get()
-    if sending is None:
+    if sending is None or sending.done:
         return
     await sending.admit()
     if sending.admission is not None:
@@ -210,7 +210,7 @@ class _Settings:
 class _Proxy:
     """Passes every attribute through, except along the paths to the admitted creates."""
 
-    __slots__ = ("_at_send", "_path", "_quiet", "_retries", "_settings", "_target")
+    __slots__ = ("_owner", "_path", "_quiet", "_retries", "_settings", "_target")
 
     def __init__(
         self,
@@ -219,25 +219,27 @@ class _Proxy:
         path: tuple[str, ...],
         settings: _Settings,
         retries: int,
-        at_send: bool,
+        owner: Any,
     ) -> None:
         self._target = target  # the caller's object, with its own retries
         self._quiet = quiet  # the same object on the copy without retries
         self._path = path
         self._settings = settings
         self._retries = retries  # the client's own max_retries, for failures other than 429
-        self._at_send = at_send  # admitted by the HTTP client's request hook
+        # The client (without retries) whose HTTP client admits in its request hook;
+        # None: admitted before the SDK runs.
+        self._owner = owner
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
         path = (*self._path, name)
         if path in _PREFIXES:
             quiet = getattr(self._quiet, name)
-            return _Proxy(value, quiet, path, self._settings, self._retries, self._at_send)
+            return _Proxy(value, quiet, path, self._settings, self._retries, self._owner)
         if name == "create" and self._path in _ADMITTED:
             create = getattr(self._quiet, name)
             kind = _ADMITTED[self._path]
-            return _Create(create, kind, self._settings, self._retries, self._at_send)
+            return _Create(create, kind, self._settings, self._retries, self._owner)
         if name in _COPIES and not self._path:
             return _wrapped_copy(value, self._settings)
         return value
@@ -279,7 +281,7 @@ class _Plan:
 class _Create:
     """One admitted ``create``."""
 
-    __slots__ = ("_at_send", "_create", "_kind", "_retries", "_settings")
+    __slots__ = ("_create", "_kind", "_owner", "_retries", "_settings")
 
     def __init__(
         self,
@@ -287,13 +289,13 @@ class _Create:
         kind: str,
         settings: _Settings,
         retries: int,
-        at_send: bool,
+        owner: Any,
     ) -> None:
         self._create = create  # the create of the copy without retries
         self._kind = kind
         self._settings = settings
         self._retries = retries
-        self._at_send = at_send
+        self._owner = owner  # see _Proxy
 
     async def __call__(self, **params: Any) -> Any:
         plan = self._plan(params)
@@ -372,7 +374,9 @@ class _Create:
         error, not the SDK's wrapping of it.
         """
         sending = _Sending(self._settings.scheduler, plan, left)
-        if not self._at_send:
+        # Checked at each call: a client whose hooks were replaced since `wrap` gets ours
+        # back (or, without an HTTP client of that kind, is admitted before it runs).
+        if self._owner is None or not _admit_at_send(self._owner):
             await sending.admit()
         token = _SENDING.set(sending)
         try:
@@ -415,7 +419,7 @@ class _Sending:
     """The admission of one request of a wrapped call, made once: before the SDK runs,
     or by the HTTP client's request hook as the request leaves."""
 
-    __slots__ = ("_left", "_plan", "_scheduler", "admission", "error")
+    __slots__ = ("_left", "_plan", "_scheduler", "admission", "done", "error")
 
     def __init__(self, scheduler: Scheduler, plan: _Plan, left: float | None) -> None:
         self._scheduler = scheduler
@@ -423,9 +427,12 @@ class _Sending:
         self._left = left
         self.admission: Admission | None = None
         self.error: Exception | None = None  # why the admission failed
+        # The call is over: a task spawned while it was sent, which keeps this object
+        # in its context, sends requests of its own that are not this call's.
+        self.done = False
 
     async def admit(self) -> None:
-        if self.admission is not None:
+        if self.admission is not None or self.done:
             return  # a redirect's second request belongs to the same admission
         plan = self._plan
         try:
@@ -444,6 +451,7 @@ class _Sending:
         """The admission, handed to the caller: a task spawned while the request was
         sent keeps this object in its context, and must not keep the admission alive."""
         admission, self.admission = self.admission, None
+        self.done = True
         return admission
 
 

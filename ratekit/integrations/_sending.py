@@ -1,11 +1,13 @@
 """When a request leaves: the instant its admission should count from.
 
 A provider counts a request when it arrives, so the admission of a request is
-counted from the moment its first bytes are written (`Admission.sent`), not from
+counted from the moment its body has been written (`Admission.sent`), not from
 when the admission was granted: on a busy event loop the two are milliseconds to
-hundreds of milliseconds apart. httpx (and the openai SDK's httpx2) report that
-moment through the ``trace`` request extension (``http11.send_request_headers
-.started``, or ``http2.``): `stamp_when_sent` hooks it.
+hundreds of milliseconds apart. Stamped once the write is done, the count starts
+no earlier than the arrival could (an earlier stamp, at the start of the write,
+still waits for the event loop before the bytes go). httpx (and the openai SDK's
+httpx2) report that moment through the ``trace`` request extension
+(``http11.send_request_body.complete``, or ``http2.``): `stamp_when_sent` hooks it.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ _SENDING_EVENT = ".send_request_body.complete"
 
 def stamp_when_sent(request: Any, admission: Admission) -> None:
     """Have `admission` count from when `request` (an httpx request, before the
-    transport) starts to be written, keeping any trace the caller set."""
+    transport) has been written, keeping any trace the caller set."""
     extensions = getattr(request, "extensions", None)
     if not isinstance(extensions, dict):
         return

@@ -20,10 +20,11 @@ local best, stale = {}, {}
 for j = 1, #fields, 2 do
   local model = string.match(fields[j], '^(.*)\n')
   local factor, until_s = string.match(fields[j + 1], '^(%S+) (%S+)$')
-  if model == nil or factor == nil or tonumber(until_s) <= now then
-    stale[#stale + 1] = fields[j]
-  elseif best[model] == nil or tonumber(factor) > best[model] then
-    best[model] = tonumber(factor)
+  factor, until_s = tonumber(factor), tonumber(until_s)
+  if model == nil or factor == nil or until_s == nil or until_s <= now then
+    stale[#stale + 1] = fields[j]  -- gone stale, or not ours to read: dropped
+  elseif best[model] == nil or factor > best[model] then
+    best[model] = factor
   end
 end
 if #stale > 0 then

@@ -38,20 +38,21 @@ local live = redis.call('ZREM', KEYS[1], lease_id)
 for i = 1, n do
   local w = windows[i]
   local amount, real, index = reserved[w.position], used[w.position], indexes[i]
-  -- What the reservation was, as the provider counted it when it said (tokens only).
+  -- What the reservation was, as the provider counted it when it said (tokens only;
+  -- a settle sent again after its lease went is not corrected twice).
   local kept = amount
-  if counted and w.position == 2 and not refunding then
+  if counted and w.position == 2 and not refunding and live == 1 then
     kept = counted
   end
   if w.take == 0 then
     if refunding and amount > 0 and live == 1 then
       refund(w, index, amount)
-    elseif kept < amount then
+    elseif amount > 0 and kept < amount then
       refund(w, index, amount - kept)
-    elseif kept > amount then
+    elseif amount > 0 and kept > amount then
       add_to_slice(w, index, kept - amount)
     end
-  elseif amount > 0 or real > 0 then
+  elseif amount > 0 or real > 0 or kept > 0 then
     -- Held (also an estimate of 0): the real usage is recorded now, as the provider does.
     unhold(w, lease_id)
     if not refunding then

@@ -18,13 +18,9 @@ import anyio
 import openai
 
 import ratekit
-from ratekit.mock_provider import MockProvider
+from ratekit.mock_provider import ProviderProcess
 
 SPEED = 60  # a minute of the provider's limits lasts a second
-# How much longer each admission counts than its period: it must cover the time from
-# admission to arrival at the provider, which for a cold client opening 50 connections
-# at once is ~0.1 s (in real time as in compressed time).
-MARGIN_S = 0.25
 TASKS = 60
 CALLS_PER_TASK = 5
 MESSAGES = [{"role": "user", "content": "Say something short."}]
@@ -32,11 +28,11 @@ MESSAGES = [{"role": "user", "content": "Say something short."}]
 
 async def main() -> int:
     tier = ratekit.load_profile("moonshot").tier("tier1")
-    async with MockProvider(tier.limits(), speed=SPEED, latency_s=1.2) as server:
-        # The account's periods compressed like the provider's.
-        account = ratekit.Account(
-            "moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S
-        )
+    # The provider in a process of its own, as a real one is.
+    async with ProviderProcess(tier.limits(), speed=SPEED, latency_s=1.2) as server:
+        # The account's periods compressed like the provider's; nothing else to set: a
+        # wrapped call counts from the moment its request is written.
+        account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED)
         scheduler = ratekit.Scheduler(account)
         raw = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed")
         client = ratekit.wrap(raw, scheduler)
@@ -65,7 +61,7 @@ async def main() -> int:
         elapsed_s = anyio.current_time() - started
         await raw.close()
 
-        provider = server.statistics()
+        provider = await server.statistics()
         stats = await scheduler.statistics()
         expected = TASKS * CALLS_PER_TASK
         rejected = sum(provider.rejected.values())

@@ -425,11 +425,16 @@ class Limiter:
             await self._clock.wait(wake, wait_s)
 
     async def _reserve_with_followers(self, head: Waiter, demand: Demand) -> Grant | Refusal:
-        """Admit the head, and in the same backend call the callers behind it in its
-        priority (up to `_BATCH`) until one does not fit: a burst of capacity freed at
-        once is handed out in one round trip, in queue order, not one per round trip.
-        The followers admitted are woken with their grants."""
-        followers = self._queue.behind(head, _BATCH - 1)
+        """Admit the head, and on a shared backend in the same call the callers behind it
+        in its priority (up to `_BATCH`) until one does not fit: a burst of capacity
+        freed at once is handed out in one round trip, in queue order, not one per
+        round trip. The followers admitted are woken with their grants.
+
+        In process the head admits alone: each caller then runs from its admission to
+        its first wait before the next is admitted, so that callers that do not say
+        when their request leaves (`Admission.sent`) send it soon after their
+        admission, not behind a burst of others."""
+        followers = [] if self._local is not None else self._queue.behind(head, _BATCH - 1)
         if not followers:
             outcome = await self._backend.reserve(self._limits, demand, self.instant())
             if not isinstance(outcome, Refusal):

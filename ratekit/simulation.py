@@ -160,9 +160,13 @@ async def simulate(
 
 
 def _steady(limits: Limits, arrivals: list[tuple[float, float]], binding: str) -> float:
-    """The steady-state utilisation of rate `binding` (see `steady_utilisation`)."""
+    """The steady-state utilisation of rate `binding` (see `steady_utilisation`); NaN for a
+    run of less than two periods, too short for a steady state to be told from its start."""
+    stamps = [stamp for stamp, _ in arrivals]
     for rate in limits.all_rates:
         if rate.name == binding and rate.unit in ("requests", "tokens"):
+            if not stamps or max(stamps) - min(stamps) < 2 * rate.period_s:
+                return math.nan
             stamps = [stamp for stamp, _ in arrivals]
             amounts = [1.0 if rate.unit == "requests" else tokens for _, tokens in arrivals]
             return steady_utilisation(stamps, amounts, rate.limit, rate.period_s)

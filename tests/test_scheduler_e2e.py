@@ -236,8 +236,10 @@ async def test_four_processes_share_the_rate_through_redis_without_a_429(
     redis_server: RedisServer,
 ) -> None:
     """Four client processes on one Redis account, library defaults, 600 calls against
-    one provider: no 429, and together at least 95 % of the RPM in the steady state."""
-    _, used, _ = await _defaults_run(Workload(calls=600), 4, redis_server.url)
+    one provider: no 429, and together at least 95 % of the RPM in the steady state. A
+    minute lasts 7.5 s: four SDK processes, Redis and the provider share 2 cores (95.0 %
+    at 5 s once, inside a full test run)."""
+    _, used, _ = await _defaults_run(Workload(calls=600, speed=8), 4, redis_server.url)
     assert used >= 0.95
 
 

@@ -316,16 +316,17 @@ def _report(
     for name, (peak, limit) in stats.peak_use.items():
         table.add_row(name, f"{peak:,.0f}", f"{limit:,.0f}", f"{peak / limit:.0%}")
     console.print(table)
-    rejected = sum(stats.rejected.values())
-    console.print(
-        f"calls: {outcome['ok']} ok, {outcome['failed']} failed; 429s at the provider: "
-        f"{rejected}{_by_dimension(stats.rejected)}; elapsed {outcome['elapsed_s']:.2f} s"
-    )
     name, share = binding_utilisation(run.calls, limits)
     if math.isnan(share):
         console.print("steady-state utilisation: the run is too short to have a steady state")
     else:
         console.print(f"steady-state utilisation of the binding limit ({name}): {share:.1%}")
+    # The verdict last: calls, and the provider's 429s.
+    rejected = sum(stats.rejected.values())
+    console.print(
+        f"calls: {outcome['ok']} ok, {outcome['failed']} failed; 429s at the provider: "
+        f"{rejected}{_by_dimension(stats.rejected)}; elapsed {outcome['elapsed_s']:.2f} s"
+    )
     return 0 if rejected == 0 and outcome["failed"] == 0 else 1
 
 

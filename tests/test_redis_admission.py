@@ -825,7 +825,7 @@ async def test_a_refund_sent_again_takes_back_only_once() -> None:
     """A refund whose reply was lost and that is sent again (a replay after a timeout)
     gives back the admission once: another admission's count is not taken with it."""
     backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
-    limits = Limits(rpm=10)
+    limits = Limits(rpm=10, concurrency=5)  # a slot: the admission takes a lease
     first = await backend.reserve(limits, ONE, now())
     await backend.reserve(limits, ONE, now())
     assert isinstance(first, RedisGrant)
@@ -834,6 +834,37 @@ async def test_a_refund_sent_again_takes_back_only_once() -> None:
     for _ in range(2):
         await backend._link.call(refund, SETTLE, abortable=False)
     assert (await statistics(backend, limits))["rpm"].used == 1
+    await backend.aclose()
+
+
+async def test_an_admission_of_requests_alone_takes_no_lease_and_sends_no_settle() -> None:
+    """Under rates of requests only (no slot, nothing held, nothing to correct) an
+    admission is one round trip: no lease, no renewal, and its settle sends nothing.
+    Its refund (the call never went out) is sent once, never kept for a replay: sent
+    twice it would give back twice."""
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(rpm=10, rates=(Rate(100, 3600),))
+    sent: list[tuple[Any, ...]] = []
+    call = backend._link.call
+
+    async def counting(args: tuple[Any, ...], *rest: Any, **options: Any) -> Any:
+        sent.append(args)
+        return await call(args, *rest, **options)
+
+    backend._link.call = counting  # type: ignore[method-assign]
+    first = await backend.reserve(limits, ONE, now())
+    second = await backend.reserve(limits, ONE, now())
+    assert isinstance(first, RedisGrant) and isinstance(second, RedisGrant)
+    assert len(sent) == 2
+    assert await client.zcard(f"{backend.key_prefix()}:leases") == 0
+    await backend.settle(limits, first, ONE, now())
+    assert len(sent) == 2  # nothing to send
+    await backend.settle(limits, second, None, now())
+    assert len(sent) == 3
+    assert (await statistics(backend, limits))["rpm"].used == 1
+    backend._link.defer(second.lease_id, sent[-1], SETTLE)
+    assert not backend._link.pending
     await backend.aclose()
 
 

@@ -204,7 +204,7 @@ async def test_pause_outlasts_a_renewal() -> None:
     grant = await backend.reserve(limits, ONE, at(clock))
     assert await backend.pause(30.0, at(clock)) == 30.0
     await asyncio.sleep(0.1)  # several renewals
-    pttl = await backend.client.pttl(f"{backend.key_prefix()}:cooldown")
+    pttl = await backend.client.pttl(f"{backend.key_prefix()}:state")
     assert pttl > 25_000
     refusal = await backend.reserve(limits, ONE, at(clock))
     assert refusal == Refusal(30.0, "cooldown")

@@ -286,8 +286,8 @@ async def test_a_provider_that_cuts_its_rpm_mid_run_loses_no_call(
     provider: MockProvider,
 ) -> None:
     """The provider drops to a quarter of the tier's RPM after half a period: ratekit is
-    answered 429, cools down and adapts, and every one of 300 submitted calls returns its
-    result.
+    answered 429 and cools down, the 429s stay few, and every one of 300 submitted calls
+    returns its result.
 
     A quarter, not a half: one SDK process on a busy machine sends ~100 calls a second,
     so against half the tier's 200 it would see one burst of 429s and never another.
@@ -318,8 +318,13 @@ async def test_a_provider_that_cuts_its_rpm_mid_run_loses_no_call(
     assert outcome.results == calls
     assert provider.statistics().served == calls
     assert provider.statistics().rejected.get("rpm", 0) > 0
-    for kind in ("RateLimited", "Cooldown", "LimitsAdapted"):
+    for kind in ("RateLimited", "Cooldown"):
         assert outcome.events[kind] > 0, kind
+    # Cooldowns at the provider's Retry-After, and adaptation when 429s keep coming,
+    # keep the 429s few. Whether the limits adapt depends on how fast this process
+    # sends after a cooldown (on a busy machine it may never again outrun the new
+    # limit); test_one_burst_of_429s_adapts_the_limits_once covers adaptation.
+    assert provider.statistics().rejected["rpm"] <= calls // 5
 
 
 async def test_one_burst_of_429s_adapts_the_limits_once(provider: MockProvider) -> None:

@@ -174,9 +174,19 @@ def _amounts(demand: Demand) -> str:
     return f"{demand[0]!r} {demand[1]!r} {demand[2]!r}"
 
 
-def _window_key(prefix: str, rate: Rate, kind: str = "w") -> str:
-    """The key of `rate`'s window (kind "w") or of its holds ("h")."""
-    return f"{prefix}:{kind}:{rate.unit}:{rate.period_s!r}:{rate.slices}:{rate.calendar_tz or ''}"
+def _window_id(rate: Rate) -> str:
+    """What names `rate`'s window among the state's fields: its unit, period, slices and
+    zone, not its limit (changed limits keep counting what was used)."""
+    return f"{rate.unit}:{rate.period_s!r}:{rate.slices}:{rate.calendar_tz or ''}"
+
+
+def _account_keys(prefix: str) -> list[str]:
+    """An account's two keys, as every script takes them: its state and its leases."""
+    return [f"{prefix}:state", f"{prefix}:leases"]
+
+
+# The lease id of an admission that takes none (see `_Binding.leaseless`).
+NO_LEASE = "-"
 
 
 def _utc_offset_s(zone: zoneinfo.ZoneInfo, wall: float) -> float:
@@ -217,6 +227,7 @@ class _Binding:
         "fields_until",
         "key_ttl_ms",
         "keys",
+        "leaseless",
         "limits",
         "names",
         "rates",
@@ -229,17 +240,14 @@ class _Binding:
         self.rates: tuple[Rate, ...] = limits.all_rates
         self.names = [rate.name for rate in self.rates]
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
-        self.windows = [_window_key(prefix, rate) for rate in self.rates]
-        holds = [_window_key(prefix, rate, kind="h") for rate in self.rates]
-        # The clock key last: the scripts find it at KEYS[#KEYS].
-        self.keys = [
-            f"{prefix}:leases",
-            *self.windows,
-            *holds,
-            f"{prefix}:waiting",
-            f"{prefix}:cooldown",
-            f"{prefix}:clock",
-        ]
+        self.windows = [_window_id(rate) for rate in self.rates]
+        self.keys = _account_keys(prefix)
+        # Whether an admission with only requests to count can go without a lease:
+        # no slot to free, nothing held, nothing its settle could change.
+        self.leaseless = limits.concurrency is None and all(
+            rate.unit == "requests" and take_kind(rate, limits.token_counting) == 0
+            for rate in self.rates
+        )
         # Keys outlive the longest window (a 25 h calendar day) and two leases, so
         # that live holds and counts are never lost.
         longest_s = max(
@@ -260,7 +268,7 @@ class _Binding:
         self.fields_until = -math.inf
 
     def _fields(self, wall: float) -> list[list[str]]:
-        """Each window's spec: limit, period, slice, margin, pacing, take, position, zone."""
+        """Each window's spec: id, limit, period, slice, margin, pacing, take, position, zone."""
         if self.fields_from <= wall <= self.fields_until:
             return self.fields
         limits = self.limits
@@ -273,6 +281,7 @@ class _Binding:
                 zone = "-"
             self.fields.append(
                 [
+                    _window_id(rate),
                     repr(float(rate.limit)),
                     repr(rate.period_s),
                     repr(rate.period_s / rate.slices),
@@ -306,7 +315,7 @@ class _Binding:
         for key, fields in zip(self.windows, mine, strict=True):
             theirs = now_in_force.get(key)
             if theirs is not None:
-                fields = [*theirs[:5], fields[5], fields[6], *theirs[7:]]
+                fields = [*theirs[:6], fields[6], fields[7], *theirs[8:]]
             packed.append(" ".join(fields))
         return "|".join(packed)
 
@@ -772,7 +781,13 @@ class _Link:
 
     def defer(self, key: object, args: tuple[str, ...], script: Script | None) -> None:
         """Keep a write for when Redis answers again (a newer one under `key` replaces
-        it); beyond `_MAX_PENDING` the oldest is dropped with a warning."""
+        it); beyond `_MAX_PENDING` the oldest is dropped with a warning.
+
+        The refund of an admission without a lease is not kept: sent again after a
+        reply that was lost, it would give back twice. What it counted stays counted.
+        """
+        if key == NO_LEASE:
+            return
         self.pending.pop(key, None)
         self.pending[key] = (args, script)
         if len(self.pending) > _MAX_PENDING:
@@ -1083,7 +1098,10 @@ class RedisBackend:
         self._enter(now)
         link = self._link
         binding = self._bind(limits)
-        lease_ids = [f"{self._instance}:{next(self._lease_ids)}" for _ in demands]
+        if binding.leaseless:
+            lease_ids = [NO_LEASE] * len(demands)
+        else:
+            lease_ids = [f"{self._instance}:{next(self._lease_ids)}" for _ in demands]
         command = RESERVE.evalsha(
             binding.keys,
             [
@@ -1118,9 +1136,10 @@ class RedisBackend:
             indexes = [_text(i) for i in reply[at : at + windows]]
             grant = RedisGrant(binding, demands[j], lease_ids[j], indexes)
             grant.admitted = (account_now, now.mono)
-            self._live[lease_ids[j]] = (weakref.ref(grant), binding)
+            if not binding.leaseless:
+                self._live[lease_ids[j]] = (weakref.ref(grant), binding)
             grants.append(grant)
-        self._start(renew=bool(grants))
+        self._start(renew=bool(grants) and not binding.leaseless)
         if admitted == len(demands):
             return grants, None
         at = 2 + admitted * windows
@@ -1248,6 +1267,8 @@ class RedisBackend:
         binding = grant.binding
         if binding is None:  # admitted while failing open: nothing was counted
             return None
+        if grant.lease_id == NO_LEASE and actual is not None:
+            return None  # only requests were counted, and the call was sent: all final
         self._live.pop(grant.lease_id, None)
         return self._settle_command(
             binding, grant.lease_id, grant.demand, grant.indexes, actual, now
@@ -1361,7 +1382,7 @@ class RedisBackend:
             )
         link = self._link
         command = PAUSE.evalsha(
-            [f"{self._prefix}:cooldown", f"{self._prefix}:clock"],
+            _account_keys(self._prefix),
             [self._clock_arg(now), str(self._key_ttl_ms()), repr(float(seconds))],
         )
         try:

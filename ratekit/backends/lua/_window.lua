@@ -1,50 +1,119 @@
 -- Shared window helpers, prepended to every script by ratekit/backends/_scripts.py.
 -- The same rules as ratekit/_window.py, run against the same table of cases.
 --
--- A rolling window is a hash: "s:<slice index>" -> amount recorded in that slice,
--- "held" -> the amount held by calls in flight, "pace" -> earliest instant of the
--- next admission (pacing). A calendar-day window keeps "day" -> local day number
--- and "total" -> amount of that day instead of slices. Each window has a second
--- hash, its holds: lease id -> amount held by that call, so that reading a window
--- costs O(slices) however many calls are in flight. Amounts are in the rate's
--- unit, times in seconds.
+-- An account is two keys: KEYS[1], its state (a hash), and KEYS[2], its leases (a
+-- sorted set, lease id -> expiry on the account's clock; one lease per call in
+-- flight that has a slot or something to settle). The state hash holds:
+--
+--   raw, off      the account's clock (see clock)
+--   cool          until when the account is paused after a provider's 429
+--   wait          until when some caller is known to wait (releases are announced
+--                 only then)
+--   ex            until when the keys are known to live (see keep)
+--   nl            how many leases the sorted set holds
+--   <w>|t         window w's running total: the sum of its live slices (a calendar
+--                 day: the day's total)
+--   <w>|lo, |hi   the oldest and newest slice index that may hold an amount
+--   <w>|hv        the amount of slice hi (so recording into the newest slice needs
+--                 no read of its own)
+--   <w>|<index>   the amount recorded in slice index
+--   <w>|h         the amount held by calls in flight
+--   <w>|h|<lease> the amount held by the call of lease
+--   <w>|p         pacing: the earliest instant of the next admission
+--   <w>|d         a calendar day's local day number
+--
+-- <w> names a window by its unit, period, slices and zone (not its limit), so that
+-- changed limits keep counting what was used. A script reads the fields it needs
+-- in one HMGET (read), works on them in Lua, and writes what changed in one HSET
+-- and one HDEL (flush): an admission costs a fixed handful of commands however
+-- many slices or calls are live. Slices are dropped once, when they stop counting.
 --
 -- Two clocks, as in ratekit/_clock.py: rolling windows, pacing, leases and the
--- cooldown run on the account's clock (`now`, see account_clock), calendar days on
--- the wall clock (`wall`, Unix seconds). parse_specs gives each window its own
--- reading as w.now, so the helpers below never mix the two.
+-- cooldown run on the account's clock (`now`), calendar days on the wall clock
+-- (`wall`, Unix seconds). parse_specs gives each window its own reading as w.now.
 
 local EPSILON = 1e-12
+local STATE, LEASES = KEYS[1], KEYS[2]
 
 local function fmt(x)
   return string.format('%.17g', x)
 end
 
--- Extends `key`'s ttl to at least `ttl_ms`; never shortens it (a long cooldown).
-local function keep_alive(key, ttl_ms)
-  local pttl = redis.call('PTTL', key)
-  if pttl ~= -2 and pttl < ttl_ms then
-    redis.call('PEXPIRE', key, ttl_ms)
+-- The state hash, as read so far and as changed by this script --------------------
+
+local values, dirty, gone = {}, {}, {}
+
+-- Reads `names` (those not read yet) with one HMGET.
+local function read(names)
+  local wanted = {}
+  for _, name in ipairs(names) do
+    if values[name] == nil then
+      wanted[#wanted + 1] = name
+    end
   end
+  if #wanted == 0 then
+    return
+  end
+  local got = redis.call('HMGET', STATE, unpack(wanted))
+  for i, name in ipairs(wanted) do
+    values[name] = got[i] or false
+  end
+end
+
+-- A field's value as a number (nil when absent); read first when it was not.
+local function num(name)
+  if values[name] == nil then
+    read({name})
+  end
+  return tonumber(values[name])
+end
+
+local function put(name, value)
+  values[name] = fmt(value)
+  dirty[name] = true
+  gone[name] = nil
+end
+
+local function drop(name)
+  values[name] = false
+  dirty[name] = nil
+  gone[name] = true
+end
+
+-- Writes every change: one HSET, one HDEL.
+local function flush()
+  local pairs_, names = {}, {}
+  for name in pairs(dirty) do
+    pairs_[#pairs_ + 1] = name
+    pairs_[#pairs_ + 1] = values[name]
+  end
+  for name in pairs(gone) do
+    names[#names + 1] = name
+  end
+  if #pairs_ > 0 then
+    redis.call('HSET', STATE, unpack(pairs_))
+  end
+  if #names > 0 then
+    redis.call('HDEL', STATE, unpack(names))
+  end
+  dirty, gone = {}, {}
 end
 
 -- The account's clock. `given` is "<now> <wall>" handed by a single-process client
 -- (tests with a fake clock), or "" for the server's TIME, shared by every pod.
 -- Returns now (rolling windows, pacing, leases, cooldown) and wall (calendar days).
+-- Needs read({'raw', 'off'}).
 --
--- `now` never goes back, kept in the hash at `key` ("raw": the last reading,
--- "offset": added to every reading):
+-- `now` never goes back:
 -- - TIME stepped back (an operator, NTP): the step is added to the offset, so the
 --   account's clock resumes from where it was and runs on at the normal rate: pacing
 --   and windows neither stall nor restart. A forward step cannot be told from idle
 --   time and is taken as it comes (windows expire that much early).
 -- - A given instant older than the last one (calls of one process that reach the
 --   server out of order): the last one stands; monotonic readings never step.
--- The clock key outlives every other key of the account (ttl at least `ttl_ms`).
-local function account_clock(key, given, ttl_ms)
+local function clock(given)
   local raw, wall
-  local state = redis.call('HMGET', key, 'raw', 'offset')
-  local last, offset = tonumber(state[1]), tonumber(state[2]) or 0
+  local last, offset = num('raw'), num('off') or 0
   if given ~= '' then
     local mono_text, wall_text = string.match(given, '^(%S+) (%S+)$')
     raw, wall = tonumber(mono_text), tonumber(wall_text)
@@ -59,54 +128,88 @@ local function account_clock(key, given, ttl_ms)
       offset = offset + (last - raw)
     end
   end
-  redis.call('HSET', key, 'raw', fmt(raw), 'offset', fmt(offset))
-  keep_alive(key, ttl_ms)
+  put('raw', raw)
+  if offset ~= 0 then
+    put('off', offset)
+  end
   return raw + offset, wall
 end
 
--- Parses the window specs the client packs into one argument: per window
--- "limit period_s slice_s margin_s pacing take position zone", windows apart by "|".
--- pacing is 1 or 0; take is 0 (recorded at admission), 1 (held, "usage") or 2 (held,
--- "safe"); position picks the window's unit in an amounts triple (0 requests,
--- 1 tokens, 2 money). zone is "-" for a rolling window; for a calendar day it is
--- three fields "before switch_at after": the zone's UTC offset (s) before and after
--- its daylight-saving transition nearest the client's clock, at Unix instant
--- switch_at (equal offsets when there is none), so that each script picks the
--- offset of its own instant. With n windows, window i's key is KEYS[1 + i] and its
--- holds' KEYS[1 + n + i] (their ttl, when a script creates them, key_ttl_ms); its
--- reading of the clock, w.now, is `wall` for a calendar day and `now` otherwise.
-local function parse_specs(packed, now, wall, key_ttl_ms)
-  local windows = {}
-  local n = 0
-  for _ in string.gmatch(packed, '[^|]+') do
-    n = n + 1
+-- Writes every change (flush), then keeps both keys alive for `ttl_ms` from `now`,
+-- and past the cooldown's end: a PEXPIRE only when what was set last is about to run
+-- short, so most calls send none. With a given clock (a fake one) every call sends
+-- them. The last thing a script that writes does.
+local function finish(now, ttl_ms, given)
+  local ttl_s = ttl_ms / 1000
+  local want = math.max(now + ttl_s, (num('cool') or 0) + 1)
+  local known = num('ex') or -math.huge
+  local step = ttl_s / 8
+  local set_ms
+  if given ~= '' or known < want then
+    set_ms = math.ceil((want - now + step) * 1000)
+    put('ex', want + step)
   end
+  flush()
+  if set_ms then
+    redis.call('PEXPIRE', STATE, set_ms)
+    if (num('nl') or 0) > 0 then
+      redis.call('PEXPIRE', LEASES, set_ms)
+    end
+  end
+end
+
+-- Window specs ---------------------------------------------------------------------
+
+-- Parses the window specs the client packs into one argument: per window
+-- "id limit period_s slice_s margin_s pacing take position zone", windows apart by
+-- "|". id names the window's fields; pacing is 1 or 0; take is 0 (recorded at
+-- admission), 1 (held, "usage") or 2 (held, "safe"); position picks the window's
+-- unit in an amounts triple (0 requests, 1 tokens, 2 money). zone is "-" for a
+-- rolling window; for a calendar day it is three fields "before switch_at after":
+-- the zone's UTC offset (s) before and after its daylight-saving transition nearest
+-- the client's clock, at Unix instant switch_at (equal offsets when there is none),
+-- so that each script picks the offset of its own instant.
+local function parse_specs(packed)
+  local windows = {}
   for chunk in string.gmatch(packed, '[^|]+') do
     local f = {}
     for value in string.gmatch(chunk, '%S+') do
       f[#f + 1] = value
     end
+    local id = f[1]
     local w = {
-      key = KEYS[1 + #windows + 1],
-      holds = KEYS[1 + n + #windows + 1],
-      limit = tonumber(f[1]),
-      period_s = tonumber(f[2]),
-      slice_s = tonumber(f[3]),
-      margin_s = tonumber(f[4]),
-      pacing = f[5] == '1',
-      take = tonumber(f[6]),
-      position = tonumber(f[7]) + 1,
-      calendar = f[8] ~= '-',
-      now = now,
-      key_ttl_ms = key_ttl_ms,
+      id = id,
+      limit = tonumber(f[2]),
+      period_s = tonumber(f[3]),
+      slice_s = tonumber(f[4]),
+      margin_s = tonumber(f[5]),
+      pacing = f[6] == '1',
+      take = tonumber(f[7]),
+      position = tonumber(f[8]) + 1,
+      calendar = f[9] ~= '-',
+      f_t = id .. '|t', f_lo = id .. '|lo', f_hi = id .. '|hi', f_hv = id .. '|hv',
+      f_h = id .. '|h', f_p = id .. '|p', f_d = id .. '|d',
     }
     if w.calendar then
-      w.offset_before, w.switch_at, w.offset_after = tonumber(f[8]), tonumber(f[9]), tonumber(f[10])
-      w.now = wall
+      w.offset_before, w.switch_at, w.offset_after = tonumber(f[9]), tonumber(f[10]), tonumber(f[11])
     end
     windows[#windows + 1] = w
   end
   return windows
+end
+
+-- The state fields every script reads at its start, for `windows`, plus `extra`.
+local function base_fields(windows, extra)
+  local names = {'raw', 'off', 'ex', 'nl', 'cool'}
+  for _, name in ipairs(extra) do
+    names[#names + 1] = name
+  end
+  for _, w in ipairs(windows) do
+    for _, field in ipairs({w.f_t, w.f_lo, w.f_hi, w.f_hv, w.f_h, w.f_p, w.f_d}) do
+      names[#names + 1] = field
+    end
+  end
+  return names
 end
 
 -- An amounts triple "requests tokens cost" (one argument) as a Lua array.
@@ -116,6 +219,14 @@ local function parse_amounts(packed)
     amounts[#amounts + 1] = tonumber(value)
   end
   return amounts
+end
+
+local function slice_field(w, index)
+  return w.id .. '|' .. fmt(index)
+end
+
+local function hold_field(w, lease_id)
+  return w.id .. '|h|' .. lease_id
 end
 
 -- Calendar days ------------------------------------------------------------------
@@ -138,32 +249,6 @@ local function day_start(w, day)
   return local_s - w.offset_before
 end
 
--- The day the window counts in now, kept in the window's "day" field: a new day
--- starts at 0; a wall clock stepped back stays on the day already reached (its
--- count is all there is), as the memory backend's CalendarWindow does.
-local function current_day(w)
-  local today = local_day(w, w.now)
-  local stored = tonumber(redis.call('HGET', w.key, 'day'))
-  if stored and stored >= today then
-    return stored
-  end
-  redis.call('HSET', w.key, 'day', fmt(today), 'total', '0')
-  if not stored then
-    redis.call('PEXPIRE', w.key, w.key_ttl_ms)
-  end
-  return today
-end
-
--- Moves every calendar-day window to the day of the wall clock now (first thing in
--- each script, so that a refusal or a settle reads the clock as an admission does).
-local function sync_calendars(windows)
-  for _, w in ipairs(windows) do
-    if w.calendar then
-      current_day(w)
-    end
-  end
-end
-
 -- Rolling windows ----------------------------------------------------------------
 
 local function expiry_s(w, index)
@@ -173,54 +258,123 @@ end
 -- The slice (or day) an amount recorded now lands in.
 local function slice_index(w)
   if w.calendar then
-    return current_day(w)
+    return w.day
   end
   return math.floor(w.now / w.slice_s)
 end
 
--- Loads a window's live state: w.slices (index -> amount), w.indexes (sorted),
--- w.total, w.held, w.pace, and w.day for a calendar day; drops slices that stopped
--- counting.
-local function load(w)
-  local now = w.now
-  local fields = redis.call('HGETALL', w.key)
-  w.slices, w.indexes, w.total, w.held, w.pace = {}, {}, 0, 0, -math.huge
-  local stale, day, day_total = {}, nil, 0
-  for i = 1, #fields, 2 do
-    local name, value = fields[i], tonumber(fields[i + 1])
-    local kind = string.sub(name, 1, 2)
-    if kind == 's:' then
-      local index = tonumber(string.sub(name, 3))
-      if expiry_s(w, index) <= now then
-        stale[#stale + 1] = name
-      else
-        w.slices[index] = value
-        w.indexes[#w.indexes + 1] = index
-        w.total = w.total + value
-      end
-    elseif name == 'held' then
-      w.held = math.max(value, 0)
-    elseif name == 'pace' then
-      w.pace = value
-    elseif name == 'day' then
-      day = value
-    elseif name == 'total' then
-      day_total = value
-    end
-  end
-  if #stale > 0 then
-    redis.call('HDEL', w.key, unpack(stale))
-  end
-  table.sort(w.indexes)
+-- Brings window w to now, after the base fields were read: a calendar window moves
+-- to today (a new day starts at 0; a wall clock stepped back stays on the day
+-- already reached, as the memory backend's CalendarWindow does); a rolling window
+-- drops the slices that stopped counting (`expired` collects the fields to read for
+-- that, read by the caller in one HMGET for every window, then `expire` finishes).
+-- Sets w.total, w.held, w.pace, w.lo, w.hi, w.hv.
+local function prepare(w, now, wall, expired)
+  w.held = math.max(num(w.f_h) or 0, 0)
+  w.pace = num(w.f_p) or -math.huge
+  w.total = num(w.f_t) or 0
   if w.calendar then
-    -- sync_calendars ran first: the stored day is the current one.
-    w.day = day
-    w.total = day_total
+    w.now = wall
+    local today = local_day(w, wall)
+    local stored = num(w.f_d)
+    if stored and stored >= today then
+      w.day = stored
+    else
+      w.day = today
+      w.total = 0
+      put(w.f_d, today)
+      put(w.f_t, 0)
+    end
+    return
+  end
+  w.now = now
+  w.lo, w.hi, w.hv = num(w.f_lo), num(w.f_hi), num(w.f_hv) or 0
+  w.drop_until = nil
+  if not w.lo then
+    w.total = 0
+    return
+  end
+  -- The newest slice that no longer counts: expiry_s(index) <= now.
+  local last = math.floor((now - w.period_s - w.margin_s) / w.slice_s) - 1
+  while expiry_s(w, last + 1) <= now do
+    last = last + 1
+  end
+  while last >= w.lo and expiry_s(w, last) > now do
+    last = last - 1
+  end
+  if last < w.lo then
+    return
+  end
+  w.drop_until = math.min(last, w.hi)
+  if last < w.hi then
+    for index = w.lo, w.drop_until do
+      expired[#expired + 1] = slice_field(w, index)
+    end
   end
 end
 
+-- Finishes `prepare` once the expired slices' fields were read.
+local function expire(w)
+  if w.calendar or not w.drop_until then
+    return
+  end
+  local everything = w.drop_until >= w.hi
+  for index = w.lo, w.drop_until do
+    local field = slice_field(w, index)
+    if not everything then
+      w.total = w.total - (num(field) or 0)
+    end
+    drop(field)
+  end
+  if everything then
+    w.total, w.lo, w.hi, w.hv = 0, nil, nil, 0
+    drop(w.f_lo)
+    drop(w.f_hi)
+    drop(w.f_hv)
+  else
+    w.lo = w.drop_until + 1
+    put(w.f_lo, w.lo)
+  end
+  put(w.f_t, math.max(w.total, 0))
+  w.drop_until = nil
+end
+
+-- Reads and brings every window to now: the base fields are read; at most one more
+-- HMGET for the slices that stopped counting.
+local function prepare_all(windows, now, wall)
+  local expired = {}
+  for _, w in ipairs(windows) do
+    prepare(w, now, wall, expired)
+  end
+  read(expired)
+  for _, w in ipairs(windows) do
+    expire(w)
+  end
+end
+
+-- The live slices of w, oldest first, as {index, amount} pairs (one HMGET; only
+-- refusals and statistics need them).
+local function live_slices(w)
+  local slices = {}
+  if w.calendar or not w.lo then
+    return slices
+  end
+  local names = {}
+  for index = w.lo, w.hi do
+    names[#names + 1] = slice_field(w, index)
+  end
+  read(names)
+  for index = w.lo, w.hi do
+    local amount = num(slice_field(w, index))
+    if amount and amount > 0 then
+      slices[#slices + 1] = {index, amount}
+    end
+  end
+  return slices
+end
+
 -- Seconds from now until `amount` more fits; 0 when it fits now, inf when only a
--- release of held amounts can make room. Needs load(w).
+-- release of held amounts can make room.
 local function wait_s(w, amount)
   local now = w.now
   local ceiling = w.limit * (1 + EPSILON)
@@ -240,14 +394,50 @@ local function wait_s(w, amount)
     return math.max(day_start(w, w.day + 1) - now, 0)
   end
   local freed = 0
-  for _, index in ipairs(w.indexes) do
-    freed = freed + w.slices[index]
+  local slices = live_slices(w)
+  for _, entry in ipairs(slices) do
+    freed = freed + entry[2]
     if freed >= excess then
-      return math.max(expiry_s(w, index) - now, pace_wait)
+      return math.max(expiry_s(w, entry[1]) - now, pace_wait)
     end
   end
   -- Only float drift lands here: by the newest slice's expiry all of it is gone.
-  return math.max(expiry_s(w, w.indexes[#w.indexes]) - now, pace_wait)
+  return math.max(expiry_s(w, w.hi or math.floor(now / w.slice_s)) - now, pace_wait)
+end
+
+-- Adds `delta` (positive or negative) to slice `index` of a rolling window, which
+-- still counts; keeps total, lo, hi and hv.
+local function add_to(w, index, delta)
+  if delta == 0 then
+    return
+  end
+  local field = slice_field(w, index)
+  local current
+  if w.hi and index == w.hi then
+    current = w.hv
+  elseif w.hi and index > w.hi then
+    current = 0
+  elseif not w.lo then
+    current = 0
+  else
+    current = num(field) or 0
+  end
+  local amount = math.max(current + delta, 0)
+  w.total = math.max(w.total + (amount - current), 0)
+  put(field, amount)
+  if not w.lo then
+    w.lo, w.hi = index, index
+    put(w.f_lo, index)
+  elseif index < w.lo then
+    w.lo = index
+    put(w.f_lo, index)
+  end
+  if index >= w.hi then
+    w.hi, w.hv = index, amount
+    put(w.f_hi, index)
+    put(w.f_hv, amount)
+  end
+  put(w.f_t, w.total)
 end
 
 -- Counts `amount` now (in the current slice, or the current day).
@@ -255,42 +445,18 @@ local function record(w, amount)
   if amount <= 0 then
     return
   end
-  local now = w.now
   if w.calendar then
-    current_day(w)
-    redis.call('HINCRBYFLOAT', w.key, 'total', fmt(amount))
+    w.total = w.total + amount
+    put(w.f_t, w.total)
     return
   end
   if w.pacing then
-    local pace = tonumber(redis.call('HGET', w.key, 'pace')) or -math.huge
     -- The schedule may lag now by one request's spacing (see ratekit/_window.py).
     local one_s = w.period_s / w.limit
-    local next_s = math.max(pace, now - one_s) + amount * one_s
-    redis.call('HSET', w.key, 'pace', fmt(next_s))
+    w.pace = math.max(w.pace, w.now - one_s) + amount * one_s
+    put(w.f_p, w.pace)
   end
-  redis.call('HINCRBYFLOAT', w.key, 's:' .. fmt(slice_index(w)), fmt(amount))
-end
-
--- After record(w, amount) on a loaded window: the same in w's loaded state, so that
--- the next demand of one reserve sees it.
-local function counted(w, amount)
-  if not w.slices then
-    return
-  end
-  w.total = w.total + amount
-  if w.calendar then
-    return
-  end
-  local index = slice_index(w)
-  if w.slices[index] then
-    w.slices[index] = w.slices[index] + amount
-  else
-    w.slices[index] = amount
-    w.indexes[#w.indexes + 1] = index
-  end
-  if w.pacing then
-    w.pace = tonumber(redis.call('HGET', w.key, 'pace')) or w.pace
-  end
+  add_to(w, slice_index(w), amount)
 end
 
 -- Adds `amount` to the older slice (or day) `index` if it still counts.
@@ -299,7 +465,7 @@ local function add_to_slice(w, index, amount)
     return
   end
   if w.calendar then
-    if index == current_day(w) then
+    if index == w.day then
       record(w, amount)
     end
     return
@@ -307,48 +473,86 @@ local function add_to_slice(w, index, amount)
   if expiry_s(w, index) <= w.now then
     return
   end
-  redis.call('HINCRBYFLOAT', w.key, 's:' .. fmt(index), fmt(amount))
+  add_to(w, index, amount)
 end
 
 -- Takes back up to `amount` recorded in slice (or day) `index`, if it still counts.
 local function refund(w, index, amount)
+  if amount <= 0 then
+    return
+  end
   if w.calendar then
-    if index ~= current_day(w) then
-      return
+    if index == w.day then
+      w.total = math.max(w.total - amount, 0)
+      put(w.f_t, w.total)
     end
-    local total = tonumber(redis.call('HGET', w.key, 'total')) or 0
-    redis.call('HSET', w.key, 'total', fmt(math.max(total - amount, 0)))
     return
   end
-  if expiry_s(w, index) <= w.now then
+  if expiry_s(w, index) <= w.now or not w.lo or index < w.lo or index > w.hi then
     return
   end
-  local field = 's:' .. fmt(index)
-  local current = tonumber(redis.call('HGET', w.key, field))
-  if current then
-    redis.call('HSET', w.key, field, fmt(math.max(current - amount, 0)))
-  end
+  add_to(w, index, -amount)
 end
 
--- Holds ------------------------------------------------------------------------
+-- Holds and leases -----------------------------------------------------------------
 
 -- Holds `amount` for the call of `lease_id` until its settle (or its lease lapses).
 local function hold(w, lease_id, amount)
-  redis.call('HSET', w.holds, lease_id, fmt(amount))
-  redis.call('HINCRBYFLOAT', w.key, 'held', fmt(amount))
-  redis.call('PEXPIRE', w.holds, w.key_ttl_ms)
+  put(hold_field(w, lease_id), amount)
+  w.held = w.held + amount
+  put(w.f_h, w.held)
 end
 
 -- Stops holding what the call of `lease_id` held, if anything; a total that float
 -- drift leaves just above zero is zero (as in the memory backend).
 local function unhold(w, lease_id)
-  local amount = tonumber(redis.call('HGET', w.holds, lease_id))
+  local field = hold_field(w, lease_id)
+  local amount = num(field)
   if not amount then
     return
   end
-  redis.call('HDEL', w.holds, lease_id)
-  local held = tonumber(redis.call('HINCRBYFLOAT', w.key, 'held', fmt(-amount)))
-  if held < w.limit * EPSILON then
-    redis.call('HSET', w.key, 'held', '0')
+  drop(field)
+  w.held = w.held - amount
+  if w.held < w.limit * EPSILON then
+    w.held = 0
   end
+  put(w.f_h, w.held)
+end
+
+-- Leases that lapsed belong to holders that died: frees their slots and holds.
+-- Returns how many there were.
+local function reclaim(windows, now)
+  local dead = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now)
+  if #dead == 0 then
+    return 0
+  end
+  local names = {}
+  for _, w in ipairs(windows) do
+    if w.take ~= 0 then
+      for _, id in ipairs(dead) do
+        names[#names + 1] = hold_field(w, id)
+      end
+    end
+  end
+  read(names)
+  for _, w in ipairs(windows) do
+    if w.take ~= 0 then
+      for _, id in ipairs(dead) do
+        unhold(w, id)
+      end
+    end
+  end
+  redis.call('ZREMRANGEBYSCORE', LEASES, '-inf', now)
+  put('nl', redis.call('ZCARD', LEASES))
+  return #dead
+end
+
+-- How many leases are live or not yet reclaimed (the sorted set's size).
+local function lease_count()
+  local count = num('nl')
+  if count == nil then
+    count = redis.call('ZCARD', LEASES)
+    put('nl', count)
+  end
+  return count
 end

@@ -1,10 +1,7 @@
 -- renew: extend the leases of calls still in flight, and keep the account's keys
 -- alive while they are. Run by each holder every third of the lease ttl.
 --
--- KEYS[1]      leases (see reserve.lua)
--- KEYS[1 + i]  window i, KEYS[1 + n + i] its holds (see _window.lua)
--- KEYS[2n + 2] waiting, KEYS[2n + 3] cooldown (see reserve.lua)
--- KEYS[2n + 4] clock (see account_clock)
+-- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
 -- ARGV[3]      lease ttl (s)
@@ -12,17 +9,17 @@
 -- Returns how many of them were still live (a lapsed lease is not revived).
 
 local key_ttl_ms = tonumber(ARGV[2])
-local now = account_clock(KEYS[#KEYS], ARGV[1], key_ttl_ms)
-local expiry = now + tonumber(ARGV[3])
-local renewed = 0
+read({'raw', 'off', 'ex', 'nl', 'cool'})
+local now = clock(ARGV[1])
+local expiry = fmt(now + tonumber(ARGV[3]))
+local args = {LEASES, 'XX', 'CH'}
 for i = 4, #ARGV do
-  if redis.call('ZSCORE', KEYS[1], ARGV[i]) then
-    redis.call('ZADD', KEYS[1], 'XX', expiry, ARGV[i])
-    renewed = renewed + 1
-  end
+  args[#args + 1] = expiry
+  args[#args + 1] = ARGV[i]
 end
--- Extended, never shortened: a cooldown may be set to outlast the windows.
-for i = 1, #KEYS do
-  keep_alive(KEYS[i], key_ttl_ms)
+local renewed = 0
+if #ARGV >= 4 then
+  renewed = redis.call('ZADD', unpack(args))
 end
+finish(now, key_ttl_ms, ARGV[1])
 return renewed

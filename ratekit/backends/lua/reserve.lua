@@ -2,17 +2,12 @@
 -- once, until one does not fit, and say how long that one waits. One round trip for
 -- the head of a queue and the callers behind it.
 --
--- KEYS[1]      leases: sorted set, lease id -> expiry (s, account clock); one lease
---              per call in flight
--- KEYS[1 + i]  window i, KEYS[1 + n + i] its holds (see _window.lua)
--- KEYS[2n + 2] waiting: until when some caller is known to wait (s); settles publish
---              their release only while someone waits
--- KEYS[2n + 3] cooldown: until when the account is paused after a provider's 429 (s)
--- KEYS[2n + 4] clock: the account's clock (see account_clock)
+-- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms): how long an idle account's keys outlive their last write
 -- ARGV[3]      concurrency cap, or "" for none
--- ARGV[4]      the lease id of each demand, apart by spaces
+-- ARGV[4]      the lease id of each demand, apart by spaces; "-" for a demand that
+--              takes no lease (no slot, nothing held, nothing to settle)
 -- ARGV[5]      lease ttl (s): a holder that stops renewing frees its slot after this
 -- ARGV[6]      window specs (see parse_specs)
 -- ARGV[7]      the demands, in the order they are served: "requests tokens cost", apart
@@ -23,107 +18,119 @@
 --         -1 the cooldown.
 --         A wait that only a release can end is bounded by the oldest lease: a holder
 --         that died frees its slot and holds when that lease lapses.
+--
+-- Commands, admitting one demand with a slot on 3 windows: TIME, HMGET, ZADD, HSET
+-- (and an HMGET when a slice stops counting, PEXPIREs when the keys' ttl runs short).
 
-local n = (#KEYS - 4) / 2
 local key_ttl_ms = tonumber(ARGV[2])
-local now, wall = account_clock(KEYS[2 * n + 4], ARGV[1], key_ttl_ms)
 local cap = tonumber(ARGV[3])
 local lease_ids = {}
 for id in string.gmatch(ARGV[4], '%S+') do
   lease_ids[#lease_ids + 1] = id
 end
 local lease_ttl_s = tonumber(ARGV[5])
-local windows = parse_specs(ARGV[6], now, wall, key_ttl_ms)
+local windows = parse_specs(ARGV[6])
+local n = #windows
 local demands = {}
 for packed in string.gmatch(ARGV[7], '[^|]+') do
   demands[#demands + 1] = parse_amounts(packed)
 end
-local leases = KEYS[1]
-local waiting = KEYS[2 * n + 2]
-sync_calendars(windows)
-
--- Leases that lapsed belong to holders that died: free their slots and holds.
-local dead = redis.call('ZRANGEBYSCORE', leases, '-inf', now)
-if #dead > 0 then
-  for i = 1, n do
-    for _, id in ipairs(dead) do
-      unhold(windows[i], id)
-    end
-  end
-  redis.call('ZREMRANGEBYSCORE', leases, '-inf', now)
-end
+read(base_fields(windows, {'wait'}))
+local now, wall = clock(ARGV[1])
+prepare_all(windows, now, wall)
 
 -- A refusal: records that a caller waits (so releases are announced) and bounds a
 -- wait for a release by the oldest lease; appended to what was admitted before it.
 local function refuse(reply, wait, dimension)
   if wait == math.huge then
-    local oldest = redis.call('ZRANGE', leases, 0, 0, 'WITHSCORES')
+    local oldest = redis.call('ZRANGE', LEASES, 0, 0, 'WITHSCORES')
     if oldest[2] then
       wait = tonumber(oldest[2]) - now
     end
   end
   local until_s = now + math.min(wait, lease_ttl_s)
-  local known = tonumber(redis.call('GET', waiting)) or 0
-  if until_s > known then
-    redis.call('SET', waiting, fmt(until_s), 'PX', key_ttl_ms)
+  if until_s > (num('wait') or 0) then
+    put('wait', until_s)
   end
   reply[#reply + 1] = fmt(wait)
   reply[#reply + 1] = dimension
   return reply
 end
 
-local reply = {0, fmt(now)}
-local paused_until = tonumber(redis.call('GET', KEYS[2 * n + 3]))
-if paused_until and now < paused_until then
-  return refuse(reply, paused_until - now, -1)
-end
-
-local in_flight = 0
-if cap then
-  in_flight = redis.call('ZCARD', leases)
-end
-local loaded = {}
-for j = 1, #demands do
-  local demand = demands[j]
+-- Whether demand fits now: 0 and -1 if it does, else its wait and dimension.
+local function check(demand, in_flight)
   if cap and in_flight >= cap then
-    return refuse(reply, math.huge, 0)
+    return math.huge, 0
   end
   local worst_s, worst = 0, -1
   for i = 1, n do
     local w = windows[i]
     local amount = demand[w.position]
     if amount > 0 then
-      if not loaded[i] then
-        load(w)
-        loaded[i] = true
-      end
       local wait = wait_s(w, amount)
       if wait > worst_s then
         worst_s, worst = wait, i
       end
     end
   end
-  if worst ~= -1 then
-    return refuse(reply, worst_s, worst)
+  return worst_s, worst
+end
+
+local function answer(reply)
+  finish(now, key_ttl_ms, ARGV[1])
+  return reply
+end
+
+local reply = {0, fmt(now)}
+local paused_until = num('cool')
+if paused_until and now < paused_until then
+  return answer(refuse(reply, paused_until - now, -1))
+end
+
+local in_flight = 0
+if cap then
+  in_flight = lease_count()
+end
+local reclaimed = false
+for j = 1, #demands do
+  local demand = demands[j]
+  local wait, dimension = check(demand, in_flight)
+  if dimension ~= -1 and not reclaimed then
+    -- Lapsed leases are looked for only when something refuses: they matter then.
+    reclaimed = true
+    if reclaim(windows, now) > 0 then
+      if cap then
+        in_flight = lease_count()
+      end
+      wait, dimension = check(demand, in_flight)
+    end
   end
+  if dimension ~= -1 then
+    return answer(refuse(reply, wait, dimension))
+  end
+  local lease_id = lease_ids[j]
   for i = 1, n do
     local w = windows[i]
     local amount = demand[w.position]
     if amount > 0 then
       if w.take == 0 then
         record(w, amount)
-        counted(w, amount)
       else
-        hold(w, lease_ids[j], amount)
-        w.held = w.held + amount
+        hold(w, lease_id, amount)
       end
-      redis.call('PEXPIRE', w.key, key_ttl_ms)
     end
     reply[#reply + 1] = fmt(slice_index(w))
   end
-  redis.call('ZADD', leases, now + lease_ttl_s, lease_ids[j])
-  redis.call('PEXPIRE', leases, key_ttl_ms)
-  in_flight = in_flight + 1
+  if lease_id ~= '-' then
+    local count = lease_count()
+    redis.call('ZADD', LEASES, now + lease_ttl_s, lease_id)
+    if count == 0 then
+      -- A new sorted set: give it its ttl now (keep renews it with the state's).
+      redis.call('PEXPIRE', LEASES, math.ceil(key_ttl_ms * 1.125))
+    end
+    put('nl', count + 1)
+    in_flight = in_flight + 1
+  end
   reply[1] = j
 end
-return reply
+return answer(reply)

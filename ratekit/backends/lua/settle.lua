@@ -1,14 +1,10 @@
 -- settle: end one admission: record the call's real usage (or hand everything
 -- back), free its lease and announce the release. One round trip.
 --
--- KEYS[1]      leases (see reserve.lua)
--- KEYS[1 + i]  window i, KEYS[1 + n + i] its holds (see _window.lua)
--- KEYS[2n + 2] waiting (see reserve.lua)
--- KEYS[2n + 3] cooldown (unused here)
--- KEYS[2n + 4] clock (see account_clock)
+-- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
--- ARGV[2]      key ttl (ms), for the clock key and a new day's window
--- ARGV[3]      lease id
+-- ARGV[2]      key ttl (ms)
+-- ARGV[3]      lease id ("-": the admission took none; only a refund is sent then)
 -- ARGV[4]      channel to publish the release on
 -- ARGV[5]      1 to refund (the call was never sent), 0 to settle
 -- ARGV[6]      window specs (see parse_specs)
@@ -19,24 +15,38 @@
 --              (replaces the token estimate where the reservation is kept)
 -- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed).
 
-local n = (#KEYS - 4) / 2
 local key_ttl_ms = tonumber(ARGV[2])
-local now, wall = account_clock(KEYS[2 * n + 4], ARGV[1], key_ttl_ms)
 local lease_id = ARGV[3]
 local refunding = ARGV[5] == '1'
-local windows = parse_specs(ARGV[6], now, wall, key_ttl_ms)
+local windows = parse_specs(ARGV[6])
 local reserved = parse_amounts(ARGV[7])
 local used = parse_amounts(ARGV[8])
 local indexes = parse_amounts(ARGV[9])
 local counted = tonumber(ARGV[10])
-sync_calendars(windows)
+local fields = base_fields(windows, {'wait'})
+if lease_id ~= '-' then
+  for _, w in ipairs(windows) do
+    if w.take ~= 0 then
+      fields[#fields + 1] = hold_field(w, lease_id)
+    end
+  end
+end
+read(fields)
+local now, wall = clock(ARGV[1])
+prepare_all(windows, now, wall)
 
 -- A refund takes back what was recorded only while the lease is live: a lease
 -- already gone was settled before (this settle is sent again after its reply was
 -- lost) or lapsed, and what it recorded stays counted (never less than was sent).
-local live = redis.call('ZREM', KEYS[1], lease_id)
-for i = 1, n do
-  local w = windows[i]
+-- An admission without a lease is refunded once by its client and never resent.
+local live = 1
+if lease_id ~= '-' then
+  live = redis.call('ZREM', LEASES, lease_id)
+  if live == 1 then
+    put('nl', math.max((num('nl') or 1) - 1, 0))
+  end
+end
+for i, w in ipairs(windows) do
   local amount, real, index = reserved[w.position], used[w.position], indexes[i]
   -- What the reservation was, as the provider counted it when it said (tokens only;
   -- a settle sent again after its lease went is not corrected twice).
@@ -65,10 +75,9 @@ for i = 1, n do
     end
   end
 end
--- No PEXPIRE of the windows here: reserve gave every key a ttl of a period, a slice,
--- the margin and two leases, and holders renew it while their calls are in flight.
+finish(now, key_ttl_ms, ARGV[1])
 -- Announce the release only while some caller waits: nobody listens otherwise.
-if now < (tonumber(redis.call('GET', KEYS[2 * n + 2])) or 0) then
+if lease_id ~= '-' and now < (num('wait') or 0) then
   redis.call('PUBLISH', ARGV[4], lease_id)
 end
 return live

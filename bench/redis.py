@@ -390,9 +390,7 @@ def _with_lease(call: tuple[Any, ...], position: int, lease_id: str) -> tuple[An
     return (*call[:at], lease_id, *call[at + 1 :])
 
 
-async def _record_ratekit(
-    url: str, four: bool
-) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
+async def _record_ratekit(url: str, four: bool) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     """The reserve and settle (None when none is sent) of one ratekit admission, each
     as EVALSHA's arguments (sha, numkeys, *keys, *args), recorded from what its client
     wrote."""
@@ -531,7 +529,8 @@ def contenders() -> list[Contender]:
             _ratekit_payload,
         ),
         Contender(
-            RAW_ONE, "evalsha(reserve), recorded from ratekit, via redis-py  [rpm]",
+            RAW_ONE,
+            "evalsha(reserve), recorded from ratekit, via redis-py  [rpm]",
             _ratekit_scripts(False),
         ),
         Contender(RAW_FOUR, f"{replay}  {four_dims}", _ratekit_scripts(True)),
@@ -879,7 +878,6 @@ class Results:
     def ratio(self, name: str, other: str, tasks: int) -> float:
         """Calls/s of `name` over calls/s of `other`, with `tasks` tasks."""
         return self.run(name, tasks).ops_per_s / self.run(other, tasks).ops_per_s
-
 
 
 def throughput_table(results: Results) -> str:

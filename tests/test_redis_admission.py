@@ -855,7 +855,8 @@ async def test_an_admission_of_requests_alone_takes_no_lease_and_sends_no_settle
     backend._link.call = counting  # type: ignore[method-assign]
     first = await backend.reserve(limits, ONE, now())
     second = await backend.reserve(limits, ONE, now())
-    assert isinstance(first, RedisGrant) and isinstance(second, RedisGrant)
+    assert isinstance(first, RedisGrant)
+    assert isinstance(second, RedisGrant)
     assert len(sent) == 2
     assert await client.zcard(f"{backend.key_prefix()}:leases") == 0
     await backend.settle(limits, first, ONE, now())

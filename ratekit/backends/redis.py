@@ -2,9 +2,12 @@
 
 Same contract as the memory backend (DESIGN.md, "Window semantics"), kept in
 Lua scripts (``lua/*.lua``): an admission over every dimension is one EVALSHA,
-a settle or refund another. All keys of an account share one hash tag (Redis
-Cluster), expire by themselves once the account is idle, and hold O(slices)
-fields per rate.
+a settle or refund another; an admission of requests alone (no slot, nothing held
+or corrected) takes no lease and is never settled. An account is two keys under
+one hash tag (Redis Cluster): a state hash (running totals, O(slices) fields per
+rate) and a set of leases. Each script reads the fields it needs in one HMGET and
+writes in one HSET, so its commands do not grow with traffic; the keys expire by
+themselves once the account is idle.
 
 Time is the Redis server's ``TIME``, read inside each script, so every pod uses
 one clock and no client's skew matters. Per account it never goes back: a step

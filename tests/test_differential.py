@@ -46,6 +46,7 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from ratekit import Limits, Rate, TokenCounting
 from ratekit._clock import Instant
@@ -253,8 +254,10 @@ class Admission:
 class Differential(RuleBasedStateMachine):
     """Plays each operation on memory, fakeredis and a real redis-server; compares all."""
 
-    # Set by the test from its redis_server fixture before the machine runs.
+    # Set by the test from its server fixture before the machine runs: a server's URL,
+    # or where a Redis Cluster starts.
     redis_url = ""
+    cluster: tuple[str, int] | None = None
 
     admissions = Bundle("admissions")
 
@@ -337,7 +340,11 @@ class Differential(RuleBasedStateMachine):
         async def build() -> None:
             namespace = self._namespace
             fake = fakeredis.FakeAsyncRedis(server=fakeredis.FakeServer())
-            real = Redis.from_url(self.redis_url)
+            real: Redis | RedisCluster
+            if self.cluster is not None:
+                real = RedisCluster(host=self.cluster[0], port=self.cluster[1])
+            else:
+                real = Redis.from_url(self.redis_url)
             self._clients = [fake, real]
             self._backends = [
                 MemoryBackend(),
@@ -648,10 +655,18 @@ def _next_midnight(wall_s: float, zone_name: str) -> float:
 # A failure takes minutes to shrink (Hypothesis gives up after five): let it finish,
 # so that the report is the shortest sequence rather than a timeout.
 @pytest.mark.timeout(600)
-def test_memory_and_redis_agree_operation_by_operation(redis_server: RedisServer) -> None:
+@pytest.mark.parametrize("engine", ["redis_server", "valkey_server", "redis_cluster"])
+def test_memory_and_redis_agree_operation_by_operation(
+    engine: str, request: pytest.FixtureRequest
+) -> None:
     """Every grant, refusal, wait hint, pause and statistics snapshot is the same on
-    memory, fakeredis and a real redis-server, whatever the sequence of operations."""
-    Differential.redis_url = redis_server.url
+    memory, fakeredis and a real engine (redis-server, Valkey's server, a Redis Cluster
+    of three masters), whatever the sequence of operations."""
+    server = request.getfixturevalue(engine)
+    if isinstance(server, RedisServer):
+        Differential.redis_url, Differential.cluster = server.url, None
+    else:
+        Differential.cluster = server.host_port
     run_state_machine_as_test(
         Differential,
         settings=settings(
@@ -670,7 +685,7 @@ def test_memory_and_redis_agree_operation_by_operation(redis_server: RedisServer
 
 
 def _replay(redis_server: RedisServer, steps: Callable[[Differential], None]) -> None:
-    Differential.redis_url = redis_server.url
+    Differential.redis_url, Differential.cluster = redis_server.url, None
     state = Differential()
     try:
         steps(state)

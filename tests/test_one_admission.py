@@ -405,9 +405,13 @@ async def test_wait_for_never_returns_a_permit_after_its_timeout(
             if isinstance(outcome, ratekit.Permit) and outcome.granted:
                 await outcome.release()
         await holder.release()
-        used = await _concurrency_used(limiter)
+
+        async def all_back() -> bool:
+            # A grant that reached a caller already gone is handed back in the background.
+            return await _concurrency_used(limiter) == 0
+
+        await _until(all_back, 2)
     assert late == [], f"{len(late)} late outcomes of 20: {late}"
-    assert used == 0
 
 
 # -- a dropped admission gives its slot back promptly -----------------------------------

@@ -889,3 +889,43 @@ async def test_a_settle_sent_again_does_not_correct_a_reservation_twice() -> Non
     await redis.execute_command(*command)  # the same settle, replayed
     assert (await statistics(backend, limits))["tpm"].used == 3500
     await backend.aclose()
+
+
+async def test_a_lost_leases_set_does_not_block_the_account() -> None:
+    """The leases set gone (expired, evicted) while the state still counts a lease: the
+    next admission that the count would refuse counts the set again and is admitted.
+    (A cached count that was never put right refused every caller until the state
+    expired.)"""
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=1)
+    held = await backend.reserve(limits, ONE, now())
+    assert isinstance(held, RedisGrant)
+    await client.delete(f"{backend.key_prefix()}:leases")
+    await backend.settle(limits, held, ONE, now())  # removes nothing: the set is gone
+    again = await backend.reserve(limits, ONE, now())
+    assert isinstance(again, RedisGrant)
+    await backend.settle(limits, again, ONE, now())
+    await backend.aclose()
+
+
+async def test_a_lost_state_keeps_the_concurrency_cap() -> None:
+    """The state hash gone while calls are in flight: a settle counts the leases still
+    there, so the cap still holds for the callers after it."""
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=2)
+    first = await backend.reserve(limits, ONE, now())
+    second = await backend.reserve(limits, ONE, now())
+    assert isinstance(first, RedisGrant)
+    assert isinstance(second, RedisGrant)
+    await client.delete(f"{backend.key_prefix()}:state")
+    await backend.settle(limits, first, ONE, now())
+    third = await backend.reserve(limits, ONE, now())
+    assert isinstance(third, RedisGrant)
+    fourth = await backend.reserve(limits, ONE, now())
+    assert isinstance(fourth, Refusal)
+    assert fourth.dimension == "concurrency"
+    for grant in (second, third):
+        await backend.settle(limits, grant, ONE, now())
+    await backend.aclose()

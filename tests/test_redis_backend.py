@@ -309,5 +309,6 @@ def test_a_client_of_the_wrong_kind_is_a_typed_error() -> None:
     with pytest.raises(ratekit.InvalidArgumentError) as caught:
         RedisBackend(42, namespace="a")  # type: ignore[arg-type]
     assert str(caught.value) == (
-        "RedisBackend.redis must be a redis:// URL or a redis.asyncio.Redis client, got int"
+        "RedisBackend.redis must be a redis:// URL, a redis.asyncio.Redis client or a "
+        "redis.asyncio.cluster.RedisCluster client, got int"
     )

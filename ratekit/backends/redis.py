@@ -49,13 +49,14 @@ import time
 import weakref
 import zoneinfo
 from collections import OrderedDict, deque
-from collections.abc import Callable, Coroutine, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -150,12 +151,24 @@ class _Down(Exception):
     """Redis is known to be down (within the backoff): the command was not sent."""
 
 
+# A client of one server, or of a Redis Cluster (an account's keys share one hash tag,
+# so each script runs on the one node that holds them).
+Client = Redis | RedisCluster
+
+
 def _is_outage(exc: BaseException) -> bool:
     """Whether `exc` says the server cannot be reached: a socket-level failure or a
     command that timed out. A busy connection pool is not an outage."""
     if isinstance(exc, MaxConnectionsError):
         return False
     return isinstance(exc, _Down | RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 def _raise_if_cancelled() -> None:
@@ -440,7 +453,7 @@ class _Link:
 
     def __init__(
         self,
-        client: Redis,
+        client: Client,
         *,
         where: str,
         owns_client: bool,
@@ -452,8 +465,11 @@ class _Link:
         self.where = where
         self.owns_client = owns_client
         self.command_timeout_s = command_timeout_s
+        # A cluster client routes each command to its node itself: no pipelines.
+        self.cluster = isinstance(client, RedisCluster)
         if connections is None:
-            pool_size = getattr(client.connection_pool, "max_connections", None)
+            pool = getattr(client, "connection_pool", None)  # none for a cluster
+            pool_size = getattr(pool, "max_connections", None)
             if not isinstance(pool_size, int) or pool_size <= 0:
                 pool_size = _CONNECTIONS + _POOL_SPARE
             connections = min(_CONNECTIONS, max(1, pool_size - _POOL_SPARE))
@@ -707,6 +723,14 @@ class _Link:
         """Whether the server answers a PING within the command timeout, on a fresh
         connection outside the pool (the pool may be the slow part)."""
         assert self.loop is not None
+        if isinstance(self.client, RedisCluster):
+            try:
+                async with asyncio.timeout(self.command_timeout_s):
+                    await self.client.ping()
+                self.answered_at = self.loop.time()
+                return True
+            except Exception:
+                return False
         connection = self.client.connection_pool.make_connection()  # type: ignore[no-untyped-call]
         try:
             async with asyncio.timeout(self.command_timeout_s):
@@ -727,6 +751,9 @@ class _Link:
         returned in its command's place."""
         if len(batch) == 1:
             return [await self._one(batch[0])]
+        if isinstance(self.client, RedisCluster):
+            # Each to the node of its keys, all at once.
+            return list(await asyncio.gather(*(self._one(command) for command in batch)))
         async with self.client.pipeline(transaction=False) as pipe:
             for command in batch:
                 pipe.execute_command(*command.args)
@@ -745,15 +772,18 @@ class _Link:
 
     async def _one(self, command: _Command) -> Any:
         """Send a lone command; its reply, or its error reply as an exception."""
-        send = self.client.execute_command
+        send: Callable[..., Awaitable[Any]] = self.client.execute_command
         try:
             try:
-                return await send(*command.args)  # type: ignore[no-untyped-call]
+                return await send(*command.args)
             except NoScriptError:
                 if command.script is None:
                     raise
-                await send(*command.script.load())  # type: ignore[no-untyped-call]
-                return await send(*command.args)  # type: ignore[no-untyped-call]
+                if isinstance(self.client, RedisCluster):
+                    await self.client.script_load(command.script.text)  # on every primary
+                else:
+                    await send(*command.script.load())
+                return await send(*command.args)
         except ResponseError as exc:
             return exc
 
@@ -924,7 +954,7 @@ class RedisBackend:
 
     def __init__(
         self,
-        redis: str | Redis,
+        redis: str | Redis | RedisCluster,
         *,
         namespace: str,
         lease_ttl_s: float = 10.0,
@@ -960,6 +990,7 @@ class RedisBackend:
             raise InvalidArgumentError(
                 f"RedisBackend.connections must be a positive int or None, got {connections!r}"
             )
+        client: Client
         if isinstance(redis, str):
             where = _redacted(redis)
             # Our own backoff and policy decide about outages: one quick reconnect
@@ -971,12 +1002,12 @@ class RedisBackend:
                 retry=Retry(NoBackoff(), 1),
             )
             owns_client = True
-        elif isinstance(redis, Redis):
+        elif isinstance(redis, Redis | RedisCluster):
             where, client, owns_client = _describe(redis), redis, False
         else:
             raise InvalidArgumentError(
-                "RedisBackend.redis must be a redis:// URL or a redis.asyncio.Redis client, "
-                f"got {type(redis).__name__}"
+                "RedisBackend.redis must be a redis:// URL, a redis.asyncio.Redis client or "
+                f"a redis.asyncio.cluster.RedisCluster client, got {type(redis).__name__}"
             )
         link = _Link(
             client,
@@ -1032,7 +1063,7 @@ class RedisBackend:
         return f"RedisBackend({self._link.where}, namespace={self.namespace!r})"
 
     @property
-    def client(self) -> Redis:
+    def client(self) -> Client:
         return self._link.client
 
     def key_prefix(self) -> str:
@@ -1399,7 +1430,13 @@ class RedisBackend:
         return float(reply)
 
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
-        return self._listeners.add(listener)
+        """Call `listener` on each release announced for the account (and once when the
+        announcements start to be heard: a release just before was not)."""
+        unsubscribe = self._listeners.add(listener)
+        loop = self._link.loop
+        if loop is not None and not loop.is_closed() and _running_loop() is loop:
+            self._start(renew=False)
+        return unsubscribe
 
     def _key_ttl_ms(self) -> int:
         """The ttl of the account's keys (ms), as the limits seen last set it."""
@@ -1575,6 +1612,9 @@ class RedisBackend:
             try:
                 async with asyncio.timeout(link.command_timeout_s):
                     await pubsub.subscribe(self._channel)
+                # Heard from now on; a release announced before was not: every waiter
+                # tries once more.
+                self._listeners.notify()
                 while not link.closing:
                     _raise_if_cancelled()
                     # A bounded wait, so that closing never depends on a message.
@@ -1708,7 +1748,10 @@ def _redacted(url: str) -> str:
     return f"{parts.scheme}://{host}{port}{path}"
 
 
-def _describe(client: Redis) -> str:
+def _describe(client: Client) -> str:
+    if isinstance(client, RedisCluster):
+        nodes = list(client.nodes_manager.startup_nodes.values())
+        return f"redis cluster at {nodes[0].host}:{nodes[0].port}" if nodes else "redis cluster"
     kwargs = client.connection_pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"

@@ -9,8 +9,10 @@
 --   cool          until when the account is paused after a provider's 429
 --   wait          until when some caller is known to wait (releases are announced
 --                 only then)
---   ex            until when the keys are known to live (see keep)
---   nl            how many leases the sorted set holds
+--   ex, lex       until when the state, and the leases, are known to live (see
+--                 finish)
+--   nl            how many leases the sorted set holds (set again from ZCARD
+--                 whenever an admission is refused)
 --   <w>|t         window w's running total: the sum of its live slices (a calendar
 --                 day: the day's total)
 --   <w>|lo, |hi   the oldest and newest slice index that may hold an amount
@@ -144,17 +146,21 @@ local function finish(now, ttl_ms, given)
   local want = math.max(now + ttl_s, (num('cool') or 0) + 1)
   local known = num('ex') or -math.huge
   local step = ttl_s / 8
-  local set_ms
-  if given ~= '' or known < want then
-    set_ms = math.ceil((want - now + step) * 1000)
+  local set_ms = math.ceil((want - now + step) * 1000)
+  local state = given ~= '' or known < want
+  local leases = (num('nl') or 0) > 0 and (given ~= '' or (num('lex') or -math.huge) < want)
+  if state then
     put('ex', want + step)
   end
+  if leases then
+    put('lex', want + step)
+  end
   flush()
-  if set_ms then
+  if state then
     redis.call('PEXPIRE', STATE, set_ms)
-    if (num('nl') or 0) > 0 then
-      redis.call('PEXPIRE', LEASES, set_ms)
-    end
+  end
+  if leases then
+    redis.call('PEXPIRE', LEASES, set_ms)
   end
 end
 
@@ -200,7 +206,7 @@ end
 
 -- The state fields every script reads at its start, for `windows`, plus `extra`.
 local function base_fields(windows, extra)
-  local names = {'raw', 'off', 'ex', 'nl', 'cool'}
+  local names = {'raw', 'off', 'ex', 'lex', 'nl', 'cool'}
   for _, name in ipairs(extra) do
     names[#names + 1] = name
   end
@@ -519,12 +525,16 @@ local function unhold(w, lease_id)
   put(w.f_h, w.held)
 end
 
--- Leases that lapsed belong to holders that died: frees their slots and holds.
--- Returns how many there were.
+-- Leases that lapsed belong to holders that died: frees their slots and holds, and
+-- counts the leases again (a count the set's loss left behind is put right). Returns
+-- whether anything changed.
 local function reclaim(windows, now)
   local dead = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now)
   if #dead == 0 then
-    return 0
+    local count = redis.call('ZCARD', LEASES)
+    local changed = count ~= num('nl')
+    put('nl', count)
+    return changed
   end
   local names = {}
   for _, w in ipairs(windows) do
@@ -544,7 +554,7 @@ local function reclaim(windows, now)
   end
   redis.call('ZREMRANGEBYSCORE', LEASES, '-inf', now)
   put('nl', redis.call('ZCARD', LEASES))
-  return #dead
+  return true
 end
 
 -- How many leases are live or not yet reclaimed (the sorted set's size).

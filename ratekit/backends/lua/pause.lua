@@ -7,7 +7,7 @@
 -- ARGV[3]      the cooldown (s)
 -- Returns the seconds the pause lasts from now.
 
-read({'raw', 'off', 'ex', 'nl', 'cool'})
+read({'raw', 'off', 'ex', 'lex', 'nl', 'cool'})
 local now = clock(ARGV[1])
 local until_s = now + tonumber(ARGV[3])
 local known = num('cool') or 0

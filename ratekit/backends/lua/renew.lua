@@ -9,7 +9,7 @@
 -- Returns how many of them were still live (a lapsed lease is not revived).
 
 local key_ttl_ms = tonumber(ARGV[2])
-read({'raw', 'off', 'ex', 'nl', 'cool'})
+read({'raw', 'off', 'ex', 'lex', 'nl', 'cool'})
 local now = clock(ARGV[1])
 local expiry = fmt(now + tonumber(ARGV[3]))
 local args = {LEASES, 'XX', 'CH'}

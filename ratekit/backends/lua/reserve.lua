@@ -98,7 +98,7 @@ for j = 1, #demands do
   if dimension ~= -1 and not reclaimed then
     -- Lapsed leases are looked for only when something refuses: they matter then.
     reclaimed = true
-    if reclaim(windows, now) > 0 then
+    if reclaim(windows, now) then
       if cap then
         in_flight = lease_count()
       end
@@ -125,8 +125,10 @@ for j = 1, #demands do
     local count = lease_count()
     redis.call('ZADD', LEASES, now + lease_ttl_s, lease_id)
     if count == 0 then
-      -- A new sorted set: give it its ttl now (keep renews it with the state's).
-      redis.call('PEXPIRE', LEASES, math.ceil(key_ttl_ms * 1.125))
+      -- A new sorted set: give it its ttl now (finish renews it from then on).
+      local set_ms = math.ceil(key_ttl_ms * 1.125)
+      redis.call('PEXPIRE', LEASES, set_ms)
+      put('lex', now + set_ms / 1000)
     end
     put('nl', count + 1)
     in_flight = in_flight + 1

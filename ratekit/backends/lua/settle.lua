@@ -41,9 +41,10 @@ prepare_all(windows, now, wall)
 -- An admission without a lease is refunded once by its client and never resent.
 local live = 1
 if lease_id ~= '-' then
+  local count = lease_count()
   live = redis.call('ZREM', LEASES, lease_id)
   if live == 1 then
-    put('nl', math.max((num('nl') or 1) - 1, 0))
+    put('nl', math.max(count - 1, 0))
   end
 end
 for i, w in ipairs(windows) do

@@ -32,7 +32,10 @@ def _limits(config: dict[str, Any]) -> ratekit.Limits:
 
 def _backend(config: dict[str, Any]) -> RedisBackend:
     return RedisBackend(
-        config["url"], namespace=config["namespace"], lease_ttl_s=config["lease_ttl_s"]
+        config["url"],
+        namespace=config["namespace"],
+        lease_ttl_s=config["lease_ttl_s"],
+        cluster=config.get("cluster", False),
     )
 
 

@@ -916,9 +916,13 @@ class RedisBackend:
     """Keeps one account's usage in Redis, shared by every process that names it.
 
     `redis` is a ``redis://`` or ``rediss://`` URL (a password in it is never
-    shown in an error, a log or a repr) or a ``redis.asyncio.Redis`` client (left
-    open by `aclose`). `namespace` names the account: processes with the same
-    namespace share limits, others never touch each other's counts.
+    shown in an error, a log or a repr), a ``redis.asyncio.Redis`` client or a
+    ``redis.asyncio.cluster.RedisCluster`` client (a client is left open by
+    `aclose`). With ``cluster=True`` the URL names one node of a Redis Cluster
+    (Valkey's too): an account's keys share one hash tag, so each of its scripts
+    runs on the one node that holds them. `namespace` names the account:
+    processes with the same namespace share limits, others never touch each
+    other's counts.
 
     `lease_ttl_s`: how long a concurrency slot outlives a holder that stops
     renewing (a killed process, a dropped admission). `on_unavailable` says what
@@ -964,6 +968,7 @@ class RedisBackend:
         server_time: bool = True,
         command_timeout_s: float = 2.0,
         connections: int | None = None,
+        cluster: bool = False,
     ) -> None:
         namespace = _check_name("namespace", namespace)
         prefix = _check_name("prefix", prefix)
@@ -991,16 +996,26 @@ class RedisBackend:
                 f"RedisBackend.connections must be a positive int or None, got {connections!r}"
             )
         client: Client
+        if not isinstance(cluster, bool):
+            raise InvalidArgumentError(
+                f"RedisBackend.cluster must be True or False, got {cluster!r}"
+            )
         if isinstance(redis, str):
             where = _redacted(redis)
             # Our own backoff and policy decide about outages: one quick reconnect
             # (a connection the server closed while idle), no backoff of redis-py's.
-            client = Redis.from_url(
-                redis,
-                socket_connect_timeout=1.0,
-                socket_timeout=timeout_s,
-                retry=Retry(NoBackoff(), 1),
-            )
+            if cluster:
+                client = RedisCluster.from_url(
+                    redis, socket_connect_timeout=1.0, socket_timeout=timeout_s
+                )
+                where = f"redis cluster at {where}"
+            else:
+                client = Redis.from_url(
+                    redis,
+                    socket_connect_timeout=1.0,
+                    socket_timeout=timeout_s,
+                    retry=Retry(NoBackoff(), 1),
+                )
             owns_client = True
         elif isinstance(redis, Redis | RedisCluster):
             where, client, owns_client = _describe(redis), redis, False

@@ -37,6 +37,8 @@ class Owner(Protocol):
 
     async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
 
+    def _settle_now(self, grant: Grant, actual: Demand | None) -> bool: ...
+
     async def _restamp(self, grant: Grant) -> None: ...
 
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None: ...
@@ -184,6 +186,15 @@ class Admission:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
+        if self._state == _GRANTED:
+            # The in-memory end needs no await: done here, without a coroutine more.
+            self._state = _ENDED
+            grant = self._grant
+            self._grant = None
+            actual = self._actual or self._demand
+            if not self._limiter._settle_now(grant, actual):
+                await self._limiter._settle(grant, actual)
+            return
         await self.release()
 
     # -- holding ---------------------------------------------------------------------
@@ -228,13 +239,17 @@ class Admission:
         if self._actual is not None:
             raise PermitError("this admission is already settled")
         estimate = self._demand
-        self._actual = Demand(
-            estimate.requests,
-            estimate.tokens if tokens is None else _amount("settle tokens", tokens),
-            estimate.cost if cost is None else _amount("settle cost", cost),
-            math.nan
-            if counted_tokens is None
-            else _amount("settle counted_tokens", counted_tokens),
+        # A tuple built directly: the generated constructor of a Demand is slower.
+        self._actual = tuple.__new__(
+            Demand,
+            (
+                estimate[0],
+                estimate[1] if tokens is None else _amount("settle tokens", tokens),
+                estimate[2] if cost is None else _amount("settle cost", cost),
+                math.nan
+                if counted_tokens is None
+                else _amount("settle counted_tokens", counted_tokens),
+            ),
         )
 
     async def sent(self) -> None:

@@ -473,14 +473,21 @@ class Limiter:
 
     # -- ending admissions -------------------------------------------------------------
 
+    def _settle_now(self, grant: Grant, actual: Demand | None) -> bool:
+        """End one admission's grant at once when the backend is in this process (no
+        cancellation can come between the end and the slot's return); False when it
+        takes a round trip (`_settle`)."""
+        local = self._local
+        if local is None:
+            return False
+        clock = self._clock
+        wall = clock.wall() if self._calendar else math.nan
+        local.settle_now(grant, actual, clock.now(), wall)
+        return True
+
     async def _settle(self, grant: Grant, actual: Demand | None) -> None:
         """End one admission's grant: the only place capacity goes back to the backend."""
-        local = self._local
-        clock = self._clock
-        if local is not None:
-            # Synchronous: no cancellation can come between the end and the slot's return.
-            wall = clock.wall() if self._calendar else math.nan
-            local.settle_now(grant, actual, clock.now(), wall)
+        if self._settle_now(grant, actual):
             return
         with anyio.CancelScope(shield=True):
             await self._backend.settle(self._limits, grant, actual, self.instant())

@@ -71,12 +71,17 @@ class WaitQueue:
         """How many callers wait, per priority."""
         return dict(self._counts)
 
-    def push(self, priority: int, demand: Any = None) -> Waiter:
-        """Queue a caller; `QueueFullError` when `max_size` callers already wait."""
+    def push(self, priority: int, demand: Any = None, *, first: bool = False) -> Waiter:
+        """Queue a caller (`first`: ahead of its priority's others, for a caller that came
+        before them); `QueueFullError` when `max_size` callers already wait."""
         if self.max_size is not None and self._size >= self.max_size:
             raise QueueFullError(self.max_size)
         waiter = Waiter(priority, demand)
-        self._levels.setdefault(priority, deque()).append(waiter)
+        level = self._levels.setdefault(priority, deque())
+        if first:
+            level.appendleft(waiter)
+        else:
+            level.append(waiter)
         self._counts[priority] = self._counts.get(priority, 0) + 1
         self._size += 1
         return waiter

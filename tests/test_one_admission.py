@@ -199,6 +199,43 @@ async def test_300_gathered_submits_on_a_healthy_redis_all_succeed(redis_url: st
 
 
 @pytest.mark.redis
+@pytest.mark.timeout(60)
+async def test_a_herd_gathered_on_redis_is_admitted_in_the_order_it_came(
+    redis_url: str,
+) -> None:
+    """2,000 callers gathered at once on a Redis account whose cap is held are admitted in
+    the order they came once it frees, and priority 1 before priority 0. (Each caller
+    used to try the backend before the queue formed: the replies of those tries,
+    pipelined over several connections, came back out of order and so did the queue:
+    768 of 1,000 out of order.)"""
+    backend = RedisBackend(redis_url, namespace=_namespace("herd"))
+    limiter = Limiter(Limits(concurrency=16, rpm=10**9), backend=backend, lower_share=0)
+    granted: list[tuple[int, int]] = []
+
+    async def caller(index: int, priority: int) -> None:
+        async with limiter.acquire(priority=priority):
+            granted.append((priority, index))
+
+    try:
+        held = [await limiter.acquire() for _ in range(16)]
+        with anyio.fail_after(40):
+            async with anyio.create_task_group() as group:
+                for index in range(2000):
+                    group.start_soon(caller, index, index % 2)
+
+                async def all_wait() -> bool:
+                    return (await limiter.statistics()).waiting == 2000
+
+                await _until(all_wait, 20)
+                for admission in held:
+                    await admission.release()
+    finally:
+        await backend.aclose()
+    assert len(granted) == 2000
+    assert granted == sorted(granted, key=lambda grant: (-grant[0], grant[1]))
+
+
+@pytest.mark.redis
 @pytest.mark.timeout(90)
 async def test_10000_gathered_callers_on_one_redis_all_succeed(redis_url: str) -> None:
     """10,000 callers gathered in one process on StepFun V5 (10,000 in flight) all succeed,

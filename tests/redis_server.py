@@ -147,6 +147,13 @@ class RedisCluster:
         return "127.0.0.1", self.nodes[0].port
 
     def start(self) -> None:
+        try:
+            self._start()
+        except BaseException:
+            self.stop()  # no node outlives a cluster that did not come up
+            raise
+
+    def _start(self) -> None:
         for node in self.nodes:
             node.start()
         cli = shutil.which("redis-cli") or "redis-cli"

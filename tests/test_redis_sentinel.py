@@ -98,9 +98,11 @@ class SentinelSetup:
 @pytest.fixture
 def sentinel_setup() -> Iterator[SentinelSetup]:
     setup = SentinelSetup(require_redis_server())
-    setup.start()
-    yield setup
-    setup.stop()
+    try:
+        setup.start()
+        yield setup
+    finally:
+        setup.stop()
 
 
 @pytest.mark.timeout(60)

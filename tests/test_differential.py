@@ -51,6 +51,7 @@ from redis.asyncio.cluster import RedisCluster
 from ratekit import Limits, Rate, TokenCounting
 from ratekit._clock import Instant
 from ratekit.backends import Backend, Demand, DimensionStatistics, Refusal
+from ratekit.backends._base import takes_no_slot
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend
 
@@ -423,7 +424,8 @@ class Differential(RuleBasedStateMachine):
         if isinstance(memory, Raised):
             return None
         self._admitted += 1
-        self._leases[self._admitted] = now.mono
+        if not takes_no_slot(limits):  # else no lease: nothing to lapse
+            self._leases[self._admitted] = now.mono
         grants = (outcomes[0], outcomes[1], outcomes[2])
         return Admission(self._admitted, demand, now.mono, grants)
 
@@ -495,9 +497,8 @@ class Differential(RuleBasedStateMachine):
         assert len(set(admitted)) == 1, f"reserve_many({demands}) at {now}: {admitted}"
         refusals = [refusal for _, refusal in batches]
         # A release-only wait is bounded by the oldest lease, those just granted included.
-        oldest = min(
-            [*self._leases.values(), *([now.mono] if admitted[0] else [])], default=math.inf
-        )
+        leased = admitted[0] and not takes_no_slot(limits)
+        oldest = min([*self._leases.values(), *([now.mono] if leased else [])], default=math.inf)
         check_same_outcome(
             f"reserve_many({demands}) at {now}, after {admitted[0]}",
             [refusal if refusal is not None else "all" for refusal in refusals],
@@ -506,7 +507,8 @@ class Differential(RuleBasedStateMachine):
         made = []
         for j in range(admitted[0]):
             self._admitted += 1
-            self._leases[self._admitted] = now.mono
+            if not takes_no_slot(limits):
+                self._leases[self._admitted] = now.mono
             grants = (batches[0][0][j], batches[1][0][j], batches[2][0][j])
             made.append(Admission(self._admitted, demands[j], now.mono, grants))
         return multiple(*made)
@@ -709,6 +711,27 @@ def test_a_request_a_float_step_before_a_slice_edge_expires_alike(
         _, _, at_edge = state.reserve_across_edge(pick=0, tokens=0)
         state.statistics_agree()
         state.to_expiry(admission=at_edge, nudge="ulp before", pick=0)
+        state.statistics_agree()
+
+    _replay(redis_server, steps)
+
+
+def test_a_cap_that_comes_in_force_counts_no_call_admitted_without_a_slot(
+    redis_server: RedisServer,
+) -> None:
+    """A call admitted under requests alone takes no slot (on Redis: no lease, one round
+    trip); a concurrency cap that comes in force while it is in flight does not count
+    it, on every backend. (Found by the machine: memory counted it, Redis could not.)"""
+
+    def steps(state: Differential) -> None:
+        limits = Limits(
+            rates=(Rate(1, 1.0, "requests", name="req", slices=1),),
+            token_counting=TokenCounting.RESERVE,
+        )
+        state.begin(setup=Setup(limits, mono_s=1_000_000.0, wall_s=1_772_953_140.0))
+        state.reserve_queue(count=2, tokens=0)
+        state.statistics_agree()
+        state.change_limits(concurrency=2, factor=0.5, margin_s=0.0, pacing=False)
         state.statistics_agree()
 
     _replay(redis_server, steps)

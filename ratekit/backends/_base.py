@@ -19,6 +19,17 @@ HELD_USAGE = 1  # held until settle, then the real usage is recorded ("usage"; m
 HELD_SAFE = 2  # held until settle, then max(reserved, real) until the admission's slice ends
 
 
+def takes_no_slot(limits: Limits) -> bool:
+    """Whether an admission under `limits` goes without a slot (a Redis lease): no
+    concurrency cap, and only requests counted at admission, so that nothing is held
+    and its end has nothing to change. Such an admission does not count against a cap
+    that comes in force while it is in flight, on any backend."""
+    return limits.concurrency is None and all(
+        rate.unit == "requests" and take_kind(rate, limits.token_counting) == RECORDED
+        for rate in limits.all_rates
+    )
+
+
 def take_kind(rate: Rate, counting: TokenCounting) -> int:
     """How an admission takes `rate`'s amount under the provider's token `counting`."""
     if rate.unit == "requests":

@@ -18,6 +18,7 @@ from ._base import (
     Listeners,
     Refusal,
     take_kind,
+    takes_no_slot,
 )
 
 _WindowKey = tuple[str, float, str | None, int]
@@ -27,7 +28,7 @@ _TOKENS = UNIT_POSITION["tokens"]
 class _Binding:
     """The windows that enforce one `Limits` value, in the order of `limits.all_rates`."""
 
-    __slots__ = ("calendars", "concurrency", "limits", "takes")
+    __slots__ = ("calendars", "concurrency", "limits", "slotless", "takes")
 
     def __init__(self, limits: Limits, windows: list[Window]) -> None:
         self.limits = limits
@@ -37,6 +38,8 @@ class _Binding:
             (window, UNIT_POSITION[rate.unit], take_kind(rate, limits.token_counting))
             for window, rate in zip(windows, limits.all_rates, strict=True)
         ]
+        # Admissions that take no slot (see `takes_no_slot`), as on Redis.
+        self.slotless = takes_no_slot(limits)
         # Calendar-day windows: told the wall clock before each use.
         self.calendars = [window for window in windows if isinstance(window, CalendarWindow)]
 
@@ -48,12 +51,14 @@ class MemoryGrant:
     index, amount).
     """
 
-    __slots__ = ("entries", "settled")
+    __slots__ = ("entries", "settled", "slot")
 
-    def __init__(self, entries: list[tuple[Window, int, int, int, float]]) -> None:
+    def __init__(self, entries: list[tuple[Window, int, int, int, float]], slot: bool) -> None:
         self.entries = entries
         # Settled or refunded: a second settle of the same grant changes nothing.
         self.settled = False
+        # Whether it counts as a call in flight (see `takes_no_slot`).
+        self.slot = slot
 
 
 class MemoryBackend:
@@ -73,8 +78,9 @@ class MemoryBackend:
         self._windows: dict[_WindowKey, Window] = {}
         # The binding of the limits seen last (usually the only ones).
         self._binding: _Binding | None = None
-        # Admitted calls not yet settled: what a concurrency cap counts, whether or
-        # not one was in force when they were admitted.
+        # Admitted calls not yet settled that took a slot: what a concurrency cap
+        # counts, whether or not one was in force when they were admitted (calls under
+        # requests alone take none, see `takes_no_slot`).
         self._in_flight = 0
         self._listeners = Listeners()
         # Until when every admission is refused (a provider's 429 cooldown).
@@ -128,8 +134,10 @@ class MemoryBackend:
             take = window.record if kind == RECORDED else window.hold_at
             index = take(now, amount)
             entries.append((window, position, kind, index, amount))
+        if binding.slotless:
+            return MemoryGrant(entries, False)
         self._in_flight += 1
-        return MemoryGrant(entries)
+        return MemoryGrant(entries, True)
 
     @staticmethod
     def _refusal(takes: list[tuple[Window, int, int]], demand: Demand, now: float) -> Refusal:
@@ -180,7 +188,8 @@ class MemoryBackend:
                     window.refund(now, index, amount - reserved)
                 elif reserved > amount:
                     window.add_to_slice(now, index, reserved - amount)
-        self._in_flight -= 1
+        if grant.slot:
+            self._in_flight -= 1
         if self._listeners:
             self._listeners.notify()
 

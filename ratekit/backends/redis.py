@@ -79,6 +79,7 @@ from ._base import (
     Listeners,
     Refusal,
     take_kind,
+    takes_no_slot,
 )
 from ._scripts import ESTIMATES, PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
 from .memory import MemoryBackend, MemoryGrant
@@ -258,12 +259,9 @@ class _Binding:
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
         self.windows = [_window_id(rate) for rate in self.rates]
         self.keys = _account_keys(prefix)
-        # Whether an admission with only requests to count can go without a lease:
-        # no slot to free, nothing held, nothing its settle could change.
-        self.leaseless = limits.concurrency is None and all(
-            rate.unit == "requests" and take_kind(rate, limits.token_counting) == 0
-            for rate in self.rates
-        )
+        # Whether an admission can go without a lease: no slot to free, nothing
+        # held, nothing its settle could change.
+        self.leaseless = takes_no_slot(limits)
         # Keys outlive the longest window (a 25 h calendar day) and two leases, so
         # that live holds and counts are never lost.
         longest_s = max(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -136,8 +137,7 @@ class Limiter:
         "_local",
         "_loop",
         "_queue",
-        "_tried",
-        "_trying",
+        "_tickets",
         "_unsubscribe",
         "_wake",
     )
@@ -175,10 +175,8 @@ class Limiter:
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
         # Set when capacity may have been freed; the head waits on it.
         self._wake: anyio.Event | None = None
-        # A caller trying outside the queue (nobody waited when it came), and the event
-        # set when its try is over.
-        self._trying = False
-        self._tried: anyio.Event | None = None
+        # Each caller's place in the order of arrival (see `_reserve`).
+        self._tickets = itertools.count()
         # When the head of the queue is predicted to be admitted (None: unknown).
         self._head_eta_s: float | None = None
         # The event loop of the first admission: dropped admissions end there.
@@ -360,25 +358,17 @@ class Limiter:
         """
         self._check_loop()
         queue = self._queue
-        first = False
-        if refusal is None and not queue and not self._trying:
-            # Nobody waits: try at once. Callers that come meanwhile queue behind this
-            # one (and their head waits for the try), so that a herd gathered at once
-            # is admitted in the order it came, not in the order replies arrive.
-            self._trying = True
-            try:
-                outcome = await self._backend.reserve(self._limits, demand, self.instant())
-            finally:
-                self._trying = False
-                tried, self._tried = self._tried, None
-                if tried is not None:
-                    tried.set()
+        # Taken on arrival: a caller refused after a try queues in the order it came,
+        # not in the order the replies to many callers' tries arrived (a herd gathered
+        # at once on Redis: its tries' replies come back over several connections).
+        ticket = next(self._tickets)
+        if refusal is None and not queue:
+            outcome = await self._backend.reserve(self._limits, demand, self.instant())
             if not isinstance(outcome, Refusal):
                 return outcome
             refusal = outcome
-            first = True
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
-        waiter = queue.push(priority, demand, first=first)
+        waiter = queue.push(priority, demand, ticket=ticket)
         if self._unsubscribe is None:
             self._unsubscribe = self._backend.subscribe(self._on_change)
         if queue.head() is waiter:
@@ -421,12 +411,6 @@ class Limiter:
             if self._queue.head() is not waiter:
                 waiter.turn = anyio.Event()
                 await self._wait_turn(waiter.turn, deadline_s, timeout_s)
-                continue
-            if self._trying:
-                # A caller that came before the queue formed is still trying: after it.
-                if self._tried is None:
-                    self._tried = anyio.Event()
-                await self._wait_turn(self._tried, deadline_s, timeout_s)
                 continue
             self._check_fits(demand)  # the limits may have changed while queued
             # Armed before asking, so a release during the round trip is not missed.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import math
 from collections import deque
 from typing import Any
 
@@ -15,11 +16,13 @@ class Waiter:
     """One caller waiting for a limiter. `turn` is set when it becomes the head, or when
     the head was admitted together with it (then `grant` holds its admission)."""
 
-    __slots__ = ("demand", "gone", "grant", "priority", "turn")
+    __slots__ = ("demand", "gone", "grant", "priority", "ticket", "turn")
 
-    def __init__(self, priority: int, demand: Any = None) -> None:
+    def __init__(self, priority: int, demand: Any = None, ticket: float = math.inf) -> None:
         self.priority = priority
         self.demand = demand
+        # Its place in the order of arrival: FIFO within a priority follows it.
+        self.ticket = ticket
         self.turn = anyio.Event()
         # Removed while not at the front of its level: skipped when it gets there.
         self.gone = False
@@ -71,17 +74,22 @@ class WaitQueue:
         """How many callers wait, per priority."""
         return dict(self._counts)
 
-    def push(self, priority: int, demand: Any = None, *, first: bool = False) -> Waiter:
-        """Queue a caller (`first`: ahead of its priority's others, for a caller that came
-        before them); `QueueFullError` when `max_size` callers already wait."""
+    def push(self, priority: int, demand: Any = None, *, ticket: float = math.inf) -> Waiter:
+        """Queue a caller behind those of its priority with a smaller `ticket` (its place
+        in the order of arrival; default: last); `QueueFullError` when `max_size`
+        callers already wait. O(1) when callers are pushed in order, O(k) for one k
+        places early."""
         if self.max_size is not None and self._size >= self.max_size:
             raise QueueFullError(self.max_size)
-        waiter = Waiter(priority, demand)
+        waiter = Waiter(priority, demand, ticket)
         level = self._levels.setdefault(priority, deque())
-        if first:
-            level.appendleft(waiter)
-        else:
+        if not level or level[-1].ticket <= ticket:
             level.append(waiter)
+        else:
+            place = len(level) - 1
+            while place > 0 and level[place - 1].ticket > ticket:
+                place -= 1
+            level.insert(place, waiter)
         self._counts[priority] = self._counts.get(priority, 0) + 1
         self._size += 1
         return waiter

@@ -1187,3 +1187,29 @@ def test_loading_the_tokenizer_never_blocks_the_event_loop(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["max_lag_s"] < 1.0, report
+
+
+@pytest.mark.redis
+@pytest.mark.timeout(30)
+async def test_concurrent_tries_without_a_wait_are_all_admitted_while_there_is_room(
+    redis_url: str,
+) -> None:
+    """50 gathered ``acquire(timeout=0)`` on a Redis account with room: every one is
+    admitted (none is refused for being behind another's round trip)."""
+    backend = RedisBackend(redis_url, namespace=_namespace("try0"))
+    limiter = Limiter(Limits(rpm=10**9, tpm=10**9), backend=backend)
+    admitted = 0
+
+    async def one() -> None:
+        nonlocal admitted
+        async with limiter.acquire(tokens=5, timeout=0):
+            admitted += 1
+
+    try:
+        with anyio.fail_after(10):
+            async with anyio.create_task_group() as group:
+                for _ in range(50):
+                    group.start_soon(one)
+    finally:
+        await backend.aclose()
+    assert admitted == 50

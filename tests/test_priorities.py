@@ -109,3 +109,17 @@ def test_queue_settings_are_validated() -> None:
         WaitQueue(lower_share=1)
     with pytest.raises(ratekit.LimitsError, match="max_queue must be a non-negative int"):
         WaitQueue(max_size=-1)
+
+
+def test_callers_queue_in_the_order_they_came_whatever_order_they_are_pushed() -> None:
+    """A caller pushed late with an early ticket (its try's reply came back after those of
+    callers that came later) takes its place by arrival, within its priority."""
+    queue = WaitQueue(lower_share=0)
+    order = [3, 0, 4, 1, 2, 6, 5]
+    waiters = {ticket: queue.push(0, ticket=ticket) for ticket in order}
+    served = []
+    while (head := queue.head()) is not None:
+        served.append(next(t for t, w in waiters.items() if w is head))
+        queue.admitted(head)
+        queue.remove(head)
+    assert served == sorted(order)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -47,3 +48,11 @@ def require(tool: str, peers: Mapping[str, str], ratekit_module: str, hint: str)
             f"{tool}: cannot import {ratekit_module}; run from the repository root "
             f"(python -m {tool}) or {hint}"
         )
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a positive integer, or the usage error that says so."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value

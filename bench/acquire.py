@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench._common import BenchError, Op, Subject, nothing, require
+from bench._common import BenchError, Op, Subject, nothing, positive_int, require
 
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
@@ -452,22 +452,15 @@ def report(
 # -- the command ---------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="python -m bench.acquire",
         description="Time an uncontended acquire+release of ratekit and its peers.",
     )
     parser.add_argument(
-        "--iterations", type=_positive_int, default=20_000, help="timed operations per round"
+        "--iterations", type=positive_int, default=20_000, help="timed operations per round"
     )
-    parser.add_argument("--rounds", type=_positive_int, default=5, help="rounds (median taken)")
+    parser.add_argument("--rounds", type=positive_int, default=5, help="rounds (median taken)")
     parser.add_argument(
         "--memory-ops",
         type=int,

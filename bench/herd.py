@@ -61,7 +61,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 import ratekit
-from bench._common import require
+from bench._common import positive_int, require
 from bench.redis import RedisProcess, _format_table, _harness_client
 
 if TYPE_CHECKING:
@@ -752,15 +752,8 @@ def report(
 # -- the command ------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _sizes(text: str) -> tuple[int, ...]:
-    sizes = tuple(_positive_int(part.replace("_", "")) for part in text.split(",") if part.strip())
+    sizes = tuple(positive_int(part.replace("_", "")) for part in text.split(",") if part.strip())
     if not sizes:
         raise argparse.ArgumentTypeError("at least one size is needed")
     return sizes
@@ -788,10 +781,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--quick", action="store_true", help="sizes 10,100,1000 (overrides --sizes)"
     )
     parser.add_argument(
-        "--rounds", type=_positive_int, default=ROUNDS, help="herds per row and size"
+        "--rounds", type=positive_int, default=ROUNDS, help="herds per row and size"
     )
     parser.add_argument(
-        "--processes", type=_positive_int, default=PROCESSES, help="workers of the fleet row"
+        "--processes", type=positive_int, default=PROCESSES, help="workers of the fleet row"
     )
     parser.add_argument(
         "--lower-share",

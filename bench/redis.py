@@ -225,12 +225,12 @@ class RedisProcess:
         shutil.rmtree(self.directory, ignore_errors=True)
 
 
-def require_redis_server() -> str:
-    """The redis-server binary, or exit naming the package that provides it."""
+def require_redis_server(tool: str = "bench.redis") -> str:
+    """The redis-server binary, or exit (as `tool`) naming the package that provides it."""
     binary = shutil.which("redis-server")
     if binary is None:
         raise SystemExit(
-            f"bench.redis: redis-server is not on PATH; install it ({SERVER_HINT}) and run again"
+            f"{tool}: redis-server is not on PATH; install it ({SERVER_HINT}) and run again"
         )
     return binary
 
@@ -449,15 +449,20 @@ def _ratekit_scripts(four: bool) -> Callable[[str], Awaitable[Subject]]:
         client = _client(url)
         lease_ids = itertools.count()
 
+        if settle is None:
+
+            async def replay_alone() -> None:
+                await client.evalsha(*reserve)  # no lease: the same call each time
+
+            return Subject(replay_alone, client.aclose)
+        ended = settle
+
         async def replay() -> None:
             lease_id = f"bench:{next(lease_ids)}"
             await client.evalsha(*_with_lease(reserve, RESERVE_LEASE_ARG, lease_id))
-            await client.evalsha(*_with_lease(settle, SETTLE_LEASE_ARG, lease_id))
+            await client.evalsha(*_with_lease(ended, SETTLE_LEASE_ARG, lease_id))
 
-        async def replay_alone() -> None:
-            await client.evalsha(*reserve)  # no lease: the same call each time
-
-        return Subject(replay if settle is not None else replay_alone, client.aclose)
+        return Subject(replay, client.aclose)
 
     return build
 

@@ -62,7 +62,13 @@ from typing import IO, TYPE_CHECKING, Any
 
 import ratekit
 from bench._common import positive_int, require
-from bench.redis import RedisProcess, _format_table, _harness_client, require_redis_server
+from bench.redis import (
+    RedisProcess,
+    _exit_on_sigterm,
+    _format_table,
+    _harness_client,
+    require_redis_server,
+)
 
 if TYPE_CHECKING:
     from ratekit.backends._base import Grant, Refusal
@@ -824,10 +830,6 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
         return report(results, rows, args, server_version, machine, time.perf_counter() - started_s)
     finally:
         await harness.aclose()
-
-
-def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through RedisProcess, which stops the server
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -35,6 +35,8 @@ class Owner(Protocol):
 
     def _granted(self, admission: Admission) -> None: ...
 
+    def _settle_now(self, grant: Grant, actual: Demand | None) -> bool: ...
+
     async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
 
     async def _restamp(self, grant: Grant) -> None: ...
@@ -184,7 +186,13 @@ class Admission:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.release()
+        # `release`, without its two nested coroutines when the end is synchronous.
+        if self._state == _ENDED:
+            return
+        actual = self._actual or self._demand
+        grant = self._end_here(actual)
+        if grant is not None:
+            await self._limiter._settle(grant, actual)
 
     # -- holding ---------------------------------------------------------------------
 
@@ -272,12 +280,22 @@ class Admission:
         await self._end(None)
 
     async def _end(self, actual: Demand | None) -> None:
+        grant = self._end_here(actual)
+        if grant is not None:
+            await self._limiter._settle(grant, actual)
+
+    def _end_here(self, actual: Demand | None) -> Grant | None:
+        """Mark the admission ended and end its grant here when the limiter can do so
+        synchronously (in process); else return the grant, still to be settled (awaited
+        by the caller, which is `_end` or leaving ``async with``)."""
         if self._state != _GRANTED:
             raise PermitError("this admission has not been acquired")
         self._state = _ENDED
         grant = self._grant
         self._grant = None
-        await self._limiter._settle(grant, actual)
+        if self._limiter._settle_now(grant, actual):
+            return None
+        return grant
 
     def __del__(self) -> None:
         # Dropped while held: say so, and let the limiter's loop end it (never here).

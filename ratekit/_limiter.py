@@ -28,6 +28,8 @@ from .backends.memory import MemoryBackend
 
 # Callers admitted in one backend call at most: the head and those behind it.
 _BATCH = 32
+# Validated demands a limiter keeps for reuse, at most.
+_DEMANDS_KEPT = 1024
 # A demand's `counted` field: not known (one NaN object, so that equal demands compare equal).
 _NOT_COUNTED = Demand().counted
 
@@ -132,6 +134,7 @@ class Limiter:
         "_calendar",
         "_ceilings",
         "_clock",
+        "_demands",
         "_head_eta_s",
         "_limits",
         "_local",
@@ -170,6 +173,9 @@ class Limiter:
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
         self._limits = limits
         self._ceilings = _ceilings(limits)
+        # Demands already checked against these limits, by their (int) amounts: most
+        # call sites ask for the same few amounts, so the common acquire builds none.
+        self._demands: dict[tuple[int, int, int], Demand] = {}
         self._calendar = _has_calendar(limits)
         # Callers waiting: by priority, first come first served; the head retries.
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
@@ -203,6 +209,7 @@ class Limiter:
             raise InvalidArgumentError(f"Limiter.limits must be a ratekit.Limits, got {limits!r}")
         self._limits = limits
         self._ceilings = _ceilings(limits)
+        self._demands = {}
         self._calendar = _has_calendar(limits)
         self._on_change()
 
@@ -285,18 +292,24 @@ class Limiter:
         return admission
 
     def _demand(self, requests: float, tokens: float, cost: float) -> Demand:
-        ceilings = self._ceilings
-        if (
-            requests.__class__ is int
-            and tokens.__class__ is int
-            and cost.__class__ is int
-            and 0 <= requests <= ceilings[0]
-            and 0 <= tokens <= ceilings[1]
-            and 0 <= cost <= ceilings[2]
-        ):
-            # The common case: valid ints within every limit. A Demand is a tuple,
-            # built here without its (slower) generated constructor.
-            return tuple.__new__(Demand, (requests, tokens, cost, _NOT_COUNTED))
+        if requests.__class__ is int and tokens.__class__ is int and cost.__class__ is int:
+            key = (requests, tokens, cost)
+            demand = self._demands.get(key)
+            if demand is not None:
+                return demand
+            ceilings = self._ceilings
+            if (
+                0 <= requests <= ceilings[0]
+                and 0 <= tokens <= ceilings[1]
+                and 0 <= cost <= ceilings[2]
+            ):
+                # Valid ints within every limit. A Demand is a tuple, built here without
+                # its (slower) generated constructor.
+                demand = tuple.__new__(Demand, (requests, tokens, cost, _NOT_COUNTED))
+                if len(self._demands) >= _DEMANDS_KEPT:
+                    self._demands.clear()
+                self._demands[key] = demand
+                return demand
         demand = Demand(
             check_amount("requests", requests),
             check_amount("tokens", tokens),
@@ -494,9 +507,9 @@ class Limiter:
         return True
 
     async def _settle(self, grant: Grant, actual: Demand | None) -> None:
-        """End one admission's grant: the only place capacity goes back to the backend."""
-        if self._settle_now(grant, actual):
-            return
+        """End one admission's grant over the backend's I/O (`_settle_now` found it could
+        not end it at once): with `_settle_now`, the only place capacity goes back to
+        the backend."""
         with anyio.CancelScope(shield=True):
             await self._backend.settle(self._limits, grant, actual, self.instant())
         # Our own waiters retry now, whether or not the store's notice reaches them.

@@ -160,17 +160,15 @@ class SlicedWindow:
             # is longer than two.
             one_s = self.period_s / self.limit
             self._pace_next_s = max(self._pace_next_s, now - one_s) + amount * one_s
+        index = math.floor(now / self.slice_s)
         if not amount:
-            return self.slice_index(now)
-        if (
-            self._last_start_s <= now < self._last_end_s
-            and self.slice_index(now) == self._slices[-1][0]
-        ):
+            return index
+        if self._last_start_s <= now < self._last_end_s:
             newest = self._slices[-1]
-            newest[1] += amount
-            self._total += amount
-            return int(newest[0])
-        index = self.slice_index(now)
+            if newest[0] == index:
+                newest[1] += amount
+                self._total += amount
+                return index
         self._add(index, amount)
         return index
 
@@ -204,12 +202,7 @@ class SlicedWindow:
     def hold_at(self, now: float, amount: float) -> int:
         """Hold `amount` for a call admitted at `now`; returns the admission's slice."""
         self._held += amount
-        if (
-            self._last_start_s <= now < self._last_end_s
-            and self.slice_index(now) == self._slices[-1][0]
-        ):
-            return int(self._slices[-1][0])
-        return self.slice_index(now)
+        return math.floor(now / self.slice_s)
 
     def settle_usage(self, now: float, reserved: float, real: float) -> None:
         """Settle a held call the ``usage`` way: drop the hold, count `real` from now."""
@@ -226,7 +219,9 @@ class SlicedWindow:
         `reserved` is what the provider counted at arrival when the answer told
         (default: `held`, ratekit's estimate).
         """
-        self.unhold(held)
+        self._held -= held
+        if self._held < self.limit * _EPSILON:
+            self._held = 0.0
         if reserved is None:
             reserved = held
         if self._last_start_s <= now < self._last_end_s and self._slices[-1][0] == index:

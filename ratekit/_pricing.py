@@ -13,8 +13,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
-from ._errors import MissingPriceError, UnknownBillingItemError
-from ._limits import check_amount
+from ._errors import InvalidCostError, MissingPriceError, UnknownBillingItemError
+from ._limits import check_amount, show
 
 TOKENS_PER_MILLION = 1_000_000
 CHARACTERS_PER_PRICE_UNIT = 10_000
@@ -239,6 +239,47 @@ class ExtraTokens:
     multiple: float
 
 
+# The relay's prompt-cache items, as the relay profile's `multiple_items` names them.
+CACHE_WRITE_5M = "cache_write_5m"  # the page's "Cache Write 5M Tokens" (5-minute cache)
+CACHE_WRITE_1H = "cache_write_1h"  # "Cache Write 1H Tokens" (1-hour cache)
+CACHE_READ = "cache_read"  # "Cache Read Tokens"
+
+
+@dataclass(frozen=True, slots=True)
+class CacheMultiples:
+    """A relay's rate multiples for one model's prompt-cache tokens, each times the
+    input price: `write_5m` for 5-minute cache writes, `write_1h` for 1-hour cache
+    writes, `read` for cache reads (the billing items "Cache Write 5M Tokens", "Cache
+    Write 1H Tokens" and "Cache Read Tokens", which the relay's page says generally
+    exist for Claude models). 1 bills a token at the input price, 0.5 at half of it.
+
+    The billing page names the items and their side (input) but gives no numbers:
+    they are per model, on the relay's pricing page, so they are always passed in.
+    """
+
+    write_5m: float
+    write_1h: float
+    read: float
+
+    def __post_init__(self) -> None:
+        for name in ("write_5m", "write_1h", "read"):
+            check_amount(f"CacheMultiples.{name}", getattr(self, name))
+
+    def extras(
+        self, *, write_5m_tokens: float = 0, write_1h_tokens: float = 0, read_tokens: float = 0
+    ) -> tuple[ExtraTokens, ...]:
+        """The three items as `ExtraTokens` for `RelayBilling.token_cost`; a count of 0 is
+        left out. Counts are checked when the cost is computed."""
+        rows = (
+            (CACHE_WRITE_5M, write_5m_tokens, self.write_5m),
+            (CACHE_WRITE_1H, write_1h_tokens, self.write_1h),
+            (CACHE_READ, read_tokens, self.read),
+        )
+        return tuple(
+            ExtraTokens(item, tokens, multiple) for item, tokens, multiple in rows if tokens
+        )
+
+
 @dataclass(frozen=True, slots=True)
 class RelayBilling:
     """A relay platform's billing rules.
@@ -313,6 +354,60 @@ class RelayBilling:
         cost += billed_out / unit * check_amount("output_price", output_price)
         return self.final_charge(
             cost, channel_discount=channel_discount, user_discount=user_discount, fields=fields
+        )
+
+    def cache_token_cost(
+        self,
+        multiples: CacheMultiples,
+        *,
+        input_tokens: float,
+        output_tokens: float,
+        input_price: float,
+        output_price: float,
+        cache_write_5m_tokens: float = 0,
+        cache_write_1h_tokens: float = 0,
+        cache_read_tokens: float = 0,
+        extras: Iterable[ExtraTokens] = (),
+        channel_discount: float = 1.0,
+        user_discount: float = 1.0,
+        fields: Iterable[str] = (),
+    ) -> float:
+        """Token billing of a call with prompt-cache tokens (Claude's, generally).
+
+        `input_tokens` counts every input token, cache writes and reads included: the
+        page's rule adds ``tokens x (multiple - 1)`` per cache token on top of them.
+        (Anthropic's usage reports ``input_tokens`` without ``cache_creation_input_tokens``
+        and ``cache_read_input_tokens``: add them first.) Each cache count is billed at
+        its multiple in `multiples`; `extras` are any other items (input images, ...).
+        Then as `token_cost`: prices per `tokens_per_price_unit` tokens, discounts, fields.
+        Cache counts that add up to more than `input_tokens` raise `InvalidCostError`.
+        """
+        given = {
+            "cache_write_5m_tokens": cache_write_5m_tokens,
+            "cache_write_1h_tokens": cache_write_1h_tokens,
+            "cache_read_tokens": cache_read_tokens,
+        }
+        cached = sum(check_amount(name, value) for name, value in given.items())
+        if cached > check_amount("input_tokens", input_tokens):
+            counts = " + ".join(f"{name} {show(value)}" for name, value in given.items() if value)
+            raise InvalidCostError(
+                f"cache tokens ({counts}) exceed input_tokens {show(input_tokens)}: "
+                "input_tokens counts every input token, cache writes and reads included"
+            )
+        cache_extras = multiples.extras(
+            write_5m_tokens=cache_write_5m_tokens,
+            write_1h_tokens=cache_write_1h_tokens,
+            read_tokens=cache_read_tokens,
+        )
+        return self.token_cost(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            input_price=input_price,
+            output_price=output_price,
+            extras=(*cache_extras, *extras),
+            channel_discount=channel_discount,
+            user_discount=user_discount,
+            fields=fields,
         )
 
     def request_cost(

@@ -2,9 +2,10 @@
 
 A profile is one provider's published table: the tiers in order with the cumulative
 top-up (in the profile's currency) that unlocks each, the tier's concurrency, RPM, TPM
-and TPD, per-model overrides of those per tier, per-model prices, and hints for
-counting speech characters and estimating tokens. Bundled profiles ship inside the
-package (``ratekit/profiles/*.toml``); `load_profile` also reads a user's own file.
+and TPD, per-model overrides of those per tier, per-model prices, hints for counting
+speech characters and estimating tokens, and the HTTP APIs the provider serves with
+their base URLs. Bundled profiles ship inside the package (``ratekit/profiles/*.toml``);
+`load_profile` also reads a user's own file.
 
 `parse_profile` is pure (text in, `Profile` out); only `load_profile` and
 `bundled_providers` touch the file system. Every object here is an immutable value
@@ -18,6 +19,8 @@ import functools
 import math
 import re
 import tomllib
+import types
+import urllib.parse
 import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,9 +28,11 @@ from pathlib import Path
 from typing import Any, NoReturn, cast
 
 from ._errors import (
+    InvalidArgumentError,
     LimitsError,
     ProfileError,
     UnknownModelError,
+    UnknownNameError,
     UnknownProviderError,
     UnknownTierError,
 )
@@ -36,6 +41,8 @@ from ._limits import DEFAULT_MARGIN_S, MAX_AMOUNT, Limits, TokenCounting, check_
 from ._pricing import CharacterRules, Prices, RelayBilling, Side
 
 CURRENCIES = ("USD", "CNY")
+# "openai": OpenAI-compatible chat completions; "anthropic": the Anthropic Messages API.
+API_NAMES = ("openai", "anthropic")
 TPD_WINDOWS = ("rolling", "calendar")
 LIMIT_KEYS = ("concurrency", "rpm", "tpm", "tpd")
 LIMITS_FIELDS = tuple(f.name for f in dataclasses.fields(Limits) if f.init)
@@ -47,9 +54,11 @@ _TOP_KEYS = (
     "time_zone",
     "source",
     "token_counting",
+    "cache_reads_count",
     "tpd_window",
     "minimum_top_up",
     "notes",
+    "apis",
     "tiers",
     "models",
     "character_counting",
@@ -85,6 +94,7 @@ _PRICE_KEYS = (
 _CHARACTER_KEYS = ("chinese", "letter", "punctuation", "other")
 _ESTIMATE_KEYS = ("script", "characters", "tokens")
 _RELAY_KEYS = ("cny_per_usd", "tokens_per_price_unit", "multiple_items", "field_multipliers")
+_API_KEYS = ("base_url", "note")
 _SIDES = ("input", "output")
 
 
@@ -218,6 +228,42 @@ class Tier:
         return None
 
 
+def base_url_problem(value: object) -> str | None:
+    """Why `value` cannot be an API base URL, or `None` when it can.
+
+    A base URL is an https URL with a host, no user or password, no query or fragment
+    and no trailing "/", so that ``f"{base_url}/chat/completions"`` is the endpoint.
+    """
+    if not isinstance(value, str) or not value.startswith("https://"):
+        return f"expected an https URL, got {show(value)}"
+    parts = urllib.parse.urlsplit(value)
+    if "@" in parts.netloc:
+        return "expected no user or password in the URL"  # never echo a credential
+    if not parts.hostname or any(char.isspace() for char in value):
+        return f"expected an https URL with a host and no spaces, got {show(value)}"
+    if parts.query or parts.fragment or "?" in value or "#" in value:
+        return f"expected no query or fragment, got {show(value)}"
+    if value.endswith("/"):
+        return f"expected no trailing '/', got {show(value)}"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderApi:
+    """One HTTP API the provider serves for the account, and where.
+
+    `name` is the wire format: "openai" (OpenAI-compatible chat completions; `base_url`
+    is what the OpenAI SDK's ``base_url`` takes, the endpoint is
+    ``{base_url}/chat/completions``) or "anthropic" (the Anthropic Messages API;
+    `base_url` is what the Anthropic SDK's ``base_url`` takes, the SDK adds
+    ``/v1/messages``). `note` says what the provider's docs restrict (which models).
+    """
+
+    name: str
+    base_url: str
+    note: str = ""
+
+
 @dataclass(frozen=True, slots=True)
 class Profile:
     """A provider's published limits and prices.
@@ -225,9 +271,16 @@ class Profile:
     `currency` ("USD" or "CNY") is the unit of every top-up and price. `time_zone` is
     the provider's IANA zone, used for TPD when `tpd_window` is "calendar" (TPD resets
     at local midnight); with "rolling", TPD is any 24 hours. `token_counting` says when
-    tokens count (see `TokenCounting`). `minimum_top_up` is what the provider requires
-    before any use (`None`: the page names none). `source` is the provider page the
-    numbers came from; `path` is the file this profile was read from.
+    tokens count (see `TokenCounting`). `cache_reads_count` says whether input tokens
+    read from the provider's prompt cache count toward its token rates (TPM, TPD):
+    true (the default, and the safe choice) unless the provider's page says they do
+    not; cache writes are input tokens and always count. `minimum_top_up` is what the
+    provider requires before any use (`None`: the page names none). `apis` maps each API
+    the provider serves (`API_NAMES`: "openai", "anthropic") to its `ProviderApi`; an
+    API the profile does not list is one whose URL the docs do not give or that the
+    provider does not serve (`with_base_url` adds yours). `source` names the provider
+    page the numbers came from and when it was read; `path` is the file this profile
+    was read from.
     """
 
     provider: str
@@ -239,7 +292,9 @@ class Profile:
     tiers: tuple[Tier, ...]
     models: tuple[Model, ...] = ()
     tpd_window: str = "rolling"
+    cache_reads_count: bool = True
     minimum_top_up: float | None = None
+    apis: Mapping[str, ProviderApi] = field(default_factory=lambda: types.MappingProxyType({}))
     character_rules: CharacterRules | None = None
     token_estimate: TokenEstimate | None = None
     relay: RelayBilling | None = None
@@ -255,6 +310,43 @@ class Profile:
     def model_names(self) -> tuple[str, ...]:
         """The listed model names in file order."""
         return tuple(model.name for model in self.models)
+
+    @property
+    def api_names(self) -> tuple[str, ...]:
+        """The names of the APIs the profile lists, in file order."""
+        return tuple(self.apis)
+
+    def api(self, name: str) -> ProviderApi:
+        """The API `name` ("openai", "anthropic"; case-insensitive) the provider serves.
+
+        An API the profile does not list raises `UnknownNameError` naming those it does.
+        """
+        found = self.apis.get(name.casefold()) if isinstance(name, str) else None
+        if found is None:
+            raise UnknownNameError(name, self.api_names, f"the APIs of profile {self.provider!r}")
+        return found
+
+    def base_url(self, api: str) -> str:
+        """The base URL of API `api` (see `ProviderApi`); `UnknownNameError` if not listed."""
+        return self.api(api).base_url
+
+    def with_base_url(self, api: str, base_url: str) -> Profile:
+        """A copy whose API `api` ("openai" or "anthropic") is served at `base_url`.
+
+        Adds the API when the profile does not list it (a relay's host is the user's
+        own), else replaces its URL and keeps its note. `base_url` must be an https URL
+        without a trailing "/" (`InvalidArgumentError` otherwise).
+        """
+        wanted = api.casefold() if isinstance(api, str) else api
+        if wanted not in API_NAMES:
+            raise UnknownNameError(api, API_NAMES, "the APIs ratekit knows")
+        problem = base_url_problem(base_url)
+        if problem is not None:
+            raise InvalidArgumentError(f"with_base_url: base_url: {problem}")
+        old = self.apis.get(wanted)
+        new = ProviderApi(wanted, base_url, old.note if old is not None else "")
+        apis = types.MappingProxyType({**self.apis, wanted: new})
+        return dataclasses.replace(self, apis=apis)
 
     def tier(self, name: str) -> Tier:
         """The tier called `name` (case-insensitive); `UnknownTierError` lists the others."""
@@ -372,6 +464,11 @@ class _Reader:
     def array(self, value: object, path: str) -> list[Any]:
         if not isinstance(value, list):
             self.fail(path, f"expected an array, got {value!r}")
+        return value
+
+    def boolean(self, value: object, path: str) -> bool:
+        if not isinstance(value, bool):
+            self.fail(path, f"expected true or false, got {value!r}")
         return value
 
 
@@ -557,6 +654,20 @@ def _read_relay(reader: _Reader, value: object) -> RelayBilling:
     )
 
 
+def _read_apis(reader: _Reader, value: object) -> Mapping[str, ProviderApi]:
+    apis: dict[str, ProviderApi] = {}
+    for name, row in reader.table(value, "apis", API_NAMES).items():
+        path = _join("apis", name)
+        data = reader.table(row, path, _API_KEYS)
+        reader.require(data, path, ["base_url"])
+        problem = base_url_problem(data["base_url"])
+        if problem is not None:
+            reader.fail(_join(path, "base_url"), problem)
+        note = reader.string(data["note"], _join(path, "note")) if "note" in data else ""
+        apis[name] = ProviderApi(name=name, base_url=data["base_url"], note=note)
+    return types.MappingProxyType(apis)
+
+
 def _read_time_zone(reader: _Reader, value: object) -> str:
     zone = reader.string(value, "time_zone")
     try:
@@ -626,9 +737,11 @@ def parse_profile(text: str, source: str = "<string>") -> Profile:
         tiers=tuple(tiers),
         models=models,
         tpd_window=window,
+        cache_reads_count=reader.boolean(data.get("cache_reads_count", True), "cache_reads_count"),
         minimum_top_up=None
         if minimum is None
         else reader.number(minimum, "minimum_top_up", positive=False),
+        apis=_read_apis(reader, data["apis"]) if "apis" in data else types.MappingProxyType({}),
         character_rules=_read_character_rules(reader, data["character_counting"])
         if "character_counting" in data
         else None,

@@ -7,6 +7,7 @@ import pytest
 from ratekit._errors import InvalidCostError
 from ratekit._estimate import TokenEstimate, count_script_characters
 from ratekit._pricing import (
+    CacheMultiples,
     CharacterRules,
     ExtraTokens,
     MissingPriceError,
@@ -221,6 +222,137 @@ def test_relay_unknown_item() -> None:
         "output_audio, input_image, output_image, cache_write_5m, cache_write_1h, "
         "cache_read, reasoning"
     )
+
+
+# Multiples as a relay's pricing page might list them for a Claude model (Anthropic's
+# own: 1.25x for 5-minute writes, 2x for 1-hour writes, 0.1x for reads). The billing
+# page names the three items but gives no numbers, so they are arguments.
+CLAUDE = CacheMultiples(write_5m=1.25, write_1h=2, read=0.1)
+
+
+def test_relay_profile_bills_the_cache_items_on_the_input_side() -> None:
+    """The page's "Cache Write 5M/1H Tokens" and "Cache Read Tokens" are input x rate."""
+    items = _relay().multiple_items
+    assert (items["cache_write_5m"], items["cache_write_1h"], items["cache_read"]) == (
+        "input",
+        "input",
+        "input",
+    )
+
+
+def test_relay_claude_cache_writes_and_reads_by_hand() -> None:
+    """10,000 input tokens, of which 2,000 written for 5 min, 1,000 for 1 h, 4,000 read.
+
+    Input tokens = 10,000 + 2,000 x (1.25 - 1) + 1,000 x (2 - 1) + 4,000 x (0.1 - 1)
+    = 10,000 + 500 + 1,000 - 3,600 = 7,900. Cost = 7,900 / 1000 x 0.003 + 500 / 1000
+    x 0.015 = 0.0237 + 0.0075 = 0.0312, then x 0.8 (channel) x 0.9 (user) = 0.022464.
+    """
+    cost = _relay().cache_token_cost(
+        CLAUDE,
+        input_tokens=10_000,
+        output_tokens=500,
+        input_price=0.003,
+        output_price=0.015,
+        cache_write_5m_tokens=2_000,
+        cache_write_1h_tokens=1_000,
+        cache_read_tokens=4_000,
+        channel_discount=0.8,
+        user_discount=0.9,
+    )
+    assert cost == pytest.approx(0.022464)
+
+
+@pytest.mark.parametrize(
+    ("cache", "billed_input"),
+    [
+        ({"cache_write_5m_tokens": 1_000}, 1_250),  # 1,000 + 1,000 x 0.25
+        ({"cache_write_1h_tokens": 1_000}, 2_000),  # 1,000 + 1,000 x 1
+        ({"cache_read_tokens": 1_000}, 100),  # 1,000 - 1,000 x 0.9
+        ({"cache_read_tokens": 600}, 460),  # 1,000 - 600 x 0.9
+        ({}, 1_000),
+    ],
+)
+def test_relay_each_cache_item_at_its_multiple(cache: dict[str, int], billed_input: int) -> None:
+    """1,000 input tokens at 0.002 per 1,000: each cache item moves only its own tokens."""
+    cost = _relay().cache_token_cost(
+        CLAUDE, input_tokens=1_000, output_tokens=0, input_price=0.002, output_price=0.01, **cache
+    )
+    assert cost == pytest.approx(billed_input / 1_000 * 0.002)
+
+
+def test_relay_cache_extras_are_the_profiles_items() -> None:
+    """CacheMultiples.extras names the relay's items, leaving out zero counts."""
+    assert CLAUDE.extras(write_1h_tokens=300, read_tokens=50) == (
+        ExtraTokens("cache_write_1h", 300, 2),
+        ExtraTokens("cache_read", 50, 0.1),
+    )
+    assert CLAUDE.extras() == ()
+
+
+def test_relay_cache_cost_with_other_items_and_fields() -> None:
+    """Cache items combine with other extras and field multipliers, all by the page's rule.
+
+    Input 2,000 + 1,000 x (0.1 - 1) + 500 x (3 - 1) = 2,100; output 100.
+    (2.1 x 0.004 + 0.1 x 0.02) x 1.8 = (0.0084 + 0.002) x 1.8 = 0.01872.
+    """
+    cost = _relay().cache_token_cost(
+        CLAUDE,
+        input_tokens=2_000,
+        output_tokens=100,
+        input_price=0.004,
+        output_price=0.02,
+        cache_read_tokens=1_000,
+        extras=[ExtraTokens("input_image", 500, 3)],
+        fields=["priority"],
+    )
+    assert cost == pytest.approx(0.01872)
+
+
+def test_relay_cache_tokens_above_the_input_are_an_error() -> None:
+    """input_tokens includes the cache tokens: Anthropic-style counts without them fail fast."""
+    with pytest.raises(InvalidCostError) as info:
+        _relay().cache_token_cost(
+            CLAUDE,
+            input_tokens=10,
+            output_tokens=0,
+            input_price=0.003,
+            output_price=0.015,
+            cache_write_5m_tokens=300,
+            cache_read_tokens=5_000,
+        )
+    assert str(info.value) == (
+        "cache tokens (cache_write_5m_tokens 300 + cache_read_tokens 5000) exceed input_tokens "
+        "10: input_tokens counts every input token, cache writes and reads included"
+    )
+
+
+def test_relay_cache_counts_and_multiples_are_checked() -> None:
+    """A negative count or multiple is an InvalidCostError naming it."""
+    with pytest.raises(InvalidCostError, match=r"^cache_read_tokens must be non-negative"):
+        _relay().cache_token_cost(
+            CLAUDE,
+            input_tokens=10,
+            output_tokens=0,
+            input_price=1,
+            output_price=1,
+            cache_read_tokens=-1,
+        )
+    with pytest.raises(InvalidCostError, match=r"^CacheMultiples\.read must be non-negative"):
+        CacheMultiples(write_5m=1.25, write_1h=2, read=-0.1)
+
+
+def test_a_relay_without_the_cache_items_says_so() -> None:
+    """A user's relay profile that does not list the cache items cannot bill them."""
+    relay = RelayBilling(cny_per_usd=7.3, tokens_per_price_unit=1_000, multiple_items={})
+    with pytest.raises(UnknownBillingItemError, match=r"^unknown billing item 'cache_read'"):
+        relay.cache_token_cost(
+            CLAUDE,
+            input_tokens=100,
+            output_tokens=0,
+            input_price=1,
+            output_price=1,
+            cache_read_tokens=10,
+        )
 
 
 def test_relay_priority_field_multiplier() -> None:

@@ -1,12 +1,15 @@
 """The bundled profiles say exactly what the providers' pages say.
 
-`PAGES` below was typed by hand from the seed pages (/work/shared/seeds/*.md), not
-generated from the TOML files. Every scalar in every bundled TOML (except free-text
-notes) must appear here with the same value, and nothing here may be missing from it.
+`PAGES` below was typed by hand from the seed pages (`SEED_FILES`, in the seeds folder
+of the project's shared files), not generated from the TOML files; the base URLs under
+"apis" come from each provider's API docs, named in the TOML beside each one. Every
+scalar in every bundled TOML (except free-text notes) must appear here with the same
+value, and nothing here may be missing from it.
 """
 
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -15,8 +18,21 @@ import pytest
 
 from ratekit._profiles import bundled_providers, load_profile
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+ROOT = Path(__file__).resolve().parent.parent
+PROFILES_DIR = ROOT / "profiles"
+# Where the project's shared files sit beside a checkout (the tests that read the
+# seed pages skip when they are not there).
+SEEDS_DIR = ROOT.parent / "shared" / "seeds"
 FREE_TEXT = {"notes", "note", "display_name"}
+BOOLEAN_KEYS = {"cache_reads_count"}
+
+SEED_FILES = {
+    "moonshot": "moonshot-kimi-recharge-and-rate-limits.md",
+    "stepfun": "stepfun-pricing-and-rate-limits.md",
+    "minimax": "minimax-pay-as-you-go-pricing.md",
+    "infly": "infly-pricing-and-rate-limits.md",
+    "relay": "relay-platform-billing-rules.md",
+}
 
 
 def _tier(top_up: float, concurrency: int, rpm: int, tpm: int, tpd: int | None = None) -> Any:
@@ -41,10 +57,17 @@ PAGES: dict[str, dict[str, Any]] = {
         "provider": "moonshot",
         "currency": "USD",
         "time_zone": "Asia/Shanghai",
-        "source": "moonshot-kimi-recharge-and-rate-limits.md",
+        "source": '"Recharge and Rate Limits", Moonshot AI (Kimi) API docs '
+        "(the page gives no address), as read for ratekit, 2026-11",
         "token_counting": "safe",
+        "cache_reads_count": True,
         "tpd_window": "rolling",
         "minimum_top_up": 1,
+        # The page is the global platform's (dollars): api.moonshot.ai, not .cn.
+        "apis": {
+            "openai": {"base_url": "https://api.moonshot.ai/v1"},
+            "anthropic": {"base_url": "https://api.moonshot.ai/anthropic"},
+        },
         "tiers": {
             "Tier0": _tier(1, 1, 3, 500_000, 1_500_000),
             "Tier1": _tier(10, 50, 200, 2_000_000),
@@ -60,9 +83,13 @@ PAGES: dict[str, dict[str, Any]] = {
         "provider": "stepfun",
         "currency": "USD",
         "time_zone": "Asia/Shanghai",
-        "source": "stepfun-pricing-and-rate-limits.md",
+        "source": '"Pricing and Rate Limits", StepFun platform docs (the page names their '
+        "index, https://platform.stepfun.ai/docs/llms.txt), as read for ratekit, 2026-11",
         "token_counting": "safe",
+        "cache_reads_count": True,
         "tpd_window": "rolling",
+        # The page is the international platform's (dollars): api.stepfun.ai, not .com.
+        "apis": {"openai": {"base_url": "https://api.stepfun.ai/v1"}},
         "character_counting": {"chinese": 1, "letter": 0.5, "punctuation": 0.5, "other": 1},
         "tiers": {
             "V0": _tier(0, 5, 10, 5_000_000),
@@ -86,9 +113,17 @@ PAGES: dict[str, dict[str, Any]] = {
         "provider": "minimax",
         "currency": "CNY",
         "time_zone": "Asia/Shanghai",
-        "source": "minimax-pay-as-you-go-pricing.md",
+        "source": '"按量计费" (pay-as-you-go pricing), MiniMax open platform docs (the page '
+        "names their index, https://platform.minimaxi.com/docs/llms.txt), as read for "
+        "ratekit, 2026-11",
         "token_counting": "safe",
+        "cache_reads_count": True,
         "tpd_window": "rolling",
+        # The page is the China platform's (yuan): api.minimaxi.com.
+        "apis": {
+            "openai": {"base_url": "https://api.minimaxi.com/v1"},
+            "anthropic": {"base_url": "https://api.minimaxi.com/anthropic"},
+        },
         "character_counting": {"chinese": 2, "letter": 1, "punctuation": 1, "other": 1},
         "token_estimate": {"script": "chinese", "characters": 1_600, "tokens": 1_000},
         "tiers": {"free": {"top_up": 0}, "paid": {"top_up_above": 0}},
@@ -138,9 +173,12 @@ PAGES: dict[str, dict[str, Any]] = {
         "provider": "infly",
         "currency": "CNY",
         "time_zone": "Asia/Shanghai",
-        "source": "infly-pricing-and-rate-limits.md",
+        "source": '"Product Pricing", INF (infly) open platform docs (the page gives no '
+        "address), as read for ratekit, 2026-11",
         "token_counting": "safe",
+        "cache_reads_count": True,
         "tpd_window": "rolling",
+        "apis": {"openai": {"base_url": "https://api.infly.cn/v1"}},
         "tiers": {
             "Free": _tier(0, 1, 4, 32_000),
             "Tier1": _tier(500, 4, 20, 128_000),
@@ -161,9 +199,12 @@ PAGES: dict[str, dict[str, Any]] = {
         "provider": "relay",
         "currency": "USD",
         "time_zone": "Asia/Shanghai",
-        "source": "relay-platform-billing-rules.md",
+        "source": '"Currency and Billing Information", the relay platform\'s billing rules '
+        "(the page gives no address), as read for ratekit, 2026-11",
         "token_counting": "safe",
+        "cache_reads_count": True,
         "tpd_window": "rolling",
+        # No "apis": the page names no host (each relay has its own).
         "tiers": {"default": {"top_up": 0}},
         "models": {},
         "relay": {
@@ -222,7 +263,7 @@ def test_toml_numbers_equal_the_page(provider: str) -> None:
         expected = {**expected, "models": {}}
     assert _flatten(actual) == _flatten(expected)
     for leaf_path, value in _flatten(actual).items():
-        assert type(value) is not bool, leaf_path
+        assert (type(value) is bool) == (leaf_path in BOOLEAN_KEYS), leaf_path
 
 
 @pytest.mark.parametrize("provider", sorted(PAGES))
@@ -234,10 +275,36 @@ def test_toml_has_no_tier_or_model_the_page_lacks(provider: str) -> None:
 
 
 @pytest.mark.parametrize("provider", sorted(PAGES))
-def test_toml_names_its_seed_file_in_a_comment(provider: str) -> None:
-    """Each TOML says in a comment which seed page it was built from."""
+def test_toml_names_its_page_and_seed_file_in_comments(provider: str) -> None:
+    """The `# Source:` line names the page as `source` does; `# Seed file:` names the seed."""
     text = (PROFILES_DIR / f"{provider}.toml").read_text(encoding="utf-8")
-    assert f"# Source: /work/shared/seeds/{PAGES[provider]['source']}" in text
+    source_lines = [line for line in text.splitlines() if line.startswith("# Source:")]
+    assert source_lines == [f"# Source: {PAGES[provider]['source']}"]
+    assert f"\n# Seed file: {SEED_FILES[provider]}" in text
+
+
+@pytest.mark.parametrize("provider", sorted(PAGES))
+def test_toml_names_no_path_on_a_machine(provider: str) -> None:
+    """No bundled profile names a file by an absolute path: no user has it."""
+    text = (PROFILES_DIR / f"{provider}.toml").read_text(encoding="utf-8")
+    assert re.search(r"(?<![\w.:/])/(work|home|root|tmp|Users|mnt)/", text) is None
+    assert "/shared/seeds" not in text
+
+
+@pytest.mark.parametrize("provider", sorted(PAGES))
+def test_source_names_the_seed_pages_title_and_address(provider: str) -> None:
+    """`source` quotes the seed page's title, dates the reading, and any address it gives."""
+    seed = SEEDS_DIR / SEED_FILES[provider]
+    if not SEEDS_DIR.is_dir():
+        pytest.skip(f"the seed pages are not beside this checkout ({SEEDS_DIR})")
+    page = seed.read_text(encoding="utf-8")
+    source = PAGES[provider]["source"]
+    title = re.match(r'"([^"]+)"', source)
+    assert title is not None, source
+    assert title.group(1) in page
+    for address in re.findall(r"https://\S+?(?=[,)]|$)", source):
+        assert address in page
+    assert source.endswith("as read for ratekit, 2026-11")
 
 
 @pytest.mark.parametrize("provider", sorted(PAGES))
@@ -253,3 +320,15 @@ def test_loaded_profile_matches_the_page(provider: str) -> None:
         assert tier.top_up_inclusive == ("top_up" in row)
         for key in ("concurrency", "rpm", "tpm", "tpd"):
             assert getattr(tier, key) == row.get(key), (tier.name, key)
+
+
+@pytest.mark.parametrize("provider", sorted(PAGES))
+def test_loaded_profile_serves_the_apis_and_counts_cache_reads(provider: str) -> None:
+    """The loader keeps the APIs and their base URLs, and says cache reads count."""
+    profile = load_profile(provider)
+    apis = PAGES[provider].get("apis", {})
+    assert profile.api_names == tuple(apis)
+    for name, row in apis.items():
+        assert profile.base_url(name) == row["base_url"]
+        assert profile.api(name).name == name
+    assert profile.cache_reads_count is PAGES[provider]["cache_reads_count"]

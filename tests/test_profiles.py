@@ -7,15 +7,23 @@ from pathlib import Path
 import pytest
 
 from ratekit._errors import (
+    InvalidArgumentError,
     InvalidCostError,
     LimitsError,
     ProfileError,
     UnknownModelError,
+    UnknownNameError,
     UnknownProviderError,
     UnknownTierError,
 )
 from ratekit._limits import DEFAULT_MARGIN_S, Limits, TokenCounting
-from ratekit._profiles import Profile, bundled_providers, load_profile, parse_profile
+from ratekit._profiles import (
+    Profile,
+    ProviderApi,
+    bundled_providers,
+    load_profile,
+    parse_profile,
+)
 
 GOOD = """\
 provider = "acme"
@@ -295,6 +303,188 @@ def test_calendar_tpd_window_uses_time_zone(tmp_path: Path) -> None:
     limits = load_profile(path).tier("pro").limits()
     assert limits.tpd_calendar_tz == "Asia/Shanghai"
     assert load_profile(path).tier("basic").limits().tpd_calendar_tz is None
+
+
+# --- APIs and base URLs ---------------------------------------------------------------
+
+APIS = """
+[apis.openai]
+base_url = "https://api.acme.test/v1"
+
+[apis.anthropic]
+base_url = "https://api.acme.test/anthropic"
+note = "Chat models only"
+"""
+
+
+def _with_apis(apis: str) -> str:
+    """GOOD with `apis` inserted before its first tier (top-level keys stay above)."""
+    return GOOD.replace("[[tiers]]", apis + "\n[[tiers]]", 1)
+
+
+def test_apis_load_as_typed_values() -> None:
+    """Each [apis.NAME] table becomes a ProviderApi, in file order."""
+    profile = parse_profile(_with_apis(APIS))
+    assert profile.api_names == ("openai", "anthropic")
+    assert profile.api("anthropic") == ProviderApi(
+        "anthropic", "https://api.acme.test/anthropic", "Chat models only"
+    )
+    assert profile.base_url("openai") == "https://api.acme.test/v1"
+    assert profile.base_url("OpenAI") == "https://api.acme.test/v1"
+
+
+def test_a_profile_without_apis_serves_none() -> None:
+    """No [apis] table: no API is listed, and asking for one names none."""
+    profile = parse_profile(GOOD)
+    assert profile.apis == {}
+    with pytest.raises(UnknownNameError) as info:
+        profile.base_url("openai")
+    assert str(info.value) == "unknown name 'openai' in the APIs of profile 'acme'; known: none"
+
+
+def test_an_api_the_provider_does_not_serve_lists_those_it_does() -> None:
+    """StepFun lists only its OpenAI-compatible API: asking for Anthropic's names it."""
+    with pytest.raises(UnknownNameError) as info:
+        load_profile("stepfun").base_url("anthropic")
+    assert str(info.value) == (
+        "unknown name 'anthropic' in the APIs of profile 'stepfun'; known: openai"
+    )
+    assert info.value.known == ("openai",)
+
+
+def test_bundled_base_urls() -> None:
+    """The bundled profiles' base URLs, for the accounts their pages describe."""
+    moonshot = load_profile("moonshot")
+    assert moonshot.base_url("openai") == "https://api.moonshot.ai/v1"
+    assert moonshot.base_url("anthropic") == "https://api.moonshot.ai/anthropic"
+    minimax = load_profile("minimax")
+    assert minimax.base_url("openai") == "https://api.minimaxi.com/v1"
+    assert minimax.base_url("anthropic") == "https://api.minimaxi.com/anthropic"
+    assert "MiniMax-M2" in minimax.api("anthropic").note
+    assert load_profile("stepfun").base_url("openai") == "https://api.stepfun.ai/v1"
+    assert load_profile("infly").base_url("openai") == "https://api.infly.cn/v1"
+    assert load_profile("relay").api_names == ()
+
+
+def test_with_base_url_adds_or_replaces_one_api() -> None:
+    """with_base_url gives a copy: the relay gets the user's host, others a new URL."""
+    relay = load_profile("relay")
+    mine = relay.with_base_url("OPENAI", "https://relay.example.test/v1")
+    assert mine.api("openai") == ProviderApi("openai", "https://relay.example.test/v1")
+    assert relay.api_names == ()
+    minimax = load_profile("minimax").with_base_url("anthropic", "https://proxy.test/anthropic")
+    assert minimax.base_url("anthropic") == "https://proxy.test/anthropic"
+    assert "MiniMax-M2" in minimax.api("anthropic").note  # the note stays
+    assert minimax.base_url("openai") == "https://api.minimaxi.com/v1"
+    assert load_profile("minimax").base_url("anthropic") == "https://api.minimaxi.com/anthropic"
+
+
+def test_with_base_url_rejects_unknown_apis_and_bad_urls() -> None:
+    """An API ratekit does not know, or a URL that is not https, is a typed error."""
+    profile = load_profile("relay")
+    with pytest.raises(UnknownNameError) as info:
+        profile.with_base_url("grpc", "https://relay.example.test")
+    assert (
+        str(info.value) == "unknown name 'grpc' in the APIs ratekit knows; known: openai, anthropic"
+    )
+    with pytest.raises(InvalidArgumentError) as bad:
+        profile.with_base_url("openai", "http://relay.example.test/v1")
+    assert str(bad.value) == (
+        "with_base_url: base_url: expected an https URL, got 'http://relay.example.test/v1'"
+    )
+    with pytest.raises(InvalidArgumentError) as secret:
+        profile.with_base_url("openai", "https://me:secret@relay.example.test/v1")
+    assert str(secret.value) == "with_base_url: base_url: expected no user or password in the URL"
+
+
+def test_profile_apis_cannot_be_changed_in_place() -> None:
+    """A loaded profile's apis mapping is read-only: profiles are shared values."""
+    apis = load_profile("moonshot").apis
+    with pytest.raises(TypeError):
+        apis["openai"] = ProviderApi("openai", "https://evil.test/v1")  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("apis", "message"),
+    [
+        ('apis = "openai"\n', "apis: expected a table, got 'openai'"),
+        (
+            '[apis.grpc]\nbase_url = "https://api.acme.test"\n',
+            "apis.grpc: unknown key 'grpc'; allowed: openai, anthropic",
+        ),
+        (
+            '[apis]\nopenai = "https://api.acme.test/v1"\n',
+            "apis.openai: expected a table, got 'https://api.acme.test/v1'",
+        ),
+        ("[apis.openai]\n", "apis.openai.base_url: required key is missing"),
+        (
+            '[apis.openai]\nbase_url = "https://api.acme.test/v1"\nmodels = "all"\n',
+            "apis.openai.models: unknown key 'models'; allowed: base_url, note",
+        ),
+        (
+            "[apis.openai]\nbase_url = 443\n",
+            "apis.openai.base_url: expected an https URL, got 443",
+        ),
+        (
+            '[apis.openai]\nbase_url = "http://api.acme.test/v1"\n',
+            "apis.openai.base_url: expected an https URL, got 'http://api.acme.test/v1'",
+        ),
+        (
+            '[apis.openai]\nbase_url = "api.acme.test/v1"\n',
+            "apis.openai.base_url: expected an https URL, got 'api.acme.test/v1'",
+        ),
+        (
+            '[apis.openai]\nbase_url = "https://"\n',
+            "apis.openai.base_url: expected an https URL with a host and no spaces, got 'https://'",
+        ),
+        (
+            '[apis.openai]\nbase_url = "https://api.acme.test/v1/"\n',
+            "apis.openai.base_url: expected no trailing '/', got 'https://api.acme.test/v1/'",
+        ),
+        (
+            '[apis.openai]\nbase_url = "https://api.acme.test/v1?key=1"\n',
+            "apis.openai.base_url: expected no query or fragment, "
+            "got 'https://api.acme.test/v1?key=1'",
+        ),
+        (
+            '[apis.openai]\nbase_url = "https://me:pw@api.acme.test/v1"\n',
+            "apis.openai.base_url: expected no user or password in the URL",
+        ),
+        (
+            '[apis.anthropic]\nbase_url = "https://api.acme.test/anthropic"\nnote = 1\n',
+            "apis.anthropic.note: expected a non-empty string, got 1",
+        ),
+    ],
+)
+def test_bad_apis_tables(tmp_path: Path, apis: str, message: str) -> None:
+    """A malformed [apis] table names the file, the field and the value."""
+    assert _error(tmp_path, _with_apis(apis)) == message
+
+
+# --- cache reads -----------------------------------------------------------------------
+
+
+def test_cache_reads_count_by_default() -> None:
+    """A profile that does not say counts cache reads toward its token rates (the safe way)."""
+    assert parse_profile(GOOD).cache_reads_count is True
+    for name in bundled_providers():
+        assert load_profile(name).cache_reads_count is True
+
+
+def test_cache_reads_count_can_be_turned_off() -> None:
+    """A provider whose page exempts cache reads says cache_reads_count = false."""
+    text = GOOD.replace(
+        'token_counting = "usage"', 'token_counting = "usage"\ncache_reads_count = false'
+    )
+    assert parse_profile(text).cache_reads_count is False
+
+
+def test_cache_reads_count_must_be_a_boolean(tmp_path: Path) -> None:
+    """A string or number is not a yes or no."""
+    text = GOOD.replace(
+        'token_counting = "usage"', 'token_counting = "usage"\ncache_reads_count = "yes"'
+    )
+    assert _error(tmp_path, text) == "cache_reads_count: expected true or false, got 'yes'"
 
 
 def test_missing_file(tmp_path: Path) -> None:

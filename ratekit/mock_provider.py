@@ -1,13 +1,16 @@
-"""A local OpenAI-compatible provider that enforces a tier strictly, over HTTP.
+"""A local provider that enforces a tier strictly, over HTTP: OpenAI's API and Anthropic's.
 
 `MockProvider` serves ``/v1/chat/completions`` (plain and SSE streaming),
 ``/v1/embeddings``, ``/v1/responses`` (plain only) and ``/v1/models`` on
 127.0.0.1, so that the real `openai` client (``base_url=server.base_url``, any
 API key) can be run against a provider that counts rolling windows exactly
 (`StrictWindows`, the same math as `simulation.StrictProvider`) and answers 429
-on any excess. Standard library only: asyncio streams and a small HTTP/1.1
-parser (keep-alive, Content-Length or chunked request bodies, chunked responses).
-It runs on asyncio (not trio).
+on any excess. The same server, with the same windows (one account, whichever API
+a call uses), serves Anthropic's ``/v1/messages`` (plain and streaming) and
+``/v1/messages/count_tokens`` to the real `anthropic` client
+(``base_url=server.anthropic_base_url``, which has no ``/v1``). Standard library
+only: asyncio streams and a small HTTP/1.1 parser (keep-alive, Content-Length or
+chunked request bodies, chunked responses). It runs on asyncio (not trio).
 
 Time compression: with ``speed=60`` every period of the limits is divided by 60
 (`Limits.compressed`), so a minute lasts a second, and so are the latencies
@@ -25,6 +28,17 @@ Tokens, deterministic so that tests can check settled usage:
 - the reservation (``reserve`` counting) is prompt + ``max_tokens``; the usage
   (``usage`` counting) is prompt + output, recorded when the call ends.
 
+Messages calls count their prompt the same way: the text of ``system``, of text
+blocks and of tool results (tool definitions, images and tool calls count 0), and
+``max_tokens`` is required. A block carrying ``cache_control`` ends a cacheable
+prefix (tools, then system, then messages, up to and including that block, keyed
+by model; at most 4; a ``cache_control`` on the request marks the last block).
+The first call with a prefix reports its tokens as ``cache_creation_input_tokens``,
+later ones as ``cache_read_input_tokens`` (the longest prefix already seen), and
+``input_tokens`` is the rest, as Anthropic reports it. The cache never expires and
+has no minimum length. Cache reads count toward the token rates unless
+``count_cache_reads=False``; cache writes always do.
+
 Every response to a ``/v1`` call carries ``x-ratelimit-limit-requests``,
 ``x-ratelimit-remaining-requests`` and ``x-ratelimit-reset-requests`` and the
 same for ``-tokens`` (for the rate of that unit with the least remaining; none
@@ -32,10 +46,18 @@ when no rate of that unit is enforced). A 429 also carries ``Retry-After``
 (whole seconds, rounded up) and ``retry-after-ms`` (rounded up), except when the
 request can never be admitted (then ``x-should-retry: false``).
 
+Every answer to a ``/v1/messages`` call carries ``request-id`` and, per unit,
+``anthropic-ratelimit-requests-{limit,remaining,reset}`` and the same for
+``tokens``, ``input-tokens`` and ``output-tokens`` (all three the token rate with
+the least remaining; reset as an RFC 3339 instant, to the millisecond). Its 429s
+and 529s carry ``retry-after`` (whole seconds, rounded up; no ``retry-after-ms``)
+and errors are ``{"type": "error", "error": {"type": ..., "message": ...}}``.
+
 Admin endpoints, for a server in another process: ``POST /admin/limits`` with
 ``{"rpm": 10, "tpm": null, ...}`` (provider numbers, ``null`` for unlimited),
 ``POST /admin/inject`` with ``{"count": 3, "retry_after_s": 1.0}`` (``count``
-``null`` for every call until a count of 0), and ``GET /admin/stats``.
+``null`` for every call until a count of 0; ``"status": 529`` for overloads of
+Messages calls), and ``GET /admin/stats``.
 
 Run one with ``python -m ratekit.mock_provider --provider moonshot --tier tier1``.
 """
@@ -46,6 +68,8 @@ import argparse
 import asyncio
 import base64
 import dataclasses
+import datetime
+import enum
 import hashlib
 import itertools
 import json
@@ -65,7 +89,21 @@ from ._strict import CONCURRENCY, ProviderCounting, RateState, Refusal, StrictWi
 
 DEFAULT_MODEL = "mock-model"
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 429: "Too Many Requests"}
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    429: "Too Many Requests",
+    529: "Overloaded",
+}
+# Anthropic's error type for each status this server answers.
+_ANTHROPIC_ERROR_TYPES = {
+    400: "invalid_request_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+_MAX_CACHE_BREAKPOINTS = 4
 _ADMIN_LIMIT_KEYS = ("concurrency", "rpm", "tpm", "tpd")
 _MAX_BODY_BYTES = 32 * 1024 * 1024
 
@@ -111,9 +149,14 @@ def _embedding(text: str, dimensions: int) -> list[float]:
 class CallRecord:
     """One admitted call: times on the server's clock (s) and its tokens.
 
-    `reserved_tokens` is prompt + max output (what ``reserve`` counts at
-    `arrived_s`); prompt + completion is what ``usage`` counts at `finished_s`.
-    `completed` is false when the client went away before the answer was sent.
+    `endpoint` is ``"chat.completions"``, ``"embeddings"``, ``"responses"`` or
+    ``"messages"``. `prompt_tokens` is every input token, cached or not;
+    `cache_read_tokens` and `cache_creation_tokens` are the parts of it read from
+    and written to the prompt cache (Messages calls only). `reserved_tokens` is
+    what ``reserve`` counts at `arrived_s`: prompt + max output, less the cache reads
+    when the server does not count them; prompt + completion, less the same, is what
+    ``usage`` counts at `finished_s`. `completed` is false when the client went away
+    before the answer was sent.
     """
 
     endpoint: str
@@ -124,6 +167,8 @@ class CallRecord:
     completion_tokens: int
     reserved_tokens: int
     completed: bool
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
 
 
 _CALL_FIELDS = [field.name for field in dataclasses.fields(CallRecord)]
@@ -133,10 +178,13 @@ _CALL_FIELDS = [field.name for field in dataclasses.fields(CallRecord)]
 class MockProviderStatistics:
     """A snapshot of what the server did.
 
-    `rejected` counts 429s by the first dimension over its limit (a rate's name,
-    ``"concurrency"``, or ``"injected"``); `peak_use` maps each dimension to (the
-    largest amount seen in any window, its limit), concurrency included;
-    `max_concurrency` is the most calls ever in flight at once.
+    Every count covers both APIs. `rejected` counts 429s by the first dimension
+    over its limit (a rate's name, ``"concurrency"``, or ``"injected"``);
+    `peak_use` maps each dimension to (the largest amount seen in any window, its
+    limit), concurrency included; `max_concurrency` is the most calls ever in
+    flight at once. `overloaded` counts 529s (Messages calls only).
+    `served_by_endpoint` and `rejected_by_endpoint` split `served` and the 429s by
+    `CallRecord.endpoint` (``"messages"`` is Anthropic's API, the others OpenAI's).
     """
 
     served: int
@@ -145,24 +193,58 @@ class MockProviderStatistics:
     in_flight: int
     max_concurrency: int
     peak_use: dict[str, tuple[float, float]]
+    overloaded: int
+    served_by_endpoint: dict[str, int]
+    rejected_by_endpoint: dict[str, int]
+
+
+class _Api(enum.Enum):
+    """Whose dialect an answer speaks: its error envelope and rate-limit headers."""
+
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+def _api_of(path: str) -> _Api:
+    if path == "/v1/messages" or path.startswith("/v1/messages/"):
+        return _Api.ANTHROPIC
+    return _Api.OPENAI
 
 
 @dataclass(frozen=True, slots=True)
 class _Plan:
-    """What one call will cost and produce, decided from its request body."""
+    """What one call will cost and produce, decided from its request body.
+
+    `prompt_tokens` is every input token; `uncounted_tokens` the part of it that the
+    token rates do not count (cache reads, when the server does not count them).
+    """
 
     endpoint: str
     model: str
     prompt_tokens: int
     completion_tokens: int
     reserved_tokens: int
+    api: _Api = _Api.OPENAI
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    uncounted_tokens: int = 0
+
+    @property
+    def used_tokens(self) -> int:
+        """What ``usage`` counting records when the call ends."""
+        return self.prompt_tokens - self.uncounted_tokens + self.completion_tokens
 
 
 # --- HTTP -----------------------------------------------------------------------------
 
 
 class _HttpError(Exception):
-    """An error answered as OpenAI does: a status and ``{"error": {...}}``."""
+    """An error answer: a status and a body in the dialect of the API called.
+
+    OpenAI's is ``{"error": {"message", "type", "param", "code"}}``; Anthropic's is
+    ``{"type": "error", "error": {"type", "message"}}`` with the type the status
+    implies (`type_`, `param` and `code` are OpenAI's).
+    """
 
     def __init__(
         self,
@@ -176,6 +258,13 @@ class _HttpError(Exception):
         super().__init__(message)
         self.status = status
         self.body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+        self.anthropic_body = {
+            "type": "error",
+            "error": {"type": _ANTHROPIC_ERROR_TYPES.get(status, "api_error"), "message": message},
+        }
+
+    def body_for(self, api: _Api) -> dict[str, Any]:
+        return self.anthropic_body if api is _Api.ANTHROPIC else self.body
 
 
 class _ProtocolError(Exception):
@@ -256,6 +345,11 @@ def _sse(payload: object) -> bytes:
     return _chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
 
 
+def _sse_event(payload: dict[str, Any]) -> bytes:
+    """One named SSE event, as Anthropic streams: the event is the payload's ``type``."""
+    return _chunk(f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode())
+
+
 def format_duration(seconds: float) -> str:
     """A wait as OpenAI's reset headers write it: ``"250ms"``, ``"1.5s"``, ``"6m0s"``.
 
@@ -278,27 +372,58 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else f"{value:g}"
 
 
-def _limit_headers(states: Iterable[RateState]) -> dict[str, str]:
-    """The ``x-ratelimit-*`` headers: per unit, the rate with the least remaining."""
+def _tightest(states: Iterable[RateState]) -> dict[str, RateState]:
+    """Per unit, the rate with the least remaining."""
     tightest: dict[str, RateState] = {}
     for state in states:
         kept = tightest.get(state.unit)
         if kept is None or state.remaining < kept.remaining:
             tightest[state.unit] = state
+    return tightest
+
+
+def _limit_headers(states: Iterable[RateState]) -> dict[str, str]:
+    """The ``x-ratelimit-*`` headers: per unit, the rate with the least remaining."""
     headers: dict[str, str] = {}
-    for unit, state in tightest.items():
+    for unit, state in _tightest(states).items():
         headers[f"x-ratelimit-limit-{unit}"] = _number(state.limit)
         headers[f"x-ratelimit-remaining-{unit}"] = str(math.floor(state.remaining))
         headers[f"x-ratelimit-reset-{unit}"] = format_duration(state.reset_s)
     return headers
 
 
-def _retry_headers(retry_after_s: float) -> dict[str, str]:
-    """``Retry-After`` in whole seconds and ``retry-after-ms``, both rounded up."""
+def format_rfc3339(wall_s: float) -> str:
+    """A Unix time (s) as Anthropic's reset headers write it, rounded up to the millisecond:
+    ``"2025-01-02T03:04:05.250Z"``."""
+    whole_ms = math.ceil(wall_s * 1000 - 1e-6)
+    instant = datetime.datetime.fromtimestamp(whole_ms / 1000, datetime.UTC)
+    return instant.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _anthropic_limit_headers(states: Iterable[RateState], wall_s: float) -> dict[str, str]:
+    """The ``anthropic-ratelimit-*`` headers at Unix time `wall_s`: per unit, the rate with
+    the least remaining; ``tokens``, ``input-tokens`` and ``output-tokens`` all name the
+    token rate (this server has no separate input and output rates)."""
+    headers: dict[str, str] = {}
+    for unit, state in _tightest(states).items():
+        names = ("requests",) if unit == "requests" else ("tokens", "input-tokens", "output-tokens")
+        for name in names:
+            headers[f"anthropic-ratelimit-{name}-limit"] = _number(state.limit)
+            headers[f"anthropic-ratelimit-{name}-remaining"] = str(math.floor(state.remaining))
+            headers[f"anthropic-ratelimit-{name}-reset"] = format_rfc3339(wall_s + state.reset_s)
+    return headers
+
+
+def _retry_headers(retry_after_s: float, api: _Api = _Api.OPENAI) -> dict[str, str]:
+    """``Retry-After`` in whole seconds and (OpenAI only) ``retry-after-ms``, both rounded
+    up; ``x-should-retry: false`` when no wait can help."""
     if math.isinf(retry_after_s):
         return {"x-should-retry": "false"}
     wait_ms = max(math.ceil(retry_after_s * 1000 - 1e-6), 0)
-    return {"retry-after": str(math.ceil(wait_ms / 1000)), "retry-after-ms": str(wait_ms)}
+    headers = {"retry-after": str(math.ceil(wait_ms / 1000))}
+    if api is _Api.OPENAI:
+        headers["retry-after-ms"] = str(wait_ms)
+    return headers
 
 
 # --- request validation ---------------------------------------------------------------
@@ -351,13 +476,183 @@ def _bool(body: dict[str, Any], key: str) -> bool:
     return value
 
 
+# --- Anthropic Messages requests ------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class _Block:
+    """One block of a Messages request, in the prompt cache's order (tools, system, messages).
+
+    `place` (``"tools"``, ``"system"`` or ``"messages.<i>.<role>"``) and `content` (the
+    block without its ``cache_control``) identify it in a cache key; `text` is what
+    the token count reads; `breakpoint` says it carries ``cache_control``.
+    """
+
+    place: str
+    content: Any
+    text: str
+    breakpoint: bool
+
+
+def _cache_breakpoint(holder: dict[str, Any], where: str) -> bool:
+    """Whether `holder` (a block, or the request) carries a valid ``cache_control``; 400 when
+    it is malformed. `where` names `holder` in the message (``""`` for the request)."""
+    control = holder.get("cache_control")
+    if control is None:
+        return False
+    if not isinstance(control, dict) or control.get("type") != "ephemeral":
+        field = f"{where}.cache_control" if where else "cache_control"
+        raise _HttpError(400, f"{field}.type: Input should be 'ephemeral'")
+    return True
+
+
+def _uncontrolled(block: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in block.items() if key != "cache_control"}
+
+
+def _block_text(block: dict[str, Any]) -> str:
+    """The text a content block counts: a text block's text, a tool result's content."""
+    if block.get("type") == "tool_result":
+        return _content_text(block.get("content"))
+    return _content_text([block])
+
+
+def _content_blocks(content: object, where: str) -> list[dict[str, Any]]:
+    """A string or an array of typed blocks as blocks; 400 otherwise."""
+    if isinstance(content, str):
+        return [{"type": "text", "text": content}]
+    if not isinstance(content, list):
+        raise _HttpError(400, f"{where}: Input should be a valid string or array of blocks")
+    for index, block in enumerate(content):
+        if not isinstance(block, dict) or not isinstance(block.get("type"), str):
+            raise _HttpError(400, f"{where}.{index}: Input should be an object with a type")
+        if block["type"] == "text" and not isinstance(block.get("text"), str):
+            raise _HttpError(400, f"{where}.{index}.text: Field required")
+    return content
+
+
+def _message_blocks(body: dict[str, Any]) -> list[_Block]:
+    """The tools, system and message blocks of a Messages request, in cache order; 400 if
+    any is malformed or more than 4 carry ``cache_control``.
+
+    A ``cache_control`` on the request itself (automatic caching) marks the last block.
+    """
+    blocks: list[_Block] = []
+    tools = body.get("tools") or []
+    if not isinstance(tools, list) or not all(isinstance(tool, dict) for tool in tools):
+        raise _HttpError(400, "tools: Input should be a valid array of objects")
+    for index, tool in enumerate(tools):
+        breakpoint_ = _cache_breakpoint(tool, f"tools.{index}")
+        blocks.append(_Block("tools", _uncontrolled(tool), "", breakpoint_))
+    system = body.get("system")
+    if system is not None:
+        for index, block in enumerate(_content_blocks(system, "system")):
+            if block["type"] != "text":
+                raise _HttpError(400, f"system.{index}.type: Input should be 'text'")
+            breakpoint_ = _cache_breakpoint(block, f"system.{index}")
+            blocks.append(_Block("system", _uncontrolled(block), block["text"], breakpoint_))
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise _HttpError(400, "messages: Input should be a non-empty array of messages")
+    for index, message in enumerate(messages):
+        role = message.get("role") if isinstance(message, dict) else None
+        if role not in ("user", "assistant", "system"):
+            raise _HttpError(
+                400, f"messages.{index}.role: Input should be 'user', 'assistant' or 'system'"
+            )
+        where = f"messages.{index}.content"
+        for number, block in enumerate(_content_blocks(message.get("content"), where)):
+            breakpoint_ = _cache_breakpoint(block, f"{where}.{number}")
+            place = f"messages.{index}.{role}"
+            blocks.append(_Block(place, _uncontrolled(block), _block_text(block), breakpoint_))
+    if _cache_breakpoint(body, "") and blocks:
+        blocks[-1] = dataclasses.replace(blocks[-1], breakpoint=True)
+    breakpoints = sum(block.breakpoint for block in blocks)
+    if breakpoints > _MAX_CACHE_BREAKPOINTS:
+        raise _HttpError(
+            400,
+            f"A maximum of {_MAX_CACHE_BREAKPOINTS} blocks with cache_control may be provided. "
+            f"Found {breakpoints}.",
+        )
+    return blocks
+
+
+def _cache_prefixes(
+    model: str, blocks: list[_Block], count: Callable[[str], int]
+) -> list[tuple[str, int]]:
+    """(key, tokens counted by `count`) of each cacheable prefix, shortest first.
+
+    A prefix is every block up to and including one that carries ``cache_control``;
+    its key digests the model and those blocks (``cache_control`` left out).
+    """
+    digest = hashlib.sha256(model.encode())
+    texts: list[str] = []
+    prefixes: list[tuple[str, int]] = []
+    for block in blocks:
+        digest.update(json.dumps([block.place, block.content], sort_keys=True).encode() + b"\n")
+        texts.append(block.text)
+        if block.breakpoint:
+            prefixes.append((digest.hexdigest(), count("".join(texts))))
+    return prefixes
+
+
+def _cache_split(prefixes: list[tuple[str, int]], cached: set[str]) -> tuple[int, int]:
+    """(tokens read from the cache, tokens written to it) for a call with `prefixes`.
+
+    It reads the longest prefix already in `cached` and writes the rest up to its
+    longest prefix, as Anthropic reports a call with several breakpoints.
+    """
+    if not prefixes:
+        return 0, 0
+    read = max((tokens for key, tokens in prefixes if key in cached), default=0)
+    return read, prefixes[-1][1] - read
+
+
+def _message_usage(plan: _Plan) -> dict[str, int]:
+    cached = plan.cache_read_tokens + plan.cache_creation_tokens
+    return {
+        "input_tokens": plan.prompt_tokens - cached,
+        "output_tokens": plan.completion_tokens,
+        "cache_creation_input_tokens": plan.cache_creation_tokens,
+        "cache_read_input_tokens": plan.cache_read_tokens,
+    }
+
+
 # --- the server -----------------------------------------------------------------------
 
 _Handler = Callable[[_Request, asyncio.StreamWriter], Awaitable[None]]
 
 
+class _Faults:
+    """Injected errors: how many calls are still to get one, and the wait it names."""
+
+    __slots__ = ("left", "retry_after_s")
+
+    def __init__(self) -> None:
+        # Calls still to answer with the error (None: every call until re-armed).
+        self.left: int | None = 0
+        # The wait its headers name, real seconds.
+        self.retry_after_s = 1.0
+
+    def arm(self, count: int | None, retry_after_s: float, verb: str) -> None:
+        if count is not None and (isinstance(count, bool) or count < 0):
+            raise ValueError(f"{verb}: count must be a non-negative int or None, got {count!r}")
+        self.left = count
+        self.retry_after_s = retry_after_s
+
+    def take(self) -> bool:
+        """Whether this call gets the error (counting it down)."""
+        if self.left is None:
+            return True
+        if self.left > 0:
+            self.left -= 1
+            return True
+        return False
+
+
 class MockProvider:
-    """An OpenAI-compatible HTTP provider on 127.0.0.1 that enforces `limits` exactly.
+    """An OpenAI- and Anthropic-compatible HTTP provider on 127.0.0.1 that enforces
+    `limits` exactly, over one set of windows for both APIs.
 
     `limits` are the provider's own numbers (a minute is 60 s); `speed` divides
     every period and latency (60: a minute per second). `token_counting` is how the
@@ -366,10 +661,14 @@ class MockProvider:
     real seconds and holds a concurrency slot meanwhile. `port` 0 picks a free port.
     `clock` returns the seconds the windows count in (`time.monotonic` by default;
     a fake clock makes the window math exact in tests). `models` is what
-    ``/v1/models`` lists; any model name is accepted.
+    ``/v1/models`` lists; any model name is accepted. `count_cache_reads` says
+    whether the prompt-cache reads of Messages calls count toward the token rates
+    (True, the safe default: every input token counts; False: as Anthropic's input
+    token limits for most models); cache writes always count.
 
     Use ``async with MockProvider(limits) as server`` or `start_mock_provider`;
-    `base_url` is then ready for ``openai.AsyncOpenAI(base_url=...)``. One event
+    `base_url` is then ready for ``openai.AsyncOpenAI(base_url=...)`` and
+    `anthropic_base_url` for ``anthropic.AsyncAnthropic(base_url=...)``. One event
     loop; not thread-safe.
     """
 
@@ -389,6 +688,7 @@ class MockProvider:
         models: Iterable[str] = (DEFAULT_MODEL,),
         clock: Callable[[], float] = time.monotonic,
         tokenizer_factor: float = 1.0,
+        count_cache_reads: bool = True,
     ) -> None:
         if not speed > 0 or math.isinf(speed):
             raise LimitsError(f"MockProvider.speed must be positive and finite, got {speed!r}")
@@ -414,6 +714,7 @@ class MockProvider:
         self.latency_per_token_s = latency_per_token_s
         self.embedding_dimensions = embedding_dimensions
         self.tokenizer_factor = tokenizer_factor
+        self.count_cache_reads = count_cache_reads
         self.models = tuple(models)
         self._clock = clock
         self._limits = limits
@@ -422,9 +723,16 @@ class MockProvider:
         self.calls: list[CallRecord] = []
         self._served = 0
         self._bad_requests = 0
-        # Injected 429s still to answer (None: every call until cleared) and their wait (s).
-        self._inject_left: int | None = 0
-        self._inject_retry_s = 1.0
+        # Calls answered, and 429s, by endpoint.
+        self._served_by_endpoint: dict[str, int] = {}
+        self._rejected_by_endpoint: dict[str, int] = {}
+        # 529s answered.
+        self._overloaded = 0
+        # Injected 429s (any call) and 529s (Messages calls) still to answer.
+        self._injected_429s = _Faults()
+        self._injected_529s = _Faults()
+        # Keys of the prompt-cache prefixes written so far (see `_cache_prefixes`).
+        self._cached_prefixes: set[str] = set()
         self._ids = itertools.count(1)
         self._server: asyncio.Server | None = None
         # True while `close` cancels the connections.
@@ -436,6 +744,8 @@ class MockProvider:
             ("POST", "/v1/embeddings"): self._embeddings,
             ("POST", "/v1/responses"): self._responses,
             ("GET", "/v1/models"): self._list_models,
+            ("POST", "/v1/messages"): self._messages,
+            ("POST", "/v1/messages/count_tokens"): self._count_tokens,
             ("POST", "/admin/limits"): self._admin_limits,
             ("POST", "/admin/inject"): self._admin_inject,
             ("GET", "/admin/stats"): self._admin_stats,
@@ -476,6 +786,12 @@ class MockProvider:
         """``http://host:port/v1``, for ``openai.AsyncOpenAI(base_url=...)``."""
         return f"http://{self.host}:{self.port}/v1"
 
+    @property
+    def anthropic_base_url(self) -> str:
+        """``http://host:port``, for ``anthropic.AsyncAnthropic(base_url=...)`` (which adds
+        the ``/v1``)."""
+        return f"http://{self.host}:{self.port}"
+
     # --- control ---
 
     @property
@@ -498,13 +814,20 @@ class MockProvider:
 
         `retry_after_s` (real seconds) is the wait their headers name. Injected 429s
         count nothing in the windows and are reported as dimension ``"injected"``.
+        Both APIs' calls get them.
         """
-        if count is not None and (isinstance(count, bool) or count < 0):
-            raise ValueError(
-                f"inject_429s: count must be a non-negative int or None, got {count!r}"
-            )
-        self._inject_left = count
-        self._inject_retry_s = retry_after_s
+        self._injected_429s.arm(count, retry_after_s, "inject_429s")
+
+    def inject_529s(self, count: int | None, *, retry_after_s: float = 1.0) -> None:
+        """Answer the next `count` Messages calls with 529 ``overloaded_error`` (None: every
+        Messages call until a count of 0).
+
+        `retry_after_s` (real seconds) is the wait their ``retry-after`` names, rounded up.
+        Overloaded calls count nothing in the windows (`statistics().overloaded` counts
+        them); OpenAI-style calls are not affected and do not use up the count. An
+        injected 429 (`inject_429s`) is answered first.
+        """
+        self._injected_529s.arm(count, retry_after_s, "inject_529s")
 
     def statistics(self) -> MockProviderStatistics:
         """What the server has done so far."""
@@ -515,6 +838,9 @@ class MockProvider:
             in_flight=self._windows.in_flight,
             max_concurrency=self._windows.peak_in_flight,
             peak_use=self._windows.peak_use(),
+            overloaded=self._overloaded,
+            served_by_endpoint=dict(self._served_by_endpoint),
+            rejected_by_endpoint=dict(self._rejected_by_endpoint),
         )
 
     # --- connections ---
@@ -562,8 +888,18 @@ class MockProvider:
         except _HttpError as error:
             if error.status == 400:
                 self._bad_requests += 1
-            headers = _limit_headers(self._windows.states(self._clock()))
-            await _send_json(writer, error.status, error.body, headers)
+            api = _api_of(request.path)
+            headers = self._api_headers(api, self._clock())
+            await _send_json(writer, error.status, error.body_for(api), headers)
+
+    def _api_headers(self, api: _Api, now_s: float) -> dict[str, str]:
+        """The rate-limit headers of an answer at `now_s`, in `api`'s dialect."""
+        states = self._windows.states(now_s)
+        if api is _Api.OPENAI:
+            return _limit_headers(states)
+        headers = _anthropic_limit_headers(states, time.time())
+        headers["request-id"] = self._next_id("req_")
+        return headers
 
     # --- admission ---
 
@@ -578,33 +914,31 @@ class MockProvider:
             return counted
         return math.ceil(counted * self.tokenizer_factor)
 
-    def _take_injected(self) -> bool:
-        if self._inject_left is None:
-            return True
-        if self._inject_left > 0:
-            self._inject_left -= 1
-            return True
-        return False
-
     async def _run(
         self,
         writer: asyncio.StreamWriter,
         plan: _Plan,
         respond: Callable[[dict[str, str]], Awaitable[None]],
     ) -> None:
-        """Admit `plan` (or answer 429), let `respond` answer, and count the call."""
+        """Admit `plan` (or answer 429 or 529), let `respond` answer, and count the call.
+
+        `respond` starts without a suspension after the admission.
+        """
         now = self._clock()
-        if self._take_injected():
+        if self._injected_429s.take():
             self._windows.rejected["injected"] = self._windows.rejected.get("injected", 0) + 1
-            refusal = Refusal("injected", "injected", self._inject_retry_s)
+            refusal = Refusal("injected", "injected", self._injected_429s.retry_after_s)
             await self._send_429(writer, plan, refusal, now)
+            return
+        if plan.api is _Api.ANTHROPIC and self._injected_529s.take():
+            await self._send_overloaded(writer, plan, now)
             return
         until = now + self._latency_s(plan.completion_tokens)
         admitted = self._windows.try_admit(now, tokens=plan.reserved_tokens, until_s=until)
         if isinstance(admitted, Refusal):
             await self._send_429(writer, plan, admitted, now)
             return
-        await self._answer(admitted, now, plan, _limit_headers(self._windows.states(now)), respond)
+        await self._answer(admitted, now, plan, self._api_headers(plan.api, now), respond)
 
     async def _answer(
         self,
@@ -619,10 +953,10 @@ class MockProvider:
             await respond(headers)
             completed = True
             self._served += 1
+            _tally(self._served_by_endpoint, plan.endpoint)
         finally:
             finished_s = self._clock()
-            used = plan.prompt_tokens + plan.completion_tokens
-            self._windows.finish(ticket, finished_s, used_tokens=used)
+            self._windows.finish(ticket, finished_s, used_tokens=plan.used_tokens)
             self.calls.append(
                 CallRecord(
                     plan.endpoint,
@@ -633,19 +967,31 @@ class MockProvider:
                     plan.completion_tokens,
                     plan.reserved_tokens,
                     completed,
+                    plan.cache_read_tokens,
+                    plan.cache_creation_tokens,
                 )
             )
 
     async def _send_429(
         self, writer: asyncio.StreamWriter, plan: _Plan, refusal: Refusal, now_s: float
     ) -> None:
-        headers = _limit_headers(self._windows.states(now_s))
-        headers.update(_retry_headers(refusal.retry_after_s))
-        body = {"error": self._rate_limit_error(plan, refusal)}
-        await _send_json(writer, 429, body, headers)
-
-    def _rate_limit_error(self, plan: _Plan, refusal: Refusal) -> dict[str, Any]:
+        _tally(self._rejected_by_endpoint, plan.endpoint)
+        headers = self._api_headers(plan.api, now_s)
+        headers.update(_retry_headers(refusal.retry_after_s, plan.api))
         kind = refusal.unit if refusal.unit in ("requests", "tokens") else "rate_limit_exceeded"
+        message = self._refusal_message(plan, refusal)
+        error = _HttpError(429, message, type_=kind, code="rate_limit_exceeded")
+        await _send_json(writer, 429, error.body_for(plan.api), headers)
+
+    async def _send_overloaded(
+        self, writer: asyncio.StreamWriter, plan: _Plan, now_s: float
+    ) -> None:
+        self._overloaded += 1
+        headers = self._api_headers(plan.api, now_s)
+        headers.update(_retry_headers(self._injected_529s.retry_after_s, plan.api))
+        await _send_json(writer, 529, _HttpError(529, "Overloaded").anthropic_body, headers)
+
+    def _refusal_message(self, plan: _Plan, refusal: Refusal) -> str:
         if refusal.dimension == "injected":
             message = "The service is at capacity (an injected 429). Please try again later."
         elif refusal.dimension == CONCURRENCY:
@@ -661,7 +1007,7 @@ class MockProvider:
             )
             if not refusal.never:
                 message += f" Please try again in {format_duration(refusal.retry_after_s)}."
-        return {"message": message, "type": kind, "param": None, "code": "rate_limit_exceeded"}
+        return message
 
     def _next_id(self, prefix: str) -> str:
         return f"{prefix}mock{next(self._ids)}"
@@ -822,6 +1168,101 @@ class MockProvider:
             },
         }
 
+    # --- /v1/messages (Anthropic) ---
+
+    async def _messages(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        body = _json_object(request)
+        model = _model(body)
+        requested = _positive_int(body, "max_tokens")
+        if requested is None:
+            raise _HttpError(400, "max_tokens: Field required", param="max_tokens")
+        blocks = _message_blocks(body)
+        streamed = _bool(body, "stream")
+        prompt = self._blocks_tokens(blocks)
+        prefixes = _cache_prefixes(model, blocks, self._tokens)
+        read, written = _cache_split(prefixes, self._cached_prefixes)
+        uncounted = 0 if self.count_cache_reads else read
+        completion, max_tokens = self._output_tokens(requested)
+        plan = _Plan(
+            "messages",
+            model,
+            prompt,
+            completion,
+            prompt - uncounted + max_tokens,
+            api=_Api.ANTHROPIC,
+            cache_read_tokens=read,
+            cache_creation_tokens=written,
+            uncounted_tokens=uncounted,
+        )
+        stop_reason = "max_tokens" if completion == max_tokens else "end_turn"
+
+        async def answer(headers: dict[str, str]) -> None:
+            # Admitted: the prefixes are written now, before any other call is planned.
+            self._cached_prefixes.update(key for key, _ in prefixes)
+            if streamed:
+                await self._stream_message(writer, plan, headers, stop_reason)
+                return
+            await asyncio.sleep(self._latency_s(plan.completion_tokens))
+            await _send_json(writer, 200, self._message_body(plan, stop_reason), headers)
+
+        await self._run(writer, plan, answer)
+
+    def _message_body(self, plan: _Plan, stop_reason: str | None) -> dict[str, Any]:
+        text = "".join(_filler_words(plan.completion_tokens))
+        return {
+            "id": self._next_id("msg_"),
+            "type": "message",
+            "role": "assistant",
+            "model": plan.model,
+            "content": [{"type": "text", "text": text}],
+            "stop_reason": stop_reason,
+            "stop_sequence": None,
+            "usage": _message_usage(plan),
+        }
+
+    async def _stream_message(
+        self, writer: asyncio.StreamWriter, plan: _Plan, headers: dict[str, str], stop_reason: str
+    ) -> None:
+        """SSE after the fixed latency: message_start, a text block of one delta a token,
+        message_delta with the stop reason and usage, message_stop."""
+        usage = _message_usage(plan)
+        start = self._message_body(plan, None)
+        start.update(content=[], usage={**usage, "output_tokens": 1})
+        await asyncio.sleep(self.latency_s / self.speed)
+        stream_headers = {**headers, "content-type": "text/event-stream"}
+        writer.write(_head(200, {**stream_headers, "transfer-encoding": "chunked"}))
+        writer.write(_sse_event({"type": "message_start", "message": start}))
+        block = {"type": "text", "text": ""}
+        writer.write(
+            _sse_event({"type": "content_block_start", "index": 0, "content_block": block})
+        )
+        writer.write(_sse_event({"type": "ping"}))
+        await writer.drain()
+        per_token_s = self.latency_per_token_s / self.speed
+        for word in _filler_words(plan.completion_tokens):
+            if per_token_s > 0:
+                await asyncio.sleep(per_token_s)
+            delta = {"type": "text_delta", "text": word}
+            writer.write(_sse_event({"type": "content_block_delta", "index": 0, "delta": delta}))
+            await writer.drain()
+        writer.write(_sse_event({"type": "content_block_stop", "index": 0}))
+        stop = {"stop_reason": stop_reason, "stop_sequence": None}
+        writer.write(_sse_event({"type": "message_delta", "delta": stop, "usage": usage}))
+        writer.write(_sse_event({"type": "message_stop"}) + b"0\r\n\r\n")
+        await writer.drain()
+
+    async def _count_tokens(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+        """``/v1/messages/count_tokens``: the prompt's tokens, cached or not; no window is used."""
+        body = _json_object(request)
+        _model(body)
+        blocks = _message_blocks(body)
+        headers = self._api_headers(_Api.ANTHROPIC, self._clock())
+        await _send_json(writer, 200, {"input_tokens": self._blocks_tokens(blocks)}, headers)
+
+    def _blocks_tokens(self, blocks: list[_Block]) -> int:
+        """A Messages prompt's tokens: its text counted as a chat completion's is."""
+        return self._tokens("".join(block.text for block in blocks))
+
     # --- /v1/models ---
 
     async def _list_models(self, request: _Request, writer: asyncio.StreamWriter) -> None:
@@ -853,15 +1294,20 @@ class MockProvider:
         body = _json_object(request)
         count = body.get("count", 1)
         retry_after_s = body.get("retry_after_s", 1.0)
+        status = body.get("status", 429)
         if count is not None and (isinstance(count, bool) or not isinstance(count, int)):
             raise _HttpError(400, f"count must be an integer or null, got {count!r}.")
         if isinstance(retry_after_s, bool) or not isinstance(retry_after_s, int | float):
             raise _HttpError(400, f"retry_after_s must be a number, got {retry_after_s!r}.")
+        inject = {429: self.inject_429s, 529: self.inject_529s}.get(status)
+        if inject is None:
+            raise _HttpError(400, f"status must be 429 or 529, got {status!r}.", param="status")
         try:
-            self.inject_429s(count, retry_after_s=float(retry_after_s))
+            inject(count, retry_after_s=float(retry_after_s))
         except ValueError as exc:
             raise _HttpError(400, str(exc)) from None
-        await _send_json(writer, 200, {"count": count, "retry_after_s": retry_after_s}, {})
+        answer = {"count": count, "retry_after_s": retry_after_s, "status": status}
+        await _send_json(writer, 200, answer, {})
 
     async def _admin_stats(self, request: _Request, writer: asyncio.StreamWriter) -> None:
         await _send_json(writer, 200, dataclasses.asdict(self.statistics()), {})
@@ -869,6 +1315,10 @@ class MockProvider:
     async def _admin_calls(self, request: _Request, writer: asyncio.StreamWriter) -> None:
         calls = [dataclasses.astuple(call) for call in self.calls]
         await _send_json(writer, 200, {"fields": _CALL_FIELDS, "calls": calls}, {})
+
+
+def _tally(counts: dict[str, int], key: str) -> None:
+    counts[key] = counts.get(key, 0) + 1
 
 
 def _usage(plan: _Plan) -> dict[str, int]:
@@ -955,10 +1405,11 @@ class ProviderProcess:
 
     `limits` may hold concurrency, rpm, tpm and tpd (what ``/admin/limits`` sets);
     `options` are `MockProvider`'s (speed, token_counting, latency_s,
-    latency_per_token_s, completion_tokens, tokenizer_factor). Arrival stamps are
-    ``time.monotonic()`` of the child, which on one machine is the parent's clock.
-    Use ``async with ProviderProcess(limits, speed=30) as provider``; `calls`,
-    `statistics`, `set_limits` and `inject_429s` ask the child over HTTP.
+    latency_per_token_s, completion_tokens, tokenizer_factor, count_cache_reads).
+    Arrival stamps are ``time.monotonic()`` of the child, which on one machine is the
+    parent's clock. Use ``async with ProviderProcess(limits, speed=30) as provider``;
+    `calls`, `statistics`, `set_limits`, `inject_429s` and `inject_529s` ask the
+    child over HTTP.
     """
 
     def __init__(self, limits: Limits, **options: Any) -> None:
@@ -970,6 +1421,7 @@ class ProviderProcess:
         self._limits = limits
         self._options = options
         self._process: asyncio.subprocess.Process | None = None
+        # ``http://host:port/v1`` once started (see `MockProvider.base_url`).
         self.base_url = ""
         self._host = ""
         self._port = 0
@@ -999,7 +1451,13 @@ class ProviderProcess:
             str(int(options.get("completion_tokens", 16))),
             "--tokenizer-factor",
             repr(float(options.get("tokenizer_factor", 1.0))),
+            *([] if options.get("count_cache_reads", True) else ["--no-count-cache-reads"]),
         ]
+
+    @property
+    def anthropic_base_url(self) -> str:
+        """``http://host:port`` once started, for ``anthropic.AsyncAnthropic(base_url=...)``."""
+        return self.base_url.removesuffix("/v1")
 
     async def start(self) -> None:
         """Start the child and wait (at most 30 s) until it serves."""
@@ -1088,6 +1546,11 @@ class ProviderProcess:
         """Answer the next `count` calls 429 (None: every call until a count of 0)."""
         await self._ask("POST", "/admin/inject", {"count": count, "retry_after_s": retry_after_s})
 
+    async def inject_529s(self, count: int | None, *, retry_after_s: float = 1.0) -> None:
+        """Answer the next `count` Messages calls 529 (see `MockProvider.inject_529s`)."""
+        body = {"count": count, "retry_after_s": retry_after_s, "status": 529}
+        await self._ask("POST", "/admin/inject", body)
+
 
 _PROCESS_OPTIONS = frozenset(
     {
@@ -1097,6 +1560,7 @@ _PROCESS_OPTIONS = frozenset(
         "latency_per_token_s",
         "completion_tokens",
         "tokenizer_factor",
+        "count_cache_reads",
     }
 )
 
@@ -1107,7 +1571,11 @@ _PROCESS_OPTIONS = frozenset(
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m ratekit.mock_provider",
-        description="Serve an OpenAI-compatible provider that enforces a tier's limits strictly.",
+        description=(
+            "Serve a provider that enforces a tier's limits strictly, over OpenAI's API "
+            "(base URL http://host:port/v1) and Anthropic's Messages API (base URL "
+            "http://host:port), both counted in the same windows."
+        ),
     )
     parser.add_argument("--provider", default="moonshot", help="bundled provider (moonshot)")
     parser.add_argument("--tier", default="tier1", help="tier name (tier1)")
@@ -1137,6 +1605,12 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=1.0,
         help="the provider's prompt tokens per mock-tokenizer token (1.0)",
+    )
+    parser.add_argument(
+        "--no-count-cache-reads",
+        dest="count_cache_reads",
+        action="store_false",
+        help="prompt-cache reads of Messages calls do not count toward token rates",
     )
     parser.add_argument(
         "--limits",
@@ -1182,6 +1656,7 @@ def main(argv: list[str] | None = None) -> int:
         "latency_per_token_s": args.ms_per_token / 1000,
         "completion_tokens": args.completion_tokens,
         "tokenizer_factor": args.tokenizer_factor,
+        "count_cache_reads": args.count_cache_reads,
         "models": (args.model,) if args.model else (DEFAULT_MODEL,),
     }
     banner = (

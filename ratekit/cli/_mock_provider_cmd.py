@@ -1,4 +1,4 @@
-"""``ratekit mock-provider``: the strict local OpenAI-compatible server."""
+"""``ratekit mock-provider``: the strict local server for OpenAI's and Anthropic's APIs."""
 
 from __future__ import annotations
 
@@ -14,9 +14,11 @@ from .. import mock_provider as _mock
 )
 @click.pass_context
 def mock_provider(context: click.Context) -> None:
-    """Serve an OpenAI-compatible API on loopback that enforces a tier strictly.
+    """Serve OpenAI's API (base URL .../v1) and Anthropic's Messages API (base URL
+    without /v1) on loopback, enforcing a tier strictly in one set of windows.
 
     Options: --provider, --tier, --model, --speed (60: a minute per second),
-    --port, --counting, --latency-ms, --ms-per-token; --help for details.
+    --port, --counting, --latency-ms, --ms-per-token, --no-count-cache-reads;
+    --help for details.
     """
     raise SystemExit(_mock.main(list(context.args)))

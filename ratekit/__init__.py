@@ -60,7 +60,7 @@ from ._tokens import (
 )
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 from .integrations._calls import SyncScheduler
-from .integrations._openai import wrap
+from .integrations._wrap import wrap
 
 __all__ = [
     "DEFAULT_MARGIN_S",

@@ -786,7 +786,7 @@ async def open_batch(
     """
     import openai
 
-    from .integrations._openai import wrap
+    from .integrations._wrap import wrap
 
     account = make_account(config)
     backend: Backend | None = None

@@ -33,7 +33,7 @@ from ._events import (
     TierChanged,
 )
 from ._limiter import Limiter
-from ._limits import Limits, check_amount
+from ._limits import MIN_LIMIT, Limits, check_amount
 from ._profiles import Tier
 from ._queue import WaitQueue
 from ._signals import parse_provider_limits
@@ -126,13 +126,17 @@ class SchedulerStatistics:
     estimates: dict[str, EstimateStatistics] = field(default_factory=dict)
 
 
+# The units a provider's rate-limit headers report, and the field of Limits each caps.
+_HEADER_FIELDS = (("requests", "rpm"), ("tokens", "tpm"))
+
+
 class _Group:
     """One limiter of the account (the account's own, or a model's with limits of its own)."""
 
     __slots__ = (
         "cooldown_s",
         "factor",
-        "header_cap",
+        "header_caps",
         "last_429_s",
         "last_step_s",
         "limiter",
@@ -148,8 +152,9 @@ class _Group:
         self.last_step_s = -math.inf
         # The cooldown given to the last 429 that named no wait.
         self.cooldown_s = _DEFAULT_COOLDOWN_S
-        # The share of the tier's limits the provider's own headers allow (1: all).
-        self.header_cap = 1.0
+        # The share of the tier's rpm ("requests") and tpm ("tokens") that the provider's
+        # own headers allow, per unit (absent: all).
+        self.header_caps: dict[str, float] = {}
 
 
 class Scheduler:
@@ -269,8 +274,17 @@ class Scheduler:
         return group
 
     def _apply(self, group: _Group, model: str | None) -> None:
-        share = min(group.factor, group.header_cap)
-        group.limiter.limits = self.account.limits(model).scaled(share)
+        """Put in force the tier's limits times the adapted factor, each of rpm and tpm
+        no higher than the provider's headers allow."""
+        tier = self.account.limits(model)
+        limits = tier.scaled(group.factor)
+        changes = {}
+        for unit, field_name in _HEADER_FIELDS:
+            cap = group.header_caps.get(unit, 1.0)
+            value = getattr(tier, field_name)
+            if cap < group.factor and value is not None:
+                changes[field_name] = max(value * cap, MIN_LIMIT)
+        group.limiter.limits = limits.replace(**changes) if changes else limits
 
     def limiter(self, model: str | None = None) -> Limiter:
         """The limiter calls of `model` go through (None: the account's)."""
@@ -576,28 +590,33 @@ class Scheduler:
         return max(periods, default=60.0)
 
     def observe(self, headers: Mapping[str, str], *, model: str | None = None) -> None:
-        """Read a response's ``x-ratelimit-limit-*`` headers: when the provider allows less
-        per minute than the tier says, run at the provider's numbers and report it."""
-        reported = parse_provider_limits(headers)
+        """Read a response's ``x-ratelimit-limit-*`` (or ``anthropic-ratelimit-*-limit``)
+        headers: when the provider allows fewer requests or tokens per minute than the
+        tier says, run that dimension at the provider's number (the others keep the
+        tier's) and report it. A unit the headers do not mention keeps what was seen."""
+        reported = parse_provider_limits(headers, now_s=self._clock.wall())
         if reported is None:
             return
         limits = self.account.limits(model)
-        name = self.account.group(model)
         group = self._group(model)
-        cap = 1.0
-        for unit, mine in (("requests", limits.rpm), ("tokens", limits.tpm)):
+        changed: list[tuple[float, str]] = []
+        for unit, field_name in _HEADER_FIELDS:
             theirs = reported.unit(unit)
-            if theirs is None or theirs.limit is None or mine is None:
+            mine = getattr(limits, field_name)
+            if theirs is None or theirs.limit is None or not mine:
                 continue
-            if theirs.limit < mine:
-                # A reported 0 would stop the account for good: keep a sliver to recover from.
-                cap = min(cap, max(theirs.limit / mine, _ADAPT_FLOOR / 10))
+            # A reported 0 would stop the account for good: keep a sliver to recover from.
+            cap = min(max(theirs.limit / mine, _ADAPT_FLOOR / 10), 1.0)
+            if cap != group.header_caps.get(unit, 1.0):
+                group.header_caps[unit] = cap
                 reason = f"the provider reports {unit} limit {theirs.limit:g}, the tier {mine:g}"
-        if cap != group.header_cap:
-            group.header_cap = cap
+                changed.append((cap, reason))
+        if changed:
             self._apply(group, model)
-            if cap < 1.0:
-                self._emit(LimitsAdapted(name, cap, reason))
+            name = self.account.group(model)
+            for cap, reason in changed:
+                if cap < 1.0:
+                    self._emit(LimitsAdapted(name, cap, reason))
 
     def estimate_cost(
         self,

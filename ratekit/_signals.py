@@ -1,12 +1,14 @@
 """What a provider's answer says about its rate limits, as facts the scheduler can act on.
 
 Pure: no I/O, no clock (time is the `now_s` argument, Unix seconds, used only to turn an
-HTTP-date ``Retry-After`` into a wait), no import of openai, httpx or aiohttp. Answers are
-read by duck typing, so an exception, a response or an already parsed JSON body all work.
+HTTP-date ``Retry-After`` or an RFC 3339 reset into a wait), no import of openai, httpx
+or aiohttp. Answers are read by duck typing, so an exception, a response or an already
+parsed JSON body all work.
 
 - `parse_duration`: OpenAI's reset format (``"250ms"``, ``"6m0s"``, ``"1h2m3.5s"``) or seconds.
 - `parse_retry_after`: how long an answer that refused a call asks the caller to wait.
-- `parse_provider_limits`: the ``x-ratelimit-*`` headers, per unit.
+- `parse_provider_limits`: the ``x-ratelimit-*`` (or ``anthropic-ratelimit-*``) headers,
+  per unit.
 - `classify`: whether an answer is a rate-limit or quota refusal, and what kind; most
   callers want this one.
 
@@ -21,7 +23,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC
+from datetime import UTC, datetime
 from typing import Final
 
 __all__ = [
@@ -217,7 +219,7 @@ def parse_retry_after(headers: Mapping[str, str], *, now_s: float) -> float | No
             seconds = _http_date_wait(retry_after, now_s)
         if seconds is not None:
             return max(seconds, 0.0)
-    return _reset_wait(_limits_from(lowered))
+    return _reset_wait(_limits_from(lowered, now_s))
 
 
 def _reset_wait(limits: ProviderLimits | None) -> float | None:
@@ -232,21 +234,61 @@ def _reset_wait(limits: ProviderLimits | None) -> float | None:
     return max(resets) if resets else None
 
 
-def parse_provider_limits(headers: Mapping[str, str]) -> ProviderLimits | None:
-    """The ``x-ratelimit-*`` headers of an answer, or None when it carries none readable.
+def parse_provider_limits(
+    headers: Mapping[str, str], *, now_s: float = math.nan
+) -> ProviderLimits | None:
+    """The ``x-ratelimit-*`` headers of an answer (else its ``anthropic-ratelimit-*``
+    ones), or None when it carries none readable.
 
     Amounts below zero read as 0, resets in the past as 0 s; unreadable values as None.
+    `now_s` (Unix seconds) turns an RFC 3339 reset into seconds; without it such a
+    reset reads as None.
     """
-    return _limits_from(_lower_keys(headers))
+    return _limits_from(_lower_keys(headers), now_s)
 
 
-def _limits_from(lowered: Mapping[str, str]) -> ProviderLimits | None:
+def _rfc3339_wait(text: str, now_s: float) -> float | None:
+    """Seconds from `now_s` until an RFC 3339 instant (``2026-12-02T10:00:30Z``), else None."""
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    wait = moment.timestamp() - now_s
+    return wait if math.isfinite(wait) else None
+
+
+def _unit_headers(
+    lowered: Mapping[str, str], name: str, now_s: float
+) -> tuple[str | None, str | None, float | None]:
+    """(limit, remaining, reset seconds) of unit `name` as the answer writes them: OpenAI's
+    ``x-ratelimit-{limit,remaining,reset}-<unit>`` (the reset a duration), else the Anthropic
+    API's ``anthropic-ratelimit-<unit>-{limit,remaining,reset}`` (the reset an RFC 3339
+    instant). Anthropic's ``tokens`` headers are its most restrictive token limit."""
+    limit = lowered.get(f"x-ratelimit-limit-{name}")
+    remaining = lowered.get(f"x-ratelimit-remaining-{name}")
+    reset_text = lowered.get(f"x-ratelimit-reset-{name}")
+    if limit is not None or remaining is not None or reset_text is not None:
+        reset_s = parse_duration(reset_text) if reset_text is not None else None
+        return limit, remaining, reset_s
+    limit = lowered.get(f"anthropic-ratelimit-{name}-limit")
+    remaining = lowered.get(f"anthropic-ratelimit-{name}-remaining")
+    reset_text = lowered.get(f"anthropic-ratelimit-{name}-reset")
+    reset_s = None
+    if reset_text is not None:
+        reset_s = _rfc3339_wait(reset_text, now_s)
+        if reset_s is None:
+            reset_s = parse_duration(reset_text)
+    return limit, remaining, reset_s
+
+
+def _limits_from(lowered: Mapping[str, str], now_s: float) -> ProviderLimits | None:
     units: dict[str, UnitLimits | None] = {}
     for name in _UNITS:
-        limit = _plain_number(lowered.get(f"x-ratelimit-limit-{name}"))
-        remaining = _plain_number(lowered.get(f"x-ratelimit-remaining-{name}"))
-        reset_text = lowered.get(f"x-ratelimit-reset-{name}")
-        reset_s = parse_duration(reset_text) if reset_text is not None else None
+        limit_text, remaining_text, reset_s = _unit_headers(lowered, name, now_s)
+        limit = _plain_number(limit_text)
+        remaining = _plain_number(remaining_text)
         if limit is None and remaining is None and reset_s is None:
             units[name] = None
         else:
@@ -294,6 +336,11 @@ _ERROR_KINDS: Final[Mapping[str, _Documented]] = {
     "rate_limit_reached_error": _Documented(retryable=True, dimension=None),
     "engine_overloaded_error": _Documented(retryable=True, dimension=None),
     "exceeded_current_quota_error": _Documented(retryable=False, dimension=None),
+    # The Anthropic Messages API, "Errors" (docs.anthropic.com/en/api/errors), bodies
+    # {"type": "error", "error": {"type": ...}}: 429 rate_limit_error (above), and 529
+    # overloaded_error (the API is temporarily overloaded): both passing, so retried
+    # after a pause.
+    "overloaded_error": _Documented(retryable=True, dimension=None),
 }
 
 # MiniMax, "Error Codes" (platform.minimax.io/docs/api-reference/errorcode; the Chinese
@@ -472,7 +519,7 @@ def _documented(read: _Answer) -> tuple[_Documented, str | None] | None:
     for label in (read.error_code, read.error_type):
         if label is not None and label in _ERROR_KINDS:
             return _ERROR_KINDS[label], label
-    if read.status == 429:
+    if read.status in (429, 529):  # 529: the Anthropic API's "overloaded"
         return _RATE_LIMITED, read.error_code or read.error_type
     if read.status == 402:
         return _PAYMENT_REQUIRED, read.error_code or read.error_type
@@ -522,7 +569,8 @@ def classify(error: BaseException | object, *, now_s: float) -> RateLimitSignal 
     a ``status_code`` or ``status`` and ``headers`` (on itself or on ``.response``), or a
     parsed JSON body. It is a signal when the body carries an error code a provider
     documents as a rate limit or quota refusal (whatever the HTTP status: MiniMax answers
-    200), or when the status is 429, or 402 (StepFun: balance insufficient). Anything
+    200), or when the status is 429, 529 (the Anthropic API: overloaded), or 402 (StepFun:
+    balance insufficient). Anything
     else (a 500, a timeout, a ValueError) is None. `now_s` (Unix seconds) only converts an
     HTTP-date ``Retry-After``. Reads only what is already in memory; never raises.
     """
@@ -531,7 +579,7 @@ def classify(error: BaseException | object, *, now_s: float) -> RateLimitSignal 
     if found is None:
         return None
     documented, code = found
-    limits = _limits_from(read.headers)
+    limits = _limits_from(read.headers, now_s)
     retry_after_s = parse_retry_after(read.headers, now_s=now_s)
     if retry_after_s is None:
         said = _TRY_AGAIN_IN.search(read.text)

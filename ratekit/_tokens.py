@@ -533,7 +533,7 @@ corrects the reservation with the real usage."""
 _TEXT_PART_TYPES: Final = frozenset({"text", "input_text", "output_text"})
 _IMAGE_PART_TYPES: Final = frozenset({"image_url", "input_image", "image"})
 _AUDIO_PART_TYPES: Final = frozenset({"input_audio", "audio"})
-_FILE_PART_TYPES: Final = frozenset({"file", "input_file"})
+_FILE_PART_TYPES: Final = frozenset({"file", "input_file", "document"})
 _MESSAGE_TEXT_KEYS: Final = ("role", "name", "tool_call_id", "refusal")
 
 
@@ -818,12 +818,30 @@ def _responses(
     return prompt, _cap(params, ("max_output_tokens",), default)
 
 
+def _messages(
+    params: Mapping[str, Any], estimator: TokenEstimator, default: int
+) -> tuple[int, int]:
+    """The Anthropic Messages API: ``system`` (a str or text blocks), ``messages`` (str or
+    block content: text, image, document, tool_use, tool_result, thinking) and ``tools``;
+    output is ``max_tokens``, which the API requires."""
+    if "messages" not in params:
+        raise RequestShapeError("messages", "messages.create needs messages")
+    allow = _Allowances(IMAGE_TOKENS, AUDIO_TOKENS, FILE_TOKENS)
+    prompt = estimate_prompt_tokens(params["messages"], estimator)
+    system = params.get("system")
+    if system is not None:
+        prompt += PER_MESSAGE_OVERHEAD + _content_tokens(system, "system", estimator, allow)
+    prompt += _tools_tokens(params, estimator)
+    return prompt, _cap(params, ("max_tokens",), default)
+
+
 _Kind = Callable[[Mapping[str, Any], TokenEstimator, int], tuple[int, int]]
 _KINDS: Final[dict[str, _Kind]] = {
     "chat.completions.create": _chat,
     "embeddings.create": _embeddings,
     "responses.create": _responses,
     "completions.create": _completions,
+    "messages.create": _messages,
 }
 REQUEST_KINDS: Final = tuple(_KINDS)
 
@@ -835,7 +853,7 @@ def estimate_request_tokens(
     *,
     default_max_output: int = DEFAULT_MAX_OUTPUT_TOKENS,
 ) -> tuple[int, int]:
-    """(prompt tokens, maximum output tokens) of one OpenAI-style request.
+    """(prompt tokens, maximum output tokens) of one OpenAI-style or Anthropic request.
 
     `kind` is the client method, `params` its keyword arguments:
 
@@ -849,6 +867,8 @@ def estimate_request_tokens(
       ``max_output_tokens`` else `default_max_output`.
     - ``"completions.create"`` (legacy): ``prompt``; output ``max_tokens`` (the API's
       default: 16) times ``max(n, best_of)`` times the number of prompts.
+    - ``"messages.create"`` (the Anthropic Messages API): ``messages`` as for chat, plus
+      ``system`` (a str or text blocks) and ``tools``; output is ``max_tokens``.
 
     Reasoning models spend hidden reasoning tokens inside the output cap, so the cap is
     what to reserve. Raises `UnknownRequestKindError` or `RequestShapeError`.

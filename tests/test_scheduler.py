@@ -247,6 +247,53 @@ async def test_provider_headers_below_the_tier_tighten_the_limits() -> None:
     assert scheduler.limiter().limits.rpm == 200
 
 
+async def test_each_reported_limit_caps_only_its_own_dimension() -> None:
+    """Requests and tokens reported below the tier by different ratios: each runs at the
+    provider's own number (not both at the smaller ratio)."""
+    scheduler, _, events = make("tier3")
+    tier = scheduler.account.limits()
+    assert tier.rpm is not None
+    assert tier.tpm is not None
+    rpm, tpm = tier.rpm / 2, tier.tpm / 5
+    scheduler.observe(
+        {"x-ratelimit-limit-requests": f"{rpm:g}", "x-ratelimit-limit-tokens": f"{tpm:g}"}
+    )
+    limits = scheduler.limiter().limits
+    assert limits.rpm == pytest.approx(rpm)
+    assert limits.tpm == pytest.approx(tpm)
+    assert limits.concurrency == tier.concurrency
+    reasons = [event.reason for event in events if isinstance(event, ratekit.LimitsAdapted)]
+    assert reasons == [
+        f"the provider reports requests limit {rpm:g}, the tier {tier.rpm:g}",
+        f"the provider reports tokens limit {tpm:g}, the tier {tier.tpm:g}",
+    ]
+    # An answer that reports only requests leaves the tokens' cap as it was.
+    scheduler.observe({"x-ratelimit-limit-requests": f"{tier.rpm:g}"})
+    assert scheduler.limiter().limits.rpm == tier.rpm
+    assert scheduler.limiter().limits.tpm == pytest.approx(tpm)
+
+
+async def test_anthropic_rate_limit_headers_are_observed() -> None:
+    """The Anthropic API's headers (`anthropic-ratelimit-*`, resets as RFC 3339 instants)
+    cap rpm and tpm like OpenAI's; the same numbers as the tier change nothing."""
+    scheduler, _, events = make("tier1")
+    tier = scheduler.account.limits()
+    assert tier.rpm is not None
+    assert tier.tpm is not None
+    scheduler.observe(
+        {
+            "anthropic-ratelimit-requests-limit": f"{tier.rpm:g}",
+            "anthropic-ratelimit-tokens-limit": f"{tier.tpm:g}",
+            "anthropic-ratelimit-tokens-reset": "2026-12-02T10:00:30Z",
+        }
+    )
+    assert scheduler.limiter().limits == tier
+    assert not [event for event in events if isinstance(event, ratekit.LimitsAdapted)]
+    scheduler.observe({"anthropic-ratelimit-tokens-limit": f"{tier.tpm / 4:g}"})
+    assert scheduler.limiter().limits.tpm == pytest.approx(tier.tpm / 4)
+    assert scheduler.limiter().limits.rpm == tier.rpm
+
+
 async def test_a_spend_budget_that_cannot_free_up_in_time_fails_at_once() -> None:
     """A daily budget of 1 USD, priced from the profile: the call that would exceed it fails
     at once, saying when the budget frees up."""

@@ -72,7 +72,7 @@ async def _drive(
     """Send `bodies` through ratekit from `workers` tasks; returns counts of outcomes."""
     import openai
 
-    from ..integrations._openai import wrap
+    from ..integrations._wrap import wrap
 
     backend = None
     if redis_url is not None:

@@ -43,3 +43,25 @@ def stamp_when_sent(request: Any, admission: Admission) -> None:
             await previous(event, info)
 
     extensions["trace"] = trace
+
+
+def stamp_when_sent_sync(request: Any, admission: Admission, run: Callable[..., Any]) -> None:
+    """`stamp_when_sent` for a sync httpx client: its trace callback is called in the
+    sending thread, and `run(admission.sent)` runs the restamp on the scheduler's loop."""
+    extensions = getattr(request, "extensions", None)
+    if not isinstance(extensions, dict):
+        return
+    previous: Callable[[str, dict[str, Any]], None] | None = extensions.get("trace")
+    held: weakref.ref[Admission] | None = weakref.ref(admission)
+
+    def trace(event: str, info: dict[str, Any]) -> None:
+        nonlocal held
+        if held is not None and event.endswith(_SENDING_EVENT):
+            admission = held()
+            held = None
+            if admission is not None:
+                run(admission.sent)
+        if previous is not None:
+            previous(event, info)
+
+    extensions["trace"] = trace

@@ -47,13 +47,27 @@ class Usage:
     `tokens` is the total; `input_tokens` every prompt token (cache hits included) and
     `output_tokens` every output token (reasoning included), each None when the answer
     does not say; `cached_input_tokens` the prompt tokens served from the provider's
-    cache (0 when not reported), never more than `input_tokens`.
+    cache (0 when not reported), never more than `input_tokens`; `cache_write_tokens`
+    the prompt tokens written to the cache (the Anthropic API reports them), part of
+    `input_tokens` too.
     """
 
     tokens: float
     input_tokens: float | None = None
     output_tokens: float | None = None
     cached_input_tokens: float = 0.0
+    cache_write_tokens: float = 0.0
+
+    def without_cache_reads(self) -> Usage:
+        """This usage as a provider counts it when its cache hits do not count toward its
+        token rates: the total less the cache hits."""
+        return Usage(
+            max(self.tokens - self.cached_input_tokens, 0.0),
+            self.input_tokens,
+            self.output_tokens,
+            self.cached_input_tokens,
+            self.cache_write_tokens,
+        )
 
 
 def read_usage(answer: object) -> Usage | None:
@@ -66,13 +80,19 @@ def read_usage(answer: object) -> Usage | None:
     ``completion_tokens`` or ``output_tokens``, else the total less the input (an
     embedding's usage: 0). Cache hits are ``prompt_tokens_details.cached_tokens``
     (OpenAI chat), ``input_tokens_details.cached_tokens`` (responses) or a top-level
-    ``cached_tokens`` (Moonshot).
+    ``cached_tokens`` (Moonshot). The Anthropic Messages API's usage counts only the
+    uncached prompt as ``input_tokens``, beside ``cache_creation_input_tokens`` and
+    ``cache_read_input_tokens``: the three together are the prompt.
     """
     usage = _field(answer, "usage")
     if usage is None:
         usage = _field(_field(answer, "response"), "usage")
         if usage is None:
             return None
+    written = _count(_field(usage, "cache_creation_input_tokens"))
+    read = _count(_field(usage, "cache_read_input_tokens"))
+    if written is not None or read is not None:
+        return _messages_usage(usage, written or 0.0, read or 0.0)
     total = _first(usage, "total_tokens")
     input_tokens = _first(usage, "prompt_tokens", "input_tokens")
     output_tokens = _first(usage, "completion_tokens", "output_tokens")
@@ -92,6 +112,43 @@ def read_usage(answer: object) -> Usage | None:
     if input_tokens is not None:
         cached = min(cached, input_tokens)
     return Usage(total, input_tokens, output_tokens, cached)
+
+
+def _messages_usage(usage: object, written: float, read: float) -> Usage:
+    """A Messages API usage: its ``input_tokens`` is the prompt outside the cache."""
+    uncached = _first(usage, "input_tokens") or 0.0
+    output = _first(usage, "output_tokens")
+    prompt = uncached + written + read
+    return Usage(prompt + (output or 0.0), prompt, output, read, written)
+
+
+def message_event_usage(seen: Usage | None, event: object) -> Usage | None:
+    """The usage of a Messages API stream so far, after `event`: its ``message_start``
+    says the prompt (and a first output count), each ``message_delta`` the output so far
+    (and, from some servers, the prompt again). `seen` is the usage before `event`."""
+    kind = _field(event, "type")
+    if kind == "message_start":
+        return read_usage(_field(event, "message")) or seen
+    if kind != "message_delta":
+        return seen
+    usage = _field(event, "usage")
+    output = _first(usage, "output_tokens")
+    if seen is None:
+        return read_usage(event)
+    if _first(usage, "input_tokens") is not None:
+        told = read_usage(event)
+        if told is not None and told.input_tokens is not None and told.input_tokens > 0:
+            seen = told
+    if output is None:
+        return seen
+    prompt = seen.input_tokens or 0.0
+    return Usage(
+        prompt + output,
+        seen.input_tokens,
+        output,
+        seen.cached_input_tokens,
+        seen.cache_write_tokens,
+    )
 
 
 def usage_tokens(answer: object) -> float | None:

@@ -1,21 +1,27 @@
-"""`wrap`: an OpenAI-compatible async client whose requests go through a scheduler.
+"""`wrap`: an LLM client whose requests go through a scheduler.
 
-The wrapped client is the same client: every attribute passes through, and
-``chat.completions.create`` (plain and streaming), ``completions.create``,
-``embeddings.create`` and ``responses.create`` are admitted first. Every HTTP
-request one of them sends is one admission: the SDK's own retries are turned off
-(on a copy of the client, ``with_options(max_retries=0)``) and ratekit retries
-instead, each attempt admitted anew. Each admission reserves the prompt's
-estimated tokens plus the most the call may output, and the most it may cost at
-the profile's prices; it settles with the response's ``usage``. A stream keeps its
-admission until it ends or is closed, and asks for usage in its last chunk
-without changing what the caller sees.
+The wrapped client is the same client: every attribute passes through, and its
+create methods are admitted first. Two APIs are known (`_Api`): the OpenAI one
+(``chat.completions.create`` plain and streaming, ``completions.create``,
+``embeddings.create``, ``responses.create``) and the Anthropic Messages API
+(``messages.create`` plain and streaming, and the ``messages.stream(...)``
+helper), of async clients and of sync ones (on a `SyncScheduler`'s loop, see
+`_sync`). Every HTTP request one of them sends is one admission: the SDK's own
+retries are turned off (on a copy of the client, ``with_options(max_retries=0)``)
+and ratekit retries instead, each attempt admitted anew. Each admission reserves
+the prompt's estimated tokens plus the most the call may output, and the most it
+may cost at the profile's prices; it settles with the answer's ``usage``. A stream
+keeps its admission until it ends or is closed (an OpenAI chat stream asks for
+usage in its last chunk without changing what the caller sees). Every answer's
+rate-limit headers (``x-ratelimit-*``, ``anthropic-ratelimit-*``) go to
+`Scheduler.observe`.
 """
 
 from __future__ import annotations
 
 import inspect
 import random
+import sys
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
@@ -24,6 +30,7 @@ from types import TracebackType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import anyio
+from anyio.lowlevel import EventLoopToken
 
 from .._admission import Admission, check_priority, check_timeout
 from .._calibration import PromptEstimate
@@ -32,37 +39,101 @@ from .._limits import check_amount
 from .._scheduler import Scheduler
 from .._signals import parse_retry_after
 from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
+from ._calls import SyncScheduler
 from ._sending import stamp_when_sent
-from ._usage import CallPrice, Usage, read_usage
+from ._usage import CallPrice, Usage, message_event_usage, read_usage
 
 R = TypeVar("R")
 
-# The create methods that are admitted, by the attribute path that leads to them.
-_ADMITTED = {
-    ("chat", "completions"): "chat.completions.create",
-    ("completions",): "completions.create",
-    ("embeddings",): "embeddings.create",
-    ("responses",): "responses.create",
-}
-_PREFIXES = {path[:depth] for path in _ADMITTED for depth in range(1, len(path) + 1)}
-# Methods of the client that return a changed copy of it: the copy is wrapped too.
-_COPIES = ("copy", "with_options")
-
-# The openai SDK's own retry timing (openai/_constants.py), which ratekit's retries of
-# failures other than 429 follow: 0.5 s doubling up to 8 s, less up to 25 % of jitter,
-# or the answer's Retry-After when it asks for at most two minutes (beyond: no retry).
+# The SDKs' own retry timing (openai/_constants.py, anthropic/_constants.py: the same),
+# which ratekit's retries of failures other than rate limits follow: 0.5 s doubling up
+# to 8 s, less up to 25 % of jitter, or the answer's Retry-After when it asks for at
+# most two minutes (beyond: no retry).
 _INITIAL_RETRY_DELAY_S = 0.5
 _MAX_RETRY_DELAY_S = 8.0
 _MAX_RETRY_AFTER_S = 120.0
-# What the SDK retries besides 429 (left to the scheduler): a timed-out request, a
-# lock timeout, and the server's errors.
+# What the SDKs retry besides rate limits (left to the scheduler): a timed-out request,
+# a lock timeout, and the server's errors.
 _RETRIED_STATUSES = frozenset({408, 409})
+# Answers that are the scheduler's to retry, with a cooldown: a rate limit, and the
+# Anthropic API's "overloaded" (529).
+_RATE_LIMIT_STATUSES = frozenset({429, 529})
+# Methods of the client that return a changed copy of it: the copy is wrapped too.
+_COPIES = ("copy", "with_options")
+
+
+def _chunk_usage(seen: Usage | None, chunk: object) -> Usage | None:
+    """An OpenAI stream's usage after `chunk`: the last one that says any."""
+    return read_usage(chunk) or seen
+
+
+@dataclass(frozen=True, slots=True)
+class _Api:
+    """What `wrap` knows of one API's client: which methods it admits, under which
+    request kind (see `estimate_request_tokens`), which stream helpers it holds an
+    admission through, and how a stream tells its usage."""
+
+    name: str
+    # The create methods that are admitted, by the attribute path that leads to them.
+    admitted: Mapping[tuple[str, ...], str]
+    # Stream helpers (``messages.stream``), by the path of their create's kind.
+    helpers: Mapping[tuple[str, ...], str]
+    stream_usage: Callable[[Usage | None, object], Usage | None]
+
+    @property
+    def prefixes(self) -> frozenset[tuple[str, ...]]:
+        paths = [*self.admitted, *self.helpers]
+        return frozenset(path[:depth] for path in paths for depth in range(1, len(path) + 1))
+
+
+_OPENAI = _Api(
+    "openai",
+    admitted={
+        ("chat", "completions"): "chat.completions.create",
+        ("completions",): "completions.create",
+        ("embeddings",): "embeddings.create",
+        ("responses",): "responses.create",
+    },
+    helpers={},
+    stream_usage=_chunk_usage,
+)
+_ANTHROPIC = _Api(
+    "anthropic",
+    admitted={("messages",): "messages.create"},
+    helpers={("messages",): "messages.create"},
+    stream_usage=message_event_usage,
+)
+
+
+def _api_of(client: Any) -> _Api:
+    """The API of `client`: the Anthropic one for the ``anthropic`` package's clients
+    (and any client with ``messages`` but no ``chat``), else the OpenAI one."""
+    package = type(client).__module__.partition(".")[0]
+    if package == "anthropic":
+        return _ANTHROPIC
+    if package != "openai" and hasattr(client, "messages") and not hasattr(client, "chat"):
+        return _ANTHROPIC
+    return _OPENAI
+
+
+def _is_sync(client: Any) -> bool:
+    """Whether `client` sends its requests synchronously (``openai.OpenAI``,
+    ``anthropic.Anthropic``): its HTTP client's ``send``, or its own ``post``, is not
+    a coroutine function. A client with neither is taken for an async one."""
+    for method in (
+        getattr(getattr(client, "_client", None), "send", None),
+        getattr(client, "post", None),
+    ):
+        if callable(method):
+            return not inspect.iscoroutinefunction(method)
+    return False
 
 
 @runtime_checkable
 class RetryingClient(Protocol):
-    """A client that retries on its own (the openai SDK's): `max_retries` and a copy with
-    other options. `wrap` turns the retries off on a copy and retries itself."""
+    """A client that retries on its own (the openai and anthropic SDKs'): `max_retries`
+    and a copy with other options. `wrap` turns the retries off on a copy and retries
+    itself."""
 
     max_retries: int
 
@@ -71,24 +142,33 @@ class RetryingClient(Protocol):
 
 def wrap(
     client: Any,
-    scheduler: Scheduler,
+    scheduler: Scheduler | SyncScheduler,
     *,
     estimator: TokenEstimator | None = None,
     priority: int = 0,
     timeout: float | None = None,
 ) -> Any:
-    """`client` (an ``openai.AsyncOpenAI`` or a compatible one) with every request admitted.
+    """`client` with every request admitted through `scheduler`.
 
-    Retries: a client that retries on its own (`RetryingClient`: the openai SDK's
+    `client` is an ``openai.AsyncOpenAI`` or ``anthropic.AsyncAnthropic`` (or a
+    compatible one) with a `Scheduler`, or an ``openai.OpenAI`` or
+    ``anthropic.Anthropic`` with a `SyncScheduler`, used from any number of threads.
+    Admitted: ``chat.completions.create``, ``completions.create``,
+    ``embeddings.create`` and ``responses.create`` of an OpenAI client;
+    ``messages.create`` and the ``messages.stream(...)`` helper of an Anthropic one
+    (``messages.count_tokens`` and everything else pass through unadmitted).
+
+    Retries: a client that retries on its own (`RetryingClient`: the SDKs'
     ``max_retries``, 2 by default) is called through a copy with
     ``max_retries=0``, so that each HTTP request is an admission of its own, and
     ratekit retries in its place:
 
-    - a rate-limit answer (429, or a provider's own rate-limit code) is answered
-      by the scheduler (the account pauses for its Retry-After; 429s that keep
-      coming lower the limits) and, unless it says retrying cannot help (a spent
-      quota, ``x-should-retry: false``), retried by the scheduler's policy
-      (`Scheduler.retrying`: up to ``max_attempts`` tries, each after the pause);
+    - a rate-limit answer (429, the Anthropic API's 529 "overloaded", or a
+      provider's own rate-limit code) is answered by the scheduler (the account
+      pauses for its Retry-After; 429s that keep coming lower the limits) and,
+      unless it says retrying cannot help (a spent quota, ``x-should-retry:
+      false``), retried by the scheduler's policy (`Scheduler.retrying`: up to
+      ``max_attempts`` tries, each after the pause);
     - what the SDK would retry besides (connection errors and timeouts, 408, 409
       and 5xx answers, or any answer saying ``x-should-retry: true``) is retried
       up to the client's own ``max_retries`` times, with the SDK's backoff.
@@ -101,10 +181,16 @@ def wrap(
     ``with_options`` is called as it is: ratekit retries its 429s, and any retries
     of its own are not seen.
 
+    Every answer's rate-limit headers (``x-ratelimit-*``,
+    ``anthropic-ratelimit-*``) are read by `Scheduler.observe`: a provider that
+    reports lower limits than the tier is run at its own numbers.
+
     Money: a model the profile prices reserves ``cost=`` its prompt estimate and
     maximum output at those prices and settles the real cost from ``usage``
     (cache hits at the cached price when the usage reports them), so money rates
-    (spend budgets) hold through `wrap`; an unpriced model costs 0.
+    (spend budgets) hold through `wrap`; an unpriced model costs 0. Tokens settle
+    as the profile says its provider counts them (cache hits count toward the
+    token rates unless the profile says they do not).
 
     `estimator` counts prompt tokens; by default a `BackgroundEstimator` of the
     profile, which never blocks the loop (the heuristic until tiktoken, if
@@ -113,9 +199,26 @@ def wrap(
     ``ratekit_priority=`` and ``ratekit_timeout=`` (seconds of waiting for
     admissions, over all tries) override the defaults; they are not sent.
     """
-    if not isinstance(scheduler, Scheduler):
+    sync = _is_sync(client)
+    loop: EventLoopToken | None = None
+    if isinstance(scheduler, SyncScheduler):
+        if not sync:
+            raise InvalidArgumentError(
+                f"wrap: {type(client).__name__} is an async client, and a SyncScheduler is "
+                "for sync ones (openai.OpenAI, anthropic.Anthropic): wrap it with a "
+                "ratekit.Scheduler on your event loop"
+            )
+        scheduler = scheduler.scheduler
+        loop = scheduler.loop_token
+    elif not isinstance(scheduler, Scheduler):
         raise InvalidArgumentError(
-            f"wrap: scheduler must be a ratekit.Scheduler, got {scheduler!r}"
+            f"wrap: scheduler must be a ratekit.Scheduler (or a SyncScheduler for a sync "
+            f"client), got {scheduler!r}"
+        )
+    elif sync:
+        raise InvalidArgumentError(
+            f"wrap: {type(client).__name__} is a sync client: wrap it with a "
+            "ratekit.SyncScheduler, whose event loop runs in a thread of its own"
         )
     if estimator is None:
         estimator = BackgroundEstimator(scheduler.account.profile)
@@ -125,7 +228,7 @@ def wrap(
         )
     priority = _checked("wrap: priority", check_priority, priority)
     timeout = _checked("wrap: timeout", check_timeout, timeout)
-    settings = _Settings(scheduler, estimator, priority, timeout)
+    settings = _Settings(scheduler, estimator, priority, timeout, _api_of(client), loop)
     return _wrap_client(client, settings)
 
 
@@ -144,38 +247,51 @@ def _wrap_client(client: Any, settings: _Settings) -> _Proxy:
     else:
         retries = 0
         quiet = client
-    owner = quiet if _admit_at_send(quiet) else None
+    owner = quiet if _admit_at_send(quiet, settings) else None
     return _Proxy(client, quiet, (), settings, retries, owner)
 
 
-# The call being sent in this task, for the request hook of its HTTP client.
+# The call being sent in this task (or thread), for the hooks of its HTTP client.
 _SENDING: ContextVar[_Sending | None] = ContextVar("ratekit_sending", default=None)
 
 
-def _admit_at_send(client: Any) -> bool:
+def _admit_at_send(client: Any, settings: _Settings) -> bool:
     """Admit `client`'s calls when their request is handed to its HTTP client.
 
-    The openai SDK builds each request (validation, serialisation, headers) before
-    it sends it: under load that CPU is milliseconds a call, and hundreds of calls
+    The SDKs build each request (validation, serialisation, headers) before they
+    send it: under load that CPU is milliseconds a call, and hundreds of calls
     admitted at once leave the process up to hundreds of milliseconds after their
     admission, while the provider counts them at arrival. A request hook on the
-    client's ``httpx.AsyncClient`` (httpx runs request hooks just before the
-    transport) admits there instead; it does nothing for requests that ratekit did
-    not wrap. Returns False for a client without one (the call is then admitted
-    before the SDK runs).
+    client's ``httpx`` client (httpx runs request hooks just before the
+    transport) admits there instead, and a response hook reads the answer's
+    rate-limit headers; both do nothing for requests that ratekit did not wrap.
+    Returns False for a client without one (the call is then admitted before the
+    SDK runs).
     """
     http = getattr(client, "_client", None)
-    # An httpx.AsyncClient (or the openai SDK's httpx2 one, the same interface).
+    # An httpx client (or the openai SDK's httpx2 one, the same interface).
     hooks = getattr(http, "event_hooks", None)
     send = getattr(http, "send", None)
     if not (
         isinstance(hooks, dict)
         and isinstance(hooks.get("request"), list)
-        and inspect.iscoroutinefunction(send)
+        and isinstance(hooks.get("response"), list)
+        and callable(send)
+        and inspect.iscoroutinefunction(send) != (settings.loop is not None)
     ):
         return False
-    if _admit_on_send not in hooks["request"]:
-        hooks["request"].append(_admit_on_send)
+    if settings.loop is None:
+        request_hook: Callable[[Any], Any] = _admit_on_send
+        response_hook: Callable[[Any], Any] = _observe_answer
+    else:
+        from ._wrap_sync import admit_on_send_sync, observe_answer_sync
+
+        request_hook, response_hook = admit_on_send_sync, observe_answer_sync
+    if request_hook not in hooks["request"] or response_hook not in hooks["response"]:
+        if request_hook not in hooks["request"]:
+            hooks["request"].append(request_hook)
+        if response_hook not in hooks["response"]:
+            hooks["response"].append(response_hook)
         http.event_hooks = hooks  # type: ignore[union-attr]
     return True
 
@@ -191,8 +307,15 @@ async def _admit_on_send(request: Any) -> None:
         stamp_when_sent(request, sending.admission)
 
 
+async def _observe_answer(response: Any) -> None:
+    """httpx response hook: the answer's rate-limit headers, to the scheduler."""
+    sending = _SENDING.get()
+    if sending is not None and not sending.done:
+        sending.observe(response)
+
+
 class _Settings:
-    __slots__ = ("estimator", "priority", "scheduler", "timeout")
+    __slots__ = ("api", "estimator", "loop", "priority", "scheduler", "timeout")
 
     def __init__(
         self,
@@ -200,11 +323,17 @@ class _Settings:
         estimator: TokenEstimator,
         priority: int,
         timeout: float | None,
+        api: _Api,
+        loop: EventLoopToken | None,
     ) -> None:
         self.scheduler = scheduler
         self.estimator = estimator
         self.priority = priority
         self.timeout = timeout  # seconds of waiting for admissions per call, None: no bound
+        self.api = api
+        # The scheduler's event loop, for a sync client called from threads; None: the
+        # client is async and runs on that loop.
+        self.loop = loop
 
 
 class _Proxy:
@@ -232,20 +361,38 @@ class _Proxy:
 
     def __getattr__(self, name: str) -> Any:
         value = getattr(self._target, name)
+        api = self._settings.api
         path = (*self._path, name)
-        if path in _PREFIXES:
+        if path in api.prefixes:
             quiet = getattr(self._quiet, name)
             return _Proxy(value, quiet, path, self._settings, self._retries, self._owner)
-        if name == "create" and self._path in _ADMITTED:
-            create = getattr(self._quiet, name)
-            kind = _ADMITTED[self._path]
-            return _Create(create, kind, self._settings, self._retries, self._owner)
+        if name == "create" and self._path in api.admitted:
+            return self._create(getattr(self._quiet, name), api.admitted[self._path])
+        if name == "stream" and self._path in api.helpers:
+            create = self._create(getattr(self._quiet, name), api.helpers[self._path])
+            return _stream_helper(create, self._settings)
         if name in _COPIES and not self._path:
             return _wrapped_copy(value, self._settings)
         return value
 
+    def _create(self, method: Callable[..., Any], kind: str) -> Any:
+        if self._settings.loop is not None:
+            from ._wrap_sync import SyncCreate
+
+            return SyncCreate(method, kind, self._settings, self._retries, self._owner)
+        return _Create(method, kind, self._settings, self._retries, self._owner)
+
     def __repr__(self) -> str:
         return f"ratekit.wrap({self._target!r})"
+
+
+def _stream_helper(create: Any, settings: _Settings) -> Callable[..., Any]:
+    """A stream helper (``messages.stream``) whose stream holds an admission."""
+    if settings.loop is not None:
+        from ._wrap_sync import SyncStreamManager
+
+        return lambda **params: SyncStreamManager(create, params)
+    return lambda **params: _StreamManager(create, params)
 
 
 def _wrapped_copy(method: Callable[..., Any], settings: _Settings) -> Callable[..., _Proxy]:
@@ -268,6 +415,7 @@ class _Plan:
     timeout: float | None  # seconds of waiting for admissions, over all tries
     price: CallPrice
     prompt: PromptEstimate | None  # None: the caller gave exact tokens
+    cache_reads_count: bool  # whether cache hits count toward the token rates
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:
         """Settle `admission` with the answer's usage; learn how the prompt was counted."""
@@ -275,11 +423,56 @@ class _Plan:
         if self.prompt is not None and usage is not None:
             self.prompt.learn(usage.input_tokens)
             counted = self.prompt.counted(usage.input_tokens)
+            if counted is not None and not self.cache_reads_count:
+                counted = max(counted - usage.cached_input_tokens, 0.0)
+        if usage is not None and not self.cache_reads_count:
+            usage = usage.without_cache_reads()
         self.price.settle(admission, usage, counted)
 
 
+def plan_call(settings: _Settings, kind: str, params: dict[str, Any]) -> _Plan:
+    """Take the ``ratekit_*`` options out of `params` and estimate the call."""
+    exact_tokens = params.pop("ratekit_tokens", None)
+    exact_cost = params.pop("ratekit_cost", None)
+    priority = _checked(
+        "ratekit_priority", check_priority, params.pop("ratekit_priority", settings.priority)
+    )
+    timeout = _checked(
+        "ratekit_timeout", check_timeout, params.pop("ratekit_timeout", settings.timeout)
+    )
+    scheduler = settings.scheduler
+    model = params.get("model")
+    model = model if isinstance(model, str) else None
+    price = CallPrice(scheduler, model)
+    prompt: PromptEstimate | None = None
+    if exact_tokens is None:
+        estimate, output = estimate_request_tokens(kind, params, settings.estimator)
+        ceiling = scheduler.limiter(model).max_tokens
+        prompt = PromptEstimate(scheduler.estimates, model, estimate, output, ceiling)
+        tokens: float = prompt.reserved + output
+        cost = price.estimate(prompt.reserved, output)
+    else:
+        tokens = check_amount("ratekit_tokens", exact_tokens)
+        cost = price.estimate_total(tokens)
+    if exact_cost is not None:
+        cost = check_amount("ratekit_cost", exact_cost)
+    reads_count = scheduler.account.profile.cache_reads_count
+    return _Plan(tokens, cost, model, priority, timeout, price, prompt, reads_count)
+
+
+def stream_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
+    """`params` of a streamed call as sent, and whether the stream's usage chunk is
+    ratekit's to read and not the caller's: an OpenAI chat stream is asked for its
+    usage (``stream_options.include_usage``) when the caller did not ask."""
+    if kind != "chat.completions.create" or _asks_for_usage(params):
+        return params, False
+    options = dict(params.get("stream_options") or {})
+    options["include_usage"] = True
+    return {**params, "stream_options": options}, True
+
+
 class _Create:
-    """One admitted ``create``."""
+    """One admitted ``create`` of an async client."""
 
     __slots__ = ("_create", "_kind", "_owner", "_retries", "_settings")
 
@@ -291,59 +484,25 @@ class _Create:
         retries: int,
         owner: Any,
     ) -> None:
-        self._create = create  # the create of the copy without retries
+        self._create = create  # the create (or stream helper) of the copy without retries
         self._kind = kind
         self._settings = settings
         self._retries = retries
         self._owner = owner  # see _Proxy
 
     async def __call__(self, **params: Any) -> Any:
-        plan = self._plan(params)
+        plan = plan_call(self._settings, self._kind, params)
         if not params.get("stream"):
             return await self._retried(lambda left: self._call(params, plan, left), plan)
-        hide_usage = False
-        if self._kind == "chat.completions.create" and not _asks_for_usage(params):
-            # Asked for the settle, not shown: the caller did not ask for it.
-            options = dict(params.get("stream_options") or {})
-            options["include_usage"] = True
-            params = {**params, "stream_options": options}
-            hide_usage = True
+        params, hide_usage = stream_params(self._kind, params)
         return await self._retried(lambda left: self._open(params, plan, left, hide_usage), plan)
-
-    def _plan(self, params: dict[str, Any]) -> _Plan:
-        """Take the ``ratekit_*`` options out of `params` and estimate the call."""
-        settings = self._settings
-        exact_tokens = params.pop("ratekit_tokens", None)
-        exact_cost = params.pop("ratekit_cost", None)
-        priority = _checked(
-            "ratekit_priority", check_priority, params.pop("ratekit_priority", settings.priority)
-        )
-        timeout = _checked(
-            "ratekit_timeout", check_timeout, params.pop("ratekit_timeout", settings.timeout)
-        )
-        model = params.get("model")
-        model = model if isinstance(model, str) else None
-        price = CallPrice(settings.scheduler, model)
-        prompt: PromptEstimate | None = None
-        if exact_tokens is None:
-            estimate, output = estimate_request_tokens(self._kind, params, settings.estimator)
-            ceiling = settings.scheduler.limiter(model).max_tokens
-            prompt = PromptEstimate(settings.scheduler.estimates, model, estimate, output, ceiling)
-            tokens: float = prompt.reserved + output
-            cost = price.estimate(prompt.reserved, output)
-        else:
-            tokens = check_amount("ratekit_tokens", exact_tokens)
-            cost = price.estimate_total(tokens)
-        if exact_cost is not None:
-            cost = check_amount("ratekit_cost", exact_cost)
-        return _Plan(tokens, cost, model, priority, timeout, price, prompt)
 
     async def _retried(self, attempt: Callable[[float | None], Awaitable[R]], plan: _Plan) -> R:
         """Run `attempt` (one admission, one request) until it succeeds or may not retry.
 
-        429s are the scheduler's to retry; what the SDK would have retried besides, up
-        to the client's ``max_retries`` times, with its backoff. `attempt` is given the
-        seconds left for waiting for admission (None: no bound).
+        Rate limits are the scheduler's to retry; what the SDK would have retried
+        besides, up to the client's ``max_retries`` times, with its backoff. `attempt`
+        is given the seconds left for waiting for admission (None: no bound).
         """
         scheduler = self._settings.scheduler
         left = _Deadline(scheduler, plan)
@@ -356,7 +515,7 @@ class _Create:
                     except Exception as error:
                         if retried >= self._retries:
                             raise
-                        wait_s = _sdk_retry_wait(error, retried)
+                        wait_s = sdk_retry_wait(error, retried)
                         if wait_s is None:
                             raise
                     retried += 1
@@ -364,9 +523,10 @@ class _Create:
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _sent(
-        self, params: dict[str, Any], plan: _Plan, left: float | None
+        self, send: Callable[[], Awaitable[Any]], plan: _Plan, left: float | None
     ) -> tuple[Any, Admission]:
-        """One request sent through one admission: the SDK's answer and the admission.
+        """One request sent (`send`) through one admission: the SDK's answer and the
+        admission.
 
         The admission is made by the HTTP client's request hook as the request leaves
         (see `_admit_at_send`), else here before the SDK runs. An error raised before
@@ -376,11 +536,11 @@ class _Create:
         sending = _Sending(self._settings.scheduler, plan, left)
         # Checked at each call: a client whose hooks were replaced since `wrap` gets ours
         # back (or, without an HTTP client of that kind, is admitted before it runs).
-        if self._owner is None or not _admit_at_send(self._owner):
+        if self._owner is None or not _admit_at_send(self._owner, self._settings):
             await sending.admit()
         token = _SENDING.set(sending)
         try:
-            answer = await self._create(**params)
+            answer = await send()
         except BaseException as error:
             if sending.error is not None:
                 raise sending.error from None
@@ -400,7 +560,7 @@ class _Create:
 
     async def _call(self, params: dict[str, Any], plan: _Plan, left: float | None) -> Any:
         """One admission, one request, settled with the answer's usage."""
-        result, admission = await self._sent(params, plan, left)
+        result, admission = await self._sent(lambda: self._create(**params), plan, left)
         try:
             plan.settle(admission, read_usage(result))
         finally:
@@ -411,19 +571,41 @@ class _Create:
         self, params: dict[str, Any], plan: _Plan, left: float | None, hide_usage: bool
     ) -> _AdmittedStream:
         """One admission, one stream opened: the stream holds the admission from here."""
-        stream, admission = await self._sent(params, plan, left)
-        return _AdmittedStream(stream, self._settings.scheduler, admission, plan, hide_usage)
+        stream, admission = await self._sent(lambda: self._create(**params), plan, left)
+        usage = self._settings.api.stream_usage
+        return _AdmittedStream(stream, self._settings.scheduler, admission, plan, hide_usage, usage)
+
+    async def enter(self, params: dict[str, Any]) -> tuple[Any, Any, Admission, _Plan]:
+        """Open a stream helper's stream (``async with client.messages.stream(...)``):
+        the helper's manager, the stream it gave, and the admission that holds it."""
+        plan = plan_call(self._settings, self._kind, params)
+
+        async def open_(left: float | None) -> tuple[Any, Any, Admission]:
+            manager = self._create(**params)
+
+            async def send() -> Any:
+                return await manager.__aenter__()
+
+            stream, admission = await self._sent(send, plan, left)
+            return manager, stream, admission
+
+        manager, stream, admission = await self._retried(open_, plan)
+        return manager, stream, admission, plan
+
+    @property
+    def scheduler(self) -> Scheduler:
+        return self._settings.scheduler
 
 
 class _Sending:
     """The admission of one request of a wrapped call, made once: before the SDK runs,
     or by the HTTP client's request hook as the request leaves."""
 
-    __slots__ = ("_left", "_plan", "_scheduler", "admission", "done", "error")
+    __slots__ = ("_left", "admission", "done", "error", "plan", "scheduler")
 
     def __init__(self, scheduler: Scheduler, plan: _Plan, left: float | None) -> None:
-        self._scheduler = scheduler
-        self._plan = plan
+        self.scheduler = scheduler
+        self.plan = plan
         self._left = left
         self.admission: Admission | None = None
         self.error: Exception | None = None  # why the admission failed
@@ -434,9 +616,9 @@ class _Sending:
     async def admit(self) -> None:
         if self.admission is not None or self.done:
             return  # a redirect's second request belongs to the same admission
-        plan = self._plan
+        plan = self.plan
         try:
-            self.admission = await self._scheduler.admit(
+            self.admission = await self.scheduler.admit(
                 tokens=plan.tokens,
                 cost=plan.cost,
                 model=plan.model,
@@ -446,6 +628,12 @@ class _Sending:
         except Exception as error:
             self.error = error
             raise
+
+    def observe(self, response: Any) -> None:
+        """Read the rate-limit headers of the answer to this call's request."""
+        headers = getattr(response, "headers", None)
+        if headers is not None:
+            self.scheduler.observe(headers, model=self.plan.model)
 
     def take(self) -> Admission | None:
         """The admission, handed to the caller: a task spawned while the request was
@@ -479,28 +667,37 @@ def _asks_for_usage(params: Mapping[str, Any]) -> bool:
     return bool(isinstance(options, Mapping) and options.get("include_usage"))
 
 
-def _sdk_retry_wait(error: BaseException, retried: int) -> float | None:
+def _sdk_failure(error: BaseException) -> tuple[int | None, Mapping[str, str]] | None:
+    """(HTTP status or None for a connection error, headers) of an SDK's API error
+    (openai's or anthropic's, whichever is loaded), else None."""
+    for name in ("openai", "anthropic"):
+        sdk = sys.modules.get(name)
+        if sdk is None:
+            continue
+        if isinstance(error, sdk.APIStatusError):
+            return error.status_code, error.response.headers
+        if isinstance(error, sdk.APIConnectionError):  # timeouts are these too
+            return None, {}
+    return None
+
+
+def sdk_retry_wait(error: BaseException, retried: int) -> float | None:
     """Seconds to wait before another try of a call that failed with `error`, as the
-    openai SDK would retry it, or None when it would not (429s: the scheduler's).
+    SDKs would retry it, or None when they would not (rate limits: the scheduler's).
 
     `retried` is how many tries were retried already, for the backoff.
     """
-    try:
-        import openai
-    except ImportError:  # no SDK, no SDK errors
+    failure = _sdk_failure(error)
+    if failure is None:
         return None
-    headers: Mapping[str, str] = {}
-    if isinstance(error, openai.APIStatusError):
-        status = error.status_code
-        headers = error.response.headers
+    status, headers = failure
+    if status is not None:
         should_retry = headers.get("x-should-retry")
-        if status == 429 or should_retry == "false":
+        if status in _RATE_LIMIT_STATUSES or should_retry == "false":
             return None
         wanted = should_retry == "true" or status in _RETRIED_STATUSES or status >= 500
         if not wanted:
             return None
-    elif not isinstance(error, openai.APIConnectionError):  # timeouts are these too
-        return None
     asked = {name: headers[name] for name in ("retry-after-ms", "retry-after") if name in headers}
     retry_after_s = parse_retry_after(asked, now_s=time.time()) if asked else None
     if retry_after_s is not None and retry_after_s > _MAX_RETRY_AFTER_S:
@@ -528,13 +725,15 @@ class _AdmittedStream:
         admission: Admission,
         plan: _Plan,
         hide_usage_chunk: bool,
+        read: Callable[[Usage | None, object], Usage | None],
     ) -> None:
         self._stream = stream
         self._scheduler = scheduler
         self._admission: Admission | None = admission  # None once finished
         self._plan = plan
         self._hide_usage_chunk = hide_usage_chunk
-        self._usage: Usage | None = None  # the last usage seen
+        self._read = read  # the usage so far, after one more chunk
+        self._usage: Usage | None = None  # the usage so far
         self._iterator: AsyncIterator[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -549,8 +748,8 @@ class _AdmittedStream:
         try:
             while True:
                 chunk = await self._iterator.__anext__()
-                usage = read_usage(chunk)
-                if usage is not None:
+                usage = self._read(self._usage, chunk)
+                if usage is not self._usage:
                     self._usage = usage
                     if self._hide_usage_chunk and not getattr(chunk, "choices", None):
                         continue
@@ -596,3 +795,52 @@ class _AdmittedStream:
         admission = self._admission
         if admission is not None and admission.granted and self._usage is not None:
             self._plan.price.settle(admission, self._usage)
+
+
+def final_usage(stream: Any) -> Usage | None:
+    """The usage a stream helper's stream (an Anthropic ``MessageStream``) has seen: its
+    message so far, None before its first event."""
+    try:
+        snapshot = stream.current_message_snapshot
+    except (AssertionError, AttributeError, RuntimeError):
+        return None
+    return read_usage(snapshot)
+
+
+class _StreamManager:
+    """``async with client.messages.stream(...) as stream:`` of a wrapped client: the
+    helper's stream, opened through one admission and holding it until the block ends.
+    The stream is the helper's own (``text_stream``, ``get_final_message()``...); it is
+    settled with the usage it has seen when the block ends."""
+
+    def __init__(self, create: _Create, params: dict[str, Any]) -> None:
+        self._create = create
+        self._params = params
+        self._opened: tuple[Any, Admission, _Plan] | None = None
+        self._stream: Any = None
+
+    async def __aenter__(self) -> Any:
+        if self._opened is not None or self._stream is not None:
+            raise RuntimeError("this stream was already opened; call messages.stream() again")
+        manager, stream, admission, plan = await self._create.enter(dict(self._params))
+        self._opened = (manager, admission, plan)
+        self._stream = stream
+        return stream
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        opened, self._opened = self._opened, None
+        if opened is None:
+            return
+        manager, admission, plan = opened
+        try:
+            await manager.__aexit__(exc_type, exc, tb)
+        finally:
+            try:
+                plan.settle(admission, final_usage(self._stream))
+            finally:
+                await self._create.scheduler.finish(admission, exc, model=plan.model)

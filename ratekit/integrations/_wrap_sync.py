@@ -1,0 +1,282 @@
+"""`wrap` for sync clients (``openai.OpenAI``, ``anthropic.Anthropic``), on a
+`SyncScheduler`'s event loop.
+
+The calls run in the caller's thread; everything that touches the scheduler (the
+plan's estimate, the admission, the settle, the end, the answer's headers) runs on
+the scheduler's loop, one blocking hop each (`anyio.from_thread`). The plan,
+the retries and the rules are those of the async wrapper (`_wrap`); only the
+waiting differs.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Coroutine, Iterator
+from types import TracebackType
+from typing import Any, TypeVar
+
+import anyio.from_thread
+from tenacity import Retrying
+
+from .._admission import Admission
+from ._sending import stamp_when_sent_sync
+from ._usage import Usage, read_usage
+from ._wrap import (
+    _SENDING,
+    _admit_at_send,
+    _Deadline,
+    _Plan,
+    _Sending,
+    _Settings,
+    final_usage,
+    plan_call,
+    sdk_retry_wait,
+    stream_params,
+)
+
+R = TypeVar("R")
+
+
+def _run(sending: _Sending, fn: Callable[..., Coroutine[Any, Any, R]], *args: Any) -> R:
+    loop = sending.scheduler.loop_token
+    return anyio.from_thread.run(fn, *args, token=loop)
+
+
+def admit_on_send_sync(request: Any) -> None:
+    """Sync httpx request hook: `_admit_on_send` from the sending thread."""
+    sending = _SENDING.get()
+    if sending is None or sending.done:
+        return
+    _run(sending, sending.admit)
+    if sending.admission is not None:
+        stamp_when_sent_sync(request, sending.admission, functools.partial(_run, sending))
+
+
+def observe_answer_sync(response: Any) -> None:
+    """Sync httpx response hook: the answer's rate-limit headers, to the scheduler."""
+    sending = _SENDING.get()
+    if sending is not None and not sending.done:
+        loop = sending.scheduler.loop_token
+        anyio.from_thread.run_sync(sending.observe, response, token=loop)
+
+
+async def _end(
+    sending: _Sending, admission: Admission, usage: Usage | None, error: BaseException | None
+) -> None:
+    """Settle `admission` with `usage` and end it (on the scheduler's loop)."""
+    plan = sending.plan
+    try:
+        plan.settle(admission, usage)
+    finally:
+        await sending.scheduler.finish(admission, error, model=plan.model)
+
+
+class SyncCreate:
+    """One admitted ``create`` (or stream helper) of a sync client."""
+
+    __slots__ = ("_create", "_kind", "_owner", "_retries", "_settings")
+
+    def __init__(
+        self,
+        create: Callable[..., Any],
+        kind: str,
+        settings: _Settings,
+        retries: int,
+        owner: Any,
+    ) -> None:
+        self._create = create  # the create (or stream helper) of the copy without retries
+        self._kind = kind
+        self._settings = settings
+        self._retries = retries
+        self._owner = owner  # the client whose HTTP client admits in its hook, or None
+
+    def __call__(self, **params: Any) -> Any:
+        plan = self._plan(params)
+        if not params.get("stream"):
+            return self._retried(lambda left: self._call(params, plan, left), plan)
+        params, hide_usage = stream_params(self._kind, params)
+        return self._retried(lambda left: self._open(params, plan, left, hide_usage), plan)
+
+    def _plan(self, params: dict[str, Any]) -> _Plan:
+        loop = self._settings.loop
+        return anyio.from_thread.run_sync(plan_call, self._settings, self._kind, params, token=loop)
+
+    def _retried(self, attempt: Callable[[float | None], R], plan: _Plan) -> R:
+        """`_Create._retried`, waiting in this thread."""
+        scheduler = self._settings.scheduler
+        left = _Deadline(scheduler, plan)
+        retried = 0
+        for tried in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
+            with tried:
+                while True:
+                    try:
+                        return attempt(left.seconds())
+                    except Exception as error:
+                        if retried >= self._retries:
+                            raise
+                        wait_s = sdk_retry_wait(error, retried)
+                        if wait_s is None:
+                            raise
+                    retried += 1
+                    time.sleep(wait_s)
+        raise AssertionError("unreachable: tenacity re-raises the last error")
+
+    def _sent(
+        self, send: Callable[[], Any], plan: _Plan, left: float | None
+    ) -> tuple[Any, Admission, _Sending]:
+        """`_Create._sent` from this thread: the answer, its admission, and the sending
+        (which ends it on the scheduler's loop)."""
+        sending = _Sending(self._settings.scheduler, plan, left)
+        if self._owner is None or not _admit_at_send(self._owner, self._settings):
+            _run(sending, sending.admit)
+        token = _SENDING.set(sending)
+        try:
+            answer = send()
+        except BaseException as error:
+            if sending.error is not None:
+                raise sending.error from None
+            admission = sending.take()
+            if admission is not None:
+                _run(sending, _end, sending, admission, None, error)
+            raise
+        finally:
+            _SENDING.reset(token)
+        if sending.admission is None:
+            _run(sending, sending.admit)
+        admission = sending.take()
+        assert admission is not None
+        return answer, admission, sending
+
+    def _call(self, params: dict[str, Any], plan: _Plan, left: float | None) -> Any:
+        result, admission, sending = self._sent(lambda: self._create(**params), plan, left)
+        _run(sending, _end, sending, admission, read_usage(result), None)
+        return result
+
+    def _open(
+        self, params: dict[str, Any], plan: _Plan, left: float | None, hide_usage: bool
+    ) -> _SyncAdmittedStream:
+        stream, admission, sending = self._sent(lambda: self._create(**params), plan, left)
+        return _SyncAdmittedStream(stream, sending, admission, hide_usage, self._settings)
+
+    def enter(self, params: dict[str, Any]) -> tuple[Any, Any, Admission, _Sending]:
+        """Open a stream helper's stream (``with client.messages.stream(...)``): the
+        helper's manager, its stream, and the admission that holds it."""
+        plan = self._plan(params)
+
+        def open_(left: float | None) -> tuple[Any, Any, Admission, _Sending]:
+            manager = self._create(**params)
+            stream, admission, sending = self._sent(manager.__enter__, plan, left)
+            return manager, stream, admission, sending
+
+        return self._retried(open_, plan)
+
+
+class _SyncAdmittedStream:
+    """`_AdmittedStream` for a sync client: iterate it (``for chunk in stream``), close
+    it or leave its ``with`` block to end its admission early."""
+
+    def __init__(
+        self,
+        stream: Any,
+        sending: _Sending,
+        admission: Admission,
+        hide_usage_chunk: bool,
+        settings: _Settings,
+    ) -> None:
+        self._stream = stream
+        self._sending = sending
+        self._admission: Admission | None = admission  # None once finished
+        self._hide_usage_chunk = hide_usage_chunk
+        self._read = settings.api.stream_usage
+        self._usage: Usage | None = None
+        self._iterator: Iterator[Any] | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def __iter__(self) -> _SyncAdmittedStream:
+        return self
+
+    def __next__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = iter(self._stream)
+        try:
+            while True:
+                chunk = next(self._iterator)
+                usage = self._read(self._usage, chunk)
+                if usage is not self._usage:
+                    self._usage = usage
+                    if self._hide_usage_chunk and not getattr(chunk, "choices", None):
+                        continue
+                return chunk
+        except StopIteration:
+            self._finish(None)
+            raise
+        except BaseException as error:
+            self._finish(error)
+            raise
+
+    def close(self) -> None:
+        """Close the provider stream and end the admission."""
+        try:
+            self._stream.close()
+        finally:
+            self._finish(None)
+
+    def __enter__(self) -> _SyncAdmittedStream:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def _finish(self, error: BaseException | None) -> None:
+        admission, self._admission = self._admission, None
+        if admission is not None:
+            _run(self._sending, _end, self._sending, admission, self._usage, error)
+
+    def __del__(self) -> None:
+        # Dropped unfinished: the admission's own finalizer warns and hands it back on
+        # the scheduler's loop; only the usage already seen is recorded on it here.
+        admission = self._admission
+        if admission is not None and admission.granted and self._usage is not None:
+            self._sending.plan.price.settle(admission, self._usage)
+
+
+class SyncStreamManager:
+    """``with client.messages.stream(...) as stream:`` of a wrapped sync client; see
+    `_StreamManager`."""
+
+    def __init__(self, create: SyncCreate, params: dict[str, Any]) -> None:
+        self._create = create
+        self._params = params
+        self._opened: tuple[Any, Admission, _Sending] | None = None
+        self._stream: Any = None
+
+    def __enter__(self) -> Any:
+        if self._opened is not None or self._stream is not None:
+            raise RuntimeError("this stream was already opened; call messages.stream() again")
+        manager, stream, admission, sending = self._create.enter(dict(self._params))
+        self._opened = (manager, admission, sending)
+        self._stream = stream
+        return stream
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        opened, self._opened = self._opened, None
+        if opened is None:
+            return
+        manager, admission, sending = opened
+        try:
+            manager.__exit__(exc_type, exc, tb)
+        finally:
+            _run(sending, _end, sending, admission, final_usage(self._stream), exc)

@@ -1,0 +1,186 @@
+"""Wrapped sync clients (``openai.OpenAI``, ``anthropic.Anthropic``) called from threads,
+on a `SyncScheduler`, over HTTP to the strict local provider (served from a thread of
+this process), with the account in memory or on a real redis-server."""
+
+from __future__ import annotations
+
+import gc
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import anthropic
+import openai
+import pytest
+from anyio.from_thread import start_blocking_portal
+
+import ratekit
+from ratekit import Account, Limits
+from ratekit.mock_provider import MockProvider
+
+SPEED = 60  # a minute of the provider's limits lasts a second
+LIMITS = Limits(concurrency=8, rpm=120, tpm=60_000)
+MESSAGES = [{"role": "user", "content": "hello world!"}]
+THREADS = 16
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[MockProvider]:
+    """The strict provider, on an event loop in a thread of its own."""
+    with start_blocking_portal() as loop:
+        provider = MockProvider(LIMITS, speed=SPEED, completion_tokens=8, latency_s=0.6)
+        loop.call(provider.start)
+        try:
+            yield provider
+        finally:
+            loop.call(provider.close)
+
+
+@pytest.fixture(params=["memory", "redis"])
+def backend(request: pytest.FixtureRequest) -> Callable[[], Any] | None:
+    """How the SyncScheduler builds its backend (None: in memory)."""
+    if request.param == "memory":
+        return None
+    url = request.getfixturevalue("redis_server").url
+
+    def build() -> Any:
+        from ratekit.backends.redis import RedisBackend
+
+        return RedisBackend(url, namespace=f"sync-{uuid.uuid4().hex}")
+
+    return build
+
+
+def scheduler(backend: Callable[[], Any] | None) -> ratekit.SyncScheduler:
+    account = Account(
+        "moonshot",
+        tier="tier1",
+        concurrency=LIMITS.concurrency,
+        rpm=LIMITS.rpm,
+        tpm=LIMITS.tpm,
+        period_scale=1 / SPEED,
+        margin_s=0.15,
+        pacing=True,
+    )
+    return ratekit.SyncScheduler(account, backend=backend)
+
+
+def clients(server: MockProvider, sync: ratekit.SyncScheduler) -> tuple[Any, Any]:
+    """Both SDKs' sync clients as a user builds them (their own retries on), wrapped."""
+    chat = openai.OpenAI(base_url=server.base_url, api_key="test")
+    messages = anthropic.Anthropic(base_url=server.anthropic_base_url, api_key="test")
+    return ratekit.wrap(chat, sync), ratekit.wrap(messages, sync)
+
+
+def in_flight(sync: ratekit.SyncScheduler) -> float:
+    stats = sync._portal.call(sync.scheduler.limiter().statistics)
+    return stats.dimension("concurrency").used
+
+
+def run_threads(work: Callable[[int], None]) -> list[str]:
+    """Run `work(i)` in each of the threads; what each that died raised (its repr only:
+    the exception's traceback would keep the frames it left, and what they hold, alive)."""
+    errors: list[str] = []
+
+    def run(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as error:  # noqa: BLE001 - reported by the test
+            errors.append(repr(error))
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert not any(thread.is_alive() for thread in threads), "a thread hangs"
+    return errors
+
+
+def test_sixteen_threads_share_one_account_with_no_429(
+    server: MockProvider, backend: Callable[[], Any] | None
+) -> None:
+    """16 threads, each calling both SDKs plain and streamed (the stream helper too):
+    every call served, no 429 from a provider enforcing the tier exactly, no slot left."""
+    before = server.statistics()
+    with scheduler(backend) as sync:
+        chat, messages = clients(server, sync)
+
+        def work(index: int) -> None:
+            for _ in range(2):
+                answer = chat.chat.completions.create(
+                    model="kimi-k2", messages=MESSAGES, max_tokens=16
+                )
+                assert answer.usage.total_tokens == 11
+                chunks = list(
+                    chat.chat.completions.create(
+                        model="kimi-k2", messages=MESSAGES, max_tokens=16, stream=True
+                    )
+                )
+                assert all(chunk.choices for chunk in chunks)  # no usage chunk it did not ask for
+                message = messages.messages.create(
+                    model="kimi-k2", max_tokens=16, messages=MESSAGES
+                )
+                assert message.usage.output_tokens == 8
+                with messages.messages.stream(
+                    model="kimi-k2", max_tokens=16, messages=MESSAGES
+                ) as stream:
+                    assert stream.get_final_message().usage.output_tokens == 8
+
+        assert run_threads(work) == []
+        stats = sync._portal.call(sync.scheduler.statistics)
+        assert stats.admitted == THREADS * 8
+        assert stats.rate_limited == 0
+        assert in_flight(sync) == 0
+    after = server.statistics()
+    assert after.rejected == before.rejected
+    assert after.served - before.served == THREADS * 8
+    assert after.max_concurrency <= LIMITS.concurrency
+
+
+def test_a_thread_that_dies_mid_call_leaks_nothing(
+    server: MockProvider, backend: Callable[[], Any] | None
+) -> None:
+    """Threads that raise while reading a stream (and drop it unclosed), or between
+    the chunks of a stream helper, give every slot back."""
+    with scheduler(backend) as sync:
+        chat, messages = clients(server, sync)
+
+        def work(index: int) -> None:
+            if index % 2:
+                stream = chat.chat.completions.create(
+                    model="kimi-k2", messages=MESSAGES, max_tokens=16, stream=True
+                )
+                next(iter(stream))
+                raise RuntimeError("died reading a stream")
+            with messages.messages.stream(
+                model="kimi-k2", max_tokens=16, messages=MESSAGES
+            ) as helper:
+                next(iter(helper))
+                raise RuntimeError("died inside the stream helper")
+
+        with pytest.warns(ResourceWarning, match="dropped without release"):  # noqa: PT031
+            errors = run_threads(work)
+            gc.collect()
+        assert len(errors) == THREADS
+        assert all(error.startswith("RuntimeError('died") for error in errors)
+        sync._portal.call(_checkpoints)  # the hand-backs run on the scheduler's loop
+        assert in_flight(sync) == 0
+        assert sync._portal.call(sync.scheduler.statistics).admitted == THREADS
+
+
+async def _checkpoints() -> None:
+    import anyio
+
+    for _ in range(10):
+        await anyio.sleep(0.01)
+
+
+def test_an_async_client_with_a_sync_scheduler_is_refused(server: MockProvider) -> None:
+    with scheduler(None) as sync:
+        with pytest.raises(ratekit.InvalidArgumentError, match="async client"):
+            ratekit.wrap(openai.AsyncOpenAI(base_url=server.base_url, api_key="t"), sync)
+        scheduler_ = sync.scheduler
+        with pytest.raises(ratekit.InvalidArgumentError, match="sync client"):
+            ratekit.wrap(openai.OpenAI(base_url=server.base_url, api_key="t"), scheduler_)

@@ -39,9 +39,7 @@ async def close_clients() -> AsyncIterator[None]:
 
 def sdk_client(server: MockProvider, **options: Any) -> anthropic.AsyncAnthropic:
     """A client as a new user builds one (the SDK's own retries, 2 by default)."""
-    client = anthropic.AsyncAnthropic(
-        base_url=server.anthropic_base_url, api_key="test", **options
-    )
+    client = anthropic.AsyncAnthropic(base_url=server.anthropic_base_url, api_key="test", **options)
     OPENED.append(client)
     return client
 
@@ -66,9 +64,7 @@ async def test_a_plain_message_is_admitted_and_settled_with_its_usage() -> None:
     """messages.create reserves prompt + max_tokens and settles input + output."""
     async with MockProvider(Limits(rpm=100, tpm=100_000), completion_tokens=5) as server:
         client, scheduler = setup(server)
-        message = await client.messages.create(
-            model="kimi-k2", max_tokens=50, messages=MESSAGES
-        )
+        message = await client.messages.create(model="kimi-k2", max_tokens=50, messages=MESSAGES)
         assert (message.usage.input_tokens, message.usage.output_tokens) == (3, 5)
         assert await used(scheduler, "tpm") == 8
         assert await used(scheduler, "rpm") == 1
@@ -267,9 +263,7 @@ async def test_hundreds_of_calls_from_many_tasks_get_no_429() -> None:
                     async for _ in stream:
                         pass
                 else:
-                    await client.messages.create(
-                        model="kimi-k2", max_tokens=20, messages=MESSAGES
-                    )
+                    await client.messages.create(model="kimi-k2", max_tokens=20, messages=MESSAGES)
                 done += 1
 
         async with anyio.create_task_group() as group:

@@ -86,7 +86,7 @@ def run_threads(work: Callable[[int], None]) -> list[str]:
     def run(index: int) -> None:
         try:
             work(index)
-        except BaseException as error:  # noqa: BLE001 - reported by the test
+        except BaseException as error:
             errors.append(repr(error))
 
     threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]

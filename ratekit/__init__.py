@@ -43,8 +43,22 @@ from ._events import (
 )
 from ._limiter import Limiter, LimiterStatistics, Permit
 from ._limits import DEFAULT_MARGIN_S, Limits, Rate, TokenCounting
-from ._pricing import CharacterRules, Prices, RelayBilling, count_billable_characters
-from ._profiles import LimitNumbers, Model, Profile, Tier, bundled_providers, load_profile
+from ._pricing import (
+    CacheMultiples,
+    CharacterRules,
+    Prices,
+    RelayBilling,
+    count_billable_characters,
+)
+from ._profiles import (
+    LimitNumbers,
+    Model,
+    Profile,
+    ProviderApi,
+    Tier,
+    bundled_providers,
+    load_profile,
+)
 from ._scheduler import PriorityStatistics, Scheduler, SchedulerStatistics, Slot
 from ._tokens import (
     HeuristicEstimator,
@@ -60,6 +74,7 @@ from ._tokens import (
 )
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
 from .integrations._calls import SyncScheduler
+from .integrations._counts import TokenCounts, TokenCountStatistics
 from .integrations._wrap import wrap
 
 __all__ = [
@@ -70,6 +85,7 @@ __all__ = [
     "Admitted",
     "Backend",
     "BackendUnavailableError",
+    "CacheMultiples",
     "Calibration",
     "CharacterRules",
     "Clock",
@@ -102,6 +118,7 @@ __all__ = [
     "PriorityStatistics",
     "Profile",
     "ProfileError",
+    "ProviderApi",
     "QueueFullError",
     "Queued",
     "Rate",
@@ -120,7 +137,9 @@ __all__ = [
     "Tier",
     "TierChanged",
     "TiktokenEstimator",
+    "TokenCountStatistics",
     "TokenCounting",
+    "TokenCounts",
     "TokenEstimate",
     "TokenEstimator",
     "TokenizerUnavailableError",

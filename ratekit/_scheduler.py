@@ -625,16 +625,21 @@ class Scheduler:
         input_tokens: float,
         output_tokens: float,
         cached_input_tokens: float = 0,
+        cache_write_tokens: float = 0,
     ) -> float:
         """What a call of `model` costs at most, from the profile's prices (its currency).
 
-        Pass it as ``cost=`` so that a money rate (a spend budget) admits it.
+        `input_tokens` are the prompt tokens outside the cache; `cached_input_tokens`
+        (cache hits) and `cache_write_tokens` are priced at the model's cache prices
+        (the input price where it has none). Pass it as ``cost=`` so that a money rate
+        (a spend budget) admits it.
         """
         prices = self.account.profile.model(model).prices
         return prices.cost_of_tokens(
             input_tokens=input_tokens,
             output_tokens=output_tokens,
             cached_input_tokens=cached_input_tokens,
+            cache_write_tokens=cache_write_tokens,
         )
 
     # -- observing ----------------------------------------------------------------------

@@ -541,6 +541,32 @@ async def test_cache_hits_settle_at_the_cached_price() -> None:
         await scheduler.finish(admission, None, model="MiniMax-M2")
 
 
+async def test_cache_writes_settle_at_the_cache_write_price() -> None:
+    """An Anthropic-style usage (input outside the cache, cache writes, cache reads):
+    MiniMax-M2 bills writes at 2.625 per million, hits at 0.21, the rest at 2.1."""
+    scheduler = Scheduler(Account("minimax", tier="paid"))
+    price = CallPrice(scheduler, "MiniMax-M2")
+    usage = read_usage(
+        {
+            "usage": {
+                "input_tokens": 100,
+                "cache_creation_input_tokens": 300,
+                "cache_read_input_tokens": 600,
+                "output_tokens": 50,
+            }
+        }
+    )
+    assert usage == Usage(1_050, 1_000, 50, 600, 300)
+    admission = await scheduler.admit(tokens=1_500, cost=1.0, model="MiniMax-M2")
+    try:
+        price.settle(admission, usage)
+        assert admission.usage.tokens == 1_050
+        expected = (100 * 2.1 + 300 * 2.625 + 600 * 0.21 + 50 * 8.4) / 1e6
+        assert admission.usage.cost == pytest.approx(expected)
+    finally:
+        await scheduler.finish(admission, None, model="MiniMax-M2")
+
+
 # --- arguments ---------------------------------------------------------------------------
 
 

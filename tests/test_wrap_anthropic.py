@@ -275,3 +275,41 @@ async def test_hundreds_of_calls_from_many_tasks_get_no_429() -> None:
         assert served.served_by_endpoint == {"messages": 300}
         assert (await scheduler.statistics()).rate_limited == 0
         assert await used(scheduler, "concurrency") == 0
+
+
+LONG = [{"role": "user", "content": "count me exactly, please " * 40}]
+
+
+async def test_count_tokens_reserves_the_providers_own_count_and_keeps_it() -> None:
+    """count_tokens=...: the prompt is counted by the provider (free, unadmitted) and
+    reserved exactly; the same prompt again is not counted again; a failed count falls
+    back to the estimate. What the counts cost is in their statistics."""
+    async with MockProvider(
+        Limits(rpm=100, tpm=100_000), completion_tokens=5, latency_s=0.3
+    ) as server:
+        counts = ratekit.TokenCounts()
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        client = ratekit.wrap(sdk_client(server), scheduler, count_tokens=counts)
+        exact = await sdk_client(server).messages.count_tokens(model="kimi-k2", messages=LONG)
+        async with anyio.create_task_group() as group:
+            group.start_soon(
+                lambda: client.messages.create(model="kimi-k2", max_tokens=50, messages=LONG)
+            )
+            await anyio.sleep(0.15)  # admitted, not yet answered: its reservation shows
+            assert await used(scheduler, "tpm") == exact.input_tokens + 50
+        await client.messages.create(model="kimi-k2", max_tokens=50, messages=LONG)
+        stats = counts.statistics()
+        assert (stats.counted, stats.reused, stats.failed) == (1, 1, 0)
+        assert stats.seconds > 0
+        with pytest.raises(ratekit.InvalidArgumentError, match="count_tokens"):
+            ratekit.wrap(sdk_client(server), scheduler, count_tokens="yes")  # type: ignore[arg-type]
+
+    # The provider is gone: the count fails, the call still goes (and fails on its own).
+    async with MockProvider(Limits(rpm=100)) as server:
+        url = server.anthropic_base_url
+    dead = anthropic.AsyncAnthropic(base_url=url, api_key="test", max_retries=0)
+    OPENED.append(dead)
+    client = ratekit.wrap(dead, Scheduler(Account("moonshot", tier="tier1")), count_tokens=counts)
+    with pytest.raises(anthropic.APIConnectionError):
+        await client.messages.create(model="kimi-k2", max_tokens=5, messages=MESSAGES)
+    assert counts.statistics().failed == 1

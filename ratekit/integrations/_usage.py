@@ -172,7 +172,9 @@ class CallPrice:
         self._scheduler = scheduler
         self._model = model
 
-    def _cost(self, input_tokens: float, output_tokens: float, cached: float = 0.0) -> float | None:
+    def _cost(
+        self, input_tokens: float, output_tokens: float, cached: float = 0.0, written: float = 0.0
+    ) -> float | None:
         if self._model is None:
             return None
         try:
@@ -181,6 +183,7 @@ class CallPrice:
                 input_tokens=input_tokens,
                 output_tokens=output_tokens,
                 cached_input_tokens=cached,
+                cache_write_tokens=written,
             )
         except (UnknownModelError, MissingPriceError):
             return None
@@ -200,13 +203,15 @@ class CallPrice:
         self, admission: Admission, usage: Usage | None, counted: float | None = None
     ) -> None:
         """Settle `admission` with the real tokens and, when the call was priced and the
-        usage splits input from output, the real cost; what is not known keeps its
-        estimate (the safe side). `counted` is what the provider reserved at arrival,
-        when known (see `Admission.settle`)."""
+        usage splits input from output, the real cost (cache hits and writes at the
+        model's cache prices); what is not known keeps its estimate (the safe side).
+        `counted` is what the provider reserved at arrival, when known (see
+        `Admission.settle`)."""
         if usage is None or not admission.granted:
             return
         cost = None
         if admission.demand.cost > 0 and usage.input_tokens is not None:
-            cached = usage.cached_input_tokens
-            cost = self._cost(usage.input_tokens - cached, usage.output_tokens or 0.0, cached)
+            cached, written = usage.cached_input_tokens, usage.cache_write_tokens
+            uncached = max(usage.input_tokens - cached - written, 0.0)
+            cost = self._cost(uncached, usage.output_tokens or 0.0, cached, written)
         admission.settle(tokens=usage.tokens, cost=cost, counted_tokens=counted)

@@ -27,7 +27,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, cast, runtime_checkable
 
 import anyio
 from anyio.lowlevel import EventLoopToken
@@ -40,10 +40,13 @@ from .._scheduler import Scheduler
 from .._signals import parse_retry_after
 from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
 from ._calls import SyncScheduler
+from ._counts import TokenCounts, count_params
 from ._sending import stamp_when_sent
 from ._usage import CallPrice, Usage, message_event_usage, read_usage
 
 R = TypeVar("R")
+# The client's own type: `wrap` hands back a client used exactly as the one it was given.
+C = TypeVar("C")
 
 # The SDKs' own retry timing (openai/_constants.py, anthropic/_constants.py: the same),
 # which ratekit's retries of failures other than rate limits follow: 0.5 s doubling up
@@ -141,13 +144,14 @@ class RetryingClient(Protocol):
 
 
 def wrap(
-    client: Any,
+    client: C,
     scheduler: Scheduler | SyncScheduler,
     *,
     estimator: TokenEstimator | None = None,
     priority: int = 0,
     timeout: float | None = None,
-) -> Any:
+    count_tokens: bool | TokenCounts = False,
+) -> C:
     """`client` with every request admitted through `scheduler`.
 
     `client` is an ``openai.AsyncOpenAI`` or ``anthropic.AsyncAnthropic`` (or a
@@ -198,6 +202,13 @@ def wrap(
     exact reservation, ``ratekit_cost=`` an exact money estimate,
     ``ratekit_priority=`` and ``ratekit_timeout=`` (seconds of waiting for
     admissions, over all tries) override the defaults; they are not sent.
+
+    `count_tokens` (Anthropic clients): count each call's prompt exactly with the
+    provider's free ``messages.count_tokens`` before admitting it, instead of
+    estimating it. The counts are kept by prompt (a prompt sent again is not counted
+    again); a count that fails or is slow falls back to the estimate. True uses a
+    fresh `TokenCounts`; pass your own to read what the counts cost
+    (`TokenCounts.statistics`).
     """
     sync = _is_sync(client)
     loop: EventLoopToken | None = None
@@ -228,8 +239,25 @@ def wrap(
         )
     priority = _checked("wrap: priority", check_priority, priority)
     timeout = _checked("wrap: timeout", check_timeout, timeout)
-    settings = _Settings(scheduler, estimator, priority, timeout, _api_of(client), loop)
-    return _wrap_client(client, settings)
+    api = _api_of(client)
+    counts: TokenCounts | None = None
+    if isinstance(count_tokens, TokenCounts):
+        counts = count_tokens
+    elif count_tokens is True:
+        counts = TokenCounts()
+    elif count_tokens is not False:
+        raise InvalidArgumentError(
+            f"wrap: count_tokens must be True, False or a ratekit.TokenCounts, got {count_tokens!r}"
+        )
+    if counts is not None and api is not _ANTHROPIC:
+        raise InvalidArgumentError(
+            "wrap: count_tokens needs a client whose API counts tokens for free "
+            "(the Anthropic Messages API: anthropic.AsyncAnthropic or anthropic.Anthropic)"
+        )
+    settings = _Settings(scheduler, estimator, priority, timeout, api, loop, counts)
+    # A proxy with every attribute of `client`: typed as the client, so that a type
+    # checker sees the SDK's own signatures and answers.
+    return cast(C, _wrap_client(client, settings))
 
 
 def _checked(where: str, check: Callable[[Any], R], value: object) -> R:
@@ -315,7 +343,7 @@ async def _observe_answer(response: Any) -> None:
 
 
 class _Settings:
-    __slots__ = ("api", "estimator", "loop", "priority", "scheduler", "timeout")
+    __slots__ = ("api", "counts", "estimator", "loop", "priority", "scheduler", "timeout")
 
     def __init__(
         self,
@@ -325,6 +353,7 @@ class _Settings:
         timeout: float | None,
         api: _Api,
         loop: EventLoopToken | None,
+        counts: TokenCounts | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.estimator = estimator
@@ -334,6 +363,8 @@ class _Settings:
         # The scheduler's event loop, for a sync client called from threads; None: the
         # client is async and runs on that loop.
         self.loop = loop
+        # Exact prompt counts from the provider (None: estimated).
+        self.counts = counts
 
 
 class _Proxy:
@@ -376,11 +407,14 @@ class _Proxy:
         return value
 
     def _create(self, method: Callable[..., Any], kind: str) -> Any:
+        count = None
+        if self._settings.counts is not None:
+            count = getattr(self._quiet, "count_tokens", None)
         if self._settings.loop is not None:
             from ._wrap_sync import SyncCreate
 
-            return SyncCreate(method, kind, self._settings, self._retries, self._owner)
-        return _Create(method, kind, self._settings, self._retries, self._owner)
+            return SyncCreate(method, kind, self._settings, self._retries, self._owner, count)
+        return _Create(method, kind, self._settings, self._retries, self._owner, count)
 
     def __repr__(self) -> str:
         return f"ratekit.wrap({self._target!r})"
@@ -430,8 +464,11 @@ class _Plan:
         self.price.settle(admission, usage, counted)
 
 
-def plan_call(settings: _Settings, kind: str, params: dict[str, Any]) -> _Plan:
-    """Take the ``ratekit_*`` options out of `params` and estimate the call."""
+def plan_call(
+    settings: _Settings, kind: str, params: dict[str, Any], counted: int | None = None
+) -> _Plan:
+    """Take the ``ratekit_*`` options out of `params` and estimate the call; `counted` is
+    the prompt's exact count by the provider, when it was asked (see `TokenCounts`)."""
     exact_tokens = params.pop("ratekit_tokens", None)
     exact_cost = params.pop("ratekit_cost", None)
     priority = _checked(
@@ -445,11 +482,16 @@ def plan_call(settings: _Settings, kind: str, params: dict[str, Any]) -> _Plan:
     model = model if isinstance(model, str) else None
     price = CallPrice(scheduler, model)
     prompt: PromptEstimate | None = None
-    if exact_tokens is None:
+    tokens: float
+    if exact_tokens is None and counted is not None:
+        output = estimate_request_tokens(kind, params, settings.estimator)[1]
+        tokens = counted + output
+        cost = price.estimate(counted, output)
+    elif exact_tokens is None:
         estimate, output = estimate_request_tokens(kind, params, settings.estimator)
         ceiling = scheduler.limiter(model).max_tokens
         prompt = PromptEstimate(scheduler.estimates, model, estimate, output, ceiling)
-        tokens: float = prompt.reserved + output
+        tokens = prompt.reserved + output
         cost = price.estimate(prompt.reserved, output)
     else:
         tokens = check_amount("ratekit_tokens", exact_tokens)
@@ -474,7 +516,7 @@ def stream_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], bo
 class _Create:
     """One admitted ``create`` of an async client."""
 
-    __slots__ = ("_create", "_kind", "_owner", "_retries", "_settings")
+    __slots__ = ("_count", "_create", "_kind", "_owner", "_retries", "_settings")
 
     def __init__(
         self,
@@ -483,15 +525,34 @@ class _Create:
         settings: _Settings,
         retries: int,
         owner: Any,
+        count: Callable[..., Any] | None = None,
     ) -> None:
         self._create = create  # the create (or stream helper) of the copy without retries
         self._kind = kind
         self._settings = settings
         self._retries = retries
         self._owner = owner  # see _Proxy
+        self._count = count  # the provider's token count (None: not asked)
+
+    async def _plan(self, params: dict[str, Any]) -> _Plan:
+        """`plan_call`, with the prompt counted by the provider when asked (and kept)."""
+        counts = self._settings.counts
+        if self._count is None or counts is None or "ratekit_tokens" in params:
+            return plan_call(self._settings, self._kind, params)
+        key = counts.key(params)
+        counted = counts.kept(key)
+        if counted is None:
+            started = counts.started()
+            answer = None
+            try:
+                answer = await self._count(**count_params(params), timeout=counts.timeout_s)
+            except Exception:
+                answer = None
+            counted = counts.done(key, started, getattr(answer, "input_tokens", None))
+        return plan_call(self._settings, self._kind, params, counted)
 
     async def __call__(self, **params: Any) -> Any:
-        plan = plan_call(self._settings, self._kind, params)
+        plan = await self._plan(params)
         if not params.get("stream"):
             return await self._retried(lambda left: self._call(params, plan, left), plan)
         params, hide_usage = stream_params(self._kind, params)
@@ -578,7 +639,7 @@ class _Create:
     async def enter(self, params: dict[str, Any]) -> tuple[Any, Any, Admission, _Plan]:
         """Open a stream helper's stream (``async with client.messages.stream(...)``):
         the helper's manager, the stream it gave, and the admission that holds it."""
-        plan = plan_call(self._settings, self._kind, params)
+        plan = await self._plan(params)
 
         async def open_(left: float | None) -> tuple[Any, Any, Admission]:
             manager = self._create(**params)

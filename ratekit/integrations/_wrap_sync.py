@@ -20,6 +20,7 @@ import anyio.from_thread
 from tenacity import Retrying
 
 from .._admission import Admission
+from ._counts import count_params
 from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
 from ._wrap import (
@@ -75,7 +76,7 @@ async def _end(
 class SyncCreate:
     """One admitted ``create`` (or stream helper) of a sync client."""
 
-    __slots__ = ("_create", "_kind", "_owner", "_retries", "_settings")
+    __slots__ = ("_count", "_create", "_kind", "_owner", "_retries", "_settings")
 
     def __init__(
         self,
@@ -84,12 +85,14 @@ class SyncCreate:
         settings: _Settings,
         retries: int,
         owner: Any,
+        count: Callable[..., Any] | None = None,
     ) -> None:
         self._create = create  # the create (or stream helper) of the copy without retries
         self._kind = kind
         self._settings = settings
         self._retries = retries
         self._owner = owner  # the client whose HTTP client admits in its hook, or None
+        self._count = count  # the provider's token count (None: not asked)
 
     def __call__(self, **params: Any) -> Any:
         plan = self._plan(params)
@@ -99,8 +102,26 @@ class SyncCreate:
         return self._retried(lambda left: self._open(params, plan, left, hide_usage), plan)
 
     def _plan(self, params: dict[str, Any]) -> _Plan:
-        loop = self._settings.loop
-        return anyio.from_thread.run_sync(plan_call, self._settings, self._kind, params, token=loop)
+        """`plan_call` on the scheduler's loop, with the prompt counted by the provider
+        (in this thread) when asked; the counts are kept on the loop."""
+        settings = self._settings
+        loop = settings.loop
+        counts = settings.counts
+        counted = None
+        if self._count is not None and counts is not None and "ratekit_tokens" not in params:
+            key = counts.key(params)
+            counted = anyio.from_thread.run_sync(counts.kept, key, token=loop)
+            if counted is None:
+                started = counts.started()
+                try:
+                    answer = self._count(**count_params(params), timeout=counts.timeout_s)
+                except Exception:
+                    answer = None
+                told = getattr(answer, "input_tokens", None)
+                counted = anyio.from_thread.run_sync(counts.done, key, started, told, token=loop)
+        return anyio.from_thread.run_sync(
+            plan_call, settings, self._kind, params, counted, token=loop
+        )
 
     def _retried(self, attempt: Callable[[float | None], R], plan: _Plan) -> R:
         """`_Create._retried`, waiting in this thread."""

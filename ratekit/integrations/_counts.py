@@ -1,0 +1,107 @@
+"""Exact prompt counts from the provider's own token-count endpoint (opt-in).
+
+The Anthropic Messages API counts a request's input tokens for free
+(``messages.count_tokens``, with limits of its own, apart from the calls'). With
+``wrap(client, scheduler, count_tokens=True)`` each Messages call's prompt is counted
+there before it is admitted, so that it reserves exactly what the provider will
+count; the count is kept (by the request's prompt) so that a prompt sent again costs
+no second count. When the endpoint fails or is slow, the call falls back to
+ratekit's own estimate. What the counts cost (calls, time, failures) is in
+`TokenCounts.statistics`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+# The request fields the provider counts.
+_COUNTED_FIELDS = ("model", "system", "messages", "tools", "tool_choice", "thinking")
+# Seconds a count may take before the call goes on with ratekit's own estimate.
+DEFAULT_COUNT_TIMEOUT_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCountStatistics:
+    """What the exact counts cost so far.
+
+    `counted` requests asked the provider (`seconds` in all, `failed` of them fell
+    back to ratekit's estimate); `reused` were answered from counts kept.
+    """
+
+    counted: int
+    reused: int
+    failed: int
+    seconds: float
+
+
+class TokenCounts:
+    """The counts kept for ``wrap(..., count_tokens=TokenCounts())``, and their cost.
+
+    At most `max_kept` prompts are kept (the least recently used goes first); a count
+    that takes longer than `timeout_s` is given up for ratekit's own estimate. Pass
+    ``count_tokens=True`` to `wrap` for a fresh one with the defaults; pass your own to
+    read `statistics` or share the counts between wrapped clients.
+    """
+
+    def __init__(self, *, max_kept: int = 4096, timeout_s: float = DEFAULT_COUNT_TIMEOUT_S) -> None:
+        if isinstance(max_kept, bool) or not isinstance(max_kept, int) or max_kept < 0:
+            raise ValueError(f"TokenCounts.max_kept must be an int >= 0, got {max_kept!r}")
+        if not isinstance(timeout_s, int | float) or not 0 < timeout_s < float("inf"):
+            raise ValueError(f"TokenCounts.timeout_s must be positive seconds, got {timeout_s!r}")
+        self.max_kept = max_kept
+        self.timeout_s = float(timeout_s)
+        self._kept: OrderedDict[str, int] = OrderedDict()
+        self._counted = 0
+        self._reused = 0
+        self._failed = 0
+        self._seconds = 0.0
+
+    def statistics(self) -> TokenCountStatistics:
+        return TokenCountStatistics(self._counted, self._reused, self._failed, self._seconds)
+
+    @staticmethod
+    def key(params: Mapping[str, Any]) -> str | None:
+        """The prompt of a request, as the key of its count (None: not hashable as JSON)."""
+        counted = {name: params[name] for name in _COUNTED_FIELDS if name in params}
+        try:
+            text = json.dumps(counted, sort_keys=True, ensure_ascii=False, default=str)
+        except (TypeError, ValueError):
+            return None
+        return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+    def kept(self, key: str | None) -> int | None:
+        """The count kept for `key`, if any (it becomes the most recently used)."""
+        if key is None or key not in self._kept:
+            return None
+        self._kept.move_to_end(key)
+        self._reused += 1
+        return self._kept[key]
+
+    def started(self) -> float:
+        return time.monotonic()
+
+    def done(self, key: str | None, started: float, count: object) -> int | None:
+        """Record a count's answer (`count`: the provider's ``input_tokens``, or anything
+        else for a failure); returns the count, None when it failed."""
+        self._counted += 1
+        self._seconds += time.monotonic() - started
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            self._failed += 1
+            return None
+        if key is not None and self.max_kept:
+            self._kept[key] = count
+            self._kept.move_to_end(key)
+            while len(self._kept) > self.max_kept:
+                self._kept.popitem(last=False)
+        return count
+
+
+def count_params(params: Mapping[str, Any]) -> dict[str, Any]:
+    """The arguments of ``messages.count_tokens`` for a ``messages.create`` request."""
+    return {name: params[name] for name in _COUNTED_FIELDS if name in params}

@@ -2,7 +2,14 @@
 
 Start with `load_profile` (a provider's tiers), `Tier.limits` (what a tier allows)
 and `Limiter` (permits for calls within those limits).
+
+`RedisBackend` (the ``redis`` extra) and `RateLimitedTransport` (the ``httpx`` extra)
+are imported on first use (``ratekit.RedisBackend``, ``from ratekit import
+RedisBackend``) and are not in ``__all__``, so that ``from ratekit import *`` works
+without the extras; without its extra, each raises `MissingExtraError` naming it.
 """
+
+from typing import TYPE_CHECKING
 
 from ._account import Account
 from ._admission import Admission
@@ -15,6 +22,7 @@ from ._errors import (
     InvalidArgumentError,
     InvalidCostError,
     LimitsError,
+    MissingExtraError,
     MissingPriceError,
     NoEventLoopError,
     PermitError,
@@ -77,6 +85,10 @@ from .integrations._calls import SyncScheduler
 from .integrations._counts import TokenCounts, TokenCountStatistics
 from .integrations._wrap import wrap
 
+if TYPE_CHECKING:  # for type checkers; imported on first use (see `__getattr__`)
+    from .backends.redis import RedisBackend as RedisBackend
+    from .integrations._httpx import RateLimitedTransport as RateLimitedTransport
+
 __all__ = [
     "DEFAULT_MARGIN_S",
     "Account",
@@ -109,6 +121,7 @@ __all__ = [
     "LimitsError",
     "LoggingHook",
     "MemoryBackend",
+    "MissingExtraError",
     "MissingPriceError",
     "Model",
     "NoEventLoopError",
@@ -123,9 +136,7 @@ __all__ = [
     "Queued",
     "Rate",
     "RateLimited",
-    "RateLimitedTransport",
     "RatekitError",
-    "RedisBackend",
     "RelayBilling",
     "RequestShapeError",
     "Scheduler",
@@ -164,13 +175,22 @@ __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> object:
-    # The Redis backend needs the optional `redis` package: import it on first use.
+    # The parts that need an optional package are imported on first use, and say which
+    # extra to install when it is missing.
     if name == "RedisBackend":
-        from .backends.redis import RedisBackend
-
+        try:
+            from .backends.redis import RedisBackend
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.partition(".")[0] != "redis":
+                raise
+            raise MissingExtraError("ratekit.RedisBackend", "redis", "redis") from None
         return RedisBackend
-    if name == "RateLimitedTransport":  # needs the optional `httpx` package
-        from .integrations._httpx import RateLimitedTransport
-
+    if name == "RateLimitedTransport":
+        try:
+            from .integrations._httpx import RateLimitedTransport
+        except ModuleNotFoundError as error:
+            if error.name is None or error.name.partition(".")[0] != "httpx":
+                raise
+            raise MissingExtraError("ratekit.RateLimitedTransport", "httpx", "httpx") from None
         return RateLimitedTransport
     raise AttributeError(f"module 'ratekit' has no attribute {name!r}")

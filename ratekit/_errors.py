@@ -146,3 +146,15 @@ class LimitsTypeError(InvalidArgumentError, LimitsError):
     Both an `InvalidArgumentError`, as every wrong type is, and a `LimitsError`, as
     every bad `Rate` or `Limits` value always was, so either ``except`` catches it.
     """
+
+
+class MissingExtraError(RatekitError, ImportError):
+    """A part of ratekit needs a package that is not installed; names the extra to install."""
+
+    def __init__(self, what: str, package: str, extra: str) -> None:
+        super().__init__(
+            f"{what} needs the {package!r} package, which is not installed: "
+            f"pip install 'ratekit[{extra}]'",
+            name=package,
+        )
+        self.extra = extra

@@ -610,3 +610,28 @@ def test_every_bundled_profile_is_inside_the_bounds(provider: str) -> None:
 def test_values_are_shown_short(value: object, shown: str) -> None:
     """A message shows a huge int as 10**N and cuts long strings, so it stays readable."""
     assert show(value) == shown
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("not a url", "'not a url' is not a Redis URL"),
+        ("", "'' is not a Redis URL"),
+        ("http://host:6379", "http:// is not a Redis URL"),
+        ("redis://host:abc/0", "Port could not be cast"),
+        ("redis://host:99999/0", "Port out of range"),
+        ("redis://host/notadb", "the database after the host must be a number"),
+        ("redis://host:6379/0?socket_timeout=abc", "an option redis-py cannot read"),
+        ("redis://", "redis:// names no host"),
+        ("unix://", "unix:// names no socket"),
+    ],
+)
+def test_a_bad_redis_url_is_named_before_any_connection(url: str, message: str) -> None:
+    """A URL that cannot name a Redis server fails where it is given, with a typed error
+    that never shows a password."""
+    from ratekit.backends.redis import RedisBackend
+
+    with pytest.raises(InvalidArgumentError, match="RedisBackend.redis: ") as raised:
+        RedisBackend(url.replace("host", "user:s3cret@host", 1), namespace="n")
+    assert message in str(raised.value)
+    assert "s3cret" not in str(raised.value)

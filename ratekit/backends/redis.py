@@ -1003,21 +1003,27 @@ class RedisBackend:
                 "redis.asyncio.cluster.RedisCluster instead"
             )
         if isinstance(redis, str):
-            where = _redacted(redis)
+            where = _check_url(redis)
             # Our own backoff and policy decide about outages: one quick reconnect
             # (a connection the server closed while idle), no backoff of redis-py's.
-            if cluster:
-                client = RedisCluster.from_url(
-                    redis, socket_connect_timeout=1.0, socket_timeout=timeout_s
-                )
-                where = f"redis cluster at {where}"
-            else:
-                client = Redis.from_url(
-                    redis,
-                    socket_connect_timeout=1.0,
-                    socket_timeout=timeout_s,
-                    retry=Retry(NoBackoff(), 1),
-                )
+            try:
+                if cluster:
+                    client = RedisCluster.from_url(
+                        redis, socket_connect_timeout=1.0, socket_timeout=timeout_s
+                    )
+                    where = f"redis cluster at {where}"
+                else:
+                    client = Redis.from_url(
+                        redis,
+                        socket_connect_timeout=1.0,
+                        socket_timeout=timeout_s,
+                        retry=Retry(NoBackoff(), 1),
+                    )
+            except (ValueError, TypeError) as error:  # redis-py's reading of the options
+                raise InvalidArgumentError(
+                    f"RedisBackend.redis: the URL {where} has an option redis-py cannot "
+                    f"read: {error}"
+                ) from None
             owns_client = True
         elif isinstance(redis, Redis | RedisCluster):
             where, client, owns_client = _describe(redis), redis, False
@@ -1754,6 +1760,48 @@ class RedisBackend:
 
 def _text(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
+
+
+_URL_SCHEMES = ("redis", "rediss", "unix")
+
+
+def _check_url(url: str) -> str:
+    """`url` as a Redis URL to connect to, redacted for messages; `InvalidArgumentError`
+    naming what is wrong (never the password) when it is not one."""
+    example = "redis://host:6379/0"
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port  # reads it: a port that is not a number raises here
+    except ValueError as error:
+        raise InvalidArgumentError(
+            f"RedisBackend.redis: not a Redis URL ({error}); expected {example}"
+        ) from None
+    if parts.scheme not in _URL_SCHEMES:
+        shown = f"{parts.scheme}://" if parts.scheme else repr(url[:40]) if url else "''"
+        raise InvalidArgumentError(
+            f"RedisBackend.redis: {shown} is not a Redis URL; expected {example} "
+            f"(schemes: {', '.join(f'{scheme}://' for scheme in _URL_SCHEMES)})"
+        )
+    where = _redacted(url.strip())
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise InvalidArgumentError(
+                "RedisBackend.redis: unix:// names no socket; expected unix:///path/to.sock"
+            )
+        return where
+    if not parts.hostname:
+        raise InvalidArgumentError(
+            f"RedisBackend.redis: {parts.scheme}:// names no host; expected {example}"
+        )
+    if port == 0:
+        raise InvalidArgumentError(f"RedisBackend.redis: {where} has port 0")
+    db = parts.path.strip("/")
+    if db and not db.isdigit():
+        raise InvalidArgumentError(
+            f"RedisBackend.redis: {where}: the database after the host must be a number "
+            f"(/0 to /15 on a default server), got /{db}"
+        )
+    return where
 
 
 def _redacted(url: str) -> str:

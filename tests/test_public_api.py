@@ -1,0 +1,100 @@
+"""The public surface as a user's code sees it: types, star imports, missing extras."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import ratekit
+
+USER_CODE = """
+import anthropic
+import openai
+
+import ratekit
+
+backend = ratekit.RedisBackend("redis://localhost:6379/0", namespace="pods")
+scheduler = ratekit.Scheduler(ratekit.Account("moonshot"), backend=backend)
+client = ratekit.wrap(openai.AsyncOpenAI(), scheduler)
+claude = ratekit.wrap(anthropic.AsyncAnthropic(), scheduler, count_tokens=True)
+
+
+async def main() -> str | None:
+    answer = await client.chat.completions.create(
+        model="kimi-k2", messages=[{"role": "user", "content": "hi"}]
+    )
+    message = await claude.messages.create(
+        model="kimi-k2", max_tokens=64, messages=[{"role": "user", "content": "hi"}]
+    )
+    assert message.usage.input_tokens >= 0
+    return answer.choices[0].message.content
+
+
+def threads() -> None:
+    with ratekit.SyncScheduler(ratekit.Account("minimax")) as sync:
+        chat = ratekit.wrap(openai.OpenAI(), sync)
+        chat.chat.completions.create(model="MiniMax-M2", messages=[])
+"""
+
+
+def test_user_code_type_checks_strictly(tmp_path: Path) -> None:
+    """mypy --strict over code that uses the README's API: the Redis backend (imported on
+    first use) is typed, and a wrapped client keeps its SDK's types."""
+    user = tmp_path / "user_code.py"
+    user.write_text(textwrap.dedent(USER_CODE), encoding="utf-8")
+    done = subprocess.run(
+        [sys.executable, "-m", "mypy", "--strict", "--no-incremental", str(user)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_star_import_needs_no_extra() -> None:
+    """``from ratekit import *`` imports no optional package."""
+    code = (
+        "import sys\n"
+        "sys.modules['redis'] = None\n"
+        "sys.modules['httpx'] = None\n"
+        "from ratekit import *\n"
+        "print(Scheduler.__name__)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "Scheduler"
+
+
+@pytest.mark.parametrize(
+    ("name", "package", "extra"),
+    [("RedisBackend", "redis", "redis"), ("RateLimitedTransport", "httpx", "httpx")],
+)
+def test_a_missing_extra_is_named(name: str, package: str, extra: str) -> None:
+    """Without its package, an optional part raises MissingExtraError (an ImportError)
+    naming the extra to install, not a bare ModuleNotFoundError."""
+    code = (
+        "import sys\n"
+        f"sys.modules[{package!r}] = None\n"
+        "import ratekit\n"
+        "try:\n"
+        f"    ratekit.{name}\n"
+        "except ratekit.MissingExtraError as error:\n"
+        "    assert isinstance(error, ImportError)\n"
+        "    print(error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=False, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == (
+        f"ratekit.{name} needs the {package!r} package, which is not installed: "
+        f"pip install 'ratekit[{extra}]'"
+    )
+    assert ratekit.MissingExtraError.__name__ in ratekit.__all__

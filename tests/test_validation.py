@@ -631,7 +631,7 @@ def test_a_bad_redis_url_is_named_before_any_connection(url: str, message: str) 
     that never shows a password."""
     from ratekit.backends.redis import RedisBackend
 
-    with pytest.raises(InvalidArgumentError, match="RedisBackend.redis: ") as raised:
+    with pytest.raises(InvalidArgumentError, match=r"RedisBackend\.redis: ") as raised:
         RedisBackend(url.replace("host", "user:s3cret@host", 1), namespace="n")
     assert message in str(raised.value)
     assert "s3cret" not in str(raised.value)

@@ -7,12 +7,15 @@ with the library's defaults (only time is compressed): its job is to send
 nothing the provider would refuse, and to leave nothing unused. The report says
 both: 429s, and the steady-state utilisation of the binding limit
 (`steady_utilisation`). With ``--plot`` a PNG shows what the provider admitted
-per window against the limits.
+per window against the limits. ``--api anthropic`` sends the same workload through
+the `anthropic` client to the provider's Messages API instead of the `openai`
+client to its Chat Completions API (`_client` builds either).
 """
 
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import math
 import multiprocessing
@@ -20,7 +23,9 @@ import random
 import sys
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import ModuleType
 from typing import Any
 
 import click
@@ -30,7 +35,7 @@ from rich.table import Table
 from .._account import Account
 from .._errors import RatekitError
 from .._limits import Limits
-from .._profiles import load_profile
+from .._profiles import API_NAMES, load_profile
 from .._scheduler import Scheduler
 from ..mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
 from ..simulation import steady_utilisation
@@ -38,15 +43,18 @@ from ..simulation import steady_utilisation
 
 @dataclass(frozen=True)
 class Workload:
-    """What the simulated callers send: `calls` chat requests of random sizes."""
+    """What the simulated callers send: `calls` chat requests of random sizes, a user
+    message of `prompt_words` words and `max_tokens` (inclusive ranges)."""
 
     calls: int
-    prompt_words: tuple[int, int]
-    max_tokens: tuple[int, int]
     seed: int
+    prompt_words: tuple[int, int] = (20, 400)
+    max_tokens: tuple[int, int] = (16, 256)
 
 
 def _requests(workload: Workload, share: int, part: int) -> list[dict[str, Any]]:
+    """The bodies of part `part` (`share` calls) of the workload, as Chat Completions
+    requests without the model; `_messages_request` maps one to the Messages API."""
     rng = random.Random(workload.seed * 1000 + part)
     bodies = []
     for _ in range(share):
@@ -60,7 +68,69 @@ def _requests(workload: Workload, share: int, part: int) -> list[dict[str, Any]]
     return bodies
 
 
+def _messages_request(body: dict[str, Any]) -> dict[str, Any]:
+    """A Chat Completions body (`_requests`) as a Messages API one: its system messages
+    become ``system``, the others stay in order, and ``max_tokens`` (required) is kept."""
+    messages = body["messages"]
+    request: dict[str, Any] = {
+        "messages": [message for message in messages if message["role"] != "system"],
+        "max_tokens": body["max_tokens"],
+    }
+    system = [message["content"] for message in messages if message["role"] == "system"]
+    if system:
+        request["system"] = "\n\n".join(system)
+    return request
+
+
+def _sdk(api: str) -> ModuleType:
+    """The SDK package of `api` ("openai" or "anthropic": each package and its ratekit extra
+    bear the API's name); a one-line `click.ClickException` naming the extra if missing."""
+    try:
+        return importlib.import_module(api)
+    except ImportError:
+        raise click.ClickException(
+            f"--api {api} needs the {api} package: pip install 'ratekit[{api}]'"
+        ) from None
+
+
+@dataclass(frozen=True)
+class _Client:
+    """A wrapped SDK client as the workload driver uses it, whichever API it speaks."""
+
+    # Sends one `_requests` body (awaits the answer); raises `failure` if the call failed.
+    send: Callable[[dict[str, Any]], Awaitable[object]]
+    # The SDK's base error (openai.OpenAIError, anthropic.AnthropicError).
+    failure: type[Exception]
+    # Closes the SDK client's connections.
+    close: Callable[[], Awaitable[None]]
+
+
+def _client(api: str, base_url: str, scheduler: Scheduler, model: str) -> _Client:
+    """The one place a simulation builds its client: the `api` SDK's async client at
+    `base_url` (the provider's URL for that API), its own retries off, wrapped by ratekit
+    on `scheduler`, sending `model`."""
+    from ..integrations._wrap import wrap
+
+    sdk = _sdk(api)
+    if api == "anthropic":
+        raw = sdk.AsyncAnthropic(base_url=base_url, api_key="simulation", max_retries=0)
+        messages = wrap(raw, scheduler).messages
+
+        async def send_message(body: dict[str, Any]) -> object:
+            return await messages.create(model=model, **_messages_request(body))
+
+        return _Client(send_message, sdk.AnthropicError, raw.close)
+    raw = sdk.AsyncOpenAI(base_url=base_url, api_key="simulation", max_retries=0)
+    completions = wrap(raw, scheduler).chat.completions
+
+    async def send_chat(body: dict[str, Any]) -> object:
+        return await completions.create(model=model, **body)
+
+    return _Client(send_chat, sdk.OpenAIError, raw.close)
+
+
 async def _drive(
+    api: str,
     base_url: str,
     account: Account,
     bodies: list[dict[str, Any]],
@@ -69,19 +139,15 @@ async def _drive(
     redis_url: str | None,
     namespace: str,
 ) -> dict[str, int]:
-    """Send `bodies` through ratekit from `workers` tasks; returns counts of outcomes."""
-    import openai
-
-    from ..integrations._wrap import wrap
-
+    """Send `bodies` through ratekit from `workers` tasks, with the `api` client at
+    `base_url`; returns counts of outcomes."""
     backend = None
     if redis_url is not None:
         from ..backends.redis import RedisBackend
 
         backend = RedisBackend(redis_url, namespace=namespace)
     scheduler = Scheduler(account, backend=backend)
-    raw = openai.AsyncOpenAI(base_url=base_url, api_key="simulation", max_retries=0)
-    client = wrap(raw, scheduler)
+    client = _client(api, base_url, scheduler, model)
     queue = deque(bodies)
     outcome = {"ok": 0, "failed": 0}
 
@@ -89,15 +155,15 @@ async def _drive(
         while queue:
             body = queue.popleft()
             try:
-                await client.chat.completions.create(model=model, **body)
+                await client.send(body)
                 outcome["ok"] += 1
-            except openai.OpenAIError:
+            except client.failure:
                 outcome["failed"] += 1
 
     try:
         await asyncio.gather(*(worker() for _ in range(workers)))
     finally:
-        await raw.close()
+        await client.close()
         if backend is not None:
             await backend.aclose()
     outcome["rate_limited"] = (await scheduler.statistics()).rate_limited
@@ -110,10 +176,11 @@ def _process_main(arguments: str) -> None:
     account = _account(
         spec["provider"], spec["tier"], spec["speed"], spec["margin_ms"], spec["pacing"]
     )
-    workload = Workload(spec["calls"], (20, 400), (16, 256), spec["seed"])
+    workload = Workload(spec["calls"], spec["seed"])
     bodies = _requests(workload, spec["share"], spec["part"])
     result = asyncio.run(
         _drive(
+            spec["api"],
             spec["base_url"],
             account,
             bodies,
@@ -208,17 +275,20 @@ async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], _Run]:
     )
     await server.start()
     started = time.monotonic()
-    workload = Workload(options["calls"], (20, 400), (16, 256), options["seed"])
+    workload = Workload(options["calls"], options["seed"])
+    # Where the provider serves each API (the Anthropic SDK adds /v1 itself).
+    base_url = {"openai": server.base_url, "anthropic": server.anthropic_base_url}[options["api"]]
     try:
         if options["processes"] > 1:
-            outcome = await _in_processes(options, workload, server.base_url)
+            outcome = await _in_processes(options, workload, base_url)
         else:
             account = _account(
                 options["provider"], tier.name, speed, options["margin_ms"], options["pacing"]
             )
             bodies = _requests(workload, workload.calls, 0)
             outcome = await _drive(
-                server.base_url,
+                options["api"],
+                base_url,
                 account,
                 bodies,
                 options["workers"],
@@ -244,6 +314,7 @@ async def _in_processes(
     spec = {
         key: options[key]
         for key in (
+            "api",
             "provider",
             "tier",
             "speed",
@@ -278,10 +349,12 @@ async def _in_processes(
     return total
 
 
+def _counts(counts: dict[str, int]) -> str:
+    return ", ".join(f"{name} {count}" for name, count in counts.items())
+
+
 def _by_dimension(rejected: dict[str, int]) -> str:
-    if not rejected:
-        return ""
-    return " (" + ", ".join(f"{name} {count}" for name, count in rejected.items()) + ")"
+    return f" ({_counts(rejected)})" if rejected else ""
 
 
 def binding_utilisation(calls: list[CallRecord], limits: Limits) -> tuple[str, float]:
@@ -321,6 +394,7 @@ def _report(
         console.print("steady-state utilisation: the run is too short to have a steady state")
     else:
         console.print(f"steady-state utilisation of the binding limit ({name}): {share:.1%}")
+    console.print(f"served by endpoint: {_counts(stats.served_by_endpoint) or 'none'}")
     # The verdict last: calls, and the provider's 429s.
     rejected = sum(stats.rejected.values())
     console.print(
@@ -331,6 +405,13 @@ def _report(
 
 
 @click.command()
+@click.option(
+    "--api",
+    type=click.Choice(API_NAMES, case_sensitive=False),
+    default="openai",
+    show_default=True,
+    help="the client and the provider's API: openai (Chat Completions), anthropic (Messages)",
+)
 @click.option("--provider", default="moonshot", show_default=True, help="bundled provider")
 @click.option("--tier", default="tier1", show_default=True, help="tier name")
 @click.option("--model", default="kimi-k2", show_default=True, help="model name sent")
@@ -356,6 +437,7 @@ def _report(
 @click.option("--plot", "plot_path", default=None, help="write a PNG of use per window")
 @click.option("--seed", default=1, show_default=True, help="random seed of the workload")
 def simulate(
+    api: str,
     provider: str,
     tier: str,
     model: str,
@@ -372,6 +454,7 @@ def simulate(
     """Drive a workload through ratekit against the strict local provider; report 429s."""
     if processes > 1 and redis_url is None:
         raise click.UsageError("--processes above 1 needs --redis URL to share the account")
+    _sdk(api)  # a missing package fails here, before the provider starts
     try:
         profile = load_profile(provider)
         tier_name = profile.tier(tier).name
@@ -381,6 +464,7 @@ def simulate(
         raise click.ClickException(str(exc)) from None
     model_limits = model if has_own_limits else None
     options = {
+        "api": api,
         "provider": provider,
         "tier": tier_name,
         "model": model,
@@ -401,7 +485,7 @@ def simulate(
     console.print(
         f"{profile.display_name} {tier_name}: concurrency {limits.concurrency}, rpm {limits.rpm}, "
         f"tpm {limits.tpm}, tpd {limits.tpd}; {calls} calls, {workers} tasks, "
-        f"{processes} process(es), time x{speed:g}"
+        f"{processes} process(es), time x{speed:g}, {api} API"
     )
     outcome, run = asyncio.run(_simulate(options))
     title = f"{provider} {tier_name}: what the strict provider admitted"

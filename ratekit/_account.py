@@ -142,6 +142,8 @@ class Account:
         return self._tier
 
     def _change(self, tier: Tier) -> None:
+        if tier is self._tier:
+            return  # the tier in force already: nothing changes, nobody is told
         old, self._tier = self._tier, tier
         self.version += 1
         for listener in list(self._listeners):

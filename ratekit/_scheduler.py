@@ -236,6 +236,8 @@ class Scheduler:
         account.on_change(self._tier_changed)
         # The event loop this scheduler runs in, for calls from other threads.
         self.loop_token: anyio.lowlevel.EventLoopToken | None = None
+        # Set when the SyncScheduler that ran this loop closed it (see `SyncScheduler`).
+        self.sync_closed = False
         self._tier_synced = self._shared is None
         if self._shared is not None:
             self._shared.on_tier(self._tier_published)

@@ -316,3 +316,15 @@ async def test_a_spend_budget_that_cannot_free_up_in_time_fails_at_once() -> Non
     slice_s = 86_400 / 60
     frees_at = (clock.now() // slice_s + 1) * slice_s + 86_400
     assert caught.value.retry_after_s == pytest.approx(frees_at - clock.now())
+
+
+async def test_set_tier_to_the_tier_in_force_changes_nothing() -> None:
+    """Moving to the current tier (any case) tells nobody of a change; a real move does."""
+    scheduler, _, events = make("tier3")
+    version = scheduler.account.version
+    await scheduler.set_tier("TIER3")
+    assert not [event for event in events if isinstance(event, ratekit.TierChanged)]
+    assert scheduler.account.version == version
+    await scheduler.set_tier("tier4")
+    changed = [event for event in events if isinstance(event, ratekit.TierChanged)]
+    assert [(event.old, event.new) for event in changed] == [("Tier3", "Tier4")]

@@ -184,3 +184,18 @@ def test_an_async_client_with_a_sync_scheduler_is_refused(server: MockProvider) 
         scheduler_ = sync.scheduler
         with pytest.raises(ratekit.InvalidArgumentError, match="sync client"):
             ratekit.wrap(openai.OpenAI(base_url=server.base_url, api_key="t"), scheduler_)
+
+
+def test_calls_after_close_are_a_typed_error(server: MockProvider) -> None:
+    """A SyncScheduler closed: its decorated functions, slots and wrapped clients raise
+    NoEventLoopError saying so; closing again does nothing."""
+    sync = scheduler(None)
+    chat, messages = clients(server, sync)
+    sync.close()
+    sync.close()
+    with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
+        chat.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
+    with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
+        messages.messages.create(model="kimi-k2", max_tokens=4, messages=MESSAGES)
+    with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
+        sync.submit(lambda: None)

@@ -162,11 +162,12 @@ async def _drive(
 
     try:
         await asyncio.gather(*(worker() for _ in range(workers)))
+        # Read while the backend is open: a closed RedisBackend answers nothing.
+        outcome["rate_limited"] = (await scheduler.statistics()).rate_limited
     finally:
         await client.close()
         if backend is not None:
             await backend.aclose()
-    outcome["rate_limited"] = (await scheduler.statistics()).rate_limited
     return outcome
 
 

@@ -93,6 +93,11 @@ def _on_a_loop_thread() -> bool:
     return True
 
 
+def loop_of(scheduler: Scheduler) -> EventLoopToken:
+    """The event loop a sync call is admitted on (see `_token`), for the wrapped clients."""
+    return _token(scheduler)
+
+
 def _token(scheduler: Scheduler) -> EventLoopToken:
     if _on_a_loop_thread():
         # Waiting here for the loop would block that very loop for good.
@@ -103,6 +108,11 @@ def _token(scheduler: Scheduler) -> EventLoopToken:
         )
     token = scheduler.loop_token
     if token is None:
+        if scheduler.sync_closed:
+            raise NoEventLoopError(
+                "this SyncScheduler is closed: its event loop has stopped, so no call can "
+                "be admitted through it any more; make a new one"
+            )
         raise NoEventLoopError(
             "this scheduler has no event loop for synchronous calls yet: use "
             "ratekit.SyncScheduler, or call from a worker thread of the scheduler's loop "
@@ -208,11 +218,17 @@ class SyncScheduler:
         return limit(self.scheduler, **kwargs)
 
     def close(self) -> None:
-        """Stop the scheduler's loop (and close a backend that has `aclose`)."""
-        backend = self.scheduler.limiter().backend
+        """Stop the scheduler's loop (and close a backend that has `aclose`). Calls made
+        through it afterwards raise `NoEventLoopError`; closing again does nothing."""
+        scheduler = self.scheduler
+        if scheduler.loop_token is None:
+            return
+        backend = scheduler.limiter().backend
         close = getattr(backend, "aclose", None)
         if close is not None:
             self._portal.call(close)
+        scheduler.loop_token = None
+        scheduler.sync_closed = True
         self._portal_context.__exit__(None, None, None)
 
     def __enter__(self) -> SyncScheduler:

@@ -20,6 +20,7 @@ import anyio.from_thread
 from tenacity import Retrying
 
 from .._admission import Admission
+from ._calls import loop_of
 from ._counts import count_params
 from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
@@ -40,8 +41,7 @@ R = TypeVar("R")
 
 
 def _run(sending: _Sending, fn: Callable[..., Coroutine[Any, Any, R]], *args: Any) -> R:
-    loop = sending.scheduler.loop_token
-    return anyio.from_thread.run(fn, *args, token=loop)
+    return anyio.from_thread.run(fn, *args, token=loop_of(sending.scheduler))
 
 
 def admit_on_send_sync(request: Any) -> None:
@@ -58,7 +58,7 @@ def observe_answer_sync(response: Any) -> None:
     """Sync httpx response hook: the answer's rate-limit headers, to the scheduler."""
     sending = _SENDING.get()
     if sending is not None and not sending.done:
-        loop = sending.scheduler.loop_token
+        loop = loop_of(sending.scheduler)
         anyio.from_thread.run_sync(sending.observe, response, token=loop)
 
 
@@ -105,7 +105,7 @@ class SyncCreate:
         """`plan_call` on the scheduler's loop, with the prompt counted by the provider
         (in this thread) when asked; the counts are kept on the loop."""
         settings = self._settings
-        loop = settings.loop
+        loop = loop_of(settings.scheduler)
         counts = settings.counts
         counted = None
         if self._count is not None and counts is not None and "ratekit_tokens" not in params:

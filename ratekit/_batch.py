@@ -40,7 +40,7 @@ from urllib.parse import urlsplit
 import anyio
 
 from ._account import Account
-from ._errors import LimitsError, MissingPriceError, UnknownModelError
+from ._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
 from ._events import Event, RateLimited
 from ._scheduler import Scheduler
 from .backends._base import Backend
@@ -118,6 +118,8 @@ def parse_request_line(text: str, line: int, *, default_model: str | None = None
         body = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BatchInputError(line, f"not JSON: {exc.msg} at column {exc.colno}") from None
+    except RecursionError:
+        raise BatchInputError(line, "JSON nested too deeply to read") from None
     if not isinstance(body, dict):
         raise BatchInputError(line, f"a request must be a JSON object, got {type(body).__name__}")
     custom_id = body.pop("custom_id", line)
@@ -132,16 +134,42 @@ def parse_request_line(text: str, line: int, *, default_model: str | None = None
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BatchInputError(line, "messages must be a non-empty list")
+    for index, message in enumerate(messages):
+        problem = message_problem(message)
+        if problem is not None:
+            raise BatchInputError(line, f"messages[{index}]: {problem}")
     if body.get("stream"):
         raise BatchInputError(line, "stream is not supported in a batch")
     return BatchRequest(custom_id, line, body)
+
+
+# The roles of a chat message, and those whose message may go without content.
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def message_problem(message: object) -> str | None:
+    """What is wrong with one chat message of a request line, or None: what a provider
+    would refuse anyway, found before the line costs an admission."""
+    if not isinstance(message, dict):
+        return f"a message must be a JSON object, got {type(message).__name__}"
+    role = message.get("role")
+    if not isinstance(role, str) or role not in _ROLES:
+        return f"role must be one of {', '.join(sorted(_ROLES))}, got {role!r}"
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return None
+        return f"a {role} message needs content"
+    if not isinstance(content, str | list):
+        return f"content must be a string or a list of parts, got {type(content).__name__}"
+    return None
 
 
 def _custom_id_of(text: str, line: int) -> RequestId:
     # The id a bad line is recorded under: its own when it can be read, else its line.
     try:
         custom_id = json.loads(text).get("custom_id", line)
-    except (json.JSONDecodeError, AttributeError):
+    except (json.JSONDecodeError, AttributeError, RecursionError):
         return line
     return (
         custom_id if isinstance(custom_id, str | int) and not isinstance(custom_id, bool) else line
@@ -154,14 +182,21 @@ def read_requests(path: str | Path, *, default_model: str | None = None) -> Batc
     An empty line counts as a bad line ("empty line"), except at the end of the file.
     A line whose id an earlier line has is a duplicate: reported, never run.
     """
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
-    while lines and not lines[-1].strip():
-        lines.pop()
+    raw_lines = Path(path).read_bytes().split(b"\n")
+    while raw_lines and not raw_lines[-1].strip():
+        raw_lines.pop()
     requests: list[BatchRequest] = []
     bad: list[BadLine] = []
     duplicates: list[BadLine] = []
     first_line: dict[str, int] = {}
-    for number, text in enumerate(lines, start=1):
+    for number, raw in enumerate(raw_lines, start=1):
+        try:
+            text = raw.decode("utf-8").removesuffix("\r")
+        except UnicodeDecodeError as exc:
+            # Only this line is lost: it is recorded failed under its line number.
+            bad.append(BadLine(number, number, f"not UTF-8 (byte {exc.start + 1} of the line)"))
+            first_line[record_key(number)] = number
+            continue
         if not text.strip():
             bad.append(BadLine(number, number, "empty line"))
             first_line[record_key(number)] = number
@@ -207,6 +242,42 @@ def read_results(path: str | Path) -> tuple[dict[str, dict[str, Any]], int]:
             continue
         records[record_key(record["custom_id"])] = record
     return records, unreadable
+
+
+class BatchOutputError(RatekitError, ValueError):
+    """The output file cannot be used: it is the input, or a file ratekit did not write."""
+
+
+def check_output(requests_path: str | Path, output_path: str | Path) -> None:
+    """Refuse an output that would destroy data: the requests file itself, or an existing
+    file that is not a results file of ratekit's (a line that is not a result record,
+    other than a last line cut short by a crash). `BatchOutputError` says which."""
+    output = Path(output_path)
+    if output.exists() and Path(requests_path).exists() and output.samefile(requests_path):
+        raise BatchOutputError(
+            f"the output {output} is the requests file itself: its requests would be "
+            "overwritten by the results; give another --output"
+        )
+    if output.is_dir():
+        raise BatchOutputError(f"the output {output} is a directory; give a file")
+    if not output.exists():
+        if not output.parent.is_dir():
+            raise BatchOutputError(f"the output's directory {output.parent} does not exist")
+        return
+    try:
+        lines = [line for line in output.read_bytes().split(b"\n") if line.strip()]
+    except OSError as exc:
+        raise BatchOutputError(f"the output {output} cannot be read: {exc}") from None
+    for number, raw in enumerate(lines[:-1], start=1):
+        try:
+            record = json.loads(raw)
+        except (ValueError, RecursionError):
+            record = None
+        if not (isinstance(record, dict) and "custom_id" in record and "status" in record):
+            raise BatchOutputError(
+                f"the output {output} exists and is not a ratekit results file (line "
+                f"{number} is not a result record): give another --output, or move it away"
+            )
 
 
 def write_results(path: str | Path, records: Iterable[Mapping[str, Any]]) -> None:
@@ -568,12 +639,16 @@ class BatchRunner:
         """Run every request not yet recorded ok; returns the summary once the output is
         compacted. Bad lines are recorded failed (and reported) before any call."""
         self._started_s = time.monotonic()
+        check_output(self._requests_path, self._output_path)
         batch = read_requests(self._requests_path, default_model=self._default_model)
         for item in (*batch.bad_lines, *batch.duplicates):
             self._notice(f"{self._requests_path}: line {item.line}: {item.reason}")
         previous, unreadable = read_results(self._output_path)
         if unreadable:
-            self._notice(f"{self._output_path}: {unreadable} unreadable line(s) ignored")
+            self._notice(
+                f"{self._output_path}: its last line was cut short (a run that crashed): "
+                "dropped, that request is run again"
+            )
         pending: list[BatchRequest] = []
         retried = 0
         for request in batch.requests:

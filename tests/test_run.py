@@ -160,13 +160,20 @@ def test_parse_request_line_messages() -> None:
         '{"model": "m", "messages": [1], "custom_id": 1.5}': (
             "custom_id must be a string or an integer, got 1.5"
         ),
-        '{"model": "m", "messages": [1], "stream": true}': "stream is not supported in a batch",
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": true}': (
+            "stream is not supported in a batch"
+        ),
+        '{"model": "m", "messages": [1]}': (
+            "messages[0]: a message must be a JSON object, got int"
+        ),
     }
     for text, reason in cases.items():
         with pytest.raises(BatchInputError) as caught:
             parse_request_line(text, 9)
         assert str(caught.value) == f"line 9: {reason}"
-    request = parse_request_line('{"messages": [1]}', 4, default_model="k")
+    request = parse_request_line(
+        '{"messages": [{"role": "user", "content": ""}]}', 4, default_model="k"
+    )
     assert (request.custom_id, request.body["model"]) == (4, "k")
 
 
@@ -191,7 +198,7 @@ async def test_resume_skips_ok_retries_failed_and_compacts(tmp_path: Path) -> No
         summary = await run_batch(config, requests, notice=notices.append)
         served = server.statistics().served
     assert (summary.skipped, summary.retried, summary.ok, served) == (1, 1, 30, 29)
-    assert f"{output}: 1 unreadable line(s) ignored" in notices
+    assert any(n.startswith(f"{output}: its last line was cut short") for n in notices)
     assert any("1 done already skipped, 1 that failed before will be retried" in n for n in notices)
     records = output_records(output)
     assert [r["custom_id"] for r in records] == [*ids, "gone"]
@@ -463,7 +470,57 @@ def test_sigterm_stops_then_resumes(tmp_path: Path, provider_process: str) -> No
 def test_read_requests_counts_trailing_blank_lines_out(tmp_path: Path) -> None:
     """Blank lines at the end of the file are not requests; one in the middle is bad."""
     path = tmp_path / "in.jsonl"
-    path.write_text('{"model": "m", "messages": [1]}\n\n{"model": "m", "messages": [1]}\n\n\n')
+    line = '{"model": "m", "messages": [{"role": "user", "content": "x"}]}'
+    path.write_text(f"{line}\n\n{line}\n\n\n")
     batch = read_requests(path)
     assert [r.line for r in batch.requests] == [1, 3]
     assert [(b.line, b.reason) for b in batch.bad_lines] == [(2, "empty line")]
+
+
+def test_an_output_that_would_destroy_data_is_refused(tmp_path: Path) -> None:
+    """The requests file itself, or a file that is not ratekit's results, is never
+    written over: `run` says why and exits 2 before any call, the files untouched."""
+    requests = tmp_path / "batch.jsonl"
+    write_requests(requests, 3)
+    before = requests.read_bytes()
+    foreign = tmp_path / "notes.txt"
+    foreign.write_text("my notes\nmore notes\n", encoding="utf-8")
+    base = ["run", str(requests), "--provider", "moonshot", "--tier", "tier1"]
+    base += ["--base-url", "http://127.0.0.1:9/v1"]
+    for output, reason in (
+        (requests, "is the requests file itself"),
+        (foreign, "is not a ratekit results file (line 1 is not a result record)"),
+        (tmp_path / "no" / "such" / "out.jsonl", "does not exist"),
+    ):
+        done = CliRunner().invoke(cli_main, [*base, "-o", str(output)])
+        assert done.exit_code == 2, done.output
+        assert reason in done.output
+    assert requests.read_bytes() == before
+    assert foreign.read_text(encoding="utf-8") == "my notes\nmore notes\n"
+
+
+def test_a_bad_line_costs_that_line_only(tmp_path: Path) -> None:
+    """Bytes that are not UTF-8, JSON nested beyond reading, and messages no provider
+    takes (no content, an unknown role) fail their own line; the others are read."""
+    requests = tmp_path / "batch.jsonl"
+    good = json.dumps(
+        {"custom_id": "ok", "model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    )
+    lines = [
+        good.encode(),
+        b'{"custom_id": "bytes", "model": "m", "messages": [{"role": "user", "content": "\xff"}]}',
+        ("[" * 100_000 + "]" * 100_000).encode(),
+        json.dumps({"model": "m", "messages": [{"role": "user"}]}).encode(),
+        json.dumps({"model": "m", "messages": [{"role": "wizard", "content": "x"}]}).encode(),
+        json.dumps(
+            {"model": "m", "messages": [{"role": "assistant", "tool_calls": [{}]}]}
+        ).encode(),
+    ]
+    requests.write_bytes(b"\n".join(lines) + b"\n")
+    batch = read_requests(requests)
+    assert [r.custom_id for r in batch.requests] == ["ok", 6]
+    reasons = {bad.line: bad.reason for bad in batch.bad_lines}
+    assert reasons[2] == "not UTF-8 (byte 80 of the line)"
+    assert reasons[3] == "JSON nested too deeply to read"
+    assert reasons[4] == "messages[0]: a user message needs content"
+    assert reasons[5].startswith("messages[0]: role must be one of")

@@ -30,6 +30,8 @@ from .._batch import (
     BatchProgress,
     BatchRunner,
     BatchSummary,
+    check_output,
+    default_output_path,
     is_loopback,
     make_account,
     open_batch,
@@ -277,6 +279,8 @@ def run(
     err = Console(stderr=True)
     try:
         make_account(config)  # an unknown provider or tier fails here, before any I/O
+        # An output that would destroy data (the requests, a foreign file) fails here too.
+        check_output(requests, output or default_output_path(requests))
     except RatekitError as exc:
         err.print(f"ratekit: {exc}", markup=False, highlight=False, soft_wrap=True)
         sys.exit(2)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from ratekit.cli import main
-from ratekit.cli._simulate_cmd import window_series
+from ratekit.cli._simulate_cmd import _messages_request, window_series
 from ratekit.mock_provider import CallRecord
+
+from .redis_server import RedisServer
 
 
 def run(*args: str) -> tuple[int, str]:
@@ -48,7 +52,76 @@ def test_simulate_gets_no_429_and_writes_a_plot(tmp_path: Path) -> None:
     assert code == 0, output
     assert "429s at the provider: 0" in output
     assert "150 ok, 0 failed" in output
+    assert "served by endpoint: chat.completions 150" in output
     assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# More calls than Tier1's 200 RPM, so that ratekit must hold calls back for the rpm
+# window (and more tasks than its 50 in flight); x40 makes the minute 1.5 s.
+BINDING = ("--calls", "250", "--workers", "60", "--speed", "40")
+
+
+def test_simulate_through_the_anthropic_client_gets_no_429() -> None:
+    """--api anthropic: the same workload through the Messages API, zero 429s."""
+    code, output = run("simulate", "--api", "anthropic", *BINDING)
+    assert code == 0, output
+    assert "anthropic API" in output
+    assert "429s at the provider: 0" in output
+    assert "250 ok, 0 failed" in output
+    assert "served by endpoint: messages 250" in output
+
+
+@pytest.mark.redis
+def test_simulate_processes_send_through_the_api_asked_for(redis_server: RedisServer) -> None:
+    """With --processes and --redis, every worker process uses the anthropic client."""
+    code, output = run(
+        "simulate", "--api", "anthropic", "--processes", "2", "--redis", redis_server.url, *BINDING
+    )
+    assert code == 0, output
+    assert "429s at the provider: 0" in output
+    assert "250 ok, 0 failed" in output
+    assert "served by endpoint: messages 250" in output
+
+
+def test_simulate_rejects_an_unknown_api() -> None:
+    """A bad --api value is click's one-line error naming the choices."""
+    code, output = run("simulate", "--api", "gemini")
+    assert code == 2
+    assert output.splitlines()[-1] == (
+        "Error: Invalid value for '--api': 'gemini' is not one of 'openai', 'anthropic'."
+    )
+
+
+def test_simulate_without_the_anthropic_package_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """--api anthropic without the package: one line naming the extra, before any provider."""
+    monkeypatch.setitem(sys.modules, "anthropic", None)  # `import anthropic` fails
+    code, output = run("simulate", "--api", "anthropic")
+    assert code == 1
+    assert output == (
+        "Error: --api anthropic needs the anthropic package: pip install 'ratekit[anthropic]'\n"
+    )
+
+
+def test_a_chat_body_maps_to_a_messages_request() -> None:
+    """System messages become `system`, the rest keep their order, max_tokens stays."""
+    body = {
+        "messages": [
+            {"role": "system", "content": "be brief"},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "again"},
+        ],
+        "max_tokens": 32,
+    }
+    assert _messages_request(body) == {
+        "messages": body["messages"][1:],
+        "max_tokens": 32,
+        "system": "be brief",
+    }
+    plain = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    assert _messages_request(plain) == plain
 
 
 def test_simulate_refuses_processes_without_redis() -> None:

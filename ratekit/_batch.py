@@ -43,6 +43,7 @@ from ._account import Account
 from ._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
 from ._events import Event, RateLimited
 from ._scheduler import Scheduler
+from ._tokens import chat_message_problem
 from .backends._base import Backend
 
 # Seconds: how long a connection attempt may take before the request fails.
@@ -135,34 +136,12 @@ def parse_request_line(text: str, line: int, *, default_model: str | None = None
     if not isinstance(messages, list) or not messages:
         raise BatchInputError(line, "messages must be a non-empty list")
     for index, message in enumerate(messages):
-        problem = message_problem(message)
+        problem = chat_message_problem(message)
         if problem is not None:
             raise BatchInputError(line, f"messages[{index}]: {problem}")
     if body.get("stream"):
         raise BatchInputError(line, "stream is not supported in a batch")
     return BatchRequest(custom_id, line, body)
-
-
-# The roles of a chat message, and those whose message may go without content.
-_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
-
-
-def message_problem(message: object) -> str | None:
-    """What is wrong with one chat message of a request line, or None: what a provider
-    would refuse anyway, found before the line costs an admission."""
-    if not isinstance(message, dict):
-        return f"a message must be a JSON object, got {type(message).__name__}"
-    role = message.get("role")
-    if not isinstance(role, str) or role not in _ROLES:
-        return f"role must be one of {', '.join(sorted(_ROLES))}, got {role!r}"
-    content = message.get("content")
-    if content is None:
-        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
-            return None
-        return f"a {role} message needs content"
-    if not isinstance(content, str | list):
-        return f"content must be a string or a list of parts, got {type(content).__name__}"
-    return None
 
 
 def _custom_id_of(text: str, line: int) -> RequestId:

@@ -40,7 +40,12 @@ from ._errors import MissingPriceError, RatekitError
 from ._limits import Limits, Rate, check_amount
 from ._pricing import TOKENS_PER_MILLION, ExtraTokens, Prices, RelayBilling
 from ._profiles import Profile, Tier
-from ._tokens import DEFAULT_MAX_OUTPUT_TOKENS, TokenEstimator, estimate_request_tokens
+from ._tokens import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    TokenEstimator,
+    chat_message_problem,
+    estimate_request_tokens,
+)
 
 DEFAULT_CALL_S = 10.0
 """Mean call duration (seconds) assumed when none is given."""
@@ -804,6 +809,13 @@ def request_tokens_of(data: object, estimator: TokenEstimator) -> RequestTokens:
         )
     if "messages" not in record:
         raise PlanError('expected a chat request ("messages") or "prompt_tokens"')
+    messages = record["messages"]
+    if isinstance(messages, list):
+        # The same rules as `ratekit run`: a line plan counts is a line run would send.
+        for index, message in enumerate(messages):
+            problem = chat_message_problem(message)
+            if problem is not None:
+                raise PlanError(f"messages[{index}]: {problem}")
     prompt, output = estimate_request_tokens(CHAT_KIND, record, estimator)
     return RequestTokens(prompt, output)
 
@@ -823,6 +835,9 @@ def read_jsonl(lines: Iterable[str], estimator: TokenEstimator) -> JsonlRequests
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             problems.append(LineProblem(number, f"invalid JSON: {exc.msg} (column {exc.colno})"))
+            continue
+        except RecursionError:
+            problems.append(LineProblem(number, "JSON nested too deeply to read"))
             continue
         try:
             requests.append(request_tokens_of(data, estimator))

@@ -700,7 +700,9 @@ def _cap(params: Mapping[str, Any], keys: Sequence[str], default: int) -> int:
     for key in keys:
         value = params.get(key)
         if value is not None:
-            return _count_arg(key, value)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise RequestShapeError(key, f"expected an int >= 0, got {value!r}")
+            return value
     return default
 
 
@@ -833,6 +835,28 @@ def _messages(
         prompt += PER_MESSAGE_OVERHEAD + _content_tokens(system, "system", estimator, allow)
     prompt += _tools_tokens(params, estimator)
     return prompt, _cap(params, ("max_tokens",), default)
+
+
+# The roles of a chat message, and those whose message may go without content.
+_CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
+
+
+def chat_message_problem(message: object) -> str | None:
+    """What is wrong with one chat message of a request line, or None: what a provider
+    would refuse anyway, found before the line costs an admission."""
+    if not isinstance(message, dict):
+        return f"a message must be a JSON object, got {type(message).__name__}"
+    role = message.get("role")
+    if not isinstance(role, str) or role not in _CHAT_ROLES:
+        return f"role must be one of {', '.join(sorted(_CHAT_ROLES))}, got {role!r}"
+    content = message.get("content")
+    if content is None:
+        if role == "assistant" and (message.get("tool_calls") or message.get("function_call")):
+            return None
+        return f"a {role} message needs content"
+    if not isinstance(content, str | list):
+        return f"content must be a string or a list of parts, got {type(content).__name__}"
+    return None
 
 
 _Kind = Callable[[Mapping[str, Any], TokenEstimator, int], tuple[int, int]]

@@ -458,3 +458,26 @@ def test_format_duration() -> None:
     assert format_duration(90_061) == "1d 1h 1m 1s"
     assert format_duration(0) == "0s"
     assert format_duration(math.inf) == "never"
+
+
+def test_a_bad_jsonl_line_costs_that_line_only() -> None:
+    """An output cap that is negative, a string or NaN, JSON nested beyond reading, and
+    a message `run` would refuse: each is its line's problem; the good line is planned."""
+    good = '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}'
+    lines = [
+        good,
+        '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": -5}',
+        '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": "abc"}',
+        '{"messages": [{"role": "user", "content": "hi"}], "max_tokens": NaN}',
+        "[" * 100_000 + "]" * 100_000,
+        '{"messages": [{"role": "user"}]}',
+    ]
+    read = read_jsonl(lines, HeuristicEstimator())
+    assert len(read.requests) == 1
+    messages = {problem.line: problem.message for problem in read.problems}
+    assert sorted(messages) == [2, 3, 4, 5, 6]
+    assert "max_tokens: expected an int >= 0, got -5" in messages[2]
+    assert "max_tokens: expected an int >= 0, got 'abc'" in messages[3]
+    assert "max_tokens: expected an int >= 0, got nan" in messages[4]
+    assert messages[5] == "JSON nested too deeply to read"
+    assert messages[6] == "messages[0]: a user message needs content"

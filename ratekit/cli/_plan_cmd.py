@@ -32,6 +32,7 @@ from .._plan import (
 from .._pricing import ExtraTokens
 from .._profiles import Profile, Tier, load_profile
 from .._tokens import default_estimator
+from ._types import AMOUNT, POSITIVE, FiniteFloat
 
 
 class PlanUsageError(click.ClickException):
@@ -214,6 +215,10 @@ def _extras(values: tuple[str, ...]) -> tuple[ExtraTokens, ...]:
             ) from None
         if len(parts) != 3:
             raise PlanUsageError(f"--extra {value!r}: expected ITEM:TOKENS_PER_REQUEST:MULTIPLE")
+        if not (math.isfinite(tokens) and tokens >= 0 and math.isfinite(multiple) and multiple > 0):
+            raise PlanUsageError(
+                f"--extra {value!r}: tokens must be a finite number >= 0 and the multiple > 0"
+            )
         extras.append(ExtraTokens(item, tokens, multiple))
     return tuple(extras)
 
@@ -225,12 +230,19 @@ def _problems_out(problems: tuple[LineProblem, ...]) -> list[dict[str, Any]]:
 @click.command()
 @click.option("--provider", required=True, help="Bundled provider name or a profile .toml file.")
 @click.option("--tier", default=None, help="Tier name (or give --top-up).")
-@click.option("--top-up", type=float, default=None, help="Cumulative top-up; picks the tier.")
+@click.option("--top-up", type=AMOUNT, default=None, help="Cumulative top-up; picks the tier.")
 @click.option("--model", default=None, help="Model: its limits (MiniMax) and prices.")
-@click.option("--requests", type=click.IntRange(min=0), default=None, help="Number of requests.")
-@click.option("--prompt-tokens", type=click.IntRange(min=0), default=None, help="Per request.")
 @click.option(
-    "--output-tokens", type=click.IntRange(min=0), default=None, help="Max output per request."
+    "--requests", type=click.IntRange(min=0, max=10**15), default=None, help="Number of requests."
+)
+@click.option(
+    "--prompt-tokens", type=click.IntRange(min=0, max=10**15), default=None, help="Per request."
+)
+@click.option(
+    "--output-tokens",
+    type=click.IntRange(min=0, max=10**15),
+    default=None,
+    help="Max output per request.",
 )
 @click.option(
     "--jsonl",
@@ -240,37 +252,37 @@ def _problems_out(problems: tuple[LineProblem, ...]) -> list[dict[str, Any]]:
 )
 @click.option(
     "--call-seconds",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=DEFAULT_CALL_S,
     show_default=True,
     help="Mean call duration, seconds.",
 )
 @click.option(
     "--cache-hit-share",
-    type=click.FloatRange(0, 1),
+    type=FiniteFloat(0, high=1),
     default=0.0,
     show_default=True,
     help="Share of prompt tokens that hit the cache.",
 )
 @click.option("--deadline", default=None, help="Find the cheapest tier within it: 2h, 90m, 1d.")
 @click.option(
-    "--input-price", type=float, default=None, help="Per 1M tokens (relay: per 1,000 tokens)."
+    "--input-price", type=AMOUNT, default=None, help="Per 1M tokens (relay: per 1,000 tokens)."
 )
 @click.option(
-    "--output-price", type=float, default=None, help="Per 1M tokens (relay: per 1,000 tokens)."
+    "--output-price", type=AMOUNT, default=None, help="Per 1M tokens (relay: per 1,000 tokens)."
 )
-@click.option("--cached-input-price", type=float, default=None, help="Per 1M tokens.")
-@click.option("--cache-multiple", type=float, default=1.0, help="Relay: cache tokens' multiple.")
+@click.option("--cached-input-price", type=AMOUNT, default=None, help="Per 1M tokens.")
+@click.option("--cache-multiple", type=POSITIVE, default=1.0, help="Relay: cache tokens' multiple.")
 @click.option(
     "--extra", multiple=True, help="Relay: ITEM:TOKENS_PER_REQUEST:MULTIPLE (reasoning:500:2)."
 )
-@click.option("--channel-discount", type=float, default=1.0, help="Relay: e.g. 0.8.")
-@click.option("--user-discount", type=float, default=1.0, help="Relay: e.g. 0.9.")
+@click.option("--channel-discount", type=POSITIVE, default=1.0, help="Relay: e.g. 0.8.")
+@click.option("--user-discount", type=POSITIVE, default=1.0, help="Relay: e.g. 0.9.")
 @click.option("--field", "fields", multiple=True, help="Relay: priced request field (priority).")
 @click.option("--concurrency", type=click.IntRange(min=1), default=None, help="Override.")
-@click.option("--rpm", type=float, default=None, help="Override the tier's RPM.")
-@click.option("--tpm", type=float, default=None, help="Override the tier's TPM.")
-@click.option("--tpd", type=float, default=None, help="Override the tier's TPD.")
+@click.option("--rpm", type=POSITIVE, default=None, help="Override the tier's RPM.")
+@click.option("--tpm", type=POSITIVE, default=None, help="Override the tier's TPM.")
+@click.option("--tpd", type=POSITIVE, default=None, help="Override the tier's TPD.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def plan(
     provider: str,

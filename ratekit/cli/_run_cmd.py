@@ -37,6 +37,7 @@ from .._batch import (
     open_batch,
 )
 from .._errors import RatekitError
+from ._types import AMOUNT, POSITIVE
 
 # Seconds between two refreshes of the progress line.
 _REFRESH_S = 0.25
@@ -190,14 +191,14 @@ def _api_key(variable: str, base_url: str) -> str:
 @click.option("--namespace", help="The shared account's name in Redis (default: PROVIDER-TIER).")
 @click.option(
     "--speed",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=1.0,
     show_default=True,
     help="Time compression (60: a minute per second), to match a mock provider.",
 )
 @click.option(
     "--margin-ms",
-    type=click.FloatRange(min=0),
+    type=AMOUNT,
     default=DEFAULT_MARGIN_MS,
     show_default=True,
     help="Real ms each admission counts beyond its window (network jitter).",
@@ -211,7 +212,7 @@ def _api_key(variable: str, base_url: str) -> str:
 @click.option("--model", help="Model for lines without one.")
 @click.option(
     "--connect-timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=DEFAULT_CONNECT_TIMEOUT_S,
     show_default=True,
     help="Seconds a connection attempt may take.",
@@ -219,14 +220,14 @@ def _api_key(variable: str, base_url: str) -> str:
 @click.option(
     "--timeout",
     "request_timeout",
-    type=click.FloatRange(min=0, min_open=True),
+    type=POSITIVE,
     default=DEFAULT_REQUEST_TIMEOUT_S,
     show_default=True,
     help="Seconds one request may take.",
 )
 @click.option(
     "--grace",
-    type=click.FloatRange(min=0),
+    type=AMOUNT,
     default=DEFAULT_GRACE_S,
     show_default=True,
     help="Seconds calls in flight get to end after Ctrl-C or SIGTERM.",

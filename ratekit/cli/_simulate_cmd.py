@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from types import ModuleType
 from typing import Any
 
@@ -39,6 +40,7 @@ from .._profiles import API_NAMES, load_profile
 from .._scheduler import Scheduler
 from ..mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
 from ..simulation import steady_utilisation
+from ._types import AMOUNT, POSITIVE
 
 
 @dataclass(frozen=True)
@@ -416,19 +418,38 @@ def _report(
 @click.option("--provider", default="moonshot", show_default=True, help="bundled provider")
 @click.option("--tier", default="tier1", show_default=True, help="tier name")
 @click.option("--model", default="kimi-k2", show_default=True, help="model name sent")
-@click.option("--calls", default=600, show_default=True, help="calls to make")
-@click.option("--workers", default=100, show_default=True, help="concurrent tasks in all")
-@click.option("--processes", default=1, show_default=True, help="OS processes (needs --redis)")
+@click.option(
+    "--calls",
+    type=click.IntRange(1, 10_000_000),
+    default=600,
+    show_default=True,
+    help="calls to make",
+)
+@click.option(
+    "--workers",
+    type=click.IntRange(min=1),
+    default=100,
+    show_default=True,
+    help="concurrent tasks in all",
+)
+@click.option(
+    "--processes",
+    type=click.IntRange(1, 64),
+    default=1,
+    show_default=True,
+    help="OS processes (needs --redis)",
+)
 @click.option("--redis", "redis_url", default=None, help="share the account through Redis")
 @click.option(
     "--speed",
+    type=POSITIVE,
     default=20.0,
     show_default=True,
     help="time compression: 20 runs a minute in 3 s (one SDK process sends ~100 calls/s)",
 )
 @click.option(
     "--margin-ms",
-    type=float,
+    type=AMOUNT,
     default=None,
     help="safety margin per admission, real ms [default: the library's, 20]",
 )
@@ -456,6 +477,10 @@ def simulate(
     if processes > 1 and redis_url is None:
         raise click.UsageError("--processes above 1 needs --redis URL to share the account")
     _sdk(api)  # a missing package fails here, before the provider starts
+    if plot_path is not None:
+        folder = Path(plot_path).absolute().parent
+        if not folder.is_dir():
+            raise click.BadParameter(f"{folder} is not a directory", param_hint="--plot")
     try:
         profile = load_profile(provider)
         tier_name = profile.tier(tier).name

@@ -1,0 +1,74 @@
+"""Bad values on the command line: each is refused before any work, in a few lines that
+name the option and the value, with exit code 2 (click's usage errors), never a
+traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ratekit.cli import main as cli
+
+PLAN = ["plan", "--provider", "moonshot", "--tier", "tier1"]
+UNIFORM = ["--requests", "10", "--prompt-tokens", "100", "--output-tokens", "10"]
+SIMULATE = ["simulate", "--calls", "10"]
+
+CASES = [
+    (["simulate", "--speed", "0"], "--speed", "0 is not above 0"),
+    (["simulate", "--speed", "nan"], "--speed", "'nan' is not a finite number"),
+    (["simulate", "--speed", "inf"], "--speed", "'inf' is not a finite number"),
+    (["simulate", "--margin-ms", "-50"], "--margin-ms", "-50 is not at least 0"),
+    (["simulate", "--calls", "-5"], "--calls", "-5 is not in the range 1<=x<=10000000"),
+    (["simulate", "--workers", "0"], "--workers", "0 is not in the range x>=1"),
+    (["simulate", "--processes", "0"], "--processes", "0 is not in the range 1<=x<=64"),
+    (["simulate", "--api", "gemini"], "--api", "'gemini' is not one of"),
+    (["simulate", "--plot", "/no/such/dir/x.png"], "--plot", "/no/such/dir is not a directory"),
+    ([*PLAN, *UNIFORM, "--input-price", "-1"], "--input-price", "-1 is not at least 0"),
+    ([*PLAN, *UNIFORM, "--input-price", "nan"], "--input-price", "'nan' is not a finite"),
+    ([*PLAN, *UNIFORM, "--user-discount", "inf"], "--user-discount", "'inf' is not a finite"),
+    ([*PLAN, *UNIFORM, "--channel-discount", "0"], "--channel-discount", "0 is not above 0"),
+    ([*PLAN, *UNIFORM, "--rpm", "-3"], "--rpm", "-3 is not above 0"),
+    ([*PLAN, *UNIFORM, "--cache-hit-share", "nan"], "--cache-hit-share", "not a finite"),
+    (
+        [*PLAN, "--requests", "1" + "0" * 30, "--prompt-tokens", "1", "--output-tokens", "1"],
+        "--requests",
+        "is not in the range 0<=x<=1000000000000000",
+    ),
+]
+
+
+@pytest.mark.parametrize(("args", "option", "message"), CASES)
+def test_a_bad_value_is_one_short_usage_error(args: list[str], option: str, message: str) -> None:
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 2, done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+    assert "Traceback" not in done.output
+    assert option in done.output
+    assert message in done.output
+    assert len(done.output.strip().splitlines()) <= 4  # usage line, hint, error
+
+
+RUN_OPTIONS = [
+    ("--timeout", "nan", "'nan' is not a finite number"),
+    ("--connect-timeout", "nan", "'nan' is not a finite number"),
+    ("--grace", "inf", "'inf' is not a finite number"),
+    ("--speed", "-1", "-1 is not above 0"),
+    ("--margin-ms", "nan", "'nan' is not a finite number"),
+]
+
+
+@pytest.mark.parametrize(("option", "value", "message"), RUN_OPTIONS)
+def test_run_refuses_a_bad_number_before_reading_anything(
+    tmp_path: Path, option: str, value: str, message: str
+) -> None:
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"model": "m", "messages": [{"role": "user", "content": "x"}]}\n')
+    args = ["run", str(requests), "--provider", "moonshot", "--tier", "tier1"]
+    args += ["--base-url", "http://127.0.0.1:9/v1", option, value]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 2, done.output
+    assert option in done.output
+    assert message in done.output
+    assert not (tmp_path / "in.out.jsonl").exists()

@@ -7,6 +7,7 @@ import sys
 
 import anyio
 
+from ._args import amount, int_in, positive
 from ._errors import RatekitError
 from ._profiles import load_profile
 from .simulation import simulate
@@ -23,14 +24,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--provider", default="moonshot", help="bundled provider (moonshot)")
     parser.add_argument("--tier", default="tier1", help="tier name (tier1)")
     parser.add_argument("--model", default=None, help="model, for per-model limits")
-    parser.add_argument("--calls", type=int, default=600, help="calls to make (600)")
-    parser.add_argument("--workers", type=int, default=100, help="concurrent tasks (100)")
     parser.add_argument(
-        "--speed", type=float, default=60.0, help="time compression: 60 runs a minute per second"
+        "--calls", type=int_in(1, 10_000_000), default=600, help="calls to make (600)"
+    )
+    parser.add_argument(
+        "--workers", type=int_in(1, 100_000), default=100, help="concurrent tasks (100)"
+    )
+    parser.add_argument(
+        "--speed", type=positive, default=60.0, help="time compression: 60 runs a minute per second"
     )
     parser.add_argument(
         "--margin-ms",
-        type=float,
+        type=amount,
         default=None,
         help="safety margin per admission, real ms (the library's default, 20)",
     )

@@ -81,6 +81,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from ._args import amount, int_in, positive
 from ._errors import LimitsError, RatekitError
 from ._limits import Limits
 from ._pricing import character_class
@@ -1581,10 +1582,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--tier", default="tier1", help="tier name (tier1)")
     parser.add_argument("--model", default=None, help="model, for per-model limits")
     parser.add_argument(
-        "--speed", type=float, default=1.0, help="time compression: 60 runs a minute per second"
+        "--speed", type=positive, default=1.0, help="time compression: 60 runs a minute per second"
     )
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument("--port", type=int, default=8000, help="port, 0 for any free one (8000)")
+    parser.add_argument(
+        "--port", type=int_in(0, 65535), default=8000, help="port, 0 for any free one (8000)"
+    )
     parser.add_argument(
         "--counting",
         choices=[mode.value for mode in ProviderCounting],
@@ -1592,17 +1595,20 @@ def _parser() -> argparse.ArgumentParser:
         help="how tokens count: reserve (at arrival) or usage (at completion)",
     )
     parser.add_argument(
-        "--latency-ms", type=float, default=0.0, help="fixed latency per call, provider ms (0)"
+        "--latency-ms", type=amount, default=0.0, help="fixed latency per call, provider ms (0)"
     )
     parser.add_argument(
-        "--ms-per-token", type=float, default=0.0, help="latency per output token, provider ms (0)"
+        "--ms-per-token", type=amount, default=0.0, help="latency per output token, provider ms (0)"
     )
     parser.add_argument(
-        "--completion-tokens", type=int, default=16, help="output tokens per call at most (16)"
+        "--completion-tokens",
+        type=int_in(1, 1_000_000),
+        default=16,
+        help="output tokens per call at most (16)",
     )
     parser.add_argument(
         "--tokenizer-factor",
-        type=float,
+        type=positive,
         default=1.0,
         help="the provider's prompt tokens per mock-tokenizer token (1.0)",
     )

@@ -4,6 +4,8 @@ traceback."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -72,3 +74,27 @@ def test_run_refuses_a_bad_number_before_reading_anything(
     assert option in done.output
     assert message in done.output
     assert not (tmp_path / "in.out.jsonl").exists()
+
+
+MODULE_CASES = [
+    (["ratekit", "--calls", "-3"], "argument --calls: -3 is not in 1..10000000"),
+    (["ratekit", "--workers", "0"], "argument --workers: 0 is not in 1..100000"),
+    (["ratekit", "--speed", "nan"], "argument --speed: 'nan' is not a finite number"),
+    (["ratekit.mock_provider", "--speed", "0"], "argument --speed: 0 is not above 0"),
+    (["ratekit.mock_provider", "--latency-ms", "inf"], "'inf' is not a finite number"),
+    (["ratekit.mock_provider", "--port", "99999"], "argument --port: 99999 is not in 0..65535"),
+    (["ratekit.mock_provider", "--completion-tokens", "0"], "0 is not in 1..1000000"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), MODULE_CASES)
+def test_the_module_commands_refuse_bad_numbers(args: list[str], message: str) -> None:
+    """``python -m ratekit`` (the offline demo) and ``python -m ratekit.mock_provider``:
+    a bad number is one error line and exit code 2, before anything runs."""
+    done = subprocess.run(
+        [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stdout == ""

@@ -496,6 +496,11 @@ def is_loopback(url: str) -> bool:
     return host in {"localhost", "::1"} or host.startswith("127.")
 
 
+# Calls in a row that cannot reach the provider before a run stops (the rest is left
+# for the next run, instead of failing every line at the tier's pace).
+_UNREACHABLE_STOP = 8
+
+
 class BatchRunner:
     """Runs the requests of one input file through `client` (a client wrapped with
     ``ratekit.wrap`` around `scheduler`), recording results in `output`.
@@ -547,6 +552,8 @@ class BatchRunner:
         self._completion_tokens = 0
         self._spend = 0.0
         self._connection_failures = 0
+        # Calls that could not reach the provider since the last one that did.
+        self._unreachable_in_a_row = 0
         self._failures: Counter[str] = Counter()
         self._stopping = False
         # Cancels the feeder (on stop) and the workers (after the grace, or on abort).
@@ -733,8 +740,17 @@ class BatchRunner:
                     error = describe_error(exc, self._base_url)
                     if error["type"] in {"APIConnectionError", "APITimeoutError"}:
                         self._connection_failures += 1
+                        self._unreachable_in_a_row += 1
                     self._fail(request.custom_id, request.line, error["type"], error["message"])
+                    if self._unreachable_in_a_row == _UNREACHABLE_STOP and not self._stopping:
+                        self._notice(
+                            f"the provider could not be reached {_UNREACHABLE_STOP} times in "
+                            f"a row ({error['message']}): stopping; run the same command "
+                            "again to resume"
+                        )
+                        self.stop()
                 else:
+                    self._unreachable_in_a_row = 0
                     self._succeed(request, response)
         finally:
             _CURRENT_CALL.reset(token)

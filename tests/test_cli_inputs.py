@@ -53,6 +53,8 @@ def test_a_bad_value_is_one_short_usage_error(args: list[str], option: str, mess
 
 
 RUN_OPTIONS = [
+    ("--base-url", "api.moonshot.ai/v1", "'api.moonshot.ai/v1' is not an http(s) URL"),
+    ("--base-url", "ftp://host/v1", "'ftp://host/v1' is not an http(s) URL"),
     ("--timeout", "nan", "'nan' is not a finite number"),
     ("--connect-timeout", "nan", "'nan' is not a finite number"),
     ("--grace", "inf", "'inf' is not a finite number"),

@@ -330,22 +330,22 @@ def closed_port() -> int:
 
 
 def test_refused_connections_fail_each_request_fast(tmp_path: Path) -> None:
-    """A base URL that refuses connections fails every request with that reason, says so
-    in the summary, exits 1, and does not hang."""
+    """A base URL that refuses connections: the run stops after a few calls in a row
+    failed that way (the rest is left for the next run), says why, exits 1, and does not
+    hang."""
     requests = tmp_path / "batch.jsonl"
-    write_requests(requests, 20)
+    write_requests(requests, 400)
     url = f"http://127.0.0.1:{closed_port()}/v1"
     args = ["run", str(requests), "--provider", PROVIDER, "--tier", "tier1", "--base-url", url]
     started = time.monotonic()
     result = CliRunner().invoke(cli_main, [*args, "--model", MODEL, "--no-progress"])
     assert time.monotonic() - started < 10
     assert result.exit_code == 1, result.output
-    assert f"failed x20: APIConnectionError: cannot connect to {url}: connection refused" in (
-        result.output
-    )
+    assert "APIConnectionError: cannot connect to" in result.output
+    assert "the provider could not be reached 8 times in a row" in result.output
     assert "the provider could not be reached" in result.output
     records = output_records(default_output_path(requests))
-    assert len(records) == 20
+    assert 8 <= len(records) < 100
     assert {r["status"] for r in records} == {"failed"}
 
 

@@ -15,6 +15,7 @@ import signal
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import anyio
 import click
@@ -152,7 +153,17 @@ class _Nothing:
         return None
 
 
+def _check_base_url(base_url: str) -> None:
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise click.BadParameter(
+            f"{base_url!r} is not an http(s) URL (e.g. https://api.moonshot.ai/v1)",
+            param_hint="--base-url",
+        )
+
+
 def _api_key(variable: str, base_url: str) -> str:
+    _check_base_url(base_url)
     key = os.environ.get(variable)
     if key:
         return key

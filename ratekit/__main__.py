@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
         overrides = {} if args.margin_ms is None else {"margin_s": args.margin_ms / 1000}
         limits = tier.limits(model=args.model, **overrides).compressed(args.speed)
     except RatekitError as exc:
-        print(f"ratekit: {exc}", file=sys.stderr)
+        print(f"Error: {exc}", file=sys.stderr)
         return 2
     model = f" {args.model}" if args.model else ""
     print(

@@ -1651,7 +1651,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.limits is not None:
             limits = _limits_from_json(args.limits)
     except RatekitError as exc:
-        print(f"ratekit: {exc}", file=sys.stderr)
+        print(f"Error: {exc}", file=sys.stderr)
         return 2
     options = {
         "speed": args.speed,
@@ -1674,7 +1674,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 0
     except OSError as exc:
-        print(f"ratekit: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
+        print(f"Error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
         return 1
     return 0
 

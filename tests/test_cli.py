@@ -41,7 +41,7 @@ def test_profiles_of_a_provider_shows_its_tiers_and_prices() -> None:
 def test_an_unknown_provider_is_a_clear_error() -> None:
     """An unknown provider exits non-zero, listing the bundled ones."""
     code, output = run("profiles", "openai")
-    assert code == 1
+    assert code == 2
     assert "unknown provider 'openai'; known: infly, minimax, moonshot, relay, stepfun" in output
 
 
@@ -134,7 +134,7 @@ def test_simulate_refuses_processes_without_redis() -> None:
 def test_simulate_rejects_an_unknown_tier() -> None:
     """An unknown tier names the ones that exist."""
     code, output = run("simulate", "--tier", "tier9")
-    assert code == 1
+    assert code == 2
     assert "unknown tier 'tier9'" in output
 
 

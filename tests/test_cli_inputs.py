@@ -100,3 +100,20 @@ def test_the_module_commands_refuse_bad_numbers(args: list[str], message: str) -
     assert message in done.stderr
     assert "Traceback" not in done.stderr
     assert done.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["plan", "--provider", "nope", "--tier", "x", *UNIFORM],
+        ["simulate", "--provider", "nope"],
+        ["profiles", "nope"],
+        ["mock-provider", "--provider", "nope"],
+    ],
+)
+def test_an_unknown_provider_reads_the_same_in_every_command(args: list[str]) -> None:
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 2, done.output
+    assert done.output.strip().splitlines()[-1] == (
+        "Error: unknown provider 'nope'; known: infly, minimax, moonshot, relay, stepfun"
+    )

@@ -32,13 +32,11 @@ from .._plan import (
 from .._pricing import ExtraTokens
 from .._profiles import Profile, Tier, load_profile
 from .._tokens import default_estimator
-from ._types import AMOUNT, POSITIVE, FiniteFloat
+from ._types import AMOUNT, POSITIVE, FiniteFloat, InputError
 
 
-class PlanUsageError(click.ClickException):
+class PlanUsageError(InputError):
     """A plan that cannot be made from the options (unknown name, missing input): exit 2."""
-
-    exit_code = 2
 
 
 def format_duration(seconds: float) -> str:

@@ -8,6 +8,7 @@ from rich.table import Table
 
 from .._errors import RatekitError
 from .._profiles import Profile, bundled_providers, load_profile
+from ._types import InputError
 
 
 def _number(value: float | None) -> str:
@@ -95,7 +96,7 @@ def profiles(provider: str | None) -> None:
     try:
         profile = load_profile(provider)
     except RatekitError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     console.print(tiers_table(profile))
     models = models_table(profile)
     if models is not None:

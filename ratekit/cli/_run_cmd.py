@@ -38,7 +38,7 @@ from .._batch import (
     open_batch,
 )
 from .._errors import RatekitError
-from ._types import AMOUNT, POSITIVE
+from ._types import AMOUNT, POSITIVE, InputError
 
 # Seconds between two refreshes of the progress line.
 _REFRESH_S = 0.25
@@ -294,8 +294,7 @@ def run(
         # An output that would destroy data (the requests, a foreign file) fails here too.
         check_output(requests, output or default_output_path(requests))
     except RatekitError as exc:
-        err.print(f"ratekit: {exc}", markup=False, highlight=False, soft_wrap=True)
-        sys.exit(2)
+        raise InputError(str(exc)) from None
     summary, interrupted_by = anyio.run(_run, config, requests, err, progress, backend="asyncio")
     click.echo("\n".join(summary.lines()))
     if interrupted_by:

@@ -40,7 +40,7 @@ from .._profiles import API_NAMES, load_profile
 from .._scheduler import Scheduler
 from ..mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
 from ..simulation import steady_utilisation
-from ._types import AMOUNT, POSITIVE
+from ._types import AMOUNT, POSITIVE, InputError
 
 
 @dataclass(frozen=True)
@@ -487,7 +487,7 @@ def simulate(
         account = Account(profile, tier=tier_name)
         has_own_limits = account.group(model) != "account"
     except RatekitError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise InputError(str(exc)) from None
     model_limits = model if has_own_limits else None
     options = {
         "api": api,

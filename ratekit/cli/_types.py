@@ -46,3 +46,10 @@ class FiniteFloat(click.ParamType):  # type: ignore[type-arg]  # generic from cl
 
 AMOUNT = FiniteFloat(0)  # a price, a top-up, seconds of grace: 0 or more
 POSITIVE = FiniteFloat(0, open_low=True)  # a limit, a speed, a timeout: more than 0
+
+
+class InputError(click.ClickException):
+    """A value the command cannot use (an unknown provider, tier or model, a file it
+    must not write): one line, ``Error: ...``, and exit code 2, as click's usage errors."""
+
+    exit_code = 2

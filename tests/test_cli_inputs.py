@@ -117,3 +117,16 @@ def test_an_unknown_provider_reads_the_same_in_every_command(args: list[str]) ->
     assert done.output.strip().splitlines()[-1] == (
         "Error: unknown provider 'nope'; known: infly, minimax, moonshot, relay, stepfun"
     )
+
+
+def test_output_in_a_pipe_is_never_wrapped_or_cut() -> None:
+    """Not a terminal: every line and table row is whole, however long."""
+    done = CliRunner().invoke(cli, [*PLAN, "--requests", "1000", *UNIFORM[2:]])
+    assert done.exit_code == 0, done.output
+    lines = done.output.splitlines()
+    assert any("2,000,000 tokens / 1m" in line for line in lines)
+    assert any(
+        line.startswith("cost: not priced:") and line.endswith("(USD per 1,000,000 tokens)")
+        for line in lines
+    )
+    assert "…" not in done.output

@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
@@ -32,7 +31,7 @@ from .._plan import (
 from .._pricing import ExtraTokens
 from .._profiles import Profile, Tier, load_profile
 from .._tokens import default_estimator
-from ._types import AMOUNT, POSITIVE, FiniteFloat, InputError
+from ._types import AMOUNT, POSITIVE, FiniteFloat, InputError, make_console
 
 
 class PlanUsageError(InputError):
@@ -351,8 +350,8 @@ def plan(
 
 
 def _print(result: Plan, problems: tuple[LineProblem, ...]) -> None:
-    console = Console()
-    err = Console(stderr=True)
+    console = make_console()
+    err = make_console(stderr=True)
     for problem in problems:
         err.print(f"[yellow]line {problem.line}: skipped: {escape(problem.message)}[/yellow]")
     if problems:

@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import click
-from rich.console import Console
 from rich.table import Table
 
 from .._errors import RatekitError
 from .._profiles import Profile, bundled_providers, load_profile
-from ._types import InputError
+from ._types import InputError, make_console
 
 
 def _number(value: float | None) -> str:
@@ -81,7 +80,7 @@ def _optional(value: float | None) -> str:
 @click.argument("provider", required=False)
 def profiles(provider: str | None) -> None:
     """The bundled providers; with PROVIDER, its tiers and prices."""
-    console = Console()
+    console = make_console()
     if provider is None:
         table = Table(title="bundled providers")
         for column in ("provider", "name", "currency", "tiers"):

@@ -38,7 +38,7 @@ from .._batch import (
     open_batch,
 )
 from .._errors import RatekitError
-from ._types import AMOUNT, POSITIVE, InputError
+from ._types import AMOUNT, POSITIVE, InputError, make_console
 
 # Seconds between two refreshes of the progress line.
 _REFRESH_S = 0.25
@@ -288,7 +288,7 @@ def run(
         request_timeout_s=request_timeout,
         grace_s=grace,
     )
-    err = Console(stderr=True)
+    err = make_console(stderr=True)
     try:
         make_account(config)  # an unknown provider or tier fails here, before any I/O
         # An output that would destroy data (the requests, a foreign file) fails here too.

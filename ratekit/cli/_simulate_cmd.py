@@ -40,7 +40,7 @@ from .._profiles import API_NAMES, load_profile
 from .._scheduler import Scheduler
 from ..mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
 from ..simulation import steady_utilisation
-from ._types import AMOUNT, POSITIVE, InputError
+from ._types import AMOUNT, POSITIVE, InputError, make_console
 
 
 @dataclass(frozen=True)
@@ -506,7 +506,7 @@ def simulate(
         "seed": seed,
         "completion_tokens": 64,
     }
-    console = Console()
+    console = make_console()
     limits = account.limits(model if has_own_limits else None)
     console.print(
         f"{profile.display_name} {tier_name}: concurrency {limits.concurrency}, rpm {limits.rpm}, "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import click
+from rich.console import Console
 
 
 class FiniteFloat(click.ParamType):  # type: ignore[type-arg]  # generic from click 8.2
@@ -53,3 +55,16 @@ class InputError(click.ClickException):
     must not write): one line, ``Error: ...``, and exit code 2, as click's usage errors."""
 
     exit_code = 2
+
+
+# Wide enough that no table or line of ours wraps when the output is not a terminal.
+_PIPE_WIDTH = 200
+
+
+def make_console(*, stderr: bool = False) -> Console:
+    """A console for a command's output: a terminal's own width; in a pipe or a file, lines
+    that are never wrapped or cut (a table as wide as it needs)."""
+    stream = sys.stderr if stderr else sys.stdout
+    if stream.isatty():
+        return Console(stderr=stderr)
+    return Console(stderr=stderr, width=_PIPE_WIDTH, soft_wrap=True)

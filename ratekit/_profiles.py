@@ -195,14 +195,18 @@ class Tier:
         `UnknownModelError` is raised). `overrides` are any `Limits` fields (rpm=...,
         tpm=..., concurrency=..., margin_s=..., pacing=..., ...); `None` for a number
         means unlimited; `margin_s` is `DEFAULT_MARGIN_S` (20 ms) unless overridden. A
-        profile whose limits are all per model (MiniMax) has no tier-level limits, so
-        without `model` the result is unlimited.
+        profile whose limits are all per model (MiniMax) has no tier-level limits:
+        without `model`, each number is the strictest any of its models has at this
+        tier, so that a call that does not say its model is never let through where
+        its model's limits would refuse it (pass `model` for that model's own).
         """
         numbers = self.numbers
         if model is not None:
             override = self._model_override(model)
             if override is not None:
                 numbers = override.merged_over(numbers)
+        elif numbers == LimitNumbers():
+            numbers = self._strictest_model_numbers()
         unknown = [name for name in overrides if name not in LIMITS_FIELDS]
         if unknown:
             raise LimitsError(
@@ -216,6 +220,20 @@ class Tier:
         }
         fields.update(overrides)
         return Limits(**fields)
+
+    def _strictest_model_numbers(self) -> LimitNumbers:
+        """Per number, the smallest any model sets at this tier (None where none does)."""
+        overrides = [
+            numbers
+            for candidate in self.models
+            if (numbers := candidate.limits_for(self.name)) is not None
+        ]
+        strictest: dict[str, Any] = {}
+        for key in LIMIT_KEYS:
+            values = [getattr(numbers, key) for numbers in overrides]
+            known = [value for value in values if value is not None]
+            strictest[key] = min(known) if known else None
+        return LimitNumbers(**strictest)
 
     def _model_override(self, model: str) -> LimitNumbers | None:
         wanted = model.casefold()

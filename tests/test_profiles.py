@@ -202,10 +202,24 @@ def test_minimax_unknown_model_lists_models() -> None:
     )
 
 
-def test_minimax_tier_without_model_is_unlimited() -> None:
-    """MiniMax publishes no tier-level limits, so a tier alone carries none."""
-    limits = load_profile("minimax").tier("paid").limits()
-    assert (limits.concurrency, limits.rpm, limits.tpm, limits.tpd) == (None, None, None, None)
+def test_minimax_tier_without_model_takes_the_strictest_models_limits() -> None:
+    """MiniMax publishes limits per model only: a tier without `model` carries, for each
+    number, the smallest any model has at that tier, so that a call that does not name
+    its model is never let through where its model would refuse it."""
+    profile = load_profile("minimax")
+    for tier in profile.tiers:
+        limits = tier.limits()
+        per_model = [limits_of for m in profile.models if (limits_of := m.limits_for(tier.name))]
+        assert per_model
+        for key in ("concurrency", "rpm", "tpm", "tpd"):
+            known = [getattr(numbers, key) for numbers in per_model if getattr(numbers, key)]
+            assert getattr(limits, key) == (min(known) if known else None), (tier.name, key)
+        for model in profile.models:
+            if model.limits_for(tier.name) is None:
+                continue
+            own = tier.limits(model=model.name)
+            assert own.rpm is None or limits.rpm is None or limits.rpm <= own.rpm
+            assert own.tpm is None or limits.tpm is None or limits.tpm <= own.tpm
 
 
 def test_profile_model_lookup() -> None:

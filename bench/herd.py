@@ -63,12 +63,12 @@ from typing import IO, TYPE_CHECKING, Any
 import ratekit
 from bench._common import positive_int, require
 from bench.redis import (
-    RedisProcess,
     _exit_on_sigterm,
     _format_table,
     _harness_client,
     require_redis_server,
 )
+from ratekit.testing import RedisServer
 
 if TYPE_CHECKING:
     from ratekit.backends._base import Grant, Refusal
@@ -840,7 +840,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     require(TOOL, {"redis": "redis"}, "ratekit.backends.redis", EXTRA_HINT)
     binary = require_redis_server(TOOL)
-    with RedisProcess(binary) as server:
+    with RedisServer(binary) as server:
         results = asyncio.run(run(server.url, args))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

@@ -41,26 +41,21 @@ import itertools
 import json
 import os
 import platform
-import shutil
 import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from types import TracebackType
 from typing import Any
 
 from bench._common import BenchError, Op, Subject, positive_int, require
+from ratekit.testing import SERVER_HINT, RedisServer, redis_server_binary
 
 # A limit no benchmark run comes near: requests (or tokens) per period.
 HUGE = 10**9
 EXTRA_HINT = "pip install -e '.[bench,redis]'"
-SERVER_HINT = "apt-get install redis-server"
 # Import name -> distribution name of every library the bench needs.
 PEERS = {"redis": "redis", "limits": "limits", "pyrate_limiter": "pyrate-limiter"}
 FLOOR = "raw EVALSHA `return 1`"
@@ -177,57 +172,9 @@ def _harness_client(url: str) -> Any:
 # -- the server -------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class RedisProcess:
-    """A throwaway redis-server on 127.0.0.1, no persistence; a context manager."""
-
-    def __init__(self, binary: str) -> None:
-        self.binary = binary
-        self.port = _free_port()
-        self.directory = tempfile.mkdtemp(prefix="ratekit-bench-redis-")
-        self.process: subprocess.Popen[bytes] | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def __enter__(self) -> RedisProcess:
-        command = [self.binary, "--port", str(self.port), "--bind", "127.0.0.1"]
-        command += ["--save", "", "--appendonly", "no", "--dir", self.directory]
-        self.process = subprocess.Popen(
-            command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            try:
-                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
-                    return self
-            except OSError:
-                time.sleep(0.02)
-        self.__exit__(None, None, None)
-        raise SystemExit(f"bench.redis: redis-server did not listen on port {self.port} in 10 s")
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-        shutil.rmtree(self.directory, ignore_errors=True)
-
-
 def require_redis_server(tool: str = "bench.redis") -> str:
     """The redis-server binary, or exit (as `tool`) naming the package that provides it."""
-    binary = shutil.which("redis-server")
+    binary = redis_server_binary()
     if binary is None:
         raise SystemExit(
             f"{tool}: redis-server is not on PATH; install it ({SERVER_HINT}) and run again"
@@ -1205,7 +1152,7 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
 
 
 def _exit_on_sigterm(signum: int, frame: object) -> None:
-    raise SystemExit(128 + signum)  # unwinds through RedisProcess, which stops the server
+    raise SystemExit(128 + signum)  # unwinds through RedisServer, which stops the server
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -1213,7 +1160,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     signal.signal(signal.SIGTERM, _exit_on_sigterm)
     require_peers()
     binary = require_redis_server()
-    with RedisProcess(binary) as server:
+    with RedisServer(binary) as server:
         results = asyncio.run(run(server.url, args))
     if args.json is not None:
         args.json.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")

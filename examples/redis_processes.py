@@ -1,8 +1,8 @@
 """Several OS processes sharing one account through Redis, against a strict provider.
 
-Starts a redis-server on a free loopback port (``redis-server`` must be on PATH)
-and a strict local provider enforcing Moonshot's Tier1 (50 in flight, 200 RPM, a
-minute per second), then runs worker processes that each wrap their own
+Starts a redis-server on a free loopback port (``redis-server`` must be on PATH;
+`ratekit.testing.RedisServer`) and a strict local provider enforcing Moonshot's Tier1
+(50 in flight, 200 RPM, a minute per second), then runs worker processes that each wrap their own
 ``openai.AsyncOpenAI`` with a scheduler on one `RedisBackend` namespace: together
 they keep to the tier. Exits 1 on any 429 or lost call, 2 without redis-server.
 
@@ -13,11 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
-import shutil
-import socket
-import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from typing import Any
@@ -27,35 +23,13 @@ from anyio.from_thread import start_blocking_portal
 
 import ratekit
 from ratekit.backends.redis import RedisBackend
-from ratekit.mock_provider import MockProvider
+from ratekit.testing import SERVER_HINT, MockProvider, RedisServer, redis_server_binary
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 MARGIN_S = 0.25  # admission to arrival at the provider, for cold clients in busy processes
 PROCESSES = 4
 TASKS_PER_PROCESS = 20
 CALLS_PER_TASK = 5
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def start_redis(binary: str, port: int, directory: str) -> subprocess.Popen[bytes]:
-    """A throwaway redis-server on 127.0.0.1:`port`, without persistence; waits for it."""
-    command = [binary, "--port", str(port), "--bind", "127.0.0.1"]
-    command += ["--save", "", "--appendonly", "no", "--dir", directory]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return process
-        except OSError:
-            time.sleep(0.02)
-    process.kill()
-    raise RuntimeError(f"redis-server did not listen on 127.0.0.1:{port} within 10 s")
 
 
 async def work(redis_url: str, namespace: str, base_url: str) -> dict[str, int]:
@@ -91,33 +65,23 @@ def worker(args: tuple[str, str, str]) -> dict[str, int]:
 
 
 def main() -> int:
-    binary = shutil.which("redis-server")
+    binary = redis_server_binary()
     if binary is None:
-        print(
-            "redis-server is not on PATH: install it (Debian: apt-get install redis-server)",
-            file=sys.stderr,
-        )
+        print(f"redis-server is not on PATH: install it ({SERVER_HINT})", file=sys.stderr)
         return 2
     tier = ratekit.load_profile("moonshot").tier("tier1")
-    with tempfile.TemporaryDirectory(prefix="ratekit-example-") as directory:
-        port = free_port()
-        redis = start_redis(binary, port, directory)
+    with RedisServer(binary) as redis, start_blocking_portal() as provider_loop:
+        server = MockProvider(tier.limits(), speed=SPEED, latency_s=1.2)
+        provider_loop.call(server.start)
         try:
-            with start_blocking_portal() as provider_loop:
-                server = MockProvider(tier.limits(), speed=SPEED, latency_s=1.2)
-                provider_loop.call(server.start)
-                try:
-                    jobs = [(f"redis://127.0.0.1:{port}/0", uuid.uuid4().hex, server.base_url)]
-                    started = time.monotonic()
-                    context = multiprocessing.get_context("spawn")
-                    with context.Pool(PROCESSES) as pool:
-                        results: list[dict[str, Any]] = pool.map(worker, jobs * PROCESSES)
-                    elapsed_s = time.monotonic() - started
-                finally:
-                    provider_loop.call(server.close)
+            jobs = [(redis.url, uuid.uuid4().hex, server.base_url)]
+            started = time.monotonic()
+            context = multiprocessing.get_context("spawn")
+            with context.Pool(PROCESSES) as pool:
+                results: list[dict[str, Any]] = pool.map(worker, jobs * PROCESSES)
+            elapsed_s = time.monotonic() - started
         finally:
-            redis.kill()
-            redis.wait(timeout=10)
+            provider_loop.call(server.close)
 
     expected = PROCESSES * TASKS_PER_PROCESS * CALLS_PER_TASK
     done = sum(result["done"] for result in results)

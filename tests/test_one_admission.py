@@ -15,7 +15,6 @@ import gc
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -44,6 +43,7 @@ from ratekit import (
     Scheduler,
 )
 from ratekit.mock_provider import MockProvider
+from ratekit.testing import free_port
 
 pytestmark = pytest.mark.anyio
 
@@ -154,12 +154,6 @@ def classify_429(error: BaseException) -> Signal | None:
     if isinstance(error, TooManyRequests):
         return Signal(error.retry_after_s)
     return None
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _openai_client(server: MockProvider, **options: Any) -> openai.AsyncOpenAI:
@@ -1050,7 +1044,7 @@ async def test_tokens_beyond_any_float_are_a_typed_error(
 async def test_the_first_call_with_redis_unreachable_follows_the_policy(policy: str) -> None:
     """With Redis unreachable, the scheduler's first call raises `BackendUnavailableError`
     (fail_closed) or is admitted (fail_open, local): never a raw redis error."""
-    url = f"redis://127.0.0.1:{_free_port()}/0"
+    url = f"redis://127.0.0.1:{free_port()}/0"
     backend = RedisBackend(url, namespace=_namespace("down"), on_unavailable=policy)
     scheduler = Scheduler(_account(), backend=backend)
 

@@ -24,7 +24,7 @@ import ratekit
 from ratekit import Limiter, Limits
 from ratekit.backends.redis import RedisBackend
 
-from .redis_server import RedisServer, _free_port, require_redis_server
+from .redis_server import RedisServer, free_port, require_redis_server
 
 pytestmark = pytest.mark.anyio
 
@@ -44,7 +44,7 @@ class SentinelSetup:
         self.replica = RedisServer(
             binary, extra=("--replicaof", "127.0.0.1", str(self.primary.port))
         )
-        self.sentinel_port = _free_port()
+        self.sentinel_port = free_port()
         self.directory = Path(tempfile.mkdtemp(prefix="ratekit-sentinel-"))
         self.binary = binary
         self.process: subprocess.Popen[bytes] | None = None

@@ -1,0 +1,33 @@
+"""Test doubles and real servers for code that uses ratekit, shared by ratekit's own
+tests, benchmarks, examples and command line.
+
+- `FakeClock`: time that moves only when told (limiter logic tested exactly).
+- `MockProvider`: the strict local provider, OpenAI's API and Anthropic's Messages API
+  over HTTP, enforcing a tier exactly (``ratekit mock-provider`` serves it).
+- `RedisServer`, `RedisCluster`: a real redis-server (or valkey-server) on a free
+  loopback port, and a three-master cluster; `free_port`, `redis_server_binary`,
+  `valkey_server_binary`.
+"""
+
+from .._clock import FakeClock
+from ..mock_provider import MockProvider, MockProviderStatistics
+from ._redis import (
+    SERVER_HINT,
+    RedisCluster,
+    RedisServer,
+    free_port,
+    redis_server_binary,
+    valkey_server_binary,
+)
+
+__all__ = [
+    "SERVER_HINT",
+    "FakeClock",
+    "MockProvider",
+    "MockProviderStatistics",
+    "RedisCluster",
+    "RedisServer",
+    "free_port",
+    "redis_server_binary",
+    "valkey_server_binary",
+]

@@ -183,7 +183,7 @@ def utilisation(arrivals: list[float], limit: int, period_s: float) -> float:
 
 
 async def single_process(calls: int, margin_s: float) -> EndToEndRow:
-    from tests.scheduler_worker import (
+    from ratekit.testing._fleet import (
         Outcome,
         chat_call,
         drive,
@@ -217,14 +217,14 @@ async def single_process(calls: int, margin_s: float) -> EndToEndRow:
 
 
 def _start_member(config: dict[str, Any]) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "tests.scheduler_worker", json.dumps(config)]
+    command = [sys.executable, "-m", "ratekit.testing._fleet", json.dumps(config)]
     return subprocess.Popen(
         command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
     )
 
 
 async def fleet(calls: int, margin_s: float, url: str, members: int = 4) -> EndToEndRow:
-    from tests.scheduler_worker import provider_limits
+    from ratekit.testing._fleet import provider_limits
 
     async with MockProvider(provider_limits(), speed=SPEED) as server:
         config = {

@@ -43,9 +43,7 @@ import pytest
 import ratekit
 from ratekit.mock_provider import MockProvider
 from ratekit.simulation import steady_utilisation
-
-from .redis_server import RedisServer
-from .scheduler_worker import (
+from ratekit.testing._fleet import (
     SPEED,
     Outcome,
     chat_call,
@@ -54,6 +52,8 @@ from .scheduler_worker import (
     provider_limits,
     warm_up,
 )
+
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -85,7 +85,7 @@ def _client(server: MockProvider) -> openai.AsyncOpenAI:
 
 def _start_member(config: dict[str, Any]) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "tests.scheduler_worker", json.dumps(config)],
+        [sys.executable, "-m", "ratekit.testing._fleet", json.dumps(config)],
         cwd=ROOT,
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,

@@ -1,7 +1,9 @@
-"""The scheduler driving the real `openai` client: shared by tests/test_scheduler_e2e.py and
-run as one process of a fleet sharing an account through Redis.
+"""A workload driver: a scheduler driving the real `openai` client against the strict
+provider, used by the end-to-end tests (tests/test_scheduler_e2e.py) and the benchmark
+(bench/scheduler.py), in one process or as one process of a fleet sharing an account
+through Redis. Needs the ``openai`` package.
 
-``python -m tests.scheduler_worker '<json config>'`` builds a `Scheduler` on a
+``python -m ratekit.testing._fleet '<json config>'`` builds a `Scheduler` on a
 `RedisBackend` (``url``, ``namespace``), prints ``ready``, reads the wall-clock
 start instant (``time.time()`` seconds) from a line of stdin, pauses the shared
 account until then (so that every task is queued when the window opens), and
@@ -198,11 +200,9 @@ async def _fleet_member(config: dict[str, Any]) -> Outcome:
             period_scale=1 / config.get("speed", SPEED),
         )
     scheduler = ratekit.Scheduler(account, backend=backend, hooks=[outcome.record])
-    client = openai.AsyncOpenAI(
-        base_url=config["base_url"],
-        api_key="x",
-        **({} if config.get("defaults") else {"max_retries": 0}),
-    )
+    # The SDK's own retries as a new user has them (2), or off.
+    retries = openai.DEFAULT_MAX_RETRIES if config.get("defaults") else 0
+    client = openai.AsyncOpenAI(base_url=config["base_url"], api_key="x", max_retries=retries)
     try:
         await warm_up(client, config["connections"])
         await scheduler.limiter().statistics()  # connected, scripts loaded

@@ -246,15 +246,23 @@ class Tier:
         return None
 
 
+# Hosts that never leave the machine: a base URL there may be plain http.
+_LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
 def base_url_problem(value: object) -> str | None:
     """Why `value` cannot be an API base URL, or `None` when it can.
 
-    A base URL is an https URL with a host, no user or password, no query or fragment
-    and no trailing "/", so that ``f"{base_url}/chat/completions"`` is the endpoint.
+    A base URL is an https URL with a host (or an http one on this machine's loopback: a
+    local provider or a relay beside the client), no user or password, no query or
+    fragment and no trailing "/", so that ``f"{base_url}/chat/completions"`` is the
+    endpoint.
     """
-    if not isinstance(value, str) or not value.startswith("https://"):
+    if not isinstance(value, str) or not value.startswith(("https://", "http://")):
         return f"expected an https URL, got {show(value)}"
     parts = urllib.parse.urlsplit(value)
+    if parts.scheme == "http" and parts.hostname not in _LOOPBACK_HOSTS:
+        return f"expected an https URL, got {show(value)}"
     if "@" in parts.netloc:
         return "expected no user or password in the URL"  # never echo a credential
     if not parts.hostname or any(char.isspace() for char in value):
@@ -341,7 +349,10 @@ class Profile:
         """
         found = self.apis.get(name.casefold()) if isinstance(name, str) else None
         if found is None:
-            raise UnknownNameError(name, self.api_names, f"the APIs of profile {self.provider!r}")
+            where = f"the APIs of profile {self.provider!r}"
+            if not self.api_names:
+                where += " (its page names no host: give yours with profile.with_base_url)"
+            raise UnknownNameError(name, self.api_names, where)
         return found
 
     def base_url(self, api: str) -> str:

@@ -136,7 +136,7 @@ class _Group:
     __slots__ = (
         "cooldown_s",
         "factor",
-        "header_caps",
+        "header_limits",
         "last_429_s",
         "last_step_s",
         "limiter",
@@ -152,9 +152,9 @@ class _Group:
         self.last_step_s = -math.inf
         # The cooldown given to the last 429 that named no wait.
         self.cooldown_s = _DEFAULT_COOLDOWN_S
-        # The share of the tier's rpm ("requests") and tpm ("tokens") that the provider's
-        # own headers allow, per unit (absent: all).
-        self.header_caps: dict[str, float] = {}
+        # The rpm ("requests") and tpm ("tokens") the provider's own headers report, per
+        # unit, where below the tier's (absent: the tier's).
+        self.header_limits: dict[str, float] = {}
 
 
 class Scheduler:
@@ -276,16 +276,17 @@ class Scheduler:
         return group
 
     def _apply(self, group: _Group, model: str | None) -> None:
-        """Put in force the tier's limits times the adapted factor, each of rpm and tpm
-        no higher than the provider's headers allow."""
+        """Put in force the tier's limits, rpm and tpm no higher than the provider's headers
+        report, all times the adapted factor (429s lower what is in force, whichever number
+        it came from)."""
         tier = self.account.limits(model)
         limits = tier.scaled(group.factor)
         changes = {}
         for unit, field_name in _HEADER_FIELDS:
-            cap = group.header_caps.get(unit, 1.0)
+            reported = group.header_limits.get(unit)
             value = getattr(tier, field_name)
-            if cap < group.factor and value is not None:
-                changes[field_name] = max(value * cap, MIN_LIMIT)
+            if reported is not None and value is not None and reported < value:
+                changes[field_name] = max(reported * group.factor, MIN_LIMIT)
         group.limiter.limits = limits.replace(**changes) if changes else limits
 
     def limiter(self, model: str | None = None) -> Limiter:
@@ -532,7 +533,8 @@ class Scheduler:
         *,
         admitted_at_s: float | None = None,
     ) -> None:
-        """Answer a provider's 429: pause the account, and adapt when 429s keep coming.
+        """Answer a provider's 429: pause the account, and adapt when 429s keep coming
+        (not for an overloaded provider's 529, see `RateLimitSignal.overloaded`).
 
         `admitted_at_s` is when the refused call was admitted (default: now). The
         429s of calls admitted before the previous 429 was seen are one burst: they
@@ -564,7 +566,9 @@ class Scheduler:
             cooldown_s = group.cooldown_s
         if cooldown_s > 0:
             await self._pause(name, group, cooldown_s)
-        if self._adapt and repeated and group.factor > _ADAPT_FLOOR:
+        # An overloaded provider (a 529) is busy for everyone: pause, keep the limits.
+        overloaded = getattr(signal, "overloaded", False) is True
+        if self._adapt and repeated and not overloaded and group.factor > _ADAPT_FLOOR:
             group.factor = max(group.factor * _ADAPT_DOWN, _ADAPT_FLOOR)
             group.last_step_s = now
             self._apply(group, model)
@@ -608,17 +612,22 @@ class Scheduler:
             if theirs is None or theirs.limit is None or not mine:
                 continue
             # A reported 0 would stop the account for good: keep a sliver to recover from.
-            cap = min(max(theirs.limit / mine, _ADAPT_FLOOR / 10), 1.0)
-            if cap != group.header_caps.get(unit, 1.0):
-                group.header_caps[unit] = cap
+            number = max(theirs.limit, mine * _ADAPT_FLOOR / 10)
+            before = group.header_limits.get(unit)
+            if number >= mine:
+                if before is not None:
+                    del group.header_limits[unit]
+                    changed.append((1.0, ""))
+            elif number != before:
+                group.header_limits[unit] = number
                 reason = f"the provider reports {unit} limit {theirs.limit:g}, the tier {mine:g}"
-                changed.append((cap, reason))
+                changed.append((number / mine, reason))
         if changed:
             self._apply(group, model)
             name = self.account.group(model)
-            for cap, reason in changed:
-                if cap < 1.0:
-                    self._emit(LimitsAdapted(name, cap, reason))
+            for share, reason in changed:
+                if share < 1.0:
+                    self._emit(LimitsAdapted(name, share, reason))
 
     def estimate_cost(
         self,

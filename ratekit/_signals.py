@@ -59,7 +59,10 @@ class RateLimitSignal:
     there was none. `message` is a short summary for logs: at most 200 characters, never a
     header value, and with key-like strings from the provider's text redacted.
     `retryable` is False when retrying will not help soon: the balance or quota is spent,
-    or the provider sent ``x-should-retry: false``.
+    or the provider sent ``x-should-retry: false``. `overloaded` is True when the
+    provider is busy for everyone (HTTP 529, ``overloaded_error``,
+    ``engine_overloaded_error``), not refusing this account over its limits: worth a
+    pause, not lower limits.
     """
 
     retry_after_s: float | None
@@ -68,6 +71,7 @@ class RateLimitSignal:
     code: str | None
     message: str
     retryable: bool
+    overloaded: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -265,16 +269,26 @@ def _unit_headers(
     """(limit, remaining, reset seconds) of unit `name` as the answer writes them: OpenAI's
     ``x-ratelimit-{limit,remaining,reset}-<unit>`` (the reset a duration), else the Anthropic
     API's ``anthropic-ratelimit-<unit>-{limit,remaining,reset}`` (the reset an RFC 3339
-    instant). Anthropic's ``tokens`` headers are its most restrictive token limit."""
+    instant)."""
     limit = lowered.get(f"x-ratelimit-limit-{name}")
     remaining = lowered.get(f"x-ratelimit-remaining-{name}")
     reset_text = lowered.get(f"x-ratelimit-reset-{name}")
     if limit is not None or remaining is not None or reset_text is not None:
         reset_s = parse_duration(reset_text) if reset_text is not None else None
         return limit, remaining, reset_s
-    limit = lowered.get(f"anthropic-ratelimit-{name}-limit")
-    remaining = lowered.get(f"anthropic-ratelimit-{name}-remaining")
-    reset_text = lowered.get(f"anthropic-ratelimit-{name}-reset")
+    # Anthropic's "tokens" headers name whichever of its input and output limits is
+    # closest to running out, so they change from answer to answer: the tokens limit
+    # is the smallest of the three the answer reports, a stable number.
+    kinds = (name, "input-tokens", "output-tokens") if name == "tokens" else (name,)
+    limits = [
+        (number, kind)
+        for kind in kinds
+        if (number := _plain_number(lowered.get(f"anthropic-ratelimit-{kind}-limit"))) is not None
+    ]
+    kind = min(limits)[1] if limits else name
+    limit = lowered.get(f"anthropic-ratelimit-{kind}-limit")
+    remaining = lowered.get(f"anthropic-ratelimit-{kind}-remaining")
+    reset_text = lowered.get(f"anthropic-ratelimit-{kind}-reset")
     reset_s = None
     if reset_text is not None:
         reset_s = _rfc3339_wait(reset_text, now_s)
@@ -355,6 +369,10 @@ _MINIMAX_CODES: Final[Mapping[int, _Documented]] = {
     # "usage limit exceeded": wait for the next 5-hour window, so no retry soon helps.
     2056: _Documented(retryable=False, dimension=None),
 }
+
+# The codes that say the provider is busy for everyone, not that this account is over
+# its limits (Anthropic's, Moonshot's).
+_OVERLOADED: Final = frozenset({"overloaded_error", "engine_overloaded_error"})
 
 _RATE_LIMITED: Final = _Documented(retryable=True, dimension=None)
 # StepFun, "异常事件处理建议" (platform.stepfun.com/docs/guide/exception): HTTP 402 means the
@@ -586,6 +604,7 @@ def classify(error: BaseException | object, *, now_s: float) -> RateLimitSignal 
         wait = parse_duration(said.group(1)) if said else None
         retry_after_s = None if wait is None else max(wait, 0.0)
     retryable = documented.retryable and read.headers.get("x-should-retry", "").lower() != "false"
+    overloaded = read.status == 529 or code in _OVERLOADED
     return RateLimitSignal(
         retry_after_s=retry_after_s,
         dimension=_dimension(read, documented, limits),
@@ -593,4 +612,5 @@ def classify(error: BaseException | object, *, now_s: float) -> RateLimitSignal 
         code=code,
         message=_summary(read.status, code, read.text),
         retryable=retryable,
+        overloaded=overloaded,
     )

@@ -561,8 +561,21 @@ def _count(estimator: TokenEstimator, text: str) -> int:
     return tokens
 
 
+def _plain(value: object) -> object:
+    """`value` as JSON-like data: an SDK's own object (a pydantic model, such as the
+    content blocks of an answer sent back in the next request) as its dict."""
+    dump = getattr(value, "model_dump", None)
+    if callable(dump) and not isinstance(value, Mapping | str):
+        try:
+            return dump(exclude_none=True)
+        except Exception:
+            return value
+    return value
+
+
 def _part_tokens(part: object, field: str, estimator: TokenEstimator, allow: _Allowances) -> int:
-    """Tokens of one content part (OpenAI chat or responses shapes)."""
+    """Tokens of one content part (OpenAI chat or responses shapes, or an SDK's object)."""
+    part = _plain(part)
     if isinstance(part, str):
         return _count(estimator, part)
     if not isinstance(part, Mapping):
@@ -606,6 +619,7 @@ def _leaf_text(value: object) -> str:
 def _content_tokens(
     content: object, field: str, estimator: TokenEstimator, allow: _Allowances
 ) -> int:
+    content = _plain(content)
     if content is None:
         return 0
     if isinstance(content, str):
@@ -633,6 +647,7 @@ def _call_tokens(call: object, field: str, estimator: TokenEstimator) -> int:
 def _message_tokens(
     message: object, field: str, estimator: TokenEstimator, allow: _Allowances
 ) -> int:
+    message = _plain(message)
     if not isinstance(message, Mapping):
         raise RequestShapeError(field, f"expected a message (a dict), got {message!r}")
     tokens = _content_tokens(message.get("content"), f"{field}.content", estimator, allow)

@@ -1635,7 +1635,10 @@ async def _serve(
     limits: Limits, options: dict[str, Any], banner: str, until_stdin_closes: bool
 ) -> None:
     async with MockProvider(limits, **options) as server:
+        # The OpenAI base URL alone on its line (what a parent process reads), then the
+        # Anthropic one, which the anthropic SDK takes without /v1.
         print(f"{banner}\n{server.base_url}", flush=True)
+        print(f"anthropic base URL: {server.anthropic_base_url}", flush=True)
         if until_stdin_closes:
             await asyncio.to_thread(sys.stdin.read)
         else:

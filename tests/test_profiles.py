@@ -353,7 +353,13 @@ def test_a_profile_without_apis_serves_none() -> None:
     assert profile.apis == {}
     with pytest.raises(UnknownNameError) as info:
         profile.base_url("openai")
-    assert str(info.value) == "unknown name 'openai' in the APIs of profile 'acme'; known: none"
+    assert str(info.value) == (
+        "unknown name 'openai' in the APIs of profile 'acme' (its page names no host: give "
+        "yours with profile.with_base_url); known: none"
+    )
+    # A host of the user's own: https, or plain http on loopback (a local provider).
+    local = profile.with_base_url("openai", "http://127.0.0.1:8000/v1")
+    assert local.base_url("openai") == "http://127.0.0.1:8000/v1"
 
 
 def test_an_api_the_provider_does_not_serve_lists_those_it_does() -> None:

@@ -328,3 +328,42 @@ async def test_set_tier_to_the_tier_in_force_changes_nothing() -> None:
     await scheduler.set_tier("tier4")
     changed = [event for event in events if isinstance(event, ratekit.TierChanged)]
     assert [(event.old, event.new) for event in changed] == [("Tier3", "Tier4")]
+
+
+@dataclass(frozen=True)
+class Overloaded:
+    retry_after_s: float | None
+    retryable: bool = True
+    message: str = "529"
+    overloaded: bool = True
+
+
+async def test_an_overloaded_provider_pauses_but_keeps_the_limits() -> None:
+    """529s (busy for everyone) that keep coming pause the account each time, and never
+    lower its limits as 429s within them would."""
+    scheduler, clock, events = make("tier1")
+    for _ in range(6):
+        await scheduler.rate_limited(None, Overloaded(retry_after_s=0.5))
+        clock.advance(1)
+    assert scheduler.limiter().limits.rpm == 200
+    assert not [e for e in events if isinstance(e, ratekit.LimitsAdapted)]
+    assert len([e for e in events if isinstance(e, ratekit.Cooldown)]) == 6
+
+
+async def test_the_providers_numbers_hold_across_tier_changes_and_adapt_with_429s() -> None:
+    """A reported RPM is the provider's own number: after a move to another tier it still
+    caps (never scaled by the old tier's ratio), and 429s lower what is in force."""
+    scheduler, clock, _ = make("tier3")
+    scheduler.observe({"x-ratelimit-limit-requests": "200"})
+    assert scheduler.limiter().limits.rpm == 200
+    await scheduler.set_tier("tier1")  # 200 RPM of its own
+    assert scheduler.limiter().limits.rpm == 200
+    await scheduler.set_tier("tier0")  # 3 RPM: below the provider's number
+    assert scheduler.limiter().limits.rpm == 3
+    await scheduler.set_tier("tier3")
+    assert scheduler.limiter().limits.rpm == 200
+    # 429s within the provider's number lower it too.
+    await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
+    clock.advance(1)
+    await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
+    assert scheduler.limiter().limits.rpm == pytest.approx(160)

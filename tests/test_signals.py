@@ -698,3 +698,37 @@ def test_an_answer_with_only_reset_headers_asks_for_its_exhausted_units_reset() 
     )
     assert signal is not None
     assert signal.retry_after_s == 30.0
+
+
+def test_a_529_is_an_overloaded_provider_not_a_limit() -> None:
+    """HTTP 529 with the Anthropic API's overloaded_error: a retryable signal that says
+    the provider is busy for everyone; a 429 is not."""
+
+    class Answer:
+        def __init__(self, status: int, kind: str) -> None:
+            self.status_code = status
+            self.headers = {"retry-after": "2"}
+            self.body = {"type": "error", "error": {"type": kind, "message": "busy"}}
+
+    busy = classify(Answer(529, "overloaded_error"), now_s=0.0)
+    assert busy is not None
+    assert (busy.retryable, busy.overloaded, busy.retry_after_s) == (True, True, 2.0)
+    limited = classify(Answer(429, "rate_limit_error"), now_s=0.0)
+    assert limited is not None
+    assert limited.overloaded is False
+
+
+def test_anthropic_token_headers_read_their_smallest_limit() -> None:
+    """Anthropic's tokens headers follow whichever of its input and output limits is
+    closest to running out; the tokens limit read is the smallest of the three, so it
+    does not flip from answer to answer."""
+    headers = {
+        "anthropic-ratelimit-tokens-limit": "400000",
+        "anthropic-ratelimit-input-tokens-limit": "400000",
+        "anthropic-ratelimit-output-tokens-limit": "80000",
+        "anthropic-ratelimit-output-tokens-remaining": "79000",
+    }
+    limits = parse_provider_limits(headers, now_s=0.0)
+    assert limits is not None
+    assert limits.tokens is not None
+    assert (limits.tokens.limit, limits.tokens.remaining) == (80_000, 79_000)

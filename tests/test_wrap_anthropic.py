@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import threading
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -14,6 +15,8 @@ import pytest
 
 import ratekit
 from ratekit import Account, Limits, Scheduler, load_profile
+from ratekit.integrations._counts import TokenCounts, counted_fields
+from ratekit.integrations._usage import CallPrice, Usage, message_event_usage
 from ratekit.mock_provider import MockProvider
 
 pytestmark = pytest.mark.anyio
@@ -313,3 +316,105 @@ async def test_count_tokens_reserves_the_providers_own_count_and_keeps_it() -> N
     with pytest.raises(anthropic.APIConnectionError):
         await client.messages.create(model="kimi-k2", max_tokens=5, messages=MESSAGES)
     assert counts.statistics().failed == 1
+
+
+# --- found in review --------------------------------------------------------------------
+
+
+async def test_an_answers_own_content_blocks_can_be_sent_back() -> None:
+    """The tool-use loop's ``messages.append({"role": "assistant", "content":
+    response.content})``: the SDK's block objects are estimated like dicts, not refused."""
+    async with MockProvider(Limits(rpm=100, tpm=100_000), completion_tokens=5) as server:
+        client, scheduler = setup(server)
+        first = await client.messages.create(model="kimi-k2", max_tokens=20, messages=MESSAGES)
+        history = [
+            *MESSAGES,
+            {"role": "assistant", "content": first.content},
+            {"role": "user", "content": "and then?"},
+        ]
+        second = await client.messages.create(model="kimi-k2", max_tokens=20, messages=history)
+        assert second.usage.output_tokens == 5
+        assert (await scheduler.statistics()).admitted == 2
+
+
+async def test_beta_messages_and_a_wrapped_client_as_a_context_manager() -> None:
+    """``beta.messages.create`` is admitted like ``messages.create``; ``async with`` on a
+    wrapped client gives the wrapped client and closes it at the end."""
+    async with MockProvider(Limits(rpm=100), completion_tokens=3) as server:
+        scheduler = Scheduler(Account("moonshot", tier="tier1"))
+        raw = anthropic.AsyncAnthropic(base_url=server.anthropic_base_url, api_key="test")
+        async with ratekit.wrap(raw, scheduler) as client:
+            await client.beta.messages.create(model="kimi-k2", max_tokens=5, messages=MESSAGES)
+            assert repr(client).startswith("ratekit.wrap(")
+        assert raw.is_closed()
+        assert (await scheduler.statistics()).admitted == 1
+
+
+async def test_a_stream_keeps_the_prompt_counts_a_delta_leaves_out() -> None:
+    """A message_delta that repeats input_tokens but not the cache counts keeps them from
+    message_start (the SDK's own accumulator does the same)."""
+    start = {
+        "type": "message_start",
+        "message": {
+            "usage": {
+                "input_tokens": 20,
+                "cache_read_input_tokens": 50_000,
+                "cache_creation_input_tokens": 0,
+                "output_tokens": 1,
+            }
+        },
+    }
+    usage = message_event_usage(None, start)
+    delta = {"type": "message_delta", "usage": {"input_tokens": 20, "output_tokens": 300}}
+    usage = message_event_usage(usage, delta)
+    assert usage == Usage(50_320, 50_020, 300, 50_000, 0)
+    nulls = {"type": "message_delta", "usage": {"output_tokens": 320, "input_tokens": None}}
+    assert message_event_usage(usage, nulls) == Usage(50_340, 50_020, 320, 50_000, 0)
+
+
+async def test_the_count_key_covers_every_field_the_provider_counts() -> None:
+    """Two requests that differ only in a field count_tokens takes (a structured-output
+    schema) are counted apart."""
+    count = anthropic.AsyncAnthropic(api_key="test").messages.count_tokens
+    fields = counted_fields(count)
+    assert "output_config" in fields
+    assert "extra_headers" in fields
+    one = {"model": "m", "messages": MESSAGES, "output_config": {"format": {"a": 1}}}
+    other = {**one, "output_config": {"format": {"b": 2}}}
+    assert TokenCounts.key(one, fields) != TokenCounts.key(other, fields)
+
+
+async def test_counts_shared_by_threads_stay_whole() -> None:
+    """One TokenCounts used from many threads at once (sync clients): no error, no count
+    lost."""
+    counts = TokenCounts(max_kept=8)
+    errors: list[BaseException] = []
+
+    def hammer(offset: int) -> None:
+        try:
+            for i in range(2_000):
+                key = f"k{(i + offset) % 16}"
+                if counts.kept(key) is None:
+                    counts.done(key, counts.started(), i)
+        except BaseException as error:
+            errors.append(error)
+
+    threads = [threading.Thread(target=hammer, args=(n,)) for n in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    stats = counts.statistics()
+    assert stats.counted + stats.reused == 8 * 2_000
+
+
+async def test_a_cache_write_may_cost_more_than_the_input_price() -> None:
+    """A request that marks a prefix for the cache reserves its prompt at the dearer of
+    the input and cache-write prices (MiniMax-M2: 2.1 and 2.625 per million)."""
+    scheduler = Scheduler(Account("minimax", tier="paid"))
+    price = CallPrice(scheduler, "MiniMax-M2")
+    plain = price.estimate(1_000, 100)
+    writing = price.estimate(1_000, 100, writes_cache=True)
+    assert plain == pytest.approx((1_000 * 2.1 + 100 * 8.4) / 1e6)
+    assert writing == pytest.approx((1_000 * 2.625 + 100 * 8.4) / 1e6)

@@ -199,3 +199,22 @@ def test_calls_after_close_are_a_typed_error(server: MockProvider) -> None:
         messages.messages.create(model="kimi-k2", max_tokens=4, messages=MESSAGES)
     with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
         sync.submit(lambda: None)
+
+
+def test_a_sync_client_without_an_http_client_is_told_by_its_methods() -> None:
+    """A hand-made sync client (no ``_client``, no ``post``): its create is called in the
+    thread, admitted through the SyncScheduler."""
+    from types import SimpleNamespace
+
+    seen: list[dict[str, Any]] = []
+
+    def create(**params: Any) -> Any:
+        seen.append(params)
+        return SimpleNamespace(usage={"prompt_tokens": 3, "completion_tokens": 2})
+
+    client = SimpleNamespace(chat=SimpleNamespace(completions=SimpleNamespace(create=create)))
+    with scheduler(None) as sync:
+        wrapped = ratekit.wrap(client, sync)
+        wrapped.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
+        assert sync.statistics().admitted == 1
+    assert seen == [{"model": "kimi-k2", "messages": MESSAGES, "max_tokens": 4}]

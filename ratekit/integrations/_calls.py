@@ -22,7 +22,7 @@ from tenacity import Retrying
 
 from .._admission import Admission
 from .._errors import NoEventLoopError
-from .._scheduler import Scheduler
+from .._scheduler import Scheduler, SchedulerStatistics
 
 T = TypeVar("T")
 
@@ -216,6 +216,10 @@ class SyncScheduler:
     def limit(self, **kwargs: Any) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """A decorator for sync functions; see `limit`."""
         return limit(self.scheduler, **kwargs)
+
+    def statistics(self) -> SchedulerStatistics:
+        """`Scheduler.statistics`, from any thread."""
+        return self._portal.call(self.scheduler.statistics)
 
     def close(self) -> None:
         """Stop the scheduler's loop (and close a backend that has `aclose`). Calls made

@@ -13,15 +13,21 @@ ratekit's own estimate. What the counts cost (calls, time, failures) is in
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-# The request fields the provider counts.
+# The request fields the provider counts, when its count method does not say (the
+# Anthropic SDK's ``messages.count_tokens`` takes the body's counted fields as keywords).
 _COUNTED_FIELDS = ("model", "system", "messages", "tools", "tool_choice", "thinking")
+# Keywords of an SDK method that are options of the HTTP call, not of the body; the
+# beta flags (``extra_headers``) change what is counted, so they are kept.
+_CALL_OPTIONS = frozenset({"extra_query", "extra_body", "timeout", "betas"})
 # Seconds a count may take before the call goes on with ratekit's own estimate.
 DEFAULT_COUNT_TIMEOUT_S = 5.0
 
@@ -57,31 +63,39 @@ class TokenCounts:
         self.max_kept = max_kept
         self.timeout_s = float(timeout_s)
         self._kept: OrderedDict[str, int] = OrderedDict()
+        # Shared by clients of several threads (sync clients) or loops: one at a time.
+        self._lock = threading.Lock()
         self._counted = 0
         self._reused = 0
         self._failed = 0
         self._seconds = 0.0
 
     def statistics(self) -> TokenCountStatistics:
-        return TokenCountStatistics(self._counted, self._reused, self._failed, self._seconds)
+        with self._lock:
+            return TokenCountStatistics(self._counted, self._reused, self._failed, self._seconds)
 
     @staticmethod
-    def key(params: Mapping[str, Any]) -> str | None:
-        """The prompt of a request, as the key of its count (None: not hashable as JSON)."""
-        counted = {name: params[name] for name in _COUNTED_FIELDS if name in params}
+    def key(params: Mapping[str, Any], fields: tuple[str, ...] = _COUNTED_FIELDS) -> str | None:
+        """The prompt of a request (its `fields`), as the key of its count (None: not
+        readable as JSON)."""
+        counted = {name: params[name] for name in fields if name in params}
         try:
             text = json.dumps(counted, sort_keys=True, ensure_ascii=False, default=str)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, RecursionError):
             return None
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
     def kept(self, key: str | None) -> int | None:
         """The count kept for `key`, if any (it becomes the most recently used)."""
-        if key is None or key not in self._kept:
+        if key is None:
             return None
-        self._kept.move_to_end(key)
-        self._reused += 1
-        return self._kept[key]
+        with self._lock:
+            count = self._kept.get(key)
+            if count is None:
+                return None
+            self._kept.move_to_end(key)
+            self._reused += 1
+            return count
 
     def started(self) -> float:
         return time.monotonic()
@@ -89,19 +103,36 @@ class TokenCounts:
     def done(self, key: str | None, started: float, count: object) -> int | None:
         """Record a count's answer (`count`: the provider's ``input_tokens``, or anything
         else for a failure); returns the count, None when it failed."""
-        self._counted += 1
-        self._seconds += time.monotonic() - started
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
-            self._failed += 1
-            return None
-        if key is not None and self.max_kept:
-            self._kept[key] = count
-            self._kept.move_to_end(key)
-            while len(self._kept) > self.max_kept:
-                self._kept.popitem(last=False)
-        return count
+        seconds = time.monotonic() - started
+        with self._lock:
+            self._counted += 1
+            self._seconds += seconds
+            if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+                self._failed += 1
+                return None
+            if key is not None and self.max_kept:
+                self._kept[key] = count
+                self._kept.move_to_end(key)
+                while len(self._kept) > self.max_kept:
+                    self._kept.popitem(last=False)
+            return count
 
 
-def count_params(params: Mapping[str, Any]) -> dict[str, Any]:
+def counted_fields(count: Any) -> tuple[str, ...]:
+    """The request fields `count` (an SDK's ``messages.count_tokens``) takes: those it
+    counts, plus the beta flags (``extra_headers``)."""
+    try:
+        names = inspect.signature(count).parameters
+    except (TypeError, ValueError):
+        return (*_COUNTED_FIELDS, "extra_headers")
+    fields = tuple(
+        name
+        for name, parameter in names.items()
+        if parameter.kind is inspect.Parameter.KEYWORD_ONLY and name not in _CALL_OPTIONS
+    )
+    return fields or (*_COUNTED_FIELDS, "extra_headers")
+
+
+def count_params(params: Mapping[str, Any], fields: tuple[str, ...]) -> dict[str, Any]:
     """The arguments of ``messages.count_tokens`` for a ``messages.create`` request."""
-    return {name: params[name] for name in _COUNTED_FIELDS if name in params}
+    return {name: params[name] for name in fields if name in params}

@@ -125,30 +125,46 @@ def _messages_usage(usage: object, written: float, read: float) -> Usage:
 def message_event_usage(seen: Usage | None, event: object) -> Usage | None:
     """The usage of a Messages API stream so far, after `event`: its ``message_start``
     says the prompt (and a first output count), each ``message_delta`` the output so far
-    (and, from some servers, the prompt again). `seen` is the usage before `event`."""
+    and, from some servers, some of the prompt's counts again. A count a delta leaves out
+    (or gives as null) keeps its value from before, as the SDK's own accumulator does.
+    `seen` is the usage before `event`."""
     kind = _field(event, "type")
     if kind == "message_start":
         return read_usage(_field(event, "message")) or seen
     if kind != "message_delta":
         return seen
     usage = _field(event, "usage")
-    output = _first(usage, "output_tokens")
-    if seen is None:
-        return read_usage(event)
-    if _first(usage, "input_tokens") is not None:
-        told = read_usage(event)
-        if told is not None and told.input_tokens is not None and told.input_tokens > 0:
-            seen = told
-    if output is None:
+    told = {name: _count(_field(usage, name)) for name in _MESSAGE_COUNTS}
+    if all(value is None for value in told.values()):
         return seen
-    prompt = seen.input_tokens or 0.0
-    return Usage(
-        prompt + output,
-        seen.input_tokens,
-        output,
-        seen.cached_input_tokens,
-        seen.cache_write_tokens,
-    )
+    if seen is None:
+        uncached = written = read = 0.0
+        output: float | None = None
+        prompt_known = False
+    else:
+        written, read = seen.cache_write_tokens, seen.cached_input_tokens
+        uncached = max((seen.input_tokens or 0.0) - written - read, 0.0)
+        output = seen.output_tokens
+        prompt_known = seen.input_tokens is not None
+    if told["input_tokens"] is not None:
+        uncached, prompt_known = told["input_tokens"], True
+    if told["cache_creation_input_tokens"] is not None:
+        written, prompt_known = told["cache_creation_input_tokens"], True
+    if told["cache_read_input_tokens"] is not None:
+        read, prompt_known = told["cache_read_input_tokens"], True
+    if told["output_tokens"] is not None:
+        output = told["output_tokens"]
+    prompt = uncached + written + read
+    return Usage(prompt + (output or 0.0), prompt if prompt_known else None, output, read, written)
+
+
+# The counts of a Messages API usage: the uncached prompt, cache writes and reads, output.
+_MESSAGE_COUNTS = (
+    "input_tokens",
+    "cache_creation_input_tokens",
+    "cache_read_input_tokens",
+    "output_tokens",
+)
 
 
 def usage_tokens(answer: object) -> float | None:
@@ -188,9 +204,16 @@ class CallPrice:
         except (UnknownModelError, MissingPriceError):
             return None
 
-    def estimate(self, input_tokens: float, output_tokens: float) -> float:
-        """The most a call of `input_tokens` prompt and `output_tokens` output costs."""
-        return self._cost(input_tokens, output_tokens) or 0.0
+    def estimate(
+        self, input_tokens: float, output_tokens: float, *, writes_cache: bool = False
+    ) -> float:
+        """The most a call of `input_tokens` prompt and `output_tokens` output costs; with
+        `writes_cache` (the request marks a prefix for the cache), the prompt at the dearer
+        of the input and cache-write prices."""
+        cost = self._cost(input_tokens, output_tokens) or 0.0
+        if writes_cache:
+            cost = max(cost, self._cost(0.0, output_tokens, 0.0, input_tokens) or 0.0)
+        return cost
 
     def estimate_total(self, tokens: float) -> float:
         """The most a call of `tokens` in all costs, its split unknown: every token at

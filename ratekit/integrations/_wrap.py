@@ -20,6 +20,7 @@ rate-limit headers (``x-ratelimit-*``, ``anthropic-ratelimit-*``) go to
 from __future__ import annotations
 
 import inspect
+import json
 import random
 import sys
 import time
@@ -38,9 +39,15 @@ from .._errors import InvalidArgumentError, InvalidCostError
 from .._limits import check_amount
 from .._scheduler import Scheduler
 from .._signals import parse_retry_after
-from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
+from .._tokens import (
+    DEFAULT_MAX_OUTPUT_TOKENS,
+    BackgroundEstimator,
+    RequestShapeError,
+    TokenEstimator,
+    estimate_request_tokens,
+)
 from ._calls import SyncScheduler
-from ._counts import TokenCounts, count_params
+from ._counts import TokenCounts, count_params, counted_fields
 from ._sending import stamp_when_sent
 from ._usage import CallPrice, Usage, message_event_usage, read_usage
 
@@ -77,33 +84,38 @@ class _Api:
     admission through, and how a stream tells its usage."""
 
     name: str
-    # The create methods that are admitted, by the attribute path that leads to them.
+    # The methods that are admitted, by their attribute path, and their request kind.
     admitted: Mapping[tuple[str, ...], str]
-    # Stream helpers (``messages.stream``), by the path of their create's kind.
+    # Stream helpers (``messages.stream``), by their path, and their request kind.
     helpers: Mapping[tuple[str, ...], str]
     stream_usage: Callable[[Usage | None, object], Usage | None]
 
     @property
     def prefixes(self) -> frozenset[tuple[str, ...]]:
+        """The paths that lead to an admitted method (the method's own excluded)."""
         paths = [*self.admitted, *self.helpers]
-        return frozenset(path[:depth] for path in paths for depth in range(1, len(path) + 1))
+        return frozenset(path[:depth] for path in paths for depth in range(1, len(path)))
 
 
 _OPENAI = _Api(
     "openai",
     admitted={
-        ("chat", "completions"): "chat.completions.create",
-        ("completions",): "completions.create",
-        ("embeddings",): "embeddings.create",
-        ("responses",): "responses.create",
+        ("chat", "completions", "create"): "chat.completions.create",
+        ("chat", "completions", "parse"): "chat.completions.create",
+        ("completions", "create"): "completions.create",
+        ("embeddings", "create"): "embeddings.create",
+        ("responses", "create"): "responses.create",
     },
     helpers={},
     stream_usage=_chunk_usage,
 )
 _ANTHROPIC = _Api(
     "anthropic",
-    admitted={("messages",): "messages.create"},
-    helpers={("messages",): "messages.create"},
+    admitted={
+        ("messages", "create"): "messages.create",
+        ("beta", "messages", "create"): "messages.create",
+    },
+    helpers={("messages", "stream"): "messages.create"},
     stream_usage=message_event_usage,
 )
 
@@ -129,6 +141,13 @@ def _is_sync(client: Any) -> bool:
     ):
         if callable(method):
             return not inspect.iscoroutinefunction(method)
+    # Neither (a test double, a hand-made client): the admitted methods themselves say.
+    for path in _api_of(client).admitted:
+        found: Any = client
+        for name in path:
+            found = getattr(found, name, None)
+        if callable(found):
+            return not inspect.iscoroutinefunction(found)
     return False
 
 
@@ -397,10 +416,10 @@ class _Proxy:
         if path in api.prefixes:
             quiet = getattr(self._quiet, name)
             return _Proxy(value, quiet, path, self._settings, self._retries, self._owner)
-        if name == "create" and self._path in api.admitted:
-            return self._create(getattr(self._quiet, name), api.admitted[self._path])
-        if name == "stream" and self._path in api.helpers:
-            create = self._create(getattr(self._quiet, name), api.helpers[self._path])
+        if path in api.admitted:
+            return self._create(getattr(self._quiet, name), api.admitted[path])
+        if path in api.helpers:
+            create = self._create(getattr(self._quiet, name), api.helpers[path])
             return _stream_helper(create, self._settings)
         if name in _COPIES and not self._path:
             return _wrapped_copy(value, self._settings)
@@ -415,6 +434,22 @@ class _Proxy:
 
             return SyncCreate(method, kind, self._settings, self._retries, self._owner, count)
         return _Create(method, kind, self._settings, self._retries, self._owner, count)
+
+    # A client used as a context manager (``async with wrap(AsyncOpenAI(), s) as client``)
+    # closes itself at the end: the block gets the wrapped client.
+    async def __aenter__(self) -> _Proxy:
+        await self._target.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._target.__aexit__(*exc_info)
+
+    def __enter__(self) -> _Proxy:
+        self._target.__enter__()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._target.__exit__(*exc_info)
 
     def __repr__(self) -> str:
         return f"ratekit.wrap({self._target!r})"
@@ -459,9 +494,13 @@ class _Plan:
             counted = self.prompt.counted(usage.input_tokens)
             if counted is not None and not self.cache_reads_count:
                 counted = max(counted - usage.cached_input_tokens, 0.0)
+        self.price.settle(admission, self.as_counted(usage), counted)
+
+    def as_counted(self, usage: Usage | None) -> Usage | None:
+        """`usage` as the provider counts it toward its token rates (see `cache_reads_count`)."""
         if usage is not None and not self.cache_reads_count:
-            usage = usage.without_cache_reads()
-        self.price.settle(admission, usage, counted)
+            return usage.without_cache_reads()
+        return usage
 
 
 def plan_call(
@@ -484,15 +523,15 @@ def plan_call(
     prompt: PromptEstimate | None = None
     tokens: float
     if exact_tokens is None and counted is not None:
-        output = estimate_request_tokens(kind, params, settings.estimator)[1]
+        output = _output_cap(kind, params)
         tokens = counted + output
-        cost = price.estimate(counted, output)
+        cost = price.estimate(counted, output, writes_cache=_writes_cache(params))
     elif exact_tokens is None:
-        estimate, output = estimate_request_tokens(kind, params, settings.estimator)
+        estimate, output = _estimate(kind, params, settings.estimator)
         ceiling = scheduler.limiter(model).max_tokens
         prompt = PromptEstimate(scheduler.estimates, model, estimate, output, ceiling)
         tokens = prompt.reserved + output
-        cost = price.estimate(prompt.reserved, output)
+        cost = price.estimate(prompt.reserved, output, writes_cache=_writes_cache(params))
     else:
         tokens = check_amount("ratekit_tokens", exact_tokens)
         cost = price.estimate_total(tokens)
@@ -500,6 +539,39 @@ def plan_call(
         cost = check_amount("ratekit_cost", exact_cost)
     reads_count = scheduler.account.profile.cache_reads_count
     return _Plan(tokens, cost, model, priority, timeout, price, prompt, reads_count)
+
+
+def _estimate(kind: str, params: Mapping[str, Any], estimator: TokenEstimator) -> tuple[int, int]:
+    """(prompt, most output) of a request: `estimate_request_tokens`, or for a request
+    whose shape the estimator does not know (the provider is the judge of that, not
+    ratekit), every text in it and the request's own output cap."""
+    try:
+        return estimate_request_tokens(kind, params, estimator)
+    except RequestShapeError:
+        text = json.dumps(params, ensure_ascii=False, default=str)
+        return estimator.count(text), _output_cap(kind, params)
+
+
+def _output_cap(kind: str, params: Mapping[str, Any]) -> int:
+    """The most a request may output, as `estimate_request_tokens` reads it (its default
+    when the request sets none it can read)."""
+    for key in ("max_completion_tokens", "max_tokens", "max_output_tokens"):
+        value = params.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return DEFAULT_MAX_OUTPUT_TOKENS
+
+
+def _writes_cache(params: Mapping[str, Any]) -> bool:
+    """Whether a request marks a prompt prefix for the provider's cache (``cache_control``
+    anywhere in it): its prompt may then be billed at the cache-write price."""
+    if "cache_control" in params:
+        return True
+    try:
+        text = json.dumps(params, default=str)
+    except (TypeError, ValueError, RecursionError):
+        return False
+    return '"cache_control"' in text
 
 
 def stream_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], bool]:
@@ -539,13 +611,15 @@ class _Create:
         counts = self._settings.counts
         if self._count is None or counts is None or "ratekit_tokens" in params:
             return plan_call(self._settings, self._kind, params)
-        key = counts.key(params)
+        fields = counted_fields(self._count)
+        key = counts.key(params, fields)
         counted = counts.kept(key)
         if counted is None:
             started = counts.started()
             answer = None
             try:
-                answer = await self._count(**count_params(params), timeout=counts.timeout_s)
+                arguments = count_params(params, fields)
+                answer = await self._count(**arguments, timeout=counts.timeout_s)
             except Exception:
                 answer = None
             counted = counts.done(key, started, getattr(answer, "input_tokens", None))
@@ -838,7 +912,10 @@ class _AdmittedStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        await self.close()
+        try:
+            await self._stream.close()
+        finally:
+            await self._finish(exc)  # a rate-limit answer raised in the block is answered
 
     async def _finish(self, error: BaseException | None) -> None:
         admission, self._admission = self._admission, None
@@ -855,7 +932,7 @@ class _AdmittedStream:
         # which touches nothing shared.
         admission = self._admission
         if admission is not None and admission.granted and self._usage is not None:
-            self._plan.price.settle(admission, self._usage)
+            self._plan.price.settle(admission, self._plan.as_counted(self._usage))
 
 
 def final_usage(stream: Any) -> Usage | None:

@@ -21,7 +21,7 @@ from tenacity import Retrying
 
 from .._admission import Admission
 from ._calls import loop_of
-from ._counts import count_params
+from ._counts import count_params, counted_fields
 from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
 from ._wrap import (
@@ -103,22 +103,23 @@ class SyncCreate:
 
     def _plan(self, params: dict[str, Any]) -> _Plan:
         """`plan_call` on the scheduler's loop, with the prompt counted by the provider
-        (in this thread) when asked; the counts are kept on the loop."""
+        (in this thread) when asked."""
         settings = self._settings
         loop = loop_of(settings.scheduler)
         counts = settings.counts
         counted = None
         if self._count is not None and counts is not None and "ratekit_tokens" not in params:
-            key = counts.key(params)
-            counted = anyio.from_thread.run_sync(counts.kept, key, token=loop)
+            fields = counted_fields(self._count)
+            key = counts.key(params, fields)
+            counted = counts.kept(key)
             if counted is None:
                 started = counts.started()
                 try:
-                    answer = self._count(**count_params(params), timeout=counts.timeout_s)
+                    arguments = count_params(params, fields)
+                    answer = self._count(**arguments, timeout=counts.timeout_s)
                 except Exception:
                     answer = None
-                told = getattr(answer, "input_tokens", None)
-                counted = anyio.from_thread.run_sync(counts.done, key, started, told, token=loop)
+                counted = counts.done(key, started, getattr(answer, "input_tokens", None))
         return anyio.from_thread.run_sync(
             plan_call, settings, self._kind, params, counted, token=loop
         )
@@ -254,7 +255,10 @@ class _SyncAdmittedStream:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        self.close()
+        try:
+            self._stream.close()
+        finally:
+            self._finish(exc)
 
     def _finish(self, error: BaseException | None) -> None:
         admission, self._admission = self._admission, None
@@ -266,7 +270,8 @@ class _SyncAdmittedStream:
         # the scheduler's loop; only the usage already seen is recorded on it here.
         admission = self._admission
         if admission is not None and admission.granted and self._usage is not None:
-            self._sending.plan.price.settle(admission, self._usage)
+            plan = self._sending.plan
+            plan.price.settle(admission, plan.as_counted(self._usage))
 
 
 class SyncStreamManager:

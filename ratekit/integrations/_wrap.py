@@ -496,6 +496,12 @@ class _Plan:
                 counted = max(counted - usage.cached_input_tokens, 0.0)
         self.price.settle(admission, self.as_counted(usage), counted)
 
+    def settle_dropped(self, admission: Admission, usage: Usage | None) -> None:
+        """Record on a dropped stream's admission the usage its chunks said (its finalizer
+        then hands it back): touches nothing shared, as a finalizer must not."""
+        if admission.granted and usage is not None:
+            self.price.settle(admission, self.as_counted(usage))
+
     def as_counted(self, usage: Usage | None) -> Usage | None:
         """`usage` as the provider counts it toward its token rates (see `cache_reads_count`)."""
         if usage is not None and not self.cache_reads_count:
@@ -641,19 +647,16 @@ class _Create:
         """
         scheduler = self._settings.scheduler
         left = _Deadline(scheduler, plan)
-        retried = 0
+        retries = SdkRetries(self._retries)
         async for tried in scheduler.retrying():
             with tried:
                 while True:
                     try:
                         return await attempt(left.seconds())
                     except Exception as error:
-                        if retried >= self._retries:
-                            raise
-                        wait_s = sdk_retry_wait(error, retried)
+                        wait_s = retries.wait_after(error)
                         if wait_s is None:
                             raise
-                    retried += 1
                     await anyio.sleep(wait_s)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
@@ -707,8 +710,8 @@ class _Create:
     ) -> _AdmittedStream:
         """One admission, one stream opened: the stream holds the admission from here."""
         stream, admission = await self._sent(lambda: self._create(**params), plan, left)
-        usage = self._settings.api.stream_usage
-        return _AdmittedStream(stream, self._settings.scheduler, admission, plan, hide_usage, usage)
+        reading = StreamReading(self._settings.api.stream_usage, hide_usage)
+        return _AdmittedStream(stream, self._settings.scheduler, admission, plan, reading)
 
     async def enter(self, params: dict[str, Any]) -> tuple[Any, Any, Admission, _Plan]:
         """Open a stream helper's stream (``async with client.messages.stream(...)``):
@@ -816,6 +819,50 @@ def _sdk_failure(error: BaseException) -> tuple[int | None, Mapping[str, str]] |
     return None
 
 
+class SdkRetries:
+    """The retries a call still has of what its SDK would retry (`sdk_retry_wait`): at
+    most the client's ``max_retries``, with the SDK's backoff. No I/O: the async and the
+    sync wrappers each wait in their own way."""
+
+    __slots__ = ("_retried", "_retries")
+
+    def __init__(self, retries: int) -> None:
+        self._retries = retries
+        self._retried = 0
+
+    def wait_after(self, error: BaseException) -> float | None:
+        """Seconds to wait before trying again after `error`, or None: raise it."""
+        if self._retried >= self._retries:
+            return None
+        wait_s = sdk_retry_wait(error, self._retried)
+        if wait_s is not None:
+            self._retried += 1
+        return wait_s
+
+
+class StreamReading:
+    """What a stream's chunks said so far: the usage (read by the API's reader), and
+    whether a chunk is the usage chunk ratekit asked for and the caller did not (hidden).
+    No I/O: the async and the sync admitted streams share it."""
+
+    __slots__ = ("_hide_usage_chunk", "_read", "usage")
+
+    def __init__(
+        self, read: Callable[[Usage | None, object], Usage | None], hide_usage_chunk: bool
+    ) -> None:
+        self._read = read
+        self._hide_usage_chunk = hide_usage_chunk
+        self.usage: Usage | None = None
+
+    def hides(self, chunk: object) -> bool:
+        """Read `chunk`; True when it is to be kept from the caller."""
+        usage = self._read(self.usage, chunk)
+        if usage is self.usage:
+            return False
+        self.usage = usage
+        return self._hide_usage_chunk and not getattr(chunk, "choices", None)
+
+
 def sdk_retry_wait(error: BaseException, retried: int) -> float | None:
     """Seconds to wait before another try of a call that failed with `error`, as the
     SDKs would retry it, or None when they would not (rate limits: the scheduler's).
@@ -859,16 +906,13 @@ class _AdmittedStream:
         scheduler: Scheduler,
         admission: Admission,
         plan: _Plan,
-        hide_usage_chunk: bool,
-        read: Callable[[Usage | None, object], Usage | None],
+        reading: StreamReading,
     ) -> None:
         self._stream = stream
         self._scheduler = scheduler
         self._admission: Admission | None = admission  # None once finished
         self._plan = plan
-        self._hide_usage_chunk = hide_usage_chunk
-        self._read = read  # the usage so far, after one more chunk
-        self._usage: Usage | None = None  # the usage so far
+        self._reading = reading
         self._iterator: AsyncIterator[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -883,12 +927,8 @@ class _AdmittedStream:
         try:
             while True:
                 chunk = await self._iterator.__anext__()
-                usage = self._read(self._usage, chunk)
-                if usage is not self._usage:
-                    self._usage = usage
-                    if self._hide_usage_chunk and not getattr(chunk, "choices", None):
-                        continue
-                return chunk
+                if not self._reading.hides(chunk):
+                    return chunk
         except StopAsyncIteration:
             await self._finish(None)
             raise
@@ -922,17 +962,15 @@ class _AdmittedStream:
         if admission is None:
             return
         try:
-            self._plan.settle(admission, self._usage)
+            self._plan.settle(admission, self._reading.usage)
         finally:
             await self._scheduler.finish(admission, error, model=self._plan.model)
 
     def __del__(self) -> None:
         # Dropped unfinished: the admission's own finalizer warns and hands it back on
-        # the scheduler's loop. Only the usage already seen is recorded on it here,
-        # which touches nothing shared.
-        admission = self._admission
-        if admission is not None and admission.granted and self._usage is not None:
-            self._plan.price.settle(admission, self._plan.as_counted(self._usage))
+        # the scheduler's loop.
+        if self._admission is not None:
+            self._plan.settle_dropped(self._admission, self._reading.usage)
 
 
 def final_usage(stream: Any) -> Usage | None:

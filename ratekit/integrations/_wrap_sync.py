@@ -26,6 +26,8 @@ from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
 from ._wrap import (
     _SENDING,
+    SdkRetries,
+    StreamReading,
     _admit_at_send,
     _Deadline,
     _Plan,
@@ -33,7 +35,6 @@ from ._wrap import (
     _Settings,
     final_usage,
     plan_call,
-    sdk_retry_wait,
     stream_params,
 )
 
@@ -128,19 +129,16 @@ class SyncCreate:
         """`_Create._retried`, waiting in this thread."""
         scheduler = self._settings.scheduler
         left = _Deadline(scheduler, plan)
-        retried = 0
+        retries = SdkRetries(self._retries)
         for tried in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
             with tried:
                 while True:
                     try:
                         return attempt(left.seconds())
                     except Exception as error:
-                        if retried >= self._retries:
-                            raise
-                        wait_s = sdk_retry_wait(error, retried)
+                        wait_s = retries.wait_after(error)
                         if wait_s is None:
                             raise
-                    retried += 1
                     time.sleep(wait_s)
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
@@ -179,7 +177,8 @@ class SyncCreate:
         self, params: dict[str, Any], plan: _Plan, left: float | None, hide_usage: bool
     ) -> _SyncAdmittedStream:
         stream, admission, sending = self._sent(lambda: self._create(**params), plan, left)
-        return _SyncAdmittedStream(stream, sending, admission, hide_usage, self._settings)
+        reading = StreamReading(self._settings.api.stream_usage, hide_usage)
+        return _SyncAdmittedStream(stream, sending, admission, reading)
 
     def enter(self, params: dict[str, Any]) -> tuple[Any, Any, Admission, _Sending]:
         """Open a stream helper's stream (``with client.messages.stream(...)``): the
@@ -203,15 +202,12 @@ class _SyncAdmittedStream:
         stream: Any,
         sending: _Sending,
         admission: Admission,
-        hide_usage_chunk: bool,
-        settings: _Settings,
+        reading: StreamReading,
     ) -> None:
         self._stream = stream
         self._sending = sending
         self._admission: Admission | None = admission  # None once finished
-        self._hide_usage_chunk = hide_usage_chunk
-        self._read = settings.api.stream_usage
-        self._usage: Usage | None = None
+        self._reading = reading
         self._iterator: Iterator[Any] | None = None
 
     def __getattr__(self, name: str) -> Any:
@@ -226,12 +222,8 @@ class _SyncAdmittedStream:
         try:
             while True:
                 chunk = next(self._iterator)
-                usage = self._read(self._usage, chunk)
-                if usage is not self._usage:
-                    self._usage = usage
-                    if self._hide_usage_chunk and not getattr(chunk, "choices", None):
-                        continue
-                return chunk
+                if not self._reading.hides(chunk):
+                    return chunk
         except StopIteration:
             self._finish(None)
             raise
@@ -263,15 +255,13 @@ class _SyncAdmittedStream:
     def _finish(self, error: BaseException | None) -> None:
         admission, self._admission = self._admission, None
         if admission is not None:
-            _run(self._sending, _end, self._sending, admission, self._usage, error)
+            _run(self._sending, _end, self._sending, admission, self._reading.usage, error)
 
     def __del__(self) -> None:
         # Dropped unfinished: the admission's own finalizer warns and hands it back on
-        # the scheduler's loop; only the usage already seen is recorded on it here.
-        admission = self._admission
-        if admission is not None and admission.granted and self._usage is not None:
-            plan = self._sending.plan
-            plan.price.settle(admission, plan.as_counted(self._usage))
+        # the scheduler's loop.
+        if self._admission is not None:
+            self._sending.plan.settle_dropped(self._admission, self._reading.usage)
 
 
 class SyncStreamManager:

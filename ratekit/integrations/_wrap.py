@@ -591,8 +591,8 @@ def stream_params(kind: str, params: dict[str, Any]) -> tuple[dict[str, Any], bo
     return {**params, "stream_options": options}, True
 
 
-class _Create:
-    """One admitted ``create`` of an async client."""
+class CreateBase:
+    """What an admitted ``create`` (or stream helper) holds, async or sync."""
 
     __slots__ = ("_count", "_create", "_kind", "_owner", "_retries", "_settings")
 
@@ -608,9 +608,16 @@ class _Create:
         self._create = create  # the create (or stream helper) of the copy without retries
         self._kind = kind
         self._settings = settings
-        self._retries = retries
-        self._owner = owner  # see _Proxy
+        self._retries = retries  # the client's own max_retries, for failures other than 429
+        # The client whose HTTP client admits in its request hook (None: before the SDK).
+        self._owner = owner
         self._count = count  # the provider's token count (None: not asked)
+
+
+class _Create(CreateBase):
+    """One admitted ``create`` of an async client."""
+
+    __slots__ = ()
 
     async def _plan(self, params: dict[str, Any]) -> _Plan:
         """`plan_call`, with the prompt counted by the provider when asked (and kept)."""

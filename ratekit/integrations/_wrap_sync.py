@@ -26,13 +26,13 @@ from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
 from ._wrap import (
     _SENDING,
+    CreateBase,
     SdkRetries,
     StreamReading,
     _admit_at_send,
     _Deadline,
     _Plan,
     _Sending,
-    _Settings,
     final_usage,
     plan_call,
     stream_params,
@@ -74,26 +74,10 @@ async def _end(
         await sending.scheduler.finish(admission, error, model=plan.model)
 
 
-class SyncCreate:
+class SyncCreate(CreateBase):
     """One admitted ``create`` (or stream helper) of a sync client."""
 
-    __slots__ = ("_count", "_create", "_kind", "_owner", "_retries", "_settings")
-
-    def __init__(
-        self,
-        create: Callable[..., Any],
-        kind: str,
-        settings: _Settings,
-        retries: int,
-        owner: Any,
-        count: Callable[..., Any] | None = None,
-    ) -> None:
-        self._create = create  # the create (or stream helper) of the copy without retries
-        self._kind = kind
-        self._settings = settings
-        self._retries = retries
-        self._owner = owner  # the client whose HTTP client admits in its hook, or None
-        self._count = count  # the provider's token count (None: not asked)
+    __slots__ = ()
 
     def __call__(self, **params: Any) -> Any:
         plan = self._plan(params)

@@ -81,8 +81,8 @@ from ._tokens import (
     tokens_to_reserve,
 )
 from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
-from .integrations._calls import SyncScheduler
 from .integrations._counts import TokenCounts, TokenCountStatistics
+from .integrations._sync_scheduler import SyncScheduler
 from .integrations._wrap import wrap
 
 if TYPE_CHECKING:  # for type checkers; imported on first use (see `__getattr__`)

@@ -20,11 +20,7 @@ import anyio.from_thread
 from tenacity import Retrying
 
 from .._admission import Admission
-from ._calls import loop_of
-from ._counts import count_params, counted_fields
-from ._sending import stamp_when_sent_sync
-from ._usage import Usage, read_usage
-from ._wrap import (
+from ._calling import (
     _SENDING,
     CreateBase,
     SdkRetries,
@@ -37,6 +33,10 @@ from ._wrap import (
     plan_call,
     stream_params,
 )
+from ._calls import loop_of
+from ._counts import count_params, counted_fields
+from ._sending import stamp_when_sent_sync
+from ._usage import Usage, read_usage
 
 R = TypeVar("R")
 

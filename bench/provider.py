@@ -4,7 +4,7 @@ Run from the repository root::
 
     python -m bench.provider [--quick] [--rows 1,4] [--json]
 
-Every run starts a fresh `ratekit.mock_provider.ProviderProcess` (a child process
+Every run starts a fresh `ratekit.testing.mock_provider.ProviderProcess` (a child process
 that counts exact rolling windows and answers 429 on any excess) and sends it one
 workload of chat completions through the real `openai` client from 80 tasks (4
 processes of 20 in row 3), limited by one contender:
@@ -30,7 +30,7 @@ compression every contender measures the SDK's CPU, not its limiter.
 TPM rows: the same tier with ``tpm=20_000`` and no RPM on both sides, prompts of
 800-1,200 characters, ``max_tokens`` 100-200, 50 tokens of output, a minute in
 3 s (x20). The peers reserve the prompt's tokens as the
-mock counts them at factor 1.0 (`ratekit.mock_provider.estimate_tokens`) plus
+mock counts them at factor 1.0 (`ratekit.testing.mock_provider.estimate_tokens`) plus
 ``max_tokens``: an exact tokenizer, the best a fixed estimate can do. ratekit
 estimates as it does by default (`wrap`'s estimator: tiktoken if installed, else
 its heuristic, scaled by what the provider reports it counted). The provider's
@@ -44,7 +44,7 @@ and ends ``periods`` periods later.
 Columns: calls sent; calls that failed (a 429 not retried, or retried until ratekit
 gave up); 429s the provider sent (`statistics().rejected`, every dimension); the
 steady-state utilisation of the binding limit, from the provider's own records
-(`ratekit.simulation.steady_utilisation`: arrivals and 1 a call for RPM, arrivals
+(`ratekit.testing.simulation.steady_utilisation`: arrivals and 1 a call for RPM, arrivals
 and the provider's reservation for reserve-counted TPM, completions and prompt +
 completion for usage-counted TPM; the mean of one-period windows, leaving out the
 first half period and the last period, over the limit); wall seconds from the first
@@ -74,8 +74,8 @@ from typing import Any, Literal
 import openai
 
 import ratekit
-from ratekit.mock_provider import MockProvider, ProviderProcess, estimate_tokens
-from ratekit.simulation import steady_utilisation
+from ratekit.testing.mock_provider import MockProvider, ProviderProcess, estimate_tokens
+from ratekit.testing.simulation import steady_utilisation
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = "moonshot"

@@ -41,7 +41,7 @@ import openai
 
 import ratekit
 from ratekit.backends.memory import MemoryBackend
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 ROOT = Path(__file__).resolve().parent.parent
 HUGE = 10**9

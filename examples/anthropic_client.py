@@ -24,7 +24,7 @@ import anthropic
 import anyio
 
 import ratekit
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 TASKS = 60

@@ -18,7 +18,7 @@ import openai
 from openai.types.chat import ChatCompletion
 
 import ratekit
-from ratekit.mock_provider import ProviderProcess
+from ratekit.testing.mock_provider import ProviderProcess
 
 SPEED = 60
 # How much longer each admission counts than its period. A decorated function calls a

@@ -20,7 +20,7 @@ import httpx
 
 import ratekit
 from ratekit import RateLimitedTransport
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 MARGIN_S = 0.25  # admission to arrival at the provider, for a cold client

@@ -18,7 +18,7 @@ import anyio
 import openai
 
 import ratekit
-from ratekit.mock_provider import ProviderProcess
+from ratekit.testing.mock_provider import ProviderProcess
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 TASKS = 60

@@ -29,7 +29,7 @@ import openai
 from anyio.from_thread import start_blocking_portal
 
 import ratekit
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 # A wrapped call counts from the moment its request is written, and a provider in

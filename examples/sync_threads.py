@@ -21,7 +21,7 @@ from anyio.from_thread import start_blocking_portal
 from openai.types.chat import ChatCompletion
 
 import ratekit
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 MARGIN_S = 0.25  # admission to arrival at the provider, with threads and a cold client

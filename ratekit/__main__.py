@@ -10,7 +10,7 @@ import anyio
 from ._args import amount, int_in, positive
 from ._errors import RatekitError
 from ._profiles import load_profile
-from .simulation import simulate
+from .testing.simulation import simulate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,5 +1,5 @@
 """Number types for the argparse command lines (``python -m ratekit``, ``python -m
-ratekit.mock_provider``): finite and in range, or one line naming what is wrong."""
+ratekit.testing.mock_provider``): finite and in range, or one line naming what is wrong."""
 
 from __future__ import annotations
 

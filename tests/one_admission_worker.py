@@ -62,7 +62,7 @@ async def _tokenizer(config: dict[str, Any]) -> dict[str, Any]:
     import tiktoken  # the slow stand-in the test put on the path
 
     import ratekit
-    from ratekit.mock_provider import MockProvider
+    from ratekit.testing.mock_provider import MockProvider
 
     loop = asyncio.get_running_loop()
     lags: list[float] = []

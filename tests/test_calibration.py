@@ -21,7 +21,7 @@ from ratekit._calibration import (
     EstimateStatistics,
     PromptEstimate,
 )
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 from .redis_server import RedisServer
 

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from ratekit.cli import main
 from ratekit.cli._simulate_cmd import _messages_request, window_series
-from ratekit.mock_provider import CallRecord
+from ratekit.testing.mock_provider import CallRecord
 
 from .redis_server import RedisServer
 

@@ -82,16 +82,19 @@ MODULE_CASES = [
     (["ratekit", "--calls", "-3"], "argument --calls: -3 is not in 1..10000000"),
     (["ratekit", "--workers", "0"], "argument --workers: 0 is not in 1..100000"),
     (["ratekit", "--speed", "nan"], "argument --speed: 'nan' is not a finite number"),
-    (["ratekit.mock_provider", "--speed", "0"], "argument --speed: 0 is not above 0"),
-    (["ratekit.mock_provider", "--latency-ms", "inf"], "'inf' is not a finite number"),
-    (["ratekit.mock_provider", "--port", "99999"], "argument --port: 99999 is not in 0..65535"),
-    (["ratekit.mock_provider", "--completion-tokens", "0"], "0 is not in 1..1000000"),
+    (["ratekit.testing.mock_provider", "--speed", "0"], "argument --speed: 0 is not above 0"),
+    (["ratekit.testing.mock_provider", "--latency-ms", "inf"], "'inf' is not a finite number"),
+    (
+        ["ratekit.testing.mock_provider", "--port", "99999"],
+        "argument --port: 99999 is not in 0..65535",
+    ),
+    (["ratekit.testing.mock_provider", "--completion-tokens", "0"], "0 is not in 1..1000000"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), MODULE_CASES)
 def test_the_module_commands_refuse_bad_numbers(args: list[str], message: str) -> None:
-    """``python -m ratekit`` (the offline demo) and ``python -m ratekit.mock_provider``:
+    """``python -m ratekit`` (the offline demo) and ``python -m ratekit.testing.mock_provider``:
     a bad number is one error line and exit code 2, before anything runs."""
     done = subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, check=False

@@ -17,7 +17,7 @@ from ratekit import Account, CostExceedsLimitError, Limits, Rate, RatekitError, 
 from ratekit._calibration import PRIOR_FACTOR
 from ratekit._tokens import default_estimator, estimate_request_tokens
 from ratekit.integrations._httpx import RateLimitedTransport, usage_tokens
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 pytestmark = pytest.mark.anyio
 

@@ -14,8 +14,8 @@ import pytest
 
 import ratekit
 from ratekit import FakeClock, Limits, Rate
-from ratekit._strict import ProviderCounting, Refusal, StrictWindows, Ticket
-from ratekit.mock_provider import (
+from ratekit.testing._strict import ProviderCounting, Refusal, StrictWindows, Ticket
+from ratekit.testing.mock_provider import (
     MockProvider,
     estimate_tokens,
     format_duration,
@@ -382,10 +382,11 @@ async def test_the_admin_endpoints_inject_429s_and_report_statistics(
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
 async def test_the_command_line_serves_a_tier_until_interrupted() -> None:
-    """``python -m ratekit.mock_provider`` prints its base URL, serves, and exits 0 on Ctrl-C."""
+    """``python -m ratekit.testing.mock_provider`` prints its base URL, serves, and exits 0 on
+    Ctrl-C."""
     child = await asyncio.create_subprocess_exec(
         sys.executable,
-        *("-m", "ratekit.mock_provider", "--tier", "tier0", "--port", "0", "--speed", "60"),
+        *("-m", "ratekit.testing.mock_provider", "--tier", "tier0", "--port", "0", "--speed", "60"),
         stdout=asyncio.subprocess.PIPE,
     )
     assert child.stdout is not None
@@ -404,7 +405,8 @@ async def test_the_command_line_serves_a_tier_until_interrupted() -> None:
 
 
 async def test_the_command_line_names_an_unknown_tier(capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m ratekit.mock_provider`` fails fast, exit code 2, on a tier it cannot find."""
+    """``python -m ratekit.testing.mock_provider`` fails fast, exit code 2, on a tier it cannot
+    find."""
     assert main(["--provider", "moonshot", "--tier", "tier99"]) == 2
     assert "tier99" in capsys.readouterr().err
 

@@ -14,7 +14,7 @@ import openai
 import pytest
 
 from ratekit import FakeClock, Limits
-from ratekit.mock_provider import MockProvider, ProviderProcess, format_rfc3339
+from ratekit.testing.mock_provider import MockProvider, ProviderProcess, format_rfc3339
 
 pytestmark = pytest.mark.anyio
 

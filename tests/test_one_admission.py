@@ -42,8 +42,8 @@ from ratekit import (
     RedisBackend,
     Scheduler,
 )
-from ratekit.mock_provider import MockProvider
 from ratekit.testing import free_port
+from ratekit.testing.mock_provider import MockProvider
 
 pytestmark = pytest.mark.anyio
 

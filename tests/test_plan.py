@@ -15,7 +15,11 @@ from click.testing import CliRunner
 
 from ratekit._errors import UnknownModelError
 from ratekit._limits import Rate
-from ratekit._plan import (
+from ratekit._pricing import ExtraTokens
+from ratekit._profiles import load_profile
+from ratekit._tokens import HeuristicEstimator, estimate_request_tokens
+from ratekit.cli import main
+from ratekit.cli._plan import (
     LimitTime,
     LineProblem,
     PlanError,
@@ -33,10 +37,6 @@ from ratekit._plan import (
     relay_cost,
     tier_time,
 )
-from ratekit._pricing import ExtraTokens
-from ratekit._profiles import load_profile
-from ratekit._tokens import HeuristicEstimator, estimate_request_tokens
-from ratekit.cli import main
 from ratekit.cli._plan_cmd import format_duration
 
 

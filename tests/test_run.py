@@ -1,7 +1,7 @@
 """``ratekit run``: a resumable batch through the scheduler into the strict mock provider.
 
 Time is compressed 60 times on both sides (a minute lasts 1 s). In-process runs use
-`ratekit._batch` directly; the crash and signal tests run the command and the mock
+`ratekit.cli._batch` directly; the crash and signal tests run the command and the mock
 provider as subprocesses, as a user would.
 """
 
@@ -25,7 +25,8 @@ import pytest
 from click.testing import CliRunner
 
 import ratekit
-from ratekit._batch import (
+from ratekit.cli import main as cli_main
+from ratekit.cli._batch import (
     BatchConfig,
     BatchInputError,
     compact_results,
@@ -36,8 +37,7 @@ from ratekit._batch import (
     read_results,
     run_batch,
 )
-from ratekit.cli import main as cli_main
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60
 PROVIDER = "moonshot"
@@ -354,13 +354,13 @@ def test_refused_connections_fail_each_request_fast(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def provider_process() -> Iterator[str]:
-    """``python -m ratekit.mock_provider`` at Moonshot Tier1 (200 RPM), a minute a second;
+    """``python -m ratekit.testing.mock_provider`` at Moonshot Tier1 (200 RPM), a minute a second;
     yields its base URL."""
     child = subprocess.Popen(
         [
             sys.executable,
             "-m",
-            "ratekit.mock_provider",
+            "ratekit.testing.mock_provider",
             "--provider",
             PROVIDER,
             "--tier",

@@ -7,7 +7,7 @@ is Moonshot Tier1's 200 RPM (50 in flight, 2,000,000 TPM never come near).
 The utilisation tests run as a user would: `ratekit.wrap(openai.AsyncOpenAI(...))`
 with the SDK's own settings and `Account(provider, tier=..., period_scale=...)`
 with nothing else set (the library's default margin, no pacing). Utilisation is
-`ratekit.simulation.steady_utilisation`: the mean count the provider saw in a
+`ratekit.testing.simulation.steady_utilisation`: the mean count the provider saw in a
 window of the period, over the windows after the first half period and before
 the last arrival, over the limit. The clients run in processes of their own, as
 they would, so that the provider's arrival stamps do not wait for the clients'
@@ -41,8 +41,6 @@ import openai
 import pytest
 
 import ratekit
-from ratekit.mock_provider import MockProvider
-from ratekit.simulation import steady_utilisation
 from ratekit.testing._fleet import (
     SPEED,
     Outcome,
@@ -52,6 +50,8 @@ from ratekit.testing._fleet import (
     provider_limits,
     warm_up,
 )
+from ratekit.testing.mock_provider import MockProvider
+from ratekit.testing.simulation import steady_utilisation
 
 from .redis_server import RedisServer
 

@@ -664,7 +664,7 @@ async def test_each_429_of_a_burst_gives_the_wait_its_answer_asks_for() -> None:
     import openai
 
     from ratekit import Limits
-    from ratekit.mock_provider import MockProvider
+    from ratekit.testing.mock_provider import MockProvider
 
     messages = [{"role": "user", "content": "hi"}]
     async with MockProvider(Limits(rpm=100)) as server:

@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit.simulation import RateLimited, StrictProvider, simulate
+from ratekit.testing.simulation import RateLimited, StrictProvider, simulate
 
 pytestmark = pytest.mark.anyio
 

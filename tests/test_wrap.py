@@ -20,7 +20,7 @@ from ratekit import Account, Limits, Rate, Scheduler
 from ratekit import _tokens as tokens_module
 from ratekit._tokens import BackgroundEstimator, TiktokenEstimator
 from ratekit.integrations._usage import CallPrice, Usage, read_usage
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 try:  # the HTTP library this openai release sends with
     import httpx2 as openai_httpx

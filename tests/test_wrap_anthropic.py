@@ -17,7 +17,7 @@ import ratekit
 from ratekit import Account, Limits, Scheduler, load_profile
 from ratekit.integrations._counts import TokenCounts, counted_fields
 from ratekit.integrations._usage import CallPrice, Usage, message_event_usage
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 pytestmark = pytest.mark.anyio
 

@@ -17,7 +17,7 @@ from anyio.from_thread import start_blocking_portal
 
 import ratekit
 from ratekit import Account, Limits
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 LIMITS = Limits(concurrency=8, rpm=120, tpm=60_000)

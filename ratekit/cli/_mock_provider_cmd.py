@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from .. import mock_provider as _mock
+from ..testing import mock_provider as _mock
 
 
 @click.command(

@@ -1,6 +1,6 @@
 """``ratekit plan``: how long a batch takes at a tier, which limit binds, what it costs.
 
-The numbers come from `ratekit._plan` (pure); this module reads the options and the
+The numbers come from `ratekit.cli._plan` (pure); this module reads the options and the
 JSONL file, and prints rich tables or, with ``--json``, one JSON document.
 """
 
@@ -16,7 +16,10 @@ from rich.markup import escape
 from rich.table import Table
 
 from .._errors import RatekitError
-from .._plan import (
+from .._pricing import ExtraTokens
+from .._profiles import Profile, Tier, load_profile
+from .._tokens import default_estimator
+from ._plan import (
     DEFAULT_CALL_S,
     CostEstimate,
     LineProblem,
@@ -28,9 +31,6 @@ from .._plan import (
     parse_duration,
     read_jsonl,
 )
-from .._pricing import ExtraTokens
-from .._profiles import Profile, Tier, load_profile
-from .._tokens import default_estimator
 from ._types import AMOUNT, POSITIVE, FiniteFloat, InputError, make_console
 
 

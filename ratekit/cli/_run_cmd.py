@@ -1,6 +1,6 @@
 """``ratekit run``: a resumable batch of chat completions kept inside an account's tier.
 
-The logic is `ratekit._batch`; this module reads the options, handles Ctrl-C and
+The logic is `ratekit.cli._batch`; this module reads the options, handles Ctrl-C and
 SIGTERM (first: stop admitting and let calls in flight end; second: cancel them), shows
 live progress with rich on stderr, and prints the summary on stdout.
 
@@ -22,7 +22,8 @@ import click
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
-from .._batch import (
+from .._errors import RatekitError
+from ._batch import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_GRACE_S,
     DEFAULT_MARGIN_MS,
@@ -37,7 +38,6 @@ from .._batch import (
     make_account,
     open_batch,
 )
-from .._errors import RatekitError
 from ._types import AMOUNT, POSITIVE, InputError, make_console
 
 # Seconds between two refreshes of the progress line.

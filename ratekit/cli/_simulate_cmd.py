@@ -38,8 +38,8 @@ from .._errors import RatekitError
 from .._limits import Limits
 from .._profiles import API_NAMES, load_profile
 from .._scheduler import Scheduler
-from ..mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
-from ..simulation import steady_utilisation
+from ..testing.mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
+from ..testing.simulation import steady_utilisation
 from ._types import AMOUNT, POSITIVE, InputError, make_console
 
 

@@ -10,7 +10,6 @@ tests, benchmarks, examples and command line.
 """
 
 from .._clock import FakeClock
-from ..mock_provider import MockProvider, MockProviderStatistics
 from ._redis import (
     SERVER_HINT,
     RedisCluster,
@@ -19,6 +18,7 @@ from ._redis import (
     redis_server_binary,
     valkey_server_binary,
 )
+from .mock_provider import MockProvider, MockProviderStatistics
 
 __all__ = [
     "SERVER_HINT",

@@ -26,7 +26,7 @@ import anyio
 import openai
 
 import ratekit
-from ratekit.mock_provider import MockProvider
+from ratekit.testing.mock_provider import MockProvider
 
 # Time compression: a provider minute lasts one real second.
 SPEED = 60

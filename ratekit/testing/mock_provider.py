@@ -59,7 +59,7 @@ Admin endpoints, for a server in another process: ``POST /admin/limits`` with
 ``null`` for every call until a count of 0; ``"status": 529`` for overloads of
 Messages calls), and ``GET /admin/stats``.
 
-Run one with ``python -m ratekit.mock_provider --provider moonshot --tier tier1``.
+Run one with ``python -m ratekit.testing.mock_provider --provider moonshot --tier tier1``.
 """
 
 from __future__ import annotations
@@ -81,11 +81,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from ._args import amount, int_in, positive
-from ._errors import LimitsError, RatekitError
-from ._limits import Limits
-from ._pricing import character_class
-from ._profiles import load_profile
+from .._args import amount, int_in, positive
+from .._errors import LimitsError, RatekitError
+from .._limits import Limits
+from .._pricing import character_class
+from .._profiles import load_profile
 from ._strict import CONCURRENCY, ProviderCounting, RateState, Refusal, StrictWindows, Ticket
 
 DEFAULT_MODEL = "mock-model"
@@ -1434,7 +1434,7 @@ class ProviderProcess:
         return [
             sys.executable,
             "-m",
-            "ratekit.mock_provider",
+            "ratekit.testing.mock_provider",
             "--port",
             "0",
             "--until-stdin-closes",
@@ -1571,7 +1571,7 @@ _PROCESS_OPTIONS = frozenset(
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ratekit.mock_provider",
+        prog="python -m ratekit.testing.mock_provider",
         description=(
             "Serve a provider that enforces a tier's limits strictly, over OpenAI's API "
             "(base URL http://host:port/v1) and Anthropic's Messages API (base URL "
@@ -1646,7 +1646,8 @@ async def _serve(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m ratekit.mock_provider``: serve a tier until Ctrl-C; returns the exit code."""
+    """``python -m ratekit.testing.mock_provider``: serve a tier until Ctrl-C; returns the exit
+    code."""
     args = _parser().parse_args(argv)
     try:
         tier = load_profile(args.provider).tier(args.tier)

@@ -18,7 +18,7 @@ from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from ._limits import Limits, Rate
+from .._limits import Limits, Rate
 
 CONCURRENCY = "concurrency"
 

@@ -39,12 +39,12 @@ from urllib.parse import urlsplit
 
 import anyio
 
-from ._account import Account
-from ._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
-from ._events import Event, RateLimited
-from ._scheduler import Scheduler
-from ._tokens import chat_message_problem
-from .backends._base import Backend
+from .._account import Account
+from .._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
+from .._events import Event, RateLimited
+from .._scheduler import Scheduler
+from .._tokens import chat_message_problem
+from ..backends._base import Backend
 
 # Seconds: how long a connection attempt may take before the request fails.
 DEFAULT_CONNECT_TIMEOUT_S = 5.0
@@ -856,12 +856,12 @@ async def open_batch(
     """
     import openai
 
-    from .integrations._wrap import wrap
+    from ..integrations._wrap import wrap
 
     account = make_account(config)
     backend: Backend | None = None
     if config.redis_url is not None:
-        from .backends.redis import RedisBackend
+        from ..backends.redis import RedisBackend
 
         namespace = config.namespace or f"{config.provider}-{account.tier.name}".casefold()
         backend = RedisBackend(config.redis_url, namespace=namespace)

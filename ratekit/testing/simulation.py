@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import anyio
 
-from ._limiter import Limiter
-from ._limits import Limits
+from .._limiter import Limiter
+from .._limits import Limits
 from ._strict import ProviderCounting, Refusal, StrictWindows
 
 

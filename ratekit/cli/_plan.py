@@ -36,11 +36,11 @@ from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Any
 
-from ._errors import MissingPriceError, RatekitError
-from ._limits import Limits, Rate, check_amount
-from ._pricing import TOKENS_PER_MILLION, ExtraTokens, Prices, RelayBilling
-from ._profiles import Profile, Tier
-from ._tokens import (
+from .._errors import MissingPriceError, RatekitError
+from .._limits import Limits, Rate, check_amount
+from .._pricing import TOKENS_PER_MILLION, ExtraTokens, Prices, RelayBilling
+from .._profiles import Profile, Tier
+from .._tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     TokenEstimator,
     chat_message_problem,

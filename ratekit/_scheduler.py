@@ -218,7 +218,8 @@ class Scheduler:
         self._backend = backend
         self._max_queue = max_queue
         self._lower_share = lower_share
-        self._hooks = list(hooks)
+        # A tuple: a hook added while events are told is told from the next one.
+        self._hooks: tuple[Hook, ...] = tuple(hooks)
         self._max_attempts = _check_attempts(max_attempts)
         self._adapt = adapt
         self._classify = classify
@@ -655,6 +656,14 @@ class Scheduler:
 
     # -- observing ----------------------------------------------------------------------
 
+    def add_hook(self, hook: Hook) -> None:
+        """Tell `hook` every event from now on too (a metrics collector attached to a
+        scheduler that exists already). Adding a hook twice tells it once."""
+        if not callable(hook):
+            raise InvalidArgumentError(f"Scheduler.add_hook: a hook must be callable, got {hook!r}")
+        if hook not in self._hooks:
+            self._hooks = (*self._hooks, hook)
+
     def _emit(self, event: Event) -> None:
         """Tell every hook; a hook that raises is logged and never breaks a call."""
         for hook in self._hooks:
@@ -673,7 +682,8 @@ class Scheduler:
         """A frozen snapshot: queue, admissions, waits per priority, utilisation, 429s."""
         utilisation: dict[str, dict[str, float]] = {}
         waiting: dict[int, int] = {}
-        for name, group in self._groups.items():
+        # A copy: a group may be made while a snapshot awaits its backend.
+        for name, group in list(self._groups.items()):
             snapshot = await group.limiter.statistics()
             utilisation[name] = {
                 d.name: (d.used / d.limit if d.limit else 0.0) for d in snapshot.dimensions

@@ -367,3 +367,17 @@ async def test_the_providers_numbers_hold_across_tier_changes_and_adapt_with_429
     clock.advance(1)
     await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
     assert scheduler.limiter().limits.rpm == pytest.approx(160)
+
+
+async def test_a_hook_added_later_hears_every_event_from_then() -> None:
+    scheduler, _, _ = make("tier1")
+    heard: list[ratekit.Event] = []
+    async with scheduler.slot():
+        pass
+    scheduler.add_hook(heard.append)
+    scheduler.add_hook(heard.append)  # once is enough
+    async with scheduler.slot():
+        pass
+    assert [type(event).__name__ for event in heard] == ["Queued", "Admitted", "Settled"]
+    with pytest.raises(ratekit.InvalidArgumentError, match="must be callable"):
+        scheduler.add_hook("print")  # type: ignore[arg-type]

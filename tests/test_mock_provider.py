@@ -14,12 +14,12 @@ import pytest
 
 import ratekit
 from ratekit import FakeClock, Limits, Rate
-from ratekit.testing._strict import ProviderCounting, Refusal, StrictWindows, Ticket
+from ratekit.testing._strict import ProviderCounting, StrictRefusal, StrictWindows, Ticket
 from ratekit.testing.mock_provider import (
     MockProvider,
     estimate_tokens,
-    format_duration,
     main,
+    openai_duration,
     start_mock_provider,
 )
 
@@ -73,9 +73,9 @@ def admit(
     return ticket
 
 
-def refuse(windows: StrictWindows, now_s: float, tokens: float = 0) -> Refusal:
+def refuse(windows: StrictWindows, now_s: float, tokens: float = 0) -> StrictRefusal:
     refusal = windows.try_admit(now_s, tokens=tokens)
-    assert isinstance(refusal, Refusal), refusal
+    assert isinstance(refusal, StrictRefusal), refusal
     return refusal
 
 
@@ -84,7 +84,7 @@ async def test_requests_count_in_a_rolling_window_and_the_wait_is_exact() -> Non
     windows = StrictWindows(Limits(rpm=3))
     for now in (0.0, 10.0, 20.0):
         admit(windows, now)
-    assert refuse(windows, 30.0) == Refusal("rpm", "requests", 30.0)
+    assert refuse(windows, 30.0) == StrictRefusal("rpm", "requests", 30.0)
     assert refuse(windows, 59.5).retry_after_s == 0.5
     admit(windows, 60.0)
     assert refuse(windows, 60.0).retry_after_s == 10.0
@@ -96,7 +96,7 @@ async def test_tokens_reserved_at_arrival_wait_for_enough_old_arrivals_to_expire
     windows = StrictWindows(Limits(tpm=100))
     admit(windows, 0.0, tokens=60)
     admit(windows, 10.0, tokens=30)
-    assert refuse(windows, 20.0, tokens=20) == Refusal("tpm", "tokens", 40.0)
+    assert refuse(windows, 20.0, tokens=20) == StrictRefusal("tpm", "tokens", 40.0)
     too_large = refuse(windows, 20.0, tokens=101)
     assert too_large.never
     assert math.isinf(too_large.retry_after_s)
@@ -119,7 +119,7 @@ async def test_concurrency_counts_calls_in_flight_and_hints_the_earliest_end() -
     """A cap of 1 refuses a second call until the first ends; the hint is its planned end."""
     windows = StrictWindows(Limits(concurrency=1))
     first = admit(windows, 0.0, until_s=4.0)
-    assert refuse(windows, 1.0) == Refusal("concurrency", "concurrency", 3.0)
+    assert refuse(windows, 1.0) == StrictRefusal("concurrency", "concurrency", 3.0)
     windows.finish(first, 2.0, used_tokens=0)
     windows.finish(first, 2.0, used_tokens=0)  # a second finish is a no-op
     admit(windows, 2.0)
@@ -132,7 +132,7 @@ async def test_new_limits_keep_the_traffic_already_counted() -> None:
     for now in (0.0, 1.0, 2.0):
         admit(windows, now)
     windows.set_limits(Limits(rpm=3, rates=(Rate(2, 5.0, name="rp5s"),)), 3.0)
-    assert refuse(windows, 3.0) == Refusal("rpm", "requests", 57.0)
+    assert refuse(windows, 3.0) == StrictRefusal("rpm", "requests", 57.0)
     assert refuse(windows, 6.5).dimension == "rpm"  # rp5s has 1 left, rpm none
     windows.set_limits(Limits(rates=(Rate(2, 5.0, name="rp5s"),)), 6.5)
     admit(windows, 6.5)
@@ -142,7 +142,7 @@ async def test_new_limits_keep_the_traffic_already_counted() -> None:
 async def test_durations_are_written_as_openai_writes_them() -> None:
     """Reset headers read like Go durations, rounded up to the millisecond."""
     cases = {0.0: "0s", 0.0004: "1ms", 0.25: "250ms", 1.5: "1.5s", 60.0: "1m0s", 3725.0: "1h2m5s"}
-    assert {seconds: format_duration(seconds) for seconds in cases} == cases
+    assert {seconds: openai_duration(seconds) for seconds in cases} == cases
 
 
 async def test_tokens_are_estimated_by_a_documented_rule() -> None:

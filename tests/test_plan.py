@@ -31,7 +31,7 @@ from ratekit.cli._plan import (
     cheapest_tier,
     estimate_cost,
     make_plan,
-    parse_duration,
+    parse_deadline,
     rate_time,
     read_jsonl,
     relay_cost,
@@ -291,7 +291,7 @@ def test_cheapest_tier_in_the_plan_for_moonshot() -> None:
     """Moonshot, 1,000 requests within 2 h: Tier1 (10 USD; RPM 200 -> 4 min + 10 s)."""
     moonshot = load_profile("moonshot")
     workload = Workload.uniform(1_000, prompt_tokens=1_000, output_tokens=500)
-    plan = make_plan(moonshot, moonshot.tier("Tier0"), workload, deadline_s=parse_duration("2h"))
+    plan = make_plan(moonshot, moonshot.tier("Tier0"), workload, deadline_s=parse_deadline("2h"))
     assert plan.cheapest is not None
     assert plan.cheapest.tier == "Tier1"
     assert plan.cheapest.finish_s == 4 * 60 + 10
@@ -300,14 +300,14 @@ def test_cheapest_tier_in_the_plan_for_moonshot() -> None:
 
 def test_parse_duration() -> None:
     """Durations read as seconds; junk and zero are refused with the text quoted."""
-    assert parse_duration("2h") == 7_200
-    assert parse_duration("1h30m") == 5_400
-    assert parse_duration("1.5d") == 129_600
-    assert parse_duration("90") == 90
+    assert parse_deadline("2h") == 7_200
+    assert parse_deadline("1h30m") == 5_400
+    assert parse_deadline("1.5d") == 129_600
+    assert parse_deadline("90") == 90
     with pytest.raises(PlanError, match="invalid duration '2 weeks'"):
-        parse_duration("2 weeks")
+        parse_deadline("2 weeks")
     with pytest.raises(PlanError, match="must be positive"):
-        parse_duration("0s")
+        parse_deadline("0s")
 
 
 # --- JSONL -----------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit.testing.simulation import RateLimited, StrictProvider, simulate
+from ratekit.testing.simulation import ProviderRefusedError, StrictProvider, simulate
 
 pytestmark = pytest.mark.anyio
 
@@ -15,11 +15,11 @@ async def test_the_strict_provider_answers_429_beyond_its_limits() -> None:
     """Without a limiter, the strict provider refuses what exceeds a window or the cap."""
     provider = StrictProvider(ratekit.Limits(concurrency=2, rpm=3, tpm=1000).compressed(60))
     await provider.call(600, 0)
-    with pytest.raises(RateLimited, match="429: tpm exceeded"):
+    with pytest.raises(ProviderRefusedError, match="429: tpm exceeded"):
         await provider.call(500, 0)
     await provider.call(100, 0)
     await provider.call(100, 0)
-    with pytest.raises(RateLimited, match="429: rpm exceeded"):
+    with pytest.raises(ProviderRefusedError, match="429: rpm exceeded"):
         await provider.call(1, 0)
     assert provider.rejected == {"tpm": 1, "rpm": 1}
     assert provider.served == 3
@@ -31,7 +31,7 @@ async def test_concurrency_beyond_the_cap_is_refused() -> None:
     async with anyio.create_task_group() as group:
         group.start_soon(provider.call, 1, 0.2)
         await anyio.sleep(0.05)
-        with pytest.raises(RateLimited, match="429: concurrency exceeded"):
+        with pytest.raises(ProviderRefusedError, match="429: concurrency exceeded"):
             await provider.call(1, 0)
 
 

@@ -12,7 +12,7 @@ from ._mock_provider_cmd import mock_provider
 from ._plan_cmd import plan
 from ._profiles_cmd import profiles
 from ._run_cmd import run
-from ._simulate_cmd import simulate
+from ._simulate_cmd import simulate_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -21,5 +21,5 @@ def main() -> None:
     """Keep LLM calls inside a provider's tier: plan, run and simulate batches."""
 
 
-for command in (profiles, plan, run, simulate, mock_provider):
+for command in (profiles, plan, run, simulate_command, mock_provider):
     main.add_command(command)

@@ -363,7 +363,7 @@ def cheapest_tier(times: Iterable[TierTime], deadline_s: float) -> TierTime | No
     return next((time for time in times if time.meets(deadline)), None)
 
 
-def parse_duration(text: str) -> float:
+def parse_deadline(text: str) -> float:
     """Seconds in a duration such as ``"2h"``, ``"1h30m"``, ``"90s"``, ``"1.5d"`` or ``"600"``
     (a bare number is seconds). Raises `PlanError` for anything else or a zero duration."""
     spec = text.strip().lower().replace(" ", "")

@@ -28,7 +28,7 @@ from ._plan import (
     TierTime,
     Workload,
     make_plan,
-    parse_duration,
+    parse_deadline,
     read_jsonl,
 )
 from ._types import AMOUNT, POSITIVE, FiniteFloat, InputError, make_console
@@ -335,7 +335,7 @@ def plan(
             workload,
             model=model,
             call_s=call_seconds,
-            deadline_s=None if deadline is None else parse_duration(deadline),
+            deadline_s=None if deadline is None else parse_deadline(deadline),
             pricing=pricing,
             overrides=overrides,
         )

@@ -44,7 +44,7 @@ from ._types import AMOUNT, POSITIVE, InputError, make_console
 
 
 @dataclass(frozen=True)
-class Workload:
+class CallMix:
     """What the simulated callers send: `calls` chat requests of random sizes, a user
     message of `prompt_words` words and `max_tokens` (inclusive ranges)."""
 
@@ -54,7 +54,7 @@ class Workload:
     max_tokens: tuple[int, int] = (16, 256)
 
 
-def _requests(workload: Workload, share: int, part: int) -> list[dict[str, Any]]:
+def _requests(workload: CallMix, share: int, part: int) -> list[dict[str, Any]]:
     """The bodies of part `part` (`share` calls) of the workload, as Chat Completions
     requests without the model; `_messages_request` maps one to the Messages API."""
     rng = random.Random(workload.seed * 1000 + part)
@@ -179,7 +179,7 @@ def _process_main(arguments: str) -> None:
     account = _account(
         spec["provider"], spec["tier"], spec["speed"], spec["margin_ms"], spec["pacing"]
     )
-    workload = Workload(spec["calls"], spec["seed"])
+    workload = CallMix(spec["calls"], spec["seed"])
     bodies = _requests(workload, spec["share"], spec["part"])
     result = asyncio.run(
         _drive(
@@ -278,7 +278,7 @@ async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], _Run]:
     )
     await server.start()
     started = time.monotonic()
-    workload = Workload(options["calls"], options["seed"])
+    workload = CallMix(options["calls"], options["seed"])
     # Where the provider serves each API (the Anthropic SDK adds /v1 itself).
     base_url = {"openai": server.base_url, "anthropic": server.anthropic_base_url}[options["api"]]
     try:
@@ -308,7 +308,7 @@ async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], _Run]:
 
 
 async def _in_processes(
-    options: dict[str, Any], workload: Workload, base_url: str
+    options: dict[str, Any], workload: CallMix, base_url: str
 ) -> dict[str, int]:
     count = options["processes"]
     shares = [
@@ -407,7 +407,7 @@ def _report(
     return 0 if rejected == 0 and outcome["failed"] == 0 else 1
 
 
-@click.command()
+@click.command("simulate")
 @click.option(
     "--api",
     type=click.Choice(API_NAMES, case_sensitive=False),
@@ -458,7 +458,7 @@ def _report(
 )
 @click.option("--plot", "plot_path", default=None, help="write a PNG of use per window")
 @click.option("--seed", default=1, show_default=True, help="random seed of the workload")
-def simulate(
+def simulate_command(
     api: str,
     provider: str,
     tier: str,

@@ -37,7 +37,7 @@ class ProviderCounting(enum.StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Refusal:
+class StrictRefusal:
     """Why a call was refused and when it could be admitted.
 
     `dimension` is the first dimension over its limit (a rate's name or
@@ -188,7 +188,7 @@ class StrictWindows:
 
     def try_admit(
         self, now_s: float, *, tokens: float, until_s: float = math.inf
-    ) -> Ticket | Refusal:
+    ) -> Ticket | StrictRefusal:
         """Admit one call costing `tokens` (prompt + max output) at `now_s`, or refuse it.
 
         `until_s` is when the call is planned to end (for concurrency wait hints).
@@ -212,7 +212,7 @@ class StrictWindows:
             return 1.0
         return tokens if self.counting is ProviderCounting.RESERVE else 0.0
 
-    def _refusal(self, now_s: float, tokens: float) -> Refusal | None:
+    def _refusal(self, now_s: float, tokens: float) -> StrictRefusal | None:
         """The refusal of a call costing `tokens` at `now_s`, or None when all admit it."""
         first: tuple[str, str] | None = None
         wait_s, never = 0.0, False
@@ -235,7 +235,7 @@ class StrictWindows:
             wait_s = max(wait_s, log_wait)
         if first is None:
             return None
-        return Refusal(first[0], first[1], math.inf if never else wait_s, never)
+        return StrictRefusal(first[0], first[1], math.inf if never else wait_s, never)
 
     def _earliest_end_s(self, now_s: float) -> float:
         ends = [ticket.until_s for ticket in self._in_flight.values()]

@@ -86,7 +86,7 @@ from .._errors import LimitsError, RatekitError
 from .._limits import Limits
 from .._pricing import character_class
 from .._profiles import load_profile
-from ._strict import CONCURRENCY, ProviderCounting, RateState, Refusal, StrictWindows, Ticket
+from ._strict import CONCURRENCY, ProviderCounting, RateState, StrictRefusal, StrictWindows, Ticket
 
 DEFAULT_MODEL = "mock-model"
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -351,7 +351,7 @@ def _sse_event(payload: dict[str, Any]) -> bytes:
     return _chunk(f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode())
 
 
-def format_duration(seconds: float) -> str:
+def openai_duration(seconds: float) -> str:
     """A wait as OpenAI's reset headers write it: ``"250ms"``, ``"1.5s"``, ``"6m0s"``.
 
     Rounded up to the millisecond; zero or less is ``"0s"``.
@@ -389,7 +389,7 @@ def _limit_headers(states: Iterable[RateState]) -> dict[str, str]:
     for unit, state in _tightest(states).items():
         headers[f"x-ratelimit-limit-{unit}"] = _number(state.limit)
         headers[f"x-ratelimit-remaining-{unit}"] = str(math.floor(state.remaining))
-        headers[f"x-ratelimit-reset-{unit}"] = format_duration(state.reset_s)
+        headers[f"x-ratelimit-reset-{unit}"] = openai_duration(state.reset_s)
     return headers
 
 
@@ -928,7 +928,7 @@ class MockProvider:
         now = self._clock()
         if self._injected_429s.take():
             self._windows.rejected["injected"] = self._windows.rejected.get("injected", 0) + 1
-            refusal = Refusal("injected", "injected", self._injected_429s.retry_after_s)
+            refusal = StrictRefusal("injected", "injected", self._injected_429s.retry_after_s)
             await self._send_429(writer, plan, refusal, now)
             return
         if plan.api is _Api.ANTHROPIC and self._injected_529s.take():
@@ -936,7 +936,7 @@ class MockProvider:
             return
         until = now + self._latency_s(plan.completion_tokens)
         admitted = self._windows.try_admit(now, tokens=plan.reserved_tokens, until_s=until)
-        if isinstance(admitted, Refusal):
+        if isinstance(admitted, StrictRefusal):
             await self._send_429(writer, plan, admitted, now)
             return
         await self._answer(admitted, now, plan, self._api_headers(plan.api, now), respond)
@@ -974,7 +974,7 @@ class MockProvider:
             )
 
     async def _send_429(
-        self, writer: asyncio.StreamWriter, plan: _Plan, refusal: Refusal, now_s: float
+        self, writer: asyncio.StreamWriter, plan: _Plan, refusal: StrictRefusal, now_s: float
     ) -> None:
         _tally(self._rejected_by_endpoint, plan.endpoint)
         headers = self._api_headers(plan.api, now_s)
@@ -992,7 +992,7 @@ class MockProvider:
         headers.update(_retry_headers(self._injected_529s.retry_after_s, plan.api))
         await _send_json(writer, 529, _HttpError(529, "Overloaded").anthropic_body, headers)
 
-    def _refusal_message(self, plan: _Plan, refusal: Refusal) -> str:
+    def _refusal_message(self, plan: _Plan, refusal: StrictRefusal) -> str:
         if refusal.dimension == "injected":
             message = "The service is at capacity (an injected 429). Please try again later."
         elif refusal.dimension == CONCURRENCY:
@@ -1007,7 +1007,7 @@ class MockProvider:
                 f"requested {plan.reserved_tokens if rate.unit == 'tokens' else 1}."
             )
             if not refusal.never:
-                message += f" Please try again in {format_duration(refusal.retry_after_s)}."
+                message += f" Please try again in {openai_duration(refusal.retry_after_s)}."
         return message
 
     def _next_id(self, prefix: str) -> str:

@@ -22,10 +22,10 @@ import anyio
 
 from .._limiter import Limiter
 from .._limits import Limits
-from ._strict import ProviderCounting, Refusal, StrictWindows
+from ._strict import ProviderCounting, StrictRefusal, StrictWindows
 
 
-class RateLimited(Exception):
+class ProviderRefusedError(Exception):
     """The strict provider's 429: `dimension` was over its limit at arrival."""
 
     def __init__(self, dimension: str) -> None:
@@ -34,7 +34,7 @@ class RateLimited(Exception):
 
 
 class StrictProvider:
-    """Answers calls within `limits` and raises `RateLimited` for any call beyond them.
+    """Answers calls within `limits` and raises `ProviderRefusedError` for any call beyond them.
 
     Requests and tokens (prompt + max output) count at arrival in rolling windows
     of exactly each rate's period; concurrency counts calls in flight. `clock`
@@ -69,8 +69,8 @@ class StrictProvider:
         """One call reserving `tokens`; takes `duration_s`; returns the tokens used."""
         now = self._now()
         admitted = self._windows.try_admit(now, tokens=tokens, until_s=now + duration_s)
-        if isinstance(admitted, Refusal):
-            raise RateLimited(admitted.dimension)
+        if isinstance(admitted, StrictRefusal):
+            raise ProviderRefusedError(admitted.dimension)
         self.arrivals.append((now, tokens))
         try:
             await anyio.sleep(duration_s)
@@ -137,7 +137,7 @@ async def simulate(
         while jobs:
             job_tokens, job_s = jobs.popleft()
             async with limiter.acquire(tokens=job_tokens) as permit:
-                with contextlib.suppress(RateLimited):  # counted by the provider
+                with contextlib.suppress(ProviderRefusedError):  # counted by the provider
                     permit.settle(tokens=await provider.call(job_tokens, job_s))
 
     async with anyio.create_task_group() as group:

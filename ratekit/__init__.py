@@ -7,14 +7,18 @@ and `Limiter` (permits for calls within those limits).
 are imported on first use (``ratekit.RedisBackend``, ``from ratekit import
 RedisBackend``) and are not in ``__all__``, so that ``from ratekit import *`` works
 without the extras; without its extra, each raises `MissingExtraError` naming it.
+``__all__`` lists what applications use; what a backend of one's own needs (`Demand`,
+`Instant`) and older names (`Permit`) are importable too.
 """
 
 from typing import TYPE_CHECKING
 
 from ._account import Account
 from ._admission import Admission
-from ._calibration import Calibration, EstimateStatistics
-from ._clock import Clock, FakeClock, Instant, SystemClock
+from ._calibration import Calibration as Calibration
+from ._calibration import EstimateStatistics
+from ._clock import Clock, FakeClock, SystemClock
+from ._clock import Instant as Instant
 from ._errors import (
     AcquireTimeout,
     BackendUnavailableError,
@@ -49,7 +53,8 @@ from ._events import (
     Settled,
     TierChanged,
 )
-from ._limiter import Limiter, LimiterStatistics, Permit
+from ._limiter import Limiter, LimiterStatistics
+from ._limiter import Permit as Permit
 from ._limits import DEFAULT_MARGIN_S, Limits, Rate, TokenCounting
 from ._pricing import (
     CacheMultiples,
@@ -68,6 +73,7 @@ from ._profiles import (
     load_profile,
 )
 from ._scheduler import PriorityStatistics, Scheduler, SchedulerStatistics, Slot
+from ._signals import RateLimitSignal, classify
 from ._tokens import (
     HeuristicEstimator,
     RequestShapeError,
@@ -80,7 +86,8 @@ from ._tokens import (
     estimate_request_tokens,
     tokens_to_reserve,
 )
-from .backends import Backend, Demand, DimensionStatistics, MemoryBackend
+from .backends import Backend, DimensionStatistics, MemoryBackend
+from .backends import Demand as Demand
 from .integrations._counts import TokenCounts, TokenCountStatistics
 from .integrations._sync_scheduler import SyncScheduler
 from .integrations._wrap import wrap
@@ -98,19 +105,16 @@ __all__ = [
     "Backend",
     "BackendUnavailableError",
     "CacheMultiples",
-    "Calibration",
     "CharacterRules",
     "Clock",
     "Cooldown",
     "CostExceedsLimitError",
-    "Demand",
     "DimensionStatistics",
     "EstimateStatistics",
     "Event",
     "FakeClock",
     "HeuristicEstimator",
     "Hook",
-    "Instant",
     "InvalidArgumentError",
     "InvalidCostError",
     "LimitNumbers",
@@ -125,7 +129,6 @@ __all__ = [
     "MissingPriceError",
     "Model",
     "NoEventLoopError",
-    "Permit",
     "PermitError",
     "Prices",
     "PriorityStatistics",
@@ -135,6 +138,7 @@ __all__ = [
     "QueueFullError",
     "Queued",
     "Rate",
+    "RateLimitSignal",
     "RateLimited",
     "RatekitError",
     "RelayBilling",
@@ -162,6 +166,7 @@ __all__ = [
     "UnknownTierError",
     "WrongEventLoopError",
     "bundled_providers",
+    "classify",
     "count_billable_characters",
     "default_estimator",
     "estimate_prompt_tokens",

@@ -128,7 +128,9 @@ class Calibration:
             state.asked += 1
             if state.asked % ASK_EVERY == 0:
                 self._share({})
-        return math.ceil((estimate + OFFSET) * state.factor - OFFSET)
+        # A prompt is never free: a factor below 1 on a prompt of a few tokens (an
+        # embedding's "hello") would otherwise reserve a negative amount.
+        return max(math.ceil((estimate + OFFSET) * state.factor - OFFSET), 1)
 
     def observe(self, model: str | None, estimate: float, reserved: float, reported: float) -> None:
         """The provider counted `reported` prompt tokens for a prompt estimated at

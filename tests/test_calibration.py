@@ -236,3 +236,14 @@ def test_a_factor_no_pod_sends_any_more_stops_counting() -> None:
     pod.fleet_learned({"m": math.nan, "n": -1.0, "o": 1e9})
     assert pod.factor("m") == PRIOR_FACTOR
     assert pod.factor("n") == PRIOR_FACTOR
+
+
+def test_a_short_prompt_reserves_at_least_one_token_under_a_factor_below_one() -> None:
+    """A model whose prompts count about half the estimate: a 1-token embedding input
+    still reserves 1 token, never a negative amount."""
+    calibration = Calibration()
+    for _ in range(40):
+        calibration.observe("m", 100, calibration.reserve("m", 100), 50)
+    assert calibration.factor("m") < 0.7
+    assert calibration.reserve("m", 1) == 1
+    assert calibration.reserve("m", 2) == 1

@@ -26,6 +26,7 @@ CASES = [
     (["simulate", "--workers", "0"], "--workers", "0 is not in the range x>=1"),
     (["simulate", "--processes", "0"], "--processes", "0 is not in the range 1<=x<=64"),
     (["simulate", "--api", "gemini"], "--api", "'gemini' is not one of"),
+    (["simulate", "--redis", "nonsense", "--processes", "2"], "--redis", "is not a Redis URL"),
     (["simulate", "--plot", "/no/such/dir/x.png"], "--plot", "/no/such/dir is not a directory"),
     ([*PLAN, *UNIFORM, "--input-price", "-1"], "--input-price", "-1 is not at least 0"),
     ([*PLAN, *UNIFORM, "--input-price", "nan"], "--input-price", "'nan' is not a finite"),

@@ -418,3 +418,15 @@ async def test_a_cache_write_may_cost_more_than_the_input_price() -> None:
     writing = price.estimate(1_000, 100, writes_cache=True)
     assert plain == pytest.approx((1_000 * 2.1 + 100 * 8.4) / 1e6)
     assert writing == pytest.approx((1_000 * 2.625 + 100 * 8.4) / 1e6)
+
+
+async def test_wrap_refuses_what_is_no_client_and_a_wrapped_client() -> None:
+    """Anything without an LLM client's methods, and a client wrapped already (which
+    would admit each call twice), are refused where wrap is called."""
+    scheduler = Scheduler(Account("moonshot", tier="tier1"))
+    for thing in (None, "client", 42):
+        with pytest.raises(ratekit.InvalidArgumentError, match="must be an LLM client"):
+            ratekit.wrap(thing, scheduler)
+    wrapped = ratekit.wrap(anthropic.AsyncAnthropic(api_key="test"), scheduler)
+    with pytest.raises(ratekit.InvalidArgumentError, match="wrapped already"):
+        ratekit.wrap(wrapped, scheduler)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -218,3 +219,31 @@ def test_a_sync_client_without_an_http_client_is_told_by_its_methods() -> None:
         wrapped.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
         assert sync.statistics().admitted == 1
     assert seen == [{"model": "kimi-k2", "messages": MESSAGES, "max_tokens": 4}]
+
+
+def test_closing_while_threads_call_ends_each_call_cleanly(server: MockProvider) -> None:
+    """close() while 16 threads call (most waiting for one of 8 slots): each call either
+    returns or raises NoEventLoopError; no thread hangs or dies of a cancellation."""
+    sync = scheduler(None)
+    chat, _ = clients(server, sync)
+    outcomes: list[str] = []
+
+    def work(index: int) -> None:
+        for _ in range(200):
+            try:
+                chat.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
+            except ratekit.NoEventLoopError:
+                outcomes.append("closed")
+                return
+        outcomes.append("done")
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.8)
+    sync.close()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert not any(thread.is_alive() for thread in threads), "a thread hangs"
+    assert len(outcomes) == THREADS  # every thread ended by returning or NoEventLoopError
+    assert "closed" in outcomes

@@ -21,4 +21,4 @@ def mock_provider(context: click.Context) -> None:
     --port, --counting, --latency-ms, --ms-per-token, --no-count-cache-reads;
     --help for details.
     """
-    raise SystemExit(_mock.main(list(context.args)))
+    raise SystemExit(_mock.main(list(context.args), prog="ratekit mock-provider"))

@@ -407,6 +407,17 @@ def _report(
     return 0 if rejected == 0 and outcome["failed"] == 0 else 1
 
 
+def _check_redis_url(url: str) -> None:
+    try:
+        from ..backends.redis import _check_url
+    except ModuleNotFoundError:
+        raise InputError("--redis needs the redis package: pip install 'ratekit[redis]'") from None
+    try:
+        _check_url(url)
+    except RatekitError as exc:
+        raise click.BadParameter(str(exc), param_hint="--redis") from None
+
+
 @click.command("simulate")
 @click.option(
     "--api",
@@ -476,6 +487,8 @@ def simulate_command(
     """Drive a workload through ratekit against the strict local provider; report 429s."""
     if processes > 1 and redis_url is None:
         raise click.UsageError("--processes above 1 needs --redis URL to share the account")
+    if redis_url is not None:
+        _check_redis_url(redis_url)  # before any process starts
     _sdk(api)  # a missing package fails here, before the provider starts
     if plot_path is not None:
         folder = Path(plot_path).absolute().parent

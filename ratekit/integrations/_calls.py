@@ -8,6 +8,8 @@ thread, retried under the scheduler's own policy.
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import functools
 import inspect
 import time
@@ -96,6 +98,23 @@ def _on_a_loop_thread() -> bool:
     return True
 
 
+def on_loop(scheduler: Scheduler, fn: Callable[..., Any], *args: Any, awaited: bool = True) -> Any:
+    """``fn(*args)`` run on the scheduler's loop from this thread (awaited when a coroutine
+    function). A loop that stops meanwhile (its SyncScheduler closed) raises
+    `NoEventLoopError`, not the cancellation of the loop's own tasks."""
+    token = _token(scheduler)
+    try:
+        if awaited:
+            return anyio.from_thread.run(fn, *args, token=token)
+        return anyio.from_thread.run_sync(fn, *args, token=token)
+    except (asyncio.CancelledError, concurrent.futures.CancelledError, anyio.RunFinishedError):
+        if scheduler.sync_closed or scheduler.loop_token is None:
+            raise NoEventLoopError(
+                "this SyncScheduler was closed while the call waited for its event loop"
+            ) from None
+        raise
+
+
 def loop_of(scheduler: Scheduler) -> EventLoopToken:
     """The event loop a sync call is admitted on (see `_token`), for the wrapped clients."""
     return _token(scheduler)
@@ -135,8 +154,8 @@ def slot_sync(
     timeout: float | None = None,
 ) -> Iterator[Admission]:
     """`Scheduler.slot` for a thread: ``with slot_sync(scheduler, tokens=n) as permit:``."""
-    token = _token(scheduler)
-    admission = anyio.from_thread.run(
+    admission = on_loop(
+        scheduler,
         functools.partial(
             scheduler.admit,
             tokens=tokens,
@@ -145,7 +164,6 @@ def slot_sync(
             priority=priority,
             timeout=timeout,
         ),
-        token=token,
     )
     error: BaseException | None = None
     try:
@@ -154,9 +172,7 @@ def slot_sync(
         error = exc
         raise
     finally:
-        anyio.from_thread.run(
-            functools.partial(scheduler.finish, admission, error, model=model), token=token
-        )
+        on_loop(scheduler, functools.partial(scheduler.finish, admission, error, model=model))
 
 
 def submit_sync(

@@ -59,11 +59,12 @@ class SyncScheduler:
         if scheduler.loop_token is None:
             return
         backend = scheduler.limiter().backend
+        # Closed first: a call that starts from now on fails at once.
+        token, scheduler.loop_token = scheduler.loop_token, None
+        scheduler.sync_closed = True
         close = getattr(backend, "aclose", None)
         if close is not None:
-            self._portal.call(close)
-        scheduler.loop_token = None
-        scheduler.sync_closed = True
+            anyio.from_thread.run(close, token=token)
         self._portal_context.__exit__(None, None, None)
 
     def __enter__(self) -> SyncScheduler:

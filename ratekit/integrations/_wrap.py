@@ -168,6 +168,17 @@ def wrap(
     fresh `TokenCounts`; pass your own to read what the counts cost
     (`TokenCounts.statistics`).
     """
+    if isinstance(client, _Proxy):
+        raise InvalidArgumentError(
+            "wrap: this client is wrapped already; wrapping it again would admit each call twice"
+        )
+    api = _api_of(client)
+    if not any(hasattr(client, path[0]) for path in (*api.admitted, *api.helpers)):
+        names = sorted({".".join(path) for path in api.admitted})
+        raise InvalidArgumentError(
+            f"wrap: client must be an LLM client with {', '.join(names)} (an openai or "
+            f"anthropic client), got {client!r}"
+        )
     sync = _is_sync(client)
     loop: EventLoopToken | None = None
     if isinstance(scheduler, SyncScheduler):
@@ -197,7 +208,6 @@ def wrap(
         )
     priority = _checked("wrap: priority", check_priority, priority)
     timeout = _checked("wrap: timeout", check_timeout, timeout)
-    api = _api_of(client)
     counts: TokenCounts | None = None
     if isinstance(count_tokens, TokenCounts):
         counts = count_tokens

@@ -14,9 +14,8 @@ import functools
 import time
 from collections.abc import Callable, Coroutine, Iterator
 from types import TracebackType
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
-import anyio.from_thread
 from tenacity import Retrying
 
 from .._admission import Admission
@@ -33,7 +32,7 @@ from ._calling import (
     plan_call,
     stream_params,
 )
-from ._calls import loop_of
+from ._calls import loop_of, on_loop
 from ._counts import count_params, counted_fields
 from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
@@ -42,7 +41,7 @@ R = TypeVar("R")
 
 
 def _run(sending: _Sending, fn: Callable[..., Coroutine[Any, Any, R]], *args: Any) -> R:
-    return anyio.from_thread.run(fn, *args, token=loop_of(sending.scheduler))
+    return cast(R, on_loop(sending.scheduler, fn, *args))
 
 
 def admit_on_send_sync(request: Any) -> None:
@@ -59,8 +58,7 @@ def observe_answer_sync(response: Any) -> None:
     """Sync httpx response hook: the answer's rate-limit headers, to the scheduler."""
     sending = _SENDING.get()
     if sending is not None and not sending.done:
-        loop = loop_of(sending.scheduler)
-        anyio.from_thread.run_sync(sending.observe, response, token=loop)
+        on_loop(sending.scheduler, sending.observe, response, awaited=False)
 
 
 async def _end(
@@ -90,7 +88,7 @@ class SyncCreate(CreateBase):
         """`plan_call` on the scheduler's loop, with the prompt counted by the provider
         (in this thread) when asked."""
         settings = self._settings
-        loop = loop_of(settings.scheduler)
+        loop_of(settings.scheduler)  # a closed SyncScheduler says so before any count
         counts = settings.counts
         counted = None
         if self._count is not None and counts is not None and "ratekit_tokens" not in params:
@@ -105,9 +103,10 @@ class SyncCreate(CreateBase):
                 except Exception:
                     answer = None
                 counted = counts.done(key, started, getattr(answer, "input_tokens", None))
-        return anyio.from_thread.run_sync(
-            plan_call, settings, self._kind, params, counted, token=loop
+        plan = on_loop(
+            settings.scheduler, plan_call, settings, self._kind, params, counted, awaited=False
         )
+        return cast(_Plan, plan)
 
     def _retried(self, attempt: Callable[[float | None], R], plan: _Plan) -> R:
         """`_Create._retried`, waiting in this thread."""

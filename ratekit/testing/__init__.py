@@ -9,6 +9,8 @@ tests, benchmarks, examples and command line.
   `valkey_server_binary`.
 """
 
+from typing import TYPE_CHECKING
+
 from .._clock import FakeClock
 from ._redis import (
     SERVER_HINT,
@@ -18,7 +20,6 @@ from ._redis import (
     redis_server_binary,
     valkey_server_binary,
 )
-from .mock_provider import MockProvider, MockProviderStatistics
 
 __all__ = [
     "SERVER_HINT",
@@ -31,3 +32,18 @@ __all__ = [
     "redis_server_binary",
     "valkey_server_binary",
 ]
+
+
+if TYPE_CHECKING:
+    from .mock_provider import MockProvider as MockProvider
+    from .mock_provider import MockProviderStatistics as MockProviderStatistics
+
+
+def __getattr__(name: str) -> object:
+    # Imported on first use, so that ``python -m ratekit.testing.mock_provider`` runs a
+    # module this package has not imported already.
+    if name in ("MockProvider", "MockProviderStatistics"):
+        from . import mock_provider
+
+        return getattr(mock_provider, name)
+    raise AttributeError(f"module 'ratekit.testing' has no attribute {name!r}")

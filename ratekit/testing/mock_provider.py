@@ -1569,9 +1569,9 @@ _PROCESS_OPTIONS = frozenset(
 # --- command line ---------------------------------------------------------------------
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m ratekit.testing.mock_provider",
+        prog=prog,
         description=(
             "Serve a provider that enforces a tier's limits strictly, over OpenAI's API "
             "(base URL http://host:port/v1) and Anthropic's Messages API (base URL "
@@ -1645,10 +1645,12 @@ async def _serve(
             await asyncio.Event().wait()
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None, *, prog: str = "python -m ratekit.testing.mock_provider"
+) -> int:
     """``python -m ratekit.testing.mock_provider``: serve a tier until Ctrl-C; returns the exit
     code."""
-    args = _parser().parse_args(argv)
+    args = _parser(prog).parse_args(argv)
     try:
         tier = load_profile(args.provider).tier(args.tier)
         limits = tier.limits(model=args.model)

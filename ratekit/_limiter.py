@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -26,6 +27,9 @@ from ._queue import Waiter, WaitQueue
 from .backends._base import Backend, Demand, DimensionStatistics, Grant, InProcess, Refusal
 from .backends.memory import MemoryBackend
 
+_log = logging.getLogger("ratekit")
+# Seconds every concurrency slot may stay taken while callers wait before a warning.
+_STALL_WARN_S = 60.0
 # Callers admitted in one backend call at most: the head and those behind it.
 _BATCH = 32
 # Validated demands a limiter keeps for reuse, at most.
@@ -135,11 +139,13 @@ class Limiter:
         "_ceilings",
         "_clock",
         "_demands",
+        "_full_since_s",
         "_head_eta_s",
         "_limits",
         "_local",
         "_loop",
         "_queue",
+        "_stall_warned_s",
         "_tickets",
         "_unsubscribe",
         "_wake",
@@ -185,6 +191,10 @@ class Limiter:
         self._tickets = itertools.count()
         # When the head of the queue is predicted to be admitted (None: unknown).
         self._head_eta_s: float | None = None
+        # Since when every concurrency slot has been taken while someone waits (None: not
+        # now), and when that was last reported (see `_warn_if_stalled`).
+        self._full_since_s: float | None = None
+        self._stall_warned_s = -math.inf
         # The event loop of the first admission: dropped admissions end there.
         self._loop: _Loop | None = None
         # Told when capacity may be freed. A shared backend's notices cross the
@@ -420,6 +430,7 @@ class Limiter:
         while True:
             if waiter.grant is not None:  # admitted together with the head
                 grant, waiter.grant = waiter.grant, None
+                self._full_since_s = None
                 return grant
             if self._queue.head() is not waiter:
                 waiter.turn = anyio.Event()
@@ -431,10 +442,15 @@ class Limiter:
             if refusal is None:
                 outcome = await self._reserve_with_followers(waiter, demand)
                 if not isinstance(outcome, Refusal):
+                    self._full_since_s = None
                     return outcome
                 refusal = outcome
             wait_s = refusal.wait_s
             now = self._clock.now()
+            if refusal.dimension == "concurrency":
+                self._warn_if_stalled(now)
+            else:
+                self._full_since_s = None
             self._head_eta_s = None if math.isinf(wait_s) else now + wait_s
             if deadline_s is not None:
                 left_s = deadline_s - now
@@ -444,6 +460,25 @@ class Limiter:
                 wait_s = min(wait_s, left_s)
             refusal = None
             await self._clock.wait(wake, wait_s)
+
+    def _warn_if_stalled(self, now: float) -> None:
+        """Every slot taken for `_STALL_WARN_S` while callers wait: say so (once a period),
+        for the usual cause is an admission nobody ends, such as a stream neither read to
+        its end nor closed but kept alive (by an exception that references it)."""
+        if self._full_since_s is None:
+            self._full_since_s = now
+            return
+        stalled_s = now - self._full_since_s
+        if stalled_s >= _STALL_WARN_S and now - self._stall_warned_s >= _STALL_WARN_S:
+            self._stall_warned_s = now
+            _log.warning(
+                "ratekit: every concurrency slot of %r has been taken for %.0f s while %d "
+                "call(s) wait; an admission that is never ended holds its slot (a stream "
+                "neither read to its end nor closed, kept alive by a reference to it)",
+                self,
+                stalled_s,
+                len(self._queue),
+            )
 
     async def _reserve_with_followers(self, head: Waiter, demand: Demand) -> Grant | Refusal:
         """Admit the head, and on a shared backend in the same call the callers behind it

@@ -390,3 +390,28 @@ def test_the_limiter_is_the_one_clock_owner() -> None:
     limiter = Limiter(Limits(rpm=1), clock=clock, backend=ratekit.MemoryBackend())
     assert limiter.clock is clock
     assert limiter.instant() == (clock.now(), clock.wall())
+
+
+async def test_a_concurrency_cap_held_for_a_minute_while_callers_wait_is_reported(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Every slot taken by admissions nobody ends while a caller waits: after a minute the
+    limiter says so (an admission that is never ended is the usual cause), once a minute."""
+    clock = ratekit.FakeClock()
+    limiter = ratekit.Limiter(ratekit.Limits(concurrency=1), clock=clock)
+    held = await limiter.acquire()
+    async with anyio.create_task_group() as group:
+
+        async def waiter() -> None:
+            async with limiter.acquire():
+                pass
+
+        group.start_soon(waiter)
+        for _ in range(130):
+            await anyio.wait_all_tasks_blocked()
+            clock.advance(1)
+            limiter._on_change()  # a release notice that frees nothing: the head tries again
+        warnings = [r.getMessage() for r in caplog.records if "concurrency slot" in r.getMessage()]
+        assert len(warnings) == 2
+        assert "has been taken for 60 s while 1 call(s) wait" in warnings[0]
+        await held.release()

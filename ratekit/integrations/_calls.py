@@ -13,9 +13,9 @@ import concurrent.futures
 import functools
 import inspect
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import anyio.from_thread
 import sniffio
@@ -25,8 +25,24 @@ from tenacity import Retrying
 from .._admission import Admission
 from .._errors import NoEventLoopError
 
-if TYPE_CHECKING:  # the scheduler imports this module (its `limit`): no loop at run time
-    from .._scheduler import Scheduler
+
+class Scheduler(Protocol):
+    """What these call sites use of a `ratekit.Scheduler`. Named by what it does, not
+    imported: the scheduler imports this module (for its `limit`), not the other way."""
+
+    loop_token: EventLoopToken | None
+    sync_closed: bool
+
+    @property
+    def admit(self) -> Callable[..., Awaitable[Admission]]: ...
+
+    @property
+    def finish(self) -> Callable[..., Awaitable[None]]: ...
+
+    @property
+    def submit(self) -> Callable[..., Awaitable[Any]]: ...
+
+    def retry_policy(self) -> dict[str, Any]: ...
 
 
 T = TypeVar("T")

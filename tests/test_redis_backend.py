@@ -196,6 +196,29 @@ async def test_a_release_elsewhere_wakes_a_waiter_through_pubsub() -> None:
     await there.aclose()
 
 
+async def test_a_refund_elsewhere_of_a_call_without_a_lease_wakes_a_waiter() -> None:
+    """Requests alone (no cap, no lease): a call refunded by another process (never sent)
+    frees its request at once, and the waiter here hears of it before its hint."""
+    server = fakeredis.FakeServer()
+    here = make(server)
+    there = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace="acct-42")
+    limits = Limits(rpm=1)
+    woken = asyncio.Event()
+    here.subscribe(woken.set)
+    taken = await there.reserve(limits, ONE, real_now())
+    assert isinstance(taken, RedisGrant)
+    refusal = await here.reserve(limits, ONE, real_now())  # records a waiter
+    assert isinstance(refusal, Refusal)
+    assert refusal.wait_s > 30
+    await asyncio.sleep(0.3)  # the listener subscribed (and said so once)
+    woken.clear()
+    await there.settle(limits, taken, None, real_now())
+    await asyncio.wait_for(woken.wait(), 5)
+    assert isinstance(await here.reserve(limits, ONE, real_now()), RedisGrant)
+    await here.aclose()
+    await there.aclose()
+
+
 async def test_pause_outlasts_a_renewal() -> None:
     """A cooldown longer than the windows' key ttl is not cut short by lease renewals."""
     clock = FakeClock(BASE_S)

@@ -77,8 +77,9 @@ for i, w in ipairs(windows) do
   end
 end
 finish(now, key_ttl_ms, ARGV[1])
--- Announce the release only while some caller waits: nobody listens otherwise.
-if lease_id ~= '-' and now < (num('wait') or 0) then
+-- Announce the release only while some caller waits: nobody listens otherwise. An
+-- admission without a lease frees something only when it is refunded.
+if (lease_id ~= '-' or refunding) and now < (num('wait') or 0) then
   redis.call('PUBLISH', ARGV[4], lease_id)
 end
 return live

@@ -258,13 +258,13 @@ def plan_call(
     if exact_tokens is None and counted is not None:
         output = _output_cap(kind, params)
         tokens = counted + output
-        cost = price.estimate(counted, output, writes_cache=_writes_cache(params))
+        cost = price.estimate(counted, output, writes_cache=_writes_cache(price, params))
     elif exact_tokens is None:
         estimate, output = _estimate(kind, params, settings.estimator)
         ceiling = scheduler.limiter(model).max_tokens
         prompt = PromptEstimate(scheduler.estimates, model, estimate, output, ceiling)
         tokens = prompt.reserved + output
-        cost = price.estimate(prompt.reserved, output, writes_cache=_writes_cache(params))
+        cost = price.estimate(prompt.reserved, output, writes_cache=_writes_cache(price, params))
     else:
         tokens = check_amount("ratekit_tokens", exact_tokens)
         cost = price.estimate_total(tokens)
@@ -295,9 +295,12 @@ def _output_cap(kind: str, params: Mapping[str, Any]) -> int:
     return DEFAULT_MAX_OUTPUT_TOKENS
 
 
-def _writes_cache(params: Mapping[str, Any]) -> bool:
-    """Whether a request marks a prompt prefix for the provider's cache (``cache_control``
-    anywhere in it): its prompt may then be billed at the cache-write price."""
+def _writes_cache(price: CallPrice, params: Mapping[str, Any]) -> bool:
+    """Whether a priced request marks a prompt prefix for the provider's cache
+    (``cache_control`` anywhere in it): its prompt may then be billed at the cache-write
+    price. An unpriced one is not read (a whole prompt's JSON, for nothing)."""
+    if not price.priced:
+        return False
     if "cache_control" in params:
         return True
     try:

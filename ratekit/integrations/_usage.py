@@ -204,6 +204,11 @@ class CallPrice:
         except (UnknownModelError, MissingPriceError):
             return None
 
+    @property
+    def priced(self) -> bool:
+        """Whether the profile prices this call's model (else every cost is 0)."""
+        return self._cost(0.0, 1.0) is not None
+
     def estimate(
         self, input_tokens: float, output_tokens: float, *, writes_cache: bool = False
     ) -> float:

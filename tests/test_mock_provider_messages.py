@@ -16,6 +16,8 @@ import pytest
 from ratekit import FakeClock, Limits
 from ratekit.testing.mock_provider import MockProvider, ProviderProcess, format_rfc3339
 
+from .test_mock_provider import raw_http
+
 pytestmark = pytest.mark.anyio
 
 MODEL = "claude-mock"
@@ -61,21 +63,6 @@ def assert_reset(headers: Any, name: str, wait_s: float, before_s: float, after_
     assert text.endswith("Z")
     at_s = datetime.datetime.fromisoformat(text).timestamp()
     assert before_s + wait_s - 0.001 <= at_s <= after_s + wait_s + 0.001
-
-
-async def raw_http(server: MockProvider, data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes on a new connection; the status, headers and body of the answer."""
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(data)
-    await writer.drain()
-    status = int((await reader.readline()).split()[1])
-    headers: dict[str, str] = {}
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.decode().partition(":")
-        headers[name.lower()] = value.strip()
-    body = await reader.readexactly(int(headers["content-length"]))
-    writer.close()
-    return status, headers, body
 
 
 def post(path: str, payload: object) -> bytes:

@@ -13,8 +13,8 @@ import openai
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limits, Rate
-from ratekit.testing._strict import ProviderCounting, StrictRefusal, StrictWindows, Ticket
+from ratekit import FakeClock, Limits, Rate, TokenCounting
+from ratekit.testing._strict import StrictRefusal, StrictWindows, Ticket
 from ratekit.testing.mock_provider import (
     MockProvider,
     estimate_tokens,
@@ -106,13 +106,20 @@ async def test_tokens_reserved_at_arrival_wait_for_enough_old_arrivals_to_expire
 
 async def test_usage_counting_holds_the_reservation_then_counts_usage_at_the_end() -> None:
     """In ``usage`` mode a call in flight holds prompt + max; at its end its real usage counts."""
-    windows = StrictWindows(Limits(tpm=100), ProviderCounting.USAGE)
+    windows = StrictWindows(Limits(tpm=100), TokenCounting.USAGE)
     ticket = admit(windows, 0.0, tokens=80, until_s=30.0)
     assert refuse(windows, 5.0, tokens=30).retry_after_s == 25.0  # a hint: the call's end
     windows.finish(ticket, 30.0, used_tokens=50)
     admit(windows, 31.0, tokens=50)
     assert refuse(windows, 32.0, tokens=10).retry_after_s == 58.0  # the usage recorded at 30 s
     assert windows.peak_use() == {"tpm": (100.0, 100)}
+
+
+@pytest.mark.parametrize("counting", [TokenCounting.SAFE, "at-noon"])
+def test_a_provider_counts_at_arrival_or_at_completion_only(counting: str) -> None:
+    """``safe`` is a client's policy, not a provider's; a typo is named, not read as reserve."""
+    with pytest.raises(ratekit.InvalidArgumentError, match="'reserve', 'usage'"):
+        StrictWindows(Limits(tpm=100), counting)
 
 
 async def test_concurrency_counts_calls_in_flight_and_hints_the_earliest_end() -> None:

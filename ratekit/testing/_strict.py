@@ -11,29 +11,42 @@ back), so the math is tested at fixed instants. Not thread-safe; one event loop.
 
 from __future__ import annotations
 
-import enum
 import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .._limits import Limits, Rate
+from .._errors import InvalidArgumentError
+from .._limits import Limits, Rate, TokenCounting
 
 CONCURRENCY = "concurrency"
 
 
-class ProviderCounting(enum.StrEnum):
-    """When a strict provider counts a call's tokens toward its token rates.
+PROVIDER_COUNTINGS = (TokenCounting.RESERVE, TokenCounting.USAGE)
+"""How a provider can count a call's tokens toward its token rates.
 
-    - ``RESERVE``: prompt + max output, at arrival, for one period.
-    - ``USAGE``: the real usage, at completion, for one period; while the call is in
-      flight its reservation (prompt + max output) is held so that no window can
-      ever go over its limit whatever the call's real usage.
-    """
+- ``RESERVE``: prompt + max output, at arrival, for one period.
+- ``USAGE``: the real usage, at completion, for one period; while the call is in
+  flight its reservation (prompt + max output) is held so that no window can ever go
+  over its limit whatever the call's real usage.
 
-    RESERVE = "reserve"
-    USAGE = "usage"
+``SAFE`` is a client's policy for a provider that does not say, never a provider's.
+"""
+
+
+def provider_counting(counting: TokenCounting | str) -> TokenCounting:
+    """`counting` as a provider's way of counting, or `InvalidArgumentError`."""
+    try:
+        mode = TokenCounting(counting)
+    except ValueError:
+        mode = None
+    if mode not in PROVIDER_COUNTINGS:
+        choices = ", ".join(repr(choice.value) for choice in PROVIDER_COUNTINGS)
+        raise InvalidArgumentError(
+            f"a provider counts tokens as one of {choices}, not {counting!r}"
+        )
+    return mode
 
 
 @dataclass(frozen=True, slots=True)
@@ -125,7 +138,7 @@ class _Log:
 class StrictWindows:
     """Admits calls within `limits` exactly and refuses any beyond them.
 
-    Requests count at arrival; tokens as `counting` says (see `ProviderCounting`);
+    Requests count at arrival; tokens as `counting` says (see `PROVIDER_COUNTINGS`);
     concurrency counts calls in flight (admitted, not yet finished). Money rates are
     ignored. A refused call counts nothing. Use `try_admit` at arrival and `finish`
     at completion; `set_limits` changes the limits and keeps the traffic already
@@ -133,9 +146,9 @@ class StrictWindows:
     """
 
     def __init__(
-        self, limits: Limits, counting: ProviderCounting | str = ProviderCounting.RESERVE
+        self, limits: Limits, counting: TokenCounting | str = TokenCounting.RESERVE
     ) -> None:
-        self.counting = ProviderCounting(counting)
+        self.counting = provider_counting(counting)
         self.limits = limits
         self._logs: list[_Log] = [_Log(rate) for rate in _enforced(limits)]
         # Calls in flight by ticket id.
@@ -199,7 +212,7 @@ class StrictWindows:
         if refusal is not None:
             self.rejected[refusal.dimension] = self.rejected.get(refusal.dimension, 0) + 1
             return refusal
-        held = tokens if self.counting is ProviderCounting.USAGE else 0.0
+        held = tokens if self.counting is TokenCounting.USAGE else 0.0
         ticket = Ticket(next(self._ids), held, until_s)
         self._in_flight[ticket.id] = ticket
         for log in self._logs:
@@ -210,7 +223,7 @@ class StrictWindows:
     def _arrival_amount(self, rate: Rate, tokens: float) -> float:
         if rate.unit == "requests":
             return 1.0
-        return tokens if self.counting is ProviderCounting.RESERVE else 0.0
+        return tokens if self.counting is TokenCounting.RESERVE else 0.0
 
     def _refusal(self, now_s: float, tokens: float) -> StrictRefusal | None:
         """The refusal of a call costing `tokens` at `now_s`, or None when all admit it."""
@@ -248,7 +261,7 @@ class StrictWindows:
         """
         if self._in_flight.pop(ticket.id, None) is None:
             return
-        if self.counting is ProviderCounting.USAGE:
+        if self.counting is TokenCounting.USAGE:
             for log in self._logs:
                 log.expire(now_s)
                 if log.rate.unit == "tokens":

@@ -83,10 +83,18 @@ from typing import Any
 
 from .._args import amount, int_in, positive
 from .._errors import LimitsError, RatekitError
-from .._limits import Limits
+from .._limits import Limits, TokenCounting
 from .._pricing import character_class
 from .._profiles import load_profile
-from ._strict import CONCURRENCY, ProviderCounting, RateState, StrictRefusal, StrictWindows, Ticket
+from ._strict import (
+    CONCURRENCY,
+    PROVIDER_COUNTINGS,
+    RateState,
+    StrictRefusal,
+    StrictWindows,
+    Ticket,
+    provider_counting,
+)
 
 DEFAULT_MODEL = "mock-model"
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
@@ -657,7 +665,7 @@ class MockProvider:
 
     `limits` are the provider's own numbers (a minute is 60 s); `speed` divides
     every period and latency (60: a minute per second). `token_counting` is how the
-    provider counts tokens (``"reserve"`` or ``"usage"``, see `ProviderCounting`).
+    provider counts tokens (``"reserve"`` or ``"usage"``, see `ratekit.TokenCounting`).
     Each call takes ``(latency_s + latency_per_token_s * output tokens) / speed``
     real seconds and holds a concurrency slot meanwhile. `port` 0 picks a free port.
     `clock` returns the seconds the windows count in (`time.monotonic` by default;
@@ -680,7 +688,7 @@ class MockProvider:
         speed: float = 1.0,
         port: int = 0,
         host: str = "127.0.0.1",
-        token_counting: ProviderCounting | str = ProviderCounting.RESERVE,
+        token_counting: TokenCounting | str = TokenCounting.RESERVE,
         completion_tokens: int = 16,
         default_max_tokens: int = 1024,
         latency_s: float = 0.0,
@@ -1429,7 +1437,7 @@ class ProviderProcess:
 
     def _command(self) -> list[str]:
         options = self._options
-        counting = ProviderCounting(options.get("token_counting", ProviderCounting.RESERVE))
+        counting = provider_counting(options.get("token_counting", TokenCounting.RESERVE))
         limits = {key: getattr(self._limits, key) for key in _ADMIN_LIMIT_KEYS}
         return [
             sys.executable,
@@ -1590,7 +1598,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--counting",
-        choices=[mode.value for mode in ProviderCounting],
+        choices=[mode.value for mode in PROVIDER_COUNTINGS],
         default="reserve",
         help="how tokens count: reserve (at arrival) or usage (at completion)",
     )

@@ -21,8 +21,8 @@ from dataclasses import dataclass
 import anyio
 
 from .._limiter import Limiter
-from .._limits import Limits
-from ._strict import ProviderCounting, StrictRefusal, StrictWindows
+from .._limits import Limits, TokenCounting
+from ._strict import StrictRefusal, StrictWindows
 
 
 class ProviderRefusedError(Exception):
@@ -45,7 +45,7 @@ class StrictProvider:
     def __init__(self, limits: Limits, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self._now = clock
-        self._windows = StrictWindows(limits, ProviderCounting.RESERVE)
+        self._windows = StrictWindows(limits, TokenCounting.RESERVE)
         self.served = 0
         # (arrival instant, tokens) of every admitted call.
         self.arrivals: list[tuple[float, float]] = []

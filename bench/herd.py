@@ -129,7 +129,11 @@ def _counting_memory(tally: Tally) -> ratekit.MemoryBackend:
 
     class CountingMemory(ratekit.MemoryBackend):
         def reserve_now(
-            self, limits: ratekit.Limits, demand: ratekit.Demand, now: float, wall: float = math.nan
+            self,
+            limits: ratekit.Limits,
+            demand: ratekit.backends.Demand,
+            now: float,
+            wall: float = math.nan,
         ) -> MemoryGrant | Refusal:
             tally.tries += 1
             return super().reserve_now(limits, demand, now, wall)
@@ -143,13 +147,19 @@ def _counting_redis(url: str, namespace: str, tally: Tally) -> RedisBackend:
 
     class CountingRedis(RedisBackend):
         async def reserve(
-            self, limits: ratekit.Limits, demand: ratekit.Demand, now: ratekit.Instant
+            self,
+            limits: ratekit.Limits,
+            demand: ratekit.backends.Demand,
+            now: ratekit.clock.Instant,
         ) -> Grant | Refusal:
             tally.tries += 1
             return await super().reserve(limits, demand, now)
 
         async def reserve_many(
-            self, limits: ratekit.Limits, demands: Sequence[ratekit.Demand], now: ratekit.Instant
+            self,
+            limits: ratekit.Limits,
+            demands: Sequence[ratekit.backends.Demand],
+            now: ratekit.clock.Instant,
         ) -> tuple[list[Grant], Refusal | None]:
             tally.tries += 1
             return await super().reserve_many(limits, demands, now)

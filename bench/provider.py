@@ -279,7 +279,7 @@ def _ratekit(**account_overrides: Any) -> Contender:
     async def session(
         scenario: Scenario, base_url: str, shared: Shared | None
     ) -> AsyncIterator[Session]:
-        backend: ratekit.Backend | None = None
+        backend: ratekit.backends.Backend | None = None
         if shared is not None:
             from ratekit.backends.redis import RedisBackend
 

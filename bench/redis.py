@@ -722,7 +722,7 @@ async def _ratekit_account(url: str, operations: int) -> tuple[Subject, str]:
     import ratekit
     from ratekit.backends.redis import RedisBackend
 
-    clock = ratekit.FakeClock(time.monotonic(), wall_start_s=time.time())
+    clock = ratekit.clock.FakeClock(time.monotonic(), wall_start_s=time.time())
     client = _client(url)
     # The limiter's instant instead of the server's TIME: the fake clock's minute.
     backend = RedisBackend(client, namespace=_namespace(), server_time=False)

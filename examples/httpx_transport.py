@@ -42,7 +42,7 @@ async def main() -> int:
         settled: list[float] = []
 
         def on_event(event: ratekit.Event) -> None:
-            if isinstance(event, ratekit.Settled):
+            if isinstance(event, ratekit.events.Settled):
                 settled.append(event.tokens)
 
         scheduler = ratekit.Scheduler(account, hooks=[on_event])

@@ -590,7 +590,3 @@ class Limiter:
 
     def __repr__(self) -> str:
         return f"Limiter({self._limits!r}, backend={type(self._backend).__name__})"
-
-
-Permit = Admission
-"""The name of `Admission` in earlier releases."""

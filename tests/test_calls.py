@@ -10,8 +10,9 @@ import fakeredis
 import pytest
 
 import ratekit
-from ratekit import Account, NoEventLoopError, Scheduler, SyncScheduler
+from ratekit import Account, Scheduler, SyncScheduler
 from ratekit.backends.redis import RedisBackend
+from ratekit.errors import NoEventLoopError
 from ratekit.integrations._calls import submit_sync
 
 from .test_scheduler import TooManyRequests, classify
@@ -25,7 +26,7 @@ def compressed(tier: str = "tier0") -> Account:
 @pytest.mark.anyio
 async def test_a_decorated_async_function_is_admitted_with_tokens_from_its_arguments() -> None:
     """@scheduler.limit reserves the tokens its function computes from the call's arguments."""
-    clock = ratekit.FakeClock()
+    clock = ratekit.clock.FakeClock()
     scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, classify=classify)
 
     @scheduler.limit(tokens=lambda prompt, max_tokens: len(prompt) + max_tokens)

@@ -7,7 +7,8 @@ import random
 import anyio
 import pytest
 
-from ratekit import FakeClock, Limiter, Limits, TokenCounting
+from ratekit import Limiter, Limits, TokenCounting
+from ratekit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 

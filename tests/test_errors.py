@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limiter, Limits, Rate
+from ratekit import Limiter, Limits, Rate
+from ratekit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +27,7 @@ pytestmark = pytest.mark.anyio
 async def test_bad_amounts_are_typed_errors(demand: dict[str, object], message: str) -> None:
     """Negative, NaN, infinite or non-numeric amounts raise InvalidCostError, taking nothing."""
     limiter = Limiter(Limits(concurrency=1, rpm=5, tpm=1000), backend=None, clock=None)
-    with pytest.raises(ratekit.InvalidCostError) as caught:
+    with pytest.raises(ratekit.errors.InvalidCostError) as caught:
         await limiter.acquire(**demand)  # type: ignore[arg-type]
     assert str(caught.value) == message
     assert all(d.used == 0 for d in (await limiter.statistics()).dimensions)
@@ -85,6 +86,6 @@ async def test_a_cost_above_a_whole_limit_fails_at_once() -> None:
 )
 def test_bad_limits_are_typed_errors(build: object, message: str) -> None:
     """Limits and rates are validated at construction, with the field and value named."""
-    with pytest.raises(ratekit.LimitsError) as caught:
+    with pytest.raises(ratekit.errors.LimitsError) as caught:
         build()  # type: ignore[operator]
     assert str(caught.value) == message

@@ -10,7 +10,8 @@ import anyio.lowlevel
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limiter, Limits, TokenCounting
+from ratekit import Limiter, Limits, TokenCounting
+from ratekit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -33,7 +34,7 @@ class Recorder:
         self.group = group
         self.admitted: dict[str, float] = {}
         self.order: list[str] = []
-        self.permits: dict[str, ratekit.Permit] = {}
+        self.permits: dict[str, ratekit.Admission] = {}
 
     async def start(self, name: str, **demand: float) -> None:
         """Start an acquire and let it run until it is admitted or waits (trio starts
@@ -304,22 +305,24 @@ async def test_compressed_limits_keep_the_ratio() -> None:
 async def test_timeout_is_validated() -> None:
     """A negative timeout is a typed error naming it."""
     limiter, _ = make(Limits(rpm=3))
-    with pytest.raises(ratekit.InvalidCostError, match=r"^timeout must be non-negative, got -1$"):
+    with pytest.raises(
+        ratekit.errors.InvalidCostError, match=r"^timeout must be non-negative, got -1$"
+    ):
         await limiter.acquire(timeout=-1)
 
 
 async def test_permit_misuse_is_a_typed_error() -> None:
     """Settling twice, after the end, or before the grant raises PermitError."""
     limiter, _ = make(Limits(rpm=3))
-    with pytest.raises(ratekit.PermitError, match="needs a granted admission"):
+    with pytest.raises(ratekit.errors.PermitError, match="needs a granted admission"):
         limiter.acquire().settle(tokens=1)
     async with limiter.acquire() as permit:
         permit.settle(tokens=1)
-        with pytest.raises(ratekit.PermitError, match="already settled"):
+        with pytest.raises(ratekit.errors.PermitError, match="already settled"):
             permit.settle(tokens=2)
-        with pytest.raises(ratekit.PermitError, match="cannot be refunded"):
+        with pytest.raises(ratekit.errors.PermitError, match="cannot be refunded"):
             await permit.refund()
-    with pytest.raises(ratekit.PermitError, match="that has not ended"):
+    with pytest.raises(ratekit.errors.PermitError, match="that has not ended"):
         permit.settle(tokens=1)
 
 
@@ -345,7 +348,7 @@ async def test_a_used_permit_cannot_be_entered_again() -> None:
     permit = limiter.acquire()
     async with permit:
         pass
-    with pytest.raises(ratekit.PermitError, match=r"already used; call limiter\.acquire"):
+    with pytest.raises(ratekit.errors.PermitError, match=r"already used; call limiter\.acquire"):
         async with permit:
             pass
     assert (await limiter.statistics()).dimension("rpm").used == 1
@@ -354,9 +357,9 @@ async def test_a_used_permit_cannot_be_entered_again() -> None:
 async def test_releasing_a_permit_never_acquired_is_an_error() -> None:
     """release() and refund() of a permit that was never granted raise PermitError."""
     limiter, _ = make(Limits(rpm=1))
-    with pytest.raises(ratekit.PermitError, match="has not been acquired"):
+    with pytest.raises(ratekit.errors.PermitError, match="has not been acquired"):
         await limiter.acquire().release()
-    with pytest.raises(ratekit.PermitError, match="has not been acquired"):
+    with pytest.raises(ratekit.errors.PermitError, match="has not been acquired"):
         await limiter.acquire().refund()
 
 
@@ -397,7 +400,7 @@ async def test_a_concurrency_cap_held_for_a_minute_while_callers_wait_is_reporte
 ) -> None:
     """Every slot taken by admissions nobody ends while a caller waits: after a minute the
     limiter says so (an admission that is never ended is the usual cause), once a minute."""
-    clock = ratekit.FakeClock()
+    clock = ratekit.clock.FakeClock()
     limiter = ratekit.Limiter(ratekit.Limits(concurrency=1), clock=clock)
     held = await limiter.acquire()
     async with anyio.create_task_group() as group:

@@ -27,7 +27,8 @@ from prometheus_client.openmetrics.exposition import generate_latest as openmetr
 from prometheus_client.parser import text_string_to_metric_families
 
 import ratekit
-from ratekit import Account, Admission, FakeClock, Scheduler
+from ratekit import Account, Admission, Scheduler
+from ratekit.clock import FakeClock
 from ratekit.metrics import _watch
 from ratekit.metrics.otel import RatekitMetrics
 from ratekit.metrics.prometheus import RatekitCollector
@@ -387,7 +388,7 @@ def test_one_collector_per_namespace_in_a_registry() -> None:
         ),
         (
             lambda: RatekitCollector(interval_s=0),
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "RatekitCollector.interval_s must be positive, got 0",
         ),
         (
@@ -397,7 +398,7 @@ def test_one_collector_per_namespace_in_a_registry() -> None:
         ),
         (
             lambda: RatekitMetrics(interval_s=100_000),
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "RatekitMetrics.interval_s must be at most 86400, got 100000",
         ),
         (

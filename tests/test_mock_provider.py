@@ -13,7 +13,8 @@ import openai
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limits, Rate, TokenCounting
+from ratekit import Limits, Rate, TokenCounting
+from ratekit.clock import FakeClock
 from ratekit.testing._strict import StrictRefusal, StrictWindows, Ticket
 from ratekit.testing.mock_provider import (
     MockProvider,

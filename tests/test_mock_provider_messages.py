@@ -13,7 +13,8 @@ import anthropic
 import openai
 import pytest
 
-from ratekit import FakeClock, Limits
+from ratekit import Limits
+from ratekit.clock import FakeClock
 from ratekit.testing.mock_provider import MockProvider, ProviderProcess, format_rfc3339
 
 from .test_mock_provider import raw_http

@@ -32,16 +32,8 @@ import openai
 import pytest
 
 import ratekit
-from ratekit import (
-    Account,
-    FakeClock,
-    Limiter,
-    Limits,
-    MemoryBackend,
-    Rate,
-    RedisBackend,
-    Scheduler,
-)
+from ratekit import Account, Limiter, Limits, MemoryBackend, Rate, RedisBackend, Scheduler
+from ratekit.clock import FakeClock
 from ratekit.testing import free_port
 from ratekit.testing.mock_provider import MockProvider
 
@@ -430,10 +422,10 @@ async def test_wait_for_never_returns_a_permit_after_its_timeout(
                 await holder.release()
                 [outcome] = await _outcomes([task], 5)
                 late.append(f"{timeout_s} s: still waiting after 1 s, then {outcome!r}")
-                if isinstance(outcome, ratekit.Permit) and outcome.granted:
+                if isinstance(outcome, ratekit.Admission) and outcome.granted:
                     await outcome.release()
                 holder = await limiter.acquire()
-            if isinstance(outcome, ratekit.Permit) and outcome.granted:
+            if isinstance(outcome, ratekit.Admission) and outcome.granted:
                 await outcome.release()
         await holder.release()
 
@@ -509,7 +501,7 @@ async def test_a_hook_that_raises_on_admission_does_not_keep_the_slot(
     armed = [True]
 
     def hook(event: ratekit.Event) -> None:
-        if isinstance(event, ratekit.Admitted) and armed[0]:
+        if isinstance(event, ratekit.events.Admitted) and armed[0]:
             armed[0] = False
             raise Boom("a hook that raises")
 
@@ -563,7 +555,7 @@ async def test_a_hook_that_raises_on_a_429_does_not_keep_the_slot(
     armed = [True]
 
     def hook(event: ratekit.Event) -> None:
-        if isinstance(event, ratekit.RateLimited) and armed[0]:
+        if isinstance(event, ratekit.events.RateLimited) and armed[0]:
             armed[0] = False
             raise Boom("a hook that raises on a 429")
 
@@ -927,14 +919,14 @@ async def test_one_permit_awaited_by_two_tasks_is_granted_once(
     await holder.release()
 
     async def granted() -> bool:
-        return any(isinstance(outcome, ratekit.Permit) for outcome in outcomes)
+        return any(isinstance(outcome, ratekit.Admission) for outcome in outcomes)
 
     await _until(granted, 5)
     await permit.release()
     assert await _outcomes(tasks, 5) == [None, None]
     # A second grant (if any) is released too, so that only a leak is left to count.
     for outcome in outcomes[1:]:
-        if isinstance(outcome, ratekit.Permit):
+        if isinstance(outcome, ratekit.Admission):
             await outcome.release()
     kinds = sorted("error" if isinstance(o, ratekit.RatekitError) else "permit" for o in outcomes)
     assert kinds == ["error", "permit"], outcomes

@@ -6,8 +6,9 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limiter, Limits
+from ratekit import Limiter, Limits
 from ratekit._queue import WaitQueue
+from ratekit.clock import FakeClock
 
 from .test_limiter import Recorder
 
@@ -104,10 +105,10 @@ async def test_a_full_queue_refuses_at_once() -> None:
 def test_queue_settings_are_validated() -> None:
     """A share outside [0, 1) or a negative bound is a typed error."""
     with pytest.raises(
-        ratekit.LimitsError, match=r"lower_share must be a number in \[0, 1\), got 1"
+        ratekit.errors.LimitsError, match=r"lower_share must be a number in \[0, 1\), got 1"
     ):
         WaitQueue(lower_share=1)
-    with pytest.raises(ratekit.LimitsError, match="max_queue must be a non-negative int"):
+    with pytest.raises(ratekit.errors.LimitsError, match="max_queue must be a non-negative int"):
         WaitQueue(max_size=-1)
 
 

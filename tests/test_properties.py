@@ -19,10 +19,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from redis.asyncio import Redis
 
-from ratekit import FakeClock, Instant, Limits, Rate, TokenCounting
+from ratekit import Limits, Rate, TokenCounting
 from ratekit.backends import Backend, Demand, Refusal
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend
+from ratekit.clock import FakeClock, Instant
 
 from .redis_server import RedisServer
 from .window_cases import BASE_S

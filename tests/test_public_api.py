@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,50 @@ def test_a_missing_extra_is_named(name: str, package: str, extra: str) -> None:
         f"pip install 'ratekit[{extra}]'"
     )
     assert ratekit.MissingExtraError.__name__ in ratekit.__all__
+
+
+def _public_homes() -> dict[str, list[str]]:
+    """Each public name and the public modules that export it."""
+    homes: dict[str, list[str]] = {}
+    for module in (ratekit, *(getattr(ratekit, name) for name in _SUBMODULES)):
+        for name in module.__all__:
+            homes.setdefault(name, []).append(module.__name__)
+    return homes
+
+
+_SUBMODULES = ("backends", "clock", "errors", "events", "providers", "statistics", "tokens")
+
+
+def test_the_top_level_holds_what_applications_call() -> None:
+    """A short ``__all__`` at the top, every name in it importable, and no backend
+    internals or statistics records among them."""
+    assert len(ratekit.__all__) <= 30
+    for name in ratekit.__all__:
+        assert getattr(ratekit, name) is not None
+    assert not {"Demand", "Instant", "Backend", "DimensionStatistics"} & set(ratekit.__all__)
+
+
+def test_every_error_and_event_has_a_public_home() -> None:
+    """What ratekit raises or emits can be named from a public module: every error class
+    in ``ratekit.errors`` and every event in ``ratekit.events``."""
+    import ratekit._errors
+    import ratekit._tokens
+
+    raised = {
+        value.__name__
+        for module in (ratekit._errors, ratekit._tokens)
+        for value in vars(module).values()
+        if isinstance(value, type) and issubclass(value, ratekit.RatekitError)
+    }
+    raised.discard("LimitsTypeError")  # caught as either of its public bases, by design
+    assert raised <= set(ratekit.errors.__all__)
+    emitted = {event.__name__ for event in typing.get_args(ratekit.events.Event)}
+    assert len(emitted) == 7
+    assert emitted <= set(ratekit.events.__all__)
+
+
+def test_a_name_means_one_thing_wherever_it_is_exported() -> None:
+    """A name exported by several public modules is the same object in each."""
+    for name, modules in _public_homes().items():
+        objects = {id(getattr(sys.modules[module], name)) for module in modules}
+        assert len(objects) == 1, (name, modules)

@@ -35,12 +35,13 @@ from fakeredis.commands_mixins import server_mixin
 from redis.asyncio import Redis
 
 import ratekit
-from ratekit import FakeClock, Instant, Limits, Rate, TokenCounting
+from ratekit import Limits, Rate, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends._base import SharedAccount
 from ratekit.backends._scripts import SETTLE
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend, RedisGrant, zone_transition
+from ratekit.clock import FakeClock, Instant
 
 from .redis_server import RedisServer
 
@@ -637,7 +638,7 @@ def test_a_second_event_loop_gets_a_clear_error() -> None:
     backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
     limits = Limits(rpm=10)
     asyncio.run(backend.reserve(limits, ONE, now()))
-    with pytest.raises(ratekit.WrongEventLoopError) as caught:
+    with pytest.raises(ratekit.errors.WrongEventLoopError) as caught:
         asyncio.run(backend.reserve(limits, ONE, now()))
     assert "belongs to the event loop it was first used in (now closed)" in str(caught.value)
     assert "one RedisBackend (and limiter, and scheduler) per event loop" in str(caught.value)
@@ -665,7 +666,7 @@ def test_two_threads_loops_the_second_is_refused() -> None:
         first_in.wait(10)
         try:
             asyncio.run(backend.reserve(limits, ONE, now()))
-        except ratekit.WrongEventLoopError as exc:
+        except ratekit.errors.WrongEventLoopError as exc:
             results["second"] = exc
         finally:
             second_done.set()
@@ -675,7 +676,7 @@ def test_two_threads_loops_the_second_is_refused() -> None:
         thread.start()
     for thread in threads:
         thread.join(20)
-    assert isinstance(results["second"], ratekit.WrongEventLoopError)
+    assert isinstance(results["second"], ratekit.errors.WrongEventLoopError)
     assert "(now still running)" in str(results["second"])
     assert isinstance(results["first"], RedisGrant)
 
@@ -683,7 +684,7 @@ def test_two_threads_loops_the_second_is_refused() -> None:
 def test_trio_gets_a_clear_error() -> None:
     """redis-py's client is asyncio only: under trio the backend says so."""
     backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
-    with pytest.raises(ratekit.WrongEventLoopError, match="runs on asyncio"):
+    with pytest.raises(ratekit.errors.WrongEventLoopError, match="runs on asyncio"):
         trio.run(backend.reserve, Limits(rpm=10), ONE, now())
 
 
@@ -788,7 +789,7 @@ async def test_a_child_counts_apart_and_shares_the_connections() -> None:
     assert isinstance(await child.reserve(limits, ONE, now()), RedisGrant)
     assert isinstance(await child.reserve(limits, ONE, now()), Refusal)
     assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
-    with pytest.raises(ratekit.LimitsError, match="child name must be non-empty"):
+    with pytest.raises(ratekit.errors.LimitsError, match="child name must be non-empty"):
         backend.child("a{b}")
     await backend.aclose()
 

@@ -16,10 +16,11 @@ import fakeredis
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Instant, Limits, TokenCounting
+from ratekit import Limits, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends import _scripts as scripts
 from ratekit.backends.redis import RedisBackend, RedisGrant
+from ratekit.clock import FakeClock, Instant
 
 from .window_cases import BASE_S
 
@@ -254,17 +255,21 @@ def test_password_never_shows_in_repr() -> None:
     [
         (
             {"namespace": "a{b}"},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "namespace must be non-empty without braces, got 'a{b}'",
         ),
         ({"namespace": 42}, ratekit.InvalidArgumentError, "namespace must be a str, got 42"),
         (
             {"on_unavailable": "maybe"},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "on_unavailable must be one of fail_closed, fail_open, local, got 'maybe'",
         ),
-        ({"local_share": 0}, ratekit.LimitsError, "local_share must be in (0, 1], got 0"),
-        ({"local_share": math.nan}, ratekit.LimitsError, "local_share must be in (0, 1], got nan"),
+        ({"local_share": 0}, ratekit.errors.LimitsError, "local_share must be in (0, 1], got 0"),
+        (
+            {"local_share": math.nan},
+            ratekit.errors.LimitsError,
+            "local_share must be in (0, 1], got nan",
+        ),
         (
             {"local_share": "half"},
             ratekit.InvalidArgumentError,
@@ -272,17 +277,17 @@ def test_password_never_shows_in_repr() -> None:
         ),
         (
             {"lease_ttl_s": -1},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "lease_ttl_s must be in [0.01, 1e+06] s, got -1",
         ),
         (
             {"lease_ttl_s": 1e308},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "lease_ttl_s must be in [0.01, 1e+06] s, got 1e+308",
         ),
         (
             {"lease_ttl_s": math.nan},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "lease_ttl_s must be in [0.01, 1e+06] s, got nan",
         ),
         (
@@ -297,7 +302,7 @@ def test_password_never_shows_in_repr() -> None:
         ),
         (
             {"command_timeout_s": math.inf},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "command_timeout_s must be in [0.001, 3600] s, got inf",
         ),
         (
@@ -323,7 +328,7 @@ def test_password_never_shows_in_repr() -> None:
         ),
         (
             {"prefix": ""},
-            ratekit.LimitsError,
+            ratekit.errors.LimitsError,
             "prefix must be non-empty without braces, got ''",
         ),
     ],

@@ -8,7 +8,8 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit import Account, FakeClock, Scheduler
+from ratekit import Account, Scheduler
+from ratekit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -104,7 +105,7 @@ async def test_a_tier_upgrade_applies_to_the_next_admission() -> None:
         assert scheduler.account.add_top_up(10).name == "Tier1"
         await run_clock(clock, 1)
     assert len(admitted) == 5
-    assert ratekit.TierChanged("Tier0", "Tier1") in events
+    assert ratekit.events.TierChanged("Tier0", "Tier1") in events
 
 
 async def test_a_429_pauses_the_account_then_the_call_is_retried() -> None:
@@ -132,7 +133,7 @@ async def test_a_429_pauses_the_account_then_the_call_is_retried() -> None:
     assert 10.0 <= attempts[1] <= 10.5
     stats = await scheduler.statistics()
     assert (stats.rate_limited, stats.cooldowns) == (1, 1)
-    assert any(isinstance(e, ratekit.Cooldown) and e.seconds == 10 for e in events)
+    assert any(isinstance(e, ratekit.events.Cooldown) and e.seconds == 10 for e in events)
 
 
 async def test_a_429_that_says_retrying_wont_help_is_raised_at_once() -> None:
@@ -164,7 +165,7 @@ async def test_429s_that_keep_coming_lower_the_limits_which_then_recover() -> No
     await scheduler.rate_limited(None, Signal(retry_after_s=0.0, retryable=True))
     limiter = scheduler.limiter()
     assert limiter.limits.rpm == pytest.approx(160)
-    assert ratekit.LimitsAdapted("account", 0.8, "429s within the limits") in events
+    assert ratekit.events.LimitsAdapted("account", 0.8, "429s within the limits") in events
     clock.advance(61)
     assert scheduler.limiter().limits.rpm == pytest.approx(180)
     clock.advance(61)
@@ -238,7 +239,7 @@ async def test_provider_headers_below_the_tier_tighten_the_limits() -> None:
     scheduler.observe({"x-ratelimit-limit-requests": "100", "x-ratelimit-limit-tokens": "2000000"})
     assert scheduler.limiter().limits.rpm == pytest.approx(100)
     assert (
-        ratekit.LimitsAdapted(
+        ratekit.events.LimitsAdapted(
             "account", 0.5, "the provider reports requests limit 100, the tier 200"
         )
         in events
@@ -262,7 +263,7 @@ async def test_each_reported_limit_caps_only_its_own_dimension() -> None:
     assert limits.rpm == pytest.approx(rpm)
     assert limits.tpm == pytest.approx(tpm)
     assert limits.concurrency == tier.concurrency
-    reasons = [event.reason for event in events if isinstance(event, ratekit.LimitsAdapted)]
+    reasons = [event.reason for event in events if isinstance(event, ratekit.events.LimitsAdapted)]
     assert reasons == [
         f"the provider reports requests limit {rpm:g}, the tier {tier.rpm:g}",
         f"the provider reports tokens limit {tpm:g}, the tier {tier.tpm:g}",
@@ -288,7 +289,7 @@ async def test_anthropic_rate_limit_headers_are_observed() -> None:
         }
     )
     assert scheduler.limiter().limits == tier
-    assert not [event for event in events if isinstance(event, ratekit.LimitsAdapted)]
+    assert not [event for event in events if isinstance(event, ratekit.events.LimitsAdapted)]
     scheduler.observe({"anthropic-ratelimit-tokens-limit": f"{tier.tpm / 4:g}"})
     assert scheduler.limiter().limits.tpm == pytest.approx(tier.tpm / 4)
     assert scheduler.limiter().limits.rpm == tier.rpm
@@ -323,10 +324,10 @@ async def test_set_tier_to_the_tier_in_force_changes_nothing() -> None:
     scheduler, _, events = make("tier3")
     version = scheduler.account.version
     await scheduler.set_tier("TIER3")
-    assert not [event for event in events if isinstance(event, ratekit.TierChanged)]
+    assert not [event for event in events if isinstance(event, ratekit.events.TierChanged)]
     assert scheduler.account.version == version
     await scheduler.set_tier("tier4")
-    changed = [event for event in events if isinstance(event, ratekit.TierChanged)]
+    changed = [event for event in events if isinstance(event, ratekit.events.TierChanged)]
     assert [(event.old, event.new) for event in changed] == [("Tier3", "Tier4")]
 
 
@@ -346,8 +347,8 @@ async def test_an_overloaded_provider_pauses_but_keeps_the_limits() -> None:
         await scheduler.rate_limited(None, Overloaded(retry_after_s=0.5))
         clock.advance(1)
     assert scheduler.limiter().limits.rpm == 200
-    assert not [e for e in events if isinstance(e, ratekit.LimitsAdapted)]
-    assert len([e for e in events if isinstance(e, ratekit.Cooldown)]) == 6
+    assert not [e for e in events if isinstance(e, ratekit.events.LimitsAdapted)]
+    assert len([e for e in events if isinstance(e, ratekit.events.Cooldown)]) == 6
 
 
 async def test_the_providers_numbers_hold_across_tier_changes_and_adapt_with_429s() -> None:

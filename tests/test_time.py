@@ -11,7 +11,8 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit import FakeClock, Limiter, Limits
+from ratekit import Limiter, Limits
+from ratekit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
 
@@ -42,7 +43,7 @@ async def test_a_wall_clock_step_forward_admits_no_new_window() -> None:
 
 async def test_the_system_clock_reads_monotonic_time_for_windows() -> None:
     """SystemClock's `now` is the monotonic clock and `wall` the Unix time."""
-    clock = ratekit.SystemClock()
+    clock = ratekit.clock.SystemClock()
     assert abs(clock.now() - time.monotonic()) < 1.0
     assert abs(clock.wall() - time.time()) < 1.0
 

@@ -364,7 +364,7 @@ ACCOUNT_CASES: list[tuple[Build, type[Exception], str]] = [
     ),
     (
         lambda: Account("moonshot", tier="tier9"),
-        ratekit.UnknownTierError,
+        ratekit.errors.UnknownTierError,
         "unknown tier 'tier9' in profile 'moonshot'; known: Tier0, Tier1, Tier2, Tier3, "
         "Tier4, Tier5",
     ),

@@ -11,9 +11,9 @@ import math
 
 import pytest
 
-from ratekit import FakeClock, Instant
 from ratekit.backends import Backend, Demand, Refusal
 from ratekit.backends.redis import RedisBackend
+from ratekit.clock import FakeClock, Instant
 
 from .conftest import BackendFactory
 from .window_cases import BASE_S, CASES, Case, Pause, Refund, Reserve, Settle, Used

@@ -232,7 +232,7 @@ async def test_the_providers_rate_limit_headers_lower_the_limits() -> None:
         assert tier_rpm > 50
         await client.messages.create(model="kimi-k2", max_tokens=20, messages=MESSAGES)
         assert scheduler.limiter().limits.rpm == pytest.approx(50)
-        adapted = [e for e in events if isinstance(e, ratekit.LimitsAdapted)]
+        adapted = [e for e in events if isinstance(e, ratekit.events.LimitsAdapted)]
         assert adapted
         assert "requests limit 50" in adapted[0].reason
 

@@ -194,11 +194,11 @@ def test_calls_after_close_are_a_typed_error(server: MockProvider) -> None:
     chat, messages = clients(server, sync)
     sync.close()
     sync.close()
-    with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
+    with pytest.raises(ratekit.errors.NoEventLoopError, match="SyncScheduler is closed"):
         chat.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
-    with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
+    with pytest.raises(ratekit.errors.NoEventLoopError, match="SyncScheduler is closed"):
         messages.messages.create(model="kimi-k2", max_tokens=4, messages=MESSAGES)
-    with pytest.raises(ratekit.NoEventLoopError, match="SyncScheduler is closed"):
+    with pytest.raises(ratekit.errors.NoEventLoopError, match="SyncScheduler is closed"):
         sync.submit(lambda: None)
 
 
@@ -232,7 +232,7 @@ def test_closing_while_threads_call_ends_each_call_cleanly(server: MockProvider)
         for _ in range(200):
             try:
                 chat.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
-            except ratekit.NoEventLoopError:
+            except ratekit.errors.NoEventLoopError:
                 outcomes.append("closed")
                 return
         outcomes.append("done")

@@ -45,9 +45,10 @@ from ._errors import (
 from ._events import Event, Hook, LoggingHook
 from ._limiter import Limiter
 from ._limits import Limits, Rate, TokenCounting
-from ._profiles import Model, Profile, Tier, bundled_providers, load_profile
-from ._scheduler import Scheduler, SchedulerStatistics, Slot
+from ._profiles import Profile, Tier, bundled_providers, load_profile
+from ._scheduler import Scheduler, Slot
 from ._signals import RateLimitSignal, classify
+from ._tenants import Tenant, Tenants
 from .backends import MemoryBackend
 from .integrations._counts import TokenCounts
 from .integrations._sync_scheduler import SyncScheduler
@@ -71,16 +72,16 @@ __all__ = [
     "LoggingHook",
     "MemoryBackend",
     "MissingExtraError",
-    "Model",
     "Profile",
     "QueueFullError",
     "Rate",
     "RateLimitSignal",
     "RatekitError",
     "Scheduler",
-    "SchedulerStatistics",
     "Slot",
     "SyncScheduler",
+    "Tenant",
+    "Tenants",
     "Tier",
     "TokenCounting",
     "TokenCounts",

@@ -27,10 +27,15 @@ from .backends._base import Demand, Grant, Refusal
 class Owner(Protocol):
     """What an admission needs of the limiter that created it (`ratekit.Limiter`)."""
 
-    def _reserve_now(self, demand: Demand) -> Grant | Refusal | None: ...
+    def _reserve_now(self, demand: Demand, tenant: str | None) -> Grant | Refusal | None: ...
 
     async def _reserve(
-        self, demand: Demand, timeout_s: float | None, refusal: Refusal | None, priority: int
+        self,
+        demand: Demand,
+        timeout_s: float | None,
+        refusal: Refusal | None,
+        priority: int,
+        tenant: str | None,
     ) -> Grant: ...
 
     def _granted(self, admission: Admission) -> None: ...
@@ -96,6 +101,7 @@ class Admission:
         "_state",
         "_timeout",
         "admitted_at_s",
+        "tenant",
     )
 
     def __init__(
@@ -104,12 +110,15 @@ class Admission:
         demand: Demand,
         timeout: float | None,
         priority: int,
+        tenant: str | None = None,
     ) -> None:
         self._limiter = limiter
         # What is asked for: validated by the limiter when it created the admission.
         self._demand = demand
         self._timeout = timeout
         self._priority = priority
+        # The tenant whose share of the account it takes (None: none).
+        self.tenant = tenant
         self._grant: Grant | None = None
         # What to record at the end: None = the estimates, a Demand = settled usage.
         self._actual: Demand | None = None
@@ -133,7 +142,7 @@ class Admission:
         True when admitted; the refusal when the memory backend refused; False when
         it was not asked.
         """
-        outcome = self._limiter._reserve_now(self._demand)
+        outcome = self._limiter._reserve_now(self._demand, self.tenant)
         if outcome is None:
             return False
         if outcome.__class__ is Refusal:
@@ -147,7 +156,7 @@ class Admission:
         try:
             refusal = tried if isinstance(tried, Refusal) else None
             grant = await self._limiter._reserve(
-                self._demand, self._timeout, refusal, self._priority
+                self._demand, self._timeout, refusal, self._priority, self.tenant
             )
         except BaseException:
             self._state = _NEW  # refused, timed out or cancelled: nothing is held

@@ -7,7 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,6 +24,7 @@ from ._errors import (
 )
 from ._limits import MAX_AMOUNT, Limits, check_amount
 from ._queue import Waiter, WaitQueue
+from ._tenants import TENANT_PREFIX, FairShare, Tenant, TenantGrant, Tenants, check_tenant_name
 from .backends._base import Backend, Demand, DimensionStatistics, Grant, InProcess, Refusal
 from .backends.memory import MemoryBackend
 
@@ -49,6 +50,14 @@ def _ceilings(limits: Limits) -> tuple[float, float, float]:
 
 def _has_calendar(limits: Limits) -> bool:
     return any(rate.calendar_tz is not None for rate in limits.all_rates)
+
+
+class _HeldBack(Exception):
+    """The head of the queue was refused by its tenant's own limits: it leaves the queue."""
+
+    def __init__(self, refusal: Refusal) -> None:
+        super().__init__(refusal)
+        self.refusal = refusal
 
 
 class _Loop:
@@ -130,6 +139,14 @@ class Limiter:
     A limiter belongs to the event loop (asyncio or trio) it is first used in and
     may be shared by any number of tasks of that loop; used from another running
     loop it raises `WrongEventLoopError`.
+
+    `tenants` shares the account among tenants (``acquire(tenant="acme")``): each
+    tenant's own limits are checked in the same step as the account's, and callers
+    waiting for the account are served by weighted fair share between tenants
+    instead of first come, first served (see `ratekit.Tenants`). A tenant held back
+    by its own limits steps out of the queue, so it never holds up the others.
+    Tenant limits are kept in this process: with a shared backend only weights
+    (fair share) are taken, and limits raise `InvalidArgumentError`.
     """
 
     __slots__ = (
@@ -139,6 +156,7 @@ class Limiter:
         "_ceilings",
         "_clock",
         "_demands",
+        "_fair",
         "_full_since_s",
         "_head_eta_s",
         "_limits",
@@ -146,6 +164,7 @@ class Limiter:
         "_loop",
         "_queue",
         "_stall_warned_s",
+        "_tenants",
         "_tickets",
         "_unsubscribe",
         "_wake",
@@ -159,9 +178,11 @@ class Limiter:
         clock: Clock | None = None,
         max_queue: int | None = None,
         lower_share: float = 0.1,
+        tenants: Tenants | Mapping[str, Tenant] | None = None,
     ) -> None:
         if not isinstance(limits, Limits):
             raise InvalidArgumentError(f"Limiter: limits must be a ratekit.Limits, got {limits!r}")
+        tenants = Tenants.of(tenants)
         if backend is None:
             backend = MemoryBackend()
         elif not isinstance(backend, Backend):
@@ -177,12 +198,20 @@ class Limiter:
         self._backend: Backend = backend
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
+        if tenants is not None and tenants.limited and self._local is None:
+            raise InvalidArgumentError(
+                "Limiter: tenant limits are kept in this process and need the memory "
+                f"backend; with {type(backend).__name__} give tenants weights only"
+            )
+        self._tenants = tenants
+        # With tenants, waiting callers are ordered by fair-share tags, not arrival.
+        self._fair = FairShare() if tenants is not None else None
         self._limits = limits
         self._ceilings = _ceilings(limits)
         # Demands already checked against these limits, by their (int) amounts: most
         # call sites ask for the same few amounts, so the common acquire builds none.
         self._demands: dict[tuple[int, int, int], Demand] = {}
-        self._calendar = _has_calendar(limits)
+        self._calendar = _has_calendar(limits) or self._tenant_calendar()
         # Callers waiting: by priority, first come first served; the head retries.
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
         # Set when capacity may have been freed; the head waits on it.
@@ -220,7 +249,7 @@ class Limiter:
         self._limits = limits
         self._ceilings = _ceilings(limits)
         self._demands = {}
-        self._calendar = _has_calendar(limits)
+        self._calendar = _has_calendar(limits) or self._tenant_calendar()
         self._on_change()
 
     @property
@@ -255,6 +284,7 @@ class Limiter:
         cost: float = 0,
         timeout: float | None = None,
         priority: int = 0,
+        tenant: str | None = None,
     ) -> Admission:
         """An admission for one call of `requests`, `tokens` (estimated) and `cost` (money).
 
@@ -266,24 +296,37 @@ class Limiter:
         amount `InvalidCostError`, a demand larger than a whole rate
         `CostExceedsLimitError`, a priority that is not an int or a negative
         timeout `InvalidArgumentError`. `priority` orders the callers that have to
-        wait (higher first).
+        wait (higher first). `tenant` names the tenant whose share it takes (a limiter
+        built with `tenants`; `InvalidArgumentError` otherwise).
         """
         return Admission(
             self,
             self._demand(requests, tokens, cost),
             None if timeout is None else check_timeout(timeout),
             priority if priority.__class__ is int else check_priority(priority),
+            None if tenant is None else self._check_tenant(tenant),
         )
 
     async def try_acquire(
-        self, requests: float = 1, *, tokens: float = 0, cost: float = 0
+        self,
+        requests: float = 1,
+        *,
+        tokens: float = 0,
+        cost: float = 0,
+        tenant: str | None = None,
     ) -> Admission | None:
         """A granted admission if every dimension admits now (and nobody waits), else None.
 
         Bad amounts raise as in `acquire`; end the admission (``async with admission:``
         or ``await admission.release()``).
         """
-        admission = Admission(self, self._demand(requests, tokens, cost), None, 0)
+        admission = Admission(
+            self,
+            self._demand(requests, tokens, cost),
+            None,
+            0,
+            None if tenant is None else self._check_tenant(tenant),
+        )
         admission._start()
         tried = admission._try_now()
         if tried is True:
@@ -292,7 +335,7 @@ class Limiter:
             admission._state = 0
             return None
         self._check_loop()
-        outcome = await self._backend.reserve(self._limits, admission._demand, self.instant())
+        outcome = await self._attempt(admission._demand, admission.tenant)
         if isinstance(outcome, Refusal):
             admission._state = 0
             return None
@@ -300,6 +343,16 @@ class Limiter:
         admission._state = 2
         self._granted(admission)
         return admission
+
+    def _tenant_calendar(self) -> bool:
+        return self._tenants is not None and self._tenants.calendar
+
+    def _check_tenant(self, tenant: object) -> str:
+        if self._tenants is None:
+            raise InvalidArgumentError(
+                f"tenant={tenant!r} needs a limiter with tenants: Limiter(..., tenants=...)"
+            )
+        return check_tenant_name(tenant, "tenant")
 
     def _demand(self, requests: float, tokens: float, cost: float) -> Demand:
         if requests.__class__ is int and tokens.__class__ is int and cost.__class__ is int:
@@ -336,7 +389,7 @@ class Limiter:
                 if amount > rate.limit:
                     raise CostExceedsLimitError(rate.name, amount, rate.limit)
 
-    def _reserve_now(self, demand: Demand) -> Grant | Refusal | None:
+    def _reserve_now(self, demand: Demand, tenant: str | None = None) -> Grant | Refusal | None:
         """The uncontended in-memory path: admit synchronously, or None when it cannot be
         tried (a shared backend, or callers already waiting)."""
         local = self._local
@@ -346,7 +399,37 @@ class Limiter:
             self._loop = _Loop.current()
         clock = self._clock
         wall = clock.wall() if self._calendar else math.nan
+        if tenant is not None:
+            return self._reserve_both(local, demand, tenant, clock.now(), wall)
         return local.reserve_now(self._limits, demand, clock.now(), wall)
+
+    def _reserve_both(
+        self, local: InProcess, demand: Demand, tenant: str, now: float, wall: float
+    ) -> Grant | Refusal:
+        """Admit on the tenant's own limits and the account's in one synchronous step."""
+        tenants = self._tenants
+        assert tenants is not None, "a tenant is checked against the limiter's tenants"
+        if not tenants.tenant(tenant).limited:
+            return local.reserve_now(self._limits, demand, now, wall)
+        own = tenants.reserve_now(tenant, demand, now, wall)
+        if isinstance(own, Refusal):
+            return own
+        state, own_grant = own
+        outcome = local.reserve_now(self._limits, demand, now, wall)
+        grant = TenantGrant(outcome, state, own_grant)
+        if isinstance(outcome, Refusal):
+            tenants.settle_now(grant, None, now, wall)  # nothing taken from either
+            return outcome
+        return grant
+
+    async def _attempt(self, demand: Demand, tenant: str | None) -> Grant | Refusal:
+        """One try at admitting `demand` now, whoever waits."""
+        local = self._local
+        if tenant is not None and local is not None:
+            clock = self._clock
+            wall = clock.wall() if self._calendar else math.nan
+            return self._reserve_both(local, demand, tenant, clock.now(), wall)
+        return await self._backend.reserve(self._limits, demand, self.instant())
 
     def _granted(self, admission: Admission) -> None:
         if self._loop is None:
@@ -373,6 +456,7 @@ class Limiter:
         timeout_s: float | None,
         refusal: Refusal | None = None,
         priority: int = 0,
+        tenant: str | None = None,
     ) -> Grant:
         """The one primitive: admit `demand`, waiting at most `timeout_s` (None: no bound).
 
@@ -381,41 +465,86 @@ class Limiter:
         """
         self._check_loop()
         queue = self._queue
+        fair = self._fair
         # Taken on arrival: a caller refused after a try queues in the order it came,
         # not in the order the replies to many callers' tries arrived (a herd gathered
         # at once on Redis: its tries' replies come back over several connections).
-        ticket = next(self._tickets)
+        # With tenants, the place is the caller's fair-share tag instead.
+        if fair is None:
+            ticket: float = next(self._tickets)
+        else:
+            assert self._tenants is not None
+            ticket = fair.tag(tenant, self._tenants.weight(tenant))
         if refusal is None and not queue:
-            outcome = await self._backend.reserve(self._limits, demand, self.instant())
+            outcome = await self._attempt(demand, tenant)
             if not isinstance(outcome, Refusal):
                 return outcome
             refusal = outcome
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
-        waiter = queue.push(priority, demand, ticket=ticket)
-        if self._unsubscribe is None:
-            self._unsubscribe = self._backend.subscribe(self._on_change)
-        if queue.head() is waiter:
-            self._on_change()  # a head displaced by a higher priority steps back
-        else:
-            refusal = None  # it answered for another position in the queue
-        try:
-            return await self._serve(waiter, demand, deadline_s, timeout_s, refusal)
-        finally:
-            if waiter.grant is not None:
-                # Admitted with the head, then cancelled or timed out before taking it:
-                # nothing was sent, everything goes back.
-                grant, waiter.grant = waiter.grant, None
-                self._backend.abandon(self._limits, grant, None, self.instant())
-            was_head = queue.head() is waiter
-            queue.remove(waiter)
-            if was_head:
-                self._head_eta_s = None
-            head = queue.head()
-            if head is not None:
-                head.turn.set()
-            elif self._local is not None and self._unsubscribe is not None:
-                self._unsubscribe()
-                self._unsubscribe = None
+        while True:
+            if refusal is not None and refusal.dimension.startswith(TENANT_PREFIX):
+                # Held back by its tenant's own limits: it waits out of the queue, so that
+                # the callers of other tenants go on, and comes back with its tag.
+                assert tenant is not None, "only a tenant's call meets its own limits"
+                await self._wait_own(tenant, refusal, deadline_s, timeout_s)
+                refusal = None
+                if not queue:
+                    outcome = await self._attempt(demand, tenant)
+                    if not isinstance(outcome, Refusal):
+                        return outcome
+                    refusal = outcome
+                    continue
+            waiter = queue.push(priority, demand, ticket=ticket)
+            if self._unsubscribe is None:
+                self._unsubscribe = self._backend.subscribe(self._on_change)
+            if queue.head() is waiter:
+                self._on_change()  # a head displaced by a higher priority steps back
+            else:
+                refusal = None  # it answered for another position in the queue
+            try:
+                grant = await self._serve(waiter, demand, deadline_s, timeout_s, refusal, tenant)
+            except _HeldBack as back:
+                refusal = back.refusal
+                continue
+            finally:
+                self._leave(waiter)
+            if fair is not None:
+                fair.served(ticket)
+            return grant
+
+    def _leave(self, waiter: Waiter) -> None:
+        """Take `waiter` out of the queue (admitted, refused, gone) and wake the next head."""
+        queue = self._queue
+        if waiter.grant is not None:
+            # Admitted with the head, then cancelled or timed out before taking it:
+            # nothing was sent, everything goes back.
+            grant, waiter.grant = waiter.grant, None
+            self._backend.abandon(self._limits, grant, None, self.instant())
+        was_head = queue.head() is waiter
+        queue.remove(waiter)
+        if was_head:
+            self._head_eta_s = None
+        head = queue.head()
+        if head is not None:
+            head.turn.set()
+        elif self._local is not None and self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+    async def _wait_own(
+        self, tenant: str, refusal: Refusal, deadline_s: float | None, timeout_s: float | None
+    ) -> None:
+        """Wait until `tenant`'s own limits may admit again (the refusal's hint, or one of
+        its calls ending), within the deadline."""
+        assert self._tenants is not None
+        wait_s = refusal.wait_s
+        now = self._clock.now()
+        if deadline_s is not None:
+            left_s = deadline_s - now
+            if left_s <= 0 or (wait_s > left_s and not math.isinf(wait_s)):
+                raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
+            wait_s = min(wait_s, left_s)
+        await self._clock.wait(self._tenants.changed(tenant, now), wait_s)
 
     async def _serve(
         self,
@@ -424,9 +553,11 @@ class Limiter:
         deadline_s: float | None,
         timeout_s: float | None,
         refusal: Refusal | None,
+        tenant: str | None,
     ) -> Grant:
         """Wait for the turn, then as the head retry whenever the backend said or a release
-        came; a head displaced by a higher priority goes back to waiting for its turn."""
+        came; a head displaced by a higher priority goes back to waiting for its turn, and
+        one held back by its tenant's own limits leaves the queue (`_HeldBack`)."""
         while True:
             if waiter.grant is not None:  # admitted together with the head
                 grant, waiter.grant = waiter.grant, None
@@ -440,11 +571,13 @@ class Limiter:
             # Armed before asking, so a release during the round trip is not missed.
             self._wake = wake = anyio.Event()
             if refusal is None:
-                outcome = await self._reserve_with_followers(waiter, demand)
+                outcome = await self._reserve_with_followers(waiter, demand, tenant)
                 if not isinstance(outcome, Refusal):
                     self._full_since_s = None
                     return outcome
                 refusal = outcome
+            if refusal.dimension.startswith(TENANT_PREFIX):
+                raise _HeldBack(refusal)
             wait_s = refusal.wait_s
             now = self._clock.now()
             if refusal.dimension == "concurrency":
@@ -480,7 +613,9 @@ class Limiter:
                 len(self._queue),
             )
 
-    async def _reserve_with_followers(self, head: Waiter, demand: Demand) -> Grant | Refusal:
+    async def _reserve_with_followers(
+        self, head: Waiter, demand: Demand, tenant: str | None
+    ) -> Grant | Refusal:
         """Admit the head, and on a shared backend in the same call the callers behind it
         in its priority (up to `_BATCH`) until one does not fit: a burst of capacity
         freed at once is handed out in one round trip, in queue order, not one per
@@ -492,7 +627,7 @@ class Limiter:
         admission, not behind a burst of others."""
         followers = [] if self._local is not None else self._queue.behind(head, _BATCH - 1)
         if not followers:
-            outcome = await self._backend.reserve(self._limits, demand, self.instant())
+            outcome = await self._attempt(demand, tenant)
             if not isinstance(outcome, Refusal):
                 self._queue.admitted(head)
             return outcome
@@ -537,8 +672,13 @@ class Limiter:
         if local is None:
             return False
         clock = self._clock
+        now = clock.now()
         wall = clock.wall() if self._calendar else math.nan
-        local.settle_now(grant, actual, clock.now(), wall)
+        if grant.__class__ is TenantGrant:
+            assert isinstance(grant, TenantGrant)
+            Tenants.settle_now(grant, actual, now, wall)
+            grant = grant.account
+        local.settle_now(grant, actual, now, wall)
         return True
 
     async def _settle(self, grant: Grant, actual: Demand | None) -> None:
@@ -554,7 +694,11 @@ class Limiter:
         """The request of `grant` leaves now: count what it recorded from now."""
         local = self._local
         if local is not None:
-            local.restamp_now(grant, self._clock.now())
+            now = self._clock.now()
+            if isinstance(grant, TenantGrant):
+                Tenants.restamp_now(grant, now)
+                grant = grant.account
+            local.restamp_now(grant, now)
             return
         await self._backend.restamp(self._limits, grant, self.instant())
 
@@ -568,7 +712,12 @@ class Limiter:
         backend = self._backend
 
         def end() -> None:
-            backend.abandon(limits, grant, actual, self.instant())
+            now = self.instant()
+            account = grant
+            if isinstance(grant, TenantGrant):
+                Tenants.settle_now(grant, actual, now.mono, now.wall)
+                account = grant.account
+            backend.abandon(limits, account, actual, now)
             # A shared backend settles in the background, queued ahead of any retry.
             self._on_change()
 
@@ -587,6 +736,13 @@ class Limiter:
         """A frozen snapshot: per dimension, used / limit / in flight; and the waiters."""
         dimensions = await self._backend.statistics(self._limits, self.instant())
         return LimiterStatistics(dimensions, len(self._queue), self._queue.waiting())
+
+    def tenant_statistics(self, tenant: str) -> tuple[DimensionStatistics, ...]:
+        """Usage of `tenant`'s own limits now (concurrency first, then each rate)."""
+        name = self._check_tenant(tenant)
+        assert self._tenants is not None
+        clock = self._clock
+        return self._tenants.statistics_now(name, clock.now(), clock.wall())
 
     def __repr__(self) -> str:
         return f"Limiter({self._limits!r}, backend={type(self._backend).__name__})"

@@ -241,7 +241,7 @@ async def test_a_failing_refresh_keeps_the_snapshot_and_is_logged_once(
     collector.watch(scheduler)
     working = scheduler.statistics
 
-    async def down() -> ratekit.SchedulerStatistics:
+    async def down() -> ratekit.statistics.SchedulerStatistics:
         raise ratekit.BackendUnavailableError("redis: connection refused")
 
     caplog.set_level(logging.INFO, logger="ratekit")

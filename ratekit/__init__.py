@@ -48,7 +48,7 @@ from ._limits import Limits, Rate, TokenCounting
 from ._profiles import Profile, Tier, bundled_providers, load_profile
 from ._scheduler import Scheduler, Slot
 from ._signals import RateLimitSignal, classify
-from ._tenants import Tenant, Tenants
+from ._tenants import Tenant, Tenants, tenant
 from .backends import MemoryBackend
 from .integrations._counts import TokenCounts
 from .integrations._sync_scheduler import SyncScheduler
@@ -88,6 +88,7 @@ __all__ = [
     "bundled_providers",
     "classify",
     "load_profile",
+    "tenant",
     "wrap",
 ]
 

@@ -14,6 +14,7 @@ class Queued:
     model: str | None
     priority: int
     tokens: float
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -23,6 +24,7 @@ class Admitted:
     model: str | None
     priority: int
     waited_s: float
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +34,7 @@ class Settled:
     model: str | None
     tokens: float
     cost: float
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

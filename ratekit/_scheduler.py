@@ -37,7 +37,8 @@ from ._limits import MIN_LIMIT, Limits, check_amount
 from ._profiles import Tier
 from ._queue import WaitQueue
 from ._signals import parse_provider_limits
-from .backends._base import Backend, SharedAccount
+from ._tenants import Tenant, Tenants, current_tenant
+from .backends._base import Backend, InProcess, SharedAccount
 from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
@@ -186,6 +187,7 @@ class Scheduler:
         max_attempts: int = 5,
         adapt: bool = True,
         classify: Classifier | None = None,
+        tenants: Tenants | Mapping[str, Tenant] | None = None,
     ) -> None:
         if not isinstance(account, Account):
             raise InvalidArgumentError(
@@ -212,6 +214,14 @@ class Scheduler:
             WaitQueue(lower_share=lower_share, max_size=max_queue)
         except LimitsError as error:
             raise LimitsError(f"Scheduler: {error}") from None
+        tenants = Tenants.of(tenants) or Tenants()
+        if tenants.limited and backend is not None and not isinstance(backend, InProcess):
+            raise InvalidArgumentError(
+                "Scheduler: tenant limits are kept in this process and need the memory "
+                f"backend; with {type(backend).__name__} give tenants weights only"
+            )
+        # Shared by every limiter of the account: a tenant's limits span its models.
+        self.tenants = tenants
         self.account = account
         # The one clock of every limiter of this scheduler.
         self._clock: Clock = clock or SystemClock()
@@ -268,6 +278,7 @@ class Scheduler:
                 clock=self._clock,
                 max_queue=self._max_queue,
                 lower_share=self._lower_share,
+                tenants=self.tenants,
             )
             group = self._groups[name] = _Group(limiter, self.account.version)
         elif group.version != self.account.version:
@@ -341,15 +352,18 @@ class Scheduler:
         model: str | None = None,
         priority: int = 0,
         timeout: float | None = None,
+        tenant: str | None = None,
     ) -> Slot:
         """An admission for one call, as ``async with scheduler.slot(...) as admission:``.
 
         `tokens` is the estimate (prompt + max output) and `cost` the money
         estimate; settle the real usage with ``admission.settle(...)``. When the
         block ends the admission is released first; a 429 raised inside the block
-        is then answered (cooldown, adaptation) and re-raised.
+        is then answered (cooldown, adaptation) and re-raised. `tenant` names the
+        tenant whose share the call takes (default: the one of `ratekit.tenant`'s
+        block, else none).
         """
-        return Slot(self, tokens, cost, model, priority, timeout)
+        return Slot(self, tokens, cost, model, priority, timeout, tenant)
 
     async def admit(
         self,
@@ -359,6 +373,7 @@ class Scheduler:
         model: str | None = None,
         priority: int = 0,
         timeout: float | None = None,  # noqa: ASYNC109 - a predicted wait fails at once
+        tenant: str | None = None,
     ) -> Admission:
         """Wait for and return a granted admission of one call (see `slot`).
 
@@ -366,18 +381,22 @@ class Scheduler:
         transport): end it with `finish` exactly once, on every path.
         """
         limiter = self._group(model).limiter
-        admission = limiter.acquire(tokens=tokens, cost=cost, timeout=timeout, priority=priority)
+        if tenant is None:
+            tenant = current_tenant()
+        admission = limiter.acquire(
+            tokens=tokens, cost=cost, timeout=timeout, priority=priority, tenant=tenant
+        )
         if self.loop_token is None:
             self.loop_token = anyio.lowlevel.current_token()
         if not self._tier_synced:
             await self._sync_tier()
-        self._emit(Queued(model, priority, tokens))
+        self._emit(Queued(model, priority, tokens, admission.tenant))
         started = self._clock.now()
         await admission
         admission.admitted_at_s = admitted_s = self._clock.now()
         waited_s = admitted_s - started
         self._record_wait(priority, waited_s)
-        self._emit(Admitted(model, priority, waited_s))
+        self._emit(Admitted(model, priority, waited_s, admission.tenant))
         return admission
 
     async def finish(
@@ -404,7 +423,7 @@ class Scheduler:
                     await self.rate_limited(model, signal, admitted_at_s=admission.admitted_at_s)
         if granted:
             usage = admission.usage
-            self._emit(Settled(model, usage.tokens, usage.cost))
+            self._emit(Settled(model, usage.tokens, usage.cost, admission.tenant))
 
     async def submit(
         self,
@@ -417,6 +436,7 @@ class Scheduler:
         # A predicted wait fails at once, which a cancel scope (fail_after) cannot do.
         timeout: float | None = None,  # noqa: ASYNC109
         usage: Callable[[T], float | None] | None = None,
+        tenant: str | None = None,
     ) -> T:
         """Run ``await fn(*args)`` when admitted, retrying on 429; return its result.
 
@@ -440,7 +460,12 @@ class Scheduler:
             with attempt:
                 left = None if deadline_s is None else max(deadline_s - self._clock.now(), 0.0)
                 async with self.slot(
-                    tokens=tokens, cost=cost, model=model, priority=priority, timeout=left
+                    tokens=tokens,
+                    cost=cost,
+                    model=model,
+                    priority=priority,
+                    timeout=left,
+                    tenant=tenant,
                 ) as admission:
                     awaitable = fn(*args)
                     if not inspect.isawaitable(awaitable):
@@ -723,7 +748,16 @@ def _percentile(samples: list[float], q: float) -> float:
 class Slot:
     """One admission through a scheduler, as an ``async with`` block; see `Scheduler.slot`."""
 
-    __slots__ = ("_admission", "_cost", "_model", "_priority", "_scheduler", "_timeout", "_tokens")
+    __slots__ = (
+        "_admission",
+        "_cost",
+        "_model",
+        "_priority",
+        "_scheduler",
+        "_tenant",
+        "_timeout",
+        "_tokens",
+    )
 
     def __init__(
         self,
@@ -733,8 +767,10 @@ class Slot:
         model: str | None,
         priority: int,
         timeout: float | None,
+        tenant: str | None = None,
     ) -> None:
         self._scheduler = scheduler
+        self._tenant = tenant
         self._tokens = tokens
         self._cost = cost
         self._model = model
@@ -756,6 +792,7 @@ class Slot:
             model=self._model,
             priority=self._priority,
             timeout=self._timeout,
+            tenant=self._tenant,
         )
         return self._admission
 

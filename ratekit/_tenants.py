@@ -9,7 +9,9 @@ account (`FairShare`).
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import anyio
@@ -252,3 +254,28 @@ class FairShare:
         """A caller with `tag` was admitted: virtual time moves up to it."""
         if tag > self.virtual:
             self.virtual = tag
+
+
+_CURRENT: ContextVar[str | None] = ContextVar("ratekit_tenant", default=None)
+
+
+@contextmanager
+def tenant(name: str) -> Iterator[str]:
+    """Admit the calls made in this block (and in tasks started from it) as tenant `name`,
+    through any path: a wrapped client, a transport, a decorator, ``submit``::
+
+        with ratekit.tenant("acme"):
+            await client.chat.completions.create(...)
+
+    A ``tenant=`` given to a call itself wins.
+    """
+    token = _CURRENT.set(check_tenant_name(name, "ratekit.tenant"))
+    try:
+        yield name
+    finally:
+        _CURRENT.reset(token)
+
+
+def current_tenant() -> str | None:
+    """The tenant of the innermost `tenant` block around the caller (None: none)."""
+    return _CURRENT.get()

@@ -9,10 +9,11 @@ import anyio
 import pytest
 
 import ratekit
-from ratekit import Limiter, Limits, Tenant, Tenants
+from ratekit import Account, Limiter, Limits, Scheduler, Tenant, Tenants
 from ratekit.clock import FakeClock
 
 from .test_limiter import settle_tasks
+from .test_scheduler import run_clock
 
 pytestmark = pytest.mark.anyio
 
@@ -265,3 +266,104 @@ async def test_idle_tenants_are_forgotten() -> None:
         if i % 1_000 == 999:
             clock.advance(62)
     assert tenants.active() <= 2_048
+
+
+# -- through a scheduler ------------------------------------------------------------------
+
+
+def _scheduler(tenants: Tenants, clock: FakeClock, events: list[ratekit.Event]) -> Scheduler:
+    # Moonshot Tier1 at 60 RPM and no concurrency cap: the account binds by its rpm.
+    account = Account("moonshot", tier="tier1", rpm=60, concurrency=None, tpm=None)
+    return Scheduler(account, clock=clock, tenants=tenants, hooks=[events.append])
+
+
+async def _run(
+    scheduler: Scheduler, clock: FakeClock, callers: dict[str, int], seconds: float
+) -> list[tuple[float, str]]:
+    """Start `callers[t]` calls of each tenant `t` at once, their arrivals interleaved in
+    proportion to the counts; return (time, tenant) of each call, in the order served."""
+    served: list[tuple[float, str]] = []
+
+    async def call(tenant: str) -> None:
+        served.append((clock.now(), tenant))
+
+    arrivals = sorted(
+        ((i + 0.5) / count, tenant) for tenant, count in callers.items() for i in range(count)
+    )
+    async with anyio.create_task_group() as group:
+        for _, tenant in arrivals:
+            group.start_soon(lambda t=tenant: scheduler.submit(call, t, tenant=t))
+        await run_clock(clock, seconds)
+    return served
+
+
+async def test_a_scheduler_shares_its_account_by_weight() -> None:
+    """Three tenants of weights 1, 1 and 2 wanting more than the account gets: 25/25/50
+    of the admissions while all three wait, and each alone later gets the whole rate."""
+    clock = FakeClock()
+    events: list[ratekit.Event] = []
+    tenants = Tenants(named={"gold": Tenant(weight=2)})
+    scheduler = _scheduler(tenants, clock, events)
+    served = await _run(scheduler, clock, {"a": 100, "b": 100, "gold": 200}, 400)
+    assert len(served) == 400
+    contended = Counter(tenant for _, tenant in served[:300])
+    assert contended == {"a": 75, "b": 75, "gold": 150}
+    start = served[0][0]
+    per_minute = Counter(int((t - start) // 61) for t, _ in served)
+    assert all(count == 60 for minute, count in per_minute.items() if minute < 6)
+    admitted = [event for event in events if isinstance(event, ratekit.events.Admitted)]
+    assert Counter(event.tenant for event in admitted) == {"a": 100, "b": 100, "gold": 200}
+
+
+async def test_a_tenant_at_its_own_limit_leaves_the_rest_to_the_others() -> None:
+    """A tenant capped at 10 RPM never has more than 10 in any 60 s; the others (weights 1
+    and 2) take the account's other 50 a minute between them, 1:2."""
+    clock = FakeClock()
+    tenants = Tenants(named={"capped": Tenant(Limits(rpm=10)), "gold": Tenant(weight=2)})
+    scheduler = _scheduler(tenants, clock, [])
+    served = await _run(scheduler, clock, {"capped": 40, "b": 100, "gold": 200}, 420)
+    capped = [t for t, tenant in served if tenant == "capped"]
+    for i, t in enumerate(capped):
+        assert sum(1 for u in capped[i:] if u - t < 60) <= 10
+    start = served[0][0]
+    first = Counter(tenant for t, tenant in served if t - start < 240)
+    # Not starved: its window frees at the very instant the account's does (all started at
+    # once), and the queue may take that instant's capacity first; then it goes next.
+    assert first["capped"] >= 30
+    assert len(capped) == 40
+    assert abs(first["gold"] / first["b"] - 2.0) < 0.1
+    per_minute = Counter(int((t - start) // 61) for t, _ in served)
+    assert all(count == 60 for minute, count in per_minute.items() if minute < 4)
+
+
+async def test_ratekit_tenant_names_the_tenant_of_every_call_in_its_block() -> None:
+    """``with ratekit.tenant(...)`` reaches the admission of a call made in the block (and
+    in tasks started there); a tenant given to the call itself wins."""
+    clock = FakeClock()
+    events: list[ratekit.Event] = []
+    scheduler = _scheduler(Tenants(), clock, events)
+
+    async def call() -> None:
+        return None
+
+    with ratekit.tenant("acme"):
+        await scheduler.submit(call)
+        async with anyio.create_task_group() as group:
+            group.start_soon(lambda: scheduler.submit(call))
+        await scheduler.submit(call, tenant="other")
+    await scheduler.submit(call)
+    admitted = [e.tenant for e in events if isinstance(e, ratekit.events.Admitted)]
+    assert admitted == ["acme", "acme", "other", None]
+    with pytest.raises(ratekit.InvalidArgumentError, match=r"ratekit\.tenant: a tenant is"):
+        ratekit.tenant("").__enter__()
+
+
+def test_tenant_limits_need_the_memory_backend() -> None:
+    """A shared backend takes tenant weights, not limits kept in one process."""
+    from ratekit.backends.redis import RedisBackend
+
+    backend = RedisBackend("redis://127.0.0.1:1/0", namespace="tenants-test")
+    account = Account("moonshot", tier="tier1")
+    with pytest.raises(ratekit.InvalidArgumentError, match="tenant limits are kept in this"):
+        Scheduler(account, backend=backend, tenants={"a": Tenant(Limits(rpm=1))})
+    Scheduler(account, backend=backend, tenants={"a": Tenant(weight=3)})

@@ -353,7 +353,8 @@ async def test_events_before_watch_are_not_counted(caplog: pytest.LogCaptureFixt
         caplog.records[0]
         .getMessage()
         .startswith(
-            "ratekit: RatekitCollector got Queued(model=None, priority=0, tokens=0) before "
+            "ratekit: RatekitCollector got Queued(model=None, priority=0, tokens=0, tenant=None) "
+            "before "
             "watch(scheduler)"
         )
     )

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import math
+import uuid
 from collections import Counter
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import ratekit
 from ratekit import Account, Limiter, Limits, Scheduler, Tenant, Tenants
 from ratekit.clock import FakeClock
+from ratekit.testing import RedisServer
 
 from .test_limiter import settle_tasks
 from .test_scheduler import run_clock
@@ -367,3 +370,39 @@ def test_tenant_limits_need_the_memory_backend() -> None:
     with pytest.raises(ratekit.InvalidArgumentError, match="tenant limits are kept in this"):
         Scheduler(account, backend=backend, tenants={"a": Tenant(Limits(rpm=1))})
     Scheduler(account, backend=backend, tenants={"a": Tenant(weight=3)})
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_tenant_weights_order_a_queue_on_redis(redis_server: RedisServer) -> None:
+    """On a shared backend the weights still order each pod's queue: 1, 1 and 2 give
+    20/20/40 of the first 80 admissions, the callers behind the head admitted in batches
+    in the same order."""
+    from redis.asyncio import Redis
+
+    from ratekit.backends.redis import RedisBackend
+
+    client = Redis.from_url(redis_server.url)
+    backend = RedisBackend(client, namespace=f"tenants-{uuid.uuid4().hex}")
+    tenants = Tenants(named={"c": Tenant(weight=2)})
+    limiter = Limiter(Limits(concurrency=1), backend=backend, tenants=tenants)
+    order: list[str] = []
+    try:
+        blocker = await limiter.acquire()
+
+        async def call(tenant: str) -> None:
+            async with limiter.acquire(tenant=tenant):
+                order.append(tenant)
+
+        async with anyio.create_task_group() as group:
+            for tenant in "abc":
+                for _ in range(40):
+                    group.start_soon(call, tenant)
+                    await anyio.lowlevel.checkpoint()
+            while (await limiter.statistics()).waiting < 120:  # noqa: ASYNC110 - polled
+                await anyio.sleep(0.01)
+            await blocker.release()
+    finally:
+        await backend.aclose()
+        await client.aclose()
+    assert Counter(order[:80]) == {"a": 20, "b": 20, "c": 40}
+    assert len(order) == 120

@@ -75,7 +75,7 @@ import openai
 
 import ratekit
 from ratekit.testing.mock_provider import MockProvider, ProviderProcess, estimate_tokens
-from ratekit.testing.simulation import steady_utilisation
+from ratekit.testing.workload import steady_utilisation
 
 ROOT = Path(__file__).resolve().parent.parent
 PROVIDER = "moonshot"
@@ -567,9 +567,9 @@ async def run_all(numbers: set[int], quick: bool) -> list[Row]:
             if binary is None:
                 print("bench.provider: no redis-server on PATH; row 3 skipped", file=sys.stderr)
                 continue
-            from bench.redis import RedisProcess
+            from ratekit.testing import RedisServer
 
-            with RedisProcess(binary) as redis:
+            with RedisServer(binary) as redis:
                 for name in SHARED_CONTENDERS:
                     rows.append(await run_shared(scenario, name, redis.url))
                     _progress(rows[-1])

@@ -16,6 +16,7 @@ from ratekit.cli import main as cli
 PLAN = ["plan", "--provider", "moonshot", "--tier", "tier1"]
 UNIFORM = ["--requests", "10", "--prompt-tokens", "100", "--output-tokens", "10"]
 SIMULATE = ["simulate", "--calls", "10"]
+MOCK = ["mock-provider"]
 
 CASES = [
     (["simulate", "--speed", "0"], "--speed", "0 is not above 0"),
@@ -39,6 +40,19 @@ CASES = [
         "--requests",
         "is not in the range 0<=x<=1000000000000000",
     ),
+    ([*MOCK, "--speed", "0"], "--speed", "0 is not above 0"),
+    ([*MOCK, "--speed", "nan"], "--speed", "'nan' is not a finite number"),
+    ([*MOCK, "--port", "99999"], "--port", "99999 is not in the range 0<=x<=65535"),
+    ([*MOCK, "--port", "http"], "--port", "'http' is not a valid integer"),
+    ([*MOCK, "--counting", "safe"], "--counting", "'safe' is not one of 'reserve', 'usage'"),
+    ([*MOCK, "--latency-ms", "-5"], "--latency-ms", "-5 is not at least 0"),
+    ([*MOCK, "--ms-per-token", "inf"], "--ms-per-token", "'inf' is not a finite number"),
+    ([*MOCK, "--completion-tokens", "0"], "--completion-tokens", "0 is not in the range 1<="),
+    ([*MOCK, "--tokenizer-factor", "0"], "--tokenizer-factor", "0 is not at least 0.01"),
+    ([*MOCK, "--tokenizer-factor", "500"], "--tokenizer-factor", "500 is above 100"),
+    ([*MOCK, "--limits", "{rpm: 3}"], "--limits", "'{rpm: 3}' is not JSON"),
+    ([*MOCK, "--limits", '{"rpd": 3}'], "--limits", "is not a JSON object of concurrency, rpm"),
+    ([*MOCK, "--limits", '{"rpm": -1}'], "--limits", "Limits.rpm must be positive, got -1"),
 ]
 
 
@@ -83,20 +97,30 @@ MODULE_CASES = [
     (["ratekit", "--calls", "-3"], "argument --calls: -3 is not in 1..10000000"),
     (["ratekit", "--workers", "0"], "argument --workers: 0 is not in 1..100000"),
     (["ratekit", "--speed", "nan"], "argument --speed: 'nan' is not a finite number"),
-    (["ratekit.testing.mock_provider", "--speed", "0"], "argument --speed: 0 is not above 0"),
-    (["ratekit.testing.mock_provider", "--latency-ms", "inf"], "'inf' is not a finite number"),
+    (
+        ["ratekit.testing.mock_provider", "--speed", "0"],
+        "Error: Invalid value for '--speed': 0 is not above 0",
+    ),
+    (
+        ["ratekit.testing.mock_provider", "--latency-ms", "inf"],
+        "Error: Invalid value for '--latency-ms': 'inf' is not a finite number",
+    ),
     (
         ["ratekit.testing.mock_provider", "--port", "99999"],
-        "argument --port: 99999 is not in 0..65535",
+        "Error: Invalid value for '--port': 99999 is not in the range 0<=x<=65535.",
     ),
-    (["ratekit.testing.mock_provider", "--completion-tokens", "0"], "0 is not in 1..1000000"),
+    (
+        ["ratekit.testing.mock_provider", "--completion-tokens", "0"],
+        "Error: Invalid value for '--completion-tokens': 0 is not in the range 1<=x<=1000000.",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), MODULE_CASES)
 def test_the_module_commands_refuse_bad_numbers(args: list[str], message: str) -> None:
-    """``python -m ratekit`` (the offline demo) and ``python -m ratekit.testing.mock_provider``:
-    a bad number is one error line and exit code 2, before anything runs."""
+    """``python -m ratekit`` (the offline demo) and ``python -m ratekit.testing.mock_provider``
+    (``ratekit mock-provider`` under another name): a bad number is one error line and exit
+    code 2, before anything runs."""
     done = subprocess.run(
         [sys.executable, "-m", *args], capture_output=True, text=True, timeout=60, check=False
     )

@@ -3,26 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
 import math
 import signal
+import subprocess
 import sys
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
+import anthropic
+import httpx
 import openai
 import pytest
+from click.testing import CliRunner
 
 import ratekit
 from ratekit import Limits, Rate, TokenCounting
+from ratekit.cli import main as cli
 from ratekit.clock import FakeClock
 from ratekit.testing._strict import StrictRefusal, StrictWindows, Ticket
 from ratekit.testing.mock_provider import (
     MockProvider,
     estimate_tokens,
-    main,
     openai_duration,
     start_mock_provider,
 )
+
+try:  # the HTTP library the SDKs send with
+    import httpx2 as sdk_httpx
+except ImportError:  # pragma: no cover - older SDK releases use httpx itself
+    import httpx as sdk_httpx  # type: ignore[no-redef]
 
 pytestmark = pytest.mark.anyio
 
@@ -48,19 +60,32 @@ async def fake_server() -> AsyncIterator[tuple[MockProvider, FakeClock]]:
         yield server, clock
 
 
-async def raw_http(server: MockProvider, data: bytes) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes on a new connection; the status, headers and body of the answer."""
-    reader, writer = await asyncio.open_connection(server.host, server.port)
-    writer.write(data)
-    await writer.drain()
+def request(method: str, path: str, body: bytes = b"", *extra: str) -> bytes:
+    """The bytes of an HTTP/1.1 request with a Content-Length body and `extra` header lines."""
+    lines = [f"{method} {path} HTTP/1.1", "host: mock", f"content-length: {len(body)}", *extra]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+async def read_answer(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+    """The status, headers and Content-Length body of the next answer on a connection."""
     status = int((await reader.readline()).split()[1])
     headers: dict[str, str] = {}
     while (line := await reader.readline()) not in (b"\r\n", b""):
         name, _, value = line.decode().partition(":")
         headers[name.lower()] = value.strip()
     body = await reader.readexactly(int(headers["content-length"]))
-    writer.close()
     return status, headers, body
+
+
+async def raw_http(server: MockProvider, data: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send raw bytes on a new connection; the status, headers and body of the answer."""
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(data)
+        await writer.drain()
+        return await read_answer(reader)
+    finally:
+        writer.close()
 
 
 # --- window math at fixed instants ------------------------------------------------------
@@ -302,9 +327,8 @@ async def test_set_limits_tightens_at_run_time_counting_earlier_calls(
         with pytest.raises(openai.RateLimitError):
             await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
         server.set_limits(server.limits.replace(rpm=3))
-        body = json.dumps({"rpm": 2}).encode()
-        request = b"POST /admin/limits HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
-        status, _, answer = await raw_http(server, request)
+        limits = request("POST", "/admin/limits", json.dumps({"rpm": 2}).encode())
+        status, _, answer = await raw_http(server, limits)
         assert (status, json.loads(answer)["limits"]["rpm"]) == (200, 2)
         with pytest.raises(openai.RateLimitError):
             await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
@@ -343,8 +367,7 @@ async def test_bad_requests_get_400_and_unknown_paths_404(
             await api.chat.completions.create(model="kimi", messages=USER, max_tokens=0)
         with pytest.raises(openai.NotFoundError, match="Invalid URL"):
             await api.get("/nowhere", cast_to=object)
-    request = b"POST /v1/chat/completions HTTP/1.1\r\ncontent-length: 5\r\n\r\n{oops"
-    status, _, body = await raw_http(server, request)
+    status, _, body = await raw_http(server, request("POST", "/v1/chat/completions", b"{oops"))
     assert status == 400
     assert json.loads(body)["error"]["type"] == "invalid_request_error"
     stats = server.statistics()
@@ -370,22 +393,263 @@ async def test_the_admin_endpoints_inject_429s_and_report_statistics(
 ) -> None:
     """POST /admin/inject answers the next call with 429; GET /admin/stats counts it."""
     server, _ = fake_server
-    body = b'{"count": 1, "retry_after_s": 0.5}'
-    inject = b"POST /admin/inject HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    inject = request("POST", "/admin/inject", b'{"count": 1, "retry_after_s": 0.5}')
     assert (await raw_http(server, inject))[0] == 200
     async with client(server) as api:
         with pytest.raises(openai.RateLimitError) as caught:
             await api.chat.completions.create(model="kimi", messages=USER, max_tokens=1)
     assert caught.value.response.headers["retry-after-ms"] == "500"
-    status, _, stats = await raw_http(server, b"GET /admin/stats HTTP/1.1\r\n\r\n")
+    status, _, stats = await raw_http(server, request("GET", "/admin/stats"))
     assert (status, json.loads(stats)["rejected"]) == (200, {"injected": 1})
-    bad = b'{"rpm": -1}'
-    limits = b"POST /admin/limits HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (len(bad), bad)
-    status, _, error = await raw_http(server, limits)
+    status, _, error = await raw_http(server, request("POST", "/admin/limits", b'{"rpm": -1}'))
     assert (status, json.loads(error)["error"]["message"]) == (
         400,
         "Limits.rpm must be positive, got -1 (None means unlimited)",
     )
+
+
+# --- the HTTP server ------------------------------------------------------------------
+
+CHAT = json.dumps({"model": "kimi", "messages": USER, "max_tokens": 2}).encode()
+
+
+async def test_a_chunked_request_body_is_read_whole(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """A body sent in three chunks, without Content-Length, is the same call as one sent whole."""
+    server, _ = fake_server
+    parts = (CHAT[:10], CHAT[10:25], CHAT[25:])
+    chunked = b"".join(b"%x\r\n%s\r\n" % (len(part), part) for part in parts) + b"0\r\n\r\n"
+    head = b"POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ntransfer-encoding: chunked\r\n"
+    status, _, answer = await raw_http(server, head + b"\r\n" + chunked)
+    assert status == 200
+    assert json.loads(answer)["usage"] == {
+        "prompt_tokens": 3,
+        "completion_tokens": 2,
+        "total_tokens": 5,
+    }
+    assert server.statistics().served == 1
+
+
+async def test_one_connection_carries_request_after_request(
+    fake_server: tuple[MockProvider, FakeClock],
+) -> None:
+    """Keep-alive: two requests written back to back, then a third, all on one connection and
+    answered in order; the third asks to close, and the server closes it after answering."""
+    server, _ = fake_server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(request("GET", "/v1/models") + request("POST", "/v1/chat/completions", CHAT))
+        models = await read_answer(reader)
+        chat = await read_answer(reader)
+        writer.write(request("GET", "/admin/stats", b"", "connection: close"))
+        stats = await read_answer(reader)
+        rest = await asyncio.wait_for(reader.read(), 5)
+    finally:
+        writer.close()
+    assert [answer[0] for answer in (models, chat, stats)] == [200, 200, 200]
+    assert json.loads(models[2])["data"][0]["id"] == "mock-model"
+    assert json.loads(chat[2])["choices"][0]["message"]["content"] == "lorem ipsum"
+    assert json.loads(stats[2])["served"] == 1
+    assert stats[1]["connection"] == "close"
+    assert rest == b""
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"NONSENSE\r\n\r\n",
+        b"GET /v1/models HTTP/1.1\r\n\r\n",  # HTTP/1.1 without Host
+        b"GET /v1/models HTTP/1.1\r\nhost mock\r\n\r\n",  # a header without a colon
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ncontent-length: ten\r\n\r\n",
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: mock\r\ntransfer-encoding: chunked\r\n"
+        b"\r\nzz\r\n",
+    ],
+)
+async def test_a_malformed_request_gets_400_and_the_server_goes_on(
+    fake_server: tuple[MockProvider, FakeClock], data: bytes
+) -> None:
+    """Bytes that are not HTTP/1.1: a 400, that connection closed, every other one served."""
+    server, _ = fake_server
+    reader, writer = await asyncio.open_connection(server.host, server.port)
+    try:
+        writer.write(data)
+        status_line = await asyncio.wait_for(reader.readline(), 5)
+        await asyncio.wait_for(reader.read(), 5)  # to the end: the server closes it
+    finally:
+        writer.close()
+    assert status_line.split()[:2] == [b"HTTP/1.1", b"400"]
+    assert (await raw_http(server, request("GET", "/v1/models")))[0] == 200
+    assert server.statistics().served == 0
+
+
+@pytest.mark.parametrize(
+    ("path", "error"),
+    [
+        ("/v1/chat/completions", lambda body: body["error"]["type"] == "invalid_request_error"),
+        ("/v1/messages", lambda body: body["error"]["type"] == "request_too_large"),
+    ],
+)
+async def test_a_body_over_32_mib_gets_413_before_it_is_read(
+    fake_server: tuple[MockProvider, FakeClock], path: str, error: Any
+) -> None:
+    """Content-Length says 40 MB: 413 at once, in the API's envelope, and the connection ends."""
+    server, _ = fake_server
+    data = f"POST {path} HTTP/1.1\r\nhost: mock\r\ncontent-length: 40000000\r\n\r\n"
+    status, headers, body = await raw_http(server, data.encode())
+    assert (status, headers["connection"]) == (413, "close")
+    assert error(json.loads(body))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_stream_is_sent_token_by_token_as_it_is_produced(path: str) -> None:
+    """Five tokens, 100 ms each: each token's event reaches the client when it is produced,
+    not all at the end."""
+    server = MockProvider(Limits(), latency_per_token_s=0.1, completion_tokens=5)
+    body = {"model": "kimi", "messages": USER, "max_tokens": 5, "stream": True}
+    arrivals: list[float] = []
+    async with server, httpx.AsyncClient(base_url=server.anthropic_base_url) as http:
+        started = time.monotonic()
+        async with http.stream("POST", path, json=body) as streamed:
+            async for line in streamed.aiter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line.removeprefix("data: "))
+                delta = (event.get("choices") or [{}])[0].get("delta", {})
+                if delta.get("content") or event.get("type") == "content_block_delta":
+                    arrivals.append(time.monotonic() - started)
+    assert len(arrivals) == 5
+    gaps = [later - earlier for earlier, later in itertools.pairwise(arrivals)]
+    assert all(gap > 0.05 for gap in gaps), arrivals
+    assert arrivals[0] < 0.3
+
+
+async def wait_until_idle(server: MockProvider, timeout_s: float = 2.0) -> None:
+    """Until no call is in flight (at most `timeout_s`)."""
+    async with asyncio.timeout(timeout_s):
+        while server.statistics().in_flight:  # noqa: ASYNC110 - polls a snapshot
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/messages"])
+async def test_a_client_that_leaves_mid_stream_frees_its_slot_at_once(path: str) -> None:
+    """Concurrency 1 and a stream of 100 tokens at 50 ms each (5 s): the client reads its first
+    event and hangs up. The call ends then (not completed), and the next one is admitted."""
+    server = MockProvider(Limits(concurrency=1), latency_per_token_s=0.05, completion_tokens=100)
+    body = {"model": "kimi", "messages": USER, "max_tokens": 100, "stream": True}
+    async with server, httpx.AsyncClient(base_url=server.anthropic_base_url) as http:
+        started = time.monotonic()
+        async with http.stream("POST", path, json=body) as streamed:
+            assert streamed.status_code == 200
+            async for line in streamed.aiter_lines():
+                if line.startswith("data: "):
+                    break
+        await wait_until_idle(server)
+        again = await http.post(path, json={**body, "max_tokens": 1, "stream": False})
+    assert again.status_code == 200
+    left, answered = server.calls
+    assert (left.completed, answered.completed) == (False, True)
+    assert left.finished_s - left.arrived_s < 2.0
+    assert time.monotonic() - started < 3.0
+    stats = server.statistics()
+    assert (stats.served, stats.rejected, stats.in_flight) == (1, {}, 0)
+
+
+async def test_a_client_that_gives_up_before_the_answer_frees_its_slot() -> None:
+    """A call of 5 s whose client times out after 0.2 s ends when the client goes away."""
+    server = MockProvider(Limits(concurrency=1), latency_s=5.0)
+    async with server, httpx.AsyncClient(base_url=server.base_url) as http:
+        with pytest.raises(httpx.ReadTimeout):
+            await http.post("/chat/completions", content=CHAT, timeout=0.2)
+        await wait_until_idle(server)
+    [call] = server.calls
+    assert not call.completed
+    assert call.finished_s - call.arrived_s < 2.0
+    assert server.statistics().served == 0
+
+
+async def test_close_ends_the_calls_in_flight() -> None:
+    """Closing the server drops its connections: a 5 s call ends at once, not completed."""
+    server = MockProvider(Limits(concurrency=2), latency_s=5.0)
+    await server.start()
+    async with httpx.AsyncClient(base_url=server.base_url) as http:
+        call = asyncio.ensure_future(http.post("/chat/completions", content=CHAT))
+        async with asyncio.timeout(2):
+            while not server.statistics().in_flight:  # noqa: ASYNC110 - polls a snapshot
+                await asyncio.sleep(0.01)
+        started = time.monotonic()
+        await server.close()
+        with pytest.raises(httpx.TransportError):
+            await call
+    assert time.monotonic() - started < 2.0
+    assert [c.completed for c in server.calls] == [False]
+    assert server.statistics().in_flight == 0
+
+
+async def test_the_provider_serves_in_process_through_an_asgi_transport() -> None:
+    """No port: httpx's ASGITransport calls the application itself, for both SDKs; a stream
+    arrives whole; the windows are the same (RPM 3: the fourth call is refused)."""
+    server = MockProvider(Limits(rpm=3), completion_tokens=4)
+    http = sdk_httpx.AsyncClient(transport=sdk_httpx.ASGITransport(app=server))
+    chat = openai.AsyncOpenAI(
+        base_url="http://mock/v1", api_key="any", max_retries=0, http_client=http
+    )
+    messages = anthropic.AsyncAnthropic(
+        base_url="http://mock", api_key="any", max_retries=0, http_client=http
+    )
+    async with http:
+        completion = await chat.chat.completions.create(model="kimi", messages=USER)
+        stream = await chat.chat.completions.create(model="kimi", messages=USER, stream=True)
+        streamed = "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+        message = await messages.messages.create(model="kimi", messages=USER, max_tokens=2)
+        with pytest.raises(openai.RateLimitError) as caught:
+            await chat.chat.completions.create(model="kimi", messages=USER)
+    assert completion.choices[0].message.content == streamed == "lorem ipsum dolor sit"
+    assert message.usage.output_tokens == 2
+    assert caught.value.response.headers["x-ratelimit-remaining-requests"] == "0"
+    stats = server.statistics()
+    assert (stats.served, stats.rejected) == (3, {"rpm": 1})
+    assert server.port == 0  # never started
+
+
+async def test_the_application_speaks_the_lifespan_protocol_and_http_only() -> None:
+    """Any ASGI server may send lifespan events (each is acknowledged); a WebSocket is refused."""
+    server = MockProvider(Limits())
+    events = iter([{"type": "lifespan.startup"}, {"type": "lifespan.shutdown"}])
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return next(events)
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    await server({"type": "lifespan"}, receive, send)
+    assert sent == [{"type": "lifespan.startup.complete"}, {"type": "lifespan.shutdown.complete"}]
+    with pytest.raises(ValueError, match="HTTP only"):
+        await server({"type": "websocket"}, receive, send)
+
+
+def test_without_uvicorn_the_import_names_the_extra() -> None:
+    """The server runs on uvicorn, in the cli extra: without it, the import says so."""
+    code = (
+        "import sys\n"
+        "sys.modules['uvicorn'] = None\n"
+        "try:\n"
+        "    import ratekit.testing.mock_provider\n"
+        "except ImportError as error:\n"
+        "    print(type(error).__name__, error.extra, error)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == (
+        "MissingExtraError cli ratekit.testing.mock_provider needs the 'uvicorn' package, "
+        "which is not installed: pip install 'ratekit[cli]'"
+    )
+
+
+# --- the command line -----------------------------------------------------------------
 
 
 @pytest.mark.skipif(sys.platform == "win32", reason="SIGINT to a child process")
@@ -412,11 +676,13 @@ async def test_the_command_line_serves_a_tier_until_interrupted() -> None:
     assert code == 0
 
 
-async def test_the_command_line_names_an_unknown_tier(capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m ratekit.testing.mock_provider`` fails fast, exit code 2, on a tier it cannot
-    find."""
-    assert main(["--provider", "moonshot", "--tier", "tier99"]) == 2
-    assert "tier99" in capsys.readouterr().err
+async def test_the_command_line_names_an_unknown_tier() -> None:
+    """``ratekit mock-provider`` fails fast, exit code 2, on a tier it cannot find."""
+    done = CliRunner().invoke(cli, ["mock-provider", "--provider", "moonshot", "--tier", "tier99"])
+    assert done.exit_code == 2, done.output
+    [line] = done.output.strip().splitlines()
+    assert line.startswith("Error: ")
+    assert "tier99" in line
 
 
 async def test_a_profile_tier_serves_at_speed() -> None:

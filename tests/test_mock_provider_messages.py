@@ -17,7 +17,7 @@ from ratekit import Limits
 from ratekit.clock import FakeClock
 from ratekit.testing.mock_provider import MockProvider, ProviderProcess, format_rfc3339
 
-from .test_mock_provider import raw_http
+from .test_mock_provider import raw_http, request
 
 pytestmark = pytest.mark.anyio
 
@@ -67,8 +67,7 @@ def assert_reset(headers: Any, name: str, wait_s: float, before_s: float, after_
 
 
 def post(path: str, payload: object) -> bytes:
-    body = json.dumps(payload).encode()
-    return b"POST %s HTTP/1.1\r\ncontent-length: %d\r\n\r\n%s" % (path.encode(), len(body), body)
+    return request("POST", path, json.dumps(payload).encode())
 
 
 # --- answers ---------------------------------------------------------------------------
@@ -457,8 +456,7 @@ async def test_bad_messages_requests_get_400_invalid_request_error(
         },
     )
     assert headers["anthropic-ratelimit-requests-remaining"] == "3"
-    request = b"POST /v1/messages HTTP/1.1\r\ncontent-length: 5\r\n\r\n{oops"
-    status, _, body = await raw_http(server, request)
+    status, _, body = await raw_http(server, request("POST", "/v1/messages", b"{oops"))
     assert (status, json.loads(body)["error"]["type"]) == (400, "invalid_request_error")
     stats = server.statistics()
     assert (stats.bad_requests, stats.served, stats.rejected) == (5, 0, {})

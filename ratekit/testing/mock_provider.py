@@ -8,9 +8,18 @@ API key) can be run against a provider that counts rolling windows exactly
 on any excess. The same server, with the same windows (one account, whichever API
 a call uses), serves Anthropic's ``/v1/messages`` (plain and streaming) and
 ``/v1/messages/count_tokens`` to the real `anthropic` client
-(``base_url=server.anthropic_base_url``, which has no ``/v1``). Standard library
-only: asyncio streams and a small HTTP/1.1 parser (keep-alive, Content-Length or
-chunked request bodies, chunked responses). It runs on asyncio (not trio).
+(``base_url=server.anthropic_base_url``, which has no ``/v1``).
+
+The provider is an ASGI application (`MockProvider` itself is the callable), served
+by uvicorn over HTTP/1.1 with its pure-Python h11 protocol (the ``cli`` extra;
+without uvicorn, importing this module raises `MissingExtraError`): keep-alive,
+Content-Length or chunked request bodies, streamed answers sent chunk by chunk as
+their tokens are produced; a malformed request gets a 400 and a body over 32 MiB a
+413. A client that goes away before its answer is complete ends its call at once:
+its concurrency slot is freed and `CallRecord.completed` is false. It runs on
+asyncio (not trio). In-process without a port, ``httpx.ASGITransport(app=server)``
+serves every endpoint (no `start` needed), but httpx collects a whole answer before
+returning it: a stream arrives in one piece, after all its latency.
 
 Time compression: with ``speed=60`` every period of the limits is divided by 60
 (`Limits.compressed`), so a minute lasts a second, and so are the latencies
@@ -59,12 +68,12 @@ Admin endpoints, for a server in another process: ``POST /admin/limits`` with
 ``null`` for every call until a count of 0; ``"status": 529`` for overloads of
 Messages calls), and ``GET /admin/stats``.
 
-Run one with ``python -m ratekit.testing.mock_provider --provider moonshot --tier tier1``.
+Run one with ``ratekit mock-provider --provider moonshot --tier tier1`` (or ``python -m
+ratekit.testing.mock_provider`` with the same options).
 """
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import base64
 import dataclasses
@@ -74,21 +83,19 @@ import hashlib
 import itertools
 import json
 import math
+import socket
 import struct
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from .._args import amount, int_in, positive
-from .._errors import LimitsError, RatekitError
+from .._errors import LimitsError, MissingExtraError, RatekitError
 from .._limits import Limits, TokenCounting
 from .._pricing import character_class
-from .._profiles import load_profile
 from ._strict import (
     CONCURRENCY,
-    PROVIDER_COUNTINGS,
     RateState,
     StrictRefusal,
     StrictWindows,
@@ -96,25 +103,31 @@ from ._strict import (
     provider_counting,
 )
 
+try:
+    import uvicorn
+except ModuleNotFoundError as error:
+    if error.name is None or error.name.partition(".")[0] != "uvicorn":
+        raise
+    raise MissingExtraError("ratekit.testing.mock_provider", "uvicorn", "cli") from None
+
 DEFAULT_MODEL = "mock-model"
 _FILLER = ("lorem", "ipsum", "dolor", "sit", "amet", "consectetur", "adipiscing", "elit")
-_REASONS = {
-    200: "OK",
-    400: "Bad Request",
-    404: "Not Found",
-    429: "Too Many Requests",
-    529: "Overloaded",
-}
 # Anthropic's error type for each status this server answers.
 _ANTHROPIC_ERROR_TYPES = {
     400: "invalid_request_error",
     404: "not_found_error",
+    413: "request_too_large",
     429: "rate_limit_error",
     529: "overloaded_error",
 }
 _MAX_CACHE_BREAKPOINTS = 4
 _ADMIN_LIMIT_KEYS = ("concurrency", "rpm", "tpm", "tpd")
 _MAX_BODY_BYTES = 32 * 1024 * 1024
+# How long an idle keep-alive connection stays open (s): longer than clients keep theirs
+# (httpx: 5 s), so that the server never closes one that a client is about to reuse.
+_KEEP_ALIVE_S = 600
+# How long `MockProvider.close` waits for the calls of dropped connections to end (s).
+_CLOSE_WAIT_S = 5.0
 
 
 # --- tokens ---------------------------------------------------------------------------
@@ -122,7 +135,11 @@ _MAX_BODY_BYTES = 32 * 1024 * 1024
 
 def estimate_tokens(text: str) -> int:
     """Tokens in `text`: one per CJK ideograph plus ``ceil(other characters / 4)``."""
-    cjk = sum(1 for char in text if character_class(char) == "chinese")
+    # ASCII is never an ideograph: only the other characters are looked up (this runs on
+    # every prompt the server admits).
+    cjk = 0
+    if not text.isascii():
+        cjk = sum(1 for char in text if not char.isascii() and character_class(char) == "chinese")
     return cjk + math.ceil((len(text) - cjk) / 4)
 
 
@@ -276,8 +293,10 @@ class _HttpError(Exception):
         return self.anthropic_body if api is _Api.ANTHROPIC else self.body
 
 
-class _ProtocolError(Exception):
-    """The bytes on the connection are not HTTP/1.1 this server understands."""
+# ASGI's messages and callables, as this application reads and writes them.
+_Message = Mapping[str, Any]
+_Receive = Callable[[], Awaitable[_Message]]
+_Send = Callable[[dict[str, Any]], Awaitable[None]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -287,76 +306,113 @@ class _Request:
     headers: dict[str, str]
     body: bytes
 
-    @property
-    def keep_alive(self) -> bool:
-        return self.headers.get("connection", "").lower() != "close"
 
-
-async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
-    """The next request on a connection, or None when the client closed it."""
-    line = await reader.readline()
-    if not line:
-        return None
-    parts = line.decode("latin-1").strip().split(" ")
-    if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
-        raise _ProtocolError(f"bad request line {line!r}")
-    headers: dict[str, str] = {}
-    while True:
-        raw = await reader.readline()
-        if raw in (b"\r\n", b"\n", b""):
-            break
-        name, sep, value = raw.decode("latin-1").partition(":")
-        if not sep:
-            raise _ProtocolError(f"bad header line {raw!r}")
-        headers[name.strip().lower()] = value.strip()
-    body = await _read_body(reader, headers)
-    return _Request(parts[0].upper(), parts[1].split("?", 1)[0], headers, body)
-
-
-async def _read_body(reader: asyncio.StreamReader, headers: dict[str, str]) -> bytes:
-    if "chunked" in headers.get("transfer-encoding", "").lower():
-        return await _read_chunked(reader)
-    length_text = headers.get("content-length", "0")
-    if not length_text.isdigit() or int(length_text) > _MAX_BODY_BYTES:
-        raise _ProtocolError(f"bad content-length {length_text!r}")
-    return await reader.readexactly(int(length_text))
-
-
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+async def _read_body(receive: _Receive, headers: dict[str, str]) -> bytes | None:
+    """The whole body of a request (the server has undone any chunked framing), or None
+    when the client went away first; 413 when it is over `_MAX_BODY_BYTES`."""
+    length = headers.get("content-length", "")
+    if length.isdigit() and int(length) > _MAX_BODY_BYTES:
+        raise _too_large()
     body = bytearray()
     while True:
-        size_line = (await reader.readline()).split(b";", 1)[0].strip()
-        try:
-            size = int(size_line, 16)
-        except ValueError:
-            raise _ProtocolError(f"bad chunk size {size_line!r}") from None
-        if size == 0:
-            while (await reader.readline()) not in (b"\r\n", b"\n", b""):
-                pass  # trailers, ignored
+        message = await receive()
+        if message["type"] != "http.request":
+            return None  # http.disconnect
+        body += message.get("body", b"")
+        if len(body) > _MAX_BODY_BYTES:
+            raise _too_large()
+        if not message.get("more_body", False):
             return bytes(body)
-        if len(body) + size > _MAX_BODY_BYTES:
-            raise _ProtocolError("body too large")
-        body += await reader.readexactly(size)
-        await reader.readexactly(2)
 
 
-def _head(status: int, headers: dict[str, str]) -> bytes:
-    lines = [f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+def _too_large() -> _HttpError:
+    return _HttpError(413, f"The request body is over {_MAX_BODY_BYTES} bytes.")
 
 
-def _chunk(data: bytes) -> bytes:
-    return f"{len(data):x}\r\n".encode() + data + b"\r\n"
+class _Reply:
+    """The answer to one request, written through ASGI's ``send``: `json` in one piece, or
+    `start`, `part` as each piece is produced (the server sends it at once, chunked) and
+    `end`. `finished` is set as the last piece goes. `receive` is the request's ASGI
+    ``receive``, which says when the client goes away (see `_unless_client_leaves`)."""
+
+    __slots__ = ("_send", "finished", "receive")
+
+    def __init__(self, receive: _Receive, send: _Send) -> None:
+        self.receive = receive
+        self._send = send
+        self.finished = False
+
+    async def start(self, status: int, headers: dict[str, str]) -> None:
+        raw = [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
+        await self._send({"type": "http.response.start", "status": status, "headers": raw})
+
+    async def part(self, data: bytes) -> None:
+        await self._send({"type": "http.response.body", "body": data, "more_body": True})
+
+    async def end(self, data: bytes = b"") -> None:
+        self.finished = True
+        await self._send({"type": "http.response.body", "body": data, "more_body": False})
+
+    async def json(self, status: int, payload: object, headers: dict[str, str]) -> None:
+        data = json.dumps(payload).encode()
+        length = str(len(data))
+        await self.start(
+            status, {**headers, "content-type": "application/json", "content-length": length}
+        )
+        await self.end(data)
+
+
+async def _unless_client_leaves(reply: _Reply, answering: Awaitable[None]) -> bool:
+    """Await `answering` (the request body already read), cancelled if the client goes away
+    before the answer is complete: True when it completed, False when the client left."""
+    task = asyncio.current_task()
+    assert task is not None
+    left = False
+
+    async def watch() -> None:
+        nonlocal left
+        while (await reply.receive())["type"] != "http.disconnect":
+            pass
+        if not reply.finished:
+            left = True
+            task.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        await answering
+    except asyncio.CancelledError:
+        # Cancelled by `watch`, and by nothing else (which is passed on).
+        if not left or task.uncancel() > 0:
+            raise
+        return False
+    finally:
+        watcher.cancel()
+    return True
 
 
 def _sse(payload: object) -> bytes:
-    return _chunk(b"data: " + json.dumps(payload).encode() + b"\n\n")
+    return b"data: " + json.dumps(payload).encode() + b"\n\n"
 
 
 def _sse_event(payload: dict[str, Any]) -> bytes:
     """One named SSE event, as Anthropic streams: the event is the payload's ``type``."""
-    return _chunk(f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode())
+    return f"event: {payload['type']}\ndata: {json.dumps(payload)}\n\n".encode()
+
+
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to `host` and `port` (0: any free one), not yet listening."""
+    family, kind, proto, _, address = socket.getaddrinfo(
+        host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+    )[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if sys.platform != "win32":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
 
 
 def openai_duration(seconds: float) -> str:
@@ -629,7 +685,7 @@ def _message_usage(plan: _Plan) -> dict[str, int]:
 
 # --- the server -----------------------------------------------------------------------
 
-_Handler = Callable[[_Request, asyncio.StreamWriter], Awaitable[None]]
+_Handler = Callable[[_Request, _Reply], Awaitable[None]]
 
 
 class _Faults:
@@ -677,8 +733,9 @@ class MockProvider:
 
     Use ``async with MockProvider(limits) as server`` or `start_mock_provider`;
     `base_url` is then ready for ``openai.AsyncOpenAI(base_url=...)`` and
-    `anthropic_base_url` for ``anthropic.AsyncAnthropic(base_url=...)``. One event
-    loop; not thread-safe.
+    `anthropic_base_url` for ``anthropic.AsyncAnthropic(base_url=...)``. The provider
+    is also an ASGI application, for any ASGI server or in-process transport (see the
+    module's docstring). One event loop; not thread-safe.
     """
 
     def __init__(
@@ -743,11 +800,8 @@ class MockProvider:
         # Keys of the prompt-cache prefixes written so far (see `_cache_prefixes`).
         self._cached_prefixes: set[str] = set()
         self._ids = itertools.count(1)
-        self._server: asyncio.Server | None = None
-        # True while `close` cancels the connections.
-        self._closing = False
-        # Connection tasks alive, to end them on close.
-        self._connections: set[asyncio.Task[None]] = set()
+        # The uvicorn server while started.
+        self._server: uvicorn.Server | None = None
         self._routes: dict[tuple[str, str], _Handler] = {
             ("POST", "/v1/chat/completions"): self._chat,
             ("POST", "/v1/embeddings"): self._embeddings,
@@ -767,21 +821,49 @@ class MockProvider:
         """Bind and start serving; `port` and `base_url` are then known."""
         if self._server is not None:
             return
-        self._server = await asyncio.start_server(self._serve_connection, self.host, self.port)
-        self.port = self._server.sockets[0].getsockname()[1]
+        config = uvicorn.Config(
+            self,
+            http="h11",
+            ws="none",
+            lifespan="off",
+            interface="asgi3",
+            log_config=None,
+            proxy_headers=False,
+            server_header=False,
+            date_header=False,
+            timeout_keep_alive=_KEEP_ALIVE_S,
+        )
+        config.load()
+        server = uvicorn.Server(config)
+        server.lifespan = config.lifespan_class(config)
+        listener = _listening_socket(self.host, self.port)
+        try:
+            await server.startup(sockets=[listener])
+        except BaseException:
+            listener.close()
+            raise
+        self.port = listener.getsockname()[1]
+        self._server = server
 
     async def close(self) -> None:
-        """Stop listening and drop every open connection (calls in flight are cancelled)."""
-        if self._server is None:
+        """Stop listening and drop every open connection (calls in flight end as when their
+        client goes away: not completed)."""
+        server, self._server = self._server, None
+        if server is None:
             return
-        self._closing = True
-        self._server.close()
-        for task in list(self._connections):
-            task.cancel()
-        await asyncio.gather(*self._connections, return_exceptions=True)
-        await self._server.wait_closed()
-        self._server = None
-        self._closing = False
+        for listener in server.servers:
+            listener.close()
+        for connection in list(server.server_state.connections):
+            connection.transport.abort()
+        calls = set(server.server_state.tasks)
+        if calls:
+            _, stuck = await asyncio.wait(calls, timeout=_CLOSE_WAIT_S)
+            for task in stuck:
+                task.cancel()
+            if stuck:
+                await asyncio.wait(stuck)
+        for listener in server.servers:
+            await listener.wait_closed()
 
     async def __aenter__(self) -> MockProvider:
         await self.start()
@@ -852,54 +934,61 @@ class MockProvider:
             rejected_by_endpoint=dict(self._rejected_by_endpoint),
         )
 
-    # --- connections ---
+    # --- ASGI ---
 
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        self._connections.add(task)
+    async def __call__(self, scope: _Message, receive: _Receive, send: _Send) -> None:
+        """The ASGI application: HTTP requests, and the lifespan protocol (nothing to do)."""
+        if scope["type"] == "http":
+            await self._http(scope, receive, send)
+        elif scope["type"] == "lifespan":
+            while True:
+                event = (await receive())["type"].removeprefix("lifespan.")
+                await send({"type": f"lifespan.{event}.complete"})
+                if event == "shutdown":
+                    return
+        else:
+            raise ValueError(f"MockProvider serves HTTP only, not {scope['type']!r}")
+
+    async def _http(self, scope: _Message, receive: _Receive, send: _Send) -> None:
+        """One request: its whole body, then its answer (or a 413 for too large a body, and
+        nothing when the client goes away before sending it all)."""
+        reply = _Reply(receive, send)
+        headers = {
+            name.decode("latin-1").lower(): value.decode("latin-1")
+            for name, value in scope["headers"]
+        }
+        request = _Request(scope["method"], scope["path"], headers, b"")
         try:
-            await self._serve_requests(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass  # the client went away
-        except asyncio.CancelledError:
-            if not self._closing:
-                raise
-            # Cancelled by `close`: end quietly (asyncio reports a cancelled callback task).
-        finally:
-            self._connections.discard(task)
-            writer.close()
+            body = await _read_body(receive, headers)
+        except _HttpError as error:
+            await self._send_error(reply, request, error, {"connection": "close"})
+            return
+        if body is None:
+            return  # the client went away before sending all of it
+        await self._dispatch(dataclasses.replace(request, body=body), reply)
 
-    async def _serve_requests(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        while True:
-            try:
-                request = await _read_request(reader)
-            except _ProtocolError as exc:
-                error = _HttpError(400, f"Malformed HTTP request: {exc}")
-                await _send_json(writer, 400, error.body, {"connection": "close"})
-                return
-            if request is None:
-                return
-            await self._dispatch(request, writer)
-            if not request.keep_alive:
-                return
-
-    async def _dispatch(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _dispatch(self, request: _Request, reply: _Reply) -> None:
         handler = self._routes.get((request.method, request.path))
         try:
             if handler is None:
                 raise _HttpError(404, f"Invalid URL ({request.method} {request.path})")
-            await handler(request, writer)
+            await handler(request, reply)
         except _HttpError as error:
-            if error.status == 400:
-                self._bad_requests += 1
-            api = _api_of(request.path)
-            headers = self._api_headers(api, self._clock())
-            await _send_json(writer, error.status, error.body_for(api), headers)
+            await self._send_error(reply, request, error)
+
+    async def _send_error(
+        self,
+        reply: _Reply,
+        request: _Request,
+        error: _HttpError,
+        extra_headers: dict[str, str] | None = None,
+    ) -> None:
+        """`error`'s answer, in the dialect of the API that `request` called."""
+        if error.status == 400:
+            self._bad_requests += 1
+        api = _api_of(request.path)
+        headers = {**self._api_headers(api, self._clock()), **(extra_headers or {})}
+        await reply.json(error.status, error.body_for(api), headers)
 
     def _api_headers(self, api: _Api, now_s: float) -> dict[str, str]:
         """The rate-limit headers of an answer at `now_s`, in `api`'s dialect."""
@@ -925,7 +1014,7 @@ class MockProvider:
 
     async def _run(
         self,
-        writer: asyncio.StreamWriter,
+        reply: _Reply,
         plan: _Plan,
         respond: Callable[[dict[str, str]], Awaitable[None]],
     ) -> None:
@@ -937,32 +1026,41 @@ class MockProvider:
         if self._injected_429s.take():
             self._windows.rejected["injected"] = self._windows.rejected.get("injected", 0) + 1
             refusal = StrictRefusal("injected", "injected", self._injected_429s.retry_after_s)
-            await self._send_429(writer, plan, refusal, now)
+            await self._send_429(reply, plan, refusal, now)
             return
         if plan.api is _Api.ANTHROPIC and self._injected_529s.take():
-            await self._send_overloaded(writer, plan, now)
+            await self._send_overloaded(reply, plan, now)
             return
         until = now + self._latency_s(plan.completion_tokens)
         admitted = self._windows.try_admit(now, tokens=plan.reserved_tokens, until_s=until)
         if isinstance(admitted, StrictRefusal):
-            await self._send_429(writer, plan, admitted, now)
+            await self._send_429(reply, plan, admitted, now)
             return
-        await self._answer(admitted, now, plan, self._api_headers(plan.api, now), respond)
+        headers = self._api_headers(plan.api, now)
+        await self._answer(reply, admitted, now, plan, respond(headers))
 
     async def _answer(
         self,
+        reply: _Reply,
         ticket: Ticket,
         arrived_s: float,
         plan: _Plan,
-        headers: dict[str, str],
-        respond: Callable[[dict[str, str]], Awaitable[None]],
+        answering: Awaitable[None],
     ) -> None:
+        """Await `answering` (the call's answer) and count the call, in its windows and
+        records, whether it completes or not. A call that takes time ends as soon as its
+        client goes away (its slot freed, not completed); one without latency is answered
+        at once, with nothing to wait for."""
         completed = False
         try:
-            await respond(headers)
-            completed = True
-            self._served += 1
-            _tally(self._served_by_endpoint, plan.endpoint)
+            if self._latency_s(plan.completion_tokens) > 0:
+                completed = await _unless_client_leaves(reply, answering)
+            else:
+                await answering
+                completed = True
+            if completed:
+                self._served += 1
+                _tally(self._served_by_endpoint, plan.endpoint)
         finally:
             finished_s = self._clock()
             self._windows.finish(ticket, finished_s, used_tokens=plan.used_tokens)
@@ -982,7 +1080,7 @@ class MockProvider:
             )
 
     async def _send_429(
-        self, writer: asyncio.StreamWriter, plan: _Plan, refusal: StrictRefusal, now_s: float
+        self, reply: _Reply, plan: _Plan, refusal: StrictRefusal, now_s: float
     ) -> None:
         _tally(self._rejected_by_endpoint, plan.endpoint)
         headers = self._api_headers(plan.api, now_s)
@@ -990,15 +1088,13 @@ class MockProvider:
         kind = refusal.unit if refusal.unit in ("requests", "tokens") else "rate_limit_exceeded"
         message = self._refusal_message(plan, refusal)
         error = _HttpError(429, message, type_=kind, code="rate_limit_exceeded")
-        await _send_json(writer, 429, error.body_for(plan.api), headers)
+        await reply.json(429, error.body_for(plan.api), headers)
 
-    async def _send_overloaded(
-        self, writer: asyncio.StreamWriter, plan: _Plan, now_s: float
-    ) -> None:
+    async def _send_overloaded(self, reply: _Reply, plan: _Plan, now_s: float) -> None:
         self._overloaded += 1
         headers = self._api_headers(plan.api, now_s)
         headers.update(_retry_headers(self._injected_529s.retry_after_s, plan.api))
-        await _send_json(writer, 529, _HttpError(529, "Overloaded").anthropic_body, headers)
+        await reply.json(529, _HttpError(529, "Overloaded").anthropic_body, headers)
 
     def _refusal_message(self, plan: _Plan, refusal: StrictRefusal) -> str:
         if refusal.dimension == "injected":
@@ -1028,7 +1124,7 @@ class MockProvider:
 
     # --- /v1/chat/completions ---
 
-    async def _chat(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _chat(self, request: _Request, reply: _Reply) -> None:
         body = _json_object(request)
         model = _model(body)
         prompt = self._tokens(_messages_text(body.get("messages"), "messages"))
@@ -1043,16 +1139,16 @@ class MockProvider:
             include_usage = isinstance(options, dict) and options.get("include_usage") is True
 
             async def stream(headers: dict[str, str]) -> None:
-                await self._stream_chat(writer, plan, headers, finish_reason, include_usage)
+                await self._stream_chat(reply, plan, headers, finish_reason, include_usage)
 
-            await self._run(writer, plan, stream)
+            await self._run(reply, plan, stream)
             return
 
         async def answer(headers: dict[str, str]) -> None:
             await asyncio.sleep(self._latency_s(plan.completion_tokens))
-            await _send_json(writer, 200, self._chat_body(plan, finish_reason), headers)
+            await reply.json(200, self._chat_body(plan, finish_reason), headers)
 
-        await self._run(writer, plan, answer)
+        await self._run(reply, plan, answer)
 
     def _chat_body(self, plan: _Plan, finish_reason: str) -> dict[str, Any]:
         message = {"role": "assistant", "content": "".join(_filler_words(plan.completion_tokens))}
@@ -1069,7 +1165,7 @@ class MockProvider:
 
     async def _stream_chat(
         self,
-        writer: asyncio.StreamWriter,
+        reply: _Reply,
         plan: _Plan,
         headers: dict[str, str],
         finish_reason: str,
@@ -1089,25 +1185,21 @@ class MockProvider:
             return {**base, "choices": [choice], **extra}
 
         await asyncio.sleep(self.latency_s / self.speed)
-        stream_headers = {**headers, "content-type": "text/event-stream"}
-        writer.write(_head(200, {**stream_headers, "transfer-encoding": "chunked"}))
-        writer.write(_sse(chunk({"role": "assistant", "content": ""})))
-        await writer.drain()
+        await reply.start(200, {**headers, "content-type": "text/event-stream"})
+        await reply.part(_sse(chunk({"role": "assistant", "content": ""})))
         per_token_s = self.latency_per_token_s / self.speed
         for word in _filler_words(plan.completion_tokens):
             if per_token_s > 0:
                 await asyncio.sleep(per_token_s)
-            writer.write(_sse(chunk({"content": word})))
-            await writer.drain()
-        writer.write(_sse(chunk({}, finish_reason)))
+            await reply.part(_sse(chunk({"content": word})))
+        tail = _sse(chunk({}, finish_reason))
         if include_usage:
-            writer.write(_sse({**base, "choices": [], "usage": _usage(plan)}))
-        writer.write(_chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n")
-        await writer.drain()
+            tail += _sse({**base, "choices": [], "usage": _usage(plan)})
+        await reply.end(tail + b"data: [DONE]\n\n")
 
     # --- /v1/embeddings ---
 
-    async def _embeddings(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _embeddings(self, request: _Request, reply: _Reply) -> None:
         body = _json_object(request)
         model = _model(body)
         inputs, prompt = _embedding_inputs(body.get("input"), self._tokens)
@@ -1124,14 +1216,14 @@ class MockProvider:
                 for i, v in enumerate(inputs)
             ]
             usage = {"prompt_tokens": prompt, "total_tokens": prompt}
-            reply = {"object": "list", "data": data, "model": model, "usage": usage}
-            await _send_json(writer, 200, reply, headers)
+            vectors = {"object": "list", "data": data, "model": model, "usage": usage}
+            await reply.json(200, vectors, headers)
 
-        await self._run(writer, plan, answer)
+        await self._run(reply, plan, answer)
 
     # --- /v1/responses ---
 
-    async def _responses(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _responses(self, request: _Request, reply: _Reply) -> None:
         body = _json_object(request)
         model = _model(body)
         if _bool(body, "stream"):
@@ -1144,9 +1236,9 @@ class MockProvider:
 
         async def answer(headers: dict[str, str]) -> None:
             await asyncio.sleep(self._latency_s(plan.completion_tokens))
-            await _send_json(writer, 200, self._response_body(plan), headers)
+            await reply.json(200, self._response_body(plan), headers)
 
-        await self._run(writer, plan, answer)
+        await self._run(reply, plan, answer)
 
     def _response_body(self, plan: _Plan) -> dict[str, Any]:
         text = "".join(_filler_words(plan.completion_tokens))
@@ -1179,7 +1271,7 @@ class MockProvider:
 
     # --- /v1/messages (Anthropic) ---
 
-    async def _messages(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _messages(self, request: _Request, reply: _Reply) -> None:
         body = _json_object(request)
         model = _model(body)
         requested = _positive_int(body, "max_tokens")
@@ -1209,12 +1301,12 @@ class MockProvider:
             # Admitted: the prefixes are written now, before any other call is planned.
             self._cached_prefixes.update(key for key, _ in prefixes)
             if streamed:
-                await self._stream_message(writer, plan, headers, stop_reason)
+                await self._stream_message(reply, plan, headers, stop_reason)
                 return
             await asyncio.sleep(self._latency_s(plan.completion_tokens))
-            await _send_json(writer, 200, self._message_body(plan, stop_reason), headers)
+            await reply.json(200, self._message_body(plan, stop_reason), headers)
 
-        await self._run(writer, plan, answer)
+        await self._run(reply, plan, answer)
 
     def _message_body(self, plan: _Plan, stop_reason: str | None) -> dict[str, Any]:
         text = "".join(_filler_words(plan.completion_tokens))
@@ -1230,7 +1322,7 @@ class MockProvider:
         }
 
     async def _stream_message(
-        self, writer: asyncio.StreamWriter, plan: _Plan, headers: dict[str, str], stop_reason: str
+        self, reply: _Reply, plan: _Plan, headers: dict[str, str], stop_reason: str
     ) -> None:
         """SSE after the fixed latency: message_start, a text block of one delta a token,
         message_delta with the stop reason and usage, message_stop."""
@@ -1238,35 +1330,35 @@ class MockProvider:
         start = self._message_body(plan, None)
         start.update(content=[], usage={**usage, "output_tokens": 1})
         await asyncio.sleep(self.latency_s / self.speed)
-        stream_headers = {**headers, "content-type": "text/event-stream"}
-        writer.write(_head(200, {**stream_headers, "transfer-encoding": "chunked"}))
-        writer.write(_sse_event({"type": "message_start", "message": start}))
+        await reply.start(200, {**headers, "content-type": "text/event-stream"})
         block = {"type": "text", "text": ""}
-        writer.write(
-            _sse_event({"type": "content_block_start", "index": 0, "content_block": block})
+        await reply.part(
+            _sse_event({"type": "message_start", "message": start})
+            + _sse_event({"type": "content_block_start", "index": 0, "content_block": block})
+            + _sse_event({"type": "ping"})
         )
-        writer.write(_sse_event({"type": "ping"}))
-        await writer.drain()
         per_token_s = self.latency_per_token_s / self.speed
         for word in _filler_words(plan.completion_tokens):
             if per_token_s > 0:
                 await asyncio.sleep(per_token_s)
             delta = {"type": "text_delta", "text": word}
-            writer.write(_sse_event({"type": "content_block_delta", "index": 0, "delta": delta}))
-            await writer.drain()
-        writer.write(_sse_event({"type": "content_block_stop", "index": 0}))
+            await reply.part(
+                _sse_event({"type": "content_block_delta", "index": 0, "delta": delta})
+            )
         stop = {"stop_reason": stop_reason, "stop_sequence": None}
-        writer.write(_sse_event({"type": "message_delta", "delta": stop, "usage": usage}))
-        writer.write(_sse_event({"type": "message_stop"}) + b"0\r\n\r\n")
-        await writer.drain()
+        await reply.end(
+            _sse_event({"type": "content_block_stop", "index": 0})
+            + _sse_event({"type": "message_delta", "delta": stop, "usage": usage})
+            + _sse_event({"type": "message_stop"})
+        )
 
-    async def _count_tokens(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _count_tokens(self, request: _Request, reply: _Reply) -> None:
         """``/v1/messages/count_tokens``: the prompt's tokens, cached or not; no window is used."""
         body = _json_object(request)
         _model(body)
         blocks = _message_blocks(body)
         headers = self._api_headers(_Api.ANTHROPIC, self._clock())
-        await _send_json(writer, 200, {"input_tokens": self._blocks_tokens(blocks)}, headers)
+        await reply.json(200, {"input_tokens": self._blocks_tokens(blocks)}, headers)
 
     def _blocks_tokens(self, blocks: list[_Block]) -> int:
         """A Messages prompt's tokens: its text counted as a chat completion's is."""
@@ -1274,17 +1366,17 @@ class MockProvider:
 
     # --- /v1/models ---
 
-    async def _list_models(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _list_models(self, request: _Request, reply: _Reply) -> None:
         data = [
             {"id": name, "object": "model", "created": 0, "owned_by": "ratekit-mock"}
             for name in self.models
         ]
         headers = _limit_headers(self._windows.states(self._clock()))
-        await _send_json(writer, 200, {"object": "list", "data": data}, headers)
+        await reply.json(200, {"object": "list", "data": data}, headers)
 
     # --- /admin ---
 
-    async def _admin_limits(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _admin_limits(self, request: _Request, reply: _Reply) -> None:
         body = _json_object(request)
         unknown = [key for key in body if key not in _ADMIN_LIMIT_KEYS]
         if unknown:
@@ -1297,9 +1389,9 @@ class MockProvider:
         except (LimitsError, TypeError) as exc:
             raise _HttpError(400, str(exc)) from None
         numbers = {key: getattr(self._limits, key) for key in _ADMIN_LIMIT_KEYS}
-        await _send_json(writer, 200, {"limits": numbers}, {})
+        await reply.json(200, {"limits": numbers}, {})
 
-    async def _admin_inject(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _admin_inject(self, request: _Request, reply: _Reply) -> None:
         body = _json_object(request)
         count = body.get("count", 1)
         retry_after_s = body.get("retry_after_s", 1.0)
@@ -1316,14 +1408,14 @@ class MockProvider:
         except ValueError as exc:
             raise _HttpError(400, str(exc)) from None
         answer = {"count": count, "retry_after_s": retry_after_s, "status": status}
-        await _send_json(writer, 200, answer, {})
+        await reply.json(200, answer, {})
 
-    async def _admin_stats(self, request: _Request, writer: asyncio.StreamWriter) -> None:
-        await _send_json(writer, 200, dataclasses.asdict(self.statistics()), {})
+    async def _admin_stats(self, request: _Request, reply: _Reply) -> None:
+        await reply.json(200, dataclasses.asdict(self.statistics()), {})
 
-    async def _admin_calls(self, request: _Request, writer: asyncio.StreamWriter) -> None:
+    async def _admin_calls(self, request: _Request, reply: _Reply) -> None:
         calls = [dataclasses.astuple(call) for call in self.calls]
-        await _send_json(writer, 200, {"fields": _CALL_FIELDS, "calls": calls}, {})
+        await reply.json(200, {"fields": _CALL_FIELDS, "calls": calls}, {})
 
 
 def _tally(counts: dict[str, int], key: str) -> None:
@@ -1374,19 +1466,6 @@ def _response_input_text(body: dict[str, Any]) -> str:
     raise _HttpError(400, "'input' must be a non-empty string or array.", param="input")
 
 
-async def _send_json(
-    writer: asyncio.StreamWriter, status: int, payload: object, headers: dict[str, str]
-) -> None:
-    data = json.dumps(payload).encode()
-    head = {
-        **headers,
-        "content-type": "application/json",
-        "content-length": str(len(data)),
-    }
-    writer.write(_head(status, head) + data)
-    await writer.drain()
-
-
 async def start_mock_provider(limits: Limits, **options: Any) -> MockProvider:
     """A started `MockProvider` (see its parameters); call ``await server.close()`` after."""
     server = MockProvider(limits, **options)
@@ -1395,17 +1474,6 @@ async def start_mock_provider(limits: Limits, **options: Any) -> MockProvider:
 
 
 # --- in a process of its own ------------------------------------------------------------
-
-
-def _limits_from_json(text: str) -> Limits:
-    try:
-        values = json.loads(text)
-    except ValueError as exc:
-        raise LimitsError(f"--limits must be a JSON object: {exc}") from None
-    if not isinstance(values, dict) or set(values) - set(_ADMIN_LIMIT_KEYS):
-        keys = ", ".join(_ADMIN_LIMIT_KEYS)
-        raise LimitsError(f"--limits must be a JSON object of {keys}, got {text!r}")
-    return Limits(**values)
 
 
 class ProviderProcess:
@@ -1576,122 +1644,10 @@ _PROCESS_OPTIONS = frozenset(
 
 # --- command line ---------------------------------------------------------------------
 
-
-def _parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description=(
-            "Serve a provider that enforces a tier's limits strictly, over OpenAI's API "
-            "(base URL http://host:port/v1) and Anthropic's Messages API (base URL "
-            "http://host:port), both counted in the same windows."
-        ),
-    )
-    parser.add_argument("--provider", default="moonshot", help="bundled provider (moonshot)")
-    parser.add_argument("--tier", default="tier1", help="tier name (tier1)")
-    parser.add_argument("--model", default=None, help="model, for per-model limits")
-    parser.add_argument(
-        "--speed", type=positive, default=1.0, help="time compression: 60 runs a minute per second"
-    )
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (127.0.0.1)")
-    parser.add_argument(
-        "--port", type=int_in(0, 65535), default=8000, help="port, 0 for any free one (8000)"
-    )
-    parser.add_argument(
-        "--counting",
-        choices=[mode.value for mode in PROVIDER_COUNTINGS],
-        default="reserve",
-        help="how tokens count: reserve (at arrival) or usage (at completion)",
-    )
-    parser.add_argument(
-        "--latency-ms", type=amount, default=0.0, help="fixed latency per call, provider ms (0)"
-    )
-    parser.add_argument(
-        "--ms-per-token", type=amount, default=0.0, help="latency per output token, provider ms (0)"
-    )
-    parser.add_argument(
-        "--completion-tokens",
-        type=int_in(1, 1_000_000),
-        default=16,
-        help="output tokens per call at most (16)",
-    )
-    parser.add_argument(
-        "--tokenizer-factor",
-        type=positive,
-        default=1.0,
-        help="the provider's prompt tokens per mock-tokenizer token (1.0)",
-    )
-    parser.add_argument(
-        "--no-count-cache-reads",
-        dest="count_cache_reads",
-        action="store_false",
-        help="prompt-cache reads of Messages calls do not count toward token rates",
-    )
-    parser.add_argument(
-        "--limits",
-        default=None,
-        help='JSON limits instead of the tier\'s: {"rpm": 200, "tpm": null, ...}',
-    )
-    parser.add_argument(
-        "--until-stdin-closes",
-        action="store_true",
-        help="stop when standard input closes (a child of another process)",
-    )
-    return parser
-
-
-async def _serve(
-    limits: Limits, options: dict[str, Any], banner: str, until_stdin_closes: bool
-) -> None:
-    async with MockProvider(limits, **options) as server:
-        # The OpenAI base URL alone on its line (what a parent process reads), then the
-        # Anthropic one, which the anthropic SDK takes without /v1.
-        print(f"{banner}\n{server.base_url}", flush=True)
-        print(f"anthropic base URL: {server.anthropic_base_url}", flush=True)
-        if until_stdin_closes:
-            await asyncio.to_thread(sys.stdin.read)
-        else:
-            await asyncio.Event().wait()
-
-
-def main(
-    argv: list[str] | None = None, *, prog: str = "python -m ratekit.testing.mock_provider"
-) -> int:
-    """``python -m ratekit.testing.mock_provider``: serve a tier until Ctrl-C; returns the exit
-    code."""
-    args = _parser(prog).parse_args(argv)
-    try:
-        tier = load_profile(args.provider).tier(args.tier)
-        limits = tier.limits(model=args.model)
-        if args.limits is not None:
-            limits = _limits_from_json(args.limits)
-    except RatekitError as exc:
-        print(f"Error: {exc}", file=sys.stderr)
-        return 2
-    options = {
-        "speed": args.speed,
-        "host": args.host,
-        "port": args.port,
-        "token_counting": args.counting,
-        "latency_s": args.latency_ms / 1000,
-        "latency_per_token_s": args.ms_per_token / 1000,
-        "completion_tokens": args.completion_tokens,
-        "tokenizer_factor": args.tokenizer_factor,
-        "count_cache_reads": args.count_cache_reads,
-        "models": (args.model,) if args.model else (DEFAULT_MODEL,),
-    }
-    banner = (
-        f"{args.provider} {tier.name}: concurrency {limits.concurrency}, rpm {limits.rpm}, "
-        f"tpm {limits.tpm}, tpd {limits.tpd}; time x{args.speed:g}, counting {args.counting}"
-    )
-    try:
-        asyncio.run(_serve(limits, options, banner, args.until_stdin_closes))
-    except KeyboardInterrupt:
-        return 0
-    except OSError as exc:
-        print(f"Error: cannot serve on {args.host}:{args.port}: {exc}", file=sys.stderr)
-        return 1
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    import importlib
+
+    # The command of ``ratekit mock-provider``; it serves this module imported under its own
+    # name (this copy runs as __main__), by name here so that the import cycle is not typed.
+    command = importlib.import_module("ratekit.cli._mock_provider_cmd").mock_provider
+    command.main(prog_name="python -m ratekit.testing.mock_provider")

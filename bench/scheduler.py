@@ -15,35 +15,39 @@ thundering herd: only the head asks).
 Part 2, end to end: `--calls` chat completions through the scheduler and the real
 `openai` client against `MockProvider` at Moonshot Tier1 (200 RPM binds), time
 compressed 60 times, from one process (300 tasks) and from four processes sharing
-the account through a throwaway redis-server (75 tasks each), once per `margin_s`.
-Utilisation is ``m x period / (t(m x limit + 1) - t(1))`` over the provider's
-arrival times, ``m = (n - 1) // limit``: 1.0 is the fastest any client could go.
+the account through a throwaway redis-server (75 tasks each), once per `margin_s`:
+the workload driver (`ratekit.testing.workload`), a `Driver` and a `Fleet`.
+Utilisation is the binding rate's steady-state share as the provider saw it
+(`binding_utilisation`).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import json
+import dataclasses
 import math
-import shutil
-import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
-import openai
 
 import ratekit
 from ratekit.backends.memory import MemoryBackend
+from ratekit.testing import RedisServer, redis_server_binary
 from ratekit.testing.mock_provider import MockProvider
+from ratekit.testing.workload import (
+    START_PAUSE_S,
+    Driver,
+    Fleet,
+    Outcome,
+    Workload,
+    binding_utilisation,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 HUGE = 10**9
 SPEED = 60
 RPM = 200
@@ -173,102 +177,58 @@ class EndToEndRow:
     seconds: float
 
 
-def utilisation(arrivals: list[float], limit: int, period_s: float) -> float:
-    """Arrivals (provider clock) against the fastest any client could get them in."""
-    ordered = sorted(arrivals)
-    windows = (len(ordered) - 1) // limit
-    if windows < 1:
-        return float("nan")
-    return windows * period_s / (ordered[windows * limit] - ordered[0])
+# Chat completions through `Scheduler.submit` at Moonshot Tier1 from 300 tasks (60
+# connections opened first), time compressed; `_workload` sets the rest.
+TIER1 = Workload(through="submit", calls=1, tasks=300, connections=60, speed=SPEED)
+
+
+def _workload(calls: int, margin_s: float, base_url: str, **fields: Any) -> Workload:
+    return dataclasses.replace(
+        TIER1, calls=calls, account={"margin_s": margin_s}, base_url=base_url, **fields
+    )
+
+
+def _row(setup: str, workload: Workload, outcome: Outcome, server: MockProvider) -> EndToEndRow:
+    limits = workload.provider_limits().compressed(SPEED)
+    calls = server.calls
+    _, share = binding_utilisation(
+        limits,
+        [call.arrived_s for call in calls],
+        [(call.arrived_s, float(call.reserved_tokens)) for call in calls],
+    )
+    return EndToEndRow(
+        setup,
+        workload.account["margin_s"],
+        workload.calls or 0,
+        outcome.results,
+        sum(server.statistics().rejected.values()),
+        outcome.rate_limited,
+        share,
+        outcome.elapsed_s,
+    )
 
 
 async def single_process(calls: int, margin_s: float) -> EndToEndRow:
-    from ratekit.testing._fleet import (
-        Outcome,
-        chat_call,
-        drive,
-        make_account,
-        provider_limits,
-        warm_up,
-    )
-
-    outcome = Outcome()
-    scheduler = ratekit.Scheduler(make_account(margin_s=margin_s), hooks=[outcome.record])
-    async with MockProvider(provider_limits(), speed=SPEED) as server:
-        client = openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-        try:
-            await warm_up(client, 60)
-            await scheduler.limiter().pause(0.1)
-            started = time.perf_counter()
-            await drive(scheduler, chat_call(client), outcome, calls=calls, tasks=300)
-            seconds = time.perf_counter() - started
-        finally:
-            await client.close()
-        return EndToEndRow(
-            "1 process",
-            margin_s,
-            calls,
-            outcome.results,
-            sum(server.statistics().rejected.values()),
-            outcome.events["RateLimited"],
-            utilisation([c.arrived_s for c in server.calls], RPM, PERIOD_S),
-            seconds,
-        )
-
-
-def _start_member(config: dict[str, Any]) -> subprocess.Popen[str]:
-    command = [sys.executable, "-m", "ratekit.testing._fleet", json.dumps(config)]
-    return subprocess.Popen(
-        command, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-    )
+    """One process: a `Driver`, its account paused for `START_PAUSE_S` at the start."""
+    async with MockProvider(TIER1.provider_limits(), speed=SPEED) as server:
+        workload = _workload(calls, margin_s, server.base_url)
+        async with Driver(workload) as driver:
+            outcome = await driver.run(time.time() + START_PAUSE_S)
+        return _row("1 process", workload, outcome, server)
 
 
 async def fleet(calls: int, margin_s: float, url: str, members: int = 4) -> EndToEndRow:
-    from ratekit.testing._fleet import provider_limits
-
-    async with MockProvider(provider_limits(), speed=SPEED) as server:
-        config = {
-            "url": url,
-            "namespace": f"bench-{uuid.uuid4().hex[:12]}",
-            "base_url": server.base_url,
-            "calls": calls // members,
-            "tasks": 75,
-            "connections": 15,
-            "timeout_s": 60,
-            "margin_s": margin_s,
-        }
-        processes = [_start_member(config) for _ in range(members)]
-        reports = []
-        try:
-            for process in processes:
-                assert process.stdout is not None
-                line = await anyio.to_thread.run_sync(process.stdout.readline)
-                if line.strip() != "ready":
-                    raise SystemExit(f"bench.scheduler: a fleet member said {line!r}")
-            start_at = time.time() + 0.1
-            for process in processes:
-                assert process.stdin is not None
-                process.stdin.write(f"{start_at!r}\n")
-                process.stdin.flush()
-            for process in processes:
-                stdout, _ = await anyio.to_thread.run_sync(lambda p=process: p.communicate())
-                reports.append(json.loads(stdout.splitlines()[-1]))
-            seconds = time.time() - start_at
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-        return EndToEndRow(
-            f"{members} processes, Redis",
-            margin_s,
+    """`members` processes sharing the account through Redis (a `Fleet`)."""
+    async with MockProvider(TIER1.provider_limits(), speed=SPEED) as server:
+        workload = _workload(
             calls,
-            sum(report["results"] for report in reports),
-            sum(server.statistics().rejected.values()),
-            sum(report["events"].get("RateLimited", 0) for report in reports),
-            utilisation([c.arrived_s for c in server.calls], RPM, PERIOD_S),
-            seconds,
+            margin_s,
+            server.base_url,
+            redis_url=url,
+            namespace=f"bench-{uuid.uuid4().hex[:12]}",
         )
+        outcome = Outcome.merged(await Fleet(workload, members).run())
+        return _row(f"{members} processes, Redis", workload, outcome, server)
 
 
 def print_end_to_end(rows: list[EndToEndRow]) -> None:
@@ -295,15 +255,13 @@ def print_end_to_end(rows: list[EndToEndRow]) -> None:
 
 async def run_end_to_end(calls: int, margins: list[float], with_fleet: bool) -> list[EndToEndRow]:
     rows = [await single_process(calls, margin) for margin in margins]
-    binary = shutil.which("redis-server")
+    binary = redis_server_binary()
     if not with_fleet:
         return rows
     if binary is None:
         print("bench.scheduler: redis-server is not on PATH; the fleet rows are skipped\n")
         return rows
-    from bench.redis import RedisProcess
-
-    with RedisProcess(binary) as redis:
+    with RedisServer(binary) as redis:
         for margin in margins:
             rows.append(await fleet(calls, margin, redis.url))
     return rows

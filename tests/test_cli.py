@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import ratekit
 from ratekit.cli import main
-from ratekit.cli._simulate_cmd import _messages_request, window_series
+from ratekit.cli._simulate_cmd import in_flight_series, use_figure, window_series
 from ratekit.testing.mock_provider import CallRecord
+from ratekit.testing.workload import messages_request
 
 from .redis_server import RedisServer
 
@@ -115,13 +117,13 @@ def test_a_chat_body_maps_to_a_messages_request() -> None:
         ],
         "max_tokens": 32,
     }
-    assert _messages_request(body) == {
+    assert messages_request(body) == {
         "messages": body["messages"][1:],
         "max_tokens": 32,
         "system": "be brief",
     }
     plain = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
-    assert _messages_request(plain) == plain
+    assert messages_request(plain) == plain
 
 
 def test_simulate_refuses_processes_without_redis() -> None:
@@ -148,3 +150,52 @@ def test_window_series_counts_each_rolling_window() -> None:
     # At 1.0 the arrival at 0.0 has left the window (0.0, 1.0]; at 1.2, 0.5 is still in.
     assert window_series(calls, 1.0, "requests") == ([0.0, 0.5, 1.0, 1.2], [1, 2, 2, 3])
     assert window_series(calls, 1.0, "tokens")[1] == [10, 30, 50, 90]
+
+
+def _record(arrived_s: float, finished_s: float, tokens: int) -> CallRecord:
+    return CallRecord("chat.completions", "m", arrived_s, finished_s, 0, 0, tokens, True)
+
+
+def test_in_flight_series_counts_the_calls_being_served() -> None:
+    """The concurrency panel's series: a call ending as another arrives has left first."""
+    calls = [_record(0.0, 1.0, 1), _record(0.5, 2.0, 1), _record(1.0, 1.5, 1)]
+    assert in_flight_series(calls) == ([0.0, 0.5, 1.0, 1.0, 1.5, 2.0], [1, 2, 1, 2, 1, 0])
+
+
+def test_the_plot_shows_calls_in_flight_against_the_cap_and_plain_token_counts() -> None:
+    """The figure has a concurrency panel whose red line is the cap and whose curve peaks at
+    the most calls in flight; the tpm panel, at 4 % of a 2,000,000 limit, draws both the
+    use and the limit line and labels its axis in plain numbers (no "1e6" offset)."""
+    limits = ratekit.Limits(concurrency=50, rpm=200, tpm=2_000_000).compressed(20)
+    # A call of 400 tokens every 0.07 s lasting 0.25 s: 4 in flight at most, 43 calls
+    # (17,200 tokens) in a window of 3 s.
+    calls = [_record(i * 0.07, i * 0.07 + 0.25, 400) for i in range(200)]
+    figure = use_figure(calls, limits, "test")
+    figure.canvas.draw()
+    axes = {axis.get_ylabel(): axis for axis in figure.axes}
+    assert set(axes) == {
+        "requests per window",
+        "tokens per window (log)",
+        "calls in flight",
+    }
+
+    concurrency = axes["calls in flight"]
+    served, cap = concurrency.get_lines()
+    assert list(cap.get_ydata()) == [50, 50]
+    assert cap.get_label() == "cap 50"
+    assert max(served.get_ydata()) == 4
+    low, high = concurrency.get_ylim()
+    assert low == 0
+    assert high > 50
+
+    tokens = axes["tokens per window (log)"]
+    admitted, limit = tokens.get_lines()
+    assert list(limit.get_ydata()) == [2_000_000, 2_000_000]
+    assert max(admitted.get_ydata()) == 17_200
+    low, high = tokens.get_ylim()
+    assert low <= 400
+    assert high > 2_000_000
+    assert tokens.yaxis.get_offset_text().get_text() == ""
+    labels = [label.get_text() for label in tokens.get_yticklabels() if label.get_text()]
+    assert "1,000,000" in labels
+    assert all("e" not in label for label in labels)

@@ -3,8 +3,8 @@
 Every test states one behaviour and runs on the memory backend and on a real
 redis-server where both apply. Each is bounded in time, so that a regression
 fails instead of hanging. Redis tests run on asyncio only (redis-py's client),
-so this whole module does; the worker processes are
-`tests/one_admission_worker.py`.
+so this whole module does; the processes are a `Fleet` of the workload driver
+(`ratekit.testing.workload`).
 """
 
 from __future__ import annotations
@@ -12,11 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import os
 import random
-import subprocess
-import sys
 import textwrap
 import threading
 import time
@@ -36,10 +33,10 @@ from ratekit import Account, Limiter, Limits, MemoryBackend, Rate, RedisBackend,
 from ratekit.clock import FakeClock
 from ratekit.testing import free_port
 from ratekit.testing.mock_provider import MockProvider
+from ratekit.testing.workload import Fleet, Workload
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "user", "content": "hello world!"}]  # 3 prompt tokens at the provider
 
 
@@ -239,51 +236,26 @@ async def test_10000_gathered_callers_on_one_redis_all_succeed(redis_url: str) -
 
 @pytest.mark.redis
 @pytest.mark.timeout(75)
-def test_four_processes_of_2500_callers_on_one_namespace_all_succeed(redis_url: str) -> None:
+async def test_four_processes_of_2500_callers_on_one_namespace_all_succeed(
+    redis_url: str,
+) -> None:
     """Four processes of 2,500 gathered callers each, on one StepFun V5 namespace, all
     succeed."""
-    config = {
-        "mode": "callers",
-        "url": redis_url,
-        "namespace": _namespace("fleet"),
-        "callers": 2_500,
-        "call_s": 0.05,
-        "timeout_s": 45,
-    }
-    workers = [
-        subprocess.Popen(
-            [sys.executable, "-m", "tests.one_admission_worker", json.dumps(config)],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(4)
-    ]
-    try:
-        for worker in workers:
-            assert worker.stdout is not None
-            if worker.stdout.readline().strip() != "ready":
-                worker.kill()
-                pytest.fail(f"a worker did not start: {worker.communicate()[1][-3000:]}")
-        for worker in workers:
-            assert worker.stdin is not None
-            worker.stdin.write("go\n")
-            worker.stdin.flush()
-        reports = []
-        deadline = time.monotonic() + 55
-        for worker in workers:
-            out, err = worker.communicate(timeout=max(deadline - time.monotonic(), 1.0))
-            assert worker.returncode == 0, err[-3000:]
-            reports.append(json.loads(out.strip().splitlines()[-1]))
-    finally:
-        for worker in workers:
-            if worker.poll() is None:
-                worker.kill()
-                worker.wait(timeout=10)
-    assert [report["errors"] for report in reports] == [{}] * 4, reports
-    assert sum(report["ok"] for report in reports) == 10_000
+    # Each caller a task of its own, submitting one 50 ms call.
+    workload = Workload(
+        through="submit",
+        provider="stepfun",
+        tier="V5",
+        calls=10_000,
+        tasks=10_000,
+        call_s=0.05,
+        timeout_s=45,
+        redis_url=redis_url,
+        namespace=_namespace("fleet"),
+    )
+    outcomes = await Fleet(workload, 4).run()
+    assert [outcome.errors for outcome in outcomes] == [[]] * 4, [o.errors[:3] for o in outcomes]
+    assert sum(outcome.results for outcome in outcomes) == 10_000
 
 
 # -- cancellation on Redis: a cancelled acquire never admits ----------------------------
@@ -1153,26 +1125,31 @@ def encoding_for_model(model):
 
 
 @pytest.mark.timeout(60)
-def test_loading_the_tokenizer_never_blocks_the_event_loop(tmp_path: Path) -> None:
+async def test_loading_the_tokenizer_never_blocks_the_event_loop(tmp_path: Path) -> None:
     """With a tiktoken whose encoding takes 2 s to load, wrapping a client and making its
     first call never stalls the event loop for 1 s (a load on the loop stalls it >= 2 s;
     the bound leaves room for a busy machine's scheduling)."""
     package = tmp_path / "tiktoken"
     package.mkdir()
     (package / "__init__.py").write_text(textwrap.dedent(SLOW_TIKTOKEN))
-    config = {"mode": "tokenizer", "timeout_s": 20}
-    env = {**os.environ, "PYTHONPATH": f"{tmp_path}{os.pathsep}{ROOT}"}
-    done = subprocess.run(
-        [sys.executable, "-m", "tests.one_admission_worker", json.dumps(config)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=50,
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["max_lag_s"] < 1.0, report
+    path = [str(tmp_path), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
+    async with MockProvider(Limits(rpm=1000), completion_tokens=3) as server:
+        # One process wraps an openai client (the slow tiktoken on its path) and makes
+        # one call, its event loop's lag measured throughout.
+        workload = Workload(
+            through="wrap",
+            calls=1,
+            tasks=1,
+            timeout_s=20,
+            base_url=server.base_url,
+            prompt="hello world!",
+            max_tokens=(5, 5),
+        )
+        (outcome,) = await Fleet(workload, 1, env=env).run()
+    assert outcome.errors == []
+    assert outcome.results == 1
+    assert outcome.max_lag_s < 1.0, outcome
 
 
 @pytest.mark.redis

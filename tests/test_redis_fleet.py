@@ -2,7 +2,8 @@
 
 Time is compressed 60 times (a "minute" lasts 1 s, 60 slices of 1/60 s). Every
 test starts its own servers or uses the session's, a fresh namespace, and is
-bounded in time. Worker processes are `tests/fleet_worker.py`.
+bounded in time. The processes are a `Fleet` of the workload driver
+(`ratekit.testing.workload`) admitting through a `Limiter`.
 """
 
 from __future__ import annotations
@@ -10,10 +11,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import gc
-import json
 import math
-import subprocess
-import sys
 import time
 import traceback
 import uuid
@@ -27,6 +25,7 @@ import pytest
 
 import ratekit
 from ratekit.backends.redis import RedisBackend
+from ratekit.testing.workload import Fleet, Workload
 
 from .redis_server import RedisServer, require_redis_server
 
@@ -95,13 +94,10 @@ def _max_in_slices(indexes: list[float], slices: int) -> int:
     )
 
 
-def _start_worker(config: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "tests.fleet_worker", json.dumps(config)],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+def _limiter_workload(url: str, label: str, **fields: Any) -> Workload:
+    """Tasks acquiring from a `Limiter` on a Redis namespace of their own, time compressed."""
+    return Workload(
+        through="limiter", redis_url=url, namespace=_namespace(label), speed=SPEED, **fields
     )
 
 
@@ -129,41 +125,28 @@ async def test_fleet_of_processes_stays_within_the_rate_and_uses_it(
         # check below is exact either way.
         jitter_s = 2 * JITTER_S
     rpm, concurrency, workers, run_s = 400, 8, 4, 3.0
-    start_at = time.time() + 2.0  # every worker imported and connected by then
-    config = {
-        "mode": "fill",
-        "cluster": cluster,
-        "url": url,
-        "namespace": _namespace("fleet"),
-        "lease_ttl_s": 2.0,
-        "rpm": rpm,
-        "concurrency": concurrency,
-        "speed": SPEED,
-        "start_at": start_at,
-        "run_s": run_s,
-        "tasks": 6,
-        "hold_s": 0.005,
-    }
-    processes = [_start_worker(config) for _ in range(workers)]
-    reports = []
-    try:
-        for process in processes:
-            stdout, stderr = await anyio.to_thread.run_sync(
-                lambda p=process: p.communicate(timeout=30)
-            )
-            assert process.returncode == 0, stderr
-            reports.append(json.loads(stdout.splitlines()[-1]))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+    # From the start, 6 tasks per process acquire as fast as the limits allow (each
+    # permit held 5 ms) until run_s has passed.
+    workload = _limiter_workload(
+        url,
+        "fleet",
+        cluster=cluster,
+        lease_ttl_s=2.0,
+        limits={"rpm": rpm, "concurrency": concurrency},
+        calls=None,
+        run_s=run_s,
+        tasks=6 * workers,
+        call_s=0.005,
+        timeout_s=run_s + 10,
+    )
+    outcomes = await Fleet(workload, workers).run()
+    start_at = outcomes[0].started_at
 
-    assert [report["errors"] for report in reports] == [[]] * workers
-    admissions = [tuple(a) for report in reports for a in report["admissions"]]
+    assert [outcome.errors for outcome in outcomes] == [[]] * workers
+    admissions = [a for outcome in outcomes for a in outcome.admissions]
     granted = [a[0] for a in admissions]
     assert min(granted) >= start_at
-    assert all(len(report["admissions"]) > 0 for report in reports), "a worker got nothing"
+    assert all(len(outcome.admissions) > 0 for outcome in outcomes), "a worker got nothing"
 
     # The server's own clock: the slice index of each admission, exact, no slack.
     assert _max_in_slices([a[2] for a in admissions], SLICES) <= rpm
@@ -185,7 +168,7 @@ async def test_fleet_of_processes_stays_within_the_rate_and_uses_it(
     late_s = max(a[0] - (a[2] + 1) * PERIOD_S / SLICES for a in admissions)
     print(
         f"\nfleet: {in_run} admitted in {run_s} s by {workers} processes "
-        f"{[len(report['admissions']) for report in reports]}, recorded up to "
+        f"{[len(outcome.admissions) for outcome in outcomes]}, recorded up to "
         f"{late_s * 1000:.0f}+ ms late; "
         f"({utilisation:.1%} of {rpm * full_periods}); most per {PERIOD_S - jitter_s:g} s "
         f"window {most_per_window}, most in {SLICES + 1} slices "
@@ -200,36 +183,41 @@ async def test_slots_of_a_killed_process_come_back_when_its_leases_lapse(
     """Slots held by a SIGKILLed process stay taken while it renews them and come back
     when their leases lapse, not before."""
     lease_ttl_s, slots = 1.0, 4
-    config = {
-        "mode": "hold",
-        "url": redis_server.url,
-        "namespace": _namespace("killed"),
-        "lease_ttl_s": lease_ttl_s,
-        "rpm": 100_000,
-        "concurrency": slots,
-        "speed": SPEED,
-        "slots": slots,
-    }
+    # Each of `slots` tasks acquires a permit and holds it (its lease renewed) for ever.
+    workload = _limiter_workload(
+        redis_server.url,
+        "killed",
+        lease_ttl_s=lease_ttl_s,
+        limits={"rpm": 100_000, "concurrency": slots},
+        calls=slots,
+        tasks=slots,
+        call_s=3600,
+        timeout_s=3600,
+    )
     limits = ratekit.Limits(concurrency=slots, rpm=100_000).compressed(SPEED)
-    backend = RedisBackend(redis_server.url, namespace=config["namespace"], lease_ttl_s=lease_ttl_s)
+    backend = RedisBackend(redis_server.url, namespace=workload.namespace, lease_ttl_s=lease_ttl_s)
     limiter = ratekit.Limiter(limits, backend=backend)
-    process = _start_worker(config)
     try:
-        assert process.stdout is not None
-        with anyio.fail_after(15):
-            line = await anyio.to_thread.run_sync(process.stdout.readline)
-        assert line.startswith("held "), line + process.stderr.read()  # type: ignore[union-attr]
-        held_at = float(line.split()[1])
+        async with Fleet(workload, 1) as holder:
+            await holder.start(0)
+            with anyio.fail_after(15):
+                while True:  # until the holder has every slot
+                    if (await limiter.statistics()).dimension("concurrency").used == slots:
+                        break
+                    await anyio.sleep(0.01)
+            held_at = time.time()
+            (process,) = holder.processes
 
-        # Alive for two lease lengths: its renewals keep every slot taken.
-        while time.time() < held_at + 2 * lease_ttl_s:
-            assert await limiter.try_acquire() is None, "a live holder's slot was taken"
-            await anyio.sleep(0.05)
-        assert (await limiter.statistics()).dimension("concurrency").used == slots
+            # Alive for two lease lengths: its renewals keep every slot taken.
+            while time.time() < held_at + 2 * lease_ttl_s:
+                assert await limiter.try_acquire() is None, "a live holder's slot was taken"
+                await anyio.sleep(0.05)
+            assert (await limiter.statistics()).dimension("concurrency").used == slots
 
-        process.kill()
-        process.wait(timeout=10)
-        killed_at = time.time()
+            process.kill()
+            with anyio.fail_after(10):
+                await process.wait()
+            killed_at = time.time()
         leases = await backend.client.zrange(
             f"{backend.key_prefix()}:leases", 0, -1, withscores=True
         )
@@ -250,9 +238,6 @@ async def test_slots_of_a_killed_process_come_back_when_its_leases_lapse(
                 for _ in range(slots):
                     group.start_soon(take)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
         await backend.aclose()
 
     print(

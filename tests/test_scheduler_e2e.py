@@ -7,64 +7,65 @@ is Moonshot Tier1's 200 RPM (50 in flight, 2,000,000 TPM never come near).
 The utilisation tests run as a user would: `ratekit.wrap(openai.AsyncOpenAI(...))`
 with the SDK's own settings and `Account(provider, tier=..., period_scale=...)`
 with nothing else set (the library's default margin, no pacing). Utilisation is
-`ratekit.testing.simulation.steady_utilisation`: the mean count the provider saw in a
+`ratekit.testing.workload.binding_utilisation`: the mean count the provider saw in a
 window of the period, over the windows after the first half period and before
-the last arrival, over the limit. The clients run in processes of their own, as
-they would, so that the provider's arrival stamps do not wait for the clients'
-loop. They pass at 95 % because a wrapped request counts from the end of its
-write (`Admission.sent`), not from its admission: before that, the SDK's CPU
-between the two (hundreds of ms for the last of a burst of 200) had to be
-covered by a margin or by pacing, at 85-90 % of the limit.
+the last arrival, over the limit, for the rate most used. The clients run in
+processes of their own (a `Fleet` of the workload driver), as they would, so that
+the provider's arrival stamps do not wait for the clients' loop. They pass at
+95 % because a wrapped request counts from the end of its write
+(`Admission.sent`), not from its admission: before that, the SDK's CPU between
+the two (hundreds of ms for the last of a burst of 200) had to be covered by a
+margin or by pacing, at 85-90 % of the limit.
 
 Every run starts with its tasks queued behind a short pause of the account, as
 they are after a cooldown: started cold, hundreds of tasks entering `submit` keep
 the loop busy for ~50 ms, so the first admissions reach the provider that much
 later than they were counted (measured 55-130 ms); the client's first chat call
-is made on a throwaway provider for the same reason (see `warm_up`).
+is made on a throwaway provider for the same reason (`Workload.connections`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import subprocess
-import sys
-import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import anyio
-import openai
 import pytest
 
 import ratekit
-from ratekit.testing._fleet import (
-    SPEED,
-    Outcome,
-    chat_call,
-    drive,
-    make_account,
-    provider_limits,
-    warm_up,
-)
 from ratekit.testing.mock_provider import MockProvider
-from ratekit.testing.simulation import steady_utilisation
+from ratekit.testing.workload import (
+    MARGIN_S,
+    Driver,
+    Fleet,
+    Outcome,
+    Workload,
+    binding_utilisation,
+)
 
 from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
-ROOT = Path(__file__).resolve().parent.parent
-PERIOD_S = 60 / SPEED
+SPEED = 60  # the in-process tests: a minute lasts a second
 RPM = 200
-START_PAUSE_S = 0.1
 # The utilisation runs: a minute in 5 s (40 calls/s at Tier1's 200 RPM). One openai SDK
 # process sends ~100-130 calls/s on 2 cores at most: at 200/s the tests would measure
 # the SDK's CPU, and beside a CPU-heavy process even 100/s does.
 E2E_SPEED = 12
+# The in-process tests' workload: Moonshot Tier1 through `Scheduler.submit`, with a
+# margin that covers an admission's way to the provider on a busy machine.
+SUBMITTED = Workload(
+    through="submit",
+    calls=300,
+    tasks=200,
+    connections=60,
+    speed=SPEED,
+    account={"margin_s": MARGIN_S},
+)
 
 
 @pytest.fixture(scope="module")
@@ -75,60 +76,12 @@ def anyio_backend() -> str:
 @pytest.fixture
 async def provider() -> AsyncIterator[MockProvider]:
     """The strict provider at Moonshot Tier1, time compressed like the accounts."""
-    async with MockProvider(provider_limits(), speed=SPEED) as server:
+    async with MockProvider(SUBMITTED.provider_limits(), speed=SPEED) as server:
         yield server
 
 
-def _client(server: MockProvider) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(base_url=server.base_url, api_key="x", max_retries=0)
-
-
-def _start_member(config: dict[str, Any]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "ratekit.testing._fleet", json.dumps(config)],
-        cwd=ROOT,
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
-async def _readline(process: subprocess.Popen[str]) -> str:
-    assert process.stdout is not None
-    with anyio.fail_after(20):
-        return await anyio.to_thread.run_sync(process.stdout.readline)
-
-
-async def _run_members(provider: MockProvider, config: dict[str, Any], members: int) -> list[Any]:
-    """Start `members` worker processes on `config`, release them together, collect reports."""
-    processes = [_start_member(config) for _ in range(members)]
-    reports = []
-    try:
-        for process in processes:
-            line = await _readline(process)
-            assert line.strip() == "ready", line + process.stderr.read()  # type: ignore[union-attr]
-        start_at = time.time() + START_PAUSE_S
-        for process in processes:
-            assert process.stdin is not None
-            process.stdin.write(f"{start_at!r}\n")
-            process.stdin.flush()
-        for process in processes:
-            stdout, stderr = await anyio.to_thread.run_sync(
-                lambda p=process: p.communicate(timeout=40)
-            )
-            assert process.returncode == 0, stderr
-            reports.append(json.loads(stdout.splitlines()[-1]))
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-    return reports
-
-
 @dataclass(frozen=True)
-class Workload:
+class Defaults:
     """A run with the library's defaults: the tier, what each call asks, how the provider
     counts, and how time is compressed."""
 
@@ -146,10 +99,10 @@ class Workload:
 
 
 async def _defaults_run(
-    workload: Workload, members: int = 1, redis_url: str | None = None
-) -> tuple[list[Any], float, MockProvider]:
+    workload: Defaults, members: int = 1, redis_url: str | None = None
+) -> tuple[list[Outcome], float, MockProvider]:
     """`members` client processes with the library's defaults (only time compressed) send
-    `workload.calls` wrapped chat completions in all; returns their reports, the
+    `workload.calls` wrapped chat completions in all; returns their outcomes, the
     steady-state utilisation of the binding limit the provider saw, and the provider.
 
     The binding limit is the rate that the calls, as the provider counts them, need the
@@ -161,65 +114,57 @@ async def _defaults_run(
         token_counting=workload.counting,
         tokenizer_factor=workload.tokenizer_factor,
     ) as provider:
-        tasks = max(80 // members, limits.concurrency or 0)
-        config = {
-            "defaults": True,
-            "provider": workload.provider,
-            "tier": workload.tier,
-            "overrides": dict(workload.overrides),
-            "prompt": workload.prompt,
-            "max_tokens": workload.max_tokens,
-            "url": redis_url,
-            "namespace": f"e2e-{uuid.uuid4().hex[:12]}",
-            "base_url": provider.base_url,
-            "calls": workload.calls // members,
-            "tasks": tasks,
-            "connections": tasks,
-            "timeout_s": 120,
-            "speed": workload.speed,
-            "stream": workload.stream,
-        }
-        reports = await _run_members(provider, config, members)
-    calls = provider.calls
-    period_s = 60 / workload.speed
-    by_usage = workload.counting == "usage"
-    shares = {
-        "rpm": steady_utilisation(
-            [call.arrived_s for call in calls], [1.0] * len(calls), limits.rpm or 0, period_s
-        ),
-    }
-    if limits.tpm:
-        shares["tpm"] = steady_utilisation(
-            [call.finished_s if by_usage else call.arrived_s for call in calls],
-            [
-                float(call.prompt_tokens + call.completion_tokens)
-                if by_usage
-                else float(call.reserved_tokens)
-                for call in calls
-            ],
-            limits.tpm,
-            period_s,
+        tasks = members * max(80 // members, limits.concurrency or 0)
+        run = Workload(
+            through="wrap",
+            calls=workload.calls,
+            tasks=tasks,
+            connections=tasks,
+            timeout_s=120,
+            provider=workload.provider,
+            tier=workload.tier,
+            speed=workload.speed,
+            account=dict(workload.overrides),
+            base_url=provider.base_url,
+            sdk_retries=2,  # the SDK's own retries, as a new user has them
+            stream=workload.stream,
+            prompt=workload.prompt,
+            max_tokens=(workload.max_tokens, workload.max_tokens),
+            redis_url=redis_url,
+            namespace=f"e2e-{uuid.uuid4().hex[:12]}",
         )
-    binding = max(shares, key=lambda name: shares[name])
-    rate_limited = sum(report["events"].get("RateLimited", 0) for report in reports)
+        outcomes = await Fleet(run, members).run()
+    calls = provider.calls
+    by_usage = workload.counting == "usage"
+    binding, used = binding_utilisation(
+        limits.compressed(workload.speed),
+        [call.arrived_s for call in calls],
+        [
+            (call.finished_s, float(call.prompt_tokens + call.completion_tokens))
+            if by_usage
+            else (call.arrived_s, float(call.reserved_tokens))
+            for call in calls
+        ],
+    )
+    total = Outcome.merged(outcomes)
     print(
         f"\n{members} process(es), {dataclasses.replace(workload, prompt='...')}: "
-        f"{[r['results'] for r in reports]} calls, "
-        f"steady state {', '.join(f'{k} {v:.1%}' for k, v in shares.items())}, "
-        f"{rate_limited} RateLimited, rejected {provider.statistics().rejected}"
+        f"{[o.results for o in outcomes]} calls, steady state {binding} {used:.1%}, "
+        f"{total.rate_limited} RateLimited, rejected {provider.statistics().rejected}, "
+        f"loop lag up to {total.max_lag_s * 1000:.0f} ms"
     )
-    assert [report["errors"] for report in reports] == [[]] * members
-    assert sum(report["results"] for report in reports) == workload.calls
+    assert [outcome.errors for outcome in outcomes] == [[]] * members
+    assert total.results == workload.calls
     assert provider.statistics().rejected == {}
-    assert rate_limited == 0
+    assert total.rate_limited == 0
     assert len(calls) == workload.calls
-    return reports, shares[binding], provider
+    return outcomes, used, provider
 
 
 async def test_one_process_fills_the_binding_rate_without_a_429() -> None:
     """600 wrapped calls from 80 tasks of one client process, the library's defaults: no
     429, and at least 95 % of the RPM (Moonshot Tier1: 200) in the steady state."""
-    _, used, _ = await _defaults_run(Workload(calls=600))
+    _, used, _ = await _defaults_run(Defaults(calls=600))
     assert used >= 0.95
 
 
@@ -227,7 +172,7 @@ async def test_one_process_of_streams_fills_the_binding_rate_without_a_429() -> 
     """The same with streamed answers, read to the end. A minute lasts 7.5 s: the SDK
     parses a stream chunk by chunk, and at 40 calls/s beside the rest of a test run its
     CPU, not ratekit, was what bound (94.5 % once)."""
-    _, used, _ = await _defaults_run(Workload(calls=500, stream=True, speed=8))
+    _, used, _ = await _defaults_run(Defaults(calls=500, stream=True, speed=8))
     assert used >= 0.95
 
 
@@ -239,14 +184,14 @@ async def test_four_processes_share_the_rate_through_redis_without_a_429(
     one provider: no 429, and together at least 95 % of the RPM in the steady state. A
     minute lasts 7.5 s: four SDK processes, Redis and the provider share 2 cores (95.0 %
     at 5 s once, inside a full test run)."""
-    _, used, _ = await _defaults_run(Workload(calls=600, speed=8), 4, redis_server.url)
+    _, used, _ = await _defaults_run(Defaults(calls=600, speed=8), 4, redis_server.url)
     assert used >= 0.95
 
 
 # INF Tier2: 80 RPM, 256,000 TPM, 8 in flight. A prompt the mock counts 1,250 tokens
 # for (times the tokenizer factor) and 3,000 tokens of output at most: the TPM binds.
 TPM_PROMPT = "word " * 1000
-TPM_WORKLOAD = Workload(
+TPM_WORKLOAD = Defaults(
     calls=200,
     speed=20,
     provider="infly",
@@ -293,23 +238,19 @@ async def test_a_provider_that_cuts_its_rpm_mid_run_loses_no_call(
     so against half the tier's 200 it would see one burst of 429s and never another.
     """
     calls = 300
-    outcome = Outcome()
-    scheduler = ratekit.Scheduler(make_account(), hooks=[outcome.record])
-    client = _client(provider)
+    workload = dataclasses.replace(SUBMITTED, calls=calls, base_url=provider.base_url)
 
     async def tighten() -> None:
         await anyio.sleep(0.5)
-        provider.set_limits(provider_limits().replace(rpm=RPM // 4))
+        provider.set_limits(SUBMITTED.provider_limits().replace(rpm=RPM // 4))
 
-    try:
-        await warm_up(client, 60)
+    async with Driver(workload) as driver:
+        assert driver.scheduler is not None
         with anyio.fail_after(30):
             async with anyio.create_task_group() as group:
                 group.start_soon(tighten)
-                await drive(scheduler, chat_call(client), outcome, calls=calls, tasks=200)
-    finally:
-        await client.close()
-    stats = await scheduler.statistics()
+                outcome = await driver.run()
+        stats = await driver.scheduler.statistics()
     print(
         f"\ntightened: {outcome.results} results, {outcome.events}, rejected "
         f"{provider.statistics().rejected}, factor now {stats.factors}"
@@ -335,16 +276,15 @@ async def test_one_burst_of_429s_adapts_the_limits_once(provider: MockProvider) 
     the previous one as "repeated", including answers to calls admitted before the
     first 429 was seen, so one burst of 429s scales the limits by 0.8 per answer.
     """
-    scheduler = ratekit.Scheduler(make_account())
-    client = _client(provider)
-    try:
-        await warm_up(client, 10)
+    workload = dataclasses.replace(
+        SUBMITTED, calls=10, tasks=10, connections=10, base_url=provider.base_url
+    )
+    async with Driver(workload) as driver:
+        assert driver.scheduler is not None
         provider.inject_429s(10, retry_after_s=0.05)
-        outcome = Outcome()
         with anyio.fail_after(10):
-            await drive(scheduler, chat_call(client), outcome, calls=10, tasks=10)
-    finally:
-        await client.close()
+            outcome = await driver.run()
+        factors = (await driver.scheduler.statistics()).factors
     assert outcome.results == 10
     assert provider.statistics().rejected == {"injected": 10}
-    assert (await scheduler.statistics()).factors["account"] >= 0.8
+    assert factors["account"] >= 0.8

@@ -6,28 +6,28 @@ enforces the tier exactly and answers 429 to anything beyond it. ratekit runs
 with the library's defaults (only time is compressed): its job is to send
 nothing the provider would refuse, and to leave nothing unused. The report says
 both: 429s, and the steady-state utilisation of the binding limit
-(`steady_utilisation`). With ``--plot`` a PNG shows what the provider admitted
-per window against the limits. ``--api anthropic`` sends the same workload through
-the `anthropic` client to the provider's Messages API instead of the `openai`
-client to its Chat Completions API (`_client` builds either).
+(`ratekit.testing.workload.binding_utilisation`). With ``--plot`` a PNG shows what
+the provider admitted per window against the limits, and the calls in flight
+against the cap. ``--api anthropic`` sends the same workload through the
+`anthropic` client to the provider's Messages API instead of the `openai` client
+to its Chat Completions API. The calls are made by the one workload driver
+(`ratekit.testing.workload`): a `Driver` in this process, or a `Fleet` of
+processes sharing the account through Redis.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
-import json
 import math
 import multiprocessing
 import random
 import sys
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 from rich.console import Console
@@ -37,176 +37,30 @@ from .._account import Account
 from .._errors import RatekitError
 from .._limits import Limits
 from .._profiles import API_NAMES, load_profile
-from .._scheduler import Scheduler
 from ..testing.mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
-from ..testing.simulation import steady_utilisation
+from ..testing.workload import (
+    Driver,
+    Fleet,
+    Outcome,
+    Workload,
+    WorkloadError,
+    binding_utilisation,
+)
 from ._types import AMOUNT, POSITIVE, InputError, make_console
 
-
-@dataclass(frozen=True)
-class CallMix:
-    """What the simulated callers send: `calls` chat requests of random sizes, a user
-    message of `prompt_words` words and `max_tokens` (inclusive ranges)."""
-
-    calls: int
-    seed: int
-    prompt_words: tuple[int, int] = (20, 400)
-    max_tokens: tuple[int, int] = (16, 256)
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
-def _requests(workload: CallMix, share: int, part: int) -> list[dict[str, Any]]:
-    """The bodies of part `part` (`share` calls) of the workload, as Chat Completions
-    requests without the model; `_messages_request` maps one to the Messages API."""
-    rng = random.Random(workload.seed * 1000 + part)
-    bodies = []
-    for _ in range(share):
-        words = rng.randint(*workload.prompt_words)
-        bodies.append(
-            {
-                "messages": [{"role": "user", "content": "word " * words}],
-                "max_tokens": rng.randint(*workload.max_tokens),
-            }
-        )
-    return bodies
-
-
-def _messages_request(body: dict[str, Any]) -> dict[str, Any]:
-    """A Chat Completions body (`_requests`) as a Messages API one: its system messages
-    become ``system``, the others stay in order, and ``max_tokens`` (required) is kept."""
-    messages = body["messages"]
-    request: dict[str, Any] = {
-        "messages": [message for message in messages if message["role"] != "system"],
-        "max_tokens": body["max_tokens"],
-    }
-    system = [message["content"] for message in messages if message["role"] == "system"]
-    if system:
-        request["system"] = "\n\n".join(system)
-    return request
-
-
-def _sdk(api: str) -> ModuleType:
-    """The SDK package of `api` ("openai" or "anthropic": each package and its ratekit extra
-    bear the API's name); a one-line `click.ClickException` naming the extra if missing."""
+def _sdk(api: str) -> None:
+    """A one-line `click.ClickException` naming the extra if the `api` SDK package (each
+    package and its ratekit extra bear the API's name) is missing."""
     try:
-        return importlib.import_module(api)
+        importlib.import_module(api)
     except ImportError:
         raise click.ClickException(
             f"--api {api} needs the {api} package: pip install 'ratekit[{api}]'"
         ) from None
-
-
-@dataclass(frozen=True)
-class _Client:
-    """A wrapped SDK client as the workload driver uses it, whichever API it speaks."""
-
-    # Sends one `_requests` body (awaits the answer); raises `failure` if the call failed.
-    send: Callable[[dict[str, Any]], Awaitable[object]]
-    # The SDK's base error (openai.OpenAIError, anthropic.AnthropicError).
-    failure: type[Exception]
-    # Closes the SDK client's connections.
-    close: Callable[[], Awaitable[None]]
-
-
-def _client(api: str, base_url: str, scheduler: Scheduler, model: str) -> _Client:
-    """The one place a simulation builds its client: the `api` SDK's async client at
-    `base_url` (the provider's URL for that API), its own retries off, wrapped by ratekit
-    on `scheduler`, sending `model`."""
-    from ..integrations._wrap import wrap
-
-    sdk = _sdk(api)
-    if api == "anthropic":
-        raw = sdk.AsyncAnthropic(base_url=base_url, api_key="simulation", max_retries=0)
-        messages = wrap(raw, scheduler).messages
-
-        async def send_message(body: dict[str, Any]) -> object:
-            return await messages.create(model=model, **_messages_request(body))
-
-        return _Client(send_message, sdk.AnthropicError, raw.close)
-    raw = sdk.AsyncOpenAI(base_url=base_url, api_key="simulation", max_retries=0)
-    completions = wrap(raw, scheduler).chat.completions
-
-    async def send_chat(body: dict[str, Any]) -> object:
-        return await completions.create(model=model, **body)
-
-    return _Client(send_chat, sdk.OpenAIError, raw.close)
-
-
-async def _drive(
-    api: str,
-    base_url: str,
-    account: Account,
-    bodies: list[dict[str, Any]],
-    workers: int,
-    model: str,
-    redis_url: str | None,
-    namespace: str,
-) -> dict[str, int]:
-    """Send `bodies` through ratekit from `workers` tasks, with the `api` client at
-    `base_url`; returns counts of outcomes."""
-    backend = None
-    if redis_url is not None:
-        from ..backends.redis import RedisBackend
-
-        backend = RedisBackend(redis_url, namespace=namespace)
-    scheduler = Scheduler(account, backend=backend)
-    client = _client(api, base_url, scheduler, model)
-    queue = deque(bodies)
-    outcome = {"ok": 0, "failed": 0}
-
-    async def worker() -> None:
-        while queue:
-            body = queue.popleft()
-            try:
-                await client.send(body)
-                outcome["ok"] += 1
-            except client.failure:
-                outcome["failed"] += 1
-
-    try:
-        await asyncio.gather(*(worker() for _ in range(workers)))
-        # Read while the backend is open: a closed RedisBackend answers nothing.
-        outcome["rate_limited"] = (await scheduler.statistics()).rate_limited
-    finally:
-        await client.close()
-        if backend is not None:
-            await backend.aclose()
-    return outcome
-
-
-def _process_main(arguments: str) -> None:
-    """One worker process of a multi-process simulation (arguments as JSON)."""
-    spec = json.loads(arguments)
-    account = _account(
-        spec["provider"], spec["tier"], spec["speed"], spec["margin_ms"], spec["pacing"]
-    )
-    workload = CallMix(spec["calls"], spec["seed"])
-    bodies = _requests(workload, spec["share"], spec["part"])
-    result = asyncio.run(
-        _drive(
-            spec["api"],
-            spec["base_url"],
-            account,
-            bodies,
-            spec["workers"],
-            spec["model"],
-            spec["redis"],
-            spec["namespace"],
-        )
-    )
-    print(json.dumps(result))
-
-
-def _account(
-    provider: str, tier: str, speed: float, margin_ms: float | None, pacing: bool
-) -> Account:
-    """The account as a user builds it: the library's defaults, time compressed; a margin
-    (real ms, never compressed) and pacing only when asked for."""
-    overrides: dict[str, Any] = {"period_scale": 1 / speed}
-    if margin_ms is not None:
-        overrides["margin_s"] = margin_ms / 1000
-    if pacing:
-        overrides["pacing"] = True
-    return Account(provider, tier=tier, **overrides)
 
 
 def window_series(
@@ -231,33 +85,81 @@ def window_series(
     return times, totals
 
 
-def plot(calls: list[CallRecord], limits: Limits, path: str, title: str) -> None:
-    """A PNG: requests and tokens admitted per window over time, against the limits."""
-    import matplotlib
+def in_flight_series(calls: list[CallRecord]) -> tuple[list[float], list[int]]:
+    """At each arrival and each end, the calls the provider was serving from then on.
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    A call ending at the instant another arrives has left first (it no longer counted
+    against the cap for the new one).
+    """
+    steps = sorted([(c.arrived_s, 1) for c in calls] + [(c.finished_s, -1) for c in calls])
+    times, counts = [], []
+    serving = 0
+    for at, step in steps:
+        serving += step
+        times.append(at)
+        counts.append(serving)
+    return times, counts
 
-    panels = [(rate, rate.unit) for rate in limits.all_rates if rate.unit in ("requests", "tokens")]
-    figure, axes = plt.subplots(len(panels) or 1, 1, figsize=(9, 3.2 * max(len(panels), 1)))
-    axes_list = list(axes) if len(panels) > 1 else [axes]
+
+# Below this share of its limit, a panel's use is drawn on a log scale, so that both the
+# use and the limit line are readable.
+_LOG_BELOW = 0.1
+# The room above the limit line for the legend (a factor of the limit; a log scale's).
+_HEADROOM, _HEADROOM_LOG = 1.3, 10.0
+
+
+def use_figure(calls: list[CallRecord], limits: Limits, title: str) -> Figure:
+    """What the provider admitted against the limits: per rate of requests or tokens, the
+    amount in the window ending at each arrival; with a cap, the calls in flight."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    rates = [rate for rate in limits.all_rates if rate.unit in ("requests", "tokens")]
+    panels = len(rates) + (limits.concurrency is not None)
+    figure = Figure(figsize=(9, 3.2 * max(panels, 1)))
+    axes = list(figure.subplots(max(panels, 1), 1, sharex=True, squeeze=False)[:, 0])
     start = min((c.arrived_s for c in calls), default=0.0)
-    for axis, (rate, unit) in zip(axes_list, panels, strict=False):
-        times, totals = window_series(calls, rate.period_s, unit)
+    # Plain numbers with thousands separators: no "1e6" offset above the axis.
+    plain = FuncFormatter(lambda value, _: f"{value:,.0f}")
+    for axis, rate in zip(axes, rates, strict=False):
+        times, totals = window_series(calls, rate.period_s, rate.unit)
         axis.plot([t - start for t in times], totals, drawstyle="steps-post", label="admitted")
         axis.axhline(rate.limit, color="red", linestyle="--", label=f"limit {rate.limit:,.0f}")
-        axis.set_ylabel(f"{unit} per window")
         axis.set_title(
-            f"{rate.name}: {unit} the provider admitted in the {rate.period_s:g} s window"
+            f"{rate.name}: {rate.unit} the provider admitted in the {rate.period_s:g} s window"
             " ending at each arrival"
         )
-        axis.set_ylim(0, rate.limit * 1.15)
-        axis.legend(loc="lower right")
-    axes_list[-1].set_xlabel("seconds since the first call (compressed time)")
+        peak = max(totals, default=0.0)
+        if 0 < peak < rate.limit * _LOG_BELOW:
+            axis.set_yscale("log")
+            axis.set_ylim(min(t for t in totals if t > 0) / 2, rate.limit * _HEADROOM_LOG)
+            axis.set_ylabel(f"{rate.unit} per window (log)")
+        else:
+            axis.set_ylim(0, max(rate.limit, peak) * _HEADROOM)
+            axis.set_ylabel(f"{rate.unit} per window")
+        axis.yaxis.set_major_formatter(plain)
+        axis.yaxis.set_minor_formatter(NullFormatter())
+        axis.legend(loc="upper right", ncol=2)
+    if limits.concurrency is not None:
+        axis = axes[len(rates)]
+        cap = limits.concurrency
+        times, counts = in_flight_series(calls)
+        axis.plot([t - start for t in times], counts, drawstyle="steps-post", label="in flight")
+        axis.axhline(cap, color="red", linestyle="--", label=f"cap {cap:,}")
+        axis.set_title("concurrency: calls the provider was serving at each instant")
+        axis.set_ylabel("calls in flight")
+        axis.set_ylim(0, max([cap, *counts]) * _HEADROOM)
+        axis.yaxis.set_major_formatter(plain)
+        axis.legend(loc="upper right", ncol=2)
+    axes[-1].set_xlabel("seconds since the first call (compressed time)")
     figure.suptitle(title)
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    return figure
+
+
+def plot(calls: list[CallRecord], limits: Limits, path: str, title: str) -> None:
+    """A PNG of `use_figure`."""
+    use_figure(calls, limits, title).savefig(path, dpi=110)
 
 
 @dataclass
@@ -268,9 +170,10 @@ class _Run:
     statistics: MockProviderStatistics
 
 
-async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], _Run]:
-    profile = load_profile(options["provider"])
-    tier = profile.tier(options["tier"])
+async def _simulate(options: dict[str, Any]) -> tuple[Outcome, float, _Run]:
+    """The workload through ratekit into the strict provider: what the client saw, the
+    seconds it took, and what the provider saw."""
+    tier = load_profile(options["provider"]).tier(options["tier"])
     provider_limits = tier.limits(model=options["model_limits"])
     speed = options["speed"]
     server = ProviderProcess(
@@ -278,78 +181,48 @@ async def _simulate(options: dict[str, Any]) -> tuple[dict[str, Any], _Run]:
     )
     await server.start()
     started = time.monotonic()
-    workload = CallMix(options["calls"], options["seed"])
-    # Where the provider serves each API (the Anthropic SDK adds /v1 itself).
-    base_url = {"openai": server.base_url, "anthropic": server.anthropic_base_url}[options["api"]]
+    account: dict[str, Any] = {}
+    if options["margin_ms"] is not None:  # real ms, never compressed
+        account["margin_s"] = options["margin_ms"] / 1000
+    if options["pacing"]:
+        account["pacing"] = True
+    # As a user builds it: the library's defaults, time compressed; a margin and pacing
+    # only when asked for. Random prompts of 20-400 words, 16-256 tokens of output.
+    workload = Workload(
+        through="wrap",
+        calls=options["calls"],
+        tasks=options["workers"],
+        timeout_s=3600.0,
+        provider=options["provider"],
+        tier=tier.name,
+        speed=speed,
+        account=account,
+        # Where the provider serves each API (the Anthropic SDK adds /v1 itself).
+        base_url={"openai": server.base_url, "anthropic": server.anthropic_base_url}[
+            options["api"]
+        ],
+        api=options["api"],
+        model=options["model"],
+        prompt_words=(20, 400),
+        max_tokens=(16, 256),
+        seed=options["seed"],
+        redis_url=options["redis"],
+        namespace=options["namespace"],
+    )
     try:
         if options["processes"] > 1:
-            outcome = await _in_processes(options, workload, base_url)
+            try:
+                outcome = Outcome.merged(await Fleet(workload, options["processes"]).run())
+            except WorkloadError as exc:
+                raise click.ClickException(f"a simulation process failed: {exc}") from None
         else:
-            account = _account(
-                options["provider"], tier.name, speed, options["margin_ms"], options["pacing"]
-            )
-            bodies = _requests(workload, workload.calls, 0)
-            outcome = await _drive(
-                options["api"],
-                base_url,
-                account,
-                bodies,
-                options["workers"],
-                options["model"],
-                options["redis"],
-                options["namespace"],
-            )
-        elapsed = time.monotonic() - started
+            async with Driver(workload) as driver:
+                outcome = await driver.run()
+        elapsed_s = time.monotonic() - started
         run = _Run(await server.calls(), await server.statistics())
     finally:
         await server.close()
-    report: dict[str, Any] = {**outcome, "elapsed_s": elapsed}
-    return report, run
-
-
-async def _in_processes(
-    options: dict[str, Any], workload: CallMix, base_url: str
-) -> dict[str, int]:
-    count = options["processes"]
-    shares = [
-        workload.calls // count + (1 if i < workload.calls % count else 0) for i in range(count)
-    ]
-    spec = {
-        key: options[key]
-        for key in (
-            "api",
-            "provider",
-            "tier",
-            "speed",
-            "margin_ms",
-            "pacing",
-            "model",
-            "redis",
-            "namespace",
-        )
-    }
-    spec.update({"calls": workload.calls, "seed": workload.seed, "base_url": base_url})
-    spec["workers"] = max(1, options["workers"] // count)
-    processes = []
-    for part, share in enumerate(shares):
-        arguments = json.dumps({**spec, "share": share, "part": part})
-        processes.append(
-            await asyncio.create_subprocess_exec(
-                sys.executable,
-                "-c",
-                "from ratekit.cli._simulate_cmd import _process_main; "
-                f"_process_main({arguments!r})",
-                stdout=asyncio.subprocess.PIPE,
-            )
-        )
-    total = {"ok": 0, "failed": 0, "rate_limited": 0}
-    for process in processes:
-        stdout, _ = await process.communicate()
-        if process.returncode != 0:
-            raise click.ClickException(f"a simulation process failed (exit {process.returncode})")
-        for key, value in json.loads(stdout.decode().strip().splitlines()[-1]).items():
-            total[key] += value
-    return total
+    return outcome, elapsed_s, run
 
 
 def _counts(counts: dict[str, int]) -> str:
@@ -360,30 +233,8 @@ def _by_dimension(rejected: dict[str, int]) -> str:
     return f" ({_counts(rejected)})" if rejected else ""
 
 
-def binding_utilisation(calls: list[CallRecord], limits: Limits) -> tuple[str, float]:
-    """The rate the run used most of in its steady state, and that share of it.
-
-    Requests count at arrival; tokens as the provider counts them (prompt + max
-    output at arrival). NaN for a run too short to have a steady state.
-    """
-    best_name, best = "none", math.nan
-    for rate in limits.all_rates:
-        if rate.unit == "requests":
-            amounts = [1.0] * len(calls)
-        elif rate.unit == "tokens":
-            amounts = [float(call.reserved_tokens) for call in calls]
-        else:
-            continue
-        share = steady_utilisation(
-            [call.arrived_s for call in calls], amounts, rate.limit, rate.period_s
-        )
-        if not math.isnan(share) and (math.isnan(best) or share > best):
-            best_name, best = rate.name, share
-    return best_name, best
-
-
 def _report(
-    console: Console, outcome: dict[str, Any], run: _Run, limits: Limits, title: str
+    console: Console, outcome: Outcome, elapsed_s: float, run: _Run, limits: Limits, title: str
 ) -> int:
     stats = run.statistics
     table = Table(title=title)
@@ -392,19 +243,25 @@ def _report(
     for name, (peak, limit) in stats.peak_use.items():
         table.add_row(name, f"{peak:,.0f}", f"{limit:,.0f}", f"{peak / limit:.0%}")
     console.print(table)
-    name, share = binding_utilisation(run.calls, limits)
+    name, share = binding_utilisation(
+        limits,
+        [call.arrived_s for call in run.calls],
+        [(call.arrived_s, float(call.reserved_tokens)) for call in run.calls],
+    )
     if math.isnan(share):
         console.print("steady-state utilisation: the run is too short to have a steady state")
     else:
         console.print(f"steady-state utilisation of the binding limit ({name}): {share:.1%}")
     console.print(f"served by endpoint: {_counts(stats.served_by_endpoint) or 'none'}")
     # The verdict last: calls, and the provider's 429s.
-    rejected = sum(stats.rejected.values())
+    rejected, failed = sum(stats.rejected.values()), len(outcome.errors)
+    if failed:
+        console.print(f"first failure: {outcome.errors[0]}", markup=False)
     console.print(
-        f"calls: {outcome['ok']} ok, {outcome['failed']} failed; 429s at the provider: "
-        f"{rejected}{_by_dimension(stats.rejected)}; elapsed {outcome['elapsed_s']:.2f} s"
+        f"calls: {outcome.results} ok, {failed} failed; 429s at the provider: "
+        f"{rejected}{_by_dimension(stats.rejected)}; elapsed {elapsed_s:.2f} s"
     )
-    return 0 if rejected == 0 and outcome["failed"] == 0 else 1
+    return 0 if rejected == 0 and failed == 0 else 1
 
 
 def _check_redis_url(url: str) -> None:
@@ -526,10 +383,10 @@ def simulate_command(
         f"tpm {limits.tpm}, tpd {limits.tpd}; {calls} calls, {workers} tasks, "
         f"{processes} process(es), time x{speed:g}, {api} API"
     )
-    outcome, run = asyncio.run(_simulate(options))
+    outcome, elapsed_s, run = asyncio.run(_simulate(options))
     title = f"{provider} {tier_name}: what the strict provider admitted"
     compressed = profile.tier(tier_name).limits(model_limits).compressed(speed)
-    code = _report(console, outcome, run, compressed, title)
+    code = _report(console, outcome, elapsed_s, run, compressed, title)
     if plot_path:
         plot(run.calls, compressed, plot_path, f"{provider} {tier_name}, x{speed:g}")
         console.print(f"plot: {plot_path}")

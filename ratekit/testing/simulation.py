@@ -1,20 +1,18 @@
-"""A strict in-process provider and a workload driver: ratekit's main job, offline.
+"""A strict in-process provider, and ratekit's main job against it, offline.
 
 `StrictProvider` enforces limits the way a provider that counts rolling windows
 does, exactly (a log of every arrival, no slices, no slack: `StrictWindows`) and
 answers "429" on any excess. `simulate` drives a batch of calls from many tasks
-through a `Limiter` into it and reports 429s and how much of each limit was
-used. No network, no Redis, no API key.
+(`workload.drive`) through a `Limiter` into it and reports 429s and how much of
+each limit was used (`workload.binding_utilisation`). No network, no Redis, no
+API key.
 """
 
 from __future__ import annotations
 
-import bisect
-import contextlib
 import math
 import random
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -23,6 +21,7 @@ import anyio
 from .._limiter import Limiter
 from .._limits import Limits, TokenCounting
 from ._strict import StrictRefusal, StrictWindows
+from .workload import binding_utilisation, drive
 
 
 class ProviderRefusedError(Exception):
@@ -93,6 +92,8 @@ class SimulationReport:
     rate_limited: dict[str, int]
     elapsed_s: float
     peak_use: dict[str, tuple[float, float]]
+    # The rate the run used most of in its steady state ("none" for a run too short to
+    # have one), and that share of it (`binding_utilisation`).
     binding: str
     binding_utilisation: float
 
@@ -104,10 +105,13 @@ class SimulationReport:
         ]
         for name, (peak, limit) in self.peak_use.items():
             out.append(f"  {name:<12} peak in any window {peak:>12,.0f} of {limit:>12,.0f}")
-        out.append(
-            f"binding limit: {self.binding}, steady-state utilisation "
-            f"{self.binding_utilisation:.1%} of it"
-        )
+        if math.isnan(self.binding_utilisation):
+            out.append("steady-state utilisation: the run is too short to have a steady state")
+        else:
+            out.append(
+                f"binding limit: {self.binding}, steady-state utilisation "
+                f"{self.binding_utilisation:.1%} of it"
+            )
         return out
 
 
@@ -124,30 +128,32 @@ async def simulate(
 
     Each call reserves a random token count within `tokens` and lasts a random
     time within `duration_s`. Use compressed limits (``limits.compressed(60)``)
-    so that a minute's traffic runs in a second.
+    so that a minute's traffic runs in a second; a steady state needs a run of at
+    least 1.5 periods of the binding rate.
     """
     rng = random.Random(seed)
     provider = StrictProvider(limits)
     limiter = Limiter(limits)
-    jobs = deque((rng.randint(*tokens), rng.uniform(*duration_s)) for _ in range(calls))
-    totals = {"requests": float(calls), "tokens": float(sum(job[0] for job in jobs))}
+    jobs = [(rng.randint(*tokens), rng.uniform(*duration_s)) for _ in range(calls)]
+
+    async def call(index: int) -> float:
+        job_tokens, job_s = jobs[index]
+        async with limiter.acquire(tokens=job_tokens) as permit:
+            try:
+                used = await provider.call(job_tokens, job_s)
+            except ProviderRefusedError as refusal:  # counted by the provider
+                refused = refusal
+            else:
+                permit.settle(tokens=used)
+                return used
+        raise refused
+
     started = time.monotonic()
-
-    async def worker() -> None:
-        while jobs:
-            job_tokens, job_s = jobs.popleft()
-            async with limiter.acquire(tokens=job_tokens) as permit:
-                with contextlib.suppress(ProviderRefusedError):  # counted by the provider
-                    permit.settle(tokens=await provider.call(job_tokens, job_s))
-
-    async with anyio.create_task_group() as group:
-        for _ in range(workers):
-            group.start_soon(worker)
+    await drive(call, calls=calls, tasks=workers, failures=(ProviderRefusedError,))
     elapsed_s = time.monotonic() - started
-    binding, utilisation = _binding(limits, totals, elapsed_s)
-    steady = _steady(limits, provider.arrivals, binding)
-    if not math.isnan(steady):
-        utilisation = steady
+    binding, utilisation = binding_utilisation(
+        limits, [stamp for stamp, _ in provider.arrivals], provider.arrivals
+    )
     return SimulationReport(
         calls=calls,
         served=provider.served,
@@ -157,71 +163,3 @@ async def simulate(
         binding=binding,
         binding_utilisation=utilisation,
     )
-
-
-def _steady(limits: Limits, arrivals: list[tuple[float, float]], binding: str) -> float:
-    """The steady-state utilisation of rate `binding` (see `steady_utilisation`); NaN for a
-    run of less than two periods, too short for a steady state to be told from its start."""
-    stamps = [stamp for stamp, _ in arrivals]
-    for rate in limits.all_rates:
-        if rate.name == binding and rate.unit in ("requests", "tokens"):
-            if not stamps or max(stamps) - min(stamps) < 2 * rate.period_s:
-                return math.nan
-            stamps = [stamp for stamp, _ in arrivals]
-            amounts = [1.0 if rate.unit == "requests" else tokens for _, tokens in arrivals]
-            return steady_utilisation(stamps, amounts, rate.limit, rate.period_s)
-    return math.nan
-
-
-def _binding(limits: Limits, totals: dict[str, float], elapsed_s: float) -> tuple[str, float]:
-    """The rate that bounds the run's length, and the share of it the run achieved.
-
-    A rate of N per P seconds admits at most N at once and N more every P after,
-    so a total of T cannot all be admitted before ``ceil(T / N - 1) * P`` seconds;
-    the binding rate is the one needing longest, and utilisation is that floor
-    over the elapsed time.
-    """
-    best_name, best_floor = "none", 0.0
-    for rate in limits.all_rates:
-        if rate.unit not in totals:
-            continue
-        floor_s = max(math.ceil(totals[rate.unit] / rate.limit - 1), 0) * rate.period_s
-        if floor_s > best_floor:
-            best_name, best_floor = rate.name, floor_s
-    if best_floor == 0 or elapsed_s <= 0:
-        return best_name, math.nan
-    return best_name, min(best_floor / elapsed_s, 1.0)
-
-
-def steady_utilisation(
-    stamps: list[float], amounts: list[float], limit: float, period_s: float
-) -> float:
-    """How much of a rate a run used in its steady state, as the provider saw it.
-
-    `stamps` are the provider's arrival instants (any order) and `amounts` what
-    each counted. The mean amount in a window of `period_s`, over the windows that
-    start after the first half period of the run and end before its last arrival
-    (sampled at 200 starts), divided by `limit`. NaN for a run shorter than 1.5
-    periods, which has no steady state.
-    """
-    if len(stamps) != len(amounts):
-        raise ValueError("steady_utilisation: one amount per stamp")
-    if not stamps:
-        return math.nan
-    order = sorted(range(len(stamps)), key=stamps.__getitem__)
-    times = [stamps[i] for i in order]
-    prefix = [0.0]
-    for i in order:
-        prefix.append(prefix[-1] + amounts[i])
-    first = times[0] + period_s / 2
-    last = times[-1] - period_s  # the last window ends at the last arrival
-    if last < first:
-        return math.nan
-    samples = 200
-    total = 0.0
-    for k in range(samples):
-        start = first + (last - first) * k / (samples - 1)
-        low = bisect.bisect_left(times, start)
-        high = bisect.bisect_left(times, start + period_s)
-        total += prefix[high] - prefix[low]
-    return total / samples / limit

@@ -11,7 +11,7 @@ import math
 import unicodedata
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, TypedDict, Unpack
 
 from ._errors import InvalidCostError, MissingPriceError, UnknownBillingItemError
 from ._limits import check_amount, show
@@ -280,6 +280,16 @@ class CacheMultiples:
         )
 
 
+class Charge(TypedDict, total=False):
+    """The keywords every relay billing verb takes after its own amounts and hands to
+    `RelayBilling.final_charge`: `channel_discount` and `user_discount` (fractions, 1
+    when left out) and `fields`, the request fields whose price multipliers apply."""
+
+    channel_discount: float
+    user_discount: float
+    fields: Iterable[str]
+
+
 @dataclass(frozen=True, slots=True)
 class RelayBilling:
     """A relay platform's billing rules.
@@ -290,6 +300,8 @@ class RelayBilling:
     default to 1 (no discount). `multiple_items` maps each rate-multiple billing item to
     the side (input or output) whose tokens it adjusts; `field_multipliers` maps a
     request field to its price multiplier. `cny_per_usd` is the platform's exchange rate.
+    Every billing verb (`token_cost`, `cache_token_cost`, `request_cost`, `second_cost`,
+    `megapixel_cost`, `image_cost`) takes the discounts and fields as `Charge` keywords.
     """
 
     cny_per_usd: float
@@ -312,12 +324,12 @@ class RelayBilling:
         fields: Iterable[str] = (),
     ) -> float:
         """``cost x channel_discount x user_discount``, times each named field's multiplier."""
-        charge = check_amount("cost", cost)
-        charge *= check_amount("channel_discount", channel_discount)
-        charge *= check_amount("user_discount", user_discount)
+        amount = check_amount("cost", cost)
+        amount *= check_amount("channel_discount", channel_discount)
+        amount *= check_amount("user_discount", user_discount)
         for name in fields:
-            charge *= self.field_multiplier(name)
-        return charge
+            amount *= self.field_multiplier(name)
+        return amount
 
     def adjusted_tokens(
         self, input_tokens: float, output_tokens: float, extras: Iterable[ExtraTokens] = ()
@@ -342,9 +354,7 @@ class RelayBilling:
         input_price: float,
         output_price: float,
         extras: Iterable[ExtraTokens] = (),
-        channel_discount: float = 1.0,
-        user_discount: float = 1.0,
-        fields: Iterable[str] = (),
+        **charge: Unpack[Charge],
     ) -> float:
         """Token billing: ``(in / unit x input_price + out / unit x output_price)``, then
         discounts and field multipliers; `extras` adjust the token counts first."""
@@ -352,9 +362,7 @@ class RelayBilling:
         unit = self.tokens_per_price_unit
         cost = billed_in / unit * check_amount("input_price", input_price)
         cost += billed_out / unit * check_amount("output_price", output_price)
-        return self.final_charge(
-            cost, channel_discount=channel_discount, user_discount=user_discount, fields=fields
-        )
+        return self.final_charge(cost, **charge)
 
     def cache_token_cost(
         self,
@@ -368,9 +376,7 @@ class RelayBilling:
         cache_write_1h_tokens: float = 0,
         cache_read_tokens: float = 0,
         extras: Iterable[ExtraTokens] = (),
-        channel_discount: float = 1.0,
-        user_discount: float = 1.0,
-        fields: Iterable[str] = (),
+        **charge: Unpack[Charge],
     ) -> float:
         """Token billing of a call with prompt-cache tokens (Claude's, generally).
 
@@ -405,72 +411,33 @@ class RelayBilling:
             input_price=input_price,
             output_price=output_price,
             extras=(*cache_extras, *extras),
-            channel_discount=channel_discount,
-            user_discount=user_discount,
-            fields=fields,
+            **charge,
         )
 
     def request_cost(
-        self,
-        *,
-        input_price: float,
-        requests: float = 1,
-        channel_discount: float = 1.0,
-        user_discount: float = 1.0,
-        fields: Iterable[str] = (),
+        self, *, input_price: float, requests: float = 1, **charge: Unpack[Charge]
     ) -> float:
         """Per-request billing: ``requests x input_price``, then discounts and multipliers."""
         cost = check_amount("requests", requests) * check_amount("input_price", input_price)
-        return self.final_charge(
-            cost, channel_discount=channel_discount, user_discount=user_discount, fields=fields
-        )
+        return self.final_charge(cost, **charge)
 
-    def second_cost(
-        self,
-        *,
-        input_price: float,
-        seconds: float,
-        channel_discount: float = 1.0,
-        user_discount: float = 1.0,
-        fields: Iterable[str] = (),
-    ) -> float:
+    def second_cost(self, *, input_price: float, seconds: float, **charge: Unpack[Charge]) -> float:
         """Per-second billing (video): ``input_price x seconds``, then discounts and multipliers."""
         cost = check_amount("input_price", input_price) * check_amount("seconds", seconds)
-        return self.final_charge(
-            cost, channel_discount=channel_discount, user_discount=user_discount, fields=fields
-        )
+        return self.final_charge(cost, **charge)
 
     def megapixel_cost(
-        self,
-        *,
-        input_price: float,
-        width_px: float,
-        height_px: float,
-        channel_discount: float = 1.0,
-        user_discount: float = 1.0,
-        fields: Iterable[str] = (),
+        self, *, input_price: float, width_px: float, height_px: float, **charge: Unpack[Charge]
     ) -> float:
         """Per-megapixel billing: ``width x height / 1,000,000 x input_price``, then discounts."""
         pixels = check_amount("width_px", width_px) * check_amount("height_px", height_px)
         cost = pixels / PIXELS_PER_MEGAPIXEL * check_amount("input_price", input_price)
-        return self.final_charge(
-            cost, channel_discount=channel_discount, user_discount=user_discount, fields=fields
-        )
+        return self.final_charge(cost, **charge)
 
-    def image_cost(
-        self,
-        *,
-        input_price: float,
-        images: float,
-        channel_discount: float = 1.0,
-        user_discount: float = 1.0,
-        fields: Iterable[str] = (),
-    ) -> float:
+    def image_cost(self, *, input_price: float, images: float, **charge: Unpack[Charge]) -> float:
         """Per-image billing: ``images x input_price``, then discounts and multipliers."""
         cost = check_amount("images", images) * check_amount("input_price", input_price)
-        return self.final_charge(
-            cost, channel_discount=channel_discount, user_discount=user_discount, fields=fields
-        )
+        return self.final_charge(cost, **charge)
 
     def to_cny(self, amount_usd: float) -> float:
         """`amount_usd` in yuan at the platform's rate."""

@@ -25,7 +25,7 @@ import zoneinfo
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 from ._errors import (
     InvalidArgumentError,
@@ -236,14 +236,23 @@ class Tier:
         return LimitNumbers(**strictest)
 
     def _model_override(self, model: str) -> LimitNumbers | None:
-        wanted = model.casefold()
-        for candidate in self.models:
-            if candidate.name.casefold() == wanted:
-                return candidate.limits_for(self.name)
+        found = _named(self.models, model)
+        if found is not None:
+            return found.limits_for(self.name)
         if any(candidate.limits_by_tier for candidate in self.models):
             names = [candidate.name for candidate in self.models]
             raise UnknownModelError(model, names, f"profile {self.provider!r}")
         return None
+
+
+# What a profile finds by name: a tier or a model.
+_Entry = TypeVar("_Entry", Tier, Model)
+
+
+def _named(entries: Iterable[_Entry], name: str) -> _Entry | None:
+    """The first of `entries` called `name`, names compared case-insensitively."""
+    wanted = name.casefold()
+    return next((entry for entry in entries if entry.name.casefold() == wanted), None)
 
 
 # Hosts that never leave the machine: a base URL there may be plain http.
@@ -379,11 +388,10 @@ class Profile:
 
     def tier(self, name: str) -> Tier:
         """The tier called `name` (case-insensitive); `UnknownTierError` lists the others."""
-        wanted = name.casefold()
-        for tier in self.tiers:
-            if tier.name.casefold() == wanted:
-                return tier
-        raise UnknownTierError(name, self.tier_names, f"profile {self.provider!r}")
+        found = _named(self.tiers, name)
+        if found is None:
+            raise UnknownTierError(name, self.tier_names, f"profile {self.provider!r}")
+        return found
 
     def tier_for_top_up(self, top_up: float) -> Tier | None:
         """The highest tier a cumulative top-up of `top_up` (profile currency) reaches.
@@ -398,11 +406,10 @@ class Profile:
 
     def model(self, name: str) -> Model:
         """The listed model `name` (case-insensitive); `UnknownModelError` lists the others."""
-        wanted = name.casefold()
-        for model in self.models:
-            if model.name.casefold() == wanted:
-                return model
-        raise UnknownModelError(name, self.model_names, f"profile {self.provider!r}")
+        found = _named(self.models, name)
+        if found is None:
+            raise UnknownModelError(name, self.model_names, f"profile {self.provider!r}")
+        return found
 
     def with_overrides(self, tier: str, **numbers: int | float | None) -> Profile:
         """A copy whose tier `tier` has some tier-level numbers replaced.
@@ -456,6 +463,20 @@ class _Reader:
         for key in keys:
             if key not in data:
                 self.fail(_join(path, key), "required key is missing")
+
+    def unique_name(
+        self, seen: dict[str, tuple[str, str]], name: str, path: str, what: str
+    ) -> None:
+        """Fail when `name`, of the entry at `path`, repeats the name of an earlier entry
+        (names are case-insensitive), else remember it in `seen` (folded name: the entry's
+        path and name). `what` is whose names they are ("tier", "model")."""
+        first_path, first_name = seen.setdefault(name.casefold(), (path, name))
+        if first_path != path:
+            self.fail(
+                _join(path, "name"),
+                f"{name!r} duplicates {first_path}.name {first_name!r} "
+                f"({what} names are case-insensitive)",
+            )
 
     def string(self, value: object, path: str) -> str:
         if not isinstance(value, str) or not value.strip():
@@ -534,18 +555,10 @@ def _threshold_label(tier: Tier) -> str:
 
 
 def _check_tier_order(reader: _Reader, tiers: list[Tier]) -> None:
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for index, tier in enumerate(tiers):
         path = _join("tiers", index)
-        folded = tier.name.casefold()
-        if folded in seen:
-            first = seen[folded]
-            reader.fail(
-                _join(path, "name"),
-                f"{tier.name!r} duplicates tiers[{first}].name {tiers[first].name!r} "
-                "(tier names are case-insensitive)",
-            )
-        seen[folded] = index
+        reader.unique_name(seen, tier.name, path, "tier")
         if index == 0:
             continue
         previous = tiers[index - 1]
@@ -611,20 +624,13 @@ def _read_model_limits(
 
 def _read_models(reader: _Reader, value: object, tier_names: tuple[str, ...]) -> list[Model]:
     models: list[Model] = []
-    seen: dict[str, int] = {}
+    seen: dict[str, tuple[str, str]] = {}
     for index, row in enumerate(reader.array(value, "models")):
         path = _join("models", index)
         data = reader.table(row, path, _MODEL_KEYS)
         reader.require(data, path, ["name"])
         name = reader.string(data["name"], _join(path, "name"))
-        if name.casefold() in seen:
-            first = seen[name.casefold()]
-            reader.fail(
-                _join(path, "name"),
-                f"{name!r} duplicates models[{first}].name {models[first].name!r} "
-                "(model names are case-insensitive)",
-            )
-        seen[name.casefold()] = index
+        reader.unique_name(seen, name, path, "model")
         prices = _read_prices(reader, data.get("prices", {}), _join(path, "prices"), name)
         limits = {}
         if "limits" in data:

@@ -25,7 +25,37 @@ from ._limits import Rate
 _EPSILON = 1e-12
 
 
-class SlicedWindow:
+class _Holding:
+    """What both windows do alike with the amounts of calls in flight (held): they count
+    until released, whatever the time."""
+
+    __slots__ = ("_held", "limit")
+
+    _held: float  # amounts of calls in flight; they never expire on their own
+    limit: float
+
+    @property
+    def held(self) -> float:
+        """The amount held by calls in flight."""
+        return self._held
+
+    def record(self, now: float, amount: float) -> int:
+        """Count `amount` at `now`; returns the slice index it landed in."""
+        raise NotImplementedError
+
+    def settle_usage(self, now: float, reserved: float, real: float) -> None:
+        """Settle a held call the ``usage`` way: drop the hold, count `real` from now."""
+        self.unhold(reserved)
+        self.record(now, real)
+
+    def unhold(self, amount: float) -> None:
+        """Stop counting a held amount."""
+        self._held -= amount
+        if self._held < self.limit * _EPSILON:
+            self._held = 0.0
+
+
+class SlicedWindow(_Holding):
     """The in-use amount of one rolling rate, as a ring of live slices.
 
     At most ``slices + 1 + ceil(margin_s / slice_s)`` slices are live at once.
@@ -37,13 +67,11 @@ class SlicedWindow:
     __slots__ = (
         "_ceiling",
         "_first_expiry_s",
-        "_held",
         "_last_end_s",
         "_last_start_s",
         "_pace_next_s",
         "_slices",
         "_total",
-        "limit",
         "margin_s",
         "name",
         "pacing",
@@ -116,11 +144,6 @@ class SlicedWindow:
         """The amount counting against the limit at `now`: live slices plus holds."""
         self.expire(now)
         return self._total + self._held
-
-    @property
-    def held(self) -> float:
-        """The amount held by calls in flight."""
-        return self._held
 
     def wait_s(self, now: float, amount: float) -> float:
         """Seconds from `now` until `amount` fits; 0 when it fits now.
@@ -204,11 +227,6 @@ class SlicedWindow:
         self._held += amount
         return math.floor(now / self.slice_s)
 
-    def settle_usage(self, now: float, reserved: float, real: float) -> None:
-        """Settle a held call the ``usage`` way: drop the hold, count `real` from now."""
-        self.unhold(reserved)
-        self.record(now, real)
-
     def settle_safe(
         self, now: float, index: int, held: float, real: float, reserved: float | None = None
     ) -> None:
@@ -272,14 +290,8 @@ class SlicedWindow:
         self._add(new, amount)
         return new
 
-    def unhold(self, amount: float) -> None:
-        """Stop counting a held amount."""
-        self._held -= amount
-        if self._held < self.limit * _EPSILON:
-            self._held = 0.0
 
-
-class CalendarWindow:
+class CalendarWindow(_Holding):
     """The in-use amount of a daily rate that resets at midnight in a time zone.
 
     The day is a wall-clock matter, everything else is not: `sync(now, wall)`
@@ -295,10 +307,8 @@ class CalendarWindow:
         "_day_end_s",
         "_day_end_wall_s",
         "_day_start_wall_s",
-        "_held",
         "_total",
         "_zone",
-        "limit",
         "name",
     )
 
@@ -340,10 +350,6 @@ class CalendarWindow:
     def used(self, now: float) -> float:
         return self._total + self._held
 
-    @property
-    def held(self) -> float:
-        return self._held
-
     def wait_s(self, now: float, amount: float) -> float:
         ceiling = self.limit * (1 + _EPSILON)
         used = self._total + self._held
@@ -363,10 +369,6 @@ class CalendarWindow:
     def hold_at(self, now: float, amount: float) -> int:
         self._held += amount
         return int(self._day_start_wall_s)
-
-    def settle_usage(self, now: float, reserved: float, real: float) -> None:
-        self.unhold(reserved)
-        self.record(now, real)
 
     def settle_safe(
         self, now: float, index: int, held: float, real: float, reserved: float | None = None
@@ -394,11 +396,6 @@ class CalendarWindow:
     def move(self, now: float, index: int, amount: float) -> int:
         """A request's day does not change when it is sent a moment after its admission."""
         return index
-
-    def unhold(self, amount: float) -> None:
-        self._held -= amount
-        if self._held < self.limit * _EPSILON:
-            self._held = 0.0
 
 
 Window = SlicedWindow | CalendarWindow

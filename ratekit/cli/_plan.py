@@ -32,7 +32,7 @@ import json
 import math
 import re
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from typing import Any
 
@@ -65,6 +65,13 @@ class PlanError(RatekitError, ValueError):
 # --- workloads -------------------------------------------------------------------------
 
 
+def _check_count(name: str, value: object) -> int:
+    """`value`, a count of requests or tokens: an int >= 0, else `PlanError` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise PlanError(f"{name} must be an int >= 0, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class RequestTokens:
     """One request's estimated `prompt_tokens` and maximum `output_tokens` (tokens, >= 0)."""
@@ -94,9 +101,7 @@ class Workload:
 
     def __post_init__(self) -> None:
         for name in ("requests", "prompt_tokens", "output_tokens"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise PlanError(f"Workload.{name} must be an int >= 0, got {value!r}")
+            _check_count(f"Workload.{name}", getattr(self, name))
         if self.sizes:
             if len(self.sizes) != self.requests or sum(self.sizes) != self.total_tokens:
                 raise PlanError(
@@ -108,13 +113,9 @@ class Workload:
     @classmethod
     def uniform(cls, requests: int, prompt_tokens: int, output_tokens: int) -> Workload:
         """`requests` equal calls, each of `prompt_tokens` prompt and `output_tokens` output."""
-        for name, value in (
-            ("requests", requests),
-            ("prompt_tokens", prompt_tokens),
-            ("output_tokens", output_tokens),
-        ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise PlanError(f"{name} must be an int >= 0, got {value!r}")
+        _check_count("requests", requests)
+        _check_count("prompt_tokens", prompt_tokens)
+        _check_count("output_tokens", output_tokens)
         return cls(requests, requests * prompt_tokens, requests * output_tokens)
 
     @classmethod
@@ -171,12 +172,7 @@ class LimitTime:
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields; an infinite time is `None`."""
         return {
-            "name": self.name,
-            "limit": self.limit,
-            "period_s": self.period_s,
-            "unit": self.unit,
-            "amount": self.amount,
-            "batches": self.batches,
+            **asdict(self),
             "last_admission_s": _finite_or_none(self.last_admission_s),
             "finish_s": _finite_or_none(self.finish_s),
         }
@@ -401,13 +397,7 @@ class CostLine:
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready fields."""
-        return {
-            "item": self.item,
-            "tokens": self.tokens,
-            "billed_tokens": self.billed_tokens,
-            "price": self.price,
-            "cost": self.cost,
-        }
+        return asdict(self)
 
 
 @dataclass(frozen=True, slots=True)
@@ -787,10 +777,7 @@ class JsonlRequests:
 
 
 def _count_field(data: Mapping[str, Any], key: str, default: int | None = None) -> int:
-    value = data.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise PlanError(f"{key} must be an int >= 0, got {value!r}")
-    return value
+    return _check_count(key, data.get(key, default))
 
 
 def request_tokens_of(data: object, estimator: TokenEstimator) -> RequestTokens:

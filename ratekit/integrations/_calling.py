@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 from anyio.lowlevel import EventLoopToken
 
@@ -30,7 +30,7 @@ from .._tokens import (
     TokenEstimator,
     estimate_request_tokens,
 )
-from ._counts import TokenCounts
+from ._counts import PendingCount, TokenCounts, lookup
 from ._usage import CallPrice, Usage, message_event_usage, read_usage
 
 R = TypeVar("R")
@@ -343,6 +343,14 @@ class CreateBase:
         self._owner = owner
         self._count = count  # the provider's token count (None: not asked)
 
+    def _counted(self, params: Mapping[str, Any]) -> int | PendingCount | None:
+        """The provider's count of the call's prompt when it is to be counted: the count
+        kept from an earlier call, or the count to ask (`PendingCount`); None: estimated."""
+        counts = self._settings.counts
+        if self._count is None or counts is None or "ratekit_tokens" in params:
+            return None
+        return lookup(counts, self._count, params)
+
 
 class _Sending:
     """The admission of one request of a wrapped call, made once: before the SDK runs,
@@ -470,6 +478,70 @@ class StreamReading:
             return False
         self.usage = usage
         return self._hide_usage_chunk and not getattr(chunk, "choices", None)
+
+
+class HeldStream:
+    """What an admitted stream holds, async or sync: the provider's stream (every other
+    attribute passes through to it), the admission until the stream ends, and what its
+    chunks said. No I/O: each wrapper ends the admission in its own way."""
+
+    def __init__(
+        self, stream: Any, plan: _Plan, admission: Admission, reading: StreamReading
+    ) -> None:
+        self._stream = stream
+        self._plan = plan
+        self._admission: Admission | None = admission  # None once finished
+        self._reading = reading
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._stream, name)
+
+    def _take(self) -> Admission | None:
+        """The admission, to end now (None: ended already)."""
+        admission, self._admission = self._admission, None
+        return admission
+
+    def __del__(self) -> None:
+        # Dropped unfinished: the admission's own finalizer warns and hands it back on
+        # the scheduler's loop.
+        if self._admission is not None:
+            self._plan.settle_dropped(self._admission, self._reading.usage)
+
+
+# A stream helper's manager: the wrapped create that opens its stream, and what ends
+# the stream's admission (the plan, or the sending of a sync client).
+_Opener = TypeVar("_Opener")
+_Ender = TypeVar("_Ender")
+
+
+class HelperManager(Generic[_Opener, _Ender]):
+    """What the manager of a wrapped client's stream helper (``messages.stream(...)``)
+    holds, async or sync: one stream, opened through one admission that it holds until
+    its block ends. No I/O: each wrapper opens and ends it in its own way."""
+
+    def __init__(self, create: _Opener, params: dict[str, Any]) -> None:
+        self._create = create
+        self._params = params
+        # The helper's own manager, the admission and what ends it, while open.
+        self._opened: tuple[Any, Admission, _Ender] | None = None
+        self._stream: Any = None
+
+    def _params_to_open(self) -> dict[str, Any]:
+        """The call's params, for the one stream this manager opens."""
+        if self._opened is not None or self._stream is not None:
+            raise RuntimeError("this stream was already opened; call messages.stream() again")
+        return dict(self._params)
+
+    def _hold(self, manager: Any, stream: Any, admission: Admission, ender: _Ender) -> Any:
+        """Keep what the opened `stream` needs to end; returns the stream."""
+        self._opened = (manager, admission, ender)
+        self._stream = stream
+        return stream
+
+    def _take(self) -> tuple[Any, Admission, _Ender] | None:
+        """What ends the stream, to end it now (None: ended already, or never opened)."""
+        opened, self._opened = self._opened, None
+        return opened
 
 
 def sdk_retry_wait(error: BaseException, retried: int) -> float | None:

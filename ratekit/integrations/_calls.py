@@ -46,6 +46,7 @@ class Scheduler(Protocol):
 
 
 T = TypeVar("T")
+R = TypeVar("R")
 
 TokensArg = float | Callable[..., float]
 
@@ -72,26 +73,9 @@ def limit(
     """
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
-        if inspect.iscoroutinefunction(fn):
-
-            @functools.wraps(fn)
-            async def admitted(*args: Any, **kwargs: Any) -> Any:
-                return await scheduler.submit(
-                    functools.partial(fn, *args, **kwargs),
-                    tokens=_amount(tokens, args, kwargs),
-                    cost=_amount(cost, args, kwargs),
-                    model=model,
-                    priority=priority,
-                    timeout=timeout,
-                    usage=usage,
-                )
-
-            return admitted  # type: ignore[return-value]
-
-        @functools.wraps(fn)
-        def admitted_sync(*args: Any, **kwargs: Any) -> T:
-            return submit_sync(  # type: ignore[no-any-return]
-                scheduler,
+        def submitted(submit: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
+            # One call of `fn` handed to `submit` (the scheduler's, or `submit_sync`).
+            return submit(
                 functools.partial(fn, *args, **kwargs),
                 tokens=_amount(tokens, args, kwargs),
                 cost=_amount(cost, args, kwargs),
@@ -99,6 +83,20 @@ def limit(
                 priority=priority,
                 timeout=timeout,
                 usage=usage,
+            )
+
+        if inspect.iscoroutinefunction(fn):
+
+            @functools.wraps(fn)
+            async def admitted(*args: Any, **kwargs: Any) -> Any:
+                return await submitted(scheduler.submit, args, kwargs)
+
+            return admitted  # type: ignore[return-value]
+
+        @functools.wraps(fn)
+        def admitted_sync(*args: Any, **kwargs: Any) -> T:
+            return submitted(  # type: ignore[no-any-return]
+                functools.partial(submit_sync, scheduler), args, kwargs
             )
 
         return admitted_sync

@@ -18,7 +18,7 @@ import json
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -116,6 +116,43 @@ class TokenCounts:
                 while len(self._kept) > self.max_kept:
                     self._kept.popitem(last=False)
             return count
+
+
+@dataclass(frozen=True, slots=True)
+class PendingCount:
+    """A prompt to count with the provider (`count`: the SDK's count method, `fields`:
+    what it counts of `params`, `key`: where the count is kept, `started`: when): `ask`
+    calls the method (an async client's answer is awaited by its caller), `done`
+    records its answer."""
+
+    counts: TokenCounts
+    count: Callable[..., Any]
+    params: Mapping[str, Any]
+    fields: tuple[str, ...]
+    key: str | None
+    started: float
+
+    def ask(self) -> Any:
+        """The count method called with the prompt (a coroutine, for an async client)."""
+        arguments = count_params(self.params, self.fields)
+        return self.count(**arguments, timeout=self.counts.timeout_s)
+
+    def done(self, answer: object) -> int | None:
+        """Record the count method's `answer` (None: it failed); the count, None if failed."""
+        return self.counts.done(self.key, self.started, getattr(answer, "input_tokens", None))
+
+
+def lookup(
+    counts: TokenCounts, count: Callable[..., Any], params: Mapping[str, Any]
+) -> int | PendingCount:
+    """The count kept for the prompt of `params`, else the count to ask of `count` (an
+    SDK's ``messages.count_tokens``)."""
+    fields = counted_fields(count)
+    key = counts.key(params, fields)
+    kept = counts.kept(key)
+    if kept is not None:
+        return kept
+    return PendingCount(counts, count, params, fields, key, counts.started())
 
 
 def counted_fields(count: Any) -> tuple[str, ...]:

@@ -38,6 +38,8 @@ from ._calling import (
     _ANTHROPIC,
     _SENDING,
     CreateBase,
+    HeldStream,
+    HelperManager,
     SdkRetries,
     StreamReading,
     _admit_at_send,
@@ -51,7 +53,7 @@ from ._calling import (
     plan_call,
     stream_params,
 )
-from ._counts import TokenCounts, count_params, counted_fields
+from ._counts import PendingCount, TokenCounts
 from ._sending import stamp_when_sent
 from ._sync_scheduler import SyncScheduler
 from ._usage import read_usage
@@ -352,21 +354,13 @@ class _Create(CreateBase):
 
     async def _plan(self, params: dict[str, Any]) -> _Plan:
         """`plan_call`, with the prompt counted by the provider when asked (and kept)."""
-        counts = self._settings.counts
-        if self._count is None or counts is None or "ratekit_tokens" in params:
-            return plan_call(self._settings, self._kind, params)
-        fields = counted_fields(self._count)
-        key = counts.key(params, fields)
-        counted = counts.kept(key)
-        if counted is None:
-            started = counts.started()
-            answer = None
+        counted = self._counted(params)
+        if isinstance(counted, PendingCount):
             try:
-                arguments = count_params(params, fields)
-                answer = await self._count(**arguments, timeout=counts.timeout_s)
+                answer = await counted.ask()
             except Exception:
                 answer = None
-            counted = counts.done(key, started, getattr(answer, "input_tokens", None))
+            counted = counted.done(answer)
         return plan_call(self._settings, self._kind, params, counted)
 
     async def __call__(self, **params: Any) -> Any:
@@ -473,7 +467,7 @@ class _Create(CreateBase):
         return self._settings.scheduler
 
 
-class _AdmittedStream:
+class _AdmittedStream(HeldStream):
     """A provider stream that holds its admission until it ends or is closed.
 
     Iterate it as the original (``async for chunk in stream``); ``async with
@@ -491,15 +485,9 @@ class _AdmittedStream:
         plan: _Plan,
         reading: StreamReading,
     ) -> None:
-        self._stream = stream
+        super().__init__(stream, plan, admission, reading)
         self._scheduler = scheduler
-        self._admission: Admission | None = admission  # None once finished
-        self._plan = plan
-        self._reading = reading
         self._iterator: AsyncIterator[Any] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
     def __aiter__(self) -> _AdmittedStream:
         return self
@@ -541,7 +529,7 @@ class _AdmittedStream:
             await self._finish(exc)  # a rate-limit answer raised in the block is answered
 
     async def _finish(self, error: BaseException | None) -> None:
-        admission, self._admission = self._admission, None
+        admission = self._take()
         if admission is None:
             return
         try:
@@ -549,32 +537,16 @@ class _AdmittedStream:
         finally:
             await self._scheduler.finish(admission, error, model=self._plan.model)
 
-    def __del__(self) -> None:
-        # Dropped unfinished: the admission's own finalizer warns and hands it back on
-        # the scheduler's loop.
-        if self._admission is not None:
-            self._plan.settle_dropped(self._admission, self._reading.usage)
 
-
-class _StreamManager:
+class _StreamManager(HelperManager[_Create, _Plan]):
     """``async with client.messages.stream(...) as stream:`` of a wrapped client: the
     helper's stream, opened through one admission and holding it until the block ends.
     The stream is the helper's own (``text_stream``, ``get_final_message()``...); it is
     settled with the usage it has seen when the block ends."""
 
-    def __init__(self, create: _Create, params: dict[str, Any]) -> None:
-        self._create = create
-        self._params = params
-        self._opened: tuple[Any, Admission, _Plan] | None = None
-        self._stream: Any = None
-
     async def __aenter__(self) -> Any:
-        if self._opened is not None or self._stream is not None:
-            raise RuntimeError("this stream was already opened; call messages.stream() again")
-        manager, stream, admission, plan = await self._create.enter(dict(self._params))
-        self._opened = (manager, admission, plan)
-        self._stream = stream
-        return stream
+        manager, stream, admission, plan = await self._create.enter(self._params_to_open())
+        return self._hold(manager, stream, admission, plan)
 
     async def __aexit__(
         self,
@@ -582,7 +554,7 @@ class _StreamManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        opened, self._opened = self._opened, None
+        opened = self._take()
         if opened is None:
             return
         manager, admission, plan = opened

@@ -22,6 +22,8 @@ from .._admission import Admission
 from ._calling import (
     _SENDING,
     CreateBase,
+    HeldStream,
+    HelperManager,
     SdkRetries,
     StreamReading,
     _admit_at_send,
@@ -33,7 +35,7 @@ from ._calling import (
     stream_params,
 )
 from ._calls import loop_of, on_loop
-from ._counts import count_params, counted_fields
+from ._counts import PendingCount
 from ._sending import stamp_when_sent_sync
 from ._usage import Usage, read_usage
 
@@ -89,20 +91,13 @@ class SyncCreate(CreateBase):
         (in this thread) when asked."""
         settings = self._settings
         loop_of(settings.scheduler)  # a closed SyncScheduler says so before any count
-        counts = settings.counts
-        counted = None
-        if self._count is not None and counts is not None and "ratekit_tokens" not in params:
-            fields = counted_fields(self._count)
-            key = counts.key(params, fields)
-            counted = counts.kept(key)
-            if counted is None:
-                started = counts.started()
-                try:
-                    arguments = count_params(params, fields)
-                    answer = self._count(**arguments, timeout=counts.timeout_s)
-                except Exception:
-                    answer = None
-                counted = counts.done(key, started, getattr(answer, "input_tokens", None))
+        counted = self._counted(params)
+        if isinstance(counted, PendingCount):
+            try:
+                answer = counted.ask()
+            except Exception:
+                answer = None
+            counted = counted.done(answer)
         plan = on_loop(
             settings.scheduler, plan_call, settings, self._kind, params, counted, awaited=False
         )
@@ -176,25 +171,16 @@ class SyncCreate(CreateBase):
         return self._retried(open_, plan)
 
 
-class _SyncAdmittedStream:
+class _SyncAdmittedStream(HeldStream):
     """`_AdmittedStream` for a sync client: iterate it (``for chunk in stream``), close
     it or leave its ``with`` block to end its admission early."""
 
     def __init__(
-        self,
-        stream: Any,
-        sending: _Sending,
-        admission: Admission,
-        reading: StreamReading,
+        self, stream: Any, sending: _Sending, admission: Admission, reading: StreamReading
     ) -> None:
-        self._stream = stream
+        super().__init__(stream, sending.plan, admission, reading)
         self._sending = sending
-        self._admission: Admission | None = admission  # None once finished
-        self._reading = reading
         self._iterator: Iterator[Any] | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._stream, name)
 
     def __iter__(self) -> _SyncAdmittedStream:
         return self
@@ -236,34 +222,18 @@ class _SyncAdmittedStream:
             self._finish(exc)
 
     def _finish(self, error: BaseException | None) -> None:
-        admission, self._admission = self._admission, None
+        admission = self._take()
         if admission is not None:
             _run(self._sending, _end, self._sending, admission, self._reading.usage, error)
 
-    def __del__(self) -> None:
-        # Dropped unfinished: the admission's own finalizer warns and hands it back on
-        # the scheduler's loop.
-        if self._admission is not None:
-            self._sending.plan.settle_dropped(self._admission, self._reading.usage)
 
-
-class SyncStreamManager:
+class SyncStreamManager(HelperManager[SyncCreate, _Sending]):
     """``with client.messages.stream(...) as stream:`` of a wrapped sync client; see
     `_StreamManager`."""
 
-    def __init__(self, create: SyncCreate, params: dict[str, Any]) -> None:
-        self._create = create
-        self._params = params
-        self._opened: tuple[Any, Admission, _Sending] | None = None
-        self._stream: Any = None
-
     def __enter__(self) -> Any:
-        if self._opened is not None or self._stream is not None:
-            raise RuntimeError("this stream was already opened; call messages.stream() again")
-        manager, stream, admission, sending = self._create.enter(dict(self._params))
-        self._opened = (manager, admission, sending)
-        self._stream = stream
-        return stream
+        manager, stream, admission, sending = self._create.enter(self._params_to_open())
+        return self._hold(manager, stream, admission, sending)
 
     def __exit__(
         self,
@@ -271,7 +241,7 @@ class SyncStreamManager:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        opened, self._opened = self._opened, None
+        opened = self._take()
         if opened is None:
             return
         manager, admission, sending = opened

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 import logging
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from dataclasses import dataclass
 from types import TracebackType
@@ -113,6 +114,16 @@ class Snapshot:
 def headroom(dimension: DimensionStatistics) -> float:
     """What a dimension still admits now: its limit less what is used, never below 0."""
     return max(dimension.limit - dimension.used, 0.0)
+
+
+# The gauges of each dimension, in both adapters: (name of the measure, what it is, how
+# it is read).
+MEASURES: Final[tuple[tuple[str, str, Callable[[DimensionStatistics], float]], ...]] = (
+    ("limit", "The limit in force", lambda d: d.limit),
+    ("used", "What counts against the limit now", lambda d: d.used),
+    ("headroom", "What the limit still admits now (limit less used, at least 0)", headroom),
+    ("in_flight", "The part of used held by calls not yet settled", lambda d: d.in_flight),
+)
 
 
 class Watcher(ABC):

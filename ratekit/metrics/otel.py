@@ -57,7 +57,7 @@ from .._errors import InvalidArgumentError, MissingExtraError
 from .._limits import show
 from .._scheduler import Scheduler
 from ..backends import DimensionStatistics
-from ._watch import DEFAULT_INTERVAL_S, WAIT_BUCKETS_S, Watcher, headroom
+from ._watch import DEFAULT_INTERVAL_S, MEASURES, WAIT_BUCKETS_S, Watcher
 
 try:
     from opentelemetry import metrics
@@ -75,13 +75,6 @@ _UNITS: Final = (
     ("tokens", "{token}"),
     ("slots", "{slot}"),
     ("money", "{currency}"),
-)
-# Per dimension: (name of the measure, what it is, how it is read).
-_MEASURES: Final[tuple[tuple[str, str, Callable[[DimensionStatistics], float]], ...]] = (
-    ("limit", "The limit in force", lambda d: d.limit),
-    ("used", "What counts against the limit now", lambda d: d.used),
-    ("headroom", "What the limit still admits now (limit less used, at least 0)", headroom),
-    ("in_flight", "The part of used held by calls not yet settled", lambda d: d.in_flight),
 )
 
 Gauge = Callable[[CallbackOptions], Iterable[Observation]]
@@ -159,7 +152,7 @@ class RatekitMetrics(Watcher):
             "ratekit.calls.waiting", [self._waiting], "{call}", "Callers waiting for an admission"
         )
         for unit, instrument_unit in _UNITS:
-            for measure, about, read in _MEASURES:
+            for measure, about, read in MEASURES:
                 meter.create_observable_gauge(
                     f"ratekit.{unit}.{measure}",
                     [self._dimension_gauge(unit, read)],

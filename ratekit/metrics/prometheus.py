@@ -51,7 +51,7 @@ the name given for models the profile does not list, or ``""`` (no model).
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Final, TypeVar, cast
 
 from .._clock import Clock
@@ -59,7 +59,7 @@ from .._errors import InvalidArgumentError, MissingExtraError
 from .._limits import UNITS, show
 from .._scheduler import Scheduler
 from ..backends import DimensionStatistics
-from ._watch import DEFAULT_INTERVAL_S, WAIT_BUCKETS_S, Snapshot, Watcher, headroom
+from ._watch import DEFAULT_INTERVAL_S, MEASURES, WAIT_BUCKETS_S, Snapshot, Watcher
 
 try:
     import prometheus_client
@@ -79,13 +79,6 @@ _Metric = TypeVar("_Metric", Counter, Histogram)
 _NAME: Final = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 # The units of a dimension: the rates' and the concurrency cap's.
 _UNITS: Final = (*UNITS, "slots")
-# Per dimension: (name of the measure, what it is, how it is read).
-_MEASURES: Final[tuple[tuple[str, str, Callable[[DimensionStatistics], float]], ...]] = (
-    ("limit", "The limit in force", lambda d: d.limit),
-    ("used", "What counts against the limit now", lambda d: d.used),
-    ("headroom", "What the limit still admits now (limit less used, at least 0)", headroom),
-    ("in_flight", "The part of used held by calls not yet settled", lambda d: d.in_flight),
-)
 
 
 class RatekitCollector(Watcher):
@@ -252,7 +245,7 @@ class RatekitCollector(Watcher):
         tier = InfoMetricFamily(f"{ns}_tier", "The tier the account is on")
         dimensions = {
             (measure, unit): self._dimension_family(measure, about, unit)
-            for measure, about, _ in _MEASURES
+            for measure, about, _ in MEASURES
             for unit in _UNITS
         }
         if snapshot is not None:
@@ -289,7 +282,7 @@ class RatekitCollector(Watcher):
         labels: tuple[str, ...] = (group, dimension.name)
         if dimension.unit == "money":
             labels = (*labels, currency)
-        for measure, about, read in _MEASURES:
+        for measure, about, read in MEASURES:
             family = families.get((measure, dimension.unit))
             if family is None:  # a unit this module does not know yet: named after it
                 family = families[measure, dimension.unit] = self._dimension_family(

@@ -189,7 +189,8 @@ async def test_gathered_callers_on_a_healthy_redis_see_no_error(
 # One process of test_four_processes_of_gathered_callers: argv is url, namespace, callers.
 _WORKER = """
 import asyncio, json, sys, time
-from ratekit import Instant, Limits
+from ratekit import Limits
+from ratekit.clock import Instant
 from ratekit.backends import Demand, Refusal
 from ratekit.backends.redis import RedisBackend
 

@@ -296,6 +296,7 @@ async def _run(
     async with anyio.create_task_group() as group:
         for _, tenant in arrivals:
             group.start_soon(lambda t=tenant: scheduler.submit(call, t, tenant=t))
+            await settle_tasks()  # in this order (trio starts tasks in any order)
         await run_clock(clock, seconds)
     return served
 

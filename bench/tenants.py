@@ -1,0 +1,168 @@
+"""Tenants: what a tenant's admission costs, the shares they get, and their memory.
+
+Run from the repository root::
+
+    python -m bench.tenants [--iterations N] [--rounds R] [--tenants T]
+
+Three tables, from one run:
+
+- the cost of one uncontended acquire+release (every limit huge): without a tenant,
+  as a tenant with a weight only, and as a tenant with limits of its own (rpm and
+  tpm, checked in the same step as the account's), side by side with aiolimiter's
+  acquire as the reference, as ratios;
+- the shares of admissions three tenants of weights 1, 1 and 2 get while all wait
+  for an account that admits one call at a time (a fake clock: exact, not timed);
+- the memory that `--tenants` distinct tenants with limits of their own hold after
+  one admission each, per tenant, and what is left once their windows have emptied
+  and the idle ones were dropped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import statistics
+import time
+import tracemalloc
+from collections import Counter
+
+import anyio
+
+from bench._common import positive_int, require
+
+HUGE = 10**9
+
+
+async def _time(op: object, iterations: int) -> float:
+    """Microseconds per call of the coroutine function `op`."""
+    assert callable(op)
+    for _ in range(max(iterations // 10, 1_000)):
+        await op()
+    start = time.perf_counter_ns()
+    for _ in range(iterations):
+        await op()
+    return (time.perf_counter_ns() - start) / iterations / 1_000
+
+
+async def costs(iterations: int, rounds: int) -> dict[str, float]:
+    """Median microseconds per acquire+release of each contender."""
+    import aiolimiter
+
+    import ratekit
+
+    results: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        account = ratekit.Limits(rpm=HUGE, tpm=HUGE)
+        own = ratekit.Tenant(ratekit.Limits(rpm=HUGE, tpm=HUGE))
+        plain = ratekit.Limiter(account)
+        weighted = ratekit.Limiter(account, tenants=ratekit.Tenants())
+        limited = ratekit.Limiter(account, tenants=ratekit.Tenants(default=own))
+        reference = aiolimiter.AsyncLimiter(HUGE, 60)
+
+        async def no_tenant(limiter: ratekit.Limiter = plain) -> None:
+            async with limiter.acquire(tokens=100):
+                pass
+
+        async def weight_only(limiter: ratekit.Limiter = weighted) -> None:
+            async with limiter.acquire(tokens=100, tenant="acme"):
+                pass
+
+        async def own_limits(limiter: ratekit.Limiter = limited) -> None:
+            async with limiter.acquire(tokens=100, tenant="acme"):
+                pass
+
+        async def aiolimiter_acquire(limiter: aiolimiter.AsyncLimiter = reference) -> None:
+            async with limiter:
+                pass
+
+        contenders = {
+            "ratekit, no tenant": no_tenant,
+            "ratekit, tenant (weight only)": weight_only,
+            "ratekit, tenant with rpm + tpm": own_limits,
+            "aiolimiter": aiolimiter_acquire,
+        }
+        for name, op in contenders.items():
+            results.setdefault(name, []).append(await _time(op, iterations))
+    return {name: statistics.median(times) for name, times in results.items()}
+
+
+async def shares(per_tenant: int) -> Counter[str]:
+    """Admissions of tenants a, b (weight 1) and c (weight 2) among the first 4 x
+    `per_tenant` of a queue where each has 2 x `per_tenant` callers waiting."""
+    import ratekit
+    from ratekit.testing import FakeClock
+
+    tenants = ratekit.Tenants(named={"c": ratekit.Tenant(weight=2)})
+    limiter = ratekit.Limiter(ratekit.Limits(concurrency=1), clock=FakeClock(), tenants=tenants)
+    order: list[str] = []
+    blocker = await limiter.acquire()
+
+    async def call(tenant: str) -> None:
+        async with limiter.acquire(tenant=tenant):
+            order.append(tenant)
+
+    async with anyio.create_task_group() as group:
+        for tenant in "abc":
+            for _ in range(2 * per_tenant):
+                group.start_soon(call, tenant)
+        await anyio.wait_all_tasks_blocked()
+        await blocker.release()
+    return Counter(order[: 4 * per_tenant])
+
+
+async def memory(count: int) -> tuple[float, float]:
+    """Bytes per tenant held after one admission each of `count` tenants with limits of
+    their own, and the bytes left once their windows emptied and idle ones were dropped."""
+    import ratekit
+    from ratekit.testing import FakeClock
+
+    clock = FakeClock()
+    tenants = ratekit.Tenants(default=ratekit.Tenant(ratekit.Limits(rpm=60, tpm=100_000)))
+    limiter = ratekit.Limiter(ratekit.Limits(rpm=HUGE, tpm=HUGE), clock=clock, tenants=tenants)
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.get_traced_memory()[0]
+    for i in range(count):
+        async with limiter.acquire(tokens=100, tenant=f"tenant-{i}"):
+            pass
+    gc.collect()
+    held = tracemalloc.get_traced_memory()[0] - before
+    active = tenants.active()
+    clock.advance(120)  # every window has emptied
+    async with limiter.acquire(tenant="one-more"):  # a new tenant: the idle ones go
+        pass
+    gc.collect()
+    left = tracemalloc.get_traced_memory()[0] - before
+    tracemalloc.stop()
+    return held / max(active, 1), left
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.tenants", description=__doc__)
+    parser.add_argument("--iterations", type=positive_int, default=20_000)
+    parser.add_argument("--rounds", type=positive_int, default=5)
+    parser.add_argument("--tenants", type=positive_int, default=100_000)
+    args = parser.parse_args(argv)
+    require("bench.tenants", {"aiolimiter": "aiolimiter"}, "ratekit", "pip install -e '.[bench]'")
+
+    cost = asyncio.run(costs(args.iterations, args.rounds))
+    reference = cost["aiolimiter"]
+    print(f"acquire+release, median of {args.rounds} rounds of {args.iterations:,}")
+    print(f"{'contender':34} {'us/op':>7} {'vs aiolimiter':>14}")
+    for name, us in cost.items():
+        print(f"{name:34} {us:7.2f} {us / reference:13.2f}x")
+
+    got = asyncio.run(shares(200))
+    total = sum(got.values())
+    print(f"\nshares of the first {total} admissions, weights a=1 b=1 c=2 (want 25/25/50%)")
+    for tenant in "abc":
+        print(f"  {tenant}: {got[tenant]:4d} = {100 * got[tenant] / total:5.1f}%")
+
+    per_tenant, left = asyncio.run(memory(args.tenants))
+    print(f"\nmemory, {args.tenants:,} tenants with rpm + tpm of their own, one call each:")
+    print(f"  {per_tenant:,.0f} B per active tenant; {left / 1024:,.0f} KiB left once idle")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,6 +8,7 @@ The top level holds what applications call. The rest has a public home of its ow
 
 - `ratekit.errors`: every error type (the common ones are also here);
 - `ratekit.events`: what hooks receive;
+- `ratekit.pools`: the parts of a `Pool` of accounts (members, served calls, statistics);
 - `ratekit.providers`: profiles, tiers, models, prices, relay billing;
 - `ratekit.tokens`: token estimators and counts;
 - `ratekit.statistics`: the statistics snapshots;
@@ -28,6 +29,7 @@ from . import backends as backends
 from . import clock as clock
 from . import errors as errors
 from . import events as events
+from . import pools as pools
 from . import providers as providers
 from . import statistics as statistics
 from . import tokens as tokens
@@ -45,6 +47,7 @@ from ._errors import (
 from ._events import Event, Hook, LoggingHook
 from ._limiter import Limiter
 from ._limits import Limits, Rate, TokenCounting
+from ._pool import Pool
 from ._profiles import Profile, Tier, bundled_providers, load_profile
 from ._scheduler import Scheduler, Slot
 from ._signals import RateLimitSignal, classify
@@ -72,6 +75,7 @@ __all__ = [
     "LoggingHook",
     "MemoryBackend",
     "MissingExtraError",
+    "Pool",
     "Profile",
     "QueueFullError",
     "Rate",

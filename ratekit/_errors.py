@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 
@@ -158,3 +158,20 @@ class MissingExtraError(RatekitError, ImportError):
             name=package,
         )
         self.extra = extra
+
+
+class PoolExhaustedError(RatekitError):
+    """Every account of the pool that serves the model is out: its quota or balance is
+    spent (the provider said so). `retry_after_s` is when the first of them is tried
+    again; the last provider error is the `__cause__`."""
+
+    def __init__(self, model: str | None, out: Mapping[str, str], retry_after_s: float) -> None:
+        self.model = model
+        self.out = dict(out)
+        self.retry_after_s = retry_after_s
+        reasons = "; ".join(f"{name}: {reason}" for name, reason in out.items())
+        what = "the pool" if model is None else f"model {model!r}"
+        super().__init__(
+            f"every account of {what} is out ({reasons}); the first is tried again in "
+            f"{retry_after_s:.0f} s"
+        )

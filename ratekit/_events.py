@@ -9,7 +9,7 @@ from typing import Protocol
 
 @dataclass(frozen=True, slots=True)
 class Queued:
-    """A call entered the scheduler and waits for its admission."""
+    """A call entered the scheduler (or a pool) and waits for its admission."""
 
     model: str | None
     priority: int
@@ -19,22 +19,26 @@ class Queued:
 
 @dataclass(frozen=True, slots=True)
 class Admitted:
-    """A call was admitted after waiting `waited_s` seconds."""
+    """A call was admitted after waiting `waited_s` seconds; a pool names the `account`
+    that admitted it."""
 
     model: str | None
     priority: int
     waited_s: float
     tenant: str | None = None
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Settled:
-    """A call ended; `tokens` and `cost` are what it was settled with (estimates if unknown)."""
+    """A call ended; `tokens` and `cost` are what it was settled with (estimates if
+    unknown); a pool names the `account` that served it."""
 
     model: str | None
     tokens: float
     cost: float
     tenant: str | None = None
+    account: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,7 +75,19 @@ class TierChanged:
     new: str
 
 
-Event = Queued | Admitted | Settled | RateLimited | Cooldown | LimitsAdapted | TierChanged
+@dataclass(frozen=True, slots=True)
+class AccountOut:
+    """A pool's `account` answered that its quota or balance is spent: no call goes
+    there for `seconds`, after which it is tried again."""
+
+    account: str
+    seconds: float
+    reason: str
+
+
+Event = (
+    Queued | Admitted | Settled | RateLimited | Cooldown | LimitsAdapted | TierChanged | AccountOut
+)
 
 
 class Hook(Protocol):

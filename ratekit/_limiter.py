@@ -320,12 +320,15 @@ class Limiter:
         Bad amounts raise as in `acquire`; end the admission (``async with admission:``
         or ``await admission.release()``).
         """
+        outcome = await self._offer(self._demand(requests, tokens, cost), tenant)
+        return outcome if isinstance(outcome, Admission) else None
+
+    async def _offer(self, demand: Demand, tenant: str | None) -> Admission | Refusal | None:
+        """`try_acquire` that says why not: the granted admission, the backend's refusal
+        (with its wait), or None when callers of this limiter already wait (they go first).
+        A pool of accounts asks each account this way (see `ratekit.Pool`)."""
         admission = Admission(
-            self,
-            self._demand(requests, tokens, cost),
-            None,
-            0,
-            None if tenant is None else self._check_tenant(tenant),
+            self, demand, None, 0, None if tenant is None else self._check_tenant(tenant)
         )
         admission._start()
         tried = admission._try_now()
@@ -333,12 +336,12 @@ class Limiter:
             return admission
         if tried is not False or self._queue:
             admission._state = 0
-            return None
+            return tried if isinstance(tried, Refusal) else None
         self._check_loop()
         outcome = await self._attempt(admission._demand, admission.tenant)
         if isinstance(outcome, Refusal):
             admission._state = 0
-            return None
+            return outcome
         admission._grant = outcome
         admission._state = 2
         self._granted(admission)

@@ -38,7 +38,7 @@ from ._profiles import Tier
 from ._queue import WaitQueue
 from ._signals import parse_provider_limits
 from ._tenants import Tenant, Tenants, current_tenant
-from .backends._base import Backend, InProcess, SharedAccount
+from .backends._base import Backend, InProcess, Refusal, SharedAccount
 from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
@@ -398,6 +398,41 @@ class Scheduler:
         self._record_wait(priority, waited_s)
         self._emit(Admitted(model, priority, waited_s, admission.tenant))
         return admission
+
+    async def offer(
+        self,
+        *,
+        tokens: float = 0,
+        cost: float = 0,
+        model: str | None = None,
+        tenant: str | None = None,
+    ) -> Admission | Refusal | None:
+        """Admit one call now or not at all: the granted admission (end it with `finish`),
+        the refusal (its `wait_s` says when the same call would fit), or None when callers
+        of this scheduler already wait for that limiter (they go first).
+
+        What a pool of accounts asks each account (see `ratekit.Pool`); bad amounts
+        raise as in `admit`. The admission counts in `statistics` once `admitted` says how
+        long it waited.
+        """
+        limiter = self._group(model).limiter
+        if tenant is None:
+            tenant = current_tenant()
+        demand = limiter._demand(1, tokens, cost)
+        if self.loop_token is None:
+            self.loop_token = anyio.lowlevel.current_token()
+        if not self._tier_synced:
+            await self._sync_tier()
+        return await limiter._offer(demand, tenant)
+
+    def admitted(
+        self, admission: Admission, model: str | None, priority: int, waited_s: float
+    ) -> None:
+        """Count `admission`, granted by `offer` after `waited_s` seconds of waiting
+        elsewhere (a pool's queue), as `admit` counts its own."""
+        admission.admitted_at_s = self._clock.now()
+        self._record_wait(priority, waited_s)
+        self._emit(Admitted(model, priority, waited_s, admission.tenant))
 
     async def finish(
         self,

@@ -1,10 +1,11 @@
-"""What a scheduler tells its hooks (``Scheduler(hooks=[...])``, `Scheduler.add_hook`).
+"""What a scheduler or a pool tells its hooks (``Scheduler(hooks=[...])``, `add_hook`).
 
 A hook is any callable taking one `Event`; `LoggingHook` logs them. A hook that
 raises is logged and skipped: it never fails a call or loses an admission.
 """
 
 from ._events import (
+    AccountOut,
     Admitted,
     Cooldown,
     Event,
@@ -18,6 +19,7 @@ from ._events import (
 )
 
 __all__ = [
+    "AccountOut",
     "Admitted",
     "Cooldown",
     "Event",

@@ -110,7 +110,16 @@ def _public_homes() -> dict[str, list[str]]:
     return homes
 
 
-_SUBMODULES = ("backends", "clock", "errors", "events", "providers", "statistics", "tokens")
+_SUBMODULES = (
+    "backends",
+    "clock",
+    "errors",
+    "events",
+    "pools",
+    "providers",
+    "statistics",
+    "tokens",
+)
 
 
 def test_the_top_level_holds_what_applications_call() -> None:
@@ -137,7 +146,7 @@ def test_every_error_and_event_has_a_public_home() -> None:
     raised.discard("LimitsTypeError")  # caught as either of its public bases, by design
     assert raised <= set(ratekit.errors.__all__)
     emitted = {event.__name__ for event in typing.get_args(ratekit.events.Event)}
-    assert len(emitted) == 7
+    assert len(emitted) == 8
     assert emitted <= set(ratekit.events.__all__)
 
 

@@ -1,0 +1,322 @@
+"""Pools: several accounts behind one admission, on a fake clock and the memory backend."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from typing import Any
+
+import anyio
+import pytest
+
+from ratekit import Account, AcquireTimeout, InvalidArgumentError, Pool, Scheduler
+from ratekit.clock import FakeClock
+from ratekit.errors import PoolExhaustedError
+from ratekit.events import AccountOut, Admitted, Event, Settled
+from ratekit.pools import Member, Served
+
+from .test_scheduler import run_clock
+
+pytestmark = pytest.mark.anyio
+
+
+class ProviderError(Exception):
+    """An answer as an SDK raises it: a status, headers and a parsed body."""
+
+    def __init__(self, status: int, code: str, headers: dict[str, str] | None = None) -> None:
+        super().__init__(f"{status} {code}")
+        self.status_code = status
+        self.headers = headers or {}
+        self.body = {"error": {"code": code, "type": code, "message": code}}
+
+
+def too_many(retry_after_s: float = 20) -> ProviderError:
+    return ProviderError(429, "rate_limit_exceeded", {"retry-after": f"{retry_after_s:g}"})
+
+
+def spent() -> ProviderError:
+    return ProviderError(429, "insufficient_quota")
+
+
+def scheduler(clock: FakeClock, provider: str = "moonshot", **limits: Any) -> Scheduler:
+    numbers = {"rpm": None, "tpm": None, "tpd": None, "concurrency": None, **limits}
+    return Scheduler(Account(provider, **numbers), clock=clock)
+
+
+def pool_of(clock: FakeClock, rpms: dict[str, int], **options: Any) -> tuple[Pool, list[Event]]:
+    events: list[Event] = []
+    members = {name: scheduler(clock, rpm=rpm) for name, rpm in rpms.items()}
+    return Pool(members, hooks=[events.append], **options), events
+
+
+async def test_a_pool_runs_at_the_sum_of_its_accounts_limits() -> None:
+    """Three accounts of 3, 2 and 1 RPM serve 6 calls a minute together, each within its
+    own rate in every 60 s window, and 18 calls take three minutes."""
+    clock = FakeClock()
+    pool, events = pool_of(clock, {"a": 3, "b": 2, "c": 1})
+    served: list[tuple[str, float]] = []
+    start = clock.now()
+
+    async def call(at: Served) -> str:
+        served.append((at.account, clock.now() - start))
+        return at.account
+
+    async with anyio.create_task_group() as group:
+        for _ in range(18):
+            group.start_soon(pool.submit, call)
+        await run_clock(clock, 200, step_s=1)
+    assert len(served) == 18
+    assert Counter(name for name, _ in served) == {"a": 9, "b": 6, "c": 3}
+    limit = {"a": 3, "b": 2, "c": 1}
+    for name, at_s in served:
+        # Every 60 s window (plus the margin) holds at most the account's rpm.
+        window = [t for n, t in served if n == name and at_s <= t < at_s + 60]
+        assert len(window) <= limit[name]
+    # Six a minute: the last six at the start of the third minute, not later.
+    assert 120 <= max(t for _, t in served) < 125
+    accounts = [e.account for e in events if isinstance(e, Admitted)]
+    assert Counter(accounts) == {"a": 9, "b": 6, "c": 3}
+    assert all(e.account is not None for e in events if isinstance(e, Settled))
+    stats = pool.statistics()
+    assert {name: s.admitted for name, s in stats.accounts.items()} == {"a": 9, "b": 6, "c": 3}
+    assert stats.waiting == 0
+
+
+async def test_accounts_are_asked_in_order_of_preference() -> None:
+    """prefer="order": the first account takes every call it admits; the next only the
+    overflow."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"first": 2, "second": 5})
+    names = [(await pool.submit(lambda at: _name(at))) for _ in range(4)]
+    assert names == ["first", "first", "second", "second"]
+
+
+async def _name(at: Served) -> str:
+    return at.account
+
+
+async def test_the_cheapest_account_is_asked_first() -> None:
+    """prefer="cheapest": the channel with the lower price (list price x discount) of the
+    model takes the calls while it admits them; an account that does not price the
+    model is asked last."""
+    clock = FakeClock()
+    full = Member(scheduler(clock, "stepfun", rpm=5))
+    discounted = Member(scheduler(clock, "stepfun", rpm=5), discount=0.6)
+    unpriced = Member(scheduler(clock, "moonshot", rpm=5), models={"step-3.5-flash": "kimi"})
+    with pytest.raises(InvalidArgumentError, match="one currency"):
+        Pool({"full": full, "cny": Member(scheduler(clock, "minimax", rpm=1))}, prefer="cheapest")
+    pool = Pool({"unpriced": unpriced, "full": full, "discounted": discounted}, prefer="cheapest")
+    names = [await pool.submit(_name, model="step-3.5-flash") for _ in range(12)]
+    assert names == ["discounted"] * 5 + ["full"] * 5 + ["unpriced"] * 2
+
+
+async def test_most_headroom_spreads_calls() -> None:
+    """prefer="headroom": each call goes where the largest share of the limit is free (a
+    tie to the one declared first)."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"small": 2, "large": 6}, prefer="headroom")
+    names = [await pool.submit(_name) for _ in range(8)]
+    # Free shares before each call: 1 = 1, 1/2 < 1, 1/2 < 5/6, 1/2 < 4/6, 1/2 = 1/2, ...
+    assert names == ["small", "large", "large", "large", "small", "large", "large", "large"]
+
+
+async def test_a_429_cools_only_its_account() -> None:
+    """The provider answers 429 on one account: the retry goes to the other at once, and
+    the one that answered takes nothing until its Retry-After has passed."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"a": 100, "b": 100})
+    start = clock.now()
+    answers = iter([too_many(20)])
+
+    async def call(at: Served) -> str:
+        if at.account == "a":
+            error = next(answers, None)
+            if error is not None:
+                raise error
+        return at.account
+
+    assert await pool.submit(call) == "b"
+    assert clock.now() == start  # no wait: the other account admitted at once
+    assert [await pool.submit(call) for _ in range(3)] == ["b", "b", "b"]
+    assert pool.statistics().accounts["a"].rate_limited == 1
+    clock.advance(21)
+    assert await pool.submit(call) == "a"
+
+
+async def test_a_spent_quota_takes_its_account_out_until_it_recovers() -> None:
+    """ "insufficient quota" on one account: the call is retried on the next one at once;
+    the spent account is out for out_s (an event says so), then tried again."""
+    clock = FakeClock()
+    pool, events = pool_of(clock, {"a": 100, "b": 100}, out_s=600)
+    spent_until = clock.now() + 300.0
+
+    async def call(at: Served) -> str:
+        if at.account == "a" and clock.now() < spent_until:
+            raise spent()
+        return at.account
+
+    assert await pool.submit(call) == "b"
+    out = [e for e in events if isinstance(e, AccountOut)]
+    assert len(out) == 1
+    assert (out[0].account, out[0].seconds) == ("a", 600)
+    assert "insufficient_quota" in out[0].reason
+    assert pool.statistics().accounts["a"].exhausted == 1
+    assert math.isclose(pool.statistics().accounts["a"].out_for_s, 600)
+    clock.advance(400)
+    assert await pool.submit(call) == "b"  # still out, though its quota is back
+    clock.advance(201)
+    assert await pool.submit(call) == "a"
+
+
+async def test_every_account_out_raises_instead_of_waiting() -> None:
+    """When every account serving the model has a spent quota, the caller gets a typed
+    error naming them and the provider's answer as its cause, not an endless wait."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"a": 100, "b": 100}, out_s=60)
+
+    async def call(at: Served) -> str:
+        raise spent()
+
+    with pytest.raises(PoolExhaustedError, match="every account") as raised:
+        await pool.submit(call)
+    assert set(raised.value.out) == {"a", "b"}
+    assert isinstance(raised.value.__cause__, ProviderError)
+    assert 0 < raised.value.retry_after_s <= 60
+
+
+async def test_a_model_goes_only_to_the_accounts_that_serve_it() -> None:
+    """Members list their models (a mapping renames them): calls of a model go only to
+    the accounts serving it, under each account's own name; an unknown model is refused
+    up front."""
+    clock = FakeClock()
+    pool = Pool(
+        {
+            "kimi": Member(scheduler(clock, rpm=100), models=["kimi-k2"]),
+            "relay": Member(
+                scheduler(clock, rpm=100),
+                models={"kimi-k2": "moonshot/kimi-k2", "glm": "zhipu/glm"},
+            ),
+        }
+    )
+    seen: list[tuple[str, str | None]] = []
+
+    async def call(at: Served) -> None:
+        seen.append((at.account, at.model))
+
+    for _ in range(2):
+        await pool.submit(call, model="kimi-k2")
+    await pool.submit(call, model="glm")
+    assert seen == [("kimi", "kimi-k2"), ("kimi", "kimi-k2"), ("relay", "zhipu/glm")]
+    with pytest.raises(InvalidArgumentError, match="no account serves model 'gpt-9'"):
+        await pool.submit(call, model="gpt-9")
+
+
+async def test_a_predicted_wait_beyond_the_timeout_fails_at_once() -> None:
+    """Both accounts are full for a minute: a caller with a 5 s timeout is refused at
+    once, naming the account and dimension; nothing is taken."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"a": 1, "b": 1})
+    await pool.submit(_name)
+    await pool.submit(_name)
+    start = clock.now()
+    with pytest.raises(AcquireTimeout, match="rpm") as raised:
+        await pool.admit(timeout=5)
+    assert raised.value.retry_after_s > 5
+    assert clock.now() == start
+    assert pool.statistics().waiting == 0
+
+
+async def test_waiters_are_served_by_priority_and_in_order() -> None:
+    """Callers waiting for the pool are served by priority, FIFO within one; a caller
+    cancelled while waiting leaves its place and loses nothing."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"a": 1, "b": 1})
+    await pool.submit(_name)
+    await pool.submit(_name)
+    order: list[str] = []
+
+    async def wait_for(name: str, priority: int) -> None:
+        served = await pool.admit(priority=priority)
+        order.append(name)
+        await pool.finish(served)
+
+    async with anyio.create_task_group() as group:
+        for name, priority in (("low1", 0), ("low2", 0), ("gone", 5), ("high", 5)):
+            scope = anyio.CancelScope()
+            if name == "gone":
+
+                async def doomed(scope: anyio.CancelScope = scope) -> None:
+                    with scope:
+                        await wait_for("gone", 5)
+
+                group.start_soon(doomed)
+                cancel = scope
+            else:
+                group.start_soon(wait_for, name, priority)
+            await anyio.wait_all_tasks_blocked()
+        cancel.cancel()
+        await run_clock(clock, 130, step_s=1)
+    assert order == ["high", "low1", "low2"]
+    assert pool.statistics().waiting == 0
+
+
+async def test_a_slot_releases_and_answers_on_its_account() -> None:
+    """`slot` admits on one account and releases there when the block ends, even when the
+    block raises; the member's scheduler counts the admission."""
+    clock = FakeClock()
+    members = {"a": scheduler(clock, rpm=10, concurrency=1), "b": scheduler(clock, concurrency=1)}
+    pool = Pool(members)
+    async with pool.slot(tokens=10) as first, pool.slot(tokens=10) as second:
+        assert (first.account, second.account) == ("a", "b")
+        with pytest.raises(AcquireTimeout):
+            await pool.admit(timeout=0)
+    third = pool.slot()
+    with pytest.raises(RuntimeError, match="the call failed"):
+        await _fail_inside(third)
+    stats = await members["a"].statistics()
+    assert stats.admitted == 2
+    limiter = members["a"].limiter()
+    assert (await limiter.statistics()).dimension("concurrency").used == 0
+
+
+async def _fail_inside(slot: Any) -> None:
+    async with slot as served:
+        assert served.account == "a"
+        raise RuntimeError("the call failed")
+
+
+@pytest.mark.parametrize(
+    ("members", "options", "message"),
+    [
+        ({}, {}, "non-empty mapping"),
+        ({"a": "moonshot"}, {}, r"members\['a'\] must be a ratekit.Member"),
+        ({"": None}, {}, "names must be non-empty"),
+        (None, {"prefer": "fastest"}, "prefer must be one of order, cheapest, headroom"),
+        (None, {"max_attempts": 0}, "max_attempts must be an int of at least 1"),
+    ],
+)
+def test_bad_pools_are_refused_with_the_field_named(
+    members: Any, options: dict[str, Any], message: str
+) -> None:
+    clock = FakeClock()
+    if members is None:
+        members = {"a": scheduler(clock, rpm=1)}
+    elif "" in members:
+        members = {"": scheduler(clock, rpm=1)}
+    with pytest.raises(InvalidArgumentError, match=message):
+        Pool(members, **options)
+
+
+def test_bad_members_are_refused_with_the_field_named() -> None:
+    clock = FakeClock()
+    one = scheduler(clock, rpm=1)
+    with pytest.raises(InvalidArgumentError, match=r"Member\.scheduler"):
+        Member("moonshot")  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"Member\.discount"):
+        Member(one, discount=0)
+    with pytest.raises(InvalidArgumentError, match=r"Member\.models"):
+        Member(one, models="kimi")
+    with pytest.raises(InvalidArgumentError, match="a scheduler of its own"):
+        Pool({"a": one, "b": one})
+    with pytest.raises(InvalidArgumentError, match="same clock"):
+        Pool({"a": one, "b": scheduler(FakeClock(), rpm=1)})

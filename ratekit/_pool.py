@@ -501,15 +501,23 @@ class Pool:
         """End a call admitted by `admit`: release its admission on its account, then
         answer `error` there (a 429: that account's cooldown; a spent quota: the account
         is out for `out_s`). Call it once per admission."""
-        member = served.member
-        scheduler = member.scheduler
         granted = served.admission.granted
         try:
-            await scheduler.finish(served.admission, error, model=served.model)
+            # First: nothing below can keep the capacity.
+            await served.member.scheduler.finish(served.admission, error, model=served.model)
         finally:
             self._notify()
+        await self.answered(served, error, granted=granted)
+
+    async def answered(
+        self, served: Served, error: BaseException | None, *, granted: bool = True
+    ) -> None:
+        """The pool's part of ending a call whose admission its account's scheduler has
+        ended already (`Scheduler.finish`): count a rate-limit answer, take the account
+        out on a spent quota, and tell the hooks which account served the call."""
+        member = served.member
         if error is not None and not isinstance(error, anyio.get_cancelled_exc_class()):
-            signal = scheduler._signal(error)
+            signal = member.scheduler._signal(error)
             if signal is not None:
                 state = self._state[member.name]
                 state.rate_limited += 1
@@ -524,12 +532,27 @@ class Pool:
                 )
             )
 
+    def client(self, *, priority: int = 0, timeout: float | None = None) -> Any:
+        """One SDK client for the whole pool: every call of ``chat.completions.create``
+        (and the other admitted methods, see `ratekit.wrap`) is admitted by the pool and
+        sent with the client of the account that admitted it, under that account's name
+        for the model. Every member needs a `client`, all async and of one API (OpenAI's
+        or Anthropic's). Rate-limit and quota answers are retried on the best account
+        then (up to `max_attempts`); what the SDK would retry besides, up to the first
+        client's own ``max_retries``. Other attributes are the first member's client's."""
+        from .integrations._pool_client import pool_client
+
+        return pool_client(self, priority=priority, timeout=timeout)
+
     async def _take_out(self, member: Member, model: str | None, reason: str) -> None:
         """The account's quota or balance is spent: nobody is sent there for `out_s`
         (every pod: its limiter pauses through its backend)."""
         state = self._state[member.name]
+        now = self._clock.now()
+        if state.out_until_s > now:
+            return  # the answer of a call sent before the account was taken out
         state.exhausted += 1
-        state.out_until_s = self._clock.now() + self.out_s
+        state.out_until_s = now + self.out_s
         state.out_reason = reason
         await member.scheduler.limiter(model).pause(self.out_s)
         self._emit(AccountOut(member.name, self.out_s, reason))

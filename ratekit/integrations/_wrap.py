@@ -393,20 +393,27 @@ class _Create(CreateBase):
         raise AssertionError("unreachable: tenacity re-raises the last error")
 
     async def _sent(
-        self, send: Callable[[], Awaitable[Any]], plan: _Plan, left: float | None
+        self,
+        send: Callable[[], Awaitable[Any]],
+        plan: _Plan,
+        left: float | None,
+        admitted: Admission | None = None,
     ) -> tuple[Any, Admission]:
         """One request sent (`send`) through one admission: the SDK's answer and the
         admission.
 
         The admission is made by the HTTP client's request hook as the request leaves
-        (see `_admit_at_send`), else here before the SDK runs. An error raised before
-        the request was admitted needs no ending; a failed admission raises its own
-        error, not the SDK's wrapping of it.
+        (see `_admit_at_send`), else here before the SDK runs; or it was made already
+        (`admitted`, by a pool), and the hook only says when the request left. An error
+        raised before the request was admitted needs no ending; a failed admission
+        raises its own error, not the SDK's wrapping of it.
         """
         sending = _Sending(self._settings.scheduler, plan, left)
+        sending.admission = admitted
         # Checked at each call: a client whose hooks were replaced since `wrap` gets ours
         # back (or, without an HTTP client of that kind, is admitted before it runs).
-        if self._owner is None or not _admit_at_send(self._owner, self._settings):
+        hooked = self._owner is not None and _admit_at_send(self._owner, self._settings)
+        if not hooked and admitted is None:
             await sending.admit()
         token = _SENDING.set(sending)
         try:
@@ -428,9 +435,15 @@ class _Create(CreateBase):
         assert admission is not None
         return answer, admission
 
-    async def _call(self, params: dict[str, Any], plan: _Plan, left: float | None) -> Any:
+    async def _call(
+        self,
+        params: dict[str, Any],
+        plan: _Plan,
+        left: float | None,
+        admitted: Admission | None = None,
+    ) -> Any:
         """One admission, one request, settled with the answer's usage."""
-        result, admission = await self._sent(lambda: self._create(**params), plan, left)
+        result, admission = await self._sent(lambda: self._create(**params), plan, left, admitted)
         try:
             plan.settle(admission, read_usage(result))
         finally:
@@ -438,10 +451,15 @@ class _Create(CreateBase):
         return result
 
     async def _open(
-        self, params: dict[str, Any], plan: _Plan, left: float | None, hide_usage: bool
+        self,
+        params: dict[str, Any],
+        plan: _Plan,
+        left: float | None,
+        hide_usage: bool,
+        admitted: Admission | None = None,
     ) -> _AdmittedStream:
         """One admission, one stream opened: the stream holds the admission from here."""
-        stream, admission = await self._sent(lambda: self._create(**params), plan, left)
+        stream, admission = await self._sent(lambda: self._create(**params), plan, left, admitted)
         reading = StreamReading(self._settings.api.stream_usage, hide_usage)
         return _AdmittedStream(stream, self._settings.scheduler, admission, plan, reading)
 

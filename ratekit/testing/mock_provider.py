@@ -205,7 +205,8 @@ class MockProviderStatistics:
     """A snapshot of what the server did.
 
     Every count covers both APIs. `rejected` counts 429s by the first dimension
-    over its limit (a rate's name, ``"concurrency"``, or ``"injected"``);
+    over its limit (a rate's name, ``"concurrency"``, ``"injected"``, or ``"quota"``
+    for a spent quota);
     `peak_use` maps each dimension to (the largest amount seen in any window, its
     limit), concurrency included; `max_concurrency` is the most calls ever in
     flight at once. `overloaded` counts 529s (Messages calls only).
@@ -797,6 +798,8 @@ class MockProvider:
         # Injected 429s (any call) and 529s (Messages calls) still to answer.
         self._injected_429s = _Faults()
         self._injected_529s = _Faults()
+        # Every call is answered "quota spent" while set (`spend_quota`).
+        self._quota_spent = False
         # Keys of the prompt-cache prefixes written so far (see `_cache_prefixes`).
         self._cached_prefixes: set[str] = set()
         self._ids = itertools.count(1)
@@ -908,6 +911,13 @@ class MockProvider:
         Both APIs' calls get them.
         """
         self._injected_429s.arm(count, retry_after_s, "inject_429s")
+
+    def spend_quota(self, spent: bool = True) -> None:
+        """Answer every call with the 429 of a spent quota or balance (OpenAI's
+        ``insufficient_quota``, which retrying does not help) while `spent`; False
+        serves again. Such calls count nothing in the windows and are reported as
+        dimension ``"quota"``. Injected 429s (`inject_429s`) are answered first."""
+        self._quota_spent = bool(spent)
 
     def inject_529s(self, count: int | None, *, retry_after_s: float = 1.0) -> None:
         """Answer the next `count` Messages calls with 529 ``overloaded_error`` (None: every
@@ -1027,6 +1037,13 @@ class MockProvider:
             self._windows.rejected["injected"] = self._windows.rejected.get("injected", 0) + 1
             refusal = StrictRefusal("injected", "injected", self._injected_429s.retry_after_s)
             await self._send_429(reply, plan, refusal, now)
+            return
+        if self._quota_spent:
+            self._windows.rejected["quota"] = self._windows.rejected.get("quota", 0) + 1
+            _tally(self._rejected_by_endpoint, plan.endpoint)
+            message = "You exceeded your current quota, please check your plan and billing."
+            error = _HttpError(429, message, type_="insufficient_quota", code="insufficient_quota")
+            await reply.json(429, error.body_for(plan.api), self._api_headers(plan.api, now))
             return
         if plan.api is _Api.ANTHROPIC and self._injected_529s.take():
             await self._send_overloaded(reply, plan, now)

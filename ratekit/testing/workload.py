@@ -49,6 +49,7 @@ from .._errors import AcquireTimeout
 from .._events import Event
 from .._limiter import Limiter
 from .._limits import Limits
+from .._pool import Member, Pool
 from .._scheduler import Scheduler
 from ..backends import Backend, MemoryBackend
 
@@ -227,6 +228,12 @@ class Workload:
 
     The backend is the process's memory without `redis_url`, else a `RedisBackend`
     on `namespace` (`lease_ttl_s`, `cluster` passed on when set).
+
+    `pool` runs a wrap workload through a `Pool` of accounts instead (its `client()`),
+    ordered by `prefer`: one mapping per account, with its ``name`` and ``base_url``
+    and optionally its ``provider``, ``tier``, ``account`` overrides, ``models`` and
+    ``discount`` (the workload's own by default); each account's backend is the
+    workload's, on ``<namespace>:<name>`` on Redis.
     """
 
     through: Through
@@ -257,12 +264,27 @@ class Workload:
     namespace: str = "workload"
     lease_ttl_s: float | None = None
     cluster: bool = False
+    # a pool of accounts instead of one (see the docstring)
+    pool: Sequence[Mapping[str, Any]] | None = None
+    prefer: str = "order"
     # which member of a fleet runs this share (0 in one process)
     member: int = 0
 
     def __post_init__(self) -> None:
         if self.through not in ("limiter", "submit", "wrap"):
             raise ValueError(f"Workload.through: limiter, submit or wrap, not {self.through!r}")
+        if self.pool is not None:
+            if self.through != "wrap" or self.base_url is not None:
+                raise ValueError(
+                    "Workload: a pool runs a wrap workload, with each account's base_url"
+                )
+            for spec in self.pool:
+                if not isinstance(spec.get("name"), str) or not isinstance(
+                    spec.get("base_url"), str
+                ):
+                    raise ValueError(
+                        f"Workload.pool: each account needs a name and a base_url, got {spec!r}"
+                    )
         if self.calls is None and self.run_s is None:
             raise ValueError("Workload: give calls, run_s, or both")
         if (self.limits is not None) != (self.through == "limiter"):
@@ -311,6 +333,7 @@ class Workload:
         data = dataclasses.asdict(self)
         data["account"] = dict(self.account)
         data["limits"] = None if self.limits is None else dict(self.limits)
+        data["pool"] = None if self.pool is None else [dict(spec) for spec in self.pool]
         return data
 
     @classmethod
@@ -417,9 +440,10 @@ class Driver:
         self.workload = workload
         self.outcome = Outcome()
         self.scheduler: Scheduler | None = None
+        self.pool: Pool | None = None
         self._limiter: Limiter | None = None
-        self._backend: Backend | None = None
-        self._client: Any = None
+        self._backends: list[Backend] = []
+        self._clients: list[Any] = []
         self._send: Callable[[Mapping[str, Any]], Awaitable[object]] | None = None
         # Tokens in a text as the mock provider counts them (with a provider).
         self._count: Callable[[str], int] | None = None
@@ -437,10 +461,10 @@ class Driver:
 
     async def __aenter__(self) -> Driver:
         w = self.workload
-        if w.through == "wrap" and w.base_url is None:
+        if w.through == "wrap" and w.base_url is None and w.pool is None:
             raise ValueError("Driver: a wrap workload sends to a provider: give its base_url")
         # Imported before the lag is measured.
-        if w.base_url is not None:
+        if w.base_url is not None or w.pool is not None:
             importlib.import_module(w.api)
             from .mock_provider import estimate_tokens
 
@@ -449,30 +473,64 @@ class Driver:
 
         self._lag.start()
         try:
-            self._backend = self._make_backend()
-            if w.limits is not None:
+            if w.pool is not None:
+                self._make_pool()
+            elif w.limits is not None:
                 limits = Limits(**w.limits).compressed(w.speed)
-                self._limiter = Limiter(limits, backend=self._backend)
+                self._limiter = Limiter(limits, backend=self._make_backend(w.namespace))
             else:
                 account = Account(w.provider, tier=w.tier, period_scale=1 / w.speed, **w.account)
                 self.scheduler = Scheduler(
-                    account, backend=self._backend, hooks=[self.outcome.record]
+                    account, backend=self._make_backend(w.namespace), hooks=[self.outcome.record]
                 )
                 self._limiter = self.scheduler.limiter()
             if w.base_url is not None:
-                self._client = _sdk_client(w.api, w.base_url, w.sdk_retries)
-                sent = self._client
+                client = _sdk_client(w.api, w.base_url, w.sdk_retries)
+                self._clients.append(client)
+                sent = client
                 if w.through == "wrap":
                     assert self.scheduler is not None
-                    sent = wrap(self._client, self.scheduler)
+                    sent = wrap(client, self.scheduler)
                 self._send = _sender(w.api, sent, w.model, w.stream)
-                if w.connections > 0:
-                    await self._warm_up()
-            await self.limiter.statistics()  # connected, scripts loaded
+            if w.connections > 0 and self._clients:
+                await self._warm_up()
+            for limiter in self._limiters():
+                await limiter.statistics()  # connected, scripts loaded
         except BaseException:
             await self._close()
             raise
         return self
+
+    def _make_pool(self) -> None:
+        """The accounts of `Workload.pool`, each with its scheduler, backend and client,
+        behind one `Pool` whose client sends every call."""
+        w = self.workload
+        assert w.pool is not None
+        members = {}
+        for spec in w.pool:
+            name = spec["name"]
+            account = Account(
+                spec.get("provider", w.provider),
+                tier=spec.get("tier", w.tier),
+                period_scale=1 / w.speed,
+                **{**w.account, **spec.get("account", {})},
+            )
+            backend = self._make_backend(f"{w.namespace}:{name}")
+            scheduler = Scheduler(account, backend=backend, hooks=[self.outcome.record])
+            client = _sdk_client(w.api, spec["base_url"], w.sdk_retries)
+            self._clients.append(client)
+            members[name] = Member(
+                scheduler, client, models=spec.get("models"), discount=spec.get("discount", 1.0)
+            )
+        self.pool = Pool(members, prefer=w.prefer)
+        self._limiter = next(iter(members.values())).scheduler.limiter()
+        self._send = _sender(w.api, self.pool.client(), w.model, w.stream)
+
+    def _limiters(self) -> list[Limiter]:
+        """The limiter of each account the calls go through."""
+        if self.pool is not None:
+            return [member.scheduler.limiter() for member in self.pool.members.values()]
+        return [self.limiter]
 
     async def __aexit__(
         self,
@@ -489,7 +547,8 @@ class Driver:
         call = {"limiter": self._acquire, "submit": self._submit, "wrap": self._wrapped}
         now = time.time()
         if start_at is not None and start_at > now:
-            await self.limiter.pause(start_at - now)
+            for limiter in self._limiters():
+                await limiter.pause(start_at - now)
         outcome.started_at = now if start_at is None else max(start_at, now)
         if w.run_s is not None:
             self._deadline = outcome.started_at + w.run_s
@@ -498,9 +557,13 @@ class Driver:
                 call[w.through], calls=w.calls, tasks=w.tasks, outcome=outcome, until=self._deadline
             )
         outcome.elapsed_s = time.time() - outcome.started_at
+        # Read while the backends are open: a closed RedisBackend answers nothing.
         if self.scheduler is not None:
-            # Read while the backend is open: a closed RedisBackend answers nothing.
             outcome.factors = dict((await self.scheduler.statistics()).factors)
+        if self.pool is not None:
+            for name, member in self.pool.members.items():
+                factors = (await member.scheduler.statistics()).factors
+                outcome.factors.update({f"{name}:{group}": f for group, f in factors.items()})
         outcome.max_lag_s = await self._lag.stop()
         return outcome
 
@@ -555,16 +618,20 @@ class Driver:
 
     # -- building and closing
 
-    def _make_backend(self) -> Backend:
+    def _make_backend(self, namespace: str) -> Backend:
         w = self.workload
+        backend: Backend
         if w.redis_url is None:
-            return MemoryBackend()
-        from ..backends.redis import RedisBackend
+            backend = MemoryBackend()
+        else:
+            from ..backends.redis import RedisBackend
 
-        options: dict[str, Any] = {"cluster": w.cluster}
-        if w.lease_ttl_s is not None:
-            options["lease_ttl_s"] = w.lease_ttl_s
-        return RedisBackend(w.redis_url, namespace=w.namespace, **options)
+            options: dict[str, Any] = {"cluster": w.cluster}
+            if w.lease_ttl_s is not None:
+                options["lease_ttl_s"] = w.lease_ttl_s
+            backend = RedisBackend(w.redis_url, namespace=namespace, **options)
+        self._backends.append(backend)
+        return backend
 
     async def _warm_up(self) -> None:
         """A first chat call to a throwaway provider, then `connections` keep-alive
@@ -580,19 +647,19 @@ class Driver:
             finally:
                 await cold.close()
 
-        async def connect() -> None:
-            await self._client.models.list()
+        async def connect(client: Any) -> None:
+            await client.models.list()
 
         async with anyio.create_task_group() as group:
-            for _ in range(w.connections):
-                group.start_soon(connect)
+            for index in range(w.connections):
+                group.start_soon(connect, self._clients[index % len(self._clients)])
 
     async def _close(self) -> None:
         with anyio.CancelScope(shield=True), anyio.move_on_after(5):
-            if self._client is not None:
-                await self._client.close()
-            if self._backend is not None:
-                await self._backend.aclose()
+            for client in self._clients:
+                await client.close()
+            for backend in self._backends:
+                await backend.aclose()
         await self._lag.stop()
 
 

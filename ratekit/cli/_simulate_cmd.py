@@ -36,6 +36,7 @@ from rich.table import Table
 from .._account import Account
 from .._errors import RatekitError
 from .._limits import Limits
+from .._pool_file import PoolFile, load_pool
 from .._profiles import API_NAMES, load_profile
 from ..testing.mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
 from ..testing.workload import (
@@ -225,6 +226,110 @@ async def _simulate(options: dict[str, Any]) -> tuple[Outcome, float, _Run]:
     return outcome, elapsed_s, run
 
 
+async def _simulate_pool(
+    pool: PoolFile, options: dict[str, Any]
+) -> tuple[Outcome, float, dict[str, _Run]]:
+    """The workload through a pool's client into one strict provider per account (each
+    enforcing that account's limits): what the client saw, the seconds it took, and what
+    each provider saw."""
+    speed = options["speed"]
+    servers = {
+        account.name: ProviderProcess(
+            account.account.limits(None), speed=speed, completion_tokens=64
+        )
+        for account in pool.accounts
+    }
+    runs: dict[str, _Run] = {}
+    try:
+        for server in servers.values():
+            await server.start()
+        started = time.monotonic()
+        specs = [
+            {
+                "name": account.name,
+                "provider": account.provider,
+                "tier": account.account.tier.name,
+                "account": dict(account.overrides),
+                "base_url": servers[account.name].base_url,
+                "models": account.models,
+                "discount": account.discount,
+            }
+            for account in pool.accounts
+        ]
+        workload = Workload(
+            through="wrap",
+            calls=options["calls"],
+            tasks=options["workers"],
+            timeout_s=3600.0,
+            speed=speed,
+            api="openai",
+            model=options["model"],
+            prompt_words=(20, 400),
+            max_tokens=(16, 256),
+            seed=options["seed"],
+            redis_url=options["redis"],
+            namespace=options["namespace"],
+            pool=specs,
+            prefer=pool.prefer,
+        )
+        if options["processes"] > 1:
+            try:
+                outcome = Outcome.merged(await Fleet(workload, options["processes"]).run())
+            except WorkloadError as exc:
+                raise click.ClickException(f"a simulation process failed: {exc}") from None
+        else:
+            async with Driver(workload) as driver:
+                outcome = await driver.run()
+        elapsed_s = time.monotonic() - started
+        for name, server in servers.items():
+            runs[name] = _Run(await server.calls(), await server.statistics())
+    finally:
+        for server in servers.values():
+            await server.close()
+    return outcome, elapsed_s, runs
+
+
+def _report_pool(
+    console: Console,
+    outcome: Outcome,
+    elapsed_s: float,
+    runs: dict[str, _Run],
+    pool: PoolFile,
+    speed: float,
+) -> int:
+    table = Table(title=f"a pool of {len(pool.accounts)} accounts, prefer {pool.prefer}")
+    for column in ("account", "tier", "calls", "429s", "binding limit", "steady state"):
+        table.add_column(column, justify="left" if column in ("account", "tier") else "right")
+    rejected = 0
+    for account in pool.accounts:
+        run = runs[account.name]
+        limits = account.account.limits(None).compressed(speed)
+        name, share = binding_utilisation(
+            limits,
+            [call.arrived_s for call in run.calls],
+            [(call.arrived_s, float(call.reserved_tokens)) for call in run.calls],
+        )
+        refused = sum(run.statistics.rejected.values())
+        rejected += refused
+        table.add_row(
+            account.name,
+            f"{account.provider} {account.account.tier.name}",
+            f"{len(run.calls):,}",
+            f"{refused}{_by_dimension(run.statistics.rejected)}",
+            name,
+            "-" if math.isnan(share) else f"{share:.1%}",
+        )
+    console.print(table)
+    failed = len(outcome.errors)
+    if failed:
+        console.print(f"first failure: {outcome.errors[0]}", markup=False)
+    console.print(
+        f"calls: {outcome.results} ok, {failed} failed; 429s at the providers: {rejected}; "
+        f"elapsed {elapsed_s:.2f} s"
+    )
+    return 0 if rejected == 0 and failed == 0 else 1
+
+
 def _counts(counts: dict[str, int]) -> str:
     return ", ".join(f"{name} {count}" for name, count in counts.items())
 
@@ -325,6 +430,14 @@ def _check_redis_url(url: str) -> None:
     "--pacing/--no-pacing", default=False, show_default=True, help="spread requests evenly"
 )
 @click.option("--plot", "plot_path", default=None, help="write a PNG of use per window")
+@click.option(
+    "--pool",
+    "pool_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="a pool file: one strict provider per account, the calls through the pool "
+    "(--provider and --tier are then the file's; OpenAI API only)",
+)
 @click.option("--seed", default=1, show_default=True, help="random seed of the workload")
 def simulate_command(
     api: str,
@@ -339,6 +452,7 @@ def simulate_command(
     margin_ms: float | None,
     pacing: bool,
     plot_path: str | None,
+    pool_path: str | None,
     seed: int,
 ) -> None:
     """Drive a workload through ratekit against the strict local provider; report 429s."""
@@ -351,6 +465,10 @@ def simulate_command(
         folder = Path(plot_path).absolute().parent
         if not folder.is_dir():
             raise click.BadParameter(f"{folder} is not a directory", param_hint="--plot")
+    if pool_path is not None:
+        _simulate_pool_command(
+            pool_path, api, model, calls, workers, processes, redis_url, speed, plot_path, seed
+        )
     try:
         profile = load_profile(provider)
         tier_name = profile.tier(tier).name
@@ -391,6 +509,47 @@ def simulate_command(
         plot(run.calls, compressed, plot_path, f"{provider} {tier_name}, x{speed:g}")
         console.print(f"plot: {plot_path}")
     sys.exit(code)
+
+
+def _simulate_pool_command(
+    pool_path: str,
+    api: str,
+    model: str,
+    calls: int,
+    workers: int,
+    processes: int,
+    redis_url: str | None,
+    speed: float,
+    plot_path: str | None,
+    seed: int,
+) -> None:
+    """``simulate --pool``: the checks, the run, the report; exits."""
+    if api != "openai":
+        raise click.UsageError("--pool sends through the OpenAI API: leave --api openai")
+    if plot_path is not None:
+        raise click.UsageError("--plot draws one account: leave it out with --pool")
+    try:
+        pool = load_pool(pool_path)
+    except RatekitError as exc:
+        raise InputError(str(exc)) from None
+    options = {
+        "model": model,
+        "calls": calls,
+        "workers": workers,
+        "processes": processes,
+        "redis": redis_url,
+        "namespace": f"simulate-{random.getrandbits(32):08x}",
+        "speed": speed,
+        "seed": seed,
+    }
+    console = make_console()
+    names = ", ".join(f"{a.name} ({a.provider} {a.account.tier.name})" for a in pool.accounts)
+    console.print(
+        f"a pool of {names}; {calls} calls of {model}, {workers} tasks, "
+        f"{processes} process(es), time x{speed:g}"
+    )
+    outcome, elapsed_s, runs = asyncio.run(_simulate_pool(pool, options))
+    sys.exit(_report_pool(console, outcome, elapsed_s, runs, pool, speed))
 
 
 if __name__ == "__main__":  # pragma: no cover

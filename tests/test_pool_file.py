@@ -1,0 +1,186 @@
+"""Pool files (``--pool pool.toml``): read, checked field by field, and simulated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ratekit._pool_file import load_pool, parse_pool
+from ratekit.cli import main
+from ratekit.errors import ProfileError
+
+from .redis_server import RedisServer
+
+POOL = """
+prefer = "order"
+out_s = 120
+
+[accounts.kimi-a]
+provider = "moonshot"
+tier = "tier1"
+rpm = 60
+api_key_env = "KIMI_KEY_A"
+
+[accounts.kimi-b]
+provider = "moonshot"
+top_up = 1
+rpm = 120
+models = ["kimi-k2"]
+
+[accounts.relay]
+provider = "relay"
+base_url = "http://127.0.0.1:9/v1"
+models = {"kimi-k2" = "moonshot/kimi-k2"}
+discount = 0.8
+namespace = "relay-7"
+"""
+
+
+def test_a_pool_file_gives_its_accounts_in_order(tmp_path: Path) -> None:
+    path = tmp_path / "pool.toml"
+    path.write_text(POOL)
+    pool = load_pool(path)
+    assert (pool.prefer, pool.out_s) == ("order", 120)
+    assert [a.name for a in pool.accounts] == ["kimi-a", "kimi-b", "relay"]
+    kimi_a, kimi_b, relay = pool.accounts
+    assert kimi_a.account.limits(None).rpm == 60
+    assert kimi_a.account.tier.name == "Tier1"
+    assert kimi_a.api_key_env == "KIMI_KEY_A"
+    assert kimi_a.url() == kimi_a.account.profile.base_url("openai")
+    assert kimi_b.account.tier.name == "Tier0"
+    assert kimi_b.models == ["kimi-k2"]
+    assert relay.models == {"kimi-k2": "moonshot/kimi-k2"}
+    assert (relay.discount, relay.namespace, relay.url()) == (
+        0.8,
+        "relay-7",
+        "http://127.0.0.1:9/v1",
+    )
+    assert kimi_a.namespace == "kimi-a"
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        ({}, r"pool: accounts: needs at least one \[accounts.<name>\] table"),
+        ({"accounts": {"a": {"provider": "moonshot"}}, "speed": 1}, "pool: speed: unknown key"),
+        ({"accounts": {"a": {}}}, "pool: accounts.a.provider: is required"),
+        ({"accounts": {"a": {"provider": "nope"}}}, "pool: accounts.a: unknown provider 'nope'"),
+        (
+            {"accounts": {"a": {"provider": "moonshot", "tier": "gold"}}},
+            "pool: accounts.a: unknown tier 'gold'",
+        ),
+        (
+            {"accounts": {"a": {"provider": "moonshot", "rpm": -1}}},
+            "pool: accounts.a: ",
+        ),
+        (
+            {"accounts": {"a": {"provider": "moonshot", "api_key": "sk-..."}}},
+            "pool: accounts.a.api_key: unknown key",
+        ),
+        (
+            {"accounts": {"a": {"provider": "relay"}}},
+            "pool: accounts.a.base_url: is required: the relay profile names no",
+        ),
+        (
+            {"accounts": {"a": {"provider": "moonshot", "base_url": "ftp://x"}}},
+            "pool: accounts.a.base_url: must be an http",
+        ),
+        (
+            {"accounts": {"a": {"provider": "moonshot", "models": "kimi"}}},
+            "pool: accounts.a.models: must be a list of model names",
+        ),
+        (
+            {"accounts": {"a": {"provider": "moonshot", "discount": 0}}},
+            r"pool: accounts.a.discount: must be in \(0, 1e6\]",
+        ),
+        (
+            {"prefer": "fast", "accounts": {"a": {"provider": "moonshot"}}},
+            "pool: prefer: must be one of order, cheapest, headroom",
+        ),
+        (
+            {
+                "prefer": "cheapest",
+                "accounts": {"a": {"provider": "moonshot"}, "b": {"provider": "minimax"}},
+            },
+            "pool: prefer: cheapest compares prices in one currency; the accounts price in "
+            "CNY, USD",
+        ),
+        (
+            {"out_s": -5, "accounts": {"a": {"provider": "moonshot"}}},
+            r"pool: out_s: must be in \[0, 86400\]",
+        ),
+    ],
+)
+def test_a_bad_pool_file_names_the_field(data: dict[str, object], message: str) -> None:
+    with pytest.raises(ProfileError, match=message):
+        parse_pool(data, "pool")
+
+
+def test_an_unreadable_pool_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ProfileError, match="cannot be read"):
+        load_pool(tmp_path / "missing.toml")
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[accounts.a\n")
+    with pytest.raises(ProfileError, match="is not valid TOML"):
+        load_pool(broken)
+
+
+SIMULATED = """
+[accounts.small]
+provider = "moonshot"
+tier = "tier1"
+rpm = 100
+
+[accounts.large]
+provider = "moonshot"
+tier = "tier1"
+rpm = 200
+"""
+
+
+def _simulate(tmp_path: Path, *args: str) -> tuple[int, str]:
+    path = tmp_path / "pool.toml"
+    path.write_text(SIMULATED)
+    result = CliRunner().invoke(main, ["simulate", "--pool", str(path), *args])
+    return result.exit_code, result.output
+
+
+def test_simulate_a_pool_against_one_strict_provider_per_account(tmp_path: Path) -> None:
+    """`ratekit simulate --pool`: each account's provider enforces its own limits; the
+    pool's calls reach both with no 429, each at its own rate."""
+    code, output = _simulate(tmp_path, "--calls", "600", "--workers", "60", "--speed", "30")
+    assert code == 0, output
+    assert "600 ok, 0 failed; 429s at the providers: 0" in output
+    rows = {line.split()[1]: line for line in output.splitlines() if line.startswith("│")}
+    assert set(rows) == {"small", "large"}
+    # 300 a minute together: 100 and 200 in each window, the first window at once.
+    assert "200 │" in rows["small"]
+    assert "400 │" in rows["large"]
+
+
+def test_simulate_a_pool_in_processes_through_redis(
+    tmp_path: Path, redis_server: RedisServer
+) -> None:
+    code, output = _simulate(
+        tmp_path,
+        "--calls", "600",
+        "--workers", "60",
+        "--speed", "30",
+        "--processes", "2",
+        "--redis", redis_server.url,
+    )  # fmt: skip
+    assert code == 0, output
+    assert "600 ok, 0 failed; 429s at the providers: 0" in output
+
+
+def test_simulate_a_bad_pool_is_a_usage_error(tmp_path: Path) -> None:
+    path = tmp_path / "pool.toml"
+    path.write_text('[accounts.a]\nprovider = "moonshot"\ntier = "gold"\n')
+    result = CliRunner().invoke(main, ["simulate", "--pool", str(path)])
+    assert result.exit_code == 2
+    assert "accounts.a: unknown tier 'gold'" in result.output
+    result = CliRunner().invoke(main, ["simulate", "--pool", str(path), "--api", "anthropic"])
+    assert result.exit_code == 2
+    assert "--pool sends through the OpenAI API" in result.output

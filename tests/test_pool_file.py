@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -184,3 +185,87 @@ def test_simulate_a_bad_pool_is_a_usage_error(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["simulate", "--pool", str(path), "--api", "anthropic"])
     assert result.exit_code == 2
     assert "--pool sends through the OpenAI API" in result.output
+
+
+PLANNED = """
+[accounts.small]
+provider = "moonshot"
+tier = "tier1"
+rpm = 10
+
+[accounts.large]
+provider = "stepfun"
+tier = "v1"
+rpm = 20
+concurrency = 1000
+"""
+
+
+def _plan(tmp_path: Path, *args: str) -> tuple[int, str]:
+    path = tmp_path / "pool.toml"
+    path.write_text(PLANNED)
+    result = CliRunner().invoke(main, ["plan", "--pool", str(path), *args])
+    return result.exit_code, result.output
+
+
+def test_plan_spreads_a_batch_over_the_pool_to_end_it_earliest(tmp_path: Path) -> None:
+    """300 requests at 10 and 20 rpm: 100 and 200 of them, both done after ten windows
+    (nine minutes and one call), priced where the profile prices the model."""
+    code, output = _plan(
+        tmp_path,
+        "--requests", "300",
+        "--prompt-tokens", "100",
+        "--output-tokens", "10",
+        "--model", "step-3.5-flash",
+        "--call-seconds", "5",
+        "--json",
+    )  # fmt: skip
+    assert code == 0, output
+    document = json.loads(output)
+    shares = {share["account"]: share for share in document["accounts"]}
+    assert {name: share["requests"] for name, share in shares.items()} == {
+        "small": 100,
+        "large": 200,
+    }
+    assert document["finish_s"] == 9 * 60 + 5
+    assert shares["large"]["time"]["binding"] == "rpm"
+    # step-3.5-flash: 0.10 in and 0.30 out per 1M tokens (the profile's prices).
+    assert shares["large"]["cost"] == pytest.approx(200 * (100 * 0.10 + 10 * 0.30) / 1e6)
+    assert shares["small"]["cost"] is None
+    assert (
+        "no model" in shares["small"]["cost_note"]
+        or "step-3.5-flash" in shares["small"]["cost_note"]
+    )
+
+
+def test_plan_a_pool_as_a_table(tmp_path: Path) -> None:
+    code, output = _plan(
+        tmp_path,
+        "--requests",
+        "300",
+        "--prompt-tokens",
+        "100",
+        "--output-tokens",
+        "10",
+        "--call-seconds",
+        "5",
+    )
+    assert code == 0, output
+    assert "Spread over the pool, the batch takes at least 9m 5s." in output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--provider", "moonshot"), "give --provider or --pool (one of them)"),
+        (("--tier", "tier1"), "--tier: a pool file gives each account its tier"),
+    ],
+)
+def test_plan_a_pool_refuses_options_it_would_ignore(
+    tmp_path: Path, args: tuple[str, ...], message: str
+) -> None:
+    code, output = _plan(
+        tmp_path, "--requests", "10", "--prompt-tokens", "1", "--output-tokens", "1", *args
+    )
+    assert code == 2
+    assert message in output

@@ -831,3 +831,144 @@ def read_jsonl(lines: Iterable[str], estimator: TokenEstimator) -> JsonlRequests
         except RatekitError as exc:
             problems.append(LineProblem(number, str(exc)))
     return JsonlRequests(tuple(requests), tuple(problems))
+
+
+# --- a pool of accounts ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class AccountShare:
+    """One account's part of a batch spread over a pool: its `requests`, its time
+    (`time`, at its tier and limits) and what they cost at its prices times its
+    discount (`cost`, `None` with the reason in `cost_note` when it cannot be priced)."""
+
+    account: str
+    provider: str
+    currency: str
+    requests: int
+    time: TierTime
+    cost: float | None
+    cost_note: str = ""
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "account": self.account,
+            "provider": self.provider,
+            "currency": self.currency,
+            "requests": self.requests,
+            "time": self.time.as_dict(),
+            "cost": self.cost,
+            "cost_note": self.cost_note,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class PoolPlan:
+    """A batch spread over a pool's accounts so that it ends as early as it can: every
+    account kept busy, each taking what its limits let it finish by `finish_s`."""
+
+    workload: Workload
+    call_s: float
+    shares: tuple[AccountShare, ...]
+    finish_s: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "workload": {
+                "requests": self.workload.requests,
+                "prompt_tokens": self.workload.prompt_tokens,
+                "output_tokens": self.workload.output_tokens,
+            },
+            "call_s": self.call_s,
+            "finish_s": _finite_or_none(self.finish_s),
+            "accounts": [share.as_dict() for share in self.shares],
+        }
+
+
+def _part(workload: Workload, requests: int) -> Workload:
+    """`requests` calls of `workload`'s mean size (prompt and output, rounded up)."""
+    if workload.requests == 0:
+        return Workload(0, 0, 0)
+    prompt = -(-workload.prompt_tokens // workload.requests)
+    output = -(-workload.output_tokens // workload.requests)
+    return Workload.uniform(requests, prompt, output)
+
+
+def _most_by(
+    tier: Tier,
+    workload: Workload,
+    model: str | None,
+    call_s: float,
+    overrides: Mapping[str, Any],
+    deadline_s: float,
+    most: int,
+) -> int:
+    """The most calls of `workload`'s mean size (up to `most`) that `tier` finishes
+    within `deadline_s`."""
+    low, high = 0, most
+    while low < high:
+        middle = (low + high + 1) // 2
+        time = tier_time(
+            tier, _part(workload, middle), model=model, call_s=call_s, overrides=overrides
+        )
+        if time.finish_s <= deadline_s:
+            low = middle
+        else:
+            high = middle - 1
+    return low
+
+
+def plan_pool(
+    accounts: Sequence[tuple[str, Profile, Tier, Mapping[str, Any], str | None, float]],
+    workload: Workload,
+    *,
+    call_s: float = DEFAULT_CALL_S,
+    pricing: Pricing | None = None,
+) -> PoolPlan:
+    """Spread `workload` (calls of its mean size) over `accounts`: each is (name, profile,
+    tier, limit overrides, its name for the model, price discount). The earliest finish
+    at which the accounts together can have finished every call, found by halving; each
+    account takes what it finishes by then (the first ones in order take any rest)."""
+    duration = _check_call_s(call_s)
+    pricing = pricing or Pricing()
+    total = workload.requests
+    alone = [
+        tier_time(tier, _part(workload, total), model=model, call_s=duration, overrides=extra)
+        for _, _, tier, extra, model, _ in accounts
+    ]
+    high = min((time.finish_s for time in alone), default=math.inf)
+    if total == 0:
+        high = 0.0
+    if not math.isfinite(high):
+        raise PlanError("no account of the pool can ever admit these requests")
+    low = 0.0
+    for _ in range(60):
+        if high - low <= max(duration / 100, 1e-6):
+            break
+        middle = (low + high) / 2
+        done = sum(
+            _most_by(tier, workload, model, duration, extra, middle, total)
+            for _, _, tier, extra, model, _ in accounts
+        )
+        if done >= total:
+            high = middle
+        else:
+            low = middle
+    left = total
+    shares = []
+    for name, profile, tier, extra, model, discount in accounts:
+        count = min(_most_by(tier, workload, model, duration, extra, high, total), left)
+        left -= count
+        part = _part(workload, count)
+        time = tier_time(tier, part, model=model, call_s=duration, overrides=extra)
+        cost: float | None = None
+        note = ""
+        try:
+            cost = estimate_cost(profile, part, model, pricing).total * discount
+        except RatekitError as exc:  # a missing price, or a model it does not list
+            note = str(exc)
+        shares.append(
+            AccountShare(name, profile.provider, profile.currency, count, time, cost, note)
+        )
+    finish = max((share.time.finish_s for share in shares if share.requests), default=0.0)
+    return PoolPlan(workload, duration, tuple(shares), finish)

@@ -16,6 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .._errors import RatekitError
+from .._pool_file import load_pool
 from .._pricing import ExtraTokens
 from .._profiles import Profile, Tier, load_profile
 from .._tokens import default_estimator
@@ -24,11 +25,13 @@ from ._plan import (
     CostEstimate,
     LineProblem,
     Plan,
+    PlanError,
     Pricing,
     TierTime,
     Workload,
     make_plan,
     parse_deadline,
+    plan_pool,
     read_jsonl,
 )
 from ._types import AMOUNT, POSITIVE, FiniteFloat, InputError, make_console
@@ -225,7 +228,14 @@ def _problems_out(problems: tuple[LineProblem, ...]) -> list[dict[str, Any]]:
 
 
 @click.command()
-@click.option("--provider", required=True, help="Bundled provider name or a profile .toml file.")
+@click.option("--provider", default=None, help="Bundled provider name or a profile .toml file.")
+@click.option(
+    "--pool",
+    "pool_path",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="A pool file instead of --provider: the batch spread over its accounts.",
+)
 @click.option("--tier", default=None, help="Tier name (or give --top-up).")
 @click.option("--top-up", type=AMOUNT, default=None, help="Cumulative top-up; picks the tier.")
 @click.option("--model", default=None, help="Model: its limits (MiniMax) and prices.")
@@ -282,7 +292,8 @@ def _problems_out(problems: tuple[LineProblem, ...]) -> list[dict[str, Any]]:
 @click.option("--tpd", type=POSITIVE, default=None, help="Override the tier's TPD.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document.")
 def plan(
-    provider: str,
+    provider: str | None,
+    pool_path: str | None,
     tier: str | None,
     top_up: float | None,
     model: str | None,
@@ -310,8 +321,27 @@ def plan(
     """How long a batch takes at a tier, which limit binds, and what it costs.
 
     Times are lower bounds from the provider's windows: a rate of N per P admits N at
-    once and N more each P. Overrides (--rpm, ...) apply to every tier.
+    once and N more each P. Overrides (--rpm, ...) apply to every tier. With --pool, the
+    batch is spread over the pool file's accounts (each at its own tier, limits and
+    prices) so that it ends as early as it can.
     """
+    if (provider is None) == (pool_path is None):
+        raise PlanUsageError("give --provider or --pool (one of them)")
+    if pool_path is not None:
+        given = [
+            name
+            for name, value in (("--tier", tier), ("--top-up", top_up), ("--deadline", deadline))
+            if value is not None
+        ]
+        if given:
+            raise PlanUsageError(
+                f"{', '.join(given)}: a pool file gives each account its tier; leave it out"
+            )
+        _plan_pool(
+            pool_path, model, requests, prompt_tokens, output_tokens, jsonl, call_seconds, as_json
+        )
+        return
+    assert provider is not None
     try:
         profile = load_profile(provider)
         chosen = _pick_tier(profile, tier, top_up)
@@ -347,6 +377,70 @@ def plan(
         click.echo(json.dumps(document, indent=2))
         return
     _print(result, problems)
+
+
+def _plan_pool(
+    pool_path: str,
+    model: str | None,
+    requests: int | None,
+    prompt_tokens: int | None,
+    output_tokens: int | None,
+    jsonl: Path | None,
+    call_seconds: float,
+    as_json: bool,
+) -> None:
+    """``plan --pool``: the batch spread over the pool's accounts."""
+    try:
+        pool = load_pool(pool_path)
+        first = pool.accounts[0].account.profile
+        workload, problems = _workload(first, requests, prompt_tokens, output_tokens, jsonl)
+        accounts = []
+        for account in pool.accounts:
+            names = account.models
+            if model is not None and names is not None and model not in names:
+                continue  # this account does not serve the model
+            own = names[model] if isinstance(names, dict) and model is not None else model
+            accounts.append(
+                (
+                    account.name,
+                    account.account.profile,
+                    account.account.tier,
+                    dict(account.overrides),
+                    own,
+                    account.discount,
+                )
+            )
+        if not accounts:
+            raise PlanError(f"no account of the pool serves model {model!r}")
+        result = plan_pool(accounts, workload, call_s=call_seconds)
+    except RatekitError as exc:
+        raise _fail(exc) from None
+    if as_json:
+        document = result.as_dict()
+        document["malformed_lines"] = _problems_out(problems)
+        click.echo(json.dumps(document, indent=2))
+        return
+    console = make_console()
+    table = Table(title=f"{result.workload.requests:,} requests spread over the pool")
+    for column in ("account", "tier", "requests", "binding", "done", "cost"):
+        table.add_column(
+            column, justify="left" if column in ("account", "tier", "binding") else "right"
+        )
+    for share in result.shares:
+        binding = share.time.binding
+        cost = "not priced" if share.cost is None else f"{_money(share.cost)} {share.currency}"
+        table.add_row(
+            share.account,
+            f"{share.provider} {share.time.tier}",
+            f"{share.requests:,}",
+            "-" if binding is None or not share.requests else binding.name,
+            format_duration(share.time.finish_s),
+            cost,
+        )
+    console.print(table)
+    console.print(
+        f"Spread over the pool, the batch takes at least {format_duration(result.finish_s)}."
+    )
 
 
 def _print(result: Plan, problems: tuple[LineProblem, ...]) -> None:

@@ -87,6 +87,7 @@ def test_a_python_block_runs_as_written(block: str, provider: MockProvider, tmp_
         **os.environ,
         "MOONSHOT_BASE_URL": base_url,
         "MOONSHOT_API_KEY": "test",
+        "MOONSHOT_API_KEY_B": "test",  # a second account's key (the pool's block)
         # A client built without arguments reads its SDK's own variables.
         "OPENAI_BASE_URL": provider.base_url,
         "OPENAI_API_KEY": "test",

@@ -308,6 +308,10 @@ class Pool:
         self._changed = anyio.Event()
         # The limiters whose freed capacity wakes the heads (by id: subscribed once).
         self._watched: set[int] = set()
+        # Callers watching `_changed` (asking the accounts, or waiting after a refusal).
+        self._heads = 0
+        # The accounts serving each model, in the order given.
+        self._serving: dict[str | None, list[Member]] = {}
 
     # -- admission --------------------------------------------------------------------
 
@@ -370,7 +374,7 @@ class Pool:
         """`admit` with a demand per account: ``ask(member, own_model)`` gives the
         (tokens, cost) the call would take there (its tokenizer, its prices)."""
         candidates = self._candidates(model)
-        priority = check_priority(priority)
+        priority = priority if priority.__class__ is int else check_priority(priority)
         timeout_s = None if timeout is None else check_timeout(timeout)
         queue = self._queues.get(model)
         if queue is None:
@@ -380,34 +384,66 @@ class Pool:
         clock = self._clock
         started = clock.now()
         deadline = None if timeout_s is None else started + timeout_s
-        waiter = queue.push(priority, ticket=next(self._tickets))
-        self._emit(Queued(model, priority, 0.0, tenant))
+        if self._hooks:
+            self._emit(Queued(model, priority, 0.0, tenant))
+        tried: Served | tuple[float, str] | None = None
+        # Watched from before the first ask: capacity freed while it is under way wakes
+        # this caller (see `_notify`).
+        self._heads += 1
+        changed = self._changed
         try:
-            while True:
-                if queue.head() is not waiter:
-                    waiter.turn = anyio.Event()
-                    if queue.head() is not waiter:
-                        await self._wait(waiter.turn, deadline, math.inf, "queue", timeout_s)
-                        continue
-                changed = self._changed
+            if not queue:
+                # Nobody waits: ask at once, without a place in the queue.
                 tried = await self._try(candidates, ask, model, tenant)
                 if isinstance(tried, Served):
-                    queue.admitted(waiter)
-                    self._leave(queue, waiter)
-                    waited_s = clock.now() - started
-                    member = tried.member
-                    self._state[member.name].admitted += 1
-                    member.scheduler.admitted(tried.admission, tried.model, priority, waited_s)
-                    self._emit(
-                        Admitted(model, priority, waited_s, tried.admission.tenant, member.name)
-                    )
-                    return tried
+                    return self._granted(tried, model, priority, started)
+        finally:
+            self._heads -= 1
+        waiter = queue.push(priority, ticket=next(self._tickets))
+        try:
+            while True:
+                if tried is None or queue.head() is not waiter:
+                    tried = None
+                    if queue.head() is not waiter:
+                        waiter.turn = anyio.Event()
+                        if queue.head() is not waiter:
+                            await self._wait(waiter.turn, deadline, math.inf, "queue", timeout_s)
+                            continue
+                    self._heads += 1
+                    changed = self._changed
+                    try:
+                        tried = await self._try(candidates, ask, model, tenant)
+                    except BaseException:
+                        self._heads -= 1
+                        raise
+                    if isinstance(tried, Served):
+                        self._heads -= 1
+                        queue.admitted(waiter)
+                        self._leave(queue, waiter)
+                        return self._granted(tried, model, priority, started)
+                else:
+                    self._heads += 1  # the first ask's refusal, before the queue
+                assert not isinstance(tried, Served)
                 wait_s, dimension = tried
-                await self._wait(changed, deadline, wait_s, dimension, timeout_s)
+                tried = None
+                try:
+                    await self._wait(changed, deadline, wait_s, dimension, timeout_s)
+                finally:
+                    self._heads -= 1
         except BaseException:
             if not waiter.gone:
                 self._leave(queue, waiter)
             raise
+
+    def _granted(self, served: Served, model: str | None, priority: int, started: float) -> Served:
+        """Count a call admitted after waiting since `started`, and tell the hooks."""
+        waited_s = self._clock.now() - started
+        member = served.member
+        self._state[member.name].admitted += 1
+        member.scheduler.admitted(served.admission, served.model, priority, waited_s)
+        if self._hooks:
+            self._emit(Admitted(model, priority, waited_s, served.admission.tenant, member.name))
+        return served
 
     def _leave(self, queue: WaitQueue, waiter: Waiter) -> None:
         queue.remove(waiter)
@@ -434,6 +470,9 @@ class Pool:
         await self._clock.wait(event, wait_s)
 
     def _candidates(self, model: str | None) -> list[Member]:
+        found = self._serving.get(model)
+        if found is not None:
+            return found
         if model is not None and not isinstance(model, str):
             raise InvalidArgumentError(f"Pool: model must be a str or None, got {show(model)}")
         found = [m for m in self.members.values() if m.serves(model)]
@@ -442,6 +481,8 @@ class Pool:
             raise InvalidArgumentError(
                 f"Pool: no account serves model {model!r}; the pool serves {', '.join(served)}"
             )
+        if len(self._serving) < 1024:  # model names are the callers': keep a bounded few
+            self._serving[model] = found
         return found
 
     async def _order(self, candidates: list[Member], model: str | None) -> list[Member]:
@@ -463,17 +504,12 @@ class Pool:
         """Ask each account in order to admit now: the first grant, else the shortest
         wait any account named and its dimension (inf: until capacity is freed)."""
         now = self._clock.now()
-        out = {
-            m.name: self._state[m.name] for m in candidates if self._state[m.name].out_until_s > now
-        }
-        if len(out) == len(candidates):
-            back_s = min(state.out_until_s for state in out.values()) - now
-            raise PoolExhaustedError(
-                model, {name: state.out_reason for name, state in out.items()}, back_s
-            )
+        ordered = candidates if self.prefer == "order" else await self._order(candidates, model)
         best_s, best = math.inf, "concurrency"
-        for member in await self._order(candidates, model):
-            if member.name in out:
+        out = 0
+        for member in ordered:
+            if self._state[member.name].out_until_s > now:
+                out += 1
                 continue
             own = member.model_for(model)
             limiter = member.scheduler.limiter(own)
@@ -490,12 +526,20 @@ class Pool:
                 return Served(member, own, outcome, self._clients[member.name])
             if isinstance(outcome, Refusal) and outcome.wait_s < best_s:
                 best_s, best = outcome.wait_s, f"{member.name}: {outcome.dimension}"
+        if out == len(ordered):
+            states = {m.name: self._state[m.name] for m in ordered}
+            back_s = min(state.out_until_s for state in states.values()) - now
+            raise PoolExhaustedError(
+                model, {name: state.out_reason for name, state in states.items()}, back_s
+            )
         return best_s, best
 
     def _notify(self) -> None:
-        """Capacity may have been freed: the heads look again."""
-        changed, self._changed = self._changed, anyio.Event()
-        changed.set()
+        """Capacity may have been freed: the heads look again (a new event only while a
+        caller watches one)."""
+        if self._heads:
+            changed, self._changed = self._changed, anyio.Event()
+            changed.set()
 
     async def finish(self, served: Served, error: BaseException | None = None) -> None:
         """End a call admitted by `admit`: release its admission on its account, then
@@ -524,7 +568,7 @@ class Pool:
                 if not signal.retryable and not getattr(signal, "overloaded", False):
                     with anyio.CancelScope(shield=True):
                         await self._take_out(member, served.model, signal.message or "quota spent")
-        if granted:
+        if granted and self._hooks:
             usage = served.admission.usage
             self._emit(
                 Settled(

@@ -16,6 +16,7 @@ from contextlib import AsyncExitStack
 from typing import Any
 
 import anyio
+import openai
 import pytest
 
 from ratekit import Limits
@@ -198,3 +199,38 @@ async def test_an_account_answering_429_is_avoided_within_one_call(
     assert answering.statistics().rejected == {"injected": 1}
     assert rate_limited == 1
     assert accounts.served() == {"kimi-a": 0, "kimi-b": 20, "relay": 0}
+
+
+async def test_a_copy_of_the_pool_client_stays_behind_the_pool(accounts: Accounts) -> None:
+    """``with_options(...)`` of a pool's client applies to every account's client and keeps
+    the pool choosing: calls beyond the first account's rpm go to the next one, never
+    all to the first; closing the pool's client closes every account's."""
+    from ratekit import Account, Pool, Scheduler
+    from ratekit.pools import Member
+
+    clients = {
+        name: openai.AsyncOpenAI(base_url=provider.base_url, api_key="test")
+        for name, provider in accounts.providers.items()
+    }
+    members = {
+        name: Member(
+            Scheduler(
+                Account(
+                    "moonshot",
+                    tier="tier1",
+                    period_scale=1 / SPEED,
+                    rpm=RPMS[name],
+                    tpm=None,
+                    tpd=None,
+                )
+            ),
+            client,
+        )
+        for name, client in clients.items()
+    }
+    async with Pool(members).client() as client:
+        quick = client.with_options(timeout=30)
+        for _ in range(40):
+            await quick.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=8)
+    assert accounts.served() == {"kimi-a": 30, "kimi-b": 10, "relay": 0}
+    assert all(client.is_closed() for client in clients.values())

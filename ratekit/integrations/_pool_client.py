@@ -18,7 +18,7 @@ from .._errors import InvalidArgumentError, PoolExhaustedError
 from .._limits import show
 from .._pool import Member, Pool
 from ._calling import SdkRetries, _Api, _api_of, _Plan, stream_params
-from ._wrap import _Create, _is_sync, _Proxy, wrap
+from ._wrap import _COPIES, _Create, _is_sync, _Proxy, wrap
 
 
 def pool_client(pool: Pool, *, priority: int = 0, timeout: float | None = None) -> Any:
@@ -85,7 +85,33 @@ class _PoolProxy:
                 f"Pool.client: {'.'.join(path)}(...) is not served through a pool; use "
                 "messages.create(stream=True), which is"
             )
+        if not self._path and name in _COPIES:
+            return self._copied(name)
         return getattr(next(iter(self._proxies.values())), name)
+
+    def _copied(self, name: str) -> Any:
+        """``with_options(...)``/``copy(...)``: the same options on every member's client,
+        still behind the pool (never the first member's client alone)."""
+
+        def copy(*args: Any, **options: Any) -> _PoolProxy:
+            copies = {
+                account: getattr(proxy, name)(*args, **options)
+                for account, proxy in self._proxies.items()
+            }
+            return _PoolProxy(self._pool, copies, (), self._api, self._retries)
+
+        return copy
+
+    async def close(self) -> None:
+        """Close every member's client."""
+        for proxy in self._proxies.values():
+            await proxy.close()
+
+    async def __aenter__(self) -> _PoolProxy:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
 
     def __repr__(self) -> str:
         return f"ratekit.Pool.client({', '.join(self._proxies)})"

@@ -547,9 +547,12 @@ class Scheduler:
         priority: int = 0,
         timeout: float | None = None,
         usage: Callable[[Any], float | None] | None = None,
+        tenant: str | Callable[..., str | None] | None = None,
     ) -> Callable[[Callable[..., T]], Callable[..., T]]:
         """A decorator admitting every call of an async (or sync) function; `tokens` and
-        `cost` are numbers or functions of the call's arguments. See `ratekit.limit`."""
+        `cost` are numbers or functions of the call's arguments, `tenant` a name or a
+        function of them that gives one (None: the tenant of the caller's
+        `ratekit.tenant` block). See `ratekit.limit`."""
         from .integrations._calls import limit
 
         return limit(
@@ -560,6 +563,7 @@ class Scheduler:
             priority=priority,
             timeout=timeout,
             usage=usage,
+            tenant=tenant,
         )
 
     def _is_retryable(self, error: BaseException) -> bool:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextvars
 import threading
 import time
+from typing import Any
 
 import anyio
 import fakeredis
@@ -13,6 +15,7 @@ import ratekit
 from ratekit import Account, Scheduler, SyncScheduler
 from ratekit.backends.redis import RedisBackend
 from ratekit.errors import NoEventLoopError
+from ratekit.integrations import _calls, _wrap_sync
 from ratekit.integrations._calls import submit_sync
 
 from .test_scheduler import TooManyRequests, classify
@@ -140,3 +143,106 @@ async def test_a_sync_admitted_call_on_the_loop_thread_fails_instead_of_hanging(
     with pytest.raises(NoEventLoopError, match="event loop's own thread"):
         blocking(41)  # a regression hangs: pytest-timeout ends it
     assert await anyio.to_thread.run_sync(blocking, 41) == 42
+
+
+# -- tenants -------------------------------------------------------------------------------
+
+
+def admitted_tenants(events: list[ratekit.Event]) -> list[str | None]:
+    return [event.tenant for event in events if isinstance(event, ratekit.events.Admitted)]
+
+
+@pytest.mark.anyio
+async def test_a_decorator_names_the_tenant_of_each_call() -> None:
+    """``limit(tenant=...)`` is a name, or a function of the call's arguments (its None:
+    the tenant of the ``ratekit.tenant`` block around the call); a bad name is refused
+    when the function is decorated, or at the call that computed it."""
+    clock = ratekit.clock.FakeClock()
+    events: list[ratekit.Event] = []
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, hooks=[events.append])
+
+    @scheduler.limit(tokens=10, tenant=lambda customer, prompt: customer)
+    async def ask(customer: str | None, prompt: str) -> str:
+        return prompt
+
+    @scheduler.limit(tenant="batch")
+    async def nightly() -> None:
+        return None
+
+    await ask("acme", "hi")
+    await ask(customer="initech", prompt="hi")
+    with ratekit.tenant("block"):
+        await ask(None, "hi")
+        await nightly()
+    assert admitted_tenants(events) == ["acme", "initech", "block", "batch"]
+    with pytest.raises(ratekit.InvalidArgumentError, match=r"^limit\(tenant=\.\.\.\): a tenant"):
+        scheduler.limit(tenant="")
+    with pytest.raises(ratekit.InvalidArgumentError, match=r"limit\(tenant=\.\.\.\).* got 3$"):
+        await ask(3, "hi")  # type: ignore[arg-type]
+    assert len(admitted_tenants(events)) == 4
+
+
+# How a sync call's hops to the scheduler's loop carry the calling thread's context: as
+# anyio's portal does (it copies it, today), or not at all (ratekit must then carry the
+# tenant itself).
+PORTALS = ["context copied", "context dropped"]
+
+
+def portal(kind: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make every hop of a sync call to the scheduler's loop carry the calling thread's
+    context (`kind` "context copied", as anyio's portal does) or none ("context dropped")."""
+    if kind == "context copied":
+        return
+    hop = _calls.on_loop
+
+    def without_context(*args: Any, **kwargs: Any) -> Any:
+        return contextvars.Context().run(hop, *args, **kwargs)
+
+    monkeypatch.setattr(_calls, "on_loop", without_context)
+    monkeypatch.setattr(_wrap_sync, "on_loop", without_context)
+
+
+@pytest.mark.parametrize("kind", PORTALS)
+def test_a_sync_call_is_admitted_as_the_tenant_of_its_thread(
+    kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """submit, slot and a decorated function of a SyncScheduler take ``tenant=``; without
+    it, the ``ratekit.tenant`` block of the calling thread reaches the admission made on
+    the scheduler's loop (another thread), whether or not the hop there carries the
+    thread's context, and each thread keeps its own."""
+    portal(kind, monkeypatch)
+    events: list[ratekit.Event] = []
+    with SyncScheduler(Account("moonshot", tier="tier1"), hooks=[events.append]) as sync:
+
+        @sync.limit(tenant=lambda customer: customer)
+        def per_customer(customer: str | None) -> None:
+            return None
+
+        @sync.limit()
+        def plain() -> None:
+            return None
+
+        seen: dict[str, list[str | None]] = {}
+
+        def work(name: str) -> None:
+            with ratekit.tenant(name):
+                before = len(admitted_tenants(events))
+                sync.submit(lambda: None)
+                with sync.slot():
+                    pass
+                plain()
+                per_customer(None)
+                seen[name] = admitted_tenants(events)[before:]
+
+        for name in ("acme", "initech"):
+            thread = threading.Thread(target=work, args=(name,))
+            thread.start()
+            thread.join(timeout=30)
+        assert seen == {"acme": ["acme"] * 4, "initech": ["initech"] * 4}
+        with ratekit.tenant("block"):
+            sync.submit(lambda: None, tenant="gold")
+            with sync.slot(tenant="gold"):
+                pass
+            per_customer("gold")
+        plain()
+    assert admitted_tenants(events)[-4:] == ["gold", "gold", "gold", None]

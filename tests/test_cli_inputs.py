@@ -75,6 +75,7 @@ RUN_OPTIONS = [
     ("--grace", "inf", "'inf' is not a finite number"),
     ("--speed", "-1", "-1 is not above 0"),
     ("--margin-ms", "nan", "'nan' is not a finite number"),
+    ("--tenants", "/no/such/tenants.toml", "'/no/such/tenants.toml' does not exist"),
 ]
 
 
@@ -90,6 +91,38 @@ def test_run_refuses_a_bad_number_before_reading_anything(
     assert done.exit_code == 2, done.output
     assert option in done.output
     assert message in done.output
+    assert not (tmp_path / "in.out.jsonl").exists()
+
+
+TENANTS_FILES = [
+    ("[gold]\nrpm = -1\n", "[gold] Limits.rpm must be positive, got -1"),
+    ('[gold]\nrpm = "100"\n', "[gold] Limits.rpm must be a number, got '100'"),
+    ("[gold]\nconcurrency = 2.5\n", "[gold] Limits.concurrency must be a positive int"),
+    ("[gold]\nweight = 0\n", "[gold] Tenant.weight must be a number in (0, 1e6], got 0"),
+    ("[gold]\nrpd = 3\n", "[gold] unknown field 'rpd'; known: rpm, tpm, tpd, concurrency"),
+    ("rpm = 5\n", "'rpm' must be a table of a tenant's limits and weight"),
+    ('[""]\nrpm = 1\n', "a table's name: a tenant is named by a non-empty str"),
+    ("[gold\n", "is not TOML: Expected ']' at the end of a table declaration"),
+]
+
+
+@pytest.mark.parametrize(("content", "message"), TENANTS_FILES)
+def test_run_refuses_a_bad_tenants_file_before_reading_anything(
+    tmp_path: Path, content: str, message: str
+) -> None:
+    """A tenants file that cannot be used is one error line naming the file, the tenant's
+    table and the value, exit code 2, before any request is read or sent."""
+    requests = tmp_path / "in.jsonl"
+    requests.write_text('{"model": "m", "messages": [{"role": "user", "content": "x"}]}\n')
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(content, encoding="utf-8")
+    args = ["run", str(requests), "--provider", "moonshot", "--tier", "tier1"]
+    args += ["--base-url", "http://127.0.0.1:9/v1", "--tenants", str(tenants)]
+    done = CliRunner().invoke(cli, args)
+    assert done.exit_code == 2, done.output
+    assert done.output.startswith(f"Error: {tenants}")
+    assert message in done.output
+    assert len(done.output.strip().splitlines()) == 1
     assert not (tmp_path / "in.out.jsonl").exists()
 
 

@@ -13,7 +13,19 @@ import anyio.lowlevel
 import httpx
 import pytest
 
-from ratekit import Account, CostExceedsLimitError, Limits, Rate, RatekitError, Scheduler
+import ratekit
+from ratekit import (
+    Account,
+    AcquireTimeout,
+    CostExceedsLimitError,
+    InvalidArgumentError,
+    Limits,
+    Rate,
+    RatekitError,
+    Scheduler,
+    Tenant,
+    Tenants,
+)
 from ratekit._calibration import PRIOR_FACTOR
 from ratekit._tokens import default_estimator, estimate_request_tokens
 from ratekit.integrations._httpx import RateLimitedTransport, usage_tokens
@@ -308,3 +320,36 @@ async def test_bad_arguments_are_named_where_they_are_given() -> None:
                 )
             assert (await client.post("/chat/completions", json=chat())).status_code == 200
         assert (await scheduler.statistics()).admitted == 1
+
+
+async def test_the_transport_names_each_requests_tenant() -> None:
+    """``tenant=`` is a name, or a function of the request (say, of a header): the request
+    is admitted as that tenant, its own limits included; when the function gives None,
+    the tenant of the ``ratekit.tenant`` block the request is sent in."""
+    events: list[ratekit.Event] = []
+    tenants = Tenants(named={"capped": Tenant(Limits(rpm=1))})
+    account = Account("moonshot", tier="tier1")
+    scheduler = Scheduler(account, tenants=tenants, hooks=[events.append])
+
+    def customer(request: httpx.Request) -> str | None:
+        return request.headers.get("x-customer")
+
+    async with MockProvider(Limits(rpm=100)) as server:
+        async with client_for(server.base_url, scheduler, tenant=customer, timeout=5) as client:
+            headers = {"x-customer": "capped"}
+            await client.post("/chat/completions", json=chat(), headers=headers)
+            with pytest.raises(AcquireTimeout, match="tenant rpm"):
+                await client.post("/chat/completions", json=chat(), headers=headers)
+            with ratekit.tenant("block"):
+                await client.post("/chat/completions", json=chat())
+            await client.post("/chat/completions", json=chat())
+            with pytest.raises(InvalidArgumentError, match="RateLimitedTransport: tenant: a"):
+                await client.post("/chat/completions", json=chat(), headers={"x-customer": ""})
+        async with client_for(server.base_url, scheduler, tenant="nightly") as client:
+            with ratekit.tenant("block"):
+                await client.post("/chat/completions", json=chat())
+    admitted = [event.tenant for event in events if isinstance(event, ratekit.events.Admitted)]
+    assert admitted == ["capped", "block", None, "nightly"]
+    for bad in ("", 3):
+        with pytest.raises(InvalidArgumentError, match="RateLimitedTransport: tenant: a tenant"):
+            RateLimitedTransport(scheduler, tenant=bad)  # type: ignore[arg-type]

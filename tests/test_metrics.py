@@ -413,6 +413,16 @@ def test_one_collector_per_namespace_in_a_registry() -> None:
             "RatekitMetrics.meter_provider must be an opentelemetry MeterProvider or None, "
             "got 'global'",
         ),
+        (
+            lambda: RatekitCollector(tenant_labels="yes"),  # type: ignore[arg-type]
+            ratekit.InvalidArgumentError,
+            "RatekitCollector.tenant_labels must be a bool, got 'yes'",
+        ),
+        (
+            lambda: RatekitMetrics(account_labels=1),  # type: ignore[arg-type]
+            ratekit.InvalidArgumentError,
+            "RatekitMetrics.account_labels must be a bool, got 1",
+        ),
     ],
 )
 def test_bad_arguments_are_typed_errors(build: Any, error: type[Exception], message: str) -> None:
@@ -439,6 +449,119 @@ async def test_one_scheduler_per_collector_and_none_is_not_read() -> None:
         "RatekitCollector.watch(scheduler): this RatekitCollector already watches "
         f"{first!r}; make one per scheduler"
     )
+
+
+async def tenants_traffic(scheduler: Scheduler) -> None:
+    """Calls of tenants acme (twice, settled with 30 tokens each), initech (through a
+    ``ratekit.tenant`` block), globex, and one without a tenant."""
+    for tenant in ["acme", "acme", "globex"]:
+        async with scheduler.slot(tokens=50, tenant=tenant) as admission:
+            admission.settle(tokens=30)
+    with ratekit.tenant("initech"):
+        async with scheduler.slot(tokens=50) as admission:
+            admission.settle(tokens=30)
+    async with scheduler.slot(tokens=50) as admission:
+        admission.settle(tokens=30)
+
+
+def pool_events() -> list[ratekit.Event]:
+    """What a pool tells its hooks of calls its accounts served: the account named when
+    the call is admitted and when it is settled, not when it is queued."""
+    events = ratekit.events
+    return [
+        events.Queued("kimi-k2", 0, 100, "acme"),
+        events.Admitted("kimi-k2", 0, 0.5, "acme", "key-1"),
+        events.Settled("kimi-k2", 80, 0.0, "acme", "key-1"),
+        events.Queued("kimi-k2", 0, 100),
+        events.Admitted("kimi-k2", 0, 0.0, None, "key-2"),
+        events.Settled("kimi-k2", 60, 0.0, None, "key-2"),
+        events.Admitted("kimi-k2", 0, 0.0, None, "key-3"),
+    ]
+
+
+def label_names(text: str) -> set[str]:
+    return {name for _, labels in samples(text) for name, _ in labels}
+
+
+async def test_tenant_labels_are_opt_in_and_bounded(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With ``tenant_labels=True`` the queued, admissions, wait and settled metrics carry
+    the call's tenant ("" for none), the first names as given, then "other" (said once);
+    without it (the default) no metric has a tenant label."""
+    monkeypatch.setattr(_watch, "MAX_TENANT_LABELS", 2)
+    clock = FakeClock()
+    registry = prometheus_client.CollectorRegistry()
+    collector = RatekitCollector(registry=registry, clock=clock, tenant_labels=True)
+    plain_registry = prometheus_client.CollectorRegistry()
+    plain = RatekitCollector(registry=plain_registry, clock=clock)
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, hooks=[collector, plain])
+    collector.watch(scheduler)
+    plain.watch(scheduler)
+    await tenants_traffic(scheduler)
+    text = exposition(registry)
+    for line in [
+        'ratekit_queued_total{group="account",model="",priority="0",tenant="acme"} 2.0',
+        'ratekit_admissions_total{group="account",model="",priority="0",tenant="acme"} 2.0',
+        'ratekit_admissions_total{group="account",model="",priority="0",tenant="globex"} 1.0',
+        'ratekit_admissions_total{group="account",model="",priority="0",tenant="other"} 1.0',
+        'ratekit_admissions_total{group="account",model="",priority="0",tenant=""} 1.0',
+        'ratekit_admission_wait_seconds_count{group="account",priority="0",tenant="acme"} 2.0',
+        'ratekit_settled_tokens_total{group="account",model="",tenant="acme"} 60.0',
+        'ratekit_settled_tokens_total{group="account",model="",tenant="other"} 30.0',
+        'ratekit_settled_cost_total{currency="USD",group="account",model="",tenant=""} 0.0',
+    ]:
+        assert line in text.splitlines(), line
+    assert "account" not in label_names(text)
+    assert [r.getMessage() for r in caplog.records] == [
+        "ratekit: RatekitCollector labels tenants beyond the first 2 as 'other'"
+    ]
+    plain_text = exposition(plain_registry)
+    assert "tenant" not in label_names(plain_text)
+    assert (
+        'ratekit_admissions_total{group="account",model="",priority="0"} 5.0'
+        in plain_text.splitlines()
+    )
+
+
+async def test_account_labels_name_the_pools_account_that_served_a_call(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With ``account_labels=True`` the admissions, wait and settled metrics carry the
+    account an event names (bounded like tenants; "" for a call of no pool), the queued
+    one does not (a call is queued before an account admits it); the default has none."""
+    monkeypatch.setattr(_watch, "MAX_ACCOUNT_LABELS", 2)
+    clock = FakeClock()
+    registry = prometheus_client.CollectorRegistry()
+    collector = RatekitCollector(registry=registry, clock=clock, account_labels=True)
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, hooks=[collector])
+    collector.watch(scheduler)
+    for event in pool_events():
+        collector(event)
+    async with scheduler.slot():  # a call of the scheduler itself: no account
+        pass
+    text = exposition(registry)
+    for line in [
+        'ratekit_queued_total{group="account",model="kimi-k2",priority="0"} 2.0',
+        'ratekit_admissions_total{account="key-1",group="account",model="kimi-k2",priority="0"} '
+        "1.0",
+        'ratekit_admissions_total{account="key-2",group="account",model="kimi-k2",priority="0"} '
+        "1.0",
+        'ratekit_admissions_total{account="other",group="account",model="kimi-k2",priority="0"} '
+        "1.0",
+        'ratekit_admissions_total{account="",group="account",model="",priority="0"} 1.0',
+        'ratekit_admission_wait_seconds_sum{account="key-1",group="account",priority="0"} 0.5',
+        'ratekit_settled_tokens_total{account="key-1",group="account",model="kimi-k2"} 80.0',
+        'ratekit_settled_tokens_total{account="key-2",group="account",model="kimi-k2"} 60.0',
+    ]:
+        assert line in text.splitlines(), line
+    assert "tenant" not in label_names(text)
+    default = prometheus_client.CollectorRegistry()
+    unlabelled = RatekitCollector(registry=default, clock=clock)
+    unlabelled.watch(Scheduler(Account("moonshot", tier="tier1"), clock=clock))
+    for event in pool_events():
+        unlabelled(event)
+    assert "account" not in label_names(exposition(default))
 
 
 # -- OpenTelemetry -------------------------------------------------------------------------
@@ -582,6 +705,57 @@ async def test_opentelemetry_counts_adaptations_and_tier_changes() -> None:
     assert values(metrics["ratekit.requests.limit"]) == {
         attrs(group="account", dimension="rpm"): pytest.approx(160)
     }
+
+
+async def test_opentelemetry_tenant_and_account_attributes() -> None:
+    """Opted in, the instruments carry ``ratekit.tenant`` (queued, admissions, wait time,
+    settled) and ``ratekit.account`` (the admitted and settled ones)."""
+    clock = FakeClock()
+    reader = InMemoryMetricReader()
+    otel = RatekitMetrics(
+        meter_provider=MeterProvider(metric_readers=[reader]),
+        clock=clock,
+        tenant_labels=True,
+        account_labels=True,
+    )
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, hooks=[otel])
+    otel.watch(scheduler)
+    await tenants_traffic(scheduler)
+    for event in pool_events():
+        otel(event)
+    metrics = points(reader)
+    assert values(metrics["ratekit.calls.queued"]) == {
+        attrs(group="account", model="", priority=0, tenant="acme"): 2,
+        attrs(group="account", model="", priority=0, tenant="globex"): 1,
+        attrs(group="account", model="", priority=0, tenant="initech"): 1,
+        attrs(group="account", model="", priority=0, tenant=""): 1,
+        attrs(group="account", model="kimi-k2", priority=0, tenant="acme"): 1,
+        attrs(group="account", model="kimi-k2", priority=0, tenant=""): 1,
+    }
+    admissions = values(metrics["ratekit.admissions"])
+    assert admissions[attrs(group="account", model="", priority=0, tenant="acme", account="")] == 2
+    assert (
+        admissions[
+            attrs(group="account", model="kimi-k2", priority=0, tenant="acme", account="key-1")
+        ]
+        == 1
+    )
+    assert len(admissions) == 7
+    waited = histogram(metrics["ratekit.admission.wait_time"])
+    key_1 = waited[attrs(group="account", priority=0, tenant="acme", account="key-1")]
+    assert (key_1.count, key_1.sum) == (1, 0.5)
+    assert (
+        values(metrics["ratekit.settled.tokens"])[
+            attrs(group="account", model="kimi-k2", tenant="", account="key-2")
+        ]
+        == 60
+    )
+    assert (
+        values(metrics["ratekit.settled.cost"])[
+            attrs(group="account", model="", tenant="initech", account="", currency="USD")
+        ]
+        == 0
+    )
 
 
 # -- the extras ----------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,7 @@ from ratekit.cli._batch import (
     BatchInputError,
     compact_results,
     default_output_path,
+    load_tenants,
     open_batch,
     parse_request_line,
     read_requests,
@@ -166,6 +168,12 @@ def test_parse_request_line_messages() -> None:
         '{"model": "m", "messages": [1]}': (
             "messages[0]: a message must be a JSON object, got int"
         ),
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}], "tenant": 3}': (
+            "tenant: a tenant is named by a non-empty str of at most 256 characters, got 3"
+        ),
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}], "tenant": ""}': (
+            "tenant: a tenant is named by a non-empty str of at most 256 characters, got ''"
+        ),
     }
     for text, reason in cases.items():
         with pytest.raises(BatchInputError) as caught:
@@ -175,6 +183,47 @@ def test_parse_request_line_messages() -> None:
         '{"messages": [{"role": "user", "content": ""}]}', 4, default_model="k"
     )
     assert (request.custom_id, request.body["model"]) == (4, "k")
+    request = parse_request_line(
+        '{"model": "m", "messages": [{"role": "user", "content": ""}], "tenant": "acme"}', 5
+    )
+    assert (request.tenant, "tenant" in request.body) == ("acme", False)
+
+
+@pytest.mark.anyio
+async def test_each_line_is_admitted_as_its_tenant_within_the_tenants_file(
+    tmp_path: Path,
+) -> None:
+    """A line's ``tenant`` (not sent) names the tenant whose share it takes; the tenants
+    file's limits hold (compressed by the speed as the account's): ``capped`` at 2 RPM
+    never has more than 2 calls in any compressed minute, while the others run at once."""
+    requests = tmp_path / "batch.jsonl"
+    lines = []
+    for n in range(12):
+        tenant = "capped" if n < 6 else ("gold" if n % 2 else None)
+        body = {"custom_id": f"r{n}", "messages": [{"role": "user", "content": "hi"}]}
+        lines.append(json.dumps(body if tenant is None else {**body, "tenant": tenant}))
+    requests.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text("[capped]\nrpm = 2\n\n[gold]\nweight = 3\n", encoding="utf-8")
+    admitted: list[tuple[float, str | None]] = []
+
+    def hook(event: ratekit.Event) -> None:
+        if isinstance(event, ratekit.events.Admitted):
+            admitted.append((time.monotonic(), event.tenant))
+
+    async with MockProvider(tier_limits("tier2"), speed=SPEED) as server:
+        config = config_for(server.base_url, "tier2", tenants_file=tenants)
+        async with open_batch(config, requests, hooks=[hook]) as runner:
+            summary = await runner.run()
+        assert server.statistics().served == 12
+    assert summary.complete
+    assert Counter(tenant for _, tenant in admitted) == {"capped": 6, "gold": 3, None: 3}
+    capped = [at for at, tenant in admitted if tenant == "capped"]
+    for i, at in enumerate(capped):  # a compressed minute is 1 s; 0.1 s spared for the hook
+        assert sum(1 for later in capped[i:] if later - at < 0.9) <= 2
+    assert capped[-1] - capped[0] > 1.8  # 6 calls at 2 a minute: the third minute
+    others = [at for at, tenant in admitted if tenant != "capped"]
+    assert max(others) - min(admitted)[0] < 1.0  # never held up behind the capped tenant
 
 
 @pytest.mark.anyio
@@ -465,6 +514,27 @@ def test_sigterm_stops_then_resumes(tmp_path: Path, provider_process: str) -> No
     out, err = again.communicate(timeout=60)
     assert again.returncode == 0, out + err
     assert_each_once_ok(output, ids)
+
+
+def test_a_tenants_file_gives_each_tenant_its_limits_and_weight(tmp_path: Path) -> None:
+    """``[default]`` is every tenant the file does not name; rates are compressed by the
+    speed and count tokens as the account does; a weight alone sets no limit."""
+    path = tmp_path / "tenants.toml"
+    path.write_text(
+        "[default]\nrpm = 20\ntpm = 50000\n\n[gold]\nrpm = 100\nconcurrency = 4\nweight = 3\n"
+        "\n[batch]\nweight = 0.5\n",
+        encoding="utf-8",
+    )
+    account = ratekit.Account(PROVIDER, tier="tier1")
+    tenants = load_tenants(path, account, speed=60)
+    assert tenants.tenant("acme").weight == 1.0
+    assert tenants.tenant("acme").limits.rpm == 20
+    assert tenants.tenant("acme").limits.all_rates[0].period_s == 1.0
+    gold = tenants.tenant("gold")
+    assert (gold.limits.rpm, gold.limits.concurrency, gold.weight) == (100, 4, 3)
+    assert gold.limits.token_counting == account.limits().token_counting
+    assert not tenants.tenant("batch").limited
+    assert tenants.tenant("batch").weight == 0.5
 
 
 def test_read_requests_counts_trailing_blank_lines_out(tmp_path: Path) -> None:

@@ -632,3 +632,36 @@ async def test_hooks_replaced_after_wrap_are_put_back() -> None:
         assert len(hooks) == 1
         assert (await scheduler.statistics()).admitted == 1
         await raw.close()
+
+
+# --- tenants -----------------------------------------------------------------------------
+
+
+async def test_ratekit_tenant_names_the_tenant_of_one_call() -> None:
+    """``ratekit_tenant=`` admits the call as that tenant (its own limits apply) and is not
+    sent; without it, the tenant of the ``ratekit.tenant`` block around the call."""
+    async with MockProvider(Limits(rpm=100)) as server:
+        events: list[ratekit.Event] = []
+        tenants = ratekit.Tenants(named={"capped": ratekit.Tenant(Limits(rpm=1))})
+        account = Account("moonshot", tier="tier1")
+        scheduler = Scheduler(account, tenants=tenants, hooks=[events.append])
+        client = ratekit.wrap(raw_client(server), scheduler)
+        create = client.chat.completions.create
+        await create(model="kimi-k2", messages=MESSAGES, max_tokens=5, ratekit_tenant="capped")
+        with pytest.raises(ratekit.AcquireTimeout, match="tenant rpm"):
+            await create(
+                model="kimi-k2",
+                messages=MESSAGES,
+                max_tokens=5,
+                ratekit_tenant="capped",
+                ratekit_timeout=5,
+            )
+        with ratekit.tenant("acme"):
+            await create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
+            await create(model="kimi-k2", messages=MESSAGES, max_tokens=5, ratekit_tenant="gold")
+        await create(model="kimi-k2", messages=MESSAGES, max_tokens=5)
+        with pytest.raises(ratekit.InvalidArgumentError, match="ratekit_tenant: a tenant is"):
+            await create(model="kimi-k2", messages=MESSAGES, ratekit_tenant=3)
+        admitted = [e.tenant for e in events if isinstance(e, ratekit.events.Admitted)]
+        assert admitted == ["capped", "acme", "gold", None]
+        assert server.statistics().served == 4

@@ -8,6 +8,7 @@ import gc
 import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -19,6 +20,8 @@ from anyio.from_thread import start_blocking_portal
 import ratekit
 from ratekit import Account, Limits
 from ratekit.testing.mock_provider import MockProvider
+
+from .test_calls import PORTALS, portal
 
 SPEED = 60  # a minute of the provider's limits lasts a second
 LIMITS = Limits(concurrency=8, rpm=120, tpm=60_000)
@@ -53,7 +56,7 @@ def backend(request: pytest.FixtureRequest) -> Callable[[], Any] | None:
     return build
 
 
-def scheduler(backend: Callable[[], Any] | None) -> ratekit.SyncScheduler:
+def scheduler(backend: Callable[[], Any] | None, **options: Any) -> ratekit.SyncScheduler:
     account = Account(
         "moonshot",
         tier="tier1",
@@ -64,7 +67,7 @@ def scheduler(backend: Callable[[], Any] | None) -> ratekit.SyncScheduler:
         margin_s=0.15,
         pacing=True,
     )
-    return ratekit.SyncScheduler(account, backend=backend)
+    return ratekit.SyncScheduler(account, backend=backend, **options)
 
 
 def clients(server: MockProvider, sync: ratekit.SyncScheduler) -> tuple[Any, Any]:
@@ -247,3 +250,33 @@ def test_closing_while_threads_call_ends_each_call_cleanly(server: MockProvider)
     assert not any(thread.is_alive() for thread in threads), "a thread hangs"
     assert len(outcomes) == THREADS  # every thread ended by returning or NoEventLoopError
     assert "closed" in outcomes
+
+
+@pytest.mark.parametrize("kind", PORTALS)
+def test_a_sync_call_takes_the_tenant_of_its_own_thread(
+    server: MockProvider, kind: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A ``ratekit.tenant`` block in the calling thread names the tenant of the calls made
+    in it, though each is planned and admitted on the scheduler's loop, in another thread
+    (whether or not the hop there carries the thread's context); ``ratekit_tenant=``
+    wins, and neither is sent."""
+    portal(kind, monkeypatch)
+    events: list[ratekit.Event] = []
+    with scheduler(None, hooks=[events.append]) as sync:
+        chat, messages = clients(server, sync)
+
+        def work(index: int) -> None:
+            with ratekit.tenant(f"t{index}"):
+                chat.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=4)
+                messages.messages.create(model="kimi-k2", max_tokens=4, messages=MESSAGES)
+                with messages.messages.stream(
+                    model="kimi-k2", max_tokens=4, messages=MESSAGES
+                ) as stream:
+                    stream.get_final_message()
+                chat.chat.completions.create(
+                    model="kimi-k2", messages=MESSAGES, max_tokens=4, ratekit_tenant="gold"
+                )
+
+        assert run_threads(work) == []
+    admitted = Counter(e.tenant for e in events if isinstance(e, ratekit.events.Admitted))
+    assert admitted == {**{f"t{index}": 3 for index in range(THREADS)}, "gold": THREADS}

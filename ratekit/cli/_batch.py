@@ -1,9 +1,11 @@
 """A resumable batch of chat completions through a scheduler: the logic behind ``ratekit run``.
 
 The input is JSONL, one chat request body a line (``{"model", "messages", "max_tokens",
-...}``), each with an optional ``custom_id`` (the line number otherwise). Every request
-goes through ``ratekit.wrap(openai.AsyncOpenAI(...), scheduler)`` from `workers`
-concurrent tasks, so the account's tier is kept and 429s are retried by the scheduler.
+...}``), each with an optional ``custom_id`` (the line number otherwise) and an optional
+``tenant`` (the tenant whose share of the account the request takes; neither is sent).
+Every request goes through ``ratekit.wrap(openai.AsyncOpenAI(...), scheduler)`` from
+`workers` concurrent tasks, so the account's tier is kept and 429s are retried by the
+scheduler. Tenants' limits and weights may come from a TOML file (`load_tenants`).
 
 The output is JSONL too, one record a request, appended and flushed as each call ends,
 so a crash loses nothing already written::
@@ -28,6 +30,7 @@ import json
 import math
 import os
 import time
+import tomllib
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
@@ -42,7 +45,9 @@ import anyio
 from .._account import Account
 from .._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
 from .._events import Event, RateLimited
+from .._limits import Limits, show
 from .._scheduler import Scheduler
+from .._tenants import Tenant, Tenants, check_tenant_name
 from .._tokens import chat_message_problem
 from ..backends._base import Backend
 
@@ -73,11 +78,13 @@ class BatchInputError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class BatchRequest:
-    """One request of the batch: its id, its 1-based line in the input and its body."""
+    """One request of the batch: its id, its 1-based line in the input, its body, and the
+    tenant whose share it takes (None: none)."""
 
     custom_id: RequestId
     line: int
     body: dict[str, Any]
+    tenant: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +120,8 @@ def parse_request_line(text: str, line: int, *, default_model: str | None = None
     """One input line as a request; `BatchInputError` says what is wrong with it.
 
     `default_model` fills a body without ``model``. The ``custom_id`` (a string or an
-    integer) is taken out of the body; without one, the line number is the id.
+    integer) is taken out of the body; without one, the line number is the id. So is the
+    ``tenant`` (a non-empty string of at most 256 characters), when the line has one.
     """
     try:
         body = json.loads(text)
@@ -126,6 +134,12 @@ def parse_request_line(text: str, line: int, *, default_model: str | None = None
     custom_id = body.pop("custom_id", line)
     if isinstance(custom_id, bool) or not isinstance(custom_id, str | int):
         raise BatchInputError(line, f"custom_id must be a string or an integer, got {custom_id!r}")
+    tenant = body.pop("tenant", None)
+    if tenant is not None:
+        try:
+            check_tenant_name(tenant, "tenant")
+        except RatekitError as exc:
+            raise BatchInputError(line, str(exc)) from None
     if body.get("model") is None:
         if default_model is None:
             raise BatchInputError(line, "no model: give one in the line or with --model")
@@ -141,7 +155,7 @@ def parse_request_line(text: str, line: int, *, default_model: str | None = None
             raise BatchInputError(line, f"messages[{index}]: {problem}")
     if body.get("stream"):
         raise BatchInputError(line, "stream is not supported in a batch")
-    return BatchRequest(custom_id, line, body)
+    return BatchRequest(custom_id, line, body, tenant)
 
 
 def _custom_id_of(text: str, line: int) -> RequestId:
@@ -454,6 +468,7 @@ class BatchConfig:
     runners through Redis. `workers` defaults to the tier's concurrency (at most 256).
     `pacing` spreads requests one every period / limit (across runners sharing Redis
     too), so that no burst reaches the provider later than it was counted.
+    `tenants_file` gives the tenants' limits and weights (see `load_tenants`).
     """
 
     provider: str
@@ -471,6 +486,7 @@ class BatchConfig:
     connect_timeout_s: float = DEFAULT_CONNECT_TIMEOUT_S
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     grace_s: float = DEFAULT_GRACE_S
+    tenants_file: Path | None = None
 
 
 def make_account(config: BatchConfig) -> Account:
@@ -488,6 +504,76 @@ def make_account(config: BatchConfig) -> Account:
         margin_s=config.margin_ms / 1000,  # real seconds: a margin is not compressed
         pacing=config.pacing,
     )
+
+
+class TenantsFileError(RatekitError, ValueError):
+    """The tenants file cannot be used; names the file, the table and the value."""
+
+
+# The fields of a tenant's table in a tenants file: its limits, then its weight.
+_TENANT_LIMITS = ("rpm", "tpm", "tpd", "concurrency")
+_TENANT_FIELDS = (*_TENANT_LIMITS, "weight")
+
+
+def load_tenants(path: str | Path, account: Account, *, speed: float = 1.0) -> Tenants:
+    """The tenants of a TOML file: a table per tenant name, each with any of ``rpm``,
+    ``tpm``, ``tpd`` (per minute and per day, as the tiers) and ``concurrency`` (the
+    tenant's own limits) and ``weight`` (its share while tenants wait, 1 by default); the
+    table ``default`` is every tenant the file does not name::
+
+        [default]
+        rpm = 20
+
+        [gold]
+        rpm = 100
+        weight = 3
+
+    Periods run `speed` times faster (as the account's, see `make_account`), and tokens
+    are counted as the account counts them. `TenantsFileError` names the file, the table
+    and the value that cannot be.
+    """
+    try:
+        table = tomllib.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TenantsFileError(f"{path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise TenantsFileError(f"{path} is not TOML: {exc}") from None
+    counting = account.limits().token_counting
+    read: dict[str, Tenant] = {}
+    for name, fields in table.items():
+        try:
+            check_tenant_name(name, "a table's name")
+        except RatekitError as exc:
+            raise TenantsFileError(f"{path}: {exc}") from None
+        if not isinstance(fields, dict):
+            raise TenantsFileError(
+                f"{path}: {name!r} must be a table of a tenant's limits and weight "
+                f"([{name}] with {', '.join(_TENANT_FIELDS)}), got {show(fields)}"
+            )
+        unknown = sorted(set(fields) - set(_TENANT_FIELDS))
+        if unknown:
+            raise TenantsFileError(
+                f"{path}: [{name}] unknown field {unknown[0]!r}; known: {', '.join(_TENANT_FIELDS)}"
+            )
+        try:
+            limits = Limits(
+                **{key: fields[key] for key in _TENANT_LIMITS if key in fields},
+                period_scale=1 / speed,
+                token_counting=counting,
+            )
+            read[name] = Tenant(limits, fields["weight"]) if "weight" in fields else Tenant(limits)
+        except RatekitError as exc:
+            raise TenantsFileError(f"{path}: [{name}] {exc}") from None
+    default = read.pop("default", None)
+    return Tenants(default=default, named=read)
+
+
+def make_tenants(config: BatchConfig, account: Account) -> Tenants | None:
+    """The tenants of `config.tenants_file` (None without one), for `account`; raises
+    `TenantsFileError` for a file that cannot be used (see `load_tenants`)."""
+    if config.tenants_file is None:
+        return None
+    return load_tenants(config.tenants_file, account, speed=config.speed)
 
 
 def is_loopback(url: str) -> bool:
@@ -735,7 +821,7 @@ class BatchRunner:
         try:
             with call.scope:
                 try:
-                    response = await self._client.chat.completions.create(**request.body)
+                    response = await self._client.chat.completions.create(**_with_tenant(request))
                 except Exception as exc:
                     error = describe_error(exc, self._base_url)
                     if error["type"] in {"APIConnectionError", "APITimeoutError"}:
@@ -814,6 +900,13 @@ class BatchRunner:
         self._spend += cost
 
 
+def _with_tenant(request: BatchRequest) -> dict[str, Any]:
+    """The arguments of a request's call: its body, and its tenant for the admission."""
+    if request.tenant is None:
+        return request.body
+    return {**request.body, "ratekit_tenant": request.tenant}
+
+
 class _Call:
     """One call in a worker: its cancel scope, and whether its HTTP request went out."""
 
@@ -852,13 +945,15 @@ async def open_batch(
     """A `BatchRunner` for `config`: the account, the scheduler (on Redis when
     `redis_url` is given), the wrapped openai client; all closed on exit.
 
-    Raises `UnknownProviderError` / `UnknownTierError` before anything is opened.
+    Raises `UnknownProviderError` / `UnknownTierError` (and `TenantsFileError`) before
+    anything is opened.
     """
     import openai
 
     from ..integrations._wrap import wrap
 
     account = make_account(config)
+    tenants = make_tenants(config, account)
     backend: Backend | None = None
     if config.redis_url is not None:
         from ..backends.redis import RedisBackend
@@ -871,7 +966,7 @@ async def open_batch(
         for listener in listeners:
             listener(event)
 
-    scheduler = Scheduler(account, backend=backend, hooks=[forward])
+    scheduler = Scheduler(account, backend=backend, hooks=[forward], tenants=tenants)
     workers = config.workers or min(
         account.limits(config.model).concurrency or DEFAULT_WORKERS, 256
     )

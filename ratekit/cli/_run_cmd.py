@@ -36,6 +36,7 @@ from ._batch import (
     default_output_path,
     is_loopback,
     make_account,
+    make_tenants,
     open_batch,
 )
 from ._types import AMOUNT, POSITIVE, InputError, make_console
@@ -222,6 +223,13 @@ def _api_key(variable: str, base_url: str) -> str:
 )
 @click.option("--model", help="Model for lines without one.")
 @click.option(
+    "--tenants",
+    "tenants_file",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    help="Tenants' limits and weights: TOML, a table per tenant (rpm, tpm, tpd, "
+    "concurrency, weight), [default] for the others.",
+)
+@click.option(
     "--connect-timeout",
     type=POSITIVE,
     default=DEFAULT_CONNECT_TIMEOUT_S,
@@ -258,13 +266,14 @@ def run(
     margin_ms: float,
     pacing: bool,
     model: str | None,
+    tenants_file: Path | None,
     connect_timeout: float,
     request_timeout: float,
     grace: float,
     progress: bool,
 ) -> None:
-    """Run the chat requests of REQUESTS (JSONL, one body a line, optional custom_id)
-    through the scheduler, inside the account's tier, and record each result.
+    """Run the chat requests of REQUESTS (JSONL, one body a line, optional custom_id
+    and tenant) through the scheduler, inside the account's tier, and record each result.
 
     Rerun the same command to resume: requests already ok are skipped, failed ones
     are tried again. Ctrl-C stops admitting; a second Ctrl-C cancels calls in flight.
@@ -287,10 +296,12 @@ def run(
         connect_timeout_s=connect_timeout,
         request_timeout_s=request_timeout,
         grace_s=grace,
+        tenants_file=tenants_file,
     )
     err = make_console(stderr=True)
     try:
-        make_account(config)  # an unknown provider or tier fails here, before any I/O
+        # An unknown provider or tier, or a bad tenants file, fails here, before any I/O.
+        make_tenants(config, make_account(config))
         # An output that would destroy data (the requests, a foreign file) fails here too.
         check_output(requests, output or default_output_path(requests))
     except RatekitError as exc:

@@ -24,6 +24,7 @@ from .._errors import InvalidArgumentError, InvalidCostError
 from .._limits import check_amount
 from .._scheduler import Scheduler
 from .._signals import parse_retry_after
+from .._tenants import check_tenant_name
 from .._tokens import (
     DEFAULT_MAX_OUTPUT_TOKENS,
     RequestShapeError,
@@ -212,6 +213,9 @@ class _Plan:
     price: CallPrice
     prompt: PromptEstimate | None  # None: the caller gave exact tokens
     cache_reads_count: bool  # whether cache hits count toward the token rates
+    # The tenant whose share the call takes: ``ratekit_tenant=``, else the one of the
+    # caller's `ratekit.tenant` block when the call was made; None: no tenant.
+    tenant: str | None = None
 
     def settle(self, admission: Admission, usage: Usage | None) -> None:
         """Settle `admission` with the answer's usage; learn how the prompt was counted."""
@@ -237,12 +241,25 @@ class _Plan:
 
 
 def plan_call(
-    settings: _Settings, kind: str, params: dict[str, Any], counted: int | None = None
+    settings: _Settings,
+    kind: str,
+    params: dict[str, Any],
+    counted: int | None = None,
+    *,
+    tenant: str | None = None,
 ) -> _Plan:
     """Take the ``ratekit_*`` options out of `params` and estimate the call; `counted` is
-    the prompt's exact count by the provider, when it was asked (see `TokenCounts`)."""
+    the prompt's exact count by the provider, when it was asked (see `TokenCounts`).
+
+    `tenant` is the tenant of the caller's `ratekit.tenant` block, read in the caller's
+    own task or thread (a sync call is planned on the scheduler's loop, another thread);
+    ``ratekit_tenant=`` wins over it.
+    """
     exact_tokens = params.pop("ratekit_tokens", None)
     exact_cost = params.pop("ratekit_cost", None)
+    named = params.pop("ratekit_tenant", None)
+    if named is not None:
+        tenant = check_tenant_name(named, "ratekit_tenant")
     priority = _checked(
         "ratekit_priority", check_priority, params.pop("ratekit_priority", settings.priority)
     )
@@ -271,7 +288,7 @@ def plan_call(
     if exact_cost is not None:
         cost = check_amount("ratekit_cost", exact_cost)
     reads_count = scheduler.account.profile.cache_reads_count
-    return _Plan(tokens, cost, model, priority, timeout, price, prompt, reads_count)
+    return _Plan(tokens, cost, model, priority, timeout, price, prompt, reads_count, tenant)
 
 
 def _estimate(kind: str, params: Mapping[str, Any], estimator: TokenEstimator) -> tuple[int, int]:
@@ -379,6 +396,7 @@ class _Sending:
                 model=plan.model,
                 priority=plan.priority,
                 timeout=self._left,
+                tenant=plan.tenant,
             )
         except Exception as error:
             self.error = error

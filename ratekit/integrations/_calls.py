@@ -24,6 +24,7 @@ from tenacity import Retrying
 
 from .._admission import Admission
 from .._errors import NoEventLoopError
+from .._tenants import check_tenant_name, current_tenant
 
 
 class Scheduler(Protocol):
@@ -49,10 +50,23 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 TokensArg = float | Callable[..., float]
+# A decorated function's tenant: a name, or a function of the call's arguments that
+# gives one (None: the one of the caller's `ratekit.tenant` block).
+TenantArg = str | Callable[..., str | None] | None
+
+_WHERE_TENANT = "limit(tenant=...)"
 
 
 def _amount(value: TokensArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
     return value(*args, **kwargs) if callable(value) else value
+
+
+def _tenant_of(value: TenantArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+    """The tenant of one call: `value`, or what it gives for the call's arguments."""
+    if not callable(value):
+        return value
+    named = value(*args, **kwargs)
+    return None if named is None else check_tenant_name(named, _WHERE_TENANT)
 
 
 def limit(
@@ -64,13 +78,19 @@ def limit(
     priority: int = 0,
     timeout: float | None = None,
     usage: Callable[[Any], float | None] | None = None,
+    tenant: TenantArg = None,
 ) -> Callable[[Callable[..., T]], Callable[..., T]]:
     """A decorator that admits every call of a function through `scheduler`.
 
-    `tokens` and `cost` are numbers or functions of the call's arguments. Works
-    on async functions and on sync ones; a sync one must run in a thread that can
-    reach the scheduler's loop (a `SyncScheduler`, or ``anyio.to_thread``).
+    `tokens` and `cost` are numbers or functions of the call's arguments. `tenant`
+    names the tenant whose share each call takes: a str, or a function of the call's
+    arguments that gives one (or None); without one, the tenant of the caller's
+    `ratekit.tenant` block. Works on async functions and on sync ones; a sync one
+    must run in a thread that can reach the scheduler's loop (a `SyncScheduler`, or
+    ``anyio.to_thread``).
     """
+    if tenant is not None and not callable(tenant):
+        check_tenant_name(tenant, _WHERE_TENANT)
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
         def submitted(submit: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
@@ -83,6 +103,7 @@ def limit(
                 priority=priority,
                 timeout=timeout,
                 usage=usage,
+                tenant=_tenant_of(tenant, args, kwargs),
             )
 
         if inspect.iscoroutinefunction(fn):
@@ -166,8 +187,14 @@ def slot_sync(
     model: str | None = None,
     priority: int = 0,
     timeout: float | None = None,
+    tenant: str | None = None,
 ) -> Iterator[Admission]:
-    """`Scheduler.slot` for a thread: ``with slot_sync(scheduler, tokens=n) as permit:``."""
+    """`Scheduler.slot` for a thread: ``with slot_sync(scheduler, tokens=n) as permit:``.
+
+    Without `tenant`, the tenant of this thread's `ratekit.tenant` block, read here and
+    carried to the scheduler's loop (which runs in another thread)."""
+    if tenant is None:
+        tenant = current_tenant()
     admission = on_loop(
         scheduler,
         functools.partial(
@@ -177,6 +204,7 @@ def slot_sync(
             model=model,
             priority=priority,
             timeout=timeout,
+            tenant=tenant,
         ),
     )
     error: BaseException | None = None
@@ -199,13 +227,21 @@ def submit_sync(
     priority: int = 0,
     timeout: float | None = None,
     usage: Callable[[T], float | None] | None = None,
+    tenant: str | None = None,
 ) -> T:
-    """`Scheduler.submit` for a sync function, called from a thread: ``fn(*args)``."""
+    """`Scheduler.submit` for a sync function, called from a thread: ``fn(*args)``; see
+    `slot_sync` for `tenant`."""
     for attempt in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
         with (
             attempt,
             slot_sync(
-                scheduler, tokens=tokens, cost=cost, model=model, priority=priority, timeout=timeout
+                scheduler,
+                tokens=tokens,
+                cost=cost,
+                model=model,
+                priority=priority,
+                timeout=timeout,
+                tenant=tenant,
             ) as permit,
         ):
             result = fn(*args)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import httpx
@@ -27,6 +27,7 @@ from .._errors import InvalidArgumentError, InvalidCostError
 from .._limits import check_amount
 from .._scheduler import Scheduler
 from .._signals import classify
+from .._tenants import check_tenant_name
 from .._tokens import BackgroundEstimator, TokenEstimator, estimate_request_tokens
 from ._sending import stamp_when_sent
 from ._usage import CallPrice, Usage, read_usage, usage_tokens
@@ -45,6 +46,9 @@ _KINDS = (
 TOKENS_EXTENSION = "ratekit_tokens"
 COST_EXTENSION = "ratekit_cost"
 PRIORITY_EXTENSION = "ratekit_priority"
+
+# A request's tenant: a name, or a function of the request that gives one (or None).
+TenantOf = str | Callable[[httpx.Request], str | None] | None
 
 
 def _kind_of(request: httpx.Request) -> str | None:
@@ -75,7 +79,9 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
     `priority` and `timeout` (seconds of waiting for admission, None for no bound)
     are those of `Scheduler.admit`. Per request, ``extensions={"ratekit_tokens": n,
     "ratekit_cost": c, "ratekit_priority": p}`` override the estimates and the
-    priority.
+    priority. `tenant` names the tenant whose share each request takes: a str, or a
+    function of the ``httpx.Request`` that gives one (say, from a header), or None;
+    a request without one is the tenant of the `ratekit.tenant` block it is sent in.
 
     Every request of those sent (each one the client sends again included) is one
     admission, ended once (`Scheduler.finish`) on every path. A model the profile
@@ -107,6 +113,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
         estimator: TokenEstimator | None = None,
         priority: int = 0,
         timeout: float | None = None,
+        tenant: TenantOf = None,
     ) -> None:
         if not isinstance(scheduler, Scheduler):
             raise InvalidArgumentError(
@@ -129,6 +136,9 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             self._timeout = check_timeout(timeout)
         except (InvalidArgumentError, InvalidCostError) as error:
             raise type(error)(f"RateLimitedTransport: {error}") from None
+        if tenant is not None and not callable(tenant):
+            check_tenant_name(tenant, "RateLimitedTransport: tenant")
+        self._tenant = tenant
         self.scheduler = scheduler
         self._transport = transport if transport is not None else httpx.AsyncHTTPTransport()
         self._estimator = estimator
@@ -149,6 +159,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             model=model,
             priority=request.extensions.get(PRIORITY_EXTENSION, self._priority),
             timeout=self._timeout,
+            tenant=self._tenant_of(request),
         )
         stamp_when_sent(request, admission)
         try:
@@ -164,6 +175,14 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             stream = _AdmittedByteStream(response, self.scheduler, admission, model, price, prompt)
             return _with_stream(response, stream)
         return await self._read_and_finish(request, response, admission, model, price, prompt)
+
+    def _tenant_of(self, request: httpx.Request) -> str | None:
+        """The tenant of `request` (None: the one of its `ratekit.tenant` block, if any)."""
+        tenant = self._tenant
+        if not callable(tenant):
+            return tenant
+        named = tenant(request)
+        return None if named is None else check_tenant_name(named, "RateLimitedTransport: tenant")
 
     def _estimate(
         self, request: httpx.Request, kind: str, body: dict[str, Any], price: CallPrice

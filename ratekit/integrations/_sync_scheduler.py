@@ -21,7 +21,9 @@ class SyncScheduler:
     `backend` may be a function that builds it, so that a Redis client is made in
     the scheduler's loop. Use `submit`, `slot` (a ``with`` block) and `limit` (a
     decorator) from any number of threads; `close` stops the loop. All share one
-    scheduler, so threads and processes see the same limits.
+    scheduler, so threads and processes see the same limits. Each takes `tenant=`; without
+    it, a call is admitted as the tenant of the `ratekit.tenant` block around it in its
+    own thread (read there, and carried to the scheduler's loop).
     """
 
     def __init__(self, *args: Any, backend: Any = None, **kwargs: Any) -> None:

@@ -30,6 +30,7 @@ from anyio.lowlevel import EventLoopToken
 from .._admission import Admission, check_priority, check_timeout
 from .._errors import InvalidArgumentError
 from .._scheduler import Scheduler
+from .._tenants import current_tenant
 from .._tokens import (
     BackgroundEstimator,
     TokenEstimator,
@@ -161,7 +162,9 @@ def wrap(
     installed, has loaded in a thread). Per call, ``ratekit_tokens=`` gives an
     exact reservation, ``ratekit_cost=`` an exact money estimate,
     ``ratekit_priority=`` and ``ratekit_timeout=`` (seconds of waiting for
-    admissions, over all tries) override the defaults; they are not sent.
+    admissions, over all tries) override the defaults, and ``ratekit_tenant=``
+    names the tenant whose share the call takes (else the one of the caller's
+    `ratekit.tenant` block, see `Scheduler.slot`); they are not sent.
 
     `count_tokens` (Anthropic clients): count each call's prompt exactly with the
     provider's free ``messages.count_tokens`` before admitting it, instead of
@@ -361,7 +364,7 @@ class _Create(CreateBase):
             except Exception:
                 answer = None
             counted = counted.done(answer)
-        return plan_call(self._settings, self._kind, params, counted)
+        return plan_call(self._settings, self._kind, params, counted, tenant=current_tenant())
 
     async def __call__(self, **params: Any) -> Any:
         plan = await self._plan(params)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar, cast
 from tenacity import Retrying
 
 from .._admission import Admission
+from .._tenants import current_tenant
 from ._calling import (
     _SENDING,
     CreateBase,
@@ -98,8 +99,11 @@ class SyncCreate(CreateBase):
             except Exception:
                 answer = None
             counted = counted.done(answer)
+        # The tenant of this thread's `ratekit.tenant` block, read here: the plan is made
+        # on the scheduler's loop, in another thread.
+        planned = functools.partial(plan_call, tenant=current_tenant())
         plan = on_loop(
-            settings.scheduler, plan_call, settings, self._kind, params, counted, awaited=False
+            settings.scheduler, planned, settings, self._kind, params, counted, awaited=False
         )
         return cast(_Plan, plan)
 

@@ -18,7 +18,11 @@ Labels are bounded: a group is the account's limiter or a model with limits of i
 (the profile's); a model is the profile's name for it, the name as given for models the
 profile does not list (up to `MAX_MODEL_LABELS` of them, then ``"other"``), or ``""``
 for a call made without a model; a dimension is one of the limits' names; a priority
-is one the application used.
+is one the application used. Two labels are opt-in: ``tenant`` (``tenant_labels=True``,
+on the queued, admitted, wait and settled metrics) and ``account`` (``account_labels=True``,
+on the admitted, wait and settled metrics: the pool's account that served the call).
+Each is the name as given, up to `MAX_TENANT_LABELS` (`MAX_ACCOUNT_LABELS`) names, then
+``"other"``, or ``""`` for a call without one.
 """
 
 from __future__ import annotations
@@ -59,6 +63,12 @@ NO_MODEL: Final = ""
 # The label of every model beyond the first MAX_MODEL_LABELS the profile does not list.
 OTHER_MODEL: Final = "other"
 MAX_MODEL_LABELS: Final = 100
+# The label of a call without a tenant (or not served by a pool's account), and of every
+# tenant (account) beyond the first MAX_TENANT_LABELS (MAX_ACCOUNT_LABELS) seen.
+NO_NAME: Final = ""
+OTHER_NAME: Final = "other"
+MAX_TENANT_LABELS: Final = 100
+MAX_ACCOUNT_LABELS: Final = 100
 # Bucket bounds of the admission wait histogram, in seconds: most admissions wait
 # nothing, a rate-limited one up to a window (a minute), a daily limit hours.
 WAIT_BUCKETS_S: Final = (
@@ -111,6 +121,10 @@ class Snapshot:
     groups: tuple[GroupSnapshot, ...]
 
 
+# (label, value) of the opt-in labels of one event: tenant, account (see `Watcher._who`).
+Who = tuple[tuple[str, str], ...]
+
+
 def headroom(dimension: DimensionStatistics) -> float:
     """What a dimension still admits now: its limit less what is used, never below 0."""
     return max(dimension.limit - dimension.used, 0.0)
@@ -137,9 +151,24 @@ class Watcher(ABC):
     """
 
     def __init__(
-        self, scheduler: Scheduler | None, *, interval_s: float, clock: Clock | None
+        self,
+        scheduler: Scheduler | None,
+        *,
+        interval_s: float,
+        clock: Clock | None,
+        tenant_labels: bool = False,
+        account_labels: bool = False,
     ) -> None:
         name = type(self).__name__
+        for option, value in (("tenant_labels", tenant_labels), ("account_labels", account_labels)):
+            if not isinstance(value, bool):
+                raise InvalidArgumentError(f"{name}.{option} must be a bool, got {show(value)}")
+        # Whether calls are labelled by tenant, and by the pool's account that served them.
+        self._tenant_labels = tenant_labels
+        self._account_labels = account_labels
+        # The tenants and accounts labelled by name so far (bounded, see `_named`).
+        self._tenants: set[str] = set()
+        self._accounts: set[str] = set()
         self._interval_s = check_number(
             f"{name}.interval_s",
             interval_s,
@@ -237,6 +266,50 @@ class Watcher(ABC):
         self._labels[model] = group, label
         return group, label
 
+    def _named(self, kind: str, name: str | None, seen: set[str], bound: int) -> str:
+        """The label of `name`, a tenant or an account (`kind`, plural): ``""`` for none,
+        the name as given for the first `bound` names, then ``"other"`` (said once)."""
+        if name is None:
+            return NO_NAME
+        if name in seen:
+            return name
+        if len(seen) < bound:
+            seen.add(name)
+            return name
+        self._warn_once(
+            kind,
+            "ratekit: %s labels %s beyond the first %d as %r",
+            type(self).__name__,
+            kind,
+            bound,
+            OTHER_NAME,
+        )
+        return OTHER_NAME
+
+    def _who_labels(self, accounted: bool) -> tuple[str, ...]:
+        """The names of the opt-in labels of a metric: ``tenant`` when `tenant_labels`,
+        then ``account`` when `account_labels` and the metric is `accounted` (counts
+        admitted or settled calls, whose events name the account)."""
+        names: tuple[str, ...] = ()
+        if self._tenant_labels:
+            names += ("tenant",)
+        if accounted and self._account_labels:
+            names += ("account",)
+        return names
+
+    def _who(
+        self, tenant: str | None, account: str | None = None, *, accounted: bool = False
+    ) -> Who:
+        """(label, value) of the opt-in labels of an event, in `_who_labels` order."""
+        who: list[tuple[str, str]] = []
+        if self._tenant_labels:
+            tenant_label = self._named("tenants", tenant, self._tenants, MAX_TENANT_LABELS)
+            who.append(("tenant", tenant_label))
+        if accounted and self._account_labels:
+            account_label = self._named("accounts", account, self._accounts, MAX_ACCOUNT_LABELS)
+            who.append(("account", account_label))
+        return tuple(who)
+
     # -- events -----------------------------------------------------------------------
 
     def __call__(self, event: Event) -> None:
@@ -255,13 +328,15 @@ class Watcher(ABC):
         if isinstance(event, Queued):
             group, model = self._call(scheduler, event.model)
             self._priorities.setdefault(group, set()).add(event.priority)
-            self._queued(group, model, event.priority)
+            self._queued(group, model, event.priority, self._who(event.tenant))
         elif isinstance(event, Admitted):
             group, model = self._call(scheduler, event.model)
-            self._admitted(group, model, event.priority, event.waited_s)
+            who = self._who(event.tenant, event.account, accounted=True)
+            self._admitted(group, model, event.priority, event.waited_s, who)
         elif isinstance(event, Settled):
             group, model = self._call(scheduler, event.model)
-            self._settled(group, model, event.tokens, event.cost, self._currency)
+            who = self._who(event.tenant, event.account, accounted=True)
+            self._settled(group, model, event.tokens, event.cost, self._currency, who)
         elif isinstance(event, RateLimited):
             self._rate_limited(*self._call(scheduler, event.model))
         elif isinstance(event, Cooldown):
@@ -271,16 +346,20 @@ class Watcher(ABC):
         elif isinstance(event, TierChanged):
             self._tier_changed()
 
+    # `who` is (label, value) of the opt-in labels (`_who_labels`): tenant, account.
+
     @abstractmethod
-    def _queued(self, group: str, model: str, priority: int) -> None:
+    def _queued(self, group: str, model: str, priority: int, who: Who) -> None:
         """A call asked for an admission."""
 
     @abstractmethod
-    def _admitted(self, group: str, model: str, priority: int, waited_s: float) -> None:
+    def _admitted(self, group: str, model: str, priority: int, waited_s: float, who: Who) -> None:
         """A call was admitted after waiting `waited_s` seconds."""
 
     @abstractmethod
-    def _settled(self, group: str, model: str, tokens: float, cost: float, currency: str) -> None:
+    def _settled(
+        self, group: str, model: str, tokens: float, cost: float, currency: str, who: Who
+    ) -> None:
         """A call ended with `tokens` and `cost` (in `currency`) counted."""
 
     @abstractmethod

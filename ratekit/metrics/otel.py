@@ -43,7 +43,12 @@ Observable gauges, from the snapshot
 Attributes: ``ratekit.group`` (``account`` or a model with limits of its own),
 ``ratekit.model`` (the profile's name, the name given for models it does not list, or
 ``""``), ``ratekit.priority`` (an int), ``ratekit.dimension`` (``rpm``, ``tpm``,
-``concurrency``, ...) and ``ratekit.currency`` (on money).
+``concurrency``, ...) and ``ratekit.currency`` (on money). Opt-in:
+``RatekitMetrics(tenant_labels=True)`` adds ``ratekit.tenant`` to the queued, admissions,
+wait time and settled instruments (the call's tenant, ``""`` for none);
+``account_labels=True`` adds ``ratekit.account`` to the admissions, wait time and
+settled ones (the pool's account that served the call, ``""`` for a call of no pool).
+Each keeps the first 100 names as given and records the rest as ``"other"``.
 """
 
 from __future__ import annotations
@@ -57,7 +62,7 @@ from .._errors import InvalidArgumentError, MissingExtraError
 from .._limits import show
 from .._scheduler import Scheduler
 from ..backends import DimensionStatistics
-from ._watch import DEFAULT_INTERVAL_S, MEASURES, WAIT_BUCKETS_S, Watcher
+from ._watch import DEFAULT_INTERVAL_S, MEASURES, WAIT_BUCKETS_S, Watcher, Who
 
 try:
     from opentelemetry import metrics
@@ -94,7 +99,9 @@ class RatekitMetrics(Watcher):
     one): one `RatekitMetrics` per scheduler and provider. Gauges are as of the last
     `refresh`: at most `interval_s` (in [0.01, 86400] seconds) old inside ``async with
     metrics:``, which refreshes on the scheduler's event loop, waiting on `clock` (the
-    system's by default).
+    system's by default). `tenant_labels` and `account_labels` (False by default) add
+    the ``ratekit.tenant`` and ``ratekit.account`` attributes (see the module's
+    docstring).
 
     The hook runs on the scheduler's loop; collections may come from any thread.
     """
@@ -106,13 +113,21 @@ class RatekitMetrics(Watcher):
         meter_provider: MeterProvider | None = None,
         interval_s: float = DEFAULT_INTERVAL_S,
         clock: Clock | None = None,
+        tenant_labels: bool = False,
+        account_labels: bool = False,
     ) -> None:
         if meter_provider is not None and not isinstance(meter_provider, MeterProvider):
             raise InvalidArgumentError(
                 "RatekitMetrics.meter_provider must be an opentelemetry MeterProvider or None, "
                 f"got {show(meter_provider)}"
             )
-        super().__init__(scheduler, interval_s=interval_s, clock=clock)
+        super().__init__(
+            scheduler,
+            interval_s=interval_s,
+            clock=clock,
+            tenant_labels=tenant_labels,
+            account_labels=account_labels,
+        )
         meter = metrics.get_meter("ratekit", __version__, meter_provider=meter_provider)
         self._queued_total = meter.create_counter(
             "ratekit.calls.queued", "{call}", "Calls that asked for an admission"
@@ -174,15 +189,23 @@ class RatekitMetrics(Watcher):
 
     # -- events -----------------------------------------------------------------------
 
-    def _queued(self, group: str, model: str, priority: int) -> None:
-        self._queued_total.add(1, _call(group, model, priority))
+    def _queued(self, group: str, model: str, priority: int, who: Who) -> None:
+        self._queued_total.add(1, {**_call(group, model, priority), **_who(who)})
 
-    def _admitted(self, group: str, model: str, priority: int, waited_s: float) -> None:
-        self._admissions.add(1, _call(group, model, priority))
-        self._wait.record(waited_s, {"ratekit.group": group, "ratekit.priority": priority})
+    def _admitted(self, group: str, model: str, priority: int, waited_s: float, who: Who) -> None:
+        named = _who(who)
+        self._admissions.add(1, {**_call(group, model, priority), **named})
+        waited: dict[str, str | int] = {
+            "ratekit.group": group,
+            "ratekit.priority": priority,
+            **named,
+        }
+        self._wait.record(waited_s, waited)
 
-    def _settled(self, group: str, model: str, tokens: float, cost: float, currency: str) -> None:
-        attributes = {"ratekit.group": group, "ratekit.model": model}
+    def _settled(
+        self, group: str, model: str, tokens: float, cost: float, currency: str, who: Who
+    ) -> None:
+        attributes = {"ratekit.group": group, "ratekit.model": model, **_who(who)}
         self._tokens.add(tokens, attributes)
         self._cost.add(cost, {**attributes, "ratekit.currency": currency})
 
@@ -247,3 +270,8 @@ class RatekitMetrics(Watcher):
 
 def _call(group: str, model: str, priority: int) -> dict[str, str | int]:
     return {"ratekit.group": group, "ratekit.model": model, "ratekit.priority": priority}
+
+
+def _who(who: Who) -> dict[str, str]:
+    """The opt-in attributes (``ratekit.tenant``, ``ratekit.account``) of an event."""
+    return {f"ratekit.{label}": value for label, value in who}

@@ -46,6 +46,12 @@ Gauges, from the snapshot
 
 A group is ``account`` or a model with limits of its own; a model is the profile's name,
 the name given for models the profile does not list, or ``""`` (no model).
+
+Opt-in labels: ``RatekitCollector(tenant_labels=True)`` adds ``tenant`` to the queued,
+admissions, wait and settled metrics (the call's tenant, ``""`` for none);
+``account_labels=True`` adds ``account`` to the admissions, wait and settled metrics
+(the pool's account that served the call, ``""`` for a call of no pool). Each keeps
+the first 100 names as given and labels the rest ``"other"``.
 """
 
 from __future__ import annotations
@@ -59,7 +65,7 @@ from .._errors import InvalidArgumentError, MissingExtraError
 from .._limits import UNITS, show
 from .._scheduler import Scheduler
 from ..backends import DimensionStatistics
-from ._watch import DEFAULT_INTERVAL_S, MEASURES, WAIT_BUCKETS_S, Snapshot, Watcher
+from ._watch import DEFAULT_INTERVAL_S, MEASURES, WAIT_BUCKETS_S, Snapshot, Watcher, Who
 
 try:
     import prometheus_client
@@ -97,7 +103,8 @@ class RatekitCollector(Watcher):
     and `namespace` in a registry. Gauges are as of the last `refresh`: at most
     `interval_s` (in [0.01, 86400] seconds) old inside ``async with collector:``,
     which refreshes on the scheduler's event loop, waiting on `clock` (the system's
-    by default).
+    by default). `tenant_labels` and `account_labels` (False by default) add the
+    ``tenant`` and ``account`` labels (see the module's docstring).
 
     The hook runs on the scheduler's loop; scrapes may come from any thread.
     """
@@ -110,6 +117,8 @@ class RatekitCollector(Watcher):
         namespace: str = "ratekit",
         interval_s: float = DEFAULT_INTERVAL_S,
         clock: Clock | None = None,
+        tenant_labels: bool = False,
+        account_labels: bool = False,
     ) -> None:
         if not isinstance(namespace, str) or not _NAME.fullmatch(namespace):
             raise InvalidArgumentError(
@@ -121,17 +130,28 @@ class RatekitCollector(Watcher):
                 "RatekitCollector.registry must be a prometheus_client.CollectorRegistry or "
                 f"None, got {show(registry)}"
             )
-        super().__init__(scheduler, interval_s=interval_s, clock=clock)
+        super().__init__(
+            scheduler,
+            interval_s=interval_s,
+            clock=clock,
+            tenant_labels=tenant_labels,
+            account_labels=account_labels,
+        )
         self._namespace = namespace
         call = ("group", "model")
+        # The opt-in labels of queued calls, and of admitted and settled ones.
+        asked = self._who_labels(accounted=False)
+        served = self._who_labels(accounted=True)
         self._queued_total = self._counter(
-            "queued", "Calls that asked for an admission", (*call, "priority")
+            "queued", "Calls that asked for an admission", (*call, "priority", *asked)
         )
-        self._admissions = self._counter("admissions", "Calls admitted", (*call, "priority"))
+        self._admissions = self._counter(
+            "admissions", "Calls admitted", (*call, "priority", *served)
+        )
         self._wait = Histogram(
             "admission_wait_seconds",
             "Seconds from asking for an admission to being admitted",
-            ("group", "priority"),
+            ("group", "priority", *served),
             namespace=namespace,
             registry=None,
             buckets=WAIT_BUCKETS_S,
@@ -139,12 +159,12 @@ class RatekitCollector(Watcher):
         self._tokens = self._counter(
             "settled_tokens",
             "Tokens calls were settled with (the provider's count, else the estimate)",
-            call,
+            (*call, *served),
         )
         self._cost = self._counter(
             "settled_cost",
             "Cost calls were settled with, in the profile's currency",
-            (*call, "currency"),
+            (*call, "currency", *served),
         )
         self._rate_limited_total = self._counter(
             "rate_limited", "Rate-limit answers (429) of the provider to admitted calls", call
@@ -166,16 +186,20 @@ class RatekitCollector(Watcher):
 
     # -- events -----------------------------------------------------------------------
 
-    def _queued(self, group: str, model: str, priority: int) -> None:
-        self._child(self._queued_total, group, model, str(priority)).inc()
+    def _queued(self, group: str, model: str, priority: int, who: Who) -> None:
+        self._child(self._queued_total, group, model, str(priority), *_values(who)).inc()
 
-    def _admitted(self, group: str, model: str, priority: int, waited_s: float) -> None:
-        self._child(self._admissions, group, model, str(priority)).inc()
-        self._child(self._wait, group, str(priority)).observe(waited_s)
+    def _admitted(self, group: str, model: str, priority: int, waited_s: float, who: Who) -> None:
+        values = _values(who)
+        self._child(self._admissions, group, model, str(priority), *values).inc()
+        self._child(self._wait, group, str(priority), *values).observe(waited_s)
 
-    def _settled(self, group: str, model: str, tokens: float, cost: float, currency: str) -> None:
-        self._child(self._tokens, group, model).inc(tokens)
-        self._child(self._cost, group, model, currency).inc(cost)
+    def _settled(
+        self, group: str, model: str, tokens: float, cost: float, currency: str, who: Who
+    ) -> None:
+        values = _values(who)
+        self._child(self._tokens, group, model, *values).inc(tokens)
+        self._child(self._cost, group, model, currency, *values).inc(cost)
 
     def _rate_limited(self, group: str, model: str) -> None:
         self._child(self._rate_limited_total, group, model).inc()
@@ -289,6 +313,11 @@ class RatekitCollector(Watcher):
                     measure, about, dimension.unit
                 )
             family.add_metric(labels, read(dimension))
+
+
+def _values(who: Who) -> tuple[str, ...]:
+    """The values of the opt-in labels, in the order the metrics name them."""
+    return tuple(value for _, value in who)
 
 
 def _name_part(text: str) -> str:

@@ -8,9 +8,12 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+from ratekit import Limits
 from ratekit._pool_file import load_pool, parse_pool
 from ratekit.cli import main
+from ratekit.cli._batch import BatchConfig, run_batch
 from ratekit.errors import ProfileError
+from ratekit.testing.mock_provider import MockProvider
 
 from .redis_server import RedisServer
 
@@ -269,3 +272,70 @@ def test_plan_a_pool_refuses_options_it_would_ignore(
     )
     assert code == 2
     assert message in output
+
+
+def _pool_file(tmp_path: Path, providers: dict[str, tuple[str, int]]) -> Path:
+    path = tmp_path / "pool.toml"
+    path.write_text(
+        "".join(
+            f'[accounts.{name}]\nprovider = "moonshot"\ntier = "tier1"\nrpm = {rpm}\n'
+            f'base_url = "{url}"\n\n'
+            for name, (url, rpm) in providers.items()
+        )
+    )
+    return path
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])
+async def test_run_a_batch_through_a_pool(tmp_path: Path, anyio_backend: str) -> None:
+    """`ratekit run --pool`: 600 requests go to two accounts, each kept within its own
+    rpm by its strict provider (no 429), and the summary says which account took how
+    many."""
+    requests = tmp_path / "batch.jsonl"
+    with requests.open("w") as out:
+        for n in range(600):
+            body = {"custom_id": f"r{n}", "messages": [{"role": "user", "content": "Hi."}]}
+            out.write(json.dumps({**body, "max_tokens": 8}) + "\n")
+    async with (
+        MockProvider(Limits(rpm=100), speed=60) as small,
+        MockProvider(Limits(rpm=200), speed=60) as large,
+    ):
+        path = _pool_file(
+            tmp_path, {"small": (small.base_url, 100), "large": (large.base_url, 200)}
+        )
+        pool = load_pool(path)
+        first = pool.accounts[0]
+        config = BatchConfig(
+            first.provider, "tier1", first.url(), "x", speed=60, model="kimi-k2", pool=pool
+        )
+        summary = await run_batch(config, requests)
+        served = {"small": small.statistics(), "large": large.statistics()}
+    assert summary.ok == 600
+    assert summary.rate_limited == 0
+    assert {name: stats.rejected for name, stats in served.items()} == {"small": {}, "large": {}}
+    assert summary.accounts == {name: stats.served for name, stats in served.items()}
+    assert 0 < summary.accounts["small"] < summary.accounts["large"]
+    assert any(line.startswith("accounts: small ") for line in summary.lines())
+
+
+def test_run_with_a_pool_refuses_a_single_accounts_options(tmp_path: Path) -> None:
+    requests = tmp_path / "batch.jsonl"
+    requests.write_text('{"messages": [{"role": "user", "content": "Hi."}]}\n')
+    path = _pool_file(tmp_path, {"a": ("http://127.0.0.1:9/v1", 10)})
+    runner = CliRunner()
+    result = runner.invoke(main, ["run", str(requests), "--pool", str(path), "--tier", "tier1"])
+    assert result.exit_code == 2
+    assert "--tier: a pool file names each account's" in result.output
+    result = runner.invoke(main, ["run", str(requests), "--tier", "tier1"])
+    assert result.exit_code == 2
+    assert "missing --provider, --base-url (or give --pool)" in result.output
+    remote = tmp_path / "remote.toml"
+    remote.write_text(
+        '[accounts.a]\nprovider = "moonshot"\napi_key_env = "RATEKIT_TEST_UNSET_KEY"\n'
+    )
+    result = runner.invoke(main, ["run", str(requests), "--pool", str(remote)])
+    assert result.exit_code == 2
+    assert "the environment variable RATEKIT_TEST_UNSET_KEY holding its API key is not set" in (
+        result.output
+    )

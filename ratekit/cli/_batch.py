@@ -35,7 +35,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from contextlib import asynccontextmanager
 from contextvars import ContextVar
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -46,6 +46,8 @@ from .._account import Account
 from .._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
 from .._events import Event, RateLimited
 from .._limits import Limits, show
+from .._pool import Pool
+from .._pool_file import PoolAccount, PoolFile
 from .._scheduler import Scheduler
 from .._tenants import Tenant, Tenants, check_tenant_name
 from .._tokens import chat_message_problem
@@ -419,6 +421,8 @@ class BatchSummary:
     bad_lines: tuple[BadLine, ...] = ()
     duplicates: tuple[BadLine, ...] = ()
     output: str = ""
+    # With a pool: the calls each account was given in this run.
+    accounts: dict[str, int] = field(default_factory=dict)
 
     @property
     def complete(self) -> bool:
@@ -442,6 +446,9 @@ class BatchSummary:
             f"({self.prompt_tokens:,} prompt, {self.completion_tokens:,} completion)",
             "spend " + self._spend_text(),
         ]
+        if self.accounts:
+            served = ", ".join(f"{name} {count}" for name, count in self.accounts.items())
+            out.append(f"accounts: {served}")
         if self.retried:
             out.append(f"retried {self.retried} that failed in an earlier run")
         for reason, count in sorted(self.failures.items(), key=lambda item: -item[1]):
@@ -469,6 +476,8 @@ class BatchConfig:
     `pacing` spreads requests one every period / limit (across runners sharing Redis
     too), so that no burst reaches the provider later than it was counted.
     `tenants_file` gives the tenants' limits and weights (see `load_tenants`).
+    `pool` runs the batch through a pool of accounts (see `ratekit._pool_file`), each
+    on ``<namespace>:<its namespace>`` with Redis.
     """
 
     provider: str
@@ -487,6 +496,9 @@ class BatchConfig:
     request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S
     grace_s: float = DEFAULT_GRACE_S
     tenants_file: Path | None = None
+    # A pool of accounts instead of one (`provider`, `tier` and `base_url` are then its
+    # first account's); its keys are read from each account's `api_key_env`.
+    pool: PoolFile | None = None
 
 
 def make_account(config: BatchConfig) -> Account:
@@ -608,6 +620,7 @@ class BatchRunner:
         grace_s: float = DEFAULT_GRACE_S,
         base_url: str | None = None,
         notice: Callable[[str], None] | None = None,
+        pool: Pool | None = None,
     ) -> None:
         if workers < 1:
             raise ValueError(f"workers must be at least 1, got {workers!r}")
@@ -625,7 +638,9 @@ class BatchRunner:
         self._currency = scheduler.account.profile.currency
         # Per model: is it priced (None: not asked yet).
         self._priced: dict[str, bool] = {}
-        self._unpriced_seen = False
+        # A pool's accounts price calls each in its own way: tokens are counted, not spend.
+        self._pool = pool
+        self._unpriced_seen = pool is not None
         self._started_s: float | None = None
         self._ended_s: float | None = None
         self._total = 0
@@ -771,6 +786,11 @@ class BatchRunner:
             bad_lines=batch.bad_lines,
             duplicates=batch.duplicates,
             output=str(self._output_path),
+            accounts={}
+            if self._pool is None
+            else {
+                name: account.admitted for name, account in self._pool.statistics().accounts.items()
+            },
         )
 
     async def _run_pending(self, pending: list[BatchRequest]) -> None:
@@ -885,7 +905,7 @@ class BatchRunner:
         completion = int(usage.get("completion_tokens") or 0)
         self._prompt_tokens += prompt
         self._completion_tokens += completion
-        if self._priced.get(model) is False:
+        if self._pool is not None or self._priced.get(model) is False:
             self._unpriced_seen = True
             return
         try:
@@ -948,10 +968,13 @@ async def open_batch(
     Raises `UnknownProviderError` / `UnknownTierError` (and `TenantsFileError`) before
     anything is opened.
     """
-    import openai
 
     from ..integrations._wrap import wrap
 
+    if config.pool is not None:
+        async with _open_pool_batch(config, requests_path, notice=notice, hooks=hooks) as runner:
+            yield runner
+        return
     account = make_account(config)
     tenants = make_tenants(config, account)
     backend: Backend | None = None
@@ -970,21 +993,8 @@ async def open_batch(
     workers = config.workers or min(
         account.limits(config.model).concurrency or DEFAULT_WORKERS, 256
     )
-    # openai's own httpx types (httpx or httpx2, depending on its version).
-    timeout = openai.Timeout(config.request_timeout_s, connect=config.connect_timeout_s)
     # As many connections as workers: a call admitted must not then queue for a connection.
-    limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)
-    pool = limits_type(max_connections=workers, max_keepalive_connections=workers)
-    http_client = openai.DefaultAsyncHttpxClient(
-        limits=pool, timeout=timeout, event_hooks={"request": [_mark_sent]}
-    )
-    client = openai.AsyncOpenAI(
-        base_url=config.base_url,
-        api_key=config.api_key,
-        max_retries=0,
-        timeout=timeout,
-        http_client=http_client,
-    )
+    client = _openai_client(config, config.base_url, config.api_key, workers)
     runner = BatchRunner(
         scheduler,
         wrap(client, scheduler),
@@ -1003,6 +1013,121 @@ async def open_batch(
         with anyio.CancelScope(shield=True):
             await client.close()
             if backend is not None:
+                await backend.aclose()
+
+
+def _openai_client(config: BatchConfig, base_url: str, api_key: str, workers: int) -> Any:
+    """An openai client without retries of its own, as many connections as `workers`, and
+    the request hook that marks a call sent."""
+    import openai
+
+    # openai's own httpx types (httpx or httpx2, depending on its version).
+    timeout = openai.Timeout(config.request_timeout_s, connect=config.connect_timeout_s)
+    limits_type = type(openai.DEFAULT_CONNECTION_LIMITS)
+    connections = limits_type(max_connections=workers, max_keepalive_connections=workers)
+    http_client = openai.DefaultAsyncHttpxClient(
+        limits=connections, timeout=timeout, event_hooks={"request": [_mark_sent]}
+    )
+    return openai.AsyncOpenAI(
+        base_url=base_url,
+        api_key=api_key,
+        max_retries=0,
+        timeout=timeout,
+        http_client=http_client,
+    )
+
+
+def pool_api_key(account: PoolAccount) -> str:
+    """The key of a pool's account, from its `api_key_env`; a local provider needs none.
+    `BatchInputError`-free: a missing key is a `LimitsError` naming the account."""
+    url = account.url()
+    variable = account.api_key_env
+    key = os.environ.get(variable) if variable else None
+    if key:
+        return key
+    if is_loopback(url):
+        return "ratekit-local"
+    raise LimitsError(
+        f"pool account {account.name!r}: "
+        + (
+            f"the environment variable {variable} holding its API key is not set"
+            if variable
+            else "name the environment variable holding its API key (api_key_env)"
+        )
+    )
+
+
+@asynccontextmanager
+async def _open_pool_batch(
+    config: BatchConfig,
+    requests_path: str | Path,
+    *,
+    notice: Callable[[str], None] | None,
+    hooks: Iterable[Callable[[Event], None]],
+) -> AsyncIterator[BatchRunner]:
+    """`open_batch` through a pool: each account with its scheduler, backend and client."""
+    from .._pool import Member
+
+    assert config.pool is not None
+    listeners = list(hooks)
+
+    def forward(event: Event) -> None:
+        for listener in listeners:
+            listener(event)
+
+    keys = {account.name: pool_api_key(account) for account in config.pool.accounts}
+    backends: list[Backend] = []
+    clients: list[Any] = []
+    members: dict[str, Member] = {}
+    concurrency = 0
+    try:
+        for spec in config.pool.accounts:
+            account = Account(
+                spec.provider,
+                tier=spec.account.tier.name,
+                period_scale=1 / config.speed,
+                margin_s=config.margin_ms / 1000,
+                pacing=config.pacing,
+                **spec.overrides,
+            )
+            backend: Backend | None = None
+            if config.redis_url is not None:
+                from ..backends.redis import RedisBackend
+
+                namespace = f"{config.namespace or 'pool'}:{spec.namespace}"
+                backend = RedisBackend(config.redis_url, namespace=namespace)
+                backends.append(backend)
+            scheduler = Scheduler(
+                account,
+                backend=backend,
+                hooks=[forward],
+                tenants=make_tenants(config, account),
+            )
+            cap = account.limits(config.model).concurrency or DEFAULT_WORKERS
+            concurrency += cap
+            client = _openai_client(config, spec.url(), keys[spec.name], min(cap, 256))
+            clients.append(client)
+            members[spec.name] = Member(scheduler, client, spec.models, spec.discount)
+        pool = Pool(members, prefer=config.pool.prefer, out_s=config.pool.out_s)
+        first = next(iter(members.values())).scheduler
+        runner = BatchRunner(
+            first,
+            pool.client(),
+            requests_path,
+            config.output,
+            workers=config.workers or min(concurrency, 256),
+            default_model=config.model,
+            grace_s=config.grace_s,
+            notice=notice,
+            pool=pool,
+        )
+        listeners.append(runner.on_event)
+        yield runner
+    finally:
+        with anyio.CancelScope(shield=True):
+            for client in clients:
+                await client.close()
+            for backend in backends:
                 await backend.aclose()
 
 

@@ -23,6 +23,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn
 
 from .._errors import RatekitError
+from .._pool_file import load_pool
 from ._batch import (
     DEFAULT_CONNECT_TIMEOUT_S,
     DEFAULT_GRACE_S,
@@ -38,6 +39,7 @@ from ._batch import (
     make_account,
     make_tenants,
     open_batch,
+    pool_api_key,
 )
 from ._types import AMOUNT, POSITIVE, InputError, make_console
 
@@ -181,9 +183,16 @@ def _api_key(variable: str, base_url: str) -> str:
     "requests",
     type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
 )
-@click.option("--provider", required=True, help="Bundled provider (moonshot) or a profile file.")
-@click.option("--tier", required=True, help="The account's tier (tier1).")
-@click.option("--base-url", required=True, help="The OpenAI-compatible API's base URL.")
+@click.option("--provider", help="Bundled provider (moonshot) or a profile file.")
+@click.option("--tier", help="The account's tier (tier1).")
+@click.option("--base-url", help="The OpenAI-compatible API's base URL.")
+@click.option(
+    "--pool",
+    "pool_path",
+    type=click.Path(exists=True, dir_okay=False, readable=True, path_type=Path),
+    help="A pool file instead of --provider, --tier and --base-url: the requests go to "
+    "whichever of its accounts admits each (keys from each account's api_key_env).",
+)
 @click.option(
     "--api-key-env",
     default="OPENAI_API_KEY",
@@ -254,9 +263,10 @@ def _api_key(variable: str, base_url: str) -> str:
 @click.option("--progress/--no-progress", default=True, help="Live progress on stderr.")
 def run(
     requests: Path,
-    provider: str,
-    tier: str,
-    base_url: str,
+    provider: str | None,
+    tier: str | None,
+    base_url: str | None,
+    pool_path: Path | None,
     api_key_env: str,
     output: Path | None,
     workers: int | None,
@@ -280,11 +290,50 @@ def run(
     """
     if namespace is not None and redis_url is None:
         raise click.UsageError("--namespace needs --redis")
+    pool = None
+    if pool_path is not None:
+        given = [
+            option
+            for option, value in (
+                ("--provider", provider),
+                ("--tier", tier),
+                ("--base-url", base_url),
+            )
+            if value is not None
+        ]
+        if given:
+            raise click.UsageError(f"{', '.join(given)}: a pool file names each account's")
+        try:
+            pool = load_pool(pool_path)
+            keys = [pool_api_key(account) for account in pool.accounts]
+        except RatekitError as exc:
+            raise InputError(str(exc)) from None
+        first = pool.accounts[0]
+        provider, tier, base_url = first.provider, first.account.tier.name, first.url()
+        api_key = keys[0]
+    else:
+        missing = [
+            option
+            for option, value in (
+                ("--provider", provider),
+                ("--tier", tier),
+                ("--base-url", base_url),
+            )
+            if value is None
+        ]
+        if missing:
+            raise click.UsageError(f"missing {', '.join(missing)} (or give --pool)")
+        assert base_url is not None
+        api_key = _api_key(api_key_env, base_url)
+    assert provider is not None
+    assert tier is not None
+    assert base_url is not None
     config = BatchConfig(
         provider=provider,
         tier=tier,
         base_url=base_url,
-        api_key=_api_key(api_key_env, base_url),
+        api_key=api_key,
+        pool=pool,
         output=output,
         workers=workers,
         redis_url=redis_url,

@@ -152,7 +152,7 @@ class _PoolCreate:
             left = None if deadline_s is None else max(deadline_s - clock.now(), 0.0)
             try:
                 served = await pool.admit_each(
-                    ask, model=model, priority=first.priority, timeout=left
+                    ask, model=model, priority=first.priority, timeout=left, tenant=first.tenant
                 )
             except PoolExhaustedError as error:
                 raise error from last

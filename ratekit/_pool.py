@@ -36,7 +36,7 @@ from ._errors import (
     PoolExhaustedError,
     RatekitError,
 )
-from ._events import AccountOut, Admitted, Event, Hook, Queued, Settled
+from ._events import AccountOut, Event, Hook, Queued
 from ._limits import check_amount, show
 from ._queue import Waiter, WaitQueue
 from ._scheduler import Scheduler
@@ -219,9 +219,10 @@ class Pool:
     reads every account's usage first: a round trip each on Redis). `max_attempts`
     bounds the tries of `submit` (each on the best account then). `out_s` is how long
     an account that answered "quota or balance spent" stays out. `hooks` receive the
-    pool's events, which name the account (`Admitted.account`, `Settled.account`,
-    `AccountOut`). Callers waiting for a model are served by priority, FIFO within
-    one (`max_queue`, `lower_share` as for a `Scheduler`).
+    pool's events (`Queued`, `AccountOut`) and its accounts' schedulers' (`Admitted`
+    and `Settled` name the account: each scheduler is told its name in the pool).
+    Callers waiting for a model are served by priority, FIFO within one (`max_queue`,
+    `lower_share` as for a `Scheduler`).
 
     The members' schedulers must share one clock (the first one's is the pool's).
     One event loop, any number of tasks.
@@ -294,6 +295,18 @@ class Pool:
                     f"Pool.members[{member.name!r}]: its scheduler has a clock other than "
                     "the first member's; give every member's scheduler the same clock"
                 )
+        for name, member in accounts.items():
+            named = member.scheduler.account_name
+            if named not in (None, name):
+                raise InvalidArgumentError(
+                    f"Pool.members[{name!r}]: its scheduler is account {named!r} of another "
+                    "pool; give each pool's accounts schedulers of their own"
+                )
+        for name, member in accounts.items():
+            # Its events name it; the pool's hooks hear them.
+            member.scheduler.account_name = name
+            for hook in hooks:
+                member.scheduler.add_hook(hook)
         self.members: Mapping[str, Member] = accounts
         self.prefer = prefer
         self.max_attempts = max_attempts
@@ -440,9 +453,8 @@ class Pool:
         waited_s = self._clock.now() - started
         member = served.member
         self._state[member.name].admitted += 1
+        # Its scheduler tells the hooks (`Admitted` names the account).
         member.scheduler.admitted(served.admission, served.model, priority, waited_s)
-        if self._hooks:
-            self._emit(Admitted(model, priority, waited_s, served.admission.tenant, member.name))
         return served
 
     def _leave(self, queue: WaitQueue, waiter: Waiter) -> None:
@@ -545,20 +557,17 @@ class Pool:
         """End a call admitted by `admit`: release its admission on its account, then
         answer `error` there (a 429: that account's cooldown; a spent quota: the account
         is out for `out_s`). Call it once per admission."""
-        granted = served.admission.granted
         try:
             # First: nothing below can keep the capacity.
             await served.member.scheduler.finish(served.admission, error, model=served.model)
         finally:
             self._notify()
-        await self.answered(served, error, granted=granted)
+        await self.answered(served, error)
 
-    async def answered(
-        self, served: Served, error: BaseException | None, *, granted: bool = True
-    ) -> None:
+    async def answered(self, served: Served, error: BaseException | None) -> None:
         """The pool's part of ending a call whose admission its account's scheduler has
-        ended already (`Scheduler.finish`): count a rate-limit answer, take the account
-        out on a spent quota, and tell the hooks which account served the call."""
+        ended already (`Scheduler.finish`, which told the hooks `Settled`): count a
+        rate-limit answer, and take the account out on a spent quota."""
         member = served.member
         if error is not None and not isinstance(error, anyio.get_cancelled_exc_class()):
             signal = member.scheduler._signal(error)
@@ -568,13 +577,6 @@ class Pool:
                 if not signal.retryable and not getattr(signal, "overloaded", False):
                     with anyio.CancelScope(shield=True):
                         await self._take_out(member, served.model, signal.message or "quota spent")
-        if granted and self._hooks:
-            usage = served.admission.usage
-            self._emit(
-                Settled(
-                    served.model, usage.tokens, usage.cost, served.admission.tenant, member.name
-                )
-            )
 
     def client(self, *, priority: int = 0, timeout: float | None = None) -> Any:
         """One SDK client for the whole pool: every call of ``chat.completions.create``
@@ -657,11 +659,14 @@ class Pool:
     # -- observing --------------------------------------------------------------------
 
     def add_hook(self, hook: Hook) -> None:
-        """Tell `hook` every pool event from now on."""
+        """Tell `hook` every event of the pool and of its accounts' schedulers from now on
+        (`Admitted` and `Settled` name the account)."""
         if not callable(hook):
             raise InvalidArgumentError(f"Pool.add_hook: a hook must be callable, got {hook!r}")
         if hook not in self._hooks:
             self._hooks = (*self._hooks, hook)
+        for member in self.members.values():
+            member.scheduler.add_hook(hook)
 
     def _emit(self, event: Event) -> None:
         for hook in self._hooks:

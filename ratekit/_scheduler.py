@@ -223,6 +223,8 @@ class Scheduler:
         # Shared by every limiter of the account: a tenant's limits span its models.
         self.tenants = tenants
         self.account = account
+        # The account's name in a pool (`ratekit.Pool` names it): its events carry it.
+        self.account_name: str | None = None
         # The one clock of every limiter of this scheduler.
         self._clock: Clock = clock or SystemClock()
         self._backend = backend
@@ -396,7 +398,7 @@ class Scheduler:
         admission.admitted_at_s = admitted_s = self._clock.now()
         waited_s = admitted_s - started
         self._record_wait(priority, waited_s)
-        self._emit(Admitted(model, priority, waited_s, admission.tenant))
+        self._emit(Admitted(model, priority, waited_s, admission.tenant, self.account_name))
         return admission
 
     async def offer(
@@ -432,7 +434,7 @@ class Scheduler:
         elsewhere (a pool's queue), as `admit` counts its own."""
         admission.admitted_at_s = self._clock.now()
         self._record_wait(priority, waited_s)
-        self._emit(Admitted(model, priority, waited_s, admission.tenant))
+        self._emit(Admitted(model, priority, waited_s, admission.tenant, self.account_name))
 
     async def finish(
         self,
@@ -458,7 +460,9 @@ class Scheduler:
                     await self.rate_limited(model, signal, admitted_at_s=admission.admitted_at_s)
         if granted:
             usage = admission.usage
-            self._emit(Settled(model, usage.tokens, usage.cost, admission.tenant))
+            self._emit(
+                Settled(model, usage.tokens, usage.cost, admission.tenant, self.account_name)
+            )
 
     async def submit(
         self,

@@ -320,3 +320,29 @@ def test_bad_members_are_refused_with_the_field_named() -> None:
         Pool({"a": one, "b": one})
     with pytest.raises(InvalidArgumentError, match="same clock"):
         Pool({"a": one, "b": scheduler(FakeClock(), rpm=1)})
+
+
+async def test_each_call_is_told_once_with_the_account_that_served_it() -> None:
+    """A hook given to the pool hears every call once: `Admitted` and `Settled` from the
+    account's scheduler, naming the account, also when the same hook is on that
+    scheduler; a scheduler cannot be an account of two pools under two names."""
+    clock = FakeClock()
+    events: list[Event] = []
+
+    def hook(event: Event) -> None:
+        events.append(event)
+
+    first = Scheduler(
+        Account("moonshot", rpm=1, tpm=None, tpd=None, concurrency=None), clock=clock, hooks=[hook]
+    )
+    second = scheduler(clock, rpm=10)
+    pool = Pool({"first": first, "second": second}, hooks=[hook])
+    for _ in range(3):
+        await pool.submit(_name, tokens=5)
+    admitted = [e.account for e in events if isinstance(e, Admitted)]
+    settled = [(e.account, e.tokens) for e in events if isinstance(e, Settled)]
+    assert admitted == ["first", "second", "second"]
+    assert settled == [("first", 5), ("second", 5), ("second", 5)]
+    with pytest.raises(InvalidArgumentError, match="account 'first' of another pool"):
+        Pool({"renamed": first})
+    assert Pool({"first": first}).members["first"].scheduler is first

@@ -323,6 +323,10 @@ class Pool:
         self._watched: set[int] = set()
         # Callers watching `_changed` (asking the accounts, or waiting after a refusal).
         self._heads = 0
+        # What each account (and model) said when it refused: until when a demand of at
+        # least these tokens and cost cannot fit, and the dimension; cleared whenever
+        # capacity may have been freed (see `_notify`).
+        self._refused: dict[tuple[str, str | None], tuple[float, float, float, str]] = {}
         # The accounts serving each model, in the order given.
         self._serving: dict[str | None, list[Member]] = {}
 
@@ -519,25 +523,43 @@ class Pool:
         ordered = candidates if self.prefer == "order" else await self._order(candidates, model)
         best_s, best = math.inf, "concurrency"
         out = 0
+        refused = self._refused
         for member in ordered:
             if self._state[member.name].out_until_s > now:
                 out += 1
                 continue
             own = member.model_for(model)
+            tokens, cost = ask(member, own)
+            known = refused.get((member.name, own)) if tenant is None else None
+            if known is not None:
+                until_s, at_least_tokens, at_least_cost, dimension = known
+                if now < until_s and tokens >= at_least_tokens and cost >= at_least_cost:
+                    # It said when a demand this large fits, and nothing was freed since:
+                    # not asked again before then (no round trip to a store).
+                    if until_s - now < best_s:
+                        best_s, best = until_s - now, f"{member.name}: {dimension}"
+                    continue
             limiter = member.scheduler.limiter(own)
             if id(limiter) not in self._watched:
                 # Releases on this account (other pods' too, through its backend) wake
                 # the heads at once.
                 self._watched.add(id(limiter))
                 limiter.backend.subscribe(self._notify)
-            tokens, cost = ask(member, own)
             outcome = await member.scheduler.offer(
                 tokens=tokens, cost=cost, model=own, tenant=tenant
             )
             if isinstance(outcome, Admission):
                 return Served(member, own, outcome, self._clients[member.name])
-            if isinstance(outcome, Refusal) and outcome.wait_s < best_s:
-                best_s, best = outcome.wait_s, f"{member.name}: {outcome.dimension}"
+            if isinstance(outcome, Refusal):
+                if tenant is None and math.isfinite(outcome.wait_s):
+                    refused[(member.name, own)] = (
+                        self._clock.now() + outcome.wait_s,
+                        tokens,
+                        cost,
+                        outcome.dimension,
+                    )
+                if outcome.wait_s < best_s:
+                    best_s, best = outcome.wait_s, f"{member.name}: {outcome.dimension}"
         if out == len(ordered):
             states = {m.name: self._state[m.name] for m in ordered}
             back_s = min(state.out_until_s for state in states.values()) - now
@@ -548,7 +570,9 @@ class Pool:
 
     def _notify(self) -> None:
         """Capacity may have been freed: the heads look again (a new event only while a
-        caller watches one)."""
+        caller watches one), and every account is asked again."""
+        if self._refused:
+            self._refused.clear()
         if self._heads:
             changed, self._changed = self._changed, anyio.Event()
             changed.set()

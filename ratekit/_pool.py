@@ -320,7 +320,7 @@ class Pool:
         # Set when capacity may have been freed on an account; the heads wait on it.
         self._changed = anyio.Event()
         # The limiters whose freed capacity wakes the heads (by id: subscribed once).
-        self._watched: set[int] = set()
+        self._watched: dict[int, _Freed] = {}
         # Callers watching `_changed` (asking the accounts, or waiting after a refusal).
         self._heads = 0
         # What each account (and model) said when it refused: until when a demand of at
@@ -543,8 +543,8 @@ class Pool:
             if id(limiter) not in self._watched:
                 # Releases on this account (other pods' too, through its backend) wake
                 # the heads at once.
-                self._watched.add(id(limiter))
-                limiter.backend.subscribe(self._notify)
+                watch = self._watched[id(limiter)] = _Freed(self, (member.name, own))
+                limiter.backend.subscribe(watch.freed)
             outcome = await member.scheduler.offer(
                 tokens=tokens, cost=cost, model=own, tenant=tenant
             )
@@ -568,11 +568,15 @@ class Pool:
             )
         return best_s, best
 
-    def _notify(self) -> None:
-        """Capacity may have been freed: the heads look again (a new event only while a
-        caller watches one), and every account is asked again."""
+    def _notify(self, where: tuple[str, str | None] | None = None) -> None:
+        """Capacity may have been freed (on account and model `where`; None: anywhere): the
+        heads look again (a new event only while a caller watches one), and the account
+        is asked again."""
         if self._refused:
-            self._refused.clear()
+            if where is None:
+                self._refused.clear()
+            else:
+                self._refused.pop(where, None)
         if self._heads:
             changed, self._changed = self._changed, anyio.Event()
             changed.set()
@@ -585,7 +589,7 @@ class Pool:
             # First: nothing below can keep the capacity.
             await served.member.scheduler.finish(served.admission, error, model=served.model)
         finally:
-            self._notify()
+            self._notify((served.account, served.model))
         await self.answered(served, error)
 
     async def answered(self, served: Served, error: BaseException | None) -> None:
@@ -715,6 +719,20 @@ class Pool:
 
     def __repr__(self) -> str:
         return f"Pool({', '.join(self.members)}, prefer={self.prefer!r})"
+
+
+class _Freed:
+    """Told by an account's backend that capacity may have been freed there; held by the
+    pool (a backend holds its bound method weakly, so a dropped pool is not kept)."""
+
+    __slots__ = ("__weakref__", "pool", "where")
+
+    def __init__(self, pool: Pool, where: tuple[str, str | None]) -> None:
+        self.pool = pool
+        self.where = where
+
+    def freed(self) -> None:
+        self.pool._notify(self.where)
 
 
 class PoolSlot:

@@ -346,3 +346,25 @@ async def test_each_call_is_told_once_with_the_account_that_served_it() -> None:
     with pytest.raises(InvalidArgumentError, match="account 'first' of another pool"):
         Pool({"renamed": first})
     assert Pool({"first": first}).members["first"].scheduler is first
+
+
+async def test_an_account_that_refused_is_asked_again_only_when_it_can_admit() -> None:
+    """An account that refused named when a call would fit: until then the pool does not
+    ask it again (on Redis each ask is a round trip), unless capacity is freed there."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"small": 1, "large": 100})
+    asked: Counter[str] = Counter()
+    for name, member in pool.members.items():
+        offer = member.scheduler.offer
+
+        async def counted(*, name: str = name, offer: Any = offer, **kwargs: Any) -> Any:
+            asked[name] += 1
+            return await offer(**kwargs)
+
+        member.scheduler.offer = counted  # type: ignore[method-assign]
+    names = [await pool.submit(_name) for _ in range(6)]
+    assert names == ["small"] + ["large"] * 5
+    assert asked == {"small": 2, "large": 5}  # refused once, then skipped until it fits
+    clock.advance(62)  # its window (60 s, 1 s slices, the 20 ms margin) has passed
+    assert await pool.submit(_name) == "small"
+    assert asked["small"] == 3

@@ -71,11 +71,11 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
                 pass
 
         def through(pool: ratekit.Pool) -> object:
-            async def op() -> None:
+            async def one_call() -> None:
                 async with pool.slot(tokens=100):
                     pass
 
-            return op
+            return one_call
 
         async def aiolimiter_acquire(limiter: aiolimiter.AsyncLimiter = reference) -> None:
             async with limiter:
@@ -103,7 +103,9 @@ async def spread(callers: int) -> tuple[dict[str, Counter[int]], float]:
     rpms = {"small": 60, "medium": 120, "large": 180}
     members = {
         name: ratekit.Scheduler(
-            ratekit.Account("moonshot", tier="tier1", rpm=rpm, tpm=None, tpd=None, concurrency=None),
+            ratekit.Account(
+                "moonshot", tier="tier1", rpm=rpm, tpm=None, tpd=None, concurrency=None
+            ),
             clock=clock,
         )
         for name, rpm in rpms.items()

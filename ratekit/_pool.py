@@ -29,8 +29,11 @@ from typing import Any, TypeVar, cast
 import anyio
 
 from ._admission import Admission, check_priority, check_timeout
+from ._clock import SystemClock
 from ._errors import (
     AcquireTimeout,
+    BackendUnavailableError,
+    CostExceedsLimitError,
     InvalidArgumentError,
     PermitError,
     PoolExhaustedError,
@@ -52,6 +55,9 @@ first (input plus output price, times the account's `discount`); the most headro
 first (the largest free share of the account's tightest limit)."""
 
 _DEFAULT_OUT_S = 300.0
+# How soon the head looks again at an account whose own scheduler has callers waiting
+# (they go first, and their ends are not announced to the pool).
+_BUSY_S = 0.05
 
 
 def _models_of(where: str, models: object) -> Mapping[str, str] | None:
@@ -65,6 +71,10 @@ def _models_of(where: str, models: object) -> Mapping[str, str] | None:
         raise InvalidArgumentError(
             f"{where} must be None (any model), model names, or a mapping of the pool's "
             f"model names to this account's, got {show(models)}"
+        )
+    if not pairs:
+        raise InvalidArgumentError(
+            f"{where} names no model: give None to serve every model, or the models served"
         )
     for key, value in pairs.items():
         if not isinstance(key, str) or not key or not isinstance(value, str) or not value:
@@ -98,6 +108,8 @@ class Member:
             raise InvalidArgumentError(
                 f"Member.scheduler must be a ratekit.Scheduler, got {show(self.scheduler)}"
             )
+        if not isinstance(self.name, str):
+            raise InvalidArgumentError(f"Member.name must be a str, got {show(self.name)}")
         object.__setattr__(self, "models", _models_of("Member.models", self.models))
         discount = self.discount
         if (
@@ -168,8 +180,9 @@ class Served:
 
 @dataclass(frozen=True, slots=True)
 class AccountStatistics:
-    """One account of a pool: calls it was given, 429s and spent quotas it answered,
-    and, when it is out, for how many more seconds."""
+    """One account of a pool: calls it was given, its rate-limit answers (429, 529), the
+    times a spent quota or balance took it out, and, when it is out, for how many more
+    seconds."""
 
     admitted: int
     rate_limited: int
@@ -276,7 +289,11 @@ class Pool:
                 f"Pool.max_attempts must be an int of at least 1, got {show(max_attempts)}"
             )
         self.out_s = check_amount("Pool.out_s", out_s)
-        if isinstance(hooks, str | bytes) or not all(callable(hook) for hook in hooks):
+        if (
+            not isinstance(hooks, Iterable)
+            or isinstance(hooks, str | bytes)
+            or not all(callable(hook) for hook in hooks)
+        ):
             raise InvalidArgumentError(f"Pool.hooks must be callables, got {hooks!r}")
         WaitQueue(lower_share=lower_share, max_size=max_queue)  # checks both
         schedulers = [m.scheduler for m in accounts.values()]
@@ -287,10 +304,9 @@ class Pool:
         first = schedulers[0]
         self._clock = first._clock
         for member in accounts.values():
-            if type(member.scheduler._clock) is not type(self._clock) or (
-                type(self._clock).__name__ != "SystemClock"
-                and member.scheduler._clock is not self._clock
-            ):
+            theirs = member.scheduler._clock
+            both_system = isinstance(theirs, SystemClock) and isinstance(self._clock, SystemClock)
+            if not both_system and theirs is not self._clock:
                 raise InvalidArgumentError(
                     f"Pool.members[{member.name!r}]: its scheduler has a clock other than "
                     "the first member's; give every member's scheduler the same clock"
@@ -524,6 +540,7 @@ class Pool:
         best_s, best = math.inf, "concurrency"
         out = 0
         refused = self._refused
+        failed: list[Exception] = []
         for member in ordered:
             if self._state[member.name].out_until_s > now:
                 out += 1
@@ -545,9 +562,21 @@ class Pool:
                 # the heads at once.
                 watch = self._watched[id(limiter)] = _Freed(self, (member.name, own))
                 limiter.backend.subscribe(watch.freed)
-            outcome = await member.scheduler.offer(
-                tokens=tokens, cost=cost, model=own, tenant=tenant
-            )
+            try:
+                outcome = await member.scheduler.offer(
+                    tokens=tokens, cost=cost, model=own, tenant=tenant
+                )
+            except (CostExceedsLimitError, BackendUnavailableError) as error:
+                # Too large for this account's limits, or its store is down: the others
+                # may serve the call.
+                failed.append(error)
+                continue
+            if outcome is None:
+                # Callers of the account's own scheduler wait there and go first; no
+                # instant is known: look again soon.
+                if best_s > _BUSY_S:
+                    best_s, best = _BUSY_S, f"{member.name}: its own queue"
+                continue
             if isinstance(outcome, Admission):
                 return Served(member, own, outcome, self._clients[member.name])
             if isinstance(outcome, Refusal):
@@ -560,6 +589,8 @@ class Pool:
                     )
                 if outcome.wait_s < best_s:
                     best_s, best = outcome.wait_s, f"{member.name}: {outcome.dimension}"
+        if failed and len(failed) + out == len(ordered):
+            raise failed[-1]  # no account can take it: too large everywhere, or down
         if out == len(ordered):
             states = {m.name: self._state[m.name] for m in ordered}
             back_s = min(state.out_until_s for state in states.values()) - now
@@ -585,6 +616,11 @@ class Pool:
         """End a call admitted by `admit`: release its admission on its account, then
         answer `error` there (a 429: that account's cooldown; a spent quota: the account
         is out for `out_s`). Call it once per admission."""
+        if not isinstance(served, Served):
+            raise InvalidArgumentError(
+                f"Pool.finish: served must be the Served call that Pool.admit returned, "
+                f"got {show(served)}"
+            )
         try:
             # First: nothing below can keep the capacity.
             await served.member.scheduler.finish(served.admission, error, model=served.model)
@@ -601,8 +637,10 @@ class Pool:
             signal = member.scheduler._signal(error)
             if signal is not None:
                 state = self._state[member.name]
-                state.rate_limited += 1
-                if not signal.retryable and not getattr(signal, "overloaded", False):
+                spent = not signal.retryable and not getattr(signal, "overloaded", False)
+                if not spent:
+                    state.rate_limited += 1
+                if spent:
                     with anyio.CancelScope(shield=True):
                         await self._take_out(member, served.model, signal.message or "quota spent")
 

@@ -139,14 +139,17 @@ def _account(source: str, name: str, table: object) -> PoolAccount:
         )
     models = table.get("models")
     if models is not None:
-        fine = (isinstance(models, list) and all(isinstance(m, str) and m for m in models)) or (
-            isinstance(models, Mapping) and all(isinstance(v, str) and v for v in models.values())
+        names = models.items() if isinstance(models, Mapping) else []
+        fine = bool(models) and (
+            (isinstance(models, list) and all(isinstance(m, str) and m for m in models))
+            or all(isinstance(k, str) and k and isinstance(v, str) and v for k, v in names)
         )
+        fine = fine and isinstance(models, list | Mapping)
         _check(
             source,
             f"{where}.models",
             fine,
-            f"must be a list of model names or a table of names, got {models!r}",
+            f"must be a non-empty list of model names or a table of names, got {models!r}",
         )
     discount = 1.0
     if "discount" in table:
@@ -217,6 +220,8 @@ def load_pool(path: str | Path) -> PoolFile:
         text = Path(path).read_text(encoding="utf-8")
     except OSError as error:
         raise ProfileError(source, "", f"cannot be read ({error.strerror or error})") from None
+    except UnicodeDecodeError as error:
+        raise ProfileError(source, "", f"is not UTF-8 text ({error.reason})") from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import socket
 from collections import Counter
 from typing import Any
 
@@ -11,7 +12,7 @@ import pytest
 
 from ratekit import Account, AcquireTimeout, InvalidArgumentError, Pool, Scheduler
 from ratekit.clock import FakeClock
-from ratekit.errors import PoolExhaustedError
+from ratekit.errors import BackendUnavailableError, CostExceedsLimitError, PoolExhaustedError
 from ratekit.events import AccountOut, Admitted, Event, Settled
 from ratekit.pools import Member, Served
 
@@ -368,3 +369,89 @@ async def test_an_account_that_refused_is_asked_again_only_when_it_can_admit() -
     clock.advance(62)  # its window (60 s, 1 s slices, the 20 ms margin) has passed
     assert await pool.submit(_name) == "small"
     assert asked["small"] == 3
+
+
+async def test_a_call_too_large_for_one_account_goes_to_another() -> None:
+    """A call larger than one account's whole limit is served by an account it fits; it
+    is refused (CostExceedsLimitError) only when it fits none."""
+    clock = FakeClock()
+    pool = Pool({"small": scheduler(clock, tpm=10_000), "big": scheduler(clock, tpm=100_000)})
+    served = await pool.admit(tokens=50_000)
+    assert served.account == "big"
+    await pool.finish(served)
+    with pytest.raises(CostExceedsLimitError):
+        await pool.admit(tokens=500_000)
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py runs on asyncio
+async def test_an_account_whose_store_is_down_is_passed_over(anyio_backend: str) -> None:
+    """An account on a Redis that cannot be reached fails only its own asks: the call goes
+    to the next account; with every store down the caller gets the outage error."""
+    from ratekit.backends.redis import RedisBackend
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    down = RedisBackend(f"redis://127.0.0.1:{port}/0", namespace="down")
+    account = Account("moonshot", rpm=100, tpm=None, tpd=None, concurrency=None)
+    try:
+        pool = Pool({"down": Scheduler(account, backend=down), "up": Scheduler(account)})
+        assert (await pool.submit(_name)) == "up"
+        alone = Pool({"down": Scheduler(account, backend=down)})
+        with pytest.raises(BackendUnavailableError):
+            await alone.admit()
+    finally:
+        await down.aclose()
+
+
+async def test_a_pool_caller_is_not_stranded_behind_an_accounts_own_queue() -> None:
+    """A caller of an account's own scheduler waits there and goes first; when it gives up,
+    the pool's caller is admitted at the next instant the window allows, not never."""
+    clock = FakeClock()
+    only = scheduler(clock, rpm=1)
+    pool = Pool({"only": only})
+    await only.submit(_noop)  # the window's one call
+    admitted: list[float] = []
+    start = clock.now()
+
+    async def through_pool() -> None:
+        served = await pool.admit()
+        admitted.append(clock.now() - start)
+        await pool.finish(served)
+
+    async with anyio.create_task_group() as group:
+        direct = anyio.CancelScope()
+
+        async def direct_caller() -> None:
+            with direct:
+                await only.submit(_noop)
+
+        group.start_soon(direct_caller)
+        await anyio.wait_all_tasks_blocked()
+        group.start_soon(through_pool)
+        await anyio.wait_all_tasks_blocked()
+        direct.cancel()
+        await run_clock(clock, 70, step_s=0.5)
+    assert len(admitted) == 1
+    assert 60 <= admitted[0] <= 62
+
+
+async def _noop() -> None:
+    return None
+
+
+def test_garbage_is_refused_with_the_argument_named() -> None:
+    clock = FakeClock()
+    one = scheduler(clock, rpm=1)
+    with pytest.raises(InvalidArgumentError, match=r"Pool\.hooks must be callables"):
+        Pool({"a": one}, hooks=None)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"Member\.name must be a str"):
+        Member(one, name=5)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"Member\.models names no model"):
+        Member(one, models=[])
+
+
+async def test_finish_refuses_what_admit_did_not_return() -> None:
+    pool, _ = pool_of(FakeClock(), {"a": 1})
+    with pytest.raises(InvalidArgumentError, match=r"Pool\.finish: served must be"):
+        await pool.finish("x")  # type: ignore[arg-type]

@@ -36,7 +36,7 @@ from rich.table import Table
 from .._account import Account
 from .._errors import RatekitError
 from .._limits import Limits
-from .._pool_file import PoolFile, load_pool
+from .._pool_file import PoolAccount, PoolFile, load_pool
 from .._profiles import API_NAMES, load_profile
 from ..testing.mock_provider import CallRecord, MockProviderStatistics, ProviderProcess
 from ..testing.workload import (
@@ -235,7 +235,7 @@ async def _simulate_pool(
     speed = options["speed"]
     servers = {
         account.name: ProviderProcess(
-            account.account.limits(None), speed=speed, completion_tokens=64
+            _enforced(account, options["model"]), speed=speed, completion_tokens=64
         )
         for account in pool.accounts
     }
@@ -289,6 +289,15 @@ async def _simulate_pool(
     return outcome, elapsed_s, runs
 
 
+def _enforced(account: PoolAccount, model: str) -> Limits:
+    """What `account`'s provider enforces on calls of `model`: the model's own limits
+    where its profile sets some (MiniMax), else the account's."""
+    names = account.models
+    own = names.get(model, model) if isinstance(names, dict) else model
+    group = account.account.group(own)
+    return account.account.limits(None if group == "account" else own)
+
+
 def _report_pool(
     console: Console,
     outcome: Outcome,
@@ -296,6 +305,7 @@ def _report_pool(
     runs: dict[str, _Run],
     pool: PoolFile,
     speed: float,
+    model: str,
 ) -> int:
     table = Table(title=f"a pool of {len(pool.accounts)} accounts, prefer {pool.prefer}")
     for column in ("account", "tier", "calls", "429s", "binding limit", "steady state"):
@@ -303,7 +313,7 @@ def _report_pool(
     rejected = 0
     for account in pool.accounts:
         run = runs[account.name]
-        limits = account.account.limits(None).compressed(speed)
+        limits = _enforced(account, model).compressed(speed)
         name, share = binding_utilisation(
             limits,
             [call.arrived_s for call in run.calls],
@@ -549,7 +559,7 @@ def _simulate_pool_command(
         f"{processes} process(es), time x{speed:g}"
     )
     outcome, elapsed_s, runs = asyncio.run(_simulate_pool(pool, options))
-    sys.exit(_report_pool(console, outcome, elapsed_s, runs, pool, speed))
+    sys.exit(_report_pool(console, outcome, elapsed_s, runs, pool, speed, model))
 
 
 if __name__ == "__main__":  # pragma: no cover

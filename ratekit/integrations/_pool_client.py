@@ -174,7 +174,7 @@ class _PoolCreate:
                 wait_s = retries.wait_after(error)
                 if wait_s is None:
                     raise
-                await anyio.sleep(wait_s)
+                await clock.wait(anyio.Event(), wait_s)  # the SDK's backoff, on the pool's clock
                 continue
             await pool.answered(served, None)
             return answer

@@ -778,3 +778,42 @@ def test_a_refund_after_a_margin_change_gives_back_alike(redis_server: RedisServ
         state.statistics_agree()
 
     _replay(redis_server, steps)
+
+
+def test_a_safe_hold_sent_on_the_next_day_counts_its_remainder_on_its_own_day(
+    redis_server: RedisServer,
+) -> None:
+    """A held (safe) reservation of a calendar day, sent after local midnight and settled
+    with less than it held, leaves its remainder on the day it was admitted on (which no
+    longer counts), on every backend. (Found by the machine: memory moved it to the new
+    day.)"""
+
+    def steps(state: Differential) -> None:
+        limits = Limits(
+            tpd=40,
+            tpd_calendar_tz="America/New_York",
+            rates=(Rate(1, 1.0, "requests", name="req", slices=1),),
+            margin_s=0.0,
+            token_counting=TokenCounting.SAFE,
+        )
+        state.begin(setup=Setup(limits, mono_s=1_000_000.0, wall_s=1_772_953_140.0))
+        state.statistics_agree()
+        (admission, *_) = state.reserve_queue(count=2, tokens=1)
+        state.statistics_agree()
+        state.wait(seconds=0.001)
+        state.statistics_agree()
+        state.skip_days(days=1, hours=-1.0)
+        state.statistics_agree()
+        state.sent(admission=admission, later_s=0.0)
+        state.statistics_agree()
+        state.settle(
+            admission=admission,
+            tokens_scale=0.0,
+            tokens_extra=0,
+            cost_scale=0.0,
+            cost_extra=0.0,
+            counted_scale=None,
+        )
+        state.statistics_agree()
+
+    _replay(redis_server, steps)

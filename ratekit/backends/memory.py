@@ -202,8 +202,10 @@ class MemoryBackend:
         for i, (window, position, kind, index, amount) in enumerate(entries):
             if kind == RECORDED:
                 moved = window.move(now, index, amount)
-            elif kind == HELD_SAFE:
-                moved = max(window.slice_index(now), index)  # where its remainder counts
+            elif kind == HELD_SAFE and not isinstance(window, CalendarWindow):
+                # Where its remainder counts. A calendar day keeps the admission's day, as
+                # a recorded amount does (see `CalendarWindow.move`).
+                moved = max(window.slice_index(now), index)
             else:
                 continue
             if moved != index:

@@ -56,3 +56,16 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
     return value
+
+
+async def microseconds_per_call(op: Op, iterations: int) -> float:
+    """Microseconds per call of `op`, after a warm-up of a tenth of `iterations` (at
+    least 1,000 calls)."""
+    import time
+
+    for _ in range(max(iterations // 10, 1_000)):
+        await op()
+    start = time.perf_counter_ns()
+    for _ in range(iterations):
+        await op()
+    return (time.perf_counter_ns() - start) / iterations / 1_000

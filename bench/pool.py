@@ -27,20 +27,9 @@ from collections import Counter
 
 import anyio
 
-from bench._common import positive_int, require
+from bench._common import Op, microseconds_per_call, positive_int, require
 
 HUGE = 10**9
-
-
-async def _time(op: object, iterations: int) -> float:
-    """Microseconds per call of the coroutine function `op`."""
-    assert callable(op)
-    for _ in range(max(iterations // 10, 1_000)):
-        await op()
-    start = time.perf_counter_ns()
-    for _ in range(iterations):
-        await op()
-    return (time.perf_counter_ns() - start) / iterations / 1_000
 
 
 def _scheduler(**limits: int | None) -> object:
@@ -70,7 +59,7 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
             async with scheduler.slot(tokens=100):
                 pass
 
-        def through(pool: ratekit.Pool) -> object:
+        def through(pool: ratekit.Pool) -> Op:
             async def one_call() -> None:
                 async with pool.slot(tokens=100):
                     pass
@@ -81,7 +70,7 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
             async with limiter:
                 pass
 
-        contenders = {
+        contenders: dict[str, Op] = {
             "scheduler.slot, no pool": scheduler_slot,
             "pool of 1, slot": through(one),
             "pool of 3, the first admits": through(three),
@@ -89,7 +78,7 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
             "aiolimiter": aiolimiter_acquire,
         }
         for name, op in contenders.items():
-            results.setdefault(name, []).append(await _time(op, iterations))
+            results.setdefault(name, []).append(await microseconds_per_call(op, iterations))
     return {name: statistics.median(times) for name, times in results.items()}
 
 

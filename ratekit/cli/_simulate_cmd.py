@@ -171,6 +171,36 @@ class _Run:
     statistics: MockProviderStatistics
 
 
+def _workload(options: dict[str, Any], **fields: Any) -> Workload:
+    """The simulated calls: `options`' count, tasks, speed, model and backend, random
+    prompts of 20-400 words and 16-256 tokens of output; `fields` say whose account."""
+    return Workload(
+        through="wrap",
+        calls=options["calls"],
+        tasks=options["workers"],
+        timeout_s=3600.0,
+        speed=options["speed"],
+        model=options["model"],
+        prompt_words=(20, 400),
+        max_tokens=(16, 256),
+        seed=options["seed"],
+        redis_url=options["redis"],
+        namespace=options["namespace"],
+        **fields,
+    )
+
+
+async def _drive(workload: Workload, processes: int) -> Outcome:
+    """`workload` in this process, or in `processes` processes sharing Redis."""
+    if processes > 1:
+        try:
+            return Outcome.merged(await Fleet(workload, processes).run())
+        except WorkloadError as exc:
+            raise click.ClickException(f"a simulation process failed: {exc}") from None
+    async with Driver(workload) as driver:
+        return await driver.run()
+
+
 async def _simulate(options: dict[str, Any]) -> tuple[Outcome, float, _Run]:
     """The workload through ratekit into the strict provider: what the client saw, the
     seconds it took, and what the provider saw."""
@@ -188,37 +218,20 @@ async def _simulate(options: dict[str, Any]) -> tuple[Outcome, float, _Run]:
     if options["pacing"]:
         account["pacing"] = True
     # As a user builds it: the library's defaults, time compressed; a margin and pacing
-    # only when asked for. Random prompts of 20-400 words, 16-256 tokens of output.
-    workload = Workload(
-        through="wrap",
-        calls=options["calls"],
-        tasks=options["workers"],
-        timeout_s=3600.0,
+    # only when asked for.
+    workload = _workload(
+        options,
         provider=options["provider"],
         tier=tier.name,
-        speed=speed,
         account=account,
         # Where the provider serves each API (the Anthropic SDK adds /v1 itself).
         base_url={"openai": server.base_url, "anthropic": server.anthropic_base_url}[
             options["api"]
         ],
         api=options["api"],
-        model=options["model"],
-        prompt_words=(20, 400),
-        max_tokens=(16, 256),
-        seed=options["seed"],
-        redis_url=options["redis"],
-        namespace=options["namespace"],
     )
     try:
-        if options["processes"] > 1:
-            try:
-                outcome = Outcome.merged(await Fleet(workload, options["processes"]).run())
-            except WorkloadError as exc:
-                raise click.ClickException(f"a simulation process failed: {exc}") from None
-        else:
-            async with Driver(workload) as driver:
-                outcome = await driver.run()
+        outcome = await _drive(workload, options["processes"])
         elapsed_s = time.monotonic() - started
         run = _Run(await server.calls(), await server.statistics())
     finally:
@@ -256,30 +269,8 @@ async def _simulate_pool(
             }
             for account in pool.accounts
         ]
-        workload = Workload(
-            through="wrap",
-            calls=options["calls"],
-            tasks=options["workers"],
-            timeout_s=3600.0,
-            speed=speed,
-            api="openai",
-            model=options["model"],
-            prompt_words=(20, 400),
-            max_tokens=(16, 256),
-            seed=options["seed"],
-            redis_url=options["redis"],
-            namespace=options["namespace"],
-            pool=specs,
-            prefer=pool.prefer,
-        )
-        if options["processes"] > 1:
-            try:
-                outcome = Outcome.merged(await Fleet(workload, options["processes"]).run())
-            except WorkloadError as exc:
-                raise click.ClickException(f"a simulation process failed: {exc}") from None
-        else:
-            async with Driver(workload) as driver:
-                outcome = await driver.run()
+        workload = _workload(options, pool=specs, prefer=pool.prefer)
+        outcome = await _drive(workload, options["processes"])
         elapsed_s = time.monotonic() - started
         for name, server in servers.items():
             runs[name] = _Run(await server.calls(), await server.statistics())

@@ -2,9 +2,9 @@
 
 Run from the repository root::
 
-    python -m bench.tenants [--iterations N] [--rounds R] [--tenants T]
+    python -m bench.tenants [--iterations N] [--rounds R] [--tenants T] [--concurrency C]
 
-Three tables, from one run:
+Four tables, from one run:
 
 - the cost of one uncontended acquire+release (every limit huge): without a tenant,
   as a tenant with a weight only, and as a tenant with limits of its own (rpm and
@@ -14,7 +14,12 @@ Three tables, from one run:
   for an account that admits one call at a time (a fake clock: exact, not timed);
 - the memory that `--tenants` distinct tenants with limits of their own hold after
   one admission each, per tenant, and what is left once their windows have emptied
-  and the idle ones were dropped.
+  and the idle ones were dropped;
+- the same tenants on Redis (a redis-server of the bench's own on a free loopback
+  port): the server's ``used_memory`` (``INFO memory``) before and after one
+  admission each, per idle tenant (its calls ended, its windows not yet expired) and
+  in all, against the goals (<= 512 B a tenant, <= 50 MB for 100,000), with one
+  tenant's key as the server reports it (``MEMORY USAGE``, ``PTTL``).
 """
 
 from __future__ import annotations
@@ -26,12 +31,16 @@ import statistics
 import time
 import tracemalloc
 from collections import Counter
+from dataclasses import dataclass
 
 import anyio
 
 from bench._common import positive_int, require
 
 HUGE = 10**9
+# The goals of tenants kept on Redis: bytes per idle tenant, and MB for 100,000 of them.
+REDIS_BYTES_GOAL = 512
+REDIS_MB_GOAL_PER_100K = 50.0
 
 
 async def _time(op: object, iterations: int) -> float:
@@ -138,11 +147,102 @@ async def memory(count: int) -> tuple[float, float]:
     return held / max(active, 1), left
 
 
+@dataclass(frozen=True)
+class RedisMemory:
+    """What `count` idle tenants hold in a redis-server."""
+
+    count: int
+    used_before: int
+    used_after: int
+    keys: int
+    # One tenant's state as the server reports it: MEMORY USAGE (bytes), PTTL (ms).
+    sample_bytes: int
+    sample_ttl_ms: int
+    seconds: float
+
+    @property
+    def per_tenant(self) -> float:
+        return (self.used_after - self.used_before) / self.count
+
+
+async def redis_memory(url: str, count: int, concurrency: int) -> RedisMemory:
+    """`count` distinct tenants with limits of their own (rpm + tpm, as in `memory`), one
+    admission each (`concurrency` callers at once) through a RedisBackend; the server's
+    used_memory before and after, once every call ended."""
+    from redis.asyncio import Redis
+
+    import ratekit
+
+    client = Redis.from_url(url)
+    backend = ratekit.RedisBackend(client, namespace="bench-tenants")
+    tenants = ratekit.Tenants(default=ratekit.Tenant(ratekit.Limits(rpm=60, tpm=100_000)))
+    limiter = ratekit.Limiter(ratekit.Limits(rpm=HUGE, tpm=HUGE), backend=backend, tenants=tenants)
+    try:
+        # The account's own keys and the scripts exist before the first reading.
+        async with limiter.acquire(tokens=100):
+            pass
+        async with limiter.acquire(tokens=100, tenant="warm-up"):
+            pass
+        await client.delete(f"{backend.key_prefix()}:ts:warm-up")
+        before = int((await client.info("memory"))["used_memory"])
+        numbers = iter(range(count))
+        started = time.perf_counter()
+
+        async def caller() -> None:
+            for i in numbers:
+                async with limiter.acquire(tokens=100, tenant=f"tenant-{i}"):
+                    pass
+
+        async with anyio.create_task_group() as group:
+            for _ in range(concurrency):
+                group.start_soon(caller)
+        seconds = time.perf_counter() - started
+        after = int((await client.info("memory"))["used_memory"])
+        sample = f"{backend.key_prefix()}:ts:tenant-{count // 2}"
+        return RedisMemory(
+            count,
+            before,
+            after,
+            int(await client.dbsize()),
+            int(await client.memory_usage(sample) or 0),
+            int(await client.pttl(sample)),
+            seconds,
+        )
+    finally:
+        await backend.aclose()
+        await client.aclose()
+
+
+def print_redis_memory(found: RedisMemory) -> None:
+    per_tenant = found.per_tenant
+    total_mb = (found.used_after - found.used_before) / 1e6
+    per_100k_mb = per_tenant * 100_000 / 1e6
+    print(
+        f"\nRedis, {found.count:,} tenants with rpm + tpm of their own, one call each "
+        f"({found.count / found.seconds:,.0f} calls/s), once their calls ended:"
+    )
+    print(f"  used_memory {found.used_before:,} B -> {found.used_after:,} B ({found.keys:,} keys)")
+    print(f"  {per_tenant:,.0f} B per idle tenant; {total_mb:,.1f} MB for {found.count:,}")
+    print(
+        f"  one tenant's state: MEMORY USAGE {found.sample_bytes:,} B, "
+        f"expires in {found.sample_ttl_ms / 1000:,.1f} s"
+    )
+    for what, value, goal, unit in (
+        ("bytes per idle tenant", per_tenant, REDIS_BYTES_GOAL, "B"),
+        ("MB per 100,000 tenants", per_100k_mb, REDIS_MB_GOAL_PER_100K, "MB"),
+    ):
+        verdict = "MET" if value <= goal else "NOT MET"
+        print(f"  {what}: {value:,.1f} {unit}; goal <= {goal:,} {unit}: {verdict}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.tenants", description=__doc__)
     parser.add_argument("--iterations", type=positive_int, default=20_000)
     parser.add_argument("--rounds", type=positive_int, default=5)
     parser.add_argument("--tenants", type=positive_int, default=100_000)
+    parser.add_argument(
+        "--concurrency", type=positive_int, default=64, help="callers at once on Redis"
+    )
     args = parser.parse_args(argv)
     require("bench.tenants", {"aiolimiter": "aiolimiter"}, "ratekit", "pip install -e '.[bench]'")
 
@@ -162,6 +262,16 @@ def main(argv: list[str] | None = None) -> None:
     per_tenant, left = asyncio.run(memory(args.tenants))
     print(f"\nmemory, {args.tenants:,} tenants with rpm + tpm of their own, one call each:")
     print(f"  {per_tenant:,.0f} B per active tenant; {left / 1024:,.0f} KiB left once idle")
+
+    from ratekit.testing import SERVER_HINT, RedisServer, redis_server_binary
+
+    binary = redis_server_binary()
+    if binary is None:
+        print(f"\nRedis: skipped, redis-server is not installed ({SERVER_HINT})")
+        return
+    with RedisServer(binary) as server:
+        found = asyncio.run(redis_memory(server.url, args.tenants, args.concurrency))
+    print_redis_memory(found)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
+import anyio.lowlevel
 import sniffio
 
 from ._admission import Admission, check_priority, check_timeout
@@ -24,8 +25,24 @@ from ._errors import (
 )
 from ._limits import MAX_AMOUNT, Limits, check_amount
 from ._queue import Waiter, WaitQueue
-from ._tenants import TENANT_PREFIX, FairShare, Tenant, TenantGrant, Tenants, check_tenant_name
-from .backends._base import Backend, Demand, DimensionStatistics, Grant, InProcess, Refusal
+from ._tenants import (
+    FairShare,
+    Mark,
+    Tenant,
+    TenantGrant,
+    Tenants,
+    check_tenant_name,
+)
+from .backends._base import (
+    TENANT_PREFIX,
+    Backend,
+    Demand,
+    DimensionStatistics,
+    Grant,
+    InProcess,
+    Refusal,
+    SharedTenants,
+)
 from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
@@ -53,11 +70,13 @@ def _has_calendar(limits: Limits) -> bool:
 
 
 class _HeldBack(Exception):
-    """The head of the queue was refused by its tenant's own limits: it leaves the queue."""
+    """The head of the queue was refused by its tenant's own limits: it leaves the queue.
+    `seen` is where its tenant's releases stood before it asked (see `Tenants.mark`)."""
 
-    def __init__(self, refusal: Refusal) -> None:
+    def __init__(self, refusal: Refusal, seen: Mark | None) -> None:
         super().__init__(refusal)
         self.refusal = refusal
+        self.seen = seen
 
 
 class _Loop:
@@ -145,8 +164,9 @@ class Limiter:
     waiting for the account are served by weighted fair share between tenants
     instead of first come, first served (see `ratekit.Tenants`). A tenant held back
     by its own limits steps out of the queue, so it never holds up the others.
-    Tenant limits are kept in this process: with a shared backend only weights
-    (fair share) are taken, and limits raise `InvalidArgumentError`.
+    Tenant limits are kept where the account's usage is: in this process with the
+    memory backend, in the store with a shared one (`RedisBackend`: every pod of the
+    account counts a tenant's calls together, in the same atomic step).
     """
 
     __slots__ = (
@@ -163,10 +183,12 @@ class Limiter:
         "_local",
         "_loop",
         "_queue",
+        "_shared_tenants",
         "_stall_warned_s",
         "_tenants",
         "_tickets",
         "_unsubscribe",
+        "_waiting_tenants",
         "_wake",
     )
 
@@ -198,12 +220,22 @@ class Limiter:
         self._backend: Backend = backend
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
+        # A shared backend that keeps tenants' own limits beside the account's.
+        self._shared_tenants: SharedTenants | None = None
         if tenants is not None and tenants.limited and self._local is None:
-            raise InvalidArgumentError(
-                "Limiter: tenant limits are kept in this process and need the memory "
-                f"backend; with {type(backend).__name__} give tenants weights only"
-            )
+            if not isinstance(backend, SharedTenants):
+                raise InvalidArgumentError(
+                    f"Limiter: {type(backend).__name__} cannot keep tenant limits; give "
+                    "tenants weights only, or use the memory or the Redis backend"
+                )
+            backend.check_tenant_limits()
+            self._shared_tenants = backend
+            # Held weakly by the backend: told when a tenant's call ends in any process.
+            backend.subscribe_tenants(self._on_tenant_release)
         self._tenants = tenants
+        # The tenant of each waiter, for a shared backend to take the followers of the
+        # head from their tenants' own limits too.
+        self._waiting_tenants: dict[Waiter, str] = {}
         # With tenants, waiting callers are ordered by fair-share tags, not arrival.
         self._fair = FairShare() if tenants is not None else None
         self._limits = limits
@@ -273,6 +305,10 @@ class Limiter:
     def _on_change(self) -> None:
         if self._wake is not None:
             self._wake.set()
+
+    def _on_tenant_release(self, tenant: str) -> None:
+        assert self._tenants is not None
+        self._tenants.wake(tenant)
 
     # -- acquiring -------------------------------------------------------------------
 
@@ -427,11 +463,24 @@ class Limiter:
 
     async def _attempt(self, demand: Demand, tenant: str | None) -> Grant | Refusal:
         """One try at admitting `demand` now, whoever waits."""
-        local = self._local
-        if tenant is not None and local is not None:
-            clock = self._clock
-            wall = clock.wall() if self._calendar else math.nan
-            return self._reserve_both(local, demand, tenant, clock.now(), wall)
+        if tenant is not None:
+            local = self._local
+            if local is not None:
+                clock = self._clock
+                wall = clock.wall() if self._calendar else math.nan
+                return self._reserve_both(local, demand, tenant, clock.now(), wall)
+            shared = self._shared_tenants
+            if shared is not None:
+                assert self._tenants is not None
+                share = self._tenants.share(tenant)
+                if share is not None:
+                    grants, refusal = await shared.reserve_tenants(
+                        self._limits, (demand,), self.instant(), (share,)
+                    )
+                    if grants:
+                        return grants[0]
+                    assert refusal is not None, "a backend admits or refuses"
+                    return refusal
         return await self._backend.reserve(self._limits, demand, self.instant())
 
     def _granted(self, admission: Admission) -> None:
@@ -478,6 +527,7 @@ class Limiter:
         else:
             assert self._tenants is not None
             ticket = fair.tag(tenant, self._tenants.weight(tenant))
+        seen = self._mark(tenant)
         if refusal is None and not queue:
             outcome = await self._attempt(demand, tenant)
             if not isinstance(outcome, Refusal):
@@ -489,15 +539,18 @@ class Limiter:
                 # Held back by its tenant's own limits: it waits out of the queue, so that
                 # the callers of other tenants go on, and comes back with its tag.
                 assert tenant is not None, "only a tenant's call meets its own limits"
-                await self._wait_own(tenant, refusal, deadline_s, timeout_s)
+                await self._wait_own(tenant, refusal, deadline_s, timeout_s, seen)
                 refusal = None
                 if not queue:
+                    seen = self._mark(tenant)
                     outcome = await self._attempt(demand, tenant)
                     if not isinstance(outcome, Refusal):
                         return outcome
                     refusal = outcome
                     continue
             waiter = queue.push(priority, demand, ticket=ticket)
+            if tenant is not None and self._shared_tenants is not None:
+                self._waiting_tenants[waiter] = tenant
             if self._unsubscribe is None:
                 self._unsubscribe = self._backend.subscribe(self._on_change)
             if queue.head() is waiter:
@@ -507,7 +560,7 @@ class Limiter:
             try:
                 grant = await self._serve(waiter, demand, deadline_s, timeout_s, refusal, tenant)
             except _HeldBack as back:
-                refusal = back.refusal
+                refusal, seen = back.refusal, back.seen
                 continue
             finally:
                 self._leave(waiter)
@@ -515,9 +568,19 @@ class Limiter:
                 fair.served(ticket)
             return grant
 
+    def _mark(self, tenant: str | None) -> Mark | None:
+        """Where `tenant`'s releases stand, before a shared backend is asked (None: no
+        tenant, or its limits are in this process, where nothing comes between)."""
+        if tenant is None or self._shared_tenants is None:
+            return None
+        assert self._tenants is not None
+        return self._tenants.mark(tenant, self._clock.now())
+
     def _leave(self, waiter: Waiter) -> None:
         """Take `waiter` out of the queue (admitted, refused, gone) and wake the next head."""
         queue = self._queue
+        if self._waiting_tenants:
+            self._waiting_tenants.pop(waiter, None)
         if waiter.grant is not None:
             # Admitted with the head, then cancelled or timed out before taking it:
             # nothing was sent, everything goes back.
@@ -535,11 +598,19 @@ class Limiter:
             self._unsubscribe = None
 
     async def _wait_own(
-        self, tenant: str, refusal: Refusal, deadline_s: float | None, timeout_s: float | None
+        self,
+        tenant: str,
+        refusal: Refusal,
+        deadline_s: float | None,
+        timeout_s: float | None,
+        seen: Mark | None,
     ) -> None:
         """Wait until `tenant`'s own limits may admit again (the refusal's hint, or one of
-        its calls ending), within the deadline."""
-        assert self._tenants is not None
+        its calls ending), within the deadline. A call of the tenant that ended while the
+        refusal was on its way back from a shared backend (after `seen`) ends the wait at
+        once."""
+        tenants = self._tenants
+        assert tenants is not None
         wait_s = refusal.wait_s
         now = self._clock.now()
         if deadline_s is not None:
@@ -547,7 +618,10 @@ class Limiter:
             if left_s <= 0 or (wait_s > left_s and not math.isinf(wait_s)):
                 raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
             wait_s = min(wait_s, left_s)
-        await self._clock.wait(self._tenants.changed(tenant, now), wait_s)
+        if seen is not None and tenants.released(tenant, seen):
+            await anyio.lowlevel.checkpoint()
+            return
+        await self._clock.wait(tenants.changed(tenant, now), wait_s)
 
     async def _serve(
         self,
@@ -573,6 +647,7 @@ class Limiter:
             self._check_fits(demand)  # the limits may have changed while queued
             # Armed before asking, so a release during the round trip is not missed.
             self._wake = wake = anyio.Event()
+            seen = self._mark(tenant)
             if refusal is None:
                 outcome = await self._reserve_with_followers(waiter, demand, tenant)
                 if not isinstance(outcome, Refusal):
@@ -580,7 +655,7 @@ class Limiter:
                     return outcome
                 refusal = outcome
             if refusal.dimension.startswith(TENANT_PREFIX):
-                raise _HeldBack(refusal)
+                raise _HeldBack(refusal, seen)
             wait_s = refusal.wait_s
             now = self._clock.now()
             if refusal.dimension == "concurrency":
@@ -635,7 +710,22 @@ class Limiter:
                 self._queue.admitted(head)
             return outcome
         demands = [demand, *(follower.demand for follower in followers)]
-        grants, refusal = await self._backend.reserve_many(self._limits, demands, self.instant())
+        shared = self._shared_tenants
+        if shared is not None:
+            assert self._tenants is not None
+            share = self._tenants.share
+            waiting = self._waiting_tenants
+            names = [tenant, *(waiting.get(follower) for follower in followers)]
+            grants, refusal = await shared.reserve_tenants(
+                self._limits,
+                demands,
+                self.instant(),
+                [None if name is None else share(name) for name in names],
+            )
+        else:
+            grants, refusal = await self._backend.reserve_many(
+                self._limits, demands, self.instant()
+            )
         if not grants:
             assert refusal is not None, "a backend admits or refuses the head"
             return refusal
@@ -740,12 +830,21 @@ class Limiter:
         dimensions = await self._backend.statistics(self._limits, self.instant())
         return LimiterStatistics(dimensions, len(self._queue), self._queue.waiting())
 
-    def tenant_statistics(self, tenant: str) -> tuple[DimensionStatistics, ...]:
-        """Usage of `tenant`'s own limits now (concurrency first, then each rate)."""
+    async def tenant_statistics(self, tenant: str) -> tuple[DimensionStatistics, ...]:
+        """Usage of `tenant`'s own limits now (concurrency first, then each rate; none for
+        a tenant without limits of its own): this process's with the memory backend,
+        every process's with a shared one."""
         name = self._check_tenant(tenant)
-        assert self._tenants is not None
+        tenants = self._tenants
+        assert tenants is not None
+        shared = self._shared_tenants
+        if shared is not None:
+            share = tenants.share(name)
+            if share is None:
+                return ()
+            return await shared.tenant_statistics(self._limits, share, self.instant())
         clock = self._clock
-        return self._tenants.statistics_now(name, clock.now(), clock.wall())
+        return tenants.statistics_now(name, clock.now(), clock.wall())
 
     def __repr__(self) -> str:
         return f"Limiter({self._limits!r}, backend={type(self._backend).__name__})"

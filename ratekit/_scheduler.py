@@ -38,7 +38,7 @@ from ._profiles import Tier
 from ._queue import WaitQueue
 from ._signals import parse_provider_limits
 from ._tenants import Tenant, Tenants, current_tenant
-from .backends._base import Backend, InProcess, Refusal, SharedAccount
+from .backends._base import Backend, Refusal, SharedAccount
 from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
@@ -215,12 +215,8 @@ class Scheduler:
         except LimitsError as error:
             raise LimitsError(f"Scheduler: {error}") from None
         tenants = Tenants.of(tenants) or Tenants()
-        if tenants.limited and backend is not None and not isinstance(backend, InProcess):
-            raise InvalidArgumentError(
-                "Scheduler: tenant limits are kept in this process and need the memory "
-                f"backend; with {type(backend).__name__} give tenants weights only"
-            )
-        # Shared by every limiter of the account: a tenant's limits span its models.
+        # Shared by every limiter of the account: a tenant's limits span its models (kept
+        # in this process with the memory backend, in the store with a shared one).
         self.tenants = tenants
         self.account = account
         # The account's name in a pool (`ratekit.Pool` names it): its events carry it.

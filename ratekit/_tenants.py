@@ -1,9 +1,11 @@
 """Tenants: shares of one account with limits of their own, served by weighted fair share.
 
-Pure bookkeeping with no I/O: time is handed in, as to a backend. A tenant's limits
-are kept in windows of its own (the memory backend's), checked in the same step as
-the account's by the limiter; its weight orders the callers that wait for the
-account (`FairShare`).
+Pure bookkeeping with no I/O: time is handed in, as to a backend. With the memory
+backend a tenant's limits are kept here, in windows of its own (the memory backend's),
+checked in the same step as the account's by the limiter; with a shared backend
+(`SharedTenants`: Redis) they are kept in the store, beside the account's, and only
+the wake-ups of the tenant's waiting callers are kept here. Its weight orders the
+callers that wait for the account (`FairShare`).
 """
 
 from __future__ import annotations
@@ -18,11 +20,9 @@ import anyio
 
 from ._errors import InvalidArgumentError
 from ._limits import Limits, show
-from .backends._base import Demand, DimensionStatistics, Refusal
+from .backends._base import TENANT_PREFIX, Demand, DimensionStatistics, Refusal, TenantShare
 from .backends.memory import MemoryBackend, MemoryGrant
 
-# A refusal by a tenant's own limits names its dimension after this prefix.
-TENANT_PREFIX = "tenant "
 # Tenants kept with nothing in flight before the idle ones are looked for and dropped.
 _PRUNE_AT = 1024
 
@@ -60,9 +60,10 @@ class Tenant:
 
 
 class _State:
-    """A tenant's usage in this process: its windows and its calls in flight."""
+    """A tenant's usage in this process: its windows and its calls in flight (with a
+    shared backend, only its wake-up)."""
 
-    __slots__ = ("backend", "in_flight", "last_s", "tenant", "wake")
+    __slots__ = ("backend", "in_flight", "last_s", "releases", "tenant", "wake")
 
     def __init__(self, tenant: Tenant) -> None:
         self.tenant = tenant
@@ -71,6 +72,12 @@ class _State:
         self.last_s = -math.inf
         # Set when one of its calls ends: its callers waiting on its own limits retry.
         self.wake: anyio.Event | None = None
+        # Ends of its calls a shared backend told of (see `Tenants.mark`).
+        self.releases = 0
+
+
+Mark = tuple[_State, int]
+"""A tenant's state and its count of releases at one instant (`Tenants.mark`)."""
 
 
 class TenantGrant:
@@ -90,9 +97,10 @@ class Tenants:
     `named` gives the tenants that differ from `default`, which every other tenant
     name gets (so that a service with many customers lists only the exceptions).
     One `Tenants` is one set of usage: give the same one to every limiter of the
-    account (a `Scheduler` does). Usage is kept in this process, in the windows of
-    the memory backend; the state of a tenant with nothing in flight whose windows
-    have emptied is dropped.
+    account (a `Scheduler` does). With the memory backend usage is kept in this
+    process, in the windows of the memory backend; the state of a tenant with nothing
+    in flight whose windows have emptied is dropped. With a shared backend (Redis)
+    usage is kept in the store, shared by every process of the account.
     """
 
     __slots__ = ("_longest_s", "_states", "calendar", "default", "limited", "named")
@@ -142,6 +150,12 @@ class Tenants:
     def weight(self, name: str | None) -> float:
         return 1.0 if name is None else self.named.get(name, self.default).weight
 
+    def share(self, name: str) -> TenantShare | None:
+        """Tenant `name` and its own limits as a shared backend takes them (None: it has
+        none, only its weight counts)."""
+        tenant = self.named.get(name, self.default)
+        return (name, tenant.limits) if tenant.limited else None
+
     def active(self) -> int:
         """Tenants whose usage is kept now."""
         return len(self._states)
@@ -158,7 +172,9 @@ class Tenants:
         idle = [
             name
             for name, state in self._states.items()
-            if not state.in_flight and now - state.last_s > self._longest_s + 1.0
+            if not state.in_flight
+            and state.wake is None
+            and now - state.last_s > self._longest_s + 1.0
         ]
         for name in idle:
             del self._states[name]
@@ -202,6 +218,29 @@ class Tenants:
         if state.wake is None:
             state.wake = anyio.Event()
         return state.wake
+
+    def wake(self, name: str) -> None:
+        """One of tenant `name`'s calls ended (a shared backend says so, for any process):
+        its callers waiting on its own limits retry."""
+        state = self._states.get(name)
+        if state is None:
+            return
+        state.releases += 1
+        wake = state.wake
+        if wake is not None:
+            state.wake = None
+            wake.set()
+
+    def mark(self, name: str, now: float) -> Mark:
+        """Where tenant `name`'s releases stand now, taken before asking a shared backend,
+        so that one told of while its answer was on the way is not missed (`released`)."""
+        state = self._state(name, now)
+        return state, state.releases
+
+    def released(self, name: str, mark: Mark) -> bool:
+        """Whether a call of tenant `name` may have ended since `mark` was taken."""
+        state, releases = mark
+        return self._states.get(name) is not state or state.releases != releases
 
     def statistics_now(
         self, name: str, now: float, wall: float = math.nan

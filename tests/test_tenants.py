@@ -178,7 +178,7 @@ async def test_a_tenant_concurrency_cap_holds_its_own_calls_only() -> None:
             await admission.release()
     stats = await limiter.statistics()
     assert stats.dimension("concurrency").used == 0
-    assert limiter.tenant_statistics("a")[0].used == 0
+    assert (await limiter.tenant_statistics("a"))[0].used == 0
 
 
 async def test_a_refusal_by_the_account_takes_nothing_from_the_tenant() -> None:
@@ -188,12 +188,12 @@ async def test_a_refusal_by_the_account_takes_nothing_from_the_tenant() -> None:
     limiter, clock = make(Limits(rpm=1), tenants)
     await (await limiter.acquire()).release()  # the account's one request this minute
     assert await limiter.try_acquire(tenant="a") is None
-    assert limiter.tenant_statistics("a")[0].used == 0
+    assert (await limiter.tenant_statistics("a"))[0].used == 0
     clock.advance(61)
     admission = await limiter.try_acquire(tenant="a")
     assert admission is not None
     await admission.release()
-    assert limiter.tenant_statistics("a")[0].used == 1
+    assert (await limiter.tenant_statistics("a"))[0].used == 1
 
 
 async def test_refund_and_settle_reach_the_tenant_windows() -> None:
@@ -201,12 +201,12 @@ async def test_refund_and_settle_reach_the_tenant_windows() -> None:
     tenants = Tenants(default=Tenant(Limits(tpm=1_000, token_counting="usage")))
     limiter, _ = make(Limits(tpm=10_000, token_counting="usage"), tenants)
     async with limiter.acquire(tokens=800, tenant="a") as admission:
-        assert limiter.tenant_statistics("a")[0].used == 800
+        assert (await limiter.tenant_statistics("a"))[0].used == 800
         admission.settle(tokens=300)
-    assert limiter.tenant_statistics("a")[0].used == 300
+    assert (await limiter.tenant_statistics("a"))[0].used == 300
     admission = await limiter.acquire(tokens=500, tenant="a")
     await admission.refund()
-    assert limiter.tenant_statistics("a")[0].used == 300
+    assert (await limiter.tenant_statistics("a"))[0].used == 300
 
 
 async def test_a_wait_for_the_tenants_own_limit_times_out_by_name() -> None:
@@ -230,7 +230,7 @@ async def test_a_cancelled_caller_held_back_by_its_tenant_leaves_nothing() -> No
     stats = await limiter.statistics()
     assert stats.waiting == 0
     assert stats.dimension("rpm").used == 1
-    assert limiter.tenant_statistics("a")[0].used == 1
+    assert (await limiter.tenant_statistics("a"))[0].used == 1
 
 
 @pytest.mark.parametrize(
@@ -362,15 +362,33 @@ async def test_ratekit_tenant_names_the_tenant_of_every_call_in_its_block() -> N
         ratekit.tenant("").__enter__()
 
 
-def test_tenant_limits_need_the_memory_backend() -> None:
-    """A shared backend takes tenant weights, not limits kept in one process."""
+def test_tenant_limits_are_kept_with_a_shared_backend() -> None:
+    """A Redis backend takes tenants with limits of their own, as the memory one does."""
     from ratekit.backends.redis import RedisBackend
 
     backend = RedisBackend("redis://127.0.0.1:1/0", namespace="tenants-test")
     account = Account("moonshot", tier="tier1")
-    with pytest.raises(ratekit.InvalidArgumentError, match="tenant limits are kept in this"):
-        Scheduler(account, backend=backend, tenants={"a": Tenant(Limits(rpm=1))})
-    Scheduler(account, backend=backend, tenants={"a": Tenant(weight=3)})
+    scheduler = Scheduler(account, backend=backend, tenants={"a": Tenant(Limits(rpm=1))})
+    assert scheduler.tenants.limited
+    Limiter(Limits(rpm=5), backend=backend, tenants={"a": Tenant(Limits(concurrency=1))})
+
+
+def test_tenant_limits_on_a_model_of_its_own_need_one_slot_on_a_cluster() -> None:
+    """On a Redis Cluster a model's own namespace is another slot than its account's
+    tenants: no script could take both, and the limiter says so when it is built."""
+    from redis.asyncio.cluster import RedisCluster
+
+    from ratekit.backends.redis import RedisBackend
+
+    backend = RedisBackend(RedisCluster(host="127.0.0.1", port=1), namespace="acct")
+    limited = {"a": Tenant(Limits(rpm=1))}
+    Limiter(Limits(rpm=5), backend=backend, tenants=limited)  # the account's own slot
+    Limiter(Limits(rpm=5), backend=backend.child("m"), tenants={"a": Tenant(weight=2)})
+    with pytest.raises(
+        ratekit.InvalidArgumentError,
+        match=r"tenant limits cannot be kept with namespace 'acct.m' on a Redis Cluster",
+    ):
+        Limiter(Limits(rpm=5), backend=backend.child("m"), tenants=limited)
 
 
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])

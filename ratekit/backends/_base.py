@@ -46,6 +46,9 @@ def take_kind(rate: Rate, counting: TokenCounting) -> int:
 # Where each unit's amount sits in a (requests, tokens, cost) demand.
 UNIT_POSITION = {"requests": 0, "tokens": 1, "money": 2}
 
+# A refusal by a tenant's own limits names its dimension after this prefix.
+TENANT_PREFIX = "tenant "
+
 
 class Demand(NamedTuple):
     """What one call asks for (or really used): validated, non-negative amounts.
@@ -237,8 +240,54 @@ class SharedAccount(Protocol):
         ...
 
 
-class Listeners(list[Callable[[], Callable[[], None] | None]]):
-    """Callbacks told when capacity may have been freed.
+TenantShare = tuple[str, Limits]
+"""A tenant's name and its own limits, as a limiter hands them to a backend that keeps
+tenants' usage (`SharedTenants`)."""
+
+
+@runtime_checkable
+class SharedTenants(Protocol):
+    """What a shared backend adds for tenants with limits of their own: their usage kept
+    in the store, checked and taken in the same atomic step as the account's, so that
+    every pod of the account sees one tenant's calls as one.
+
+    Grants it returns are ended, restamped and abandoned through the `Backend` methods,
+    which end the tenant's part with the account's.
+    """
+
+    def check_tenant_limits(self) -> None:
+        """Raise `InvalidArgumentError` when this backend cannot keep tenant limits in
+        the same atomic step as its account's."""
+        ...
+
+    async def reserve_tenants(
+        self,
+        limits: Limits,
+        demands: Sequence[Demand],
+        now: Instant,
+        tenants: Sequence[TenantShare | None],
+    ) -> tuple[list[Grant], Refusal | None]:
+        """`reserve_many`, each demand also on the own limits of its tenant (None: none).
+
+        A demand its tenant's limits refuse is refused by them (checked first), its
+        dimension named after `TENANT_PREFIX`.
+        """
+        ...
+
+    async def tenant_statistics(
+        self, limits: Limits, tenant: TenantShare, now: Instant
+    ) -> tuple[DimensionStatistics, ...]:
+        """Usage of the tenant's own dimensions now (concurrency first when capped)."""
+        ...
+
+    def subscribe_tenants(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call `listener(tenant)` whenever one of `tenant`'s calls ended, in any process;
+        returns an unsubscribe."""
+        ...
+
+
+class Listeners(list[Callable[[], Callable[..., None] | None]]):
+    """Callbacks told when capacity may have been freed (with what `notify` is given).
 
     A bound method is held weakly, so a limiter that is dropped stops being called
     without unsubscribing; other callables are held as given. A list, so that
@@ -247,23 +296,23 @@ class Listeners(list[Callable[[], Callable[[], None] | None]]):
 
     __slots__ = ("__weakref__",)
 
-    def add(self, listener: Callable[[], None]) -> Callable[[], None]:
+    def add(self, listener: Callable[..., None]) -> Callable[[], None]:
         """Register `listener`; returns the function that unregisters it."""
         if isinstance(listener, MethodType):
-            entry: Callable[[], Callable[[], None] | None] = weakref.WeakMethod(listener)
+            entry: Callable[[], Callable[..., None] | None] = weakref.WeakMethod(listener)
         else:
             entry = lambda: listener  # noqa: E731 - same shape as a WeakMethod
         self.append(entry)
         return lambda: self.remove(entry) if entry in self else None
 
-    def notify(self) -> None:
-        """Call every live listener; forget the dead ones."""
+    def notify(self, *args: Any) -> None:
+        """Call every live listener with `args`; forget the dead ones."""
         dead = False
         for entry in list(self):
             listener = entry()
             if listener is None:
                 dead = True
             else:
-                listener()
+                listener(*args)
         if dead:
             self[:] = [entry for entry in self if entry() is not None]

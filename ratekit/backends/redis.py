@@ -9,6 +9,12 @@ rate) and a set of leases. Each script reads the fields it needs in one HMGET an
 writes in one HSET, so its commands do not grow with traffic; the keys expire by
 themselves once the account is idle.
 
+A tenant with limits of its own (`ratekit.Tenants`) is two keys of the same shapes
+under the account's hash tag (``<prefix>:{<namespace>}:ts:<tenant>``, its state, and
+``...:tl:<tenant>``, its leases while its calls are in flight), taken and ended in
+the same EVALSHA as the account's; they expire once the tenant is idle. A call
+without a tenant sends none of it.
+
 Time is the Redis server's ``TIME``, read inside each script, so every pod uses
 one clock and no client's skew matters. Per account it never goes back: a step
 back of the server's clock is absorbed (the account's clock resumes where it was
@@ -72,12 +78,14 @@ from .._errors import (
 )
 from .._limits import Limits, Rate
 from ._base import (
+    TENANT_PREFIX,
     UNIT_POSITION,
     Demand,
     DimensionStatistics,
     Grant,
     Listeners,
     Refusal,
+    TenantShare,
     take_kind,
     takes_no_slot,
 )
@@ -197,9 +205,23 @@ def _window_id(rate: Rate) -> str:
     return f"{rate.unit}:{rate.period_s!r}:{rate.slices}:{rate.calendar_tz or ''}"
 
 
+_UNIT_LETTER = {"requests": "r", "tokens": "t", "money": "m"}
+
+
+def _tenant_window_id(rate: Rate) -> str:
+    """`_window_id` made short, for a tenant's state: many tenants, few bytes each."""
+    zone = f"/{rate.calendar_tz}" if rate.calendar_tz else ""
+    return f"{_UNIT_LETTER[rate.unit]}{rate.period_s!r}/{rate.slices}{zone}"
+
+
 def _account_keys(prefix: str) -> list[str]:
     """An account's two keys, as every script takes them: its state and its leases."""
     return [f"{prefix}:state", f"{prefix}:leases"]
+
+
+def _tenant_keys(prefix: str, tenant: str) -> tuple[str, str]:
+    """A tenant's two keys under its account's `prefix`: its state and its leases."""
+    return f"{prefix}:ts:{tenant}", f"{prefix}:tl:{tenant}"
 
 
 # The lease id of an admission that takes none (see `_Binding.leaseless`).
@@ -235,7 +257,11 @@ def zone_transition(zone_name: str, wall: float) -> tuple[float, float, float]:
 
 
 class _Binding:
-    """One `Limits` value as the scripts see it: its keys and its packed window specs."""
+    """One `Limits` value as the scripts see it: its keys and its packed window specs.
+
+    A tenant's binding has no keys of its own (each tenant has its own, see
+    `_TenantPart`) and names its windows with `_tenant_window_id`.
+    """
 
     __slots__ = (
         "concurrency",
@@ -249,16 +275,24 @@ class _Binding:
         "names",
         "rates",
         "specs_text",
+        "window_id",
         "windows",
     )
 
-    def __init__(self, limits: Limits, prefix: str, lease_ttl_s: float) -> None:
+    def __init__(
+        self,
+        limits: Limits,
+        keys: list[str],
+        lease_ttl_s: float,
+        window_id: Callable[[Rate], str] = _window_id,
+    ) -> None:
         self.limits = limits
         self.rates: tuple[Rate, ...] = limits.all_rates
         self.names = [rate.name for rate in self.rates]
         self.concurrency = "" if limits.concurrency is None else str(limits.concurrency)
-        self.windows = [_window_id(rate) for rate in self.rates]
-        self.keys = _account_keys(prefix)
+        self.window_id = window_id
+        self.windows = [window_id(rate) for rate in self.rates]
+        self.keys = keys
         # Whether an admission can go without a lease: no slot to free, nothing
         # held, nothing its settle could change.
         self.leaseless = takes_no_slot(limits)
@@ -295,7 +329,7 @@ class _Binding:
                 zone = "-"
             self.fields.append(
                 [
-                    _window_id(rate),
+                    self.window_id(rate),
                     repr(float(rate.limit)),
                     repr(rate.period_s),
                     repr(rate.period_s / rate.slices),
@@ -333,6 +367,35 @@ class _Binding:
             packed.append(" ".join(fields))
         return "|".join(packed)
 
+    def tenant_args(self, wall: float) -> list[str]:
+        """The four arguments of a tenant under these limits (see parse_tenants in
+        _window.lua): key ttl, cap, whether its calls take a lease of their own, specs."""
+        return [
+            str(self.key_ttl_ms),
+            self.concurrency,
+            "0" if self.leaseless else "1",
+            self.specs(wall),
+        ]
+
+
+class _TenantPart:
+    """The tenant of one admission: who, under which limits, and what it took from
+    the tenant's own windows (their slice indexes, as the scripts wrote them)."""
+
+    __slots__ = ("binding", "indexes", "keys", "name")
+
+    def __init__(self, name: str, binding: _Binding, keys: tuple[str, str]) -> None:
+        self.name = name
+        self.binding = binding
+        self.keys = keys
+        self.indexes: list[str] = []
+
+    def admitted(self, indexes: list[str]) -> _TenantPart:
+        """This tenant's part of one admission that took `indexes`."""
+        part = _TenantPart(self.name, self.binding, self.keys)
+        part.indexes = indexes
+        return part
+
 
 class RedisGrant:
     """One admission through Redis: its lease, and what it took from each window.
@@ -350,6 +413,7 @@ class RedisGrant:
         "lease_id",
         "local",
         "settled",
+        "tenant",
     )
 
     def __init__(
@@ -359,6 +423,7 @@ class RedisGrant:
         lease_id: str,
         indexes: list[str],
         local: MemoryGrant | None = None,
+        tenant: _TenantPart | None = None,
     ) -> None:
         # None: admitted while Redis was down (failing open, or by the local fallback).
         self.binding = binding
@@ -368,6 +433,8 @@ class RedisGrant:
         self.indexes = indexes
         # Admitted by the local fallback while Redis was down.
         self.local = local
+        # Its tenant, when the tenant has limits of its own (taken in the same script).
+        self.tenant = tenant
         # Settled, refunded or abandoned: only the first one counts.
         self.settled = False
         # (the account's clock, this process's monotonic clock) at the admission.
@@ -1081,6 +1148,14 @@ class RedisBackend:
         # A slot freed in the fallback must wake this backend's waiters too.
         self._fallback.subscribe(self._listeners.notify)
         self._fallback_limits: tuple[Limits, Limits] | None = None
+        # Where tenants' keys live: under the root account's hash tag (a child's
+        # tenants are the account's: a tenant's limits span its models).
+        self._tenant_prefix = self._prefix
+        # The bindings of tenants' limits, by the identity of their `Limits` (a few
+        # values, each shared by many tenants).
+        self._tenant_bindings: dict[int, tuple[Limits, _Binding]] = {}
+        # Told the tenant's name when one of its calls ended (`subscribe_tenants`).
+        self._tenant_listeners = Listeners()
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._link.where}, namespace={self.namespace!r})"
@@ -1098,7 +1173,9 @@ class RedisBackend:
     def _bind(self, limits: Limits) -> _Binding:
         binding = self._binding
         if binding is None or (binding.limits is not limits and binding.limits != limits):
-            binding = self._binding = _Binding(limits, self._prefix, self._lease_ttl_s)
+            binding = self._binding = _Binding(
+                limits, _account_keys(self._prefix), self._lease_ttl_s
+            )
         return binding
 
     def _enter(self, now: Instant | None = None, *, settling: bool = False) -> bool:
@@ -1152,60 +1229,155 @@ class RedisBackend:
         Cancellable like `reserve`: grants that arrive after the caller left are
         refunded by the backend.
         """
+        return await self._reserve_many(limits, demands, now, None)
+
+    async def reserve_tenants(
+        self,
+        limits: Limits,
+        demands: Sequence[Demand],
+        now: Instant,
+        tenants: Sequence[TenantShare | None],
+    ) -> tuple[list[Grant], Refusal | None]:
+        """`reserve_many`, each demand also on the own limits of its tenant (None: none),
+        in the same script: the tenant's windows and cap are checked first (a refusal by
+        them names a dimension after `TENANT_PREFIX`), and a demand is taken from both,
+        or from neither."""
+        parts = [self._tenant_part(share) for share in tenants]
+        return await self._reserve_many(limits, demands, now, parts)
+
+    def _tenant_part(self, share: TenantShare | None) -> _TenantPart | None:
+        """The keys and binding of a tenant with limits of its own (None: none)."""
+        if share is None:
+            return None
+        name, limits = share
+        cached = self._tenant_bindings.get(id(limits))
+        if cached is None or cached[0] is not limits:
+            if len(self._tenant_bindings) >= 256:
+                self._tenant_bindings.clear()
+            binding = _Binding(limits, [], self._lease_ttl_s, _tenant_window_id)
+            cached = self._tenant_bindings[id(limits)] = (limits, binding)
+        return _TenantPart(name, cached[1], _tenant_keys(self._tenant_prefix, name))
+
+    async def _reserve_many(
+        self,
+        limits: Limits,
+        demands: Sequence[Demand],
+        now: Instant,
+        parts: Sequence[_TenantPart | None] | None,
+    ) -> tuple[list[Grant], Refusal | None]:
         self._enter(now)
         link = self._link
         binding = self._bind(limits)
-        if binding.leaseless:
-            lease_ids = [NO_LEASE] * len(demands)
+        if parts is not None and not any(parts):
+            parts = None  # tenants without limits of their own: as no tenant at all
+        if parts is None:
+            if binding.leaseless:
+                lease_ids = [NO_LEASE] * len(demands)
+            else:
+                lease_ids = [f"{self._instance}:{next(self._lease_ids)}" for _ in demands]
         else:
-            lease_ids = [f"{self._instance}:{next(self._lease_ids)}" for _ in demands]
-        command = RESERVE.evalsha(
-            binding.keys,
-            [
-                self._clock_arg(now),
-                str(binding.key_ttl_ms),
-                binding.concurrency,
-                " ".join(lease_ids),
-                repr(self._lease_ttl_s),
-                binding.specs(self._wall(now)),
-                "|".join(_amounts(demand) for demand in demands),
-            ],
-        )
+            # A lease when the account or the tenant has something to end.
+            lease_ids = [
+                NO_LEASE
+                if binding.leaseless and (part is None or part.binding.leaseless)
+                else f"{self._instance}:{next(self._lease_ids)}"
+                for part in parts
+            ]
+        wall = self._wall(now)
+        keys = binding.keys
+        args = [
+            self._clock_arg(now),
+            str(binding.key_ttl_ms),
+            binding.concurrency,
+            " ".join(lease_ids),
+            repr(self._lease_ttl_s),
+            binding.specs(wall),
+            "|".join(_amounts(demand) for demand in demands),
+        ]
+        if parts is not None:
+            keys, tenant_args = self._tenant_args(keys, parts, wall)
+            args.extend(tenant_args)
+        command = RESERVE.evalsha(keys, args)
+        orphan = partial(self._refund_orphan, binding, demands, lease_ids)
+        if parts is not None:
+            orphan = partial(orphan, parts=parts)
         try:
-            reply = await link.call(
-                command,
-                RESERVE,
-                abortable=True,
-                orphan=partial(self._refund_orphan, binding, demands, lease_ids),
-            )
+            reply = await link.call(command, RESERVE, abortable=True, orphan=orphan)
         except Exception as exc:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
             return self._reserve_many_unavailable(limits, demands, now)
         link.mark_up()
-        admitted = int(reply[0])
+        admitted, at = self._admitted(binding, parts, reply)
         account_now = float(reply[1])
-        windows = len(binding.rates)
         grants: list[Grant] = []
-        for j in range(admitted):
-            at = 2 + j * windows
-            indexes = [_text(i) for i in reply[at : at + windows]]
-            grant = RedisGrant(binding, demands[j], lease_ids[j], indexes)
+        leased = False
+        for j, (indexes, part) in enumerate(admitted):
+            grant = RedisGrant(binding, demands[j], lease_ids[j], indexes, tenant=part)
             grant.admitted = (account_now, now.mono)
-            if not binding.leaseless:
+            if lease_ids[j] != NO_LEASE:
                 self._live[lease_ids[j]] = (weakref.ref(grant), binding)
+                leased = True
             grants.append(grant)
-        self._start(renew=bool(grants) and not binding.leaseless)
-        if admitted == len(demands):
+        self._start(renew=leased)
+        if len(admitted) == len(demands):
             return grants, None
-        at = 2 + admitted * windows
         dimension = int(reply[at + 1])
-        if dimension <= 0:
+        if dimension <= -2:
+            assert parts is not None, "only a tenant's own limits refuse below -1"
+            refused = parts[len(admitted)]
+            assert refused is not None
+            own = "concurrency" if dimension == -2 else refused.binding.names[-dimension - 3]
+            name = TENANT_PREFIX + own
+        elif dimension <= 0:
             name = "concurrency" if dimension == 0 else "cooldown"
         else:
             name = binding.names[dimension - 1]
         return grants, Refusal(float(reply[at]), name)
+
+    @staticmethod
+    def _tenant_args(
+        keys: list[str], parts: Sequence[_TenantPart | None], wall: float
+    ) -> tuple[list[str], list[str]]:
+        """The keys of a reserve with tenants (the account's, then two per tenant), and
+        the arguments after its first seven: the tenant of each demand, then four per
+        tenant (see reserve.lua)."""
+        keys = list(keys)
+        numbers: dict[str, int] = {}
+        which: list[str] = []
+        per_tenant: list[str] = []
+        for part in parts:
+            if part is None:
+                which.append("0")
+                continue
+            number = numbers.get(part.name)
+            if number is None:
+                number = numbers[part.name] = len(numbers) + 1
+                keys.extend(part.keys)
+                per_tenant.extend(part.binding.tenant_args(wall))
+            which.append(str(number))
+        return keys, [" ".join(which), *per_tenant]
+
+    @staticmethod
+    def _admitted(
+        binding: _Binding, parts: Sequence[_TenantPart | None] | None, reply: Any
+    ) -> tuple[list[tuple[list[str], _TenantPart | None]], int]:
+        """What a reserve's reply says of each demand admitted: the slice indexes on the
+        account's windows and its tenant's part; and where the refusal starts in it."""
+        admitted: list[tuple[list[str], _TenantPart | None]] = []
+        windows = len(binding.rates)
+        at = 2
+        for j in range(int(reply[0])):
+            indexes = [_text(i) for i in reply[at : at + windows]]
+            at += windows
+            part = None if parts is None else parts[j]
+            if part is not None:
+                own = len(part.binding.rates)
+                part = part.admitted([_text(i) for i in reply[at : at + own]])
+                at += own
+            admitted.append((indexes, part))
+        return admitted, at
 
     async def settle(
         self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant
@@ -1240,6 +1412,9 @@ class RedisBackend:
             link.defer(lease_id, command, SETTLE)
             return
         link.mark_up()
+        if grant.tenant is not None:
+            # Its tenant's callers here retry now, whether or not the notice reaches them.
+            self._tenant_listeners.notify(grant.tenant.name)
 
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
         """The call of `grant` left the process now: what it recorded at its admission
@@ -1257,18 +1432,22 @@ class RedisBackend:
         if binding is None or not self._slices_passed(grant, now.mono):
             return
         account_s, local_s = grant.admitted
-        command = SENT.evalsha(
-            binding.keys,
-            [
-                self._clock_arg(now),
-                str(binding.key_ttl_ms),
-                grant.lease_id,
-                binding.specs(self._wall(now), self._binding),
-                _amounts(grant.demand),
-                " ".join(grant.indexes),
-                "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s)),
-            ],
-        )
+        wall = self._wall(now)
+        keys = binding.keys
+        args = [
+            self._clock_arg(now),
+            str(binding.key_ttl_ms),
+            grant.lease_id,
+            binding.specs(wall, self._binding),
+            _amounts(grant.demand),
+            " ".join(grant.indexes),
+            "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s)),
+        ]
+        tenant = grant.tenant
+        if tenant is not None:
+            keys = [*keys, *tenant.keys]
+            args += [*tenant.binding.tenant_args(wall), " ".join(tenant.indexes)]
+        command = SENT.evalsha(keys, args)
         try:
             reply = await self._link.call(command, SENT, abortable=True)
         except Exception as exc:
@@ -1280,7 +1459,11 @@ class RedisBackend:
                 _log.warning("ratekit could not restamp an admission on Redis: %r", exc)
             return
         if not grant.settled:
-            grant.indexes = [_text(index) for index in reply]
+            indexes = [_text(index) for index in reply]
+            windows = len(binding.rates)
+            grant.indexes = indexes[:windows]
+            if tenant is not None:
+                tenant.indexes = indexes[windows:]
 
     @staticmethod
     def _slices_passed(grant: RedisGrant, now_s: float) -> bool:
@@ -1292,7 +1475,12 @@ class RedisBackend:
         binding = grant.binding
         assert binding is not None
         estimate_s = account_s + (now_s - local_s)
-        for rate, index in zip(binding.rates, grant.indexes, strict=True):
+        pairs = zip(binding.rates, grant.indexes, strict=True)
+        tenant = grant.tenant
+        if tenant is not None:
+            own = zip(tenant.binding.rates, tenant.indexes, strict=True)
+            pairs = itertools.chain(pairs, own)  # type: ignore[assignment]
+        for rate, index in pairs:
             if rate.calendar_tz:
                 continue
             if math.floor(estimate_s / (rate.period_s / rate.slices)) > float(index):
@@ -1310,6 +1498,8 @@ class RedisBackend:
         command = self._end(grant, actual, now)
         if command is not None:
             self._link.spawn(self._link.send_later(grant.lease_id, command, SETTLE))
+            if grant.tenant is not None:
+                self._tenant_listeners.notify(grant.tenant.name)
 
     def _end(
         self, grant: RedisGrant, actual: Demand | None, now: Instant
@@ -1328,7 +1518,7 @@ class RedisBackend:
             return None  # only requests were counted, and the call was sent: all final
         self._live.pop(grant.lease_id, None)
         return self._settle_command(
-            binding, grant.lease_id, grant.demand, grant.indexes, actual, now
+            binding, grant.lease_id, grant.demand, grant.indexes, actual, now, grant.tenant
         )
 
     def _settle_command(
@@ -1339,24 +1529,29 @@ class RedisBackend:
         indexes: list[str],
         actual: Demand | None,
         now: Instant | None,
+        tenant: _TenantPart | None = None,
     ) -> tuple[str, ...]:
-        """The SETTLE of an admission made under `binding`, under the limits in force."""
+        """The SETTLE of an admission made under `binding` (and of its `tenant`'s part),
+        under the limits in force."""
         real = actual if actual is not None else demand
-        return SETTLE.evalsha(
-            binding.keys,
-            [
-                self._clock_arg(now),
-                str(binding.key_ttl_ms),
-                lease_id,
-                self._channel,
-                "1" if actual is None else "0",
-                binding.specs(self._wall(now), self._binding),
-                _amounts(demand),
-                _amounts(real),
-                " ".join(indexes),
-                "" if actual is None or math.isnan(actual.counted) else repr(actual.counted),
-            ],
-        )
+        wall = self._wall(now)
+        keys = binding.keys
+        args = [
+            self._clock_arg(now),
+            str(binding.key_ttl_ms),
+            lease_id,
+            self._channel,
+            "1" if actual is None else "0",
+            binding.specs(wall, self._binding),
+            _amounts(demand),
+            _amounts(real),
+            " ".join(indexes),
+            "" if actual is None or math.isnan(actual.counted) else repr(actual.counted),
+        ]
+        if tenant is not None:
+            keys = [*keys, *tenant.keys]
+            args += [*tenant.binding.tenant_args(wall), " ".join(tenant.indexes), tenant.name]
+        return SETTLE.evalsha(keys, args)
 
     def _settle_orphan(
         self, lease_id: str, command: tuple[str, ...], future: asyncio.Future[Any]
@@ -1379,8 +1574,10 @@ class RedisBackend:
         demands: Sequence[Demand],
         lease_ids: list[str],
         future: asyncio.Future[Any],
+        parts: Sequence[_TenantPart | None] | None = None,
     ) -> None:
-        """A reserve whose caller left got its reply: hand back grants nobody holds."""
+        """A reserve whose caller left got its reply: hand back grants nobody holds (and
+        their tenants' parts)."""
         if future.cancelled() or future.exception() is not None:
             # Unsent, or lost on the way: if the script ran, its leases are never
             # renewed and lapse, and the requests it counted stay counted.
@@ -1388,12 +1585,14 @@ class RedisBackend:
             return
         reply = future.result()
         self._link.mark_up()
-        windows = len(binding.rates)
-        for j in range(int(reply[0])):
-            at = 2 + j * windows
-            indexes = [_text(i) for i in reply[at : at + windows]]
-            command = self._settle_command(binding, lease_ids[j], demands[j], indexes, None, None)
+        admitted, _ = self._admitted(binding, parts, reply)
+        for j, (indexes, part) in enumerate(admitted):
+            command = self._settle_command(
+                binding, lease_ids[j], demands[j], indexes, None, None, part
+            )
             self._link.spawn(self._link.send_later(lease_ids[j], command, SETTLE))
+            if part is not None:
+                self._tenant_listeners.notify(part.name)
 
     async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
         """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
@@ -1452,6 +1651,68 @@ class RedisBackend:
         link.mark_up()
         return float(reply)
 
+    async def tenant_statistics(
+        self, limits: Limits, tenant: TenantShare, now: Instant
+    ) -> tuple[DimensionStatistics, ...]:
+        """Usage of `tenant`'s own dimensions now (concurrency first when capped), over
+        every process of the account; `BackendUnavailableError` while Redis is down."""
+        self._enter(now)
+        link = self._link
+        binding = self._bind(limits)
+        part = self._tenant_part(tenant)
+        assert part is not None
+        wall = self._wall(now)
+        command = STATS.evalsha(
+            [*binding.keys, *part.keys],
+            [
+                self._clock_arg(now),
+                str(binding.key_ttl_ms),
+                binding.specs(wall),
+                *part.binding.tenant_args(wall),
+            ],
+        )
+        try:
+            reply = await link.call(command, STATS, abortable=True)
+        except Exception as exc:
+            if not _is_outage(exc):
+                raise
+            link.mark_down(exc)
+            raise self._unavailable_error() from None
+        link.mark_up()
+        at = 1 + 2 * len(binding.rates)
+        in_flight = int(reply[at])
+        own = part.binding.limits
+        stats = []
+        if own.concurrency is not None:
+            stats.append(
+                DimensionStatistics("concurrency", "slots", own.concurrency, in_flight, in_flight)
+            )
+        for number, rate in enumerate(part.binding.rates):
+            used, held = float(reply[at + 1 + 2 * number]), float(reply[at + 2 + 2 * number])
+            stats.append(DimensionStatistics(rate.name, rate.unit, rate.limit, used, held))
+        return tuple(stats)
+
+    def subscribe_tenants(self, listener: Callable[[str], None]) -> Callable[[], None]:
+        """Call `listener(tenant)` when a call of `tenant` (with limits of its own) ended,
+        in this process or, by the release notice, in another."""
+        unsubscribe = self._tenant_listeners.add(listener)
+        loop = self._link.loop
+        if loop is not None and not loop.is_closed() and _running_loop() is loop:
+            self._start(renew=False)
+        return unsubscribe
+
+    def check_tenant_limits(self) -> None:
+        """Tenant limits are kept under the root account's hash tag: a child (a model with
+        limits of its own) on a Redis Cluster has its keys in another slot, where no
+        script can take both at once."""
+        if not self._is_root and isinstance(self._link.client, RedisCluster):
+            raise InvalidArgumentError(
+                f"RedisBackend: tenant limits cannot be kept with namespace "
+                f"{self.namespace!r} on a Redis Cluster: its keys are in another slot than "
+                "its account's tenants; use one Redis server (or Sentinel) for tenants with "
+                "limits of their own and models with limits of their own"
+            )
+
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` on each release announced for the account (and once when the
         announcements start to be heard: a release just before was not)."""
@@ -1487,6 +1748,7 @@ class RedisBackend:
             self._server_time,
         )
         backend._is_root = False
+        backend._tenant_prefix = self._tenant_prefix
         self._children.append(backend)
         return backend
 
@@ -1582,21 +1844,38 @@ class RedisBackend:
             return
         if renew and (self._renewer is None or self._renewer.done()):
             self._renewer = self._link.spawn(self._renew_loop())
-        wanted = self._listeners or self._tier_callbacks
+        wanted = self._listeners or self._tier_callbacks or self._tenant_listeners
         if wanted and (self._subscriber is None or self._subscriber.done()):
             self._subscriber = self._link.spawn(self._listen_loop())
 
-    def _leases_to_renew(self) -> list[tuple[_Binding, list[str]]]:
-        """The leases of grants still held, by binding; forgets dropped and settled ones."""
-        by_binding: dict[int, tuple[_Binding, list[str]]] = {}
+    def _leases_to_renew(self) -> list[tuple[_Binding, list[str], list[str], list[str]]]:
+        """The leases of grants still held, by binding: the binding, its lease ids, and
+        the keys and arguments of the tenants among them (see renew.lua); forgets dropped
+        and settled ones."""
+        by_binding: dict[int, tuple[_Binding, list[str], dict[str, list[str]]]] = {}
+        tenants: dict[str, _TenantPart] = {}
         for lease_id, (ref, binding) in list(self._live.items()):
             grant = ref()
             if grant is None or grant.settled:
                 # Dropped without a settle: no longer renewed, its lease lapses.
                 del self._live[lease_id]
                 continue
-            by_binding.setdefault(id(binding), (binding, []))[1].append(lease_id)
-        return list(by_binding.values())
+            _, lease_ids, by_tenant = by_binding.setdefault(id(binding), (binding, [], {}))
+            lease_ids.append(lease_id)
+            tenant = grant.tenant
+            if tenant is not None and not tenant.binding.leaseless:
+                tenants[tenant.name] = tenant
+                by_tenant.setdefault(tenant.name, []).append(lease_id)
+        renewals = []
+        for binding, lease_ids, by_tenant in by_binding.values():
+            keys = list(binding.keys)
+            args = []
+            for name, own in by_tenant.items():
+                tenant = tenants[name]
+                keys.extend(tenant.keys)
+                args.append(" ".join([str(tenant.binding.key_ttl_ms), *own]))
+            renewals.append((binding, lease_ids, keys, args))
+        return renewals
 
     async def _renew_loop(self) -> None:
         # Stays for two idle rounds after the last lease, so that short calls do not
@@ -1607,14 +1886,15 @@ class RedisBackend:
             await asyncio.sleep(self._lease_ttl_s / 3)
             leases = self._leases_to_renew()
             idle_rounds = 0 if leases else idle_rounds + 1
-            for binding, lease_ids in leases:
+            for binding, lease_ids, keys, tenant_args in leases:
                 _raise_if_cancelled()
                 command = RENEW.evalsha(
-                    binding.keys,
+                    keys,
                     [
                         self._clock_arg(),
                         str(binding.key_ttl_ms),
                         repr(self._lease_ttl_s),
+                        *tenant_args,
                         *lease_ids,
                     ],
                 )
@@ -1630,7 +1910,9 @@ class RedisBackend:
 
     async def _listen_loop(self) -> None:
         link = self._link
-        while (self._listeners or self._tier_callbacks) and not link.closing:
+        while (
+            self._listeners or self._tier_callbacks or self._tenant_listeners
+        ) and not link.closing:
             pubsub = link.client.pubsub()
             try:
                 async with asyncio.timeout(link.command_timeout_s):
@@ -1658,13 +1940,17 @@ class RedisBackend:
                     pass
 
     def _dispatch(self, data: str) -> None:
-        """A notice on the account's channel: a tier published, or a release."""
+        """A notice on the account's channel: a tier published, or a release ("<lease>",
+        or "<lease>\n<tenant>" for a call of a tenant with limits of its own)."""
         try:
             if data.startswith("tier:"):
                 for callback in list(self._tier_callbacks):
                     callback(data[len("tier:") :])
             else:
                 self._listeners.notify()
+                _, tenant, name = data.partition("\n")
+                if tenant:
+                    self._tenant_listeners.notify(name)
         except Exception:
             # Someone else's callback: logged, and the listener goes on listening.
             _log.exception("a callback of a Redis notice failed (%r)", data)

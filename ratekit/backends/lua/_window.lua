@@ -3,7 +3,10 @@
 --
 -- An account is two keys: KEYS[1], its state (a hash), and KEYS[2], its leases (a
 -- sorted set, lease id -> expiry on the account's clock; one lease per call in
--- flight that has a slot or something to settle). The state hash holds:
+-- flight that has a slot or something to settle). A tenant with limits of its own
+-- (ratekit/_tenants.py) is two more keys of the same shapes under the account's hash
+-- tag, given after the account's; a script that serves tenants names them in its
+-- header. The state hash holds:
 --
 --   raw, off      the account's clock (see clock)
 --   cool          until when the account is paused after a provider's 429
@@ -13,6 +16,8 @@
 --                 finish)
 --   nl            how many leases the sorted set holds (set again from ZCARD
 --                 whenever an admission is refused)
+--   (raw, off, cool and wait are the account's alone: a tenant runs on the
+--   account's clock and is paused with it; the rest are kept by both)
 --   <w>|t         window w's running total: the sum of its live slices (a calendar
 --                 day: the day's total)
 --   <w>|lo, |hi   the oldest and newest slice index that may hold an amount
@@ -28,25 +33,34 @@
 -- changed limits keep counting what was used. A script reads the fields it needs
 -- in one HMGET (read), works on them in Lua, and writes what changed in one HSET
 -- and one HDEL (flush): an admission costs a fixed handful of commands however
--- many slices or calls are live. Slices are dropped once, when they stop counting.
+-- many slices or calls are live (and as much again for each tenant served). Slices
+-- are dropped once, when they stop counting.
+--
+-- A state is a Lua table: its key, its leases' key, and the fields as read so far
+-- and as changed by this script (see state). Each window keeps the state it lives
+-- in (w.s), so that every helper below works on the account's windows and on a
+-- tenant's alike.
 --
 -- Two clocks, as in ratekit/_clock.py: rolling windows, pacing, leases and the
 -- cooldown run on the account's clock (`now`), calendar days on the wall clock
 -- (`wall`, Unix seconds). parse_specs gives each window its own reading as w.now.
 
 local EPSILON = 1e-12
-local STATE, LEASES = KEYS[1], KEYS[2]
 
 local function fmt(x)
   return string.format('%.17g', x)
 end
 
--- The state hash, as read so far and as changed by this script --------------------
+-- A state (hash `key`, leases `leases`), as read so far and as changed by this script.
+local function state(key, leases)
+  return {key = key, leases = leases, values = {}, dirty = {}, gone = {}}
+end
 
-local values, dirty, gone = {}, {}, {}
+local ACCOUNT = state(KEYS[1], KEYS[2])
 
--- Reads `names` (those not read yet) with one HMGET.
-local function read(names)
+-- Reads `names` (those not read yet) of state s with one HMGET.
+local function read(s, names)
+  local values = s.values
   local wanted = {}
   for _, name in ipairs(names) do
     if values[name] == nil then
@@ -56,55 +70,55 @@ local function read(names)
   if #wanted == 0 then
     return
   end
-  local got = redis.call('HMGET', STATE, unpack(wanted))
+  local got = redis.call('HMGET', s.key, unpack(wanted))
   for i, name in ipairs(wanted) do
     values[name] = got[i] or false
   end
 end
 
 -- A field's value as a number (nil when absent); read first when it was not.
-local function num(name)
-  if values[name] == nil then
-    read({name})
+local function num(s, name)
+  if s.values[name] == nil then
+    read(s, {name})
   end
-  return tonumber(values[name])
+  return tonumber(s.values[name])
 end
 
-local function put(name, value)
-  values[name] = fmt(value)
-  dirty[name] = true
-  gone[name] = nil
+local function put(s, name, value)
+  s.values[name] = fmt(value)
+  s.dirty[name] = true
+  s.gone[name] = nil
 end
 
-local function drop(name)
-  values[name] = false
-  dirty[name] = nil
-  gone[name] = true
+local function drop(s, name)
+  s.values[name] = false
+  s.dirty[name] = nil
+  s.gone[name] = true
 end
 
--- Writes every change: one HSET, one HDEL.
-local function flush()
+-- Writes every change of state s: one HSET, one HDEL.
+local function flush(s)
   local pairs_, names = {}, {}
-  for name in pairs(dirty) do
+  for name in pairs(s.dirty) do
     pairs_[#pairs_ + 1] = name
-    pairs_[#pairs_ + 1] = values[name]
+    pairs_[#pairs_ + 1] = s.values[name]
   end
-  for name in pairs(gone) do
+  for name in pairs(s.gone) do
     names[#names + 1] = name
   end
   if #pairs_ > 0 then
-    redis.call('HSET', STATE, unpack(pairs_))
+    redis.call('HSET', s.key, unpack(pairs_))
   end
   if #names > 0 then
-    redis.call('HDEL', STATE, unpack(names))
+    redis.call('HDEL', s.key, unpack(names))
   end
-  dirty, gone = {}, {}
+  s.dirty, s.gone = {}, {}
 end
 
 -- The account's clock. `given` is "<now> <wall>" handed by a single-process client
 -- (tests with a fake clock), or "" for the server's TIME, shared by every pod.
 -- Returns now (rolling windows, pacing, leases, cooldown) and wall (calendar days).
--- Needs read({'raw', 'off'}).
+-- Needs read(ACCOUNT, {'raw', 'off'}).
 --
 -- `now` never goes back:
 -- - TIME stepped back (an operator, NTP): the step is added to the offset, so the
@@ -115,7 +129,7 @@ end
 --   server out of order): the last one stands; monotonic readings never step.
 local function clock(given)
   local raw, wall
-  local last, offset = num('raw'), num('off') or 0
+  local last, offset = num(ACCOUNT, 'raw'), num(ACCOUNT, 'off') or 0
   if given ~= '' then
     local mono_text, wall_text = string.match(given, '^(%S+) (%S+)$')
     raw, wall = tonumber(mono_text), tonumber(wall_text)
@@ -130,37 +144,43 @@ local function clock(given)
       offset = offset + (last - raw)
     end
   end
-  put('raw', raw)
+  put(ACCOUNT, 'raw', raw)
   if offset ~= 0 then
-    put('off', offset)
+    put(ACCOUNT, 'off', offset)
   end
   return raw + offset, wall
 end
 
--- Writes every change (flush), then keeps both keys alive for `ttl_ms` from `now`,
--- and past the cooldown's end: a PEXPIRE only when what was set last is about to run
--- short, so most calls send none. With a given clock (a fake one) every call sends
--- them. The last thing a script that writes does.
-local function finish(now, ttl_ms, given)
+-- Writes every change of state s (flush), then keeps its two keys alive for `ttl_ms`
+-- from `now` (the account's also past the cooldown's end): a PEXPIRE only when what
+-- was set last is about to run short, so most calls send none. With a given clock (a
+-- fake one) every call sends them. A tenant's state that holds nothing and got
+-- nothing is left unmade. The last thing a script that writes does, for each state.
+local function finish(s, now, ttl_ms, given)
   local ttl_s = ttl_ms / 1000
-  local want = math.max(now + ttl_s, (num('cool') or 0) + 1)
-  local known = num('ex') or -math.huge
+  local want = now + ttl_s
+  if s == ACCOUNT then
+    want = math.max(want, (num(s, 'cool') or 0) + 1)
+  elseif next(s.dirty) == nil and next(s.gone) == nil and not num(s, 'ex') then
+    return
+  end
+  local known = num(s, 'ex') or -math.huge
   local step = ttl_s / 8
   local set_ms = math.ceil((want - now + step) * 1000)
-  local state = given ~= '' or known < want
-  local leases = (num('nl') or 0) > 0 and (given ~= '' or (num('lex') or -math.huge) < want)
-  if state then
-    put('ex', want + step)
+  local alive = given ~= '' or known < want
+  local leases = (num(s, 'nl') or 0) > 0 and (given ~= '' or (num(s, 'lex') or -math.huge) < want)
+  if alive then
+    put(s, 'ex', want + step)
   end
   if leases then
-    put('lex', want + step)
+    put(s, 'lex', want + step)
   end
-  flush()
-  if state then
-    redis.call('PEXPIRE', STATE, set_ms)
+  flush(s)
+  if alive then
+    redis.call('PEXPIRE', s.key, set_ms)
   end
   if leases then
-    redis.call('PEXPIRE', LEASES, set_ms)
+    redis.call('PEXPIRE', s.leases, set_ms)
   end
 end
 
@@ -174,8 +194,8 @@ end
 -- rolling window; for a calendar day it is three fields "before switch_at after":
 -- the zone's UTC offset (s) before and after its daylight-saving transition nearest
 -- the client's clock, at Unix instant switch_at (equal offsets when there is none),
--- so that each script picks the offset of its own instant.
-local function parse_specs(packed)
+-- so that each script picks the offset of its own instant. The windows live in state s.
+local function parse_specs(packed, s)
   local windows = {}
   for chunk in string.gmatch(packed, '[^|]+') do
     local f = {}
@@ -185,6 +205,7 @@ local function parse_specs(packed)
     local id = f[1]
     local w = {
       id = id,
+      s = s,
       limit = tonumber(f[2]),
       period_s = tonumber(f[3]),
       slice_s = tonumber(f[4]),
@@ -204,18 +225,28 @@ local function parse_specs(packed)
   return windows
 end
 
--- The state fields every script reads at its start, for `windows`, plus `extra`.
-local function base_fields(windows, extra)
-  local names = {'raw', 'off', 'ex', 'lex', 'nl', 'cool'}
-  for _, name in ipairs(extra) do
-    names[#names + 1] = name
-  end
+-- `names`, and the fields of `windows` every script reads at its start.
+local function with_windows(names, windows)
   for _, w in ipairs(windows) do
     for _, field in ipairs({w.f_t, w.f_lo, w.f_hi, w.f_hv, w.f_h, w.f_p, w.f_d}) do
       names[#names + 1] = field
     end
   end
   return names
+end
+
+-- The account's fields every script reads at its start, for `windows`, plus `extra`.
+local function base_fields(windows, extra)
+  local names = {'raw', 'off', 'ex', 'lex', 'nl', 'cool'}
+  for _, name in ipairs(extra) do
+    names[#names + 1] = name
+  end
+  return with_windows(names, windows)
+end
+
+-- A tenant's fields every script reads at its start, for its `windows`.
+local function tenant_fields(windows)
+  return with_windows({'ex', 'lex', 'nl'}, windows)
 end
 
 -- An amounts triple "requests tokens cost" (one argument) as a Lua array.
@@ -276,25 +307,26 @@ end
 -- that, read by the caller in one HMGET for every window, then `expire` finishes).
 -- Sets w.total, w.held, w.pace, w.lo, w.hi, w.hv.
 local function prepare(w, now, wall, expired)
-  w.held = math.max(num(w.f_h) or 0, 0)
-  w.pace = num(w.f_p) or -math.huge
-  w.total = num(w.f_t) or 0
+  local s = w.s
+  w.held = math.max(num(s, w.f_h) or 0, 0)
+  w.pace = num(s, w.f_p) or -math.huge
+  w.total = num(s, w.f_t) or 0
   if w.calendar then
     w.now = wall
     local today = local_day(w, wall)
-    local stored = num(w.f_d)
+    local stored = num(s, w.f_d)
     if stored and stored >= today then
       w.day = stored
     else
       w.day = today
       w.total = 0
-      put(w.f_d, today)
-      put(w.f_t, 0)
+      put(s, w.f_d, today)
+      put(s, w.f_t, 0)
     end
     return
   end
   w.now = now
-  w.lo, w.hi, w.hv = num(w.f_lo), num(w.f_hi), num(w.f_hv) or 0
+  w.lo, w.hi, w.hv = num(s, w.f_lo), num(s, w.f_hi), num(s, w.f_hv) or 0
   w.drop_until = nil
   if not w.lo then
     w.total = 0
@@ -324,35 +356,36 @@ local function expire(w)
   if w.calendar or not w.drop_until then
     return
   end
+  local s = w.s
   local everything = w.drop_until >= w.hi
   for index = w.lo, w.drop_until do
     local field = slice_field(w, index)
     if not everything then
-      w.total = w.total - (num(field) or 0)
+      w.total = w.total - (num(s, field) or 0)
     end
-    drop(field)
+    drop(s, field)
   end
   if everything then
     w.total, w.lo, w.hi, w.hv = 0, nil, nil, 0
-    drop(w.f_lo)
-    drop(w.f_hi)
-    drop(w.f_hv)
+    drop(s, w.f_lo)
+    drop(s, w.f_hi)
+    drop(s, w.f_hv)
   else
     w.lo = w.drop_until + 1
-    put(w.f_lo, w.lo)
+    put(s, w.f_lo, w.lo)
   end
-  put(w.f_t, math.max(w.total, 0))
+  put(s, w.f_t, math.max(w.total, 0))
   w.drop_until = nil
 end
 
--- Reads and brings every window to now: the base fields are read; at most one more
--- HMGET for the slices that stopped counting.
-local function prepare_all(windows, now, wall)
+-- Reads and brings every window of state s to now: the base fields are read; at most
+-- one more HMGET for the slices that stopped counting.
+local function prepare_all(s, windows, now, wall)
   local expired = {}
   for _, w in ipairs(windows) do
     prepare(w, now, wall, expired)
   end
-  read(expired)
+  read(s, expired)
   for _, w in ipairs(windows) do
     expire(w)
   end
@@ -369,9 +402,9 @@ local function live_slices(w)
   for index = w.lo, w.hi do
     names[#names + 1] = slice_field(w, index)
   end
-  read(names)
+  read(w.s, names)
   for index = w.lo, w.hi do
-    local amount = num(slice_field(w, index))
+    local amount = num(w.s, slice_field(w, index))
     if amount and amount > 0 then
       slices[#slices + 1] = {index, amount}
     end
@@ -417,6 +450,7 @@ local function add_to(w, index, delta)
   if delta == 0 then
     return
   end
+  local s = w.s
   local field = slice_field(w, index)
   local current
   if w.hi and index == w.hi then
@@ -426,24 +460,24 @@ local function add_to(w, index, delta)
   elseif not w.lo then
     current = 0
   else
-    current = num(field) or 0
+    current = num(s, field) or 0
   end
   local amount = math.max(current + delta, 0)
   w.total = math.max(w.total + (amount - current), 0)
-  put(field, amount)
+  put(s, field, amount)
   if not w.lo then
     w.lo, w.hi = index, index
-    put(w.f_lo, index)
+    put(s, w.f_lo, index)
   elseif index < w.lo then
     w.lo = index
-    put(w.f_lo, index)
+    put(s, w.f_lo, index)
   end
   if index >= w.hi then
     w.hi, w.hv = index, amount
-    put(w.f_hi, index)
-    put(w.f_hv, amount)
+    put(s, w.f_hi, index)
+    put(s, w.f_hv, amount)
   end
-  put(w.f_t, w.total)
+  put(s, w.f_t, w.total)
 end
 
 -- Counts `amount` now (in the current slice, or the current day).
@@ -453,14 +487,14 @@ local function record(w, amount)
   end
   if w.calendar then
     w.total = w.total + amount
-    put(w.f_t, w.total)
+    put(w.s, w.f_t, w.total)
     return
   end
   if w.pacing then
     -- The schedule may lag now by one request's spacing (see ratekit/_window.py).
     local one_s = w.period_s / w.limit
     w.pace = math.max(w.pace, w.now - one_s) + amount * one_s
-    put(w.f_p, w.pace)
+    put(w.s, w.f_p, w.pace)
   end
   add_to(w, slice_index(w), amount)
 end
@@ -490,7 +524,7 @@ local function refund(w, index, amount)
   if w.calendar then
     if index == w.day then
       w.total = math.max(w.total - amount, 0)
-      put(w.f_t, w.total)
+      put(w.s, w.f_t, w.total)
     end
     return
   end
@@ -504,36 +538,37 @@ end
 
 -- Holds `amount` for the call of `lease_id` until its settle (or its lease lapses).
 local function hold(w, lease_id, amount)
-  put(hold_field(w, lease_id), amount)
+  put(w.s, hold_field(w, lease_id), amount)
   w.held = w.held + amount
-  put(w.f_h, w.held)
+  put(w.s, w.f_h, w.held)
 end
 
 -- Stops holding what the call of `lease_id` held, if anything; a total that float
 -- drift leaves just above zero is zero (as in the memory backend).
 local function unhold(w, lease_id)
+  local s = w.s
   local field = hold_field(w, lease_id)
-  local amount = num(field)
+  local amount = num(s, field)
   if not amount then
     return
   end
-  drop(field)
+  drop(s, field)
   w.held = w.held - amount
   if w.held < w.limit * EPSILON then
     w.held = 0
   end
-  put(w.f_h, w.held)
+  put(s, w.f_h, w.held)
 end
 
--- Leases that lapsed belong to holders that died: frees their slots and holds, and
--- counts the leases again (a count the set's loss left behind is put right). Returns
--- whether anything changed.
-local function reclaim(windows, now)
-  local dead = redis.call('ZRANGEBYSCORE', LEASES, '-inf', now)
+-- Leases of state s that lapsed belong to holders that died: frees their slots and
+-- the holds of s's `windows`, and counts the leases again (a count the set's loss left
+-- behind is put right). Returns whether anything changed.
+local function reclaim(s, windows, now)
+  local dead = redis.call('ZRANGEBYSCORE', s.leases, '-inf', now)
   if #dead == 0 then
-    local count = redis.call('ZCARD', LEASES)
-    local changed = count ~= num('nl')
-    put('nl', count)
+    local count = redis.call('ZCARD', s.leases)
+    local changed = count ~= num(s, 'nl')
+    put(s, 'nl', count)
     return changed
   end
   local names = {}
@@ -544,7 +579,7 @@ local function reclaim(windows, now)
       end
     end
   end
-  read(names)
+  read(s, names)
   for _, w in ipairs(windows) do
     if w.take ~= 0 then
       for _, id in ipairs(dead) do
@@ -552,17 +587,55 @@ local function reclaim(windows, now)
       end
     end
   end
-  redis.call('ZREMRANGEBYSCORE', LEASES, '-inf', now)
-  put('nl', redis.call('ZCARD', LEASES))
+  redis.call('ZREMRANGEBYSCORE', s.leases, '-inf', now)
+  put(s, 'nl', redis.call('ZCARD', s.leases))
   return true
 end
 
--- How many leases are live or not yet reclaimed (the sorted set's size).
-local function lease_count()
-  local count = num('nl')
+-- How many leases of state s are live or not yet reclaimed (the sorted set's size).
+local function lease_count(s)
+  local count = num(s, 'nl')
   if count == nil then
-    count = redis.call('ZCARD', LEASES)
-    put('nl', count)
+    count = redis.call('ZCARD', s.leases)
+    put(s, 'nl', count)
   end
   return count
+end
+
+-- Adds `lease_id` to the leases of state s, until `expiry`; a new sorted set gets its
+-- ttl at once (finish renews it from then on).
+local function take_lease(s, lease_id, expiry, now, ttl_ms)
+  local count = lease_count(s)
+  redis.call('ZADD', s.leases, expiry, lease_id)
+  if count == 0 then
+    local set_ms = math.ceil(ttl_ms * 1.125)
+    redis.call('PEXPIRE', s.leases, set_ms)
+    put(s, 'lex', now + set_ms / 1000)
+  end
+  put(s, 'nl', count + 1)
+end
+
+-- Tenants ------------------------------------------------------------------------
+
+-- The tenants a script serves: KEYS[3], KEYS[4] are the first one's state and leases,
+-- and so on; ARGV from `first` on holds per tenant its key ttl (ms), its concurrency
+-- cap ("" for none), whether its calls take a lease of its own (1 or 0) and its window
+-- specs. Each is read and brought to now.
+local function parse_tenants(first, now, wall)
+  local tenants = {}
+  for i = 1, (#KEYS - 2) / 2 do
+    local at = first + (i - 1) * 4
+    local s = state(KEYS[1 + 2 * i], KEYS[2 + 2 * i])
+    local t = {
+      s = s,
+      ttl_ms = tonumber(ARGV[at]),
+      cap = tonumber(ARGV[at + 1]),
+      slot = ARGV[at + 2] == '1',
+      windows = parse_specs(ARGV[at + 3], s),
+    }
+    read(s, tenant_fields(t.windows))
+    prepare_all(s, t.windows, now, wall)
+    tenants[i] = t
+  end
+  return tenants
 end

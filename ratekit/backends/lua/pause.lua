@@ -7,14 +7,14 @@
 -- ARGV[3]      the cooldown (s)
 -- Returns the seconds the pause lasts from now.
 
-read({'raw', 'off', 'ex', 'lex', 'nl', 'cool'})
+read(ACCOUNT, {'raw', 'off', 'ex', 'lex', 'nl', 'cool'})
 local now = clock(ARGV[1])
 local until_s = now + tonumber(ARGV[3])
-local known = num('cool') or 0
+local known = num(ACCOUNT, 'cool') or 0
 if until_s > known then
-  put('cool', until_s)
+  put(ACCOUNT, 'cool', until_s)
   known = until_s
 end
 -- The state outlives the cooldown: its instant is on the account's clock.
-finish(now, tonumber(ARGV[2]), ARGV[1])
+finish(ACCOUNT, now, tonumber(ARGV[2]), ARGV[1])
 return fmt(known - now)

@@ -1,8 +1,10 @@
 -- sent: the request of one admission left its process now: what the admission
--- recorded counts from now, as the provider counts it from its arrival. One round
--- trip, sent only when the request left in a later slice than it was admitted in.
+-- recorded counts from now, as the provider counts it from its arrival (on its
+-- tenant's own windows too, if it has one). One round trip, sent only when the
+-- request left in a later slice than it was admitted in.
 --
 -- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
+-- KEYS[3]      only with a tenant: the tenant's state, KEYS[4] its leases
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
 -- ARGV[3]      lease id ("-": the admission took none)
@@ -13,37 +15,57 @@
 --              reckons it from its own clock since the admission; the server's now
 --              if later ("": now). Not the script's own now: the round trip that
 --              carries this script comes after the request left.
--- Returns the slice index per window from now on (unchanged when the lease has
--- ended or lapsed: a settled call is not moved).
+-- ARGV[8..11]  only with a tenant: its four arguments (see parse_tenants)
+-- ARGV[12]     only with a tenant: the slice index of the admission per tenant window
+-- Returns the slice index per window from now on, the account's then its tenant's
+-- (unchanged when the lease has ended or lapsed: a settled call is not moved).
 
 local key_ttl_ms = tonumber(ARGV[2])
-local windows = parse_specs(ARGV[4])
+local windows = parse_specs(ARGV[4], ACCOUNT)
 local reserved = parse_amounts(ARGV[5])
-local indexes = parse_amounts(ARGV[6])
 local result = {}
-for i = 1, #windows do
-  result[i] = fmt(indexes[i])
+local indexes = parse_amounts(ARGV[6])
+local tenant_indexes = {}
+if #KEYS > 2 then
+  tenant_indexes = parse_amounts(ARGV[12])
 end
-if ARGV[3] ~= '-' and not redis.call('ZSCORE', LEASES, ARGV[3]) then
+for _, list in ipairs({indexes, tenant_indexes}) do
+  for _, index in ipairs(list) do
+    result[#result + 1] = fmt(index)
+  end
+end
+if ARGV[3] ~= '-' and not redis.call('ZSCORE', ACCOUNT.leases, ARGV[3]) then
   return result
 end
-read(base_fields(windows, {}))
+read(ACCOUNT, base_fields(windows, {}))
 local now, wall = clock(ARGV[1])
-prepare_all(windows, now, wall)
+prepare_all(ACCOUNT, windows, now, wall)
 local sent_at = math.min(tonumber(ARGV[7]) or now, now)
-for i, w in ipairs(windows) do
-  local amount, index = reserved[w.position], indexes[i]
-  if not w.calendar and (w.take == 0 or w.take == 2) then
-    local moved = math.floor(sent_at / w.slice_s)
-    if moved > index then
-      if w.take == 0 and amount > 0 then
-        -- Counted from now even if its slice expired meanwhile: the provider counts it.
-        refund(w, index, amount)
-        add_to(w, moved, amount)
+
+-- Moves what `list`'s windows recorded at the admission to the slice of sent_at; the
+-- new indexes go to result from `at` on.
+local function move(list, list_indexes, at)
+  for i, w in ipairs(list) do
+    local amount, index = reserved[w.position], list_indexes[i]
+    if not w.calendar and (w.take == 0 or w.take == 2) then
+      local moved = math.floor(sent_at / w.slice_s)
+      if moved > index then
+        if w.take == 0 and amount > 0 then
+          -- Counted from now even if its slice expired meanwhile: the provider counts it.
+          refund(w, index, amount)
+          add_to(w, moved, amount)
+        end
+        result[at + i] = fmt(moved)
       end
-      result[i] = fmt(moved)
     end
   end
 end
-finish(now, key_ttl_ms, ARGV[1])
+
+move(windows, indexes, 0)
+finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
+if #KEYS > 2 then
+  local t = parse_tenants(8, now, wall)[1]
+  move(t.windows, tenant_indexes, #windows)
+  finish(t.s, now, t.ttl_ms, ARGV[1])
+end
 return result

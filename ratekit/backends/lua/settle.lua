@@ -1,7 +1,9 @@
 -- settle: end one admission: record the call's real usage (or hand everything
--- back), free its lease and announce the release. One round trip.
+-- back), free its lease and announce the release; the same on its tenant's own
+-- windows, if it has one. One round trip.
 --
 -- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
+-- KEYS[3]      only with a tenant: the tenant's state, KEYS[4] its leases
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
 -- ARGV[3]      lease id ("-": the admission took none; only a refund is sent then)
@@ -13,15 +15,17 @@
 -- ARGV[9]      the slice index of the admission per window, apart by spaces
 -- ARGV[10]     the tokens the provider counted at arrival when its answer told, else ""
 --              (replaces the token estimate where the reservation is kept)
+-- ARGV[11..14] only with a tenant: its four arguments (see parse_tenants)
+-- ARGV[15]     only with a tenant: the slice index of the admission per tenant window
+-- ARGV[16]     only with a tenant: its name, told with the release
 -- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed).
 
 local key_ttl_ms = tonumber(ARGV[2])
 local lease_id = ARGV[3]
 local refunding = ARGV[5] == '1'
-local windows = parse_specs(ARGV[6])
+local windows = parse_specs(ARGV[6], ACCOUNT)
 local reserved = parse_amounts(ARGV[7])
 local used = parse_amounts(ARGV[8])
-local indexes = parse_amounts(ARGV[9])
 local counted = tonumber(ARGV[10])
 local fields = base_fields(windows, {'wait'})
 if lease_id ~= '-' then
@@ -31,55 +35,89 @@ if lease_id ~= '-' then
     end
   end
 end
-read(fields)
+read(ACCOUNT, fields)
 local now, wall = clock(ARGV[1])
-prepare_all(windows, now, wall)
+prepare_all(ACCOUNT, windows, now, wall)
 
+-- Frees `lease_id` from the leases of state s: 1 if it was still there, else 0.
+local function free(s)
+  if lease_id == '-' then
+    return 1
+  end
+  local count = lease_count(s)
+  local live = redis.call('ZREM', s.leases, lease_id)
+  if live == 1 then
+    put(s, 'nl', math.max(count - 1, 0))
+  end
+  return live
+end
+
+-- Settles (or refunds) the admission on `list`'s windows, whose slice indexes are
+-- `indexes`; `live` says whether this is the lease's first end.
+--
 -- A refund takes back what was recorded only while the lease is live: a lease
 -- already gone was settled before (this settle is sent again after its reply was
 -- lost) or lapsed, and what it recorded stays counted (never less than was sent).
 -- An admission without a lease is refunded once by its client and never resent.
-local live = 1
-if lease_id ~= '-' then
-  local count = lease_count()
-  live = redis.call('ZREM', LEASES, lease_id)
-  if live == 1 then
-    put('nl', math.max(count - 1, 0))
-  end
-end
-for i, w in ipairs(windows) do
-  local amount, real, index = reserved[w.position], used[w.position], indexes[i]
-  -- What the reservation was, as the provider counted it when it said (tokens only;
-  -- a settle sent again after its lease went is not corrected twice).
-  local kept = amount
-  if counted and w.position == 2 and not refunding and live == 1 then
-    kept = counted
-  end
-  if w.take == 0 then
-    if refunding and amount > 0 and live == 1 then
-      refund(w, index, amount)
-    elseif amount > 0 and kept < amount then
-      refund(w, index, amount - kept)
-    elseif amount > 0 and kept > amount then
-      add_to_slice(w, index, kept - amount)
+local function settle(list, indexes, live)
+  for i, w in ipairs(list) do
+    local amount, real, index = reserved[w.position], used[w.position], indexes[i]
+    -- What the reservation was, as the provider counted it when it said (tokens only;
+    -- a settle sent again after its lease went is not corrected twice).
+    local kept = amount
+    if counted and w.position == 2 and not refunding and live == 1 then
+      kept = counted
     end
-  elseif amount > 0 or real > 0 or kept > 0 then
-    -- Held (also an estimate of 0): the real usage is recorded now, as the provider does.
-    unhold(w, lease_id)
-    if not refunding then
-      if w.take == 2 and kept > real then
-        -- Until the admission's slice expires count max(reserved, real): the
-        -- remainder there, the real usage now.
-        add_to_slice(w, index, kept - real)
+    if w.take == 0 then
+      if refunding and amount > 0 and live == 1 then
+        refund(w, index, amount)
+      elseif amount > 0 and kept < amount then
+        refund(w, index, amount - kept)
+      elseif amount > 0 and kept > amount then
+        add_to_slice(w, index, kept - amount)
       end
-      record(w, real)
+    elseif amount > 0 or real > 0 or kept > 0 then
+      -- Held (also an estimate of 0): the real usage is recorded now, as the provider does.
+      unhold(w, lease_id)
+      if not refunding then
+        if w.take == 2 and kept > real then
+          -- Until the admission's slice expires count max(reserved, real): the
+          -- remainder there, the real usage now.
+          add_to_slice(w, index, kept - real)
+        end
+        record(w, real)
+      end
     end
   end
 end
-finish(now, key_ttl_ms, ARGV[1])
+
+local live = free(ACCOUNT)
+settle(windows, parse_amounts(ARGV[9]), live)
+finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
+local notice = lease_id
+if #KEYS > 2 then
+  local t = parse_tenants(11, now, wall)[1]
+  if lease_id ~= '-' then
+    local holds = {}
+    for _, w in ipairs(t.windows) do
+      if w.take ~= 0 then
+        holds[#holds + 1] = hold_field(w, lease_id)
+      end
+    end
+    read(t.s, holds)
+  end
+  -- A tenant whose calls take no lease of its own ends with the account's.
+  local own = live
+  if t.slot then
+    own = free(t.s)
+  end
+  settle(t.windows, parse_amounts(ARGV[15]), own)
+  finish(t.s, now, t.ttl_ms, ARGV[1])
+  notice = lease_id .. '\n' .. ARGV[16]
+end
 -- Announce the release only while some caller waits: nobody listens otherwise. An
 -- admission without a lease frees something only when it is refunded.
-if (lease_id ~= '-' or refunding) and now < (num('wait') or 0) then
-  redis.call('PUBLISH', ARGV[4], lease_id)
+if (lease_id ~= '-' or refunding) and now < (num(ACCOUNT, 'wait') or 0) then
+  redis.call('PUBLISH', ARGV[4], notice)
 end
 return live

@@ -531,6 +531,8 @@ class Limiter:
         if refusal is None and not queue:
             outcome = await self._attempt(demand, tenant)
             if not isinstance(outcome, Refusal):
+                if fair is not None:
+                    fair.served(ticket, idle=not queue)
                 return outcome
             refusal = outcome
         deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
@@ -545,6 +547,8 @@ class Limiter:
                     seen = self._mark(tenant)
                     outcome = await self._attempt(demand, tenant)
                     if not isinstance(outcome, Refusal):
+                        if fair is not None:
+                            fair.served(ticket, idle=not queue)
                         return outcome
                     refusal = outcome
                     continue
@@ -565,7 +569,7 @@ class Limiter:
             finally:
                 self._leave(waiter)
             if fair is not None:
-                fair.served(ticket)
+                fair.served(ticket, idle=not queue)
             return grant
 
     def _mark(self, tenant: str | None) -> Mark | None:

@@ -103,7 +103,16 @@ class Tenants:
     usage is kept in the store, shared by every process of the account.
     """
 
-    __slots__ = ("_longest_s", "_states", "calendar", "default", "limited", "named")
+    __slots__ = (
+        "_longest_s",
+        "_next_prune_s",
+        "_prune_at",
+        "_states",
+        "calendar",
+        "default",
+        "limited",
+        "named",
+    )
 
     def __init__(self, default: Tenant | None = None, named: Mapping[str, Tenant] | None = None):
         if default is None:
@@ -120,6 +129,11 @@ class Tenants:
         self.default = default
         self.named = named
         self._states: dict[str, _State] = {}
+        # When the idle ones are looked for again: once as many states as were left the
+        # last time are added, or a second later, so that looking costs O(1) a new tenant
+        # however many are active.
+        self._prune_at = _PRUNE_AT
+        self._next_prune_s = -math.inf
         # Whether any tenant has limits of its own.
         self.limited = default.limited or any(t.limited for t in named.values())
         rates = [rate for t in (default, *named.values()) for rate in t.limits.all_rates]
@@ -163,21 +177,22 @@ class Tenants:
     def _state(self, name: str, now: float) -> _State:
         state = self._states.get(name)
         if state is None:
-            if len(self._states) >= _PRUNE_AT:
+            count = len(self._states)
+            if count >= self._prune_at or (count >= _PRUNE_AT and now >= self._next_prune_s):
                 self._prune(now)
+                self._prune_at = max(_PRUNE_AT, 2 * len(self._states))
+                self._next_prune_s = now + 1.0
             state = self._states[name] = _State(self.tenant(name))
         return state
 
     def _prune(self, now: float) -> None:
-        idle = [
-            name
+        # A new dict: one emptied in place keeps the size it had at its largest.
+        longest_s = self._longest_s + 1.0
+        self._states = {
+            name: state
             for name, state in self._states.items()
-            if not state.in_flight
-            and state.wake is None
-            and now - state.last_s > self._longest_s + 1.0
-        ]
-        for name in idle:
-            del self._states[name]
+            if state.in_flight or state.wake is not None or now - state.last_s <= longest_s
+        }
 
     # -- the limiter's steps -------------------------------------------------------------
 
@@ -269,30 +284,43 @@ class FairShare:
     never less than the tag of the caller admitted last (the virtual time), so a
     tenant that had nobody waiting starts level with the others instead of with
     credit saved up. Callers are served in order of tags: under contention tenant
-    shares of admissions follow their weights.
+    shares of admissions follow their weights. Once nobody waits (the end of a busy
+    period) the virtual time moves up to the latest tag handed out: every tenant
+    starts level again, and the tags kept so far can go.
     """
 
-    __slots__ = ("_finish", "virtual")
+    __slots__ = ("_finish", "_latest", "_prune_at", "virtual")
 
     def __init__(self) -> None:
         self.virtual = 0.0
         # Per tenant (None: callers without one), the tag its next caller starts from.
         self._finish: dict[str | None, float] = {}
+        # The largest of those tags handed out so far.
+        self._latest = 0.0
+        # How many tags are kept before those at or below the virtual time are dropped:
+        # twice what was left the last time, so that dropping costs O(1) a tag.
+        self._prune_at = _PRUNE_AT
 
     def tag(self, tenant: str | None, weight: float) -> float:
         """The tag of a caller of `tenant` that starts waiting now."""
         finish = self._finish
         start = max(self.virtual, finish.get(tenant, 0.0))
-        finish[tenant] = start + 1.0 / weight
-        if len(finish) > _PRUNE_AT:
+        end = finish[tenant] = start + 1.0 / weight
+        if end > self._latest:
+            self._latest = end
+        if len(finish) > self._prune_at:
             virtual = self.virtual
             self._finish = {key: value for key, value in finish.items() if value > virtual}
+            self._prune_at = max(_PRUNE_AT, 2 * len(self._finish))
         return start
 
-    def served(self, tag: float) -> None:
-        """A caller with `tag` was admitted: virtual time moves up to it."""
+    def served(self, tag: float, *, idle: bool = False) -> None:
+        """A caller with `tag` was admitted: virtual time moves up to it, and, when nobody
+        waits any more (`idle`), up to the latest tag handed out."""
         if tag > self.virtual:
             self.virtual = tag
+        if idle and self._latest > self.virtual:
+            self.virtual = self._latest
 
 
 _CURRENT: ContextVar[str | None] = ContextVar("ratekit_tenant", default=None)

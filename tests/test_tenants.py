@@ -12,6 +12,7 @@ import pytest
 
 import ratekit
 from ratekit import Account, Limiter, Limits, Scheduler, Tenant, Tenants
+from ratekit._tenants import _PRUNE_AT, FairShare
 from ratekit.clock import FakeClock
 from ratekit.testing import RedisServer
 
@@ -110,6 +111,34 @@ async def test_a_newcomer_starts_level_with_the_others_not_with_saved_credit() -
             await settle_tasks()
         await calls.held[-1].release()
     assert calls.order[20:40] == ["new", "old"] * 10
+
+
+async def test_calls_made_while_nobody_waited_earn_a_tenant_no_debt() -> None:
+    """Calls a tenant made while it had the account to itself (each admitted at once, as
+    every call through a shared backend is asked) leave it level with a newcomer when
+    the account becomes contended: the two alternate."""
+    limiter, clock = make(Limits(concurrency=1), Tenants())
+    for _ in range(20):
+        await (await limiter.acquire(tenant="old", timeout=5)).release()
+    blocker = await limiter.acquire()
+    async with anyio.create_task_group() as group:
+        calls = Calls(limiter, clock, group)
+        for _ in range(5):
+            await calls.start("old")
+            await calls.start("new")
+        await blocker.release()
+        await settle_tasks()
+    assert calls.order == ["old", "new"] * 5
+
+
+def test_fair_share_keeps_few_tags_for_many_tenants_calling_once() -> None:
+    """A hundred thousand tenants calling once each, with nobody waiting between them,
+    leave only a bounded number of tags behind: the virtual time moves up to the latest
+    tag once the queue empties, so the kept tags can go (and tagging stays O(1))."""
+    fair = FairShare()
+    for number in range(100_000):
+        fair.served(fair.tag(f"t{number}", 1.0), idle=True)
+    assert len(fair._finish) <= _PRUNE_AT + 1
 
 
 async def test_a_tenant_never_exceeds_its_own_rate_and_does_not_hold_up_others() -> None:
@@ -269,6 +298,31 @@ async def test_idle_tenants_are_forgotten() -> None:
         if i % 1_000 == 999:
             clock.advance(62)
     assert tenants.active() <= 2_048
+
+
+async def test_many_tenants_at_once_are_looked_over_a_few_times_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Thirty thousand tenants each calling within one minute (none idle yet): the idle
+    ones are looked for once the count doubles or a second passes, not on every new
+    tenant; once they are idle they are forgotten."""
+    prunes = Counter[str]()
+    prune = Tenants._prune
+
+    def counted(self: Tenants, now: float) -> None:
+        prunes["prune"] += 1
+        prune(self, now)
+
+    monkeypatch.setattr(Tenants, "_prune", counted)
+    tenants = Tenants(default=Tenant(Limits(rpm=5)))
+    limiter, clock = make(Limits(rpm=1_000_000), tenants)
+    for i in range(30_000):
+        await (await limiter.acquire(tenant=f"t{i}")).release()
+    assert prunes["prune"] <= 8
+    assert tenants.active() == 30_000
+    clock.advance(62)
+    await (await limiter.acquire(tenant="late")).release()
+    assert tenants.active() == 1
 
 
 # -- through a scheduler ------------------------------------------------------------------

@@ -822,10 +822,12 @@ class Limiter:
         with contextlib.suppress(RuntimeError):
             loop.run_soon(end)
 
-    async def pause(self, seconds: float) -> float:
+    async def pause(self, seconds: float, *, out: bool = False) -> float:
         """Refuse every admission for `seconds` from now (a provider's cooldown); returns
-        how long the pause lasts from now (a longer one in force stands)."""
-        return await self._backend.pause(seconds, self.instant())
+        how long the pause lasts from now (a longer one in force stands). With `out`,
+        the account's quota or balance is spent: refusals name the dimension "out", in
+        every process sharing the backend (a pool takes the account out)."""
+        return await self._backend.pause(seconds, self.instant(), out=out)
 
     # -- observing -------------------------------------------------------------------
 

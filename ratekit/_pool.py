@@ -12,7 +12,9 @@ capacity freed on any of them.
 A 429 pauses only the account that got it (its scheduler's cooldown, shared with
 every pod through its backend). A spent quota or balance (a refusal that retrying
 cannot help, see `RateLimitSignal.retryable`) takes the account out of the pool for
-`out_s` seconds, in every pod; the pool tries it again afterwards.
+`out_s` seconds, in every pod: its backend pauses it as "out", so another pod's pool
+knows why it refuses. Afterwards one call probes it; the others follow once that
+call is answered without a spent quota.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ from ._events import AccountOut, Event, Hook, Queued
 from ._limits import check_amount, show
 from ._queue import Waiter, WaitQueue
 from ._scheduler import Scheduler
-from .backends._base import Refusal
+from .backends._base import OUT, Refusal
 
 T = TypeVar("T")
 
@@ -201,7 +203,15 @@ class PoolStatistics:
 class _Account:
     """What the pool knows of one account besides its scheduler."""
 
-    __slots__ = ("admitted", "exhausted", "out_reason", "out_until_s", "rate_limited")
+    __slots__ = (
+        "admitted",
+        "exhausted",
+        "out_reason",
+        "out_until_s",
+        "probe",
+        "probing",
+        "rate_limited",
+    )
 
     def __init__(self) -> None:
         self.admitted = 0
@@ -209,6 +219,10 @@ class _Account:
         self.exhausted = 0
         self.out_until_s = -math.inf
         self.out_reason = ""
+        # Once back from out: one call (`probe`, until it is answered) goes there, and
+        # the rest only after that call was not refused for a spent quota.
+        self.probing = False
+        self.probe: Admission | None = None
 
 
 def _quiet(client: Any) -> Any:
@@ -542,8 +556,15 @@ class Pool:
         refused = self._refused
         failed: list[Exception] = []
         for member in ordered:
-            if self._state[member.name].out_until_s > now:
+            state = self._state[member.name]
+            if state.out_until_s > now:
                 out += 1
+                continue
+            if state.probe is not None:
+                # Back from out, and its one probe is not answered yet: the others wait
+                # for that answer (it wakes the heads, see `finish`).
+                if math.isinf(best_s):
+                    best = f"{member.name}: probe"
                 continue
             own = member.model_for(model)
             tokens, cost = ask(member, own)
@@ -578,8 +599,15 @@ class Pool:
                     best_s, best = _BUSY_S, f"{member.name}: its own queue"
                 continue
             if isinstance(outcome, Admission):
+                if state.probing:
+                    state.probe = outcome
                 return Served(member, own, outcome, self._clients[member.name])
             if isinstance(outcome, Refusal):
+                if outcome.dimension == OUT:
+                    # Taken out by another process (its quota was spent there): out here too.
+                    self._out(member, outcome.wait_s, "quota spent (seen by another process)")
+                    out += 1
+                    continue
                 if tenant is None and math.isfinite(outcome.wait_s):
                     refused[(member.name, own)] = (
                         self._clock.now() + outcome.wait_s,
@@ -633,16 +661,24 @@ class Pool:
         ended already (`Scheduler.finish`, which told the hooks `Settled`): count a
         rate-limit answer, and take the account out on a spent quota."""
         member = served.member
-        if error is not None and not isinstance(error, anyio.get_cancelled_exc_class()):
-            signal = member.scheduler._signal(error)
-            if signal is not None:
-                state = self._state[member.name]
-                spent = not signal.retryable and not getattr(signal, "overloaded", False)
-                if not spent:
-                    state.rate_limited += 1
-                if spent:
-                    with anyio.CancelScope(shield=True):
-                        await self._take_out(member, served.model, signal.message or "quota spent")
+        state = self._state[member.name]
+        probe = state.probe is served.admission
+        if probe:
+            state.probe = None
+        cancelled = isinstance(error, anyio.get_cancelled_exc_class())
+        signal = None if error is None or cancelled else member.scheduler._signal(error)
+        spent = (
+            signal is not None and not signal.retryable and not getattr(signal, "overloaded", False)
+        )
+        if probe:
+            if not spent and not cancelled:
+                state.probing = False  # the account answered: back in full
+            self._notify((member.name, served.model))  # the heads that waited for it
+        if signal is not None and not spent:
+            state.rate_limited += 1
+        if signal is not None and spent:
+            with anyio.CancelScope(shield=True):
+                await self._take_out(member, served.model, signal.message or "quota spent")
 
     def client(self, *, priority: int = 0, timeout: float | None = None) -> Any:
         """One SDK client for the whole pool: every call of ``chat.completions.create``
@@ -664,10 +700,16 @@ class Pool:
         if state.out_until_s > now:
             return  # the answer of a call sent before the account was taken out
         state.exhausted += 1
-        state.out_until_s = now + self.out_s
+        self._out(member, self.out_s, reason)
+        await member.scheduler.limiter(model).pause(self.out_s, out=True)
+
+    def _out(self, member: Member, seconds: float, reason: str) -> None:
+        """Nobody is sent to `member` for `seconds` from now; the hooks hear why."""
+        state = self._state[member.name]
+        state.out_until_s = self._clock.now() + seconds
         state.out_reason = reason
-        await member.scheduler.limiter(model).pause(self.out_s)
-        self._emit(AccountOut(member.name, self.out_s, reason))
+        state.probing = True
+        self._emit(AccountOut(member.name, seconds, reason))
 
     async def submit(
         self,

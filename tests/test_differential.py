@@ -538,13 +538,13 @@ class Differential(RuleBasedStateMachine):
         assert self._base is not None
         self._limits = changed_limits(self._base, factor, concurrency, pacing, margin_s)
 
-    @rule(seconds=st.sampled_from([0.0, 0.1, 0.5, 2.0, 10.0]))
-    def pause(self, seconds: float) -> None:
-        """A provider's cooldown; a longer one in force stands."""
+    @rule(seconds=st.sampled_from([0.0, 0.1, 0.5, 2.0, 10.0]), out=st.booleans())
+    def pause(self, seconds: float, out: bool) -> None:
+        """A provider's cooldown, or the account taken out; a longer one in force stands."""
         now = self.now
-        outcomes = self._on_all(lambda backend, _: backend.pause(seconds, now))
+        outcomes = self._on_all(lambda backend, _: backend.pause(seconds, now, out=out))
         kinds = [_outcome_kind(outcome) for outcome in outcomes]
-        assert len(set(kinds)) == 1, f"pause({seconds}): {_describe_all(outcomes)}"
+        assert len(set(kinds)) == 1, f"pause({seconds}, out={out}): {_describe_all(outcomes)}"
         lasts = [outcome for outcome in outcomes if isinstance(outcome, float)]
         assert all(_close(lasts[0], other) for other in lasts[1:]), _describe_all(outcomes)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import socket
+import uuid
 from collections import Counter
 from typing import Any
 
@@ -11,10 +12,12 @@ import anyio
 import pytest
 
 from ratekit import Account, AcquireTimeout, InvalidArgumentError, Pool, Scheduler
+from ratekit.backends import Backend, MemoryBackend
 from ratekit.clock import FakeClock
 from ratekit.errors import BackendUnavailableError, CostExceedsLimitError, PoolExhaustedError
 from ratekit.events import AccountOut, Admitted, Event, Settled
 from ratekit.pools import Member, Served
+from ratekit.testing import RedisServer
 
 from .test_scheduler import run_clock
 
@@ -183,6 +186,121 @@ async def test_every_account_out_raises_instead_of_waiting() -> None:
     assert set(raised.value.out) == {"a", "b"}
     assert isinstance(raised.value.__cause__, ProviderError)
     assert 0 < raised.value.retry_after_s <= 60
+
+
+def pods_on(clock: FakeClock, backends: dict[str, Backend], **options: Any) -> Pool:
+    """A pool as one process of a fleet builds it: its own schedulers on shared stores."""
+    account = Account("moonshot", rpm=100, tpm=None, tpd=None, concurrency=None)
+    members = {name: Scheduler(account, backend=b, clock=clock) for name, b in backends.items()}
+    return Pool(members, **options)
+
+
+async def test_an_account_out_in_one_process_is_out_in_the_others() -> None:
+    """Accounts taken out by one process (their quota spent) are out for every process
+    sharing their stores: another pool sends its calls elsewhere, and raises at once,
+    naming why, when every account is out; not a wait for a pause it cannot explain."""
+    clock = FakeClock()
+    backends: dict[str, Backend] = {"a": MemoryBackend(), "b": MemoryBackend()}
+    first = pods_on(clock, backends, out_s=60)
+    events: list[Event] = []
+    second = pods_on(clock, backends, out_s=60, hooks=[events.append])
+
+    async def spent_on_a(at: Served) -> str:
+        if at.account == "a":
+            raise spent()
+        return at.account
+
+    assert await first.submit(spent_on_a) == "b"
+    assert await second.submit(_name) == "b"  # not a 60 s wait for "a"
+    out = [e for e in events if isinstance(e, AccountOut)]
+    assert [e.account for e in out] == ["a"]
+    assert "another process" in out[0].reason
+
+    async def spent_everywhere(at: Served) -> str:
+        raise spent()
+
+    with pytest.raises(PoolExhaustedError):
+        await first.submit(spent_everywhere)
+    with pytest.raises(PoolExhaustedError) as raised:
+        await second.admit(timeout=5)
+    assert set(raised.value.out) == {"a", "b"}
+    assert 0 < raised.value.retry_after_s <= 60
+    clock.advance(61)
+    assert await second.submit(_name) == "a"
+
+
+@pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py runs on asyncio
+async def test_an_account_out_is_known_through_redis(
+    anyio_backend: str, redis_server: RedisServer
+) -> None:
+    """The same through a real redis-server: the second process learns from the store's
+    refusal that the account is out, not merely paused."""
+    from ratekit.backends.redis import RedisBackend
+
+    clock = FakeClock()
+    namespace = f"pool-{uuid.uuid4().hex}"
+    stores = [
+        {
+            name: RedisBackend(redis_server.url, namespace=f"{namespace}-{name}", server_time=False)
+            for name in ("a", "b")
+        }
+        for _ in range(2)
+    ]
+    try:
+        first, second = (pods_on(clock, dict(backends), out_s=60) for backends in stores)
+
+        async def spent_on_a(at: Served) -> str:
+            if at.account == "a":
+                raise spent()
+            return at.account
+
+        assert await first.submit(spent_on_a) == "b"
+        assert await second.submit(_name) == "b"
+        assert second.statistics().accounts["a"].out_for_s > 50
+    finally:
+        for backends in stores:
+            for backend in backends.values():
+                await backend.aclose()
+
+
+async def test_an_account_back_from_out_takes_one_call_until_it_answers() -> None:
+    """After out_s, one call (a probe) goes to the account; the others go elsewhere while
+    it is answered. A probe refused again keeps the account out for another out_s; one
+    answered brings it back in full."""
+    clock = FakeClock()
+    pool, _ = pool_of(clock, {"a": 100, "b": 100}, out_s=60)
+    sent: list[str] = []
+    quota_back = False
+
+    async def call(at: Served) -> str:
+        sent.append(at.account)
+        await clock.wait(anyio.Event(), 1)
+        if at.account == "a" and not quota_back:
+            raise spent()
+        return at.account
+
+    async def burst() -> None:
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(pool.submit, call)
+            await run_clock(clock, 5, step_s=0.5)
+
+    await burst()  # a: spent, out; its calls go to b
+    assert pool.statistics().accounts["a"].out_for_s > 50
+    clock.advance(61)
+    sent.clear()
+    await burst()
+    assert sent.count("a") == 1  # the probe alone, refused again
+    assert pool.statistics().accounts["a"].out_for_s > 50
+    clock.advance(61)
+    quota_back = True
+    sent.clear()
+    await burst()
+    assert sent.count("a") == 1
+    assert sent.count("b") == 4  # b took the others meanwhile
+    sent.clear()
+    await burst()
+    assert sent.count("a") == 5  # back in full: first in order again
 
 
 async def test_a_model_goes_only_to_the_accounts_that_serve_it() -> None:

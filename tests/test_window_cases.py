@@ -68,7 +68,7 @@ async def run_case(case: Case, backend: Backend, clock: FakeClock) -> None:
         elif isinstance(step, Refund):
             await backend.settle(case.limits, grants[step.grant], None, now)
         elif isinstance(step, Pause):
-            lasts_s = await backend.pause(step.seconds, now)
+            lasts_s = await backend.pause(step.seconds, now, out=step.out)
             assert lasts_s == pytest.approx(step.lasts_s, abs=1e-6), where
         elif isinstance(step, Used):
             stats = {d.name: d for d in await backend.statistics(case.limits, now)}

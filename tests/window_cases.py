@@ -12,8 +12,9 @@ Steps:
   helps) on that dimension.
 - ``Settle(t, grant, tokens, cost)``: the call's real usage; ``Refund(t, grant)``.
 - ``Used(t, dimension, amount, in_flight)``: what the statistics say.
-- ``Pause(t, seconds, lasts_s)``: a provider's cooldown; the pause then in force
-  lasts `lasts_s` (a longer one already in force stands).
+- ``Pause(t, seconds, lasts_s, out=False)``: a provider's cooldown (with `out`: the
+  account taken out, its quota spent); the pause then in force lasts `lasts_s` (a
+  longer one already in force stands).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class Pause:
     t: float
     seconds: float
     lasts_s: float
+    out: bool = False
 
 
 Step = Reserve | Settle | Refund | Used | Pause
@@ -288,6 +290,23 @@ CASES: list[Case] = [
             Pause(3.0, 5.0, lasts_s=28.0),
             Reserve(30.999, wait_s=0.001, dimension="cooldown"),
             Reserve(31.0, "b"),
+        ],
+    ),
+    Case(
+        "out: a spent quota's pause names the dimension out until a longer pause stands",
+        Limits(rpm=100),
+        [
+            Pause(0.0, 300.0, lasts_s=300.0, out=True),
+            Reserve(1.0, wait_s=299.0, dimension="out"),
+            # A 429's shorter cooldown leaves the account out.
+            Pause(2.0, 5.0, lasts_s=298.0),
+            Reserve(3.0, wait_s=297.0, dimension="out"),
+            # A longer cooldown stands, and is a cooldown.
+            Pause(4.0, 400.0, lasts_s=400.0),
+            Reserve(5.0, wait_s=399.0, dimension="cooldown"),
+            Pause(6.0, 500.0, lasts_s=500.0, out=True),
+            Reserve(7.0, wait_s=499.0, dimension="out"),
+            Reserve(506.0, "a"),
         ],
     ),
 ]

@@ -75,13 +75,18 @@ class Demand(NamedTuple):
         return self.cost
 
 
+# The dimension a refusal names while the account is taken out (see `Backend.pause`).
+OUT = "out"
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """The backend did not admit; nothing was taken.
 
     `wait_s` is the earliest time from the refusal at which the same demand could
     fit (`inf` when only a release or a settle can make room). `dimension` names
-    the rate or "concurrency" that binds longest.
+    the rate or "concurrency" that binds longest, or "cooldown" or "out" (`OUT`)
+    during a pause.
     """
 
     wait_s: float
@@ -172,11 +177,13 @@ class Backend(Protocol):
         """Usage of every dimension of `limits` now."""
         ...
 
-    async def pause(self, seconds: float, now: Instant) -> float:
+    async def pause(self, seconds: float, now: Instant, *, out: bool = False) -> float:
         """Refuse every admission for `seconds` from now (a provider's cooldown after a 429).
 
         A longer pause already in force stands. Returns the seconds the pause lasts
-        from now. Refusals during it name the dimension "cooldown".
+        from now. Refusals during it name the dimension "cooldown", or "out" when the
+        pause that ends last was made with `out` (the account's quota or balance is
+        spent: a pool takes it out, and every process sharing the backend sees why).
         """
         ...
 

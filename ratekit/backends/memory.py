@@ -10,6 +10,7 @@ from .._limits import UNITS, Limits
 from .._window import CalendarWindow, Window, new_window
 from ._base import (
     HELD_SAFE,
+    OUT,
     RECORDED,
     UNIT_POSITION,
     Demand,
@@ -71,7 +72,7 @@ class MemoryBackend:
     seconds; `wall`: Unix seconds, read only for calendar-day windows).
     """
 
-    __slots__ = ("_binding", "_in_flight", "_listeners", "_paused_until", "_windows")
+    __slots__ = ("_binding", "_in_flight", "_listeners", "_out", "_paused_until", "_windows")
 
     def __init__(self) -> None:
         # Every window ever bound, by (unit, period, calendar zone, slices).
@@ -85,6 +86,8 @@ class MemoryBackend:
         self._listeners = Listeners()
         # Until when every admission is refused (a provider's 429 cooldown).
         self._paused_until = -math.inf
+        # Whether that pause is an account taken out (its quota spent), not a cooldown.
+        self._out = False
 
     def _bind(self, limits: Limits) -> _Binding:
         binding = self._binding
@@ -118,7 +121,7 @@ class MemoryBackend:
         if binding.calendars:
             self._sync_calendars(binding, now, wall)
         if now < self._paused_until:
-            return Refusal(self._paused_until - now, "cooldown")
+            return Refusal(self._paused_until - now, OUT if self._out else "cooldown")
         if binding.concurrency is not None and self._in_flight >= binding.concurrency:
             return Refusal(math.inf, "concurrency")
         takes = binding.takes
@@ -243,15 +246,17 @@ class MemoryBackend:
         """Slices kept over every window: memory is O(slices) whatever the traffic."""
         return sum(window.live_slices() for window in self._windows.values())
 
-    def pause_now(self, seconds: float, now: float) -> float:
+    def pause_now(self, seconds: float, now: float, *, out: bool = False) -> float:
         """`pause` at an explicit instant."""
-        self._paused_until = max(self._paused_until, now + seconds)
+        if now + seconds > self._paused_until:
+            self._paused_until = now + seconds
+            self._out = out
         return self._paused_until - now
 
     # -- the Backend protocol ----------------------------------------------------
 
-    async def pause(self, seconds: float, now: Instant) -> float:
-        return self.pause_now(seconds, now.mono)
+    async def pause(self, seconds: float, now: Instant, *, out: bool = False) -> float:
+        return self.pause_now(seconds, now.mono, out=out)
 
     async def reserve(self, limits: Limits, demand: Demand, now: Instant) -> MemoryGrant | Refusal:
         return self.reserve_now(limits, demand, now.mono, now.wall)

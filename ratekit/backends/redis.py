@@ -78,6 +78,7 @@ from .._errors import (
 )
 from .._limits import Limits, Rate
 from ._base import (
+    OUT,
     TENANT_PREFIX,
     UNIT_POSITION,
     Demand,
@@ -126,6 +127,8 @@ _MAX_PENDING = 10_000
 _LEASE_TTL_RANGE_S = (0.01, 1e6)
 _COMMAND_TIMEOUT_RANGE_S = (0.001, 3600.0)
 _MAX_PAUSE_S = 1e7
+# A reserve's dimension while the account is taken out (see pause.lua).
+_OUT_REPLIES = (b"out", "out")
 # How far from the client's wall clock a calendar day's transition is looked for, and
 # how long one lookup serves (the server's clock may differ from the client's).
 _TRANSITION_SEARCH_S = 2 * 86400.0
@@ -1323,7 +1326,10 @@ class RedisBackend:
         self._start(renew=leased)
         if len(admitted) == len(demands):
             return grants, None
-        dimension = int(reply[at + 1])
+        raw = reply[at + 1]
+        if raw in _OUT_REPLIES:
+            return grants, Refusal(float(reply[at]), OUT)
+        dimension = int(raw)
         if dimension <= -2:
             assert parts is not None, "only a tenant's own limits refuse below -1"
             refused = parts[len(admitted)]
@@ -1624,7 +1630,7 @@ class RedisBackend:
             stats.append(DimensionStatistics(rate.name, rate.unit, rate.limit, used, held))
         return tuple(stats)
 
-    async def pause(self, seconds: float, now: Instant) -> float:
+    async def pause(self, seconds: float, now: Instant, *, out: bool = False) -> float:
         """Refuse every admission of the account for `seconds` (at most 1e7) from now;
         while Redis is down, in this process only."""
         self._enter(now)
@@ -1639,7 +1645,12 @@ class RedisBackend:
         link = self._link
         command = PAUSE.evalsha(
             _account_keys(self._prefix),
-            [self._clock_arg(now), str(self._key_ttl_ms()), repr(float(seconds))],
+            [
+                self._clock_arg(now),
+                str(self._key_ttl_ms()),
+                repr(float(seconds)),
+                "1" if out else "0",
+            ],
         )
         try:
             reply = await link.call(command, PAUSE, abortable=True)
@@ -1647,7 +1658,7 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            return self._fallback.pause_now(float(seconds), now.mono)
+            return self._fallback.pause_now(float(seconds), now.mono, out=out)
         link.mark_up()
         return float(reply)
 

@@ -161,8 +161,10 @@ class _PoolCreate:
             tries += 1
             try:
                 if streamed:
-                    return await create._open(sent, plan, None, hide_usage, served.admission)
-                answer = await create._call(sent, plan, None, served.admission)
+                    # Opened: the account answered (its stream settles the admission).
+                    answer = await create._open(sent, plan, None, hide_usage, served.admission)
+                else:
+                    answer = await create._call(sent, plan, None, served.admission)
             except Exception as error:
                 # The account's scheduler has ended the admission and answered a 429.
                 await pool.answered(served, error)

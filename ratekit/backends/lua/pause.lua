@@ -1,18 +1,22 @@
--- pause: refuse every admission of the account until a provider's cooldown ends.
--- A longer pause already in force stands.
+-- pause: refuse every admission of the account until a provider's cooldown ends, or
+-- until an account taken out (its quota or balance spent) is tried again. A longer
+-- pause already in force stands, and says which of the two it is.
 --
 -- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
--- ARGV[3]      the cooldown (s)
+-- ARGV[3]      the pause (s)
+-- ARGV[4]      "1": the account is out (reserve names the dimension "out"), "0": a
+--              cooldown
 -- Returns the seconds the pause lasts from now.
 
-read(ACCOUNT, {'raw', 'off', 'ex', 'lex', 'nl', 'cool'})
+read(ACCOUNT, {'raw', 'off', 'ex', 'lex', 'nl', 'cool', 'out'})
 local now = clock(ARGV[1])
 local until_s = now + tonumber(ARGV[3])
 local known = num(ACCOUNT, 'cool') or 0
 if until_s > known then
   put(ACCOUNT, 'cool', until_s)
+  put(ACCOUNT, 'out', tonumber(ARGV[4]))
   known = until_s
 end
 -- The state outlives the cooldown: its instant is on the account's clock.

@@ -21,7 +21,8 @@
 -- Returns {k, now, then for each of the k demands admitted the slice index per window
 --         (the account's n, then its tenant's), then, when k is less than the demands,
 --         wait (s) and dimension of the first one refused}: dimension 0 is
---         concurrency, i window i, -1 the cooldown; -2 its tenant's concurrency, -2 - i
+--         concurrency, i window i, -1 the cooldown ("out" for an account taken out,
+--         see pause.lua); -2 its tenant's concurrency, -2 - i
 --         its tenant's window i. A tenant's own limits are checked first: a demand
 --         they refuse is refused by them, whatever the account says.
 --         A wait that only a release can end is bounded by the oldest lease (the
@@ -157,7 +158,9 @@ for j = 1, #demands do
     end
   end
   if paused_until then
-    return answer(refuse(reply, paused_until - now, -1, ACCOUNT))
+    -- "out": the pause is an account taken out, not a cooldown (see pause.lua).
+    local paused = num(ACCOUNT, 'out') == 1 and 'out' or -1
+    return answer(refuse(reply, paused_until - now, paused, ACCOUNT))
   end
   local wait, dimension = check(demand, cap, in_flight, windows)
   if dimension ~= -1 and not reclaimed then

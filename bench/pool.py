@@ -82,9 +82,10 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
     return {name: statistics.median(times) for name, times in results.items()}
 
 
-async def spread(callers: int) -> tuple[dict[str, Counter[int]], float]:
+async def spread(callers: int) -> tuple[dict[str, Counter[int]], float, float]:
     """Admissions per account per minute of `callers` gathered callers through a pool of
-    accounts of 60, 120 and 180 rpm on a fake clock, and admissions per real second."""
+    accounts of 60, 120 and 180 rpm on a fake clock, admissions per real second, and the
+    accounts asked per admitted call (each ask a round trip on Redis)."""
     import ratekit
     from ratekit.testing import FakeClock
 
@@ -115,7 +116,9 @@ async def spread(callers: int) -> tuple[dict[str, Counter[int]], float]:
             await anyio.wait_all_tasks_blocked()
             clock.advance(1)
     elapsed = time.perf_counter() - began
-    return minutes, callers / elapsed
+    accounts = pool.statistics().accounts.values()
+    asks = sum(a.admitted + a.refused for a in accounts) / sum(a.admitted for a in accounts)
+    return minutes, callers / elapsed, asks
 
 
 def main() -> None:
@@ -134,7 +137,7 @@ def main() -> None:
     for name, us in results.items():
         print(f"{name:<32} {us:>8.2f} {us / reference:>12.2f}x {us / alone:>9.2f}x")
 
-    minutes, rate = asyncio.run(spread(args.callers))
+    minutes, rate, asks = asyncio.run(spread(args.callers))
     rpms = {"small": 60, "medium": 120, "large": 180}
     print(f"\n{args.callers:,} gathered callers through accounts of 60, 120 and 180 rpm")
     print(f"{'account':<8} {'rpm':>5} {'admitted':>9} {'most in a minute':>17}")
@@ -142,6 +145,7 @@ def main() -> None:
         most = max(counts.values(), default=0)
         print(f"{name:<8} {rpms[name]:>5} {sum(counts.values()):>9,} {most:>17}")
     print(f"the pool's queue admitted {rate:,.0f} calls per real second (fake clock)")
+    print(f"accounts asked per admitted call: {asks:.3f} (each ask one round trip on Redis)")
 
 
 if __name__ == "__main__":

@@ -184,12 +184,14 @@ class Served:
 class AccountStatistics:
     """One account of a pool: calls it was given, its rate-limit answers (429, 529), the
     times a spent quota or balance took it out, and, when it is out, for how many more
-    seconds."""
+    seconds. `refused` counts the asks it refused (each a round trip to a shared
+    store): asks per call are ``(admitted + refused) / admitted``."""
 
     admitted: int
     rate_limited: int
     exhausted: int
     out_for_s: float
+    refused: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,10 +213,12 @@ class _Account:
         "probe",
         "probing",
         "rate_limited",
+        "refused",
     )
 
     def __init__(self) -> None:
         self.admitted = 0
+        self.refused = 0
         self.rate_limited = 0
         self.exhausted = 0
         self.out_until_s = -math.inf
@@ -592,6 +596,8 @@ class Pool:
                 # may serve the call.
                 failed.append(error)
                 continue
+            if not isinstance(outcome, Admission):
+                state.refused += 1
             if outcome is None:
                 # Callers of the account's own scheduler wait there and go first; no
                 # instant is known: look again soon.
@@ -792,6 +798,7 @@ class Pool:
                 rate_limited=state.rate_limited,
                 exhausted=state.exhausted,
                 out_for_s=max(state.out_until_s - now, 0.0),
+                refused=state.refused,
             )
             for name, state in self._state.items()
         }

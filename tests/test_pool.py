@@ -484,6 +484,9 @@ async def test_an_account_that_refused_is_asked_again_only_when_it_can_admit() -
     names = [await pool.submit(_name) for _ in range(6)]
     assert names == ["small"] + ["large"] * 5
     assert asked == {"small": 2, "large": 5}  # refused once, then skipped until it fits
+    accounts = pool.statistics().accounts
+    assert (accounts["small"].admitted, accounts["small"].refused) == (1, 1)
+    assert (accounts["large"].admitted, accounts["large"].refused) == (5, 0)
     clock.advance(62)  # its window (60 s, 1 s slices, the 20 ms margin) has passed
     assert await pool.submit(_name) == "small"
     assert asked["small"] == 3

@@ -194,6 +194,47 @@ async def test_an_account_whose_quota_is_spent_is_left_within_one_call(
     assert pooled >= 0.9
 
 
+async def test_four_processes_leave_a_spent_account_together(
+    accounts: Accounts, redis_server: RedisServer
+) -> None:
+    """The spent quota mid-run with the pool in four client processes on Redis: the one
+    that hears "insufficient quota" first takes the account out in the store, and the
+    others learn it there on their next ask: only calls already under way when it came
+    back reach the account, the run completes with no error and no 429, and the other
+    two keep their own rates."""
+    spent = accounts.providers["kimi-b"]
+    marks: list[int] = []
+
+    async def spend_later() -> None:
+        # Past the first window's burst (180 at once), in the steady state.
+        while sum(accounts.served().values()) < 250:  # noqa: ASYNC110 (a provider to watch)
+            await anyio.sleep(0.02)
+        marks.append(len(spent.calls))
+        spent.spend_quota()
+
+    run = accounts.workload(450, redis_url=redis_server.url, namespace=f"pool-{uuid.uuid4()}")
+    async with anyio.create_task_group() as group:
+        group.start_soon(spend_later)
+        outcomes = await Fleet(run, 4).run()
+    (served_before,) = marks
+    total = Outcome.merged(outcomes)
+    refused = spent.statistics().rejected.get("quota", 0)
+    shares = {name: accounts.used(name) for name in ("kimi-a", "relay")}
+    pooled = accounts.pooled(("kimi-a", "relay"))
+    print(
+        f"\n4 processes: {refused} calls reached the spent account after its quota was spent;"
+        f" then {pooled:.1%} of the other two's sum, each {shares}"
+    )
+    assert [outcome.errors for outcome in outcomes] == [[]] * 4
+    assert total.results == 450
+    assert 1 <= refused <= 20  # those under way; without the take-out, a third of the rest
+    assert total.rate_limited == refused  # the spent answers (429s) alone
+    assert len(spent.calls) == served_before
+    for name in ("kimi-a", "relay"):
+        assert accounts.providers[name].statistics().rejected == {}, name
+    assert pooled >= 0.9
+
+
 async def test_an_account_answering_429_is_avoided_within_one_call(
     accounts: Accounts,
 ) -> None:

@@ -658,6 +658,9 @@ class Pool:
         try:
             # First: nothing below can keep the capacity.
             await served.member.scheduler.finish(served.admission, error, model=served.model)
+        except BaseException:
+            self._probe_ended(served)  # not answered: the next call probes
+            raise
         finally:
             self._notify((served.account, served.model))
         await self.answered(served, error)
@@ -668,23 +671,29 @@ class Pool:
         rate-limit answer, and take the account out on a spent quota."""
         member = served.member
         state = self._state[member.name]
-        probe = state.probe is served.admission
-        if probe:
-            state.probe = None
         cancelled = isinstance(error, anyio.get_cancelled_exc_class())
         signal = None if error is None or cancelled else member.scheduler._signal(error)
         spent = (
             signal is not None and not signal.retryable and not getattr(signal, "overloaded", False)
         )
-        if probe:
-            if not spent and not cancelled:
-                state.probing = False  # the account answered: back in full
-            self._notify((member.name, served.model))  # the heads that waited for it
+        self._probe_ended(served, back=not spent and not cancelled)
         if signal is not None and not spent:
             state.rate_limited += 1
         if signal is not None and spent:
             with anyio.CancelScope(shield=True):
                 await self._take_out(member, served.model, signal.message or "quota spent")
+
+    def _probe_ended(self, served: Served, *, back: bool = False) -> None:
+        """A call ends without an answer the pool must act on (cancelled, say): if it was
+        the probe of an account back from out, the next call probes instead (with
+        `back`, the account answered and is back in full), and the callers that waited
+        for it look again. Synchronous: safe in a cancelled task."""
+        state = self._state[served.member.name]
+        if state.probe is served.admission:
+            state.probe = None
+            if back:
+                state.probing = False
+            self._notify((served.member.name, served.model))
 
     def client(self, *, priority: int = 0, timeout: float | None = None) -> Any:
         """One SDK client for the whole pool: every call of ``chat.completions.create``

@@ -254,6 +254,40 @@ async def test_an_account_answering_429_is_avoided_within_one_call(
     assert accounts.served() == {"kimi-a": 0, "kimi-b": 20, "relay": 0}
 
 
+async def test_a_cancelled_probe_hands_the_probe_to_the_next_call() -> None:
+    """An account back from out takes one call first (a probe); when that call is
+    cancelled mid-request through the pool's client, the next call probes the account
+    instead of the account being skipped for good."""
+    from ratekit import Account, Pool, Scheduler
+    from ratekit.pools import Member
+
+    async with AsyncExitStack() as stack:
+        slow = await stack.enter_async_context(MockProvider(Limits(rpm=600), latency_s=2.0))
+        other = await stack.enter_async_context(MockProvider(Limits(rpm=600)))
+        members = {
+            name: Member(
+                Scheduler(Account("moonshot", tier="tier1", rpm=600, tpm=None, tpd=None)),
+                openai.AsyncOpenAI(base_url=provider.base_url, api_key="test"),
+            )
+            for name, provider in (("slow", slow), ("other", other))
+        }
+        pool = Pool(members, out_s=0.5)
+        client = await stack.enter_async_context(pool.client())
+
+        async def ask() -> None:
+            await client.chat.completions.create(model="kimi-k2", messages=MESSAGES, max_tokens=8)
+
+        slow.spend_quota()
+        await ask()  # "slow" answers its spent quota: out; "other" serves the call
+        slow.spend_quota(False)
+        await anyio.sleep(0.6)
+        with anyio.move_on_after(0.3):
+            await ask()  # the probe, cancelled while "slow" takes its 2 s
+        await ask()  # the next call probes "slow" (the first asked), and brings it back
+        assert len(other.calls) == 1  # the first call alone: not this one
+        assert slow.calls[-1].completed
+
+
 async def test_a_copy_of_the_pool_client_stays_behind_the_pool(accounts: Accounts) -> None:
     """``with_options(...)`` of a pool's client applies to every account's client and keeps
     the pool choosing: calls beyond the first account's rpm go to the next one, never

@@ -165,7 +165,10 @@ class _PoolCreate:
                     answer = await create._open(sent, plan, None, hide_usage, served.admission)
                 else:
                     answer = await create._call(sent, plan, None, served.admission)
-            except Exception as error:
+            except BaseException as error:
+                if not isinstance(error, Exception):
+                    pool._probe_ended(served)  # cancelled: a probe there is given up
+                    raise
                 # The account's scheduler has ended the admission and answered a 429.
                 await pool.answered(served, error)
                 last = error

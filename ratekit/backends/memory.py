@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from .._clock import Instant
 from .._limits import UNITS, Limits
-from .._window import CalendarWindow, Window, new_window
+from .._window import CalendarWindow, FastPlan, SlicedWindow, Window, new_window
 from ._base import (
     HELD_SAFE,
     OUT,
@@ -29,7 +29,7 @@ _TOKENS = UNIT_POSITION["tokens"]
 class _Binding:
     """The windows that enforce one `Limits` value, in the order of `limits.all_rates`."""
 
-    __slots__ = ("calendars", "concurrency", "limits", "slotless", "takes")
+    __slots__ = ("calendars", "concurrency", "limits", "plan", "slotless", "takes")
 
     def __init__(self, limits: Limits, windows: list[Window]) -> None:
         self.limits = limits
@@ -43,23 +43,65 @@ class _Binding:
         self.slotless = takes_no_slot(limits)
         # Calendar-day windows: told the wall clock before each use.
         self.calendars = [window for window in windows if isinstance(window, CalendarWindow)]
+        # The uncontended path (None: a calendar day or pacing, which take the general one).
+        self.plan = self._plan()
+
+    def _plan(self) -> FastPlan | None:
+        recorded: list[tuple[SlicedWindow, int]] = []
+        held: list[tuple[SlicedWindow, int, bool]] = []
+        for window, position, kind in self.takes:
+            if not isinstance(window, SlicedWindow) or window.pacing:
+                return None
+            if kind == RECORDED:
+                recorded.append((window, position))
+            else:
+                held.append((window, position, kind == HELD_SAFE))
+        return FastPlan(recorded, held)
 
 
 class MemoryGrant:
     """What one admission took.
 
     `entries` holds, per window it touched: (window, unit position, kind, slice
-    index, amount).
+    index, amount). A grant of the uncontended path (`FastPlan`) keeps only its
+    admission instant, demand and binding, from which `entries` is derived the
+    first time it is needed: the same tuples the general path would have kept.
     """
 
-    __slots__ = ("entries", "settled", "slot")
+    __slots__ = ("_entries", "admitted_s", "binding", "demand", "settled", "slot")
 
-    def __init__(self, entries: list[tuple[Window, int, int, int, float]], slot: bool) -> None:
-        self.entries = entries
+    def __init__(
+        self,
+        entries: list[tuple[Window, int, int, int, float]] | None,
+        slot: bool,
+        admitted_s: float = math.nan,
+        demand: Demand | None = None,
+        binding: _Binding | None = None,
+    ) -> None:
+        self._entries = entries
         # Settled or refunded: a second settle of the same grant changes nothing.
         self.settled = False
         # Whether it counts as a call in flight (see `takes_no_slot`).
         self.slot = slot
+        # For a grant of the uncontended path (`entries` None until derived): when it
+        # was admitted, what it took, and the windows it took from.
+        self.admitted_s = admitted_s
+        self.demand = demand
+        self.binding = binding
+
+    @property
+    def entries(self) -> list[tuple[Window, int, int, int, float]]:
+        entries = self._entries
+        if entries is None:
+            binding, demand, now = self.binding, self.demand, self.admitted_s
+            assert binding is not None, "a grant of the uncontended path"
+            assert demand is not None, "a grant of the uncontended path"
+            entries = self._entries = [
+                (window, position, kind, window.slice_index(now), demand[position])
+                for window, position, kind in binding.takes
+                if demand[position] or kind != RECORDED
+            ]
+        return entries
 
 
 class MemoryBackend:
@@ -118,6 +160,17 @@ class MemoryBackend:
         binding = self._binding
         if binding is None or binding.limits is not limits:
             binding = self._bind(limits)
+        plan = binding.plan
+        if (
+            plan is not None
+            and now >= self._paused_until
+            and (binding.concurrency is None or self._in_flight < binding.concurrency)
+            and plan.admit(now, demand)
+        ):
+            if binding.slotless:
+                return MemoryGrant(None, False, now, demand, binding)
+            self._in_flight += 1
+            return MemoryGrant(None, True, now, demand, binding)
         if binding.calendars:
             self._sync_calendars(binding, now, wall)
         if now < self._paused_until:
@@ -166,6 +219,27 @@ class MemoryBackend:
         """`settle` at an explicit instant; only the first settle of a grant counts."""
         if grant.settled:
             return
+        binding = grant.binding
+        if (
+            binding is self._binding
+            and grant._entries is None
+            and actual is not None
+            and actual[3] != actual[3]
+        ):
+            # A grant of the uncontended path under the limits bound now (no other
+            # limits changed its windows since), with no count by the provider
+            # (`counted` NaN).
+            assert binding is not None, "a grant of the uncontended path"
+            plan, demand = binding.plan, grant.demand
+            assert plan is not None, "a grant of the uncontended path"
+            assert demand is not None, "a grant of the uncontended path"
+            if not plan.held or plan.settle(grant.admitted_s, now, demand, actual):
+                grant.settled = True
+                if grant.slot:
+                    self._in_flight -= 1
+                if self._listeners:
+                    self._listeners.notify()
+                return
         grant.settled = True
         binding = self._binding
         if binding is not None and binding.calendars and not math.isnan(wall):

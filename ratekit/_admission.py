@@ -181,12 +181,20 @@ class Admission:
     async def __aenter__(self) -> Admission:
         # The uncontended in-memory path admits without suspending (the call inside
         # the block is where the task yields); anything else waits in the limiter.
-        self._start()
+        # `_start` and `_try_now`, inlined: this is the hot path of every call.
+        if self._state != _NEW:
+            self._start()  # raises
+        self._state = _ACQUIRING
         if self._timeout is None:
-            tried = self._try_now()
-            if tried is True:
-                return self
-            return await self._acquire(tried)
+            outcome = self._limiter._reserve_now(self._demand, self.tenant)
+            if outcome is None:
+                return await self._acquire(False)
+            if outcome.__class__ is Refusal:
+                assert isinstance(outcome, Refusal)
+                return await self._acquire(outcome)
+            self._grant = outcome
+            self._state = _GRANTED
+            return self
         return await self._acquire(False)
 
     async def __aexit__(
@@ -195,13 +203,20 @@ class Admission:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        # `release`, without its two nested coroutines when the end is synchronous.
-        if self._state == _ENDED:
+        # `release`, without its two nested coroutines when the end is synchronous
+        # (and `_end_here` inlined).
+        state = self._state
+        if state == _ENDED:
             return
         actual = self._actual or self._demand
-        grant = self._end_here(actual)
-        if grant is not None:
-            await self._limiter._settle(grant, actual)
+        if state != _GRANTED:
+            self._end_here(actual)  # raises
+        self._state = _ENDED
+        grant = self._grant
+        self._grant = None
+        limiter = self._limiter
+        if not limiter._settle_now(grant, actual):
+            await limiter._settle(grant, actual)
 
     # -- holding ---------------------------------------------------------------------
 

@@ -7,6 +7,7 @@ import contextlib
 import itertools
 import logging
 import math
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,6 +183,7 @@ class Limiter:
         "_limits",
         "_local",
         "_loop",
+        "_now",
         "_queue",
         "_shared_tenants",
         "_stall_warned_s",
@@ -217,6 +219,8 @@ class Limiter:
         elif not all(callable(getattr(clock, name, None)) for name in ("now", "wall", "wait")):
             raise InvalidArgumentError(f"Limiter: clock must be a ratekit Clock, got {clock!r}")
         self._clock: Clock = clock
+        # `clock.now`; the system clock's own reading without its method's frame.
+        self._now: Callable[[], float] = time.monotonic if type(clock) is SystemClock else clock.now
         self._backend: Backend = backend
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
@@ -335,9 +339,13 @@ class Limiter:
         wait (higher first). `tenant` names the tenant whose share it takes (a limiter
         built with `tenants`; `InvalidArgumentError` otherwise).
         """
+        demand = None
+        if requests.__class__ is int and tokens.__class__ is int and cost.__class__ is int:
+            # `_demand`'s first look, inlined: most calls ask for amounts seen before.
+            demand = self._demands.get((requests, tokens, cost))
         return Admission(
             self,
-            self._demand(requests, tokens, cost),
+            self._demand(requests, tokens, cost) if demand is None else demand,
             None if timeout is None else check_timeout(timeout),
             priority if priority.__class__ is int else check_priority(priority),
             None if tenant is None else self._check_tenant(tenant),
@@ -436,11 +444,10 @@ class Limiter:
             return None
         if self._loop is None:
             self._loop = _Loop.current()
-        clock = self._clock
-        wall = clock.wall() if self._calendar else math.nan
+        wall = self._clock.wall() if self._calendar else math.nan
         if tenant is not None:
-            return self._reserve_both(local, demand, tenant, clock.now(), wall)
-        return local.reserve_now(self._limits, demand, clock.now(), wall)
+            return self._reserve_both(local, demand, tenant, self._now(), wall)
+        return local.reserve_now(self._limits, demand, self._now(), wall)
 
     def _reserve_both(
         self, local: InProcess, demand: Demand, tenant: str, now: float, wall: float
@@ -768,9 +775,8 @@ class Limiter:
         local = self._local
         if local is None:
             return False
-        clock = self._clock
-        now = clock.now()
-        wall = clock.wall() if self._calendar else math.nan
+        now = self._now()
+        wall = self._clock.wall() if self._calendar else math.nan
         if grant.__class__ is TenantGrant:
             assert isinstance(grant, TenantGrant)
             Tenants.settle_now(grant, actual, now, wall)

@@ -260,12 +260,16 @@ class Admission:
         if self._actual is not None:
             raise PermitError("this admission is already settled")
         estimate = self._demand
+        if tokens is None:
+            tokens = estimate[1]
+        elif tokens.__class__ is not int or not 0 <= tokens <= MAX_AMOUNT:
+            tokens = _amount("settle tokens", tokens)  # `_amount`'s common case inlined
         # A tuple built directly: the generated constructor of a Demand is slower.
         self._actual = tuple.__new__(
             Demand,
             (
                 estimate[0],
-                estimate[1] if tokens is None else _amount("settle tokens", tokens),
+                tokens,
                 estimate[2] if cost is None else _amount("settle cost", cost),
                 math.nan
                 if counted_tokens is None

@@ -576,7 +576,7 @@ class Limiter:
             finally:
                 self._leave(waiter)
             if fair is not None:
-                fair.served(ticket, idle=not queue)
+                fair.served(ticket)
             return grant
 
     def _mark(self, tenant: str | None) -> Mark | None:

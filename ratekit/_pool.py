@@ -202,6 +202,10 @@ class PoolStatistics:
     waiting: int = 0
 
 
+# An account's probe while the ask that claimed it awaits its store (see `Pool._try`).
+_CLAIMED: Any = object()
+
+
 class _Account:
     """What the pool knows of one account besides its scheduler."""
 
@@ -226,7 +230,7 @@ class _Account:
         # Once back from out: one call (`probe`, until it is answered) goes there, and
         # the rest only after that call was not refused for a spent quota.
         self.probing = False
-        self.probe: Admission | None = None
+        self.probe: Admission | None = None  # or _CLAIMED while its ask is under way
 
 
 def _quiet(client: Any) -> Any:
@@ -587,17 +591,29 @@ class Pool:
                 # the heads at once.
                 watch = self._watched[id(limiter)] = _Freed(self, (member.name, own))
                 limiter.backend.subscribe(watch.freed)
+            # Back from out: this ask claims the one probe before its round trip, so that
+            # the callers asking meanwhile pass the account over.
+            claimed = state.probing
+            if claimed:
+                state.probe = _CLAIMED
             try:
                 outcome = await member.scheduler.offer(
                     tokens=tokens, cost=cost, model=own, tenant=tenant
                 )
-            except (CostExceedsLimitError, BackendUnavailableError) as error:
+            except BaseException as error:
+                if claimed:
+                    self._unclaim(member.name, own)
+                if not isinstance(error, CostExceedsLimitError | BackendUnavailableError):
+                    raise
                 # Too large for this account's limits, or its store is down: the others
                 # may serve the call.
                 failed.append(error)
                 continue
             if not isinstance(outcome, Admission):
-                state.refused += 1
+                if claimed:
+                    self._unclaim(member.name, own)
+                if outcome is not None:
+                    state.refused += 1
             if outcome is None:
                 # Callers of the account's own scheduler wait there and go first; no
                 # instant is known: look again soon.
@@ -605,13 +621,15 @@ class Pool:
                     best_s, best = _BUSY_S, f"{member.name}: its own queue"
                 continue
             if isinstance(outcome, Admission):
-                if state.probing:
+                if claimed:
                     state.probe = outcome
                 return Served(member, own, outcome, self._clients[member.name])
             if isinstance(outcome, Refusal):
                 if outcome.dimension == OUT:
-                    # Taken out by another process (its quota was spent there): out here too.
-                    self._out(member, outcome.wait_s, "quota spent (seen by another process)")
+                    # Taken out by another process (its quota was spent there): out here
+                    # too, told once (other asks under way meanwhile hear it as well).
+                    if state.out_until_s <= self._clock.now():
+                        self._out(member, outcome.wait_s, "quota spent (seen by another process)")
                     out += 1
                     continue
                 if tenant is None and math.isfinite(outcome.wait_s):
@@ -676,12 +694,20 @@ class Pool:
         spent = (
             signal is not None and not signal.retryable and not getattr(signal, "overloaded", False)
         )
-        self._probe_ended(served, back=not spent and not cancelled)
+        # Back in full on an answer of the provider's (a result, or a rate limit that is
+        # not a spent quota); any other failure hands the probe to the next call.
+        self._probe_ended(served, back=error is None or (signal is not None and not spent))
         if signal is not None and not spent:
             state.rate_limited += 1
         if signal is not None and spent:
             with anyio.CancelScope(shield=True):
                 await self._take_out(member, served.model, signal.message or "quota spent")
+
+    def _unclaim(self, name: str, model: str | None) -> None:
+        """The ask that claimed `name`'s probe was not admitted: the next one may probe,
+        and the callers that passed the account over look again."""
+        self._state[name].probe = None
+        self._notify((name, model))
 
     def _probe_ended(self, served: Served, *, back: bool = False) -> None:
         """A call ends without an answer the pool must act on (cancelled, say): if it was
@@ -691,7 +717,7 @@ class Pool:
         state = self._state[served.member.name]
         if state.probe is served.admission:
             state.probe = None
-            if back:
+            if back and state.out_until_s <= self._clock.now():  # not out again meanwhile
                 state.probing = False
             self._notify((served.member.name, served.model))
 

@@ -233,8 +233,10 @@ async def test_an_account_out_in_one_process_is_out_in_the_others() -> None:
 async def test_an_account_out_is_known_through_redis(
     anyio_backend: str, redis_server: RedisServer
 ) -> None:
-    """The same through a real redis-server: the second process learns from the store's
-    refusal that the account is out, not merely paused."""
+    """The same through a real redis-server, with callers asking together (each ask a
+    round trip): the second process learns from the store's refusals that the account
+    is out, not merely paused, and tells its hooks once; after out_s, one of the callers
+    arriving together probes the account, not each of them."""
     from ratekit.backends.redis import RedisBackend
 
     clock = FakeClock()
@@ -246,17 +248,35 @@ async def test_an_account_out_is_known_through_redis(
         }
         for _ in range(2)
     ]
+    sent: list[str] = []
+
+    async def spent_on_a(at: Served) -> str:
+        sent.append(at.account)
+        await anyio.sleep(0.02)
+        if at.account == "a":
+            raise spent()
+        return at.account
+
+    async def together(pool: Pool) -> None:
+        async with anyio.create_task_group() as group:
+            for _ in range(8):
+                group.start_soon(pool.submit, spent_on_a)
+
     try:
-        first, second = (pods_on(clock, dict(backends), out_s=60) for backends in stores)
-
-        async def spent_on_a(at: Served) -> str:
-            if at.account == "a":
-                raise spent()
-            return at.account
-
+        first = pods_on(clock, dict(stores[0]), out_s=60)
+        events: list[Event] = []
+        second = pods_on(clock, dict(stores[1]), out_s=60, hooks=[events.append])
         assert await first.submit(spent_on_a) == "b"
-        assert await second.submit(_name) == "b"
+        sent.clear()
+        await together(second)
+        assert sent == ["b"] * 8
+        assert [e.account for e in events if isinstance(e, AccountOut)] == ["a"]
         assert second.statistics().accounts["a"].out_for_s > 50
+        clock.advance(61)
+        sent.clear()
+        await together(second)
+        assert sent.count("a") == 1  # one probe, refused again: out for another out_s
+        assert sent.count("b") == 8
     finally:
         for backends in stores:
             for backend in backends.values():

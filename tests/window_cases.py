@@ -293,7 +293,7 @@ CASES: list[Case] = [
         ],
     ),
     Case(
-        "out: a spent quota's pause names the dimension out until a longer pause stands",
+        "out: a spent quota's pause names the dimension out while the pause lasts",
         Limits(rpm=100),
         [
             Pause(0.0, 300.0, lasts_s=300.0, out=True),
@@ -301,12 +301,23 @@ CASES: list[Case] = [
             # A 429's shorter cooldown leaves the account out.
             Pause(2.0, 5.0, lasts_s=298.0),
             Reserve(3.0, wait_s=297.0, dimension="out"),
-            # A longer cooldown stands, and is a cooldown.
+            # A longer cooldown lengthens the pause; the account is still out.
             Pause(4.0, 400.0, lasts_s=400.0),
-            Reserve(5.0, wait_s=399.0, dimension="cooldown"),
-            Pause(6.0, 500.0, lasts_s=500.0, out=True),
-            Reserve(7.0, wait_s=499.0, dimension="out"),
-            Reserve(506.0, "a"),
+            Reserve(5.0, wait_s=399.0, dimension="out"),
+            Reserve(404.0, "a"),
+            # Once that pause has ended, a cooldown is a cooldown again.
+            Pause(405.0, 5.0, lasts_s=5.0),
+            Reserve(406.0, wait_s=4.0, dimension="cooldown"),
+        ],
+    ),
+    Case(
+        "out: taken out during a longer cooldown (a spent quota's 429 with a retry-after)",
+        Limits(rpm=100),
+        [
+            Pause(0.0, 120.0, lasts_s=120.0),
+            Pause(1.0, 60.0, lasts_s=119.0, out=True),
+            Reserve(2.0, wait_s=118.0, dimension="out"),
+            Reserve(120.0, "a"),
         ],
     ),
 ]

@@ -322,9 +322,10 @@ class MemoryBackend:
 
     def pause_now(self, seconds: float, now: float, *, out: bool = False) -> float:
         """`pause` at an explicit instant."""
+        # An account out stays out while its pause lasts, however it is lengthened.
+        self._out = out or (self._out and now < self._paused_until)
         if now + seconds > self._paused_until:
             self._paused_until = now + seconds
-            self._out = out
         return self._paused_until - now
 
     # -- the Backend protocol ----------------------------------------------------

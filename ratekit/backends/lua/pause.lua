@@ -1,6 +1,7 @@
 -- pause: refuse every admission of the account until a provider's cooldown ends, or
 -- until an account taken out (its quota or balance spent) is tried again. A longer
--- pause already in force stands, and says which of the two it is.
+-- pause already in force stands; an account out stays out while its pause lasts,
+-- however that pause is lengthened.
 --
 -- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
@@ -14,9 +15,13 @@ read(ACCOUNT, {'raw', 'off', 'ex', 'lex', 'nl', 'cool', 'out'})
 local now = clock(ARGV[1])
 local until_s = now + tonumber(ARGV[3])
 local known = num(ACCOUNT, 'cool') or 0
+local was_out = num(ACCOUNT, 'out') == 1
+local out = tonumber(ARGV[4]) == 1 or (was_out and now < known)
+if out ~= was_out then
+  put(ACCOUNT, 'out', out and 1 or 0)
+end
 if until_s > known then
   put(ACCOUNT, 'cool', until_s)
-  put(ACCOUNT, 'out', tonumber(ARGV[4]))
   known = until_s
 end
 -- The state outlives the cooldown: its instant is on the account's clock.

@@ -13,6 +13,7 @@ import concurrent.futures
 import functools
 import inspect
 import time
+import weakref
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol, TypeVar
@@ -45,6 +46,16 @@ class Scheduler(Protocol):
 
     def retry_policy(self) -> dict[str, Any]: ...
 
+
+class SyncLoop(Protocol):
+    """A SyncScheduler's loop, as `on_loop` reaches it: ``run(fn, args, awaited)`` is one
+    blocking hop that its `close` ends (see `SyncScheduler`)."""
+
+    def run(self, fn: Callable[..., Any], args: tuple[Any, ...], awaited: bool) -> Any: ...
+
+
+# The loop of each SyncScheduler, by the scheduler it runs (set by the SyncScheduler).
+SYNC_LOOPS: weakref.WeakKeyDictionary[Any, SyncLoop] = weakref.WeakKeyDictionary()
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -138,6 +149,11 @@ def on_loop(scheduler: Scheduler, fn: Callable[..., Any], *args: Any, awaited: b
     function). A loop that stops meanwhile (its SyncScheduler closed) raises
     `NoEventLoopError`, not the cancellation of the loop's own tasks."""
     token = _token(scheduler)
+    # A SyncScheduler's loop: its own hop, which its close() ends whenever it lands
+    # (anyio's would wait forever for a loop that stopped before running it).
+    sync_loop = SYNC_LOOPS.get(scheduler)
+    if sync_loop is not None:
+        return sync_loop.run(fn, args, awaited)
     try:
         if awaited:
             return anyio.from_thread.run(fn, *args, token=token)

@@ -3,9 +3,9 @@
 
 The calls run in the caller's thread; everything that touches the scheduler (the
 plan's estimate, the admission, the settle, the end, the answer's headers) runs on
-the scheduler's loop, one blocking hop each (`anyio.from_thread`). The plan,
-the retries and the rules are those of the async wrapper (`_wrap`); only the
-waiting differs.
+the scheduler's loop, one blocking hop each (the `SyncScheduler`'s own, which its
+close ends with `NoEventLoopError`). The plan, the retries and the rules are those of
+the async wrapper (`_wrap`); only the waiting differs.
 """
 
 from __future__ import annotations

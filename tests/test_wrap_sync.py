@@ -280,3 +280,86 @@ def test_a_sync_call_takes_the_tenant_of_its_own_thread(
         assert run_threads(work) == []
     admitted = Counter(e.tenant for e in events if isinstance(e, ratekit.events.Admitted))
     assert admitted == {**{f"t{index}": 3 for index in range(THREADS)}, "gold": THREADS}
+
+
+def test_a_call_that_reaches_the_loop_as_it_stops_ends_with_a_typed_error() -> None:
+    """A hop onto the loop that lands while close() is stopping it (after the calls that
+    waited there were cancelled) raises NoEventLoopError: it does not wait forever for a
+    loop that will never run it. Forced: one thread holds the only slot, a second one's
+    hop waits behind the busy loop while close() begins, a third calls while the loop
+    shuts down (an async generator left open on it says when)."""
+    sync = ratekit.SyncScheduler(Account("moonshot", tier="tier1", concurrency=1))
+    assert sync.scheduler.loop_token is not None
+    loop: Any = sync.scheduler.loop_token.native_token
+    ended: dict[str, str] = {}
+    submitted: dict[str, threading.Event] = {}  # set once the thread's hop is queued, or it ended
+    threads: dict[str, threading.Thread] = {}
+    hop_to_loop = loop.call_soon_threadsafe
+
+    def spied_hop(*args: Any, **kwargs: Any) -> Any:
+        handle = hop_to_loop(*args, **kwargs)
+        name = threading.current_thread().name
+        if name in submitted:
+            submitted[name].set()
+        return handle
+
+    loop.call_soon_threadsafe = spied_hop  # says when a thread's hop is on the loop's queue
+
+    def call(name: str, fn: Callable[[], None] = lambda: None, after: Any = None) -> None:
+        def run() -> None:
+            if after is not None:
+                assert after.wait(10)
+            try:
+                sync.submit(fn)
+                ended[name] = "returned"
+            except BaseException as error:
+                ended[name] = type(error).__name__
+            submitted[name].set()
+
+        submitted[name] = threading.Event()
+        threads[name] = threading.Thread(target=run, name=name, daemon=True)
+        threads[name].start()
+
+    holding, release, stopping = threading.Event(), threading.Event(), threading.Event()
+
+    def hold() -> None:
+        holding.set()
+        release.wait(10)
+
+    call("holder", hold)  # takes the only slot and keeps it
+    assert holding.wait(5)
+
+    async def open_until_shutdown() -> Any:
+        try:
+            yield
+        finally:  # on the loop, as it shuts down: let the late call hop on, and wait for it
+            stopping.set()
+            submitted["late"].wait(5)
+
+    left_open = open_until_shutdown()
+    sync._portal.call(left_open.__anext__)
+    call("late", after=stopping)
+
+    gate = threading.Event()
+    loop.call_soon_threadsafe(gate.wait, 10)  # the loop busy: the next hop waits its turn
+    call("waiter")  # will wait for the slot
+    assert submitted["waiter"].wait(5)
+    closer = threading.Thread(target=sync.close, daemon=True)
+    closer.start()
+    for _ in range(500):
+        if sync.scheduler.sync_closed:
+            break
+        time.sleep(0.01)
+    gate.set()
+
+    threads["late"].join(timeout=10)
+    release.set()
+    for thread in [*threads.values(), closer]:
+        thread.join(timeout=10)
+    assert not threads["late"].is_alive(), "a call made as the loop stopped hangs"
+    assert not any(thread.is_alive() for thread in [*threads.values(), closer])
+    assert ended == {
+        "holder": "NoEventLoopError",
+        "waiter": "NoEventLoopError",
+        "late": "NoEventLoopError",
+    }

@@ -384,7 +384,7 @@ class Scheduler:
         admission = limiter.acquire(
             tokens=tokens, cost=cost, timeout=timeout, priority=priority, tenant=tenant
         )
-        if self.loop_token is None:
+        if self.loop_token is None and not self.sync_closed:
             self.loop_token = anyio.lowlevel.current_token()
         if not self._tier_synced:
             await self._sync_tier()
@@ -417,7 +417,7 @@ class Scheduler:
         if tenant is None:
             tenant = current_tenant()
         demand = limiter._demand(1, tokens, cost)
-        if self.loop_token is None:
+        if self.loop_token is None and not self.sync_closed:
             self.loop_token = anyio.lowlevel.current_token()
         if not self._tier_synced:
             await self._sync_tier()

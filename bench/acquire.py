@@ -12,8 +12,9 @@ round (in a rotating order) so they share the machine's noise, and the median
 of the rounds is reported. A second pass counts, with `tracemalloc`, the memory
 a fresh limiter holds after `memory-ops` acquisitions and the peak on the way.
 
-The project's goal: ratekit's four-dimension acquire (concurrency, rpm, tpm, tpd,
-with tokens and settle) costs no more than aiolimiter's one-dimension acquire.
+The project's goals, against aiolimiter's one-dimension acquire: ratekit's
+four-dimension acquire (concurrency, rpm, tpm, tpd, with tokens and settle) costs
+at most 1.5x (beyond that, 1.0x), and its one-dimension acquire at most 1.0x.
 """
 
 from __future__ import annotations
@@ -40,8 +41,8 @@ HUGE = 10**9
 # Seconds of every peer's window: a minute, like an rpm.
 PERIOD_S = 60
 REFERENCE = "aiolimiter"
-GOAL = "ratekit, 4 dimensions"
-GOAL_RATIO = 1.0
+# The contenders judged, each with the most it may cost as a ratio to the reference.
+GOALS = {"ratekit, 4 dimensions": 1.5, "ratekit, 1 dimension": 1.0}
 EXTRA_HINT = "pip install -e '.[bench]'"
 # Import name -> distribution name of every peer the bench compares against.
 PEERS = {"aiolimiter": "aiolimiter", "limits": "limits", "pyrate_limiter": "pyrate-limiter"}
@@ -195,7 +196,7 @@ def contenders() -> list[Contender]:
     return [
         Contender("ratekit, 1 dimension", "async with acquire()  [rpm]", _ratekit_one),
         Contender(
-            GOAL,
+            "ratekit, 4 dimensions",
             "async with acquire(tokens=100) + settle(tokens=80)  [concurrency, rpm, tpm, tpd]",
             _ratekit_four,
         ),
@@ -359,15 +360,14 @@ def memory_table(memories: Sequence[Memory]) -> str:
     return _format_table(headers, rows)
 
 
-def verdict(goal: Timing, reference: Timing) -> str:
-    """The line the project is judged by: 4-dimension ratekit against 1-dimension aiolimiter."""
-    ratio = _ratio(goal, reference)
-    met = ratio <= GOAL_RATIO
-    status = "MET" if met else f"NOT MET ({ratio / GOAL_RATIO:.1f}x too slow)"
+def verdict(judged: Timing, reference: Timing, most: float) -> str:
+    """A line the project is judged by: a ratekit contender against aiolimiter's acquire."""
+    ratio = _ratio(judged, reference)
+    status = "MET" if ratio <= most else f"NOT MET ({ratio / most:.1f}x too slow)"
     return (
-        f"ratekit's four-dimension acquire+settle+release costs {goal.median_us:.2f} µs, "
+        f"{judged.name} ({judged.path}) costs {judged.median_us:.2f} µs, "
         f"{ratio:.2f}x aiolimiter's one-dimension acquire ({reference.median_us:.2f} µs); "
-        f"goal <= {GOAL_RATIO:.1f}x: {status}"
+        f"goal <= {most:.1f}x: {status}"
     )
 
 
@@ -394,7 +394,7 @@ def report(
 ) -> dict[str, object]:
     """Print the tables and the verdict; return the same results as JSON-ready data."""
     by_name = {t.name: t for t in timings}
-    reference, goal = by_name[REFERENCE], by_name[GOAL]
+    reference = by_name[REFERENCE]
     baseline = next((t for t in timings if t.name == "(empty op)"), None)
     shown = [t for t in timings if t is not baseline]
     versions = _versions()
@@ -413,8 +413,8 @@ def report(
         print()
         print(memory_table(memories))
     print()
-    line = verdict(goal, reference)
-    print(line)
+    lines = [verdict(by_name[name], reference, most) for name, most in GOALS.items()]
+    print("\n".join(lines))
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
@@ -443,9 +443,11 @@ def report(
             }
             for m in memories
         ],
-        "goal_ratio": _ratio(goal, reference),
-        "goal_met": _ratio(goal, reference) <= GOAL_RATIO,
-        "verdict": line,
+        "goals": {
+            name: {"most": most, "ratio": _ratio(by_name[name], reference)}
+            for name, most in GOALS.items()
+        },
+        "verdicts": lines,
     }
 
 

@@ -47,8 +47,28 @@
 
 local EPSILON = 1e-12
 
+local format, floor = string.format, math.floor
+local fmt_last, fmt_text
+
+-- x as '%.17g' writes it: the form every stored number and reply has. An integer
+-- below 1e15 takes '%d' (the same text, at half the cost), and the last number
+-- formatted is kept (a value written twice in one call is formatted once). Zero
+-- takes neither shortcut, so that -0 stays "-0".
 local function fmt(x)
-  return string.format('%.17g', x)
+  if x == fmt_last then
+    return fmt_text
+  end
+  local text
+  if x == floor(x) and x < 1e15 and x > -1e15 and x ~= 0 then
+    text = format('%d', x)
+  else
+    text = format('%.17g', x)
+    if x == 0 then
+      return text
+    end
+  end
+  fmt_last, fmt_text = x, text
+  return text
 end
 
 -- A state (hash `key`, leases `leases`), as read so far and as changed by this script.
@@ -195,41 +215,57 @@ end
 -- the zone's UTC offset (s) before and after its daylight-saving transition nearest
 -- the client's clock, at Unix instant switch_at (equal offsets when there is none),
 -- so that each script picks the offset of its own instant. The windows live in state s.
+local SPEC = '^%s*(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s*(%S*)%s*(%S*)'
+
 local function parse_specs(packed, s)
   local windows = {}
   for chunk in string.gmatch(packed, '[^|]+') do
-    local f = {}
-    for value in string.gmatch(chunk, '%S+') do
-      f[#f + 1] = value
-    end
-    local id = f[1]
+    local id, limit, period_s, slice_s, margin_s, pacing, take, position, zone, switch_at, after =
+      string.match(chunk, SPEC)
     local w = {
       id = id,
       s = s,
-      limit = tonumber(f[2]),
-      period_s = tonumber(f[3]),
-      slice_s = tonumber(f[4]),
-      margin_s = tonumber(f[5]),
-      pacing = f[6] == '1',
-      take = tonumber(f[7]),
-      position = tonumber(f[8]) + 1,
-      calendar = f[9] ~= '-',
-      f_t = id .. '|t', f_lo = id .. '|lo', f_hi = id .. '|hi', f_hv = id .. '|hv',
-      f_h = id .. '|h', f_p = id .. '|p', f_d = id .. '|d',
+      limit = tonumber(limit),
+      period_s = tonumber(period_s),
+      slice_s = tonumber(slice_s),
+      margin_s = tonumber(margin_s),
+      pacing = pacing == '1',
+      take = tonumber(take),
+      position = tonumber(position) + 1,
+      calendar = zone ~= '-',
+      f_t = id .. '|t', f_h = id .. '|h',
     }
     if w.calendar then
-      w.offset_before, w.switch_at, w.offset_after = tonumber(f[9]), tonumber(f[10]), tonumber(f[11])
+      w.offset_before, w.switch_at, w.offset_after = tonumber(zone), tonumber(switch_at), tonumber(after)
+      w.f_d = id .. '|d'
+    else
+      w.f_lo, w.f_hi, w.f_hv = id .. '|lo', id .. '|hi', id .. '|hv'
+    end
+    if w.pacing then
+      w.f_p = id .. '|p'
     end
     windows[#windows + 1] = w
   end
   return windows
 end
 
--- `names`, and the fields of `windows` every script reads at its start.
+-- `names`, and the fields of `windows` every script reads at its start (a window's
+-- pacing field only when it paces: no script reads it otherwise).
 local function with_windows(names, windows)
+  local n = #names
   for _, w in ipairs(windows) do
-    for _, field in ipairs({w.f_t, w.f_lo, w.f_hi, w.f_hv, w.f_h, w.f_p, w.f_d}) do
-      names[#names + 1] = field
+    names[n + 1], names[n + 2] = w.f_t, w.f_h
+    n = n + 2
+    if w.calendar then
+      names[n + 1] = w.f_d
+      n = n + 1
+    else
+      names[n + 1], names[n + 2], names[n + 3] = w.f_lo, w.f_hi, w.f_hv
+      n = n + 3
+    end
+    if w.pacing then
+      names[n + 1] = w.f_p
+      n = n + 1
     end
   end
   return names
@@ -258,8 +294,20 @@ local function parse_amounts(packed)
   return amounts
 end
 
+-- A slice index as text (kept per window: an admission names its slice twice, in
+-- the field it writes and in the reply).
+local function index_text(w, index)
+  if w.index ~= index or index == 0 then
+    w.index, w.index_text = index, fmt(index)
+  end
+  return w.index_text
+end
+
 local function slice_field(w, index)
-  return w.id .. '|' .. fmt(index)
+  if w.field_index ~= index or index == 0 then
+    w.field_index, w.field = index, w.id .. '|' .. index_text(w, index)
+  end
+  return w.field
 end
 
 local function hold_field(w, lease_id)
@@ -309,7 +357,7 @@ end
 local function prepare(w, now, wall, expired)
   local s = w.s
   w.held = math.max(num(s, w.f_h) or 0, 0)
-  w.pace = num(s, w.f_p) or -math.huge
+  w.pace = w.pacing and num(s, w.f_p) or -math.huge
   w.total = num(s, w.f_t) or 0
   if w.calendar then
     w.now = wall
@@ -465,6 +513,8 @@ local function add_to(w, index, delta)
   local amount = math.max(current + delta, 0)
   w.total = math.max(w.total + (amount - current), 0)
   put(s, field, amount)
+  -- hi is written only when it moves (w.hi is what the hash holds).
+  local moved = not w.lo or index > w.hi
   if not w.lo then
     w.lo, w.hi = index, index
     put(s, w.f_lo, index)
@@ -474,7 +524,9 @@ local function add_to(w, index, delta)
   end
   if index >= w.hi then
     w.hi, w.hv = index, amount
-    put(s, w.f_hi, index)
+    if moved then
+      put(s, w.f_hi, index)
+    end
     put(s, w.f_hv, amount)
   end
   put(s, w.f_t, w.total)

@@ -108,7 +108,7 @@ local function take(demand, list, lease_id, reply)
         hold(w, lease_id, amount)
       end
     end
-    reply[#reply + 1] = fmt(slice_index(w))
+    reply[#reply + 1] = index_text(w, slice_index(w))
   end
 end
 

@@ -48,15 +48,18 @@
 local EPSILON = 1e-12
 
 local format, floor = string.format, math.floor
-local fmt_last, fmt_text
+-- The last two numbers formatted, and their text; fmt_old is the one replaced next.
+local fmt_a, fmt_a_text, fmt_b, fmt_b_text, fmt_old = nil, nil, nil, nil, 1
 
 -- x as '%.17g' writes it: the form every stored number and reply has. An integer
--- below 1e15 takes '%d' (the same text, at half the cost), and the last number
--- formatted is kept (a value written twice in one call is formatted once). Zero
+-- below 1e15 takes '%d' (the same text, at half the cost), and the last two numbers
+-- formatted are kept (a value written twice in one call is formatted once). Zero
 -- takes neither shortcut, so that -0 stays "-0".
 local function fmt(x)
-  if x == fmt_last then
-    return fmt_text
+  if x == fmt_a then
+    return fmt_a_text
+  elseif x == fmt_b then
+    return fmt_b_text
   end
   local text
   if x == floor(x) and x < 1e15 and x > -1e15 and x ~= 0 then
@@ -67,11 +70,16 @@ local function fmt(x)
       return text
     end
   end
-  fmt_last, fmt_text = x, text
+  if fmt_old == 1 then
+    fmt_a, fmt_a_text, fmt_old = x, text, 2
+  else
+    fmt_b, fmt_b_text, fmt_old = x, text, 1
+  end
   return text
 end
 
--- A state (hash `key`, leases `leases`), as read so far and as changed by this script.
+-- A state (hash `key`, leases `leases`), as read so far (values: text, or false when
+-- absent) and as changed by this script (values: numbers, until flush writes them).
 local function state(key, leases)
   return {key = key, leases = leases, values = {}, dirty = {}, gone = {}}
 end
@@ -81,18 +89,21 @@ local ACCOUNT = state(KEYS[1], KEYS[2])
 -- Reads `names` (those not read yet) of state s with one HMGET.
 local function read(s, names)
   local values = s.values
-  local wanted = {}
-  for _, name in ipairs(names) do
-    if values[name] == nil then
-      wanted[#wanted + 1] = name
+  local wanted = names
+  if next(values) ~= nil then
+    wanted = {}
+    for _, name in ipairs(names) do
+      if values[name] == nil then
+        wanted[#wanted + 1] = name
+      end
     end
   end
   if #wanted == 0 then
     return
   end
   local got = redis.call('HMGET', s.key, unpack(wanted))
-  for i, name in ipairs(wanted) do
-    values[name] = got[i] or false
+  for i = 1, #wanted do
+    values[wanted[i]] = got[i] or false
   end
 end
 
@@ -104,8 +115,10 @@ local function num(s, name)
   return tonumber(s.values[name])
 end
 
+-- Sets a field to a number, formatted when written (flush): a field set several times
+-- in one call is formatted once.
 local function put(s, name, value)
-  s.values[name] = fmt(value)
+  s.values[name] = value
   s.dirty[name] = true
   s.gone[name] = nil
 end
@@ -121,7 +134,7 @@ local function flush(s)
   local pairs_, names = {}, {}
   for name in pairs(s.dirty) do
     pairs_[#pairs_ + 1] = name
-    pairs_[#pairs_ + 1] = s.values[name]
+    pairs_[#pairs_ + 1] = fmt(s.values[name])
   end
   for name in pairs(s.gone) do
     names[#names + 1] = name
@@ -222,6 +235,7 @@ local function parse_specs(packed, s)
   for chunk in string.gmatch(packed, '[^|]+') do
     local id, limit, period_s, slice_s, margin_s, pacing, take, position, zone, switch_at, after =
       string.match(chunk, SPEC)
+    local calendar, paced = zone ~= '-', pacing == '1'
     local w = {
       id = id,
       s = s,
@@ -229,20 +243,21 @@ local function parse_specs(packed, s)
       period_s = tonumber(period_s),
       slice_s = tonumber(slice_s),
       margin_s = tonumber(margin_s),
-      pacing = pacing == '1',
+      pacing = paced,
       take = tonumber(take),
       position = tonumber(position) + 1,
-      calendar = zone ~= '-',
+      calendar = calendar,
       f_t = id .. '|t', f_h = id .. '|h',
+      f_lo = not calendar and id .. '|lo' or nil,
+      f_hi = not calendar and id .. '|hi' or nil,
+      f_hv = not calendar and id .. '|hv' or nil,
+      f_p = paced and id .. '|p' or nil,
+      f_d = calendar and id .. '|d' or nil,
+      -- Set by prepare: named here so that the table is made at its full size at once.
+      now = nil, held = nil, pace = nil, total = nil, lo = nil, hi = nil, hv = nil,
     }
-    if w.calendar then
+    if calendar then
       w.offset_before, w.switch_at, w.offset_after = tonumber(zone), tonumber(switch_at), tonumber(after)
-      w.f_d = id .. '|d'
-    else
-      w.f_lo, w.f_hi, w.f_hv = id .. '|lo', id .. '|hi', id .. '|hv'
-    end
-    if w.pacing then
-      w.f_p = id .. '|p'
     end
     windows[#windows + 1] = w
   end

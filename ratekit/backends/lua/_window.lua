@@ -79,9 +79,10 @@ local function fmt(x)
 end
 
 -- A state (hash `key`, leases `leases`), as read so far (values: text, or false when
--- absent) and as changed by this script (values: numbers, until flush writes them).
+-- absent) and as changed by this script (values: numbers, until flush writes them;
+-- changes: true for a field set, false for a field dropped).
 local function state(key, leases)
-  return {key = key, leases = leases, values = {}, dirty = {}, gone = {}}
+  return {key = key, leases = leases, values = {}, changes = {}}
 end
 
 local ACCOUNT = state(KEYS[1], KEYS[2])
@@ -119,33 +120,34 @@ end
 -- in one call is formatted once.
 local function put(s, name, value)
   s.values[name] = value
-  s.dirty[name] = true
-  s.gone[name] = nil
+  s.changes[name] = true
 end
 
 local function drop(s, name)
   s.values[name] = false
-  s.dirty[name] = nil
-  s.gone[name] = true
+  s.changes[name] = false
 end
 
 -- Writes every change of state s: one HSET, one HDEL.
 local function flush(s)
-  local pairs_, names = {}, {}
-  for name in pairs(s.dirty) do
-    pairs_[#pairs_ + 1] = name
-    pairs_[#pairs_ + 1] = fmt(s.values[name])
-  end
-  for name in pairs(s.gone) do
-    names[#names + 1] = name
+  local values, changes = s.values, s.changes
+  local pairs_, names = {}, nil
+  for name, set in pairs(changes) do
+    if set then
+      pairs_[#pairs_ + 1] = name
+      pairs_[#pairs_ + 1] = fmt(values[name])
+    else
+      names = names or {}
+      names[#names + 1] = name
+    end
+    changes[name] = nil
   end
   if #pairs_ > 0 then
     redis.call('HSET', s.key, unpack(pairs_))
   end
-  if #names > 0 then
+  if names then
     redis.call('HDEL', s.key, unpack(names))
   end
-  s.dirty, s.gone = {}, {}
 end
 
 -- The account's clock. `given` is "<now> <wall>" handed by a single-process client
@@ -194,7 +196,7 @@ local function finish(s, now, ttl_ms, given)
   local want = now + ttl_s
   if s == ACCOUNT then
     want = math.max(want, (num(s, 'cool') or 0) + 1)
-  elseif next(s.dirty) == nil and next(s.gone) == nil and not num(s, 'ex') then
+  elseif next(s.changes) == nil and not num(s, 'ex') then
     return
   end
   local known = num(s, 'ex') or -math.huge
@@ -286,11 +288,12 @@ local function with_windows(names, windows)
   return names
 end
 
--- The account's fields every script reads at its start, for `windows`, plus `extra`.
+-- The account's fields every script reads at its start, for `windows`, plus the
+-- field `extra` (nil for none).
 local function base_fields(windows, extra)
   local names = {'raw', 'off', 'ex', 'lex', 'nl', 'cool'}
-  for _, name in ipairs(extra) do
-    names[#names + 1] = name
+  if extra then
+    names[7] = extra
   end
   return with_windows(names, windows)
 end
@@ -366,9 +369,10 @@ end
 -- Brings window w to now, after the base fields were read: a calendar window moves
 -- to today (a new day starts at 0; a wall clock stepped back stays on the day
 -- already reached, as the memory backend's CalendarWindow does); a rolling window
--- drops the slices that stopped counting (`expired` collects the fields to read for
--- that, read by the caller in one HMGET for every window, then `expire` finishes).
--- Sets w.total, w.held, w.pace, w.lo, w.hi, w.hv.
+-- drops the slices that stopped counting (`expired`, a list made when first needed
+-- and returned, collects the fields to read for that, read by the caller in one
+-- HMGET for every window, then `expire` finishes). Sets w.total, w.held, w.pace,
+-- w.lo, w.hi, w.hv.
 local function prepare(w, now, wall, expired)
   local s = w.s
   w.held = math.max(num(s, w.f_h) or 0, 0)
@@ -386,14 +390,14 @@ local function prepare(w, now, wall, expired)
       put(s, w.f_d, today)
       put(s, w.f_t, 0)
     end
-    return
+    return expired
   end
   w.now = now
   w.lo, w.hi, w.hv = num(s, w.f_lo), num(s, w.f_hi), num(s, w.f_hv) or 0
   w.drop_until = nil
   if not w.lo then
     w.total = 0
-    return
+    return expired
   end
   -- The newest slice that no longer counts: expiry_s(index) <= now.
   local last = math.floor((now - w.period_s - w.margin_s) / w.slice_s) - 1
@@ -404,14 +408,16 @@ local function prepare(w, now, wall, expired)
     last = last - 1
   end
   if last < w.lo then
-    return
+    return expired
   end
   w.drop_until = math.min(last, w.hi)
   if last < w.hi then
+    expired = expired or {}
     for index = w.lo, w.drop_until do
       expired[#expired + 1] = slice_field(w, index)
     end
   end
+  return expired
 end
 
 -- Finishes `prepare` once the expired slices' fields were read.
@@ -444,11 +450,13 @@ end
 -- Reads and brings every window of state s to now: the base fields are read; at most
 -- one more HMGET for the slices that stopped counting.
 local function prepare_all(s, windows, now, wall)
-  local expired = {}
+  local expired
   for _, w in ipairs(windows) do
-    prepare(w, now, wall, expired)
+    expired = prepare(w, now, wall, expired)
   end
-  read(s, expired)
+  if expired then
+    read(s, expired)
+  end
   for _, w in ipairs(windows) do
     expire(w)
   end

@@ -46,12 +46,13 @@ local demands = {}
 for packed in string.gmatch(ARGV[7], '[^|]+') do
   demands[#demands + 1] = parse_amounts(packed)
 end
-read(ACCOUNT, base_fields(windows, {'wait'}))
+read(ACCOUNT, base_fields(windows, 'wait'))
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
-local tenants, tenant_of = {}, {}
+-- Both stay false without tenants (no tables made for nothing).
+local tenants, tenant_of = false, false
 if #KEYS > 2 then
-  tenants = parse_tenants(9, now, wall)
+  tenants, tenant_of = parse_tenants(9, now, wall), {}
   for index in string.gmatch(ARGV[8], '%S+') do
     tenant_of[#tenant_of + 1] = tenants[tonumber(index)] or false
   end
@@ -131,8 +132,10 @@ end
 
 local function answer(reply)
   finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
-  for _, t in ipairs(tenants) do
-    finish(t.s, now, t.ttl_ms, ARGV[1])
+  if tenants then
+    for _, t in ipairs(tenants) do
+      finish(t.s, now, t.ttl_ms, ARGV[1])
+    end
   end
   return reply
 end
@@ -150,7 +153,7 @@ end
 local reclaimed = false
 for j = 1, #demands do
   local demand = demands[j]
-  local t = tenant_of[j]
+  local t = tenant_of and tenant_of[j]
   if t then
     local wait, dimension = check_tenant(t, demand)
     if dimension ~= -1 then

@@ -37,7 +37,7 @@ end
 if ARGV[3] ~= '-' and not redis.call('ZSCORE', ACCOUNT.leases, ARGV[3]) then
   return result
 end
-read(ACCOUNT, base_fields(windows, {}))
+read(ACCOUNT, base_fields(windows))
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 local sent_at = math.min(tonumber(ARGV[7]) or now, now)

@@ -27,7 +27,7 @@ local windows = parse_specs(ARGV[6], ACCOUNT)
 local reserved = parse_amounts(ARGV[7])
 local used = parse_amounts(ARGV[8])
 local counted = tonumber(ARGV[10])
-local fields = base_fields(windows, {'wait'})
+local fields = base_fields(windows, 'wait')
 if lease_id ~= '-' then
   for _, w in ipairs(windows) do
     if w.take ~= 0 then

@@ -11,7 +11,7 @@
 
 local key_ttl_ms = tonumber(ARGV[2])
 local windows = parse_specs(ARGV[3], ACCOUNT)
-read(ACCOUNT, base_fields(windows, {}))
+read(ACCOUNT, base_fields(windows))
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 local reply = {}

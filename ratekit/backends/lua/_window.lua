@@ -246,8 +246,9 @@ local function parse_specs(packed, s)
       slice_s = tonumber(slice_s),
       margin_s = tonumber(margin_s),
       pacing = paced,
-      take = tonumber(take),
-      position = tonumber(position) + 1,
+      -- One digit each: compared, not parsed.
+      take = take == '0' and 0 or take == '1' and 1 or tonumber(take),
+      position = position == '0' and 1 or position == '1' and 2 or tonumber(position) + 1,
       calendar = calendar,
       f_t = id .. '|t', f_h = id .. '|h',
       f_lo = not calendar and id .. '|lo' or nil,
@@ -305,6 +306,15 @@ end
 
 -- An amounts triple "requests tokens cost" (one argument) as a Lua array.
 local function parse_amounts(packed)
+  local requests, tokens, cost = string.match(packed, '^(%S+) (%S+) (%S+)$')
+  if requests then
+    -- "0" is the most common amount: taken without a parse.
+    return {
+      requests == '0' and 0 or tonumber(requests),
+      tokens == '0' and 0 or tonumber(tokens),
+      cost == '0' and 0 or tonumber(cost),
+    }
+  end
   local amounts = {}
   for value in string.gmatch(packed, '%S+') do
     amounts[#amounts + 1] = tonumber(value)

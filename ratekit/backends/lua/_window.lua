@@ -49,7 +49,8 @@ local EPSILON = 1e-12
 
 local format, floor = string.format, math.floor
 -- The last two numbers formatted, and their text; fmt_old is the one replaced next.
-local fmt_a, fmt_a_text, fmt_b, fmt_b_text, fmt_old = nil, nil, nil, nil, 1
+-- NaN to start: equal to nothing (not even a nil passed by mistake, which must fail).
+local fmt_a, fmt_a_text, fmt_b, fmt_b_text, fmt_old = 0 / 0, nil, 0 / 0, nil, 1
 
 -- x as '%.17g' writes it: the form every stored number and reply has. An integer
 -- below 1e15 takes '%d' (the same text, at half the cost), and the last two numbers

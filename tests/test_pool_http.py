@@ -103,11 +103,12 @@ async def accounts() -> AsyncIterator[Accounts]:
 async def test_a_pool_of_three_accounts_fills_the_sum_of_their_limits(
     accounts: Accounts,
 ) -> None:
-    """540 calls through one pool client (in a process of its own, as a client is, so
-    that the providers' arrival stamps never wait for its loop): the pool serves >= 95 %
-    of the sum of its accounts' rpms in the steady state, with no 429 anywhere, and the
-    calls split 1:2:3 like the accounts' limits."""
-    (outcome,) = await Fleet(accounts.workload(540), 1).run()
+    """900 calls (five windows: a steady state of three) through one pool client (in a
+    process of its own, as a client is, so that the providers' arrival stamps never
+    wait for its loop): the pool serves >= 95 % of the sum of its accounts' rpms in the
+    steady state, with no 429 anywhere, and the calls split 1:2:3 like the accounts'
+    limits."""
+    (outcome,) = await Fleet(accounts.workload(900), 1).run()
     shares = {name: accounts.used(name) for name in RPMS}
     pooled = accounts.pooled()
     served = accounts.served()
@@ -119,12 +120,12 @@ async def test_a_pool_of_three_accounts_fills_the_sum_of_their_limits(
     assert outcome.rate_limited == 0
     for name, provider in accounts.providers.items():
         assert provider.statistics().rejected == {}, name
-    assert served == {"kimi-a": 90, "kimi-b": 180, "relay": 270}
+    assert served == {"kimi-a": 150, "kimi-b": 300, "relay": 450}
     assert pooled >= 0.95
     for name, share in shares.items():
         assert share >= 0.85, (name, share)
     # 180 a minute (24 a second here): the first window's 180 at once, then 180 each 7.5 s.
-    assert outcome.elapsed_s < 15 * 1.25
+    assert outcome.elapsed_s < 30 * 1.25
 
 
 async def test_four_processes_share_the_pool_through_redis(

@@ -35,23 +35,12 @@ from dataclasses import dataclass
 
 import anyio
 
-from bench._common import positive_int, require
+from bench._common import microseconds_per_call, positive_int, require
 
 HUGE = 10**9
 # The goals of tenants kept on Redis: bytes per idle tenant, and MB for 100,000 of them.
 REDIS_BYTES_GOAL = 512
 REDIS_MB_GOAL_PER_100K = 50.0
-
-
-async def _time(op: object, iterations: int) -> float:
-    """Microseconds per call of the coroutine function `op`."""
-    assert callable(op)
-    for _ in range(max(iterations // 10, 1_000)):
-        await op()
-    start = time.perf_counter_ns()
-    for _ in range(iterations):
-        await op()
-    return (time.perf_counter_ns() - start) / iterations / 1_000
 
 
 async def costs(iterations: int, rounds: int) -> dict[str, float]:
@@ -92,7 +81,7 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
             "aiolimiter": aiolimiter_acquire,
         }
         for name, op in contenders.items():
-            results.setdefault(name, []).append(await _time(op, iterations))
+            results.setdefault(name, []).append(await microseconds_per_call(op, iterations))
     return {name: statistics.median(times) for name, times in results.items()}
 
 

@@ -1600,15 +1600,10 @@ class RedisBackend:
             if part is not None:
                 self._tenant_listeners.notify(part.name)
 
-    async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
-        """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
-        self._enter(now)
+    async def _read_stats(self, command: Any) -> Any:
+        """The reply of a stats script; `BackendUnavailableError` while Redis is down (a
+        snapshot has no fallback: this process's counts alone would mislead)."""
         link = self._link
-        binding = self._bind(limits)
-        command = STATS.evalsha(
-            binding.keys,
-            [self._clock_arg(now), str(binding.key_ttl_ms), binding.specs(self._wall(now))],
-        )
         try:
             reply = await link.call(command, STATS, abortable=True)
         except Exception as exc:
@@ -1617,6 +1612,17 @@ class RedisBackend:
             link.mark_down(exc)
             raise self._unavailable_error() from None
         link.mark_up()
+        return reply
+
+    async def statistics(self, limits: Limits, now: Instant) -> tuple[DimensionStatistics, ...]:
+        """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
+        self._enter(now)
+        binding = self._bind(limits)
+        command = STATS.evalsha(
+            binding.keys,
+            [self._clock_arg(now), str(binding.key_ttl_ms), binding.specs(self._wall(now))],
+        )
+        reply = await self._read_stats(command)
         in_flight = int(reply[0])
         stats = []
         if limits.concurrency is not None:
@@ -1668,7 +1674,6 @@ class RedisBackend:
         """Usage of `tenant`'s own dimensions now (concurrency first when capped), over
         every process of the account; `BackendUnavailableError` while Redis is down."""
         self._enter(now)
-        link = self._link
         binding = self._bind(limits)
         part = self._tenant_part(tenant)
         assert part is not None
@@ -1682,14 +1687,7 @@ class RedisBackend:
                 *part.binding.tenant_args(wall),
             ],
         )
-        try:
-            reply = await link.call(command, STATS, abortable=True)
-        except Exception as exc:
-            if not _is_outage(exc):
-                raise
-            link.mark_down(exc)
-            raise self._unavailable_error() from None
-        link.mark_up()
+        reply = await self._read_stats(command)
         at = 1 + 2 * len(binding.rates)
         in_flight = int(reply[at])
         own = part.binding.limits

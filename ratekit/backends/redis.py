@@ -1704,11 +1704,7 @@ class RedisBackend:
     def subscribe_tenants(self, listener: Callable[[str], None]) -> Callable[[], None]:
         """Call `listener(tenant)` when a call of `tenant` (with limits of its own) ended,
         in this process or, by the release notice, in another."""
-        unsubscribe = self._tenant_listeners.add(listener)
-        loop = self._link.loop
-        if loop is not None and not loop.is_closed() and _running_loop() is loop:
-            self._start(renew=False)
-        return unsubscribe
+        return self._listen(self._tenant_listeners.add(listener))
 
     def check_tenant_limits(self) -> None:
         """Tenant limits are kept under the root account's hash tag: a child (a model with
@@ -1725,7 +1721,11 @@ class RedisBackend:
     def subscribe(self, listener: Callable[[], None]) -> Callable[[], None]:
         """Call `listener` on each release announced for the account (and once when the
         announcements start to be heard: a release just before was not)."""
-        unsubscribe = self._listeners.add(listener)
+        return self._listen(self._listeners.add(listener))
+
+    def _listen(self, unsubscribe: Callable[[], None]) -> Callable[[], None]:
+        """A listener was added: start hearing release notices now when on the backend's
+        loop (else at its first call); `unsubscribe` is handed back."""
         loop = self._link.loop
         if loop is not None and not loop.is_closed() and _running_loop() is loop:
             self._start(renew=False)

@@ -9,6 +9,7 @@ from typing import NoReturn
 import pytest
 
 from ratekit.testing import (
+    NO_FUNCTIONS,
     RedisCluster,
     RedisServer,
     free_port,
@@ -17,6 +18,7 @@ from ratekit.testing import (
 )
 
 __all__ = [
+    "NO_FUNCTIONS",
     "RedisCluster",
     "RedisServer",
     "free_port",

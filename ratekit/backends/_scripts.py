@@ -1,9 +1,20 @@
 """The Lua scripts of the Redis backend: loaded here, and only here.
 
 Each atomic operation is one file under ``lua/``; the shared window helpers in
-``lua/_window.lua`` are prepended to each. A script runs by EVALSHA (one command
-per operation, possibly pipelined with others') and is sent (SCRIPT LOAD) only
-when the server answers NOSCRIPT, after a restart or a flush.
+``lua/_window.lua`` come first. They reach the server in one of two forms:
+
+- one function library (`LIBRARY`, Redis 7+ and Valkey): every operation a function
+  of it, run by FCALL; the helpers are built once when the library is loaded, not on
+  every call. The library's name, and its functions', carry a hash of its text, so
+  pods of different versions each load and call their own and never replace one
+  another's. Sent (FUNCTION LOAD REPLACE) when the server answers that the function
+  is not there: after a restart, a flush, or on first use.
+- one script per operation (`Script`): the helpers then the operation, run by
+  EVALSHA, where functions are not to be had (a server before 7.0, or one that
+  refuses them). Sent (SCRIPT LOAD) when the server answers NOSCRIPT.
+
+A command is made as an EVALSHA (`Script.evalsha`); `Script.fcall` turns it into the
+function's FCALL, with the same keys and arguments.
 """
 
 from __future__ import annotations
@@ -14,6 +25,8 @@ from dataclasses import dataclass
 from importlib import resources
 
 _PACKAGE = "ratekit.backends"
+# The operations, each a file lua/<name>.lua.
+_NAMES = ("reserve", "settle", "renew", "stats", "pause", "sent", "estimates")
 
 
 def _read(name: str) -> str:
@@ -21,31 +34,68 @@ def _read(name: str) -> str:
 
 
 @dataclass(frozen=True)
+class Library:
+    """The function library: its name (versioned by a hash of its text) and text."""
+
+    name: str
+    text: str
+
+    def load(self) -> tuple[str, ...]:
+        """The FUNCTION LOAD command that sends it. REPLACE: a library of this name is
+        this very text, so loading it again (two pods after one flush) changes nothing
+        instead of failing."""
+        return ("FUNCTION LOAD", "REPLACE", self.text)
+
+
+@dataclass(frozen=True)
 class Script:
-    """One Lua script: its full text and SHA1."""
+    """One operation: its text and SHA1 as a script, and its function's name in
+    `LIBRARY`."""
 
     name: str
     text: str
     sha: str
+    function: str
 
     def evalsha(self, keys: Sequence[str], args: Sequence[str]) -> tuple[str, ...]:
         """The EVALSHA command that runs this script on `keys` with `args`."""
         return ("EVALSHA", self.sha, str(len(keys)), *keys, *args)
 
+    def fcall(self, evalsha: tuple[str, ...]) -> tuple[str, ...]:
+        """The FCALL of this operation's function with the keys and arguments of its
+        command `evalsha` (made by `evalsha`)."""
+        return ("FCALL", self.function, *evalsha[2:])
+
     def load(self) -> tuple[str, ...]:
         """The SCRIPT LOAD command that sends it (after the server answered NOSCRIPT)."""
-        return ("SCRIPT", "LOAD", self.text)
+        return ("SCRIPT LOAD", self.text)
 
 
-def _load(name: str) -> Script:
-    text = _read("_window.lua") + "\n" + _read(f"{name}.lua")
-    return Script(name, text, hashlib.sha1(text.encode("utf-8")).hexdigest())
+def _build() -> tuple[Library, dict[str, Script]]:
+    helpers = _read("_window.lua")
+    bodies = {name: _read(f"{name}.lua") for name in _NAMES}
+    # Each operation as a function of (KEYS, ARGV): its file's text unchanged inside.
+    functions = "".join(
+        f"\nlocal function {name}(KEYS, ARGV)\nbegin(KEYS)\n{body}\nend\n"
+        for name, body in bodies.items()
+    )
+    version = hashlib.sha1((helpers + functions).encode("utf-8")).hexdigest()[:16]
+    prefix = f"ratekit_{version}"
+    registered = "".join(f"redis.register_function('{prefix}_{name}', {name})\n" for name in _NAMES)
+    library = Library(prefix, f"#!lua name={prefix}\n{helpers}{functions}\n{registered}")
+    scripts = {}
+    for name, body in bodies.items():
+        text = f"{helpers}\nbegin(KEYS)\n{body}"
+        sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
+        scripts[name] = Script(name, text, sha, f"{prefix}_{name}")
+    return library, scripts
 
 
-RESERVE = _load("reserve")
-SETTLE = _load("settle")
-RENEW = _load("renew")
-STATS = _load("stats")
-PAUSE = _load("pause")
-SENT = _load("sent")
-ESTIMATES = _load("estimates")
+LIBRARY, _SCRIPTS = _build()
+RESERVE = _SCRIPTS["reserve"]
+SETTLE = _SCRIPTS["settle"]
+RENEW = _SCRIPTS["renew"]
+STATS = _SCRIPTS["stats"]
+PAUSE = _SCRIPTS["pause"]
+SENT = _SCRIPTS["sent"]
+ESTIMATES = _SCRIPTS["estimates"]

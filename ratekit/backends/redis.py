@@ -66,7 +66,12 @@ from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError, NoScriptError, ResponseError
+from redis.exceptions import (
+    MaxConnectionsError,
+    NoPermissionError,
+    NoScriptError,
+    ResponseError,
+)
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._clock import Instant
@@ -90,7 +95,7 @@ from ._base import (
     take_kind,
     takes_no_slot,
 )
-from ._scripts import ESTIMATES, PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
+from ._scripts import ESTIMATES, LIBRARY, PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
 from .memory import MemoryBackend, MemoryGrant
 
 OnUnavailable = Literal["fail_closed", "fail_open", "local"]
@@ -121,6 +126,9 @@ _POOL_SPARE = 4
 _SLOW_LIMIT = 5
 # A pool exhausted by someone else's use of the client: wait and try again.
 _POOL_RETRY_S = (0.002, 0.05)
+# Round trips that load what runs a script (the library, or the scripts after turning
+# to EVALSHA) before its command is given its error reply.
+_LOAD_TRIES = 2
 # Settles (and a tier) kept while Redis is down, sent when it answers again.
 _MAX_PENDING = 10_000
 # Bounds of the arguments (seconds), so that no sum or ttl overflows on the server.
@@ -174,6 +182,20 @@ def _is_outage(exc: BaseException) -> bool:
     if isinstance(exc, MaxConnectionsError):
         return False
     return isinstance(exc, _Down | RedisConnectionError | RedisTimeoutError | OSError)
+
+
+def _function_not_found(reply: Any) -> bool:
+    """Whether `reply` to an FCALL says its function is not loaded (a restart, a flush,
+    or the library's first use)."""
+    return isinstance(reply, ResponseError) and str(reply).startswith("Function not found")
+
+
+def _no_functions(reply: Any) -> bool:
+    """Whether `reply` to an FCALL says the server has no functions: a command it does
+    not know (before 7.0, or renamed away) or that the user may not run."""
+    if isinstance(reply, NoPermissionError):
+        return True
+    return isinstance(reply, ResponseError) and str(reply).lower().startswith("unknown command")
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
@@ -567,6 +589,11 @@ class _Link:
         # again in order once Redis answers.
         self.pending: OrderedDict[object, tuple[tuple[str, ...], Script | None]] = OrderedDict()
         self.replayer: asyncio.Task[None] | None = None
+        # Whether scripts run as functions of the library (FCALL): from the start, until
+        # the server shows it has none (see `_loads`); EVALSHA for the link's life then.
+        # Not on a cluster: redis-py's cluster client finds an FCALL's keys by asking a
+        # node (COMMAND GETKEYS) on every call, an EVALSHA's by itself.
+        self.functions = not isinstance(client, RedisCluster)
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -812,9 +839,9 @@ class _Link:
                 await connection.disconnect()
 
     async def _pipeline(self, batch: list[_Command]) -> list[Any]:
-        """Send `batch` in one pipeline (a lone command as it is); commands answered
-        NOSCRIPT are sent again after their scripts are loaded. An error reply is
-        returned in its command's place."""
+        """Send `batch` in one pipeline (a lone command as it is); a script the server
+        lacks is loaded, and its commands sent again, in the same pipeline (see
+        `_loads`). An error reply is returned in its command's place."""
         if len(batch) == 1:
             return [await self._one(batch[0])]
         if isinstance(self.client, RedisCluster):
@@ -823,36 +850,91 @@ class _Link:
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
         async with self.client.pipeline(transaction=False) as pipe:
             for command in batch:
-                pipe.execute_command(*command.args)
+                pipe.execute_command(*self._wire(command))
             replies: list[Any] = await pipe.execute(raise_on_error=False)
-            unknown = [i for i, reply in enumerate(replies) if isinstance(reply, NoScriptError)]
-            if unknown:
-                scripts = {s for i in unknown if (s := batch[i].script) is not None}
-                for script in scripts:
-                    pipe.execute_command(*script.load())
-                for i in unknown:
-                    pipe.execute_command(*batch[i].args)
-                again: list[Any] = await pipe.execute(raise_on_error=False)
-                for i, reply in zip(unknown, again[len(scripts) :], strict=True):
+            for _ in range(_LOAD_TRIES):
+                again, loads = self._loads(replies, batch)
+                if not again:
+                    break
+                for load in loads:
+                    pipe.execute_command(*load)
+                for i in again:
+                    pipe.execute_command(*self._wire(batch[i]))
+                answers: list[Any] = await pipe.execute(raise_on_error=False)
+                for load, answer in zip(loads, answers, strict=False):
+                    self._loaded(load, answer)
+                for i, reply in zip(again, answers[len(loads) :], strict=True):
                     replies[i] = reply
             return replies
 
     async def _one(self, command: _Command) -> Any:
-        """Send a lone command; its reply, or its error reply as an exception."""
+        """Send a lone command; its reply, or its error reply as an exception. A script
+        the server lacks is loaded first, then the command is sent again (see `_loads`);
+        on a cluster, loaded on every primary."""
         send: Callable[..., Awaitable[Any]] = self.client.execute_command
-        try:
+        reply: Any = None
+        for _ in range(1 + _LOAD_TRIES):
             try:
-                return await send(*command.args)
-            except NoScriptError:
-                if command.script is None:
-                    raise
-                if isinstance(self.client, RedisCluster):
-                    await self.client.script_load(command.script.text)  # on every primary
-                else:
-                    await send(*command.script.load())
-                return await send(*command.args)
-        except ResponseError as exc:
-            return exc
+                return await send(*self._wire(command))
+            except ResponseError as exc:
+                reply = exc
+            again, loads = self._loads([reply], [command])
+            if not again:
+                break
+            for load in loads:
+                try:
+                    answer = await send(*load)
+                except ResponseError as exc:
+                    answer = exc
+                self._loaded(load, answer)
+        return reply
+
+    def _wire(self, command: _Command) -> tuple[str, ...]:
+        """What is sent for `command`: a script's EVALSHA as its function's FCALL while
+        the link runs functions."""
+        script = command.script
+        if script is None or not self.functions:
+            return command.args
+        return script.fcall(command.args)
+
+    def _loads(
+        self, replies: Sequence[Any], commands: Sequence[_Command]
+    ) -> tuple[list[int], list[tuple[str, ...]]]:
+        """Of the `replies` to `commands`, the indexes of those to send again, and what
+        to send before them: the library when a function was not found (a restart, a
+        flush, or the first use), the scripts when the server answered NOSCRIPT. A
+        server without functions (a command it does not know or lets nobody run) turns
+        the link to EVALSHA for good, and the scripts are loaded instead."""
+        scripts = [command.script for command in commands]
+        refused = self.functions and any(
+            _no_functions(reply) for reply, script in zip(replies, scripts, strict=True) if script
+        )
+        if refused:
+            self.functions = False
+            _log.info("Redis at %s runs no functions: scripts are sent by EVALSHA", self.where)
+        again: list[int] = []
+        loads: dict[tuple[str, ...], None] = {}
+        for i, (reply, script) in enumerate(zip(replies, scripts, strict=True)):
+            if script is None or not (
+                isinstance(reply, NoScriptError)
+                or _function_not_found(reply)
+                or (refused and _no_functions(reply))
+            ):
+                continue
+            again.append(i)
+            loads[LIBRARY.load() if self.functions else script.load()] = None
+        return again, list(loads)
+
+    def _loaded(self, load: tuple[str, ...], answer: Any) -> None:
+        """The server's answer to `load`: a library it refuses leaves functions for
+        EVALSHA, for the link's life."""
+        if self.functions and load == LIBRARY.load() and isinstance(answer, Exception):
+            self.functions = False
+            _log.warning(
+                "Redis at %s refused ratekit's function library (%s): scripts are sent by EVALSHA",
+                self.where,
+                answer,
+            )
 
     @staticmethod
     def _fail(batch: list[_Command], exc: Exception) -> None:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 from .._clock import FakeClock
 from ._redis import (
+    NO_FUNCTIONS,
     SERVER_HINT,
     RedisCluster,
     RedisServer,
@@ -26,6 +27,7 @@ from ._redis import (
 )
 
 __all__ = [
+    "NO_FUNCTIONS",
     "SERVER_HINT",
     "Driver",
     "FakeClock",

@@ -17,6 +17,9 @@ import tempfile
 import time
 
 SERVER_HINT = "apt-get install redis-server"
+# A server's `extra` arguments that take Redis Functions away (FCALL and FUNCTION
+# answer "unknown command", as before Redis 7.0): the scripts' EVALSHA path.
+NO_FUNCTIONS = ("--rename-command", "FCALL", "", "--rename-command", "FUNCTION", "")
 
 
 def redis_server_binary() -> str | None:

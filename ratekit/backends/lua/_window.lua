@@ -47,7 +47,9 @@
 
 local EPSILON = 1e-12
 
-local format, floor = string.format, math.floor
+-- string.format and math.floor, taken by begin: a library's text, run when it is
+-- loaded, may read no global but redis (functions look them up when they run).
+local format, floor
 -- The last two numbers formatted, and their text; fmt_old is the one replaced next.
 -- NaN to start: equal to nothing (not even a nil passed by mistake, which must fail).
 local fmt_a, fmt_a_text, fmt_b, fmt_b_text, fmt_old = 0 / 0, nil, 0 / 0, nil, 1
@@ -86,7 +88,16 @@ local function state(key, leases)
   return {key = key, leases = leases, values = {}, changes = {}}
 end
 
-local ACCOUNT = state(KEYS[1], KEYS[2])
+-- The account's state (KEYS[1], KEYS[2]) of the call that runs: set by begin, the
+-- first thing each call does. Loaded as a function library (see _scripts.py), these
+-- helpers are built once and serve every call, so nothing of one call may stay here
+-- for the next: what a call keeps lives in tables it makes (begin's state included).
+local ACCOUNT
+
+local function begin(keys)
+  format, floor = string.format, math.floor
+  ACCOUNT = state(keys[1], keys[2])
+end
 
 -- Reads `names` (those not read yet) of state s with one HMGET.
 local function read(s, names)
@@ -233,37 +244,83 @@ end
 -- so that each script picks the offset of its own instant. The windows live in state s.
 local SPEC = '^%s*(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s*(%S*)%s*(%S*)'
 
+-- One window's spec as parsed: read only (every call's window is a table of its own).
+local function parse_spec(chunk)
+  local id, limit, period_s, slice_s, margin_s, pacing, take, position, zone, switch_at, after =
+    string.match(chunk, SPEC)
+  local calendar, paced = zone ~= '-', pacing == '1'
+  local spec = {
+    id = id,
+    limit = tonumber(limit),
+    period_s = tonumber(period_s),
+    slice_s = tonumber(slice_s),
+    margin_s = tonumber(margin_s),
+    pacing = paced,
+    -- One digit each: compared, not parsed.
+    take = take == '0' and 0 or take == '1' and 1 or tonumber(take),
+    position = position == '0' and 1 or position == '1' and 2 or tonumber(position) + 1,
+    calendar = calendar,
+    f_t = id .. '|t', f_h = id .. '|h',
+    f_lo = not calendar and id .. '|lo' or nil,
+    f_hi = not calendar and id .. '|hi' or nil,
+    f_hv = not calendar and id .. '|hv' or nil,
+    f_p = paced and id .. '|p' or nil,
+    f_d = calendar and id .. '|d' or nil,
+  }
+  if calendar then
+    spec.offset_before, spec.switch_at, spec.offset_after = tonumber(zone), tonumber(switch_at), tonumber(after)
+  end
+  return spec
+end
+
+-- Parsed specs by their packed text, so that a library's call finds its windows'
+-- specs parsed by an earlier one (a script's, run afresh each call, parses each
+-- time). Emptied when full: an account's specs change only with its limits.
+local SPEC_CACHE_SIZE = 256
+local parsed_specs, parsed_count = {}, 0
+
+-- The window specs of one packed text, parsed (cached: read only).
+local function specs_of(packed)
+  local specs = parsed_specs[packed]
+  if specs then
+    return specs
+  end
+  specs = {}
+  for chunk in string.gmatch(packed, '[^|]+') do
+    specs[#specs + 1] = parse_spec(chunk)
+  end
+  if parsed_count >= SPEC_CACHE_SIZE then
+    parsed_specs, parsed_count = {}, 0
+  end
+  parsed_specs[packed] = specs
+  parsed_count = parsed_count + 1
+  return specs
+end
+
+-- The windows of the window specs the client packs into one argument, each a new
+-- table (a call's own: prepare and the rest write into it). The windows live in state s.
 local function parse_specs(packed, s)
   local windows = {}
-  for chunk in string.gmatch(packed, '[^|]+') do
-    local id, limit, period_s, slice_s, margin_s, pacing, take, position, zone, switch_at, after =
-      string.match(chunk, SPEC)
-    local calendar, paced = zone ~= '-', pacing == '1'
-    local w = {
-      id = id,
+  for i, spec in ipairs(specs_of(packed)) do
+    windows[i] = {
+      id = spec.id,
       s = s,
-      limit = tonumber(limit),
-      period_s = tonumber(period_s),
-      slice_s = tonumber(slice_s),
-      margin_s = tonumber(margin_s),
-      pacing = paced,
-      -- One digit each: compared, not parsed.
-      take = take == '0' and 0 or take == '1' and 1 or tonumber(take),
-      position = position == '0' and 1 or position == '1' and 2 or tonumber(position) + 1,
-      calendar = calendar,
-      f_t = id .. '|t', f_h = id .. '|h',
-      f_lo = not calendar and id .. '|lo' or nil,
-      f_hi = not calendar and id .. '|hi' or nil,
-      f_hv = not calendar and id .. '|hv' or nil,
-      f_p = paced and id .. '|p' or nil,
-      f_d = calendar and id .. '|d' or nil,
+      limit = spec.limit,
+      period_s = spec.period_s,
+      slice_s = spec.slice_s,
+      margin_s = spec.margin_s,
+      pacing = spec.pacing,
+      take = spec.take,
+      position = spec.position,
+      calendar = spec.calendar,
+      f_t = spec.f_t, f_h = spec.f_h,
+      f_lo = spec.f_lo, f_hi = spec.f_hi, f_hv = spec.f_hv,
+      f_p = spec.f_p, f_d = spec.f_d,
+      offset_before = spec.offset_before, switch_at = spec.switch_at,
+      offset_after = spec.offset_after,
       -- Set by prepare: named here so that the table is made at its full size at once.
       now = nil, held = nil, pace = nil, total = nil, lo = nil, hi = nil, hv = nil,
     }
-    if calendar then
-      w.offset_before, w.switch_at, w.offset_after = tonumber(zone), tonumber(switch_at), tonumber(after)
-    end
-    windows[#windows + 1] = w
   end
   return windows
 end
@@ -703,21 +760,22 @@ end
 
 -- Tenants ------------------------------------------------------------------------
 
--- The tenants a script serves: KEYS[3], KEYS[4] are the first one's state and leases,
--- and so on; ARGV from `first` on holds per tenant its key ttl (ms), its concurrency
--- cap ("" for none), whether its calls take a lease of its own (1 or 0) and its window
--- specs. Each is read and brought to now.
-local function parse_tenants(first, now, wall)
+-- The tenants a script serves, from its `keys` and `args` (KEYS, ARGV): KEYS[3],
+-- KEYS[4] are the first one's state and leases, and so on; ARGV from `first` on holds
+-- per tenant its key ttl (ms), its concurrency cap ("" for none), whether its calls
+-- take a lease of its own (1 or 0) and its window specs. Each is read and brought to
+-- now.
+local function parse_tenants(keys, args, first, now, wall)
   local tenants = {}
-  for i = 1, (#KEYS - 2) / 2 do
+  for i = 1, (#keys - 2) / 2 do
     local at = first + (i - 1) * 4
-    local s = state(KEYS[1 + 2 * i], KEYS[2 + 2 * i])
+    local s = state(keys[1 + 2 * i], keys[2 + 2 * i])
     local t = {
       s = s,
-      ttl_ms = tonumber(ARGV[at]),
-      cap = tonumber(ARGV[at + 1]),
-      slot = ARGV[at + 2] == '1',
-      windows = parse_specs(ARGV[at + 3], s),
+      ttl_ms = tonumber(args[at]),
+      cap = tonumber(args[at + 1]),
+      slot = args[at + 2] == '1',
+      windows = parse_specs(args[at + 3], s),
     }
     read(s, tenant_fields(t.windows))
     prepare_all(s, t.windows, now, wall)

@@ -52,7 +52,7 @@ prepare_all(ACCOUNT, windows, now, wall)
 -- Both stay false without tenants (no tables made for nothing).
 local tenants, tenant_of = false, false
 if #KEYS > 2 then
-  tenants, tenant_of = parse_tenants(9, now, wall), {}
+  tenants, tenant_of = parse_tenants(KEYS, ARGV, 9, now, wall), {}
   for index in string.gmatch(ARGV[8], '%S+') do
     tenant_of[#tenant_of + 1] = tenants[tonumber(index)] or false
   end

@@ -64,7 +64,7 @@ end
 move(windows, indexes, 0)
 finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
 if #KEYS > 2 then
-  local t = parse_tenants(8, now, wall)[1]
+  local t = parse_tenants(KEYS, ARGV, 8, now, wall)[1]
   move(t.windows, tenant_indexes, #windows)
   finish(t.s, now, t.ttl_ms, ARGV[1])
 end

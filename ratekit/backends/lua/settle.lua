@@ -96,7 +96,7 @@ settle(windows, parse_amounts(ARGV[9]), live)
 finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
 local notice = lease_id
 if #KEYS > 2 then
-  local t = parse_tenants(11, now, wall)[1]
+  local t = parse_tenants(KEYS, ARGV, 11, now, wall)[1]
   if lease_id ~= '-' then
     local holds = {}
     for _, w in ipairs(t.windows) do

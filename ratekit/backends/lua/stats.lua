@@ -28,7 +28,7 @@ end
 report(ACCOUNT, windows)
 finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
 if #KEYS > 2 then
-  local t = parse_tenants(4, now, wall)[1]
+  local t = parse_tenants(KEYS, ARGV, 4, now, wall)[1]
   report(t.s, t.windows)
   finish(t.s, now, t.ttl_ms, ARGV[1])
 end

@@ -1,0 +1,179 @@
+"""How the scripts reach a real server: as one function library run by FCALL, loaded
+once and again after a flush or a restart, or as scripts run by EVALSHA on a server
+without functions. No permit is lost on the way."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import pytest
+import redis.asyncio as redis
+
+from ratekit import Limits
+from ratekit.backends import Demand
+from ratekit.backends._scripts import LIBRARY
+from ratekit.backends.redis import RedisBackend, RedisGrant
+from ratekit.clock import Instant
+
+from .redis_server import NO_FUNCTIONS, RedisServer, require_redis_server
+
+pytestmark = [pytest.mark.anyio, pytest.mark.redis]
+
+ONE = Demand(1, 0, 0)
+LIMITS = Limits(concurrency=2, rpm=100)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def bare_server() -> Iterator[RedisServer]:
+    """A redis-server of one test alone that has no functions (FCALL and FUNCTION are
+    unknown commands, as before Redis 7.0)."""
+    server = RedisServer(require_redis_server(), extra=NO_FUNCTIONS)
+    server.start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def probe(fresh_server: RedisServer) -> AsyncIterator[redis.Redis]:
+    client = redis.Redis.from_url(fresh_server.url, decode_responses=True)
+    yield client
+    await client.aclose()
+
+
+def now() -> Instant:
+    return Instant(time.monotonic(), time.time())
+
+
+def backend_on(url: str) -> RedisBackend:
+    return RedisBackend(url, namespace=uuid.uuid4().hex)
+
+
+async def calls(client: redis.Redis) -> dict[str, int]:
+    """Commands the server ran since its counters were reset, by name."""
+    stats: dict[str, Any] = await client.info("commandstats")
+    return {name.removeprefix("cmdstat_"): int(entry["calls"]) for name, entry in stats.items()}
+
+
+async def in_use(backend: RedisBackend) -> dict[str, float]:
+    return {d.name: d.used for d in await backend.statistics(LIMITS, now())}
+
+
+async def test_the_library_is_loaded_once_and_runs_every_script(
+    fresh_server: RedisServer, probe: redis.Redis
+) -> None:
+    """Reserves, settles and statistics, one by one and gathered, all run as FCALLs of
+    one library, loaded on first use and never again."""
+    backend = backend_on(fresh_server.url)
+    for _ in range(3):
+        grant = await backend.reserve(LIMITS, ONE, now())
+        assert isinstance(grant, RedisGrant)
+        await backend.settle(LIMITS, grant, ONE, now())
+    grants = await asyncio.gather(*(backend.reserve(LIMITS, ONE, now()) for _ in range(2)))
+    await asyncio.gather(*(backend.settle(LIMITS, g, ONE, now()) for g in grants))  # type: ignore[arg-type]
+    assert await in_use(backend) == {"concurrency": 0, "rpm": 5}
+    ran = await calls(probe)
+    assert ran["function|load"] == 1
+    assert ran["fcall"] == 3 * 2 + 2 * 2 + 1 + 1  # + the statistics, + the first try
+    assert "evalsha" not in ran
+    assert "eval" not in ran
+    libraries = await probe.execute_command("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY.name)
+    assert len(libraries) == 1
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("flush", ["FUNCTION FLUSH", "SCRIPT FLUSH"])
+async def test_a_flush_between_reserve_and_settle_loses_no_permit(
+    fresh_server: RedisServer, probe: redis.Redis, flush: str
+) -> None:
+    """Functions (or scripts) flushed while calls are in flight: the library is loaded
+    again and the settles, alone and gathered, end their leases (still live: nothing
+    lapsed, nothing counted twice)."""
+    backend = backend_on(fresh_server.url)
+    first = await backend.reserve(LIMITS, ONE, now())
+    second = await backend.reserve(LIMITS, ONE, now())
+    assert isinstance(first, RedisGrant)
+    assert isinstance(second, RedisGrant)
+    await probe.execute_command(*flush.split())
+    await backend.settle(LIMITS, first, ONE, now())
+    await probe.execute_command(*flush.split())
+    third = await backend.reserve(LIMITS, ONE, now())
+    assert isinstance(third, RedisGrant)
+    await probe.execute_command(*flush.split())
+    await asyncio.gather(
+        backend.settle(LIMITS, second, ONE, now()), backend.settle(LIMITS, third, ONE, now())
+    )
+    assert await in_use(backend) == {"concurrency": 0, "rpm": 3}
+    ran = await calls(probe)
+    assert ran["function|load"] == (1 if flush == "SCRIPT FLUSH" else 4)
+    assert "evalsha" not in ran
+    await backend.aclose()
+
+
+async def test_the_library_is_loaded_again_after_a_restart(fresh_server: RedisServer) -> None:
+    """A server restarted (nothing kept) gets the library again from the first call."""
+    backend = backend_on(fresh_server.url)
+    assert isinstance(await backend.reserve(LIMITS, ONE, now()), RedisGrant)
+    fresh_server.stop()
+    fresh_server.start()
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            grant = await backend.reserve(LIMITS, ONE, now())
+            break
+        except Exception:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.1)
+    assert isinstance(grant, RedisGrant)
+    await backend.settle(LIMITS, grant, ONE, now())
+    assert await in_use(backend) == {"concurrency": 0, "rpm": 1}
+    probe = redis.Redis.from_url(fresh_server.url, decode_responses=True)
+    assert (await calls(probe))["function|load"] == 1
+    await probe.aclose()
+    await backend.aclose()
+
+
+async def test_a_server_without_functions_runs_the_scripts_by_evalsha(
+    bare_server: RedisServer,
+) -> None:
+    """FCALL is an unknown command: the link learns it from its first reply and runs
+    every script by EVALSHA from then on (loaded again after a flush), never trying
+    FCALL again."""
+    backend = backend_on(bare_server.url)
+    probe = redis.Redis.from_url(bare_server.url, decode_responses=True)
+
+    async def errors() -> dict[str, int]:
+        stats: dict[str, Any] = await probe.info("errorstats")
+        return {name.removeprefix("errorstat_"): int(e["count"]) for name, e in stats.items()}
+
+    grant = await backend.reserve(LIMITS, ONE, now())
+    assert isinstance(grant, RedisGrant)
+    before = await errors()  # the first FCALL's unknown command among them
+    await probe.script_flush()
+    await backend.settle(LIMITS, grant, ONE, now())
+    grant = await backend.reserve(LIMITS, ONE, now())
+    assert isinstance(grant, RedisGrant)
+    await probe.script_flush()
+    await backend.settle(LIMITS, grant, ONE, now())
+    after = await errors()
+    assert after.get("ERR") == before.get("ERR")  # no unknown command since
+    assert after["NOSCRIPT"] == 3  # the settle, the reserve, the settle
+    grants = await asyncio.gather(*(backend.reserve(LIMITS, ONE, now()) for _ in range(2)))
+    await probe.script_flush()
+    await asyncio.gather(*(backend.settle(LIMITS, g, ONE, now()) for g in grants))  # type: ignore[arg-type]
+    assert await in_use(backend) == {"concurrency": 0, "rpm": 4}
+    ran = await calls(probe)
+    # + the statistics, + those sent again after NOSCRIPT
+    assert ran["evalsha"] == 4 * 2 + 1 + (await errors())["NOSCRIPT"]
+    assert "fcall" not in ran
+    await probe.aclose()
+    await backend.aclose()

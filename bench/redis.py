@@ -208,7 +208,8 @@ class ServerStats:
             if key.startswith("cmdstat_")
         }
         script_us = sum(
-            float(info.get(f"cmdstat_{name}", {}).get("usec", 0)) for name in ("evalsha", "eval")
+            float(info.get(f"cmdstat_{name}", {}).get("usec", 0))
+            for name in ("evalsha", "eval", "fcall")
         )
         return cls(
             commands,
@@ -337,6 +338,17 @@ def _with_lease(call: tuple[Any, ...], position: int, lease_id: str) -> tuple[An
     return (*call[:at], lease_id, *call[at + 1 :])
 
 
+# What runs one of ratekit's scripts: EVALSHA <sha>, or FCALL <its function in the library>.
+SCRIPT_VERBS = ("EVALSHA", "FCALL")
+
+
+async def _run_script(client: Any, call: tuple[Any, ...]) -> Any:
+    """`call` (sha or function, numkeys, *keys, *args) sent as ratekit sent it."""
+    name = str(call[0])
+    verb = "EVALSHA" if len(name) == 40 and all(c in "0123456789abcdef" for c in name) else "FCALL"
+    return await client.execute_command(verb, *call)
+
+
 async def _record_ratekit(url: str, four: bool) -> tuple[tuple[Any, ...], tuple[Any, ...] | None]:
     """The reserve and settle (None when none is sent) of one ratekit admission, each
     as EVALSHA's arguments (sha, numkeys, *keys, *args), recorded from what its client
@@ -348,7 +360,7 @@ async def _record_ratekit(url: str, four: bool) -> tuple[tuple[Any, ...], tuple[
         RECORDED = []
         try:
             await subject.op()
-            calls = [args[1:] for args in RECORDED if str(args[0]).upper() == "EVALSHA"]
+            calls = [args[1:] for args in RECORDED if str(args[0]).upper() in SCRIPT_VERBS]
         finally:
             RECORDED = None
     finally:
@@ -356,7 +368,7 @@ async def _record_ratekit(url: str, four: bool) -> tuple[tuple[Any, ...], tuple[
     if len(calls) == 1 and not four:
         return calls[0], None  # requests only: no lease, nothing to settle
     if len(calls) != 2:
-        raise BenchError(f"expected ratekit to send 2 EVALSHA per admission, saw {len(calls)}")
+        raise BenchError(f"expected ratekit to send 2 scripts per admission, saw {len(calls)}")
     reserve, settle = calls
     reserve_lease = reserve[2 + int(reserve[1]) + RESERVE_LEASE_ARG]
     settle_lease = settle[2 + int(settle[1]) + SETTLE_LEASE_ARG]
@@ -399,15 +411,15 @@ def _ratekit_scripts(four: bool) -> Callable[[str], Awaitable[Subject]]:
         if settle is None:
 
             async def replay_alone() -> None:
-                await client.evalsha(*reserve)  # no lease: the same call each time
+                await _run_script(client, reserve)  # no lease: the same call each time
 
             return Subject(replay_alone, client.aclose)
         ended = settle
 
         async def replay() -> None:
             lease_id = f"bench:{next(lease_ids)}"
-            await client.evalsha(*_with_lease(reserve, RESERVE_LEASE_ARG, lease_id))
-            await client.evalsha(*_with_lease(ended, SETTLE_LEASE_ARG, lease_id))
+            await _run_script(client, _with_lease(reserve, RESERVE_LEASE_ARG, lease_id))
+            await _run_script(client, _with_lease(ended, SETTLE_LEASE_ARG, lease_id))
 
         return Subject(replay, client.aclose)
 
@@ -1010,7 +1022,7 @@ def _notes(results: Results, args: argparse.Namespace) -> list[str]:
         " scripts included); server reads: read events (total_reads_processed).",
         "Handshakes of new connections are left out of both counts;"
         " background work (ratekit's lease renewals, pyrate's leaker) is in.",
-        "script µs: server time in EVALSHA/EVAL; server CPU: redis-server's user+sys time;"
+        "script µs: server time in EVALSHA/EVAL/FCALL; server CPU: redis-server's user+sys time;"
         " client CPU: this process's. All per call.",
         "pyrate-limiter's async Limiter serialises acquisitions on one asyncio.Lock per loop,"
         " so more tasks do not add throughput.",

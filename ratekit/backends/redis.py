@@ -873,13 +873,13 @@ class _Link:
         on a cluster, loaded on every primary."""
         send: Callable[..., Awaitable[Any]] = self.client.execute_command
         reply: Any = None
-        for _ in range(1 + _LOAD_TRIES):
+        for tried in range(_LOAD_TRIES + 1):
             try:
                 return await send(*self._wire(command))
             except ResponseError as exc:
                 reply = exc
             again, loads = self._loads([reply], [command])
-            if not again:
+            if not again or tried == _LOAD_TRIES:
                 break
             for load in loads:
                 try:

@@ -349,6 +349,78 @@ async def test_a_grant_that_arrives_after_its_caller_left_is_handed_back() -> No
     await backend.aclose()
 
 
+async def test_a_settle_returns_before_redis_answers_it_and_a_snapshot_waits_for_it() -> None:
+    """A settle is posted, not awaited: it returns while Redis has not answered it (its
+    caller goes on, and its next reserve can share the settle's round trip). The slot
+    is back once Redis has run it, and a statistics snapshot taken meanwhile waits for
+    its reply, so that it counts it."""
+    client = GatedRedis()
+    client.gate.set()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=1, rpm=100)
+    grant = await backend.reserve(limits, ONE, now())
+    assert isinstance(grant, RedisGrant)
+    client.gate.clear()
+    client.executed.clear()
+    await asyncio.wait_for(backend.settle(limits, grant, ONE, now()), 1)
+    await client.executed.wait()  # run on the server, its reply held back
+    snapshot = asyncio.create_task(statistics(backend, limits))
+    await asyncio.sleep(0.05)
+    assert not snapshot.done()
+    client.gate.set()
+    stats = await snapshot
+    assert stats["concurrency"].used == 0
+    assert stats["rpm"].used == 1
+    assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+    await backend.aclose()
+
+
+# A process whose event loop ends (asyncio.run returns) with the backend still open,
+# right after its calls: argv is the URL and the account.
+_LEAVER = """
+import asyncio, sys
+import ratekit
+from ratekit.backends.redis import RedisBackend
+
+async def main() -> None:
+    backend = RedisBackend(sys.argv[1], namespace=sys.argv[2])
+    limiter = ratekit.Limiter(ratekit.Limits(concurrency=100, rpm=10**6), backend=backend)
+
+    async def call() -> None:
+        async with limiter.acquire(tokens=0):
+            await asyncio.sleep(0)
+
+    await asyncio.gather(*(call() for _ in range(50)))
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.redis
+async def test_a_process_that_leaves_without_closing_its_backend_still_ends_its_calls(
+    fresh_server: RedisServer,
+) -> None:
+    """Settles still on their way when the loop shuts down (asyncio.run's end, the
+    backend never closed) are sent then: every slot is free at once, not only when the
+    leases lapse, and the process exits at once."""
+    account = namespace()
+    for _ in range(3):
+        started = time.monotonic()
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _LEAVER, fresh_server.url, account],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        assert time.monotonic() - started < 20
+        backend = RedisBackend(fresh_server.url, namespace=account)
+        stats = await statistics(backend, Limits(concurrency=100, rpm=10**6))
+        await backend.aclose()
+        assert stats["concurrency"].used == 0
+
+
 async def test_a_cancel_arriving_with_the_reply_is_never_lost() -> None:
     """A cancel delivered in the very step the reply arrives (what Python 3.11's
     wait_for can swallow): the caller is cancelled, and the grant handed back."""
@@ -849,13 +921,18 @@ async def test_an_admission_of_requests_alone_takes_no_lease_and_sends_no_settle
     backend = RedisBackend(client, namespace=namespace())
     limits = Limits(rpm=10, rates=(Rate(100, 3600),))
     sent: list[tuple[Any, ...]] = []
-    call = backend._link.call
+    call, post = backend._link.call, backend._link.post
 
     async def counting(args: tuple[Any, ...], *rest: Any, **options: Any) -> Any:
         sent.append(args)
         return await call(args, *rest, **options)
 
+    def posting(args: tuple[Any, ...], *rest: Any) -> bool:
+        sent.append(args)
+        return post(args, *rest)
+
     backend._link.call = counting  # type: ignore[method-assign]
+    backend._link.post = posting  # type: ignore[method-assign]
     first = await backend.reserve(limits, ONE, now())
     second = await backend.reserve(limits, ONE, now())
     assert isinstance(first, RedisGrant)

@@ -670,21 +670,28 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
     tenants = Tenants(Tenant(Limits(rpm=60, tpm=100_000)))
     limiter = Limiter(Limits(rpm=10**9, tpm=10**9), backend=backend, tenants=tenants)
     sent: list[tuple[str, ...]] = []
-    call = backend._link.call
+    call, post = backend._link.call, backend._link.post
 
     async def spy(args: tuple[str, ...], *rest: Any, **kwargs: Any) -> Any:
         sent.append(args)
         return await call(args, *rest, **kwargs)
 
+    def spy_post(args: tuple[str, ...], *rest: Any) -> bool:
+        sent.append(args)
+        return post(args, *rest)
+
     backend._link.call = spy  # type: ignore[method-assign]
+    backend._link.post = spy_post  # type: ignore[method-assign]
     try:
         async with limiter.acquire(tokens=100):
             pass
+        await backend._link.posted_answered()  # the settle is posted, not awaited
         assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("2", 7), ("2", 10)]
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
         assert keys == {f"ratekit:{{{namespace}}}:state"}
         async with limiter.acquire(tokens=100, tenant="acme"):
             pass
+        await backend._link.posted_answered()
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
         tenant_key = f"ratekit:{{{namespace}}}:ts:acme"
         assert keys == {f"ratekit:{{{namespace}}}:state", tenant_key}

@@ -99,3 +99,5 @@ STATS = _SCRIPTS["stats"]
 PAUSE = _SCRIPTS["pause"]
 SENT = _SCRIPTS["sent"]
 ESTIMATES = _SCRIPTS["estimates"]
+# Every operation's script, for loading them all at once.
+SCRIPTS = tuple(_SCRIPTS.values())

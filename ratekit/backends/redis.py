@@ -55,7 +55,14 @@ import time
 import weakref
 import zoneinfo
 from collections import OrderedDict, deque
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from collections.abc import (
+    AsyncGenerator,
+    Awaitable,
+    Callable,
+    Coroutine,
+    Mapping,
+    Sequence,
+)
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Literal, TypeVar
@@ -95,7 +102,18 @@ from ._base import (
     take_kind,
     takes_no_slot,
 )
-from ._scripts import ESTIMATES, LIBRARY, PAUSE, RENEW, RESERVE, SENT, SETTLE, STATS, Script
+from ._scripts import (
+    ESTIMATES,
+    LIBRARY,
+    PAUSE,
+    RENEW,
+    RESERVE,
+    SCRIPTS,
+    SENT,
+    SETTLE,
+    STATS,
+    Script,
+)
 from .memory import MemoryBackend, MemoryGrant
 
 OnUnavailable = Literal["fail_closed", "fail_open", "local"]
@@ -594,6 +612,14 @@ class _Link:
         # Not on a cluster: redis-py's cluster client finds an FCALL's keys by asking a
         # node (COMMAND GETKEYS) on every call, an EVALSHA's by itself.
         self.functions = not isinstance(client, RedisCluster)
+        # Whether what runs the scripts was sent since the link started or last lost
+        # Redis: until then, a round trip carries it ahead of its commands, so that no
+        # command is answered NOSCRIPT (and sent again after the ones behind it).
+        self.loaded = False
+        # Closes the link when the loop shuts down while it is open (`_at_shutdown`).
+        self.shutdown_guard: AsyncGenerator[None, None] | None = None
+        # Writes posted (`post`) and not answered yet.
+        self.posted: set[asyncio.Future[Any]] = set()
 
     # -- the loop ----------------------------------------------------------------------
 
@@ -610,6 +636,7 @@ class _Link:
             return
         if self.loop is None:
             self.loop = loop
+            self.spawn(self._watch_shutdown())
             return
         state = "closed" if self.loop.is_closed() else "still running"
         raise WrongEventLoopError(
@@ -630,6 +657,7 @@ class _Link:
         self.last_error = type(exc).__name__
         if self.failures and time.monotonic() < self.retry_at:
             return  # another call of the same outage: one failure per retry
+        self.loaded = False  # a server back from a restart lacks the scripts
         delay = _BACKOFF_S[min(self.failures, len(_BACKOFF_S) - 1)]
         self.failures += 1
         self.retry_at = time.monotonic() + delay
@@ -702,6 +730,7 @@ class _Link:
                     batch = self._take_batch()
                     if batch:
                         await self._send_batch(batch)
+                        _raise_if_cancelled()
                 if self.closing:
                     return
                 waiting = self.loop.create_future()
@@ -842,16 +871,29 @@ class _Link:
         """Send `batch` in one pipeline (a lone command as it is); a script the server
         lacks is loaded, and its commands sent again, in the same pipeline (see
         `_loads`). An error reply is returned in its command's place."""
-        if len(batch) == 1:
-            return [await self._one(batch[0])]
         if isinstance(self.client, RedisCluster):
+            if not self.loaded:
+                for script in SCRIPTS:
+                    await self.client.script_load(script.text)  # on every primary
+                self.loaded = True
+            if len(batch) == 1:
+                return [await self._one(batch[0])]
             # A cluster client routes each command to its node itself (no pipelines):
             # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
+        if len(batch) == 1 and self.loaded:
+            return [await self._one(batch[0])]
         async with self.client.pipeline(transaction=False) as pipe:
+            first = [] if self.loaded else self._all_loads()
+            for load in first:
+                pipe.execute_command(*load)
             for command in batch:
                 pipe.execute_command(*self._wire(command))
             replies: list[Any] = await pipe.execute(raise_on_error=False)
+            for load, answer in zip(first, replies, strict=False):
+                self._loaded(load, answer)
+            self.loaded = True
+            del replies[: len(first)]
             for _ in range(_LOAD_TRIES):
                 again, loads = self._loads(replies, batch)
                 if not again:
@@ -889,6 +931,12 @@ class _Link:
                 self._loaded(load, answer)
         return reply
 
+    def _all_loads(self) -> list[tuple[str, ...]]:
+        """What loads every script: the library, or each script while on EVALSHA."""
+        if self.functions:
+            return [LIBRARY.load()]
+        return [script.load() for script in SCRIPTS]
+
     def _wire(self, command: _Command) -> tuple[str, ...]:
         """What is sent for `command`: a script's EVALSHA as its function's FCALL while
         the link runs functions."""
@@ -902,7 +950,7 @@ class _Link:
     ) -> tuple[list[int], list[tuple[str, ...]]]:
         """Of the `replies` to `commands`, the indexes of those to send again, and what
         to send before them: the library when a function was not found (a restart, a
-        flush, or the first use), the scripts when the server answered NOSCRIPT. A
+        flush), every script when the server answered NOSCRIPT. A
         server without functions (a command it does not know or lets nobody run) turns
         the link to EVALSHA for good, and the scripts are loaded instead."""
         scripts = [command.script for command in commands]
@@ -912,18 +960,18 @@ class _Link:
         if refused:
             self.functions = False
             _log.info("Redis at %s runs no functions: scripts are sent by EVALSHA", self.where)
-        again: list[int] = []
-        loads: dict[tuple[str, ...], None] = {}
-        for i, (reply, script) in enumerate(zip(replies, scripts, strict=True)):
-            if script is None or not (
+        again = [
+            i
+            for i, (reply, script) in enumerate(zip(replies, scripts, strict=True))
+            if script is not None
+            and (
                 isinstance(reply, NoScriptError)
                 or _function_not_found(reply)
-                or (refused and _no_functions(reply))
-            ):
-                continue
-            again.append(i)
-            loads[LIBRARY.load() if self.functions else script.load()] = None
-        return again, list(loads)
+                or (not self.functions and _no_functions(reply))  # an FCALL, sent before
+            )
+        ]
+        # Whatever flushed one script flushed them all: all are loaded again at once.
+        return again, self._all_loads() if again else []
 
     def _loaded(self, load: tuple[str, ...], answer: Any) -> None:
         """The server's answer to `load`: a library it refuses leaves functions for
@@ -942,6 +990,22 @@ class _Link:
             command.deliver(exc)
 
     # -- the background ----------------------------------------------------------------
+
+    async def _watch_shutdown(self) -> None:
+        """Have the loop's shutdown close the link (see `_at_shutdown`)."""
+        self.shutdown_guard = guard = _at_shutdown(self)
+        await anext(guard)
+
+    async def _flush_at_shutdown(self) -> None:
+        """The loop shuts down (`asyncio.run` ends) with the link open: its tasks were
+        cancelled, so the writes they held (posted settles above all) are kept and sent
+        now, within `aclose`'s few seconds, as when the link is closed."""
+        unsent, self.queue = list(self.queue), deque()
+        for command in unsent:
+            command.deliver(_Down())  # a posted settle keeps itself for the replay
+        await asyncio.sleep(0)  # the replies' callbacks run
+        self.failures = 0
+        await self.aclose()
 
     def spawn(self, coroutine: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:
         """Run `coroutine` in the background; a failure it did not handle is logged at
@@ -981,19 +1045,33 @@ class _Link:
                 dropped,
             )
 
-    async def send_later(self, key: object, args: tuple[str, ...], script: Script | None) -> None:
-        """Send a write nobody awaits (a settle of a dropped grant, a late refund); kept
-        for later while Redis is down, dropped with a warning if Redis refuses it."""
-        try:
-            await self.call(args, script, abortable=False)
-        except Exception as exc:
-            if _is_outage(exc):
-                self.mark_down(exc)
-                self.defer(key, args, script)
-            else:
-                _log.warning("a Redis write sent in the background failed (%r): %r", key, exc)
-            return
-        self.mark_up()
+    def post(
+        self,
+        args: tuple[str, ...],
+        script: Script | None,
+        done: Callable[[asyncio.Future[Any]], None],
+    ) -> bool:
+        """Queue a write nobody waits for: it goes out with the next batch (after what
+        was queued before it, ahead of what comes after: a caller that retries once a
+        settle is posted has its reserve sent behind the settle, in the same pipeline
+        when one sender takes both), and its reply or error goes to `done`. False, with
+        nothing queued, while Redis is known to be down or the link is closed."""
+        if self.closed or not self.reachable():
+            return False
+        assert self.loop is not None
+        future = self.loop.create_future()
+        self.posted.add(future)
+        future.add_done_callback(self.posted.discard)
+        future.add_done_callback(done)
+        self.queue.append(_Command(args, script, future, abortable=False, orphan=done))
+        self._wake_sender()
+        return True
+
+    async def posted_answered(self) -> None:
+        """Wait until every write posted so far is answered (or failed): a read after
+        it sees them. Cancelling the wait leaves the writes going."""
+        if self.posted:
+            await asyncio.wait(list(self.posted))
 
     async def _replay(self, *, closing: bool = False) -> None:
         """Send the writes kept while Redis was down, oldest first, a batch at a time.
@@ -1059,6 +1137,17 @@ class _Link:
         self.queue.clear()
         if self.owns_client:
             await self.client.aclose()
+
+
+async def _at_shutdown(link: _Link) -> AsyncGenerator[None, None]:
+    """Suspended for the link's life once started: the event loop closes every async
+    generator still open when it shuts down (after cancelling its tasks), and this one
+    then closes the link, unless it was closed before."""
+    try:
+        yield
+    finally:
+        if not link.closing:
+            await link._flush_at_shutdown()
 
 
 class RedisBackend:
@@ -1269,6 +1358,10 @@ class RedisBackend:
         if self._closed or self._link.closed:
             if settling:
                 return False
+            if self._link.loop is not None:
+                # Closed with its loop's end (asyncio.run returned): from another loop,
+                # that is the error to name.
+                self._link.enter(self)
             raise BackendUnavailableError(f"{self!r} is closed")
         self._link.enter(self)
         if now is not None and now.mono >= self._last_now.mono:
@@ -1473,36 +1566,18 @@ class RedisBackend:
         """Record the call's real usage (None: it never reached the provider, hand all
         back) and free its slot. Only the first settle of a grant counts.
 
-        Cancelling the caller does not stop the settle. While Redis is down it is
-        kept and sent when Redis answers again; the slot comes back then, or when
-        its lease lapses.
+        The settle is queued, not awaited (`_post_settle`): the caller goes on at once,
+        and its next reserve goes out behind the settle, in the same round trip when
+        both wait for the same sender. While Redis is down it is kept and sent when
+        Redis answers again; the slot comes back then, or when its lease lapses.
         """
         assert isinstance(grant, RedisGrant), "a grant of another backend"
         if not self._enter(now, settling=True):
             return
         self._bind(limits)  # the limits in force: the settle runs under them
         command = self._end(grant, actual, now)
-        if command is None:
-            return
-        link = self._link
-        lease_id = grant.lease_id
-        try:
-            await link.call(
-                command,
-                SETTLE,
-                abortable=False,
-                orphan=partial(self._settle_orphan, lease_id, command),
-            )
-        except Exception as exc:
-            if not _is_outage(exc):
-                raise
-            link.mark_down(exc)
-            link.defer(lease_id, command, SETTLE)
-            return
-        link.mark_up()
-        if grant.tenant is not None:
-            # Its tenant's callers here retry now, whether or not the notice reaches them.
-            self._tenant_listeners.notify(grant.tenant.name)
+        if command is not None:
+            self._post_settle(grant.lease_id, command, grant.tenant)
 
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
         """The call of `grant` left the process now: what it recorded at its admission
@@ -1585,9 +1660,7 @@ class RedisBackend:
         self._bind(limits)  # the limits in force: the settle runs under them
         command = self._end(grant, actual, now)
         if command is not None:
-            self._link.spawn(self._link.send_later(grant.lease_id, command, SETTLE))
-            if grant.tenant is not None:
-                self._tenant_listeners.notify(grant.tenant.name)
+            self._post_settle(grant.lease_id, command, grant.tenant)
 
     def _end(
         self, grant: RedisGrant, actual: Demand | None, now: Instant
@@ -1641,20 +1714,43 @@ class RedisBackend:
             args += [*tenant.binding.tenant_args(wall), " ".join(tenant.indexes), tenant.name]
         return SETTLE.evalsha(keys, args)
 
-    def _settle_orphan(
-        self, lease_id: str, command: tuple[str, ...], future: asyncio.Future[Any]
+    def _post_settle(
+        self, lease_id: str, command: tuple[str, ...], tenant: _TenantPart | None
     ) -> None:
-        """A settle whose caller was cancelled finished: keep it if Redis was down."""
+        """Send a settle nobody awaits (the one way every settle and refund of this
+        backend goes out): queued behind what waits to be sent, kept for later while
+        Redis is down."""
+        link = self._link
+        if not link.post(command, SETTLE, partial(self._settled, lease_id, command, tenant)):
+            link.defer(lease_id, command, SETTLE)
+
+    def _settled(
+        self,
+        lease_id: str,
+        command: tuple[str, ...],
+        tenant: _TenantPart | None,
+        future: asyncio.Future[Any],
+    ) -> None:
+        """A posted settle's reply: its tenant's callers here retry; kept if Redis was
+        down; any other failure is logged (its lease lapses on its own)."""
         if future.cancelled():
             return
         exc = future.exception()
+        link = self._link
         if exc is None:
-            self._link.mark_up()
+            link.mark_up()
+            # This process's waiters retry now, whether or not the notice reaches them.
+            self._listeners.notify()
+            if tenant is not None:
+                # Its tenant's callers here retry now, whether or not the notice reaches them.
+                self._tenant_listeners.notify(tenant.name)
         elif _is_outage(exc):
-            self._link.mark_down(exc)
-            self._link.defer(lease_id, command, SETTLE)
+            link.mark_down(exc)
+            link.defer(lease_id, command, SETTLE)
         else:
-            _log.warning("a settle whose caller was cancelled failed: %r", exc)
+            _log.warning(
+                "a settle Redis refused (%r): its lease lapses on its own: %r", lease_id, exc
+            )
 
     def _refund_orphan(
         self,
@@ -1678,14 +1774,14 @@ class RedisBackend:
             command = self._settle_command(
                 binding, lease_ids[j], demands[j], indexes, None, None, part
             )
-            self._link.spawn(self._link.send_later(lease_ids[j], command, SETTLE))
-            if part is not None:
-                self._tenant_listeners.notify(part.name)
+            self._post_settle(lease_ids[j], command, part)
 
     async def _read_stats(self, command: Any) -> Any:
         """The reply of a stats script; `BackendUnavailableError` while Redis is down (a
-        snapshot has no fallback: this process's counts alone would mislead)."""
+        snapshot has no fallback: this process's counts alone would mislead). The settles
+        this process posted before are answered first, so that the snapshot counts them."""
         link = self._link
+        await link.posted_answered()
         try:
             reply = await link.call(command, STATS, abortable=True)
         except Exception as exc:

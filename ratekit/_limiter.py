@@ -192,6 +192,7 @@ class Limiter:
         "_unsubscribe",
         "_waiting_tenants",
         "_wake",
+        "_wall",
     )
 
     def __init__(
@@ -219,8 +220,11 @@ class Limiter:
         elif not all(callable(getattr(clock, name, None)) for name in ("now", "wall", "wait")):
             raise InvalidArgumentError(f"Limiter: clock must be a ratekit Clock, got {clock!r}")
         self._clock: Clock = clock
-        # `clock.now`; the system clock's own reading without its method's frame.
-        self._now: Callable[[], float] = time.monotonic if type(clock) is SystemClock else clock.now
+        # `clock.now` and `clock.wall`; the system clock's own readings without their
+        # methods' frames.
+        system = type(clock) is SystemClock
+        self._now: Callable[[], float] = time.monotonic if system else clock.now
+        self._wall: Callable[[], float] = time.time if system else clock.wall
         self._backend: Backend = backend
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
@@ -303,8 +307,8 @@ class Limiter:
 
     def instant(self) -> Instant:
         """The limiter's reading of its clock, as handed to the backend."""
-        clock = self._clock
-        return Instant(clock.now(), clock.wall())
+        # A tuple built directly: the generated constructor of a NamedTuple is slower.
+        return tuple.__new__(Instant, (self._now(), self._wall()))
 
     def _on_change(self) -> None:
         if self._wake is not None:
@@ -444,7 +448,7 @@ class Limiter:
             return None
         if self._loop is None:
             self._loop = _Loop.current()
-        wall = self._clock.wall() if self._calendar else math.nan
+        wall = self._wall() if self._calendar else math.nan
         if tenant is not None:
             return self._reserve_both(local, demand, tenant, self._now(), wall)
         return local.reserve_now(self._limits, demand, self._now(), wall)
@@ -473,9 +477,8 @@ class Limiter:
         if tenant is not None:
             local = self._local
             if local is not None:
-                clock = self._clock
-                wall = clock.wall() if self._calendar else math.nan
-                return self._reserve_both(local, demand, tenant, clock.now(), wall)
+                wall = self._wall() if self._calendar else math.nan
+                return self._reserve_both(local, demand, tenant, self._now(), wall)
             shared = self._shared_tenants
             if shared is not None:
                 assert self._tenants is not None
@@ -542,7 +545,7 @@ class Limiter:
                     fair.served(ticket, idle=not queue)
                 return outcome
             refusal = outcome
-        deadline_s = None if timeout_s is None else self._clock.now() + timeout_s
+        deadline_s = None if timeout_s is None else self._now() + timeout_s
         while True:
             if refusal is not None and refusal.dimension.startswith(TENANT_PREFIX):
                 # Held back by its tenant's own limits: it waits out of the queue, so that
@@ -776,7 +779,7 @@ class Limiter:
         if local is None:
             return False
         now = self._now()
-        wall = self._clock.wall() if self._calendar else math.nan
+        wall = self._wall() if self._calendar else math.nan
         if grant.__class__ is TenantGrant:
             assert isinstance(grant, TenantGrant)
             Tenants.settle_now(grant, actual, now, wall)

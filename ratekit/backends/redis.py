@@ -307,11 +307,13 @@ class _Binding:
     """
 
     __slots__ = (
+        "calendar",
         "concurrency",
         "fields",
         "fields_from",
         "fields_until",
         "key_ttl_ms",
+        "key_ttl_text",
         "keys",
         "leaseless",
         "limits",
@@ -351,6 +353,10 @@ class _Binding:
         self.key_ttl_ms = math.ceil((longest_s + limits.margin_s) * 1000) + math.ceil(
             lease_ttl_s * 2000
         )
+        # The scripts' key ttl argument, and whether a spec depends on the wall clock
+        # (a calendar day's zone): both fixed for the binding's life.
+        self.key_ttl_text = str(self.key_ttl_ms)
+        self.calendar = any(rate.calendar_tz for rate in self.rates)
         # Each window's spec fields, packed, and the span of wall-clock instants
         # they serve (a calendar day's zone transition is looked up near one).
         self.fields: list[list[str]] = []
@@ -1301,6 +1307,7 @@ class RedisBackend:
         self._prefix = f"{prefix}:{{{namespace}}}"
         self._channel = f"{self._prefix}:released"
         self._lease_ttl_s = lease_ttl_s
+        self._lease_ttl_text = repr(lease_ttl_s)
         self._policy: OnUnavailable = policy
         self._local_share = local_share
         self._server_time = server_time
@@ -1390,7 +1397,7 @@ class RedisBackend:
         Cancellable at any point: a grant that arrives after the caller left is
         refunded by the backend (`settle` with nothing used).
         """
-        grants, refusal = await self.reserve_many(limits, (demand,), now)
+        grants, refusal = await self._reserve_many(limits, (demand,), now, None)
         if grants:
             return grants[0]
         assert refusal is not None
@@ -1461,16 +1468,19 @@ class RedisBackend:
                 else f"{self._instance}:{next(self._lease_ids)}"
                 for part in parts
             ]
-        wall = self._wall(now)
+        # The wall clock matters only to a calendar day's spec.
+        wall = self._wall(now) if binding.calendar or parts is not None else 0.0
         keys = binding.keys
         args = [
             self._clock_arg(now),
-            str(binding.key_ttl_ms),
+            binding.key_ttl_text,
             binding.concurrency,
-            " ".join(lease_ids),
-            repr(self._lease_ttl_s),
+            lease_ids[0] if len(lease_ids) == 1 else " ".join(lease_ids),
+            self._lease_ttl_text,
             binding.specs(wall),
-            "|".join(_amounts(demand) for demand in demands),
+            _amounts(demands[0])
+            if len(demands) == 1
+            else "|".join(_amounts(demand) for demand in demands),
         ]
         if parts is not None:
             keys, tenant_args = self._tenant_args(keys, parts, wall)
@@ -1599,7 +1609,7 @@ class RedisBackend:
         keys = binding.keys
         args = [
             self._clock_arg(now),
-            str(binding.key_ttl_ms),
+            binding.key_ttl_text,
             grant.lease_id,
             binding.specs(wall, self._binding),
             _amounts(grant.demand),
@@ -1699,7 +1709,7 @@ class RedisBackend:
         keys = binding.keys
         args = [
             self._clock_arg(now),
-            str(binding.key_ttl_ms),
+            binding.key_ttl_text,
             lease_id,
             self._channel,
             "1" if actual is None else "0",

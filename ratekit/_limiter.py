@@ -42,6 +42,7 @@ from .backends._base import (
     Grant,
     InProcess,
     Refusal,
+    SettlesHere,
     SharedTenants,
 )
 from .backends.memory import MemoryBackend
@@ -180,6 +181,7 @@ class Limiter:
         "_fair",
         "_full_since_s",
         "_head_eta_s",
+        "_here",
         "_limits",
         "_local",
         "_loop",
@@ -228,6 +230,10 @@ class Limiter:
         self._backend: Backend = backend
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
+        # A shared backend that ends some grants with no I/O, ended at once too.
+        self._here: SettlesHere | None = (
+            backend if self._local is None and isinstance(backend, SettlesHere) else None
+        )
         # A shared backend that keeps tenants' own limits beside the account's.
         self._shared_tenants: SharedTenants | None = None
         if tenants is not None and tenants.limited and self._local is None:
@@ -444,7 +450,7 @@ class Limiter:
         """The uncontended in-memory path: admit synchronously, or None when it cannot be
         tried (a shared backend, or callers already waiting)."""
         local = self._local
-        if local is None or self._queue:
+        if local is None or self._queue.size:
             return None
         if self._loop is None:
             self._loop = _Loop.current()
@@ -537,9 +543,12 @@ class Limiter:
         else:
             assert self._tenants is not None
             ticket = fair.tag(tenant, self._tenants.weight(tenant))
-        seen = self._mark(tenant)
-        if refusal is None and not queue:
-            outcome = await self._attempt(demand, tenant)
+        seen = None if tenant is None else self._mark(tenant)
+        if refusal is None and not queue.size:
+            if tenant is None:  # `_attempt`, without its frame
+                outcome = await self._backend.reserve(self._limits, demand, self.instant())
+            else:
+                outcome = await self._attempt(demand, tenant)
             if not isinstance(outcome, Refusal):
                 if fair is not None:
                     fair.served(ticket, idle=not queue)
@@ -772,12 +781,17 @@ class Limiter:
     # -- ending admissions -------------------------------------------------------------
 
     def _settle_now(self, grant: Grant, actual: Demand | None) -> bool:
-        """End one admission's grant at once when the backend is in this process (no
-        cancellation can come between the end and the slot's return); False when it
-        takes a round trip (`_settle`)."""
+        """End one admission's grant at once when the backend is in this process, or the
+        shared one needs no round trip for it (no cancellation can come between the end
+        and the slot's return); False when it takes a round trip (`_settle`)."""
         local = self._local
         if local is None:
-            return False
+            here = self._here
+            if here is None or not here.settles_here(grant, actual):
+                return False
+            self._backend.abandon(self._limits, grant, actual, self.instant())
+            self._on_change()  # as `_settle` does
+            return True
         now = self._now()
         wall = self._wall() if self._calendar else math.nan
         if grant.__class__ is TenantGrant:

@@ -43,7 +43,7 @@ class WaitQueue:
     skipped when it reaches the front), so a storm of cancellations stays linear.
     """
 
-    __slots__ = ("_counts", "_credits", "_levels", "_size", "lower_share", "max_size")
+    __slots__ = ("_counts", "_credits", "_levels", "lower_share", "max_size", "size")
 
     def __init__(self, *, lower_share: float = 0.1, max_size: int | None = None) -> None:
         if (
@@ -65,10 +65,12 @@ class WaitQueue:
         self._counts: dict[int, int] = {}
         # Turns earned by each lower priority while it waited.
         self._credits: dict[int, float] = {}
-        self._size = 0
+        # How many callers wait (`len`, read without a method call on hot paths); only
+        # `push` and `remove` change it.
+        self.size = 0
 
     def __len__(self) -> int:
-        return self._size
+        return self.size
 
     def waiting(self) -> dict[int, int]:
         """How many callers wait, per priority."""
@@ -79,7 +81,7 @@ class WaitQueue:
         in the order of arrival; default: last); `QueueFullError` when `max_size`
         callers already wait. O(1) when callers are pushed in order, O(k) for one k
         places early."""
-        if self.max_size is not None and self._size >= self.max_size:
+        if self.max_size is not None and self.size >= self.max_size:
             raise QueueFullError(self.max_size)
         waiter = Waiter(priority, demand, ticket)
         level = self._levels.setdefault(priority, deque())
@@ -91,7 +93,7 @@ class WaitQueue:
                 place -= 1
             level.insert(place, waiter)
         self._counts[priority] = self._counts.get(priority, 0) + 1
-        self._size += 1
+        self.size += 1
         return waiter
 
     def remove(self, waiter: Waiter) -> None:
@@ -100,7 +102,7 @@ class WaitQueue:
             return
         waiter.gone = True
         priority = waiter.priority
-        self._size -= 1
+        self.size -= 1
         left = self._counts[priority] - 1
         if not left:
             del self._counts[priority]

@@ -1672,6 +1672,18 @@ class RedisBackend:
         if command is not None:
             self._post_settle(grant.lease_id, command, grant.tenant)
 
+    def settles_here(self, grant: Grant, actual: Demand | None) -> bool:
+        """Whether `settle` of `grant` sends nothing (see `_end`): it was settled already,
+        admitted while Redis was down, or took no lease and is settled with its usage
+        (only requests were counted, and the call was sent: all final)."""
+        assert isinstance(grant, RedisGrant), "a grant of another backend"
+        return (
+            grant.settled
+            or grant.local is not None
+            or grant.binding is None
+            or (grant.lease_id == NO_LEASE and actual is not None)
+        )
+
     def _end(
         self, grant: RedisGrant, actual: Demand | None, now: Instant
     ) -> tuple[str, ...] | None:

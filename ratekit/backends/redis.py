@@ -1458,6 +1458,8 @@ class RedisBackend:
         if parts is None:
             if binding.leaseless:
                 lease_ids = [NO_LEASE] * len(demands)
+            elif len(demands) == 1:
+                lease_ids = [f"{self._instance}:{next(self._lease_ids)}"]
             else:
                 lease_ids = [f"{self._instance}:{next(self._lease_ids)}" for _ in demands]
         else:
@@ -1560,12 +1562,12 @@ class RedisBackend:
         windows = len(binding.rates)
         at = 2
         for j in range(int(reply[0])):
-            indexes = [_text(i) for i in reply[at : at + windows]]
+            indexes = list(map(_text, reply[at : at + windows]))
             at += windows
             part = None if parts is None else parts[j]
             if part is not None:
                 own = len(part.binding.rates)
-                part = part.admitted([_text(i) for i in reply[at : at + own]])
+                part = part.admitted(list(map(_text, reply[at : at + own])))
                 at += own
             admitted.append((indexes, part))
         return admitted, at

@@ -220,56 +220,40 @@ async def test_a_refund_elsewhere_of_a_call_without_a_lease_wakes_a_waiter() -> 
     await there.aclose()
 
 
-async def test_settles_here_exactly_when_a_settle_sends_nothing() -> None:
-    """`settles_here` says yes exactly for the ends `settle` sends no command for (the
-    limiter ends those at once): a call without a lease settled with its usage, a grant
-    settled already, one admitted while Redis was down; a refund or a lease is sent."""
-    server = fakeredis.FakeServer()
-    backend = make(server, on_unavailable="local")
-    sent: list[str] = []
-    call = backend._link.call
-
-    async def counting(args: tuple[str, ...], *rest: object, **options: object) -> object:
-        sent.append(args[0])
-        return await call(args, *rest, **options)  # type: ignore[arg-type]
-
-    backend._link.call = counting  # type: ignore[method-assign]
-    requests_only, capped = Limits(rpm=10), Limits(concurrency=2, rpm=10)
-
-    async def case(limits: Limits, actual: Demand | None, *, down: bool = False) -> bool:
-        server.connected = not down
-        grant = await backend.reserve(limits, ONE, real_now())
-        assert isinstance(grant, RedisGrant)
-        server.connected = True
-        answer = backend.settles_here(grant, actual)
-        before = len(sent)
-        await backend.settle(limits, grant, actual, real_now())
-        assert answer == (len(sent) == before), (limits, actual, down)
-        assert backend.settles_here(grant, actual)  # settled: nothing more is sent
-        return answer
-
-    assert await case(requests_only, ONE)
-    assert not await case(requests_only, None)
-    assert not await case(capped, ONE)
-    assert not await case(capped, None)
-    assert await case(capped, ONE, down=True)
-    await backend.aclose()
-
-
-async def test_a_release_with_nothing_to_send_does_not_suspend() -> None:
-    """A requests-only admission on Redis ends without a round trip and without letting
-    the loop run (as in process); one that holds a slot sends its settle."""
+async def test_a_release_on_redis_ends_at_once_and_posts_what_it_sends() -> None:
+    """Every admission on Redis ends without letting the loop run (as in process): one
+    of requests alone sends nothing; one that holds a slot, or a refund, posts its
+    settle, and the slot is back once Redis has run it."""
     backend = make()
     loop = asyncio.get_running_loop()
-    for limits, suspends in ((Limits(rpm=10), False), (Limits(concurrency=2, rpm=10), True)):
+    sent: list[str] = []
+    post = backend._link.post
+
+    def counting(args: tuple[str, ...], *rest: object) -> bool:
+        sent.append(args[0])
+        return post(args, *rest)  # type: ignore[arg-type]
+
+    backend._link.post = counting  # type: ignore[method-assign]
+    cases = (
+        (Limits(rpm=10), False, 0),
+        (Limits(rpm=10), True, 1),
+        (Limits(concurrency=2, rpm=10), False, 1),
+        (Limits(concurrency=2, rpm=10), True, 1),
+    )
+    for limits, refund, posted in cases:
         limiter = ratekit.Limiter(limits, backend=backend)
         admission = await limiter.acquire()
         ran: list[int] = []
         loop.call_soon(ran.append, 1)
-        await admission.release()
-        assert bool(ran) == suspends, limits
+        before = len(sent)
+        await (admission.refund() if refund else admission.release())
+        assert ran == [], limits
+        assert len(sent) - before == posted, (limits, refund)
         assert not admission.granted
-        assert (await limiter.statistics()).dimension("rpm").used >= 1
+        stats = await limiter.statistics()  # waits for what was posted
+        assert stats.dimension("rpm").used >= (0 if refund else 1)
+        if limits.concurrency:
+            assert stats.dimension("concurrency").used == 0
     await backend.aclose()
 
 

@@ -219,14 +219,15 @@ class InProcess(Protocol):
 
 @runtime_checkable
 class SettlesHere(Protocol):
-    """What a shared backend adds when some of its grants end with no I/O (nothing of
-    theirs in the store changes at the end: a grant that counted requests alone, one
-    admitted while the store was down). The limiter ends those at once, with
-    `abandon`, which then does exactly what `settle` would, without suspending: no
-    cancellation can come between the end and the slot's return, as in process."""
+    """What a shared backend adds when some of its grants end without waiting for the
+    store: with no I/O (nothing of theirs changes at the end), or with a write the
+    backend sends in the background, in order with what this process sends next. The
+    limiter ends those at once, with `abandon`, which then does exactly what `settle`
+    would, without suspending: no cancellation can come between the end and the
+    slot's return, as in process."""
 
     def settles_here(self, grant: Any, actual: Demand | None) -> bool:
-        """Whether ending `grant` with `actual` (None: a refund) needs no round trip."""
+        """Whether ending `grant` with `actual` (None: a refund) waits for nothing."""
         ...
 
 

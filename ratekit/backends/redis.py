@@ -1583,13 +1583,7 @@ class RedisBackend:
         both wait for the same sender. While Redis is down it is kept and sent when
         Redis answers again; the slot comes back then, or when its lease lapses.
         """
-        assert isinstance(grant, RedisGrant), "a grant of another backend"
-        if not self._enter(now, settling=True):
-            return
-        self._bind(limits)  # the limits in force: the settle runs under them
-        command = self._end(grant, actual, now)
-        if command is not None:
-            self._post_settle(grant.lease_id, command, grant.tenant)
+        self.abandon(limits, grant, actual, now)
 
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
         """The call of `grant` left the process now: what it recorded at its admission
@@ -1663,9 +1657,11 @@ class RedisBackend:
         return False
 
     def abandon(self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant) -> None:
-        """Settle a grant whose holder dropped it, in the background: its lease is no
-        longer renewed from now on, and the settle is sent (or kept while Redis is
-        down). To be called on the backend's event loop, never from a finalizer."""
+        """Settle a grant at once, its settle posted (as `settle` does: the limiter ends
+        every grant of this backend here, see `settles_here`, and a grant its holder
+        dropped too): its lease is no longer renewed from now on, and the settle is sent
+        (or kept while Redis is down). On the backend's event loop, never from a
+        finalizer."""
         assert isinstance(grant, RedisGrant), "a grant of another backend"
         if not self._enter(now, settling=True):
             return
@@ -1675,16 +1671,10 @@ class RedisBackend:
             self._post_settle(grant.lease_id, command, grant.tenant)
 
     def settles_here(self, grant: Grant, actual: Demand | None) -> bool:
-        """Whether `settle` of `grant` sends nothing (see `_end`): it was settled already,
-        admitted while Redis was down, or took no lease and is settled with its usage
-        (only requests were counted, and the call was sent: all final)."""
+        """True: no settle of this backend waits for Redis. One that sends something
+        posts it (see `settle`), the others send nothing (`_end`)."""
         assert isinstance(grant, RedisGrant), "a grant of another backend"
-        return (
-            grant.settled
-            or grant.local is not None
-            or grant.binding is None
-            or (grant.lease_id == NO_LEASE and actual is not None)
-        )
+        return True
 
     def _end(
         self, grant: RedisGrant, actual: Demand | None, now: Instant

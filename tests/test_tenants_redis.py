@@ -670,18 +670,13 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
     tenants = Tenants(Tenant(Limits(rpm=60, tpm=100_000)))
     limiter = Limiter(Limits(rpm=10**9, tpm=10**9), backend=backend, tenants=tenants)
     sent: list[tuple[str, ...]] = []
-    call, post = backend._link.call, backend._link.post
+    wire = backend._link._wire  # what goes out for each command sent
 
-    async def spy(args: tuple[str, ...], *rest: Any, **kwargs: Any) -> Any:
-        sent.append(args)
-        return await call(args, *rest, **kwargs)
+    def spy(command: Any) -> tuple[Any, ...]:
+        sent.append(command.args)
+        return wire(command)
 
-    def spy_post(args: tuple[str, ...], *rest: Any) -> bool:
-        sent.append(args)
-        return post(args, *rest)
-
-    backend._link.call = spy  # type: ignore[method-assign]
-    backend._link.post = spy_post  # type: ignore[method-assign]
+    backend._link._wire = spy  # type: ignore[method-assign]
     try:
         async with limiter.acquire(tokens=100):
             pass

@@ -33,7 +33,8 @@ pods retry at once.
 
 Commands are sent by the backend's own tasks, over at most `connections`
 connections at once: callers beyond wait their turn, and a burst of them shares
-round trips (each still one EVALSHA, pipelined). Each round trip is bounded by
+round trips (pipelined); the reserves of one account that wait together run as one
+script, which admits them in the order they came. Each round trip is bounded by
 `command_timeout_s`, and the caller's await is cancellable whatever the client: a
 grant that arrives after its caller left is handed back by the backend itself.
 Only socket-level failures (refused, reset, timed out) count as an outage; a busy
@@ -520,6 +521,18 @@ class _Command:
         """Whether it is still to be sent: its caller waits, or it must go anyway."""
         return not (self.abortable and self.future.done())
 
+    def take(self) -> bool:
+        """A sender takes it: False if it is dropped (its caller left and it need not go),
+        else it may reach the server from now on."""
+        if not self.wanted():
+            return False
+        self.sending = True
+        return True
+
+    def untake(self) -> None:
+        """It was not sent after all: its caller may still leave and drop it."""
+        self.sending = False
+
     def deliver(self, reply: Any) -> None:
         """Hand the reply (an exception for an error) to the caller, or to the orphan
         handler when the caller left."""
@@ -537,6 +550,121 @@ class _Command:
             else:
                 resolved.set_result(reply)
             self.orphan(resolved)
+
+
+class _Reserves:
+    """The reserves of one account that wait for a sender together, under the same
+    keys, window specs, cap, ttls and clock argument: sent as one run of the reserve
+    script, which admits their demands in the order they came until one does not fit
+    (reserve.lua), its reply split so that each caller hears what it would have heard
+    alone (`deliver`).
+
+    It takes more callers until a sender takes it (a burst shares one run without
+    waiting for anything); a caller that left before then drops out, and nothing is
+    reserved for it. Each caller is a `_Command` of its own, so a grant whose caller
+    left after the run was sent goes to that caller's orphan handler, as for a reserve
+    sent alone.
+    """
+
+    __slots__ = (
+        "args",
+        "count",
+        "groups",
+        "key",
+        "keys",
+        "members",
+        "sending",
+        "template",
+        "windows",
+    )
+
+    # What the sender reads of a command: the script, loaded again on NOSCRIPT.
+    script = RESERVE
+
+    def __init__(
+        self,
+        keys: list[str],
+        template: list[str],
+        windows: int,
+        key: tuple[str, ...],
+        groups: dict[tuple[str, ...], _Reserves],
+    ) -> None:
+        self.keys = keys
+        # The arguments of the first caller (see reserve.lua): every caller's are the same
+        # but for the lease ids (ARGV[4]) and the demands (ARGV[7]).
+        self.template = template
+        # The slice indexes in the reply per demand admitted: one per window.
+        self.windows = windows
+        # Its place among the link's reserves still open to more callers.
+        self.key = key
+        self.groups = groups
+        # Each caller, with its lease ids and demands as packed, and how many demands.
+        self.members: list[tuple[_Command, str, str, int]] = []
+        self.count = 0
+        # The EVALSHA, built from the callers left when a sender takes it.
+        self.args: tuple[str, ...] = ()
+        self.sending = False
+
+    def add(self, command: _Command, lease_ids: str, demands: str, count: int) -> None:
+        self.members.append((command, lease_ids, demands, count))
+        self.count += count
+
+    def take(self) -> bool:
+        """A sender takes it: it is closed to more callers, those who left drop out, and
+        the one EVALSHA of those left is built (False: nobody is left)."""
+        if self.groups.get(self.key) is self:
+            del self.groups[self.key]
+        members = self.members = [member for member in self.members if member[0].wanted()]
+        if not members:
+            return False
+        for member in members:
+            member[0].sending = True
+        self.sending = True
+        template = self.template
+        args = [
+            *template[:3],
+            " ".join([member[1] for member in members]),
+            *template[4:6],
+            "|".join([member[2] for member in members]),
+        ]
+        self.args = RESERVE.evalsha(self.keys, args)
+        return True
+
+    def untake(self) -> None:
+        self.sending = False
+        for member in self.members:
+            member[0].untake()
+
+    def deliver(self, reply: Any) -> None:
+        """Each caller's part of the reply, as reserve.lua answers one caller alone:
+        ``{k, now, slice indexes of its k admitted, [wait, dimension]}``.
+
+        Those behind the first demand refused are refused too (none of them jumps it),
+        with its wait and dimension: none of them can be admitted before it is, so its
+        wait is a lower bound of theirs, and a queue of them retries no sooner than the
+        one at its head must."""
+        members = self.members
+        if isinstance(reply, BaseException) or len(members) == 1:
+            for member in members:
+                member[0].deliver(reply)
+            return
+        admitted = int(reply[0])
+        account_now = reply[1]
+        windows = self.windows
+        at = 2 + admitted * windows
+        refusal = reply[at : at + 2]
+        start = 0
+        for command, _, _, count in members:
+            mine = min(max(admitted - start, 0), count)
+            part = [mine, account_now, *reply[2 + start * windows : 2 + (start + mine) * windows]]
+            if mine < count:
+                part += refusal
+            command.deliver(part)
+            start += count
+
+
+# What a sender sends: a command, or reserves of one account sent as one.
+_Sendable = _Command | _Reserves
 
 
 class _Watch:
@@ -560,9 +688,9 @@ class _Link:
 
     Commands are sent by at most `connections` senders at once, each taking every
     command waiting (up to `_BATCH`) and sending them in one pipeline on one
-    connection: each is still its own EVALSHA, but a burst of callers shares round
-    trips instead of waiting for a connection each. Bound to the loop of its first
-    use; `enter` refuses any other.
+    connection: a burst of callers shares round trips instead of waiting for a
+    connection each, and the reserves of one account among them run as one EVALSHA
+    (`reserve`). Bound to the loop of its first use; `enter` refuses any other.
     """
 
     def __init__(
@@ -588,7 +716,10 @@ class _Link:
         self.connections = connections
         self.loop: asyncio.AbstractEventLoop | None = None
         # Commands waiting for a sender, oldest first.
-        self.queue: deque[_Command] = deque()
+        self.queue: deque[_Sendable] = deque()
+        # The reserves in the queue still open to more callers, by what they share (see
+        # `reserve`).
+        self.reserves: dict[tuple[str, ...], _Reserves] = {}
         # Senders running, and those idle, each waiting on its future for work.
         self.senders = 0
         self.idle: deque[asyncio.Future[None]] = deque()
@@ -697,6 +828,42 @@ class _Link:
         command = _Command(args, script, future, abortable=abortable, orphan=orphan or self.orphan)
         self.queue.append(command)
         self._wake_sender()
+        return await self._reply(command)
+
+    async def reserve(
+        self,
+        keys: list[str],
+        args: list[str],
+        count: int,
+        windows: int,
+        orphan: Callable[[asyncio.Future[Any]], None],
+    ) -> Any:
+        """Run the reserve script on `keys` with `args` (its seven, see reserve.lua) for
+        `count` demands under `windows` windows, and wait for its reply, cancellably.
+
+        Reserves waiting for a sender with the same keys and arguments but for their
+        lease ids and demands run as one (`_Reserves`), in the order they came: a caller
+        hears its own part of the reply, as if it had run alone. Cancellation and
+        outages are those of `call` (abortable, with `orphan`).
+        """
+        if self.closed or not self.reachable():
+            raise _Down
+        assert self.loop is not None
+        future = self.loop.create_future()
+        command = _Command((), RESERVE, future, abortable=True, orphan=orphan)
+        key = (*keys, *args[:3], *args[4:6])
+        group = self.reserves.get(key)
+        if group is None or group.count + count > _BATCH:
+            group = self.reserves[key] = _Reserves(keys, args, windows, key, self.reserves)
+            self.queue.append(group)
+            self._wake_sender()
+        group.add(command, args[3], args[6], count)
+        return await self._reply(command)
+
+    @staticmethod
+    async def _reply(command: _Command) -> Any:
+        """The reply to `command`, once a sender delivers it."""
+        future = command.future
         try:
             return await future
         except asyncio.CancelledError:
@@ -745,17 +912,16 @@ class _Link:
         finally:
             self.senders -= 1
 
-    def _take_batch(self) -> list[_Command]:
-        batch: list[_Command] = []
+    def _take_batch(self) -> list[_Sendable]:
+        batch: list[_Sendable] = []
         queue = self.queue
         while queue and len(batch) < _BATCH:
             command = queue.popleft()
-            if command.wanted():
-                command.sending = True
+            if command.take():
                 batch.append(command)
         return batch
 
-    async def _send_batch(self, batch: list[_Command]) -> None:
+    async def _send_batch(self, batch: list[_Sendable]) -> None:
         """One pipeline; each command's reply (or error) goes where it belongs."""
         if not self.reachable():
             self._fail(batch, _Down())
@@ -769,14 +935,12 @@ class _Link:
                 # The pool is busy with someone else's calls: nothing was sent, and
                 # a caller that leaves meanwhile drops its command.
                 for command in batch:
-                    command.sending = False
+                    command.untake()
                 await asyncio.sleep(pause_s)
                 pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
-                batch = [command for command in batch if command.wanted()]
+                batch = [command for command in batch if command.take()]
                 if not batch:
                     return
-                for command in batch:
-                    command.sending = True
             except asyncio.CancelledError:
                 self._fail(batch, _Down())  # closing: the callers' calls failed
                 raise
@@ -788,7 +952,7 @@ class _Link:
         for command, reply in zip(batch, replies, strict=True):
             command.deliver(reply)
 
-    async def _round_trip(self, batch: list[_Command]) -> list[Any]:
+    async def _round_trip(self, batch: list[_Sendable]) -> list[Any]:
         """The replies to `batch`, or TimeoutError when the server stopped answering.
 
         A round trip slower than `command_timeout_s` is not given up at once: a busy
@@ -873,7 +1037,7 @@ class _Link:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
 
-    async def _pipeline(self, batch: list[_Command]) -> list[Any]:
+    async def _pipeline(self, batch: list[_Sendable]) -> list[Any]:
         """Send `batch` in one pipeline (a lone command as it is); a script the server
         lacks is loaded, and its commands sent again, in the same pipeline (see
         `_loads`). An error reply is returned in its command's place."""
@@ -915,7 +1079,7 @@ class _Link:
                     replies[i] = reply
             return replies
 
-    async def _one(self, command: _Command) -> Any:
+    async def _one(self, command: _Sendable) -> Any:
         """Send a lone command; its reply, or its error reply as an exception. A script
         the server lacks is loaded first, then the command is sent again (see `_loads`);
         on a cluster, loaded on every primary."""
@@ -943,7 +1107,7 @@ class _Link:
             return [LIBRARY.load()]
         return [script.load() for script in SCRIPTS]
 
-    def _wire(self, command: _Command) -> tuple[str, ...]:
+    def _wire(self, command: _Sendable) -> tuple[str, ...]:
         """What is sent for `command`: a script's EVALSHA as its function's FCALL while
         the link runs functions."""
         script = command.script
@@ -952,7 +1116,7 @@ class _Link:
         return script.fcall(command.args)
 
     def _loads(
-        self, replies: Sequence[Any], commands: Sequence[_Command]
+        self, replies: Sequence[Any], commands: Sequence[_Sendable]
     ) -> tuple[list[int], list[tuple[str, ...]]]:
         """Of the `replies` to `commands`, the indexes of those to send again, and what
         to send before them: the library when a function was not found (a restart, a
@@ -991,7 +1155,7 @@ class _Link:
             )
 
     @staticmethod
-    def _fail(batch: list[_Command], exc: Exception) -> None:
+    def _fail(batch: Sequence[_Sendable], exc: Exception) -> None:
         for command in batch:
             command.deliver(exc)
 
@@ -1141,6 +1305,7 @@ class _Link:
             await asyncio.wait(list(self.tasks), timeout=_CLOSE_WAIT_S)
         self._fail(list(self.queue), _Down())
         self.queue.clear()
+        self.reserves.clear()
         if self.owns_client:
             await self.client.aclose()
 
@@ -1188,7 +1353,10 @@ class RedisBackend:
     waited for, up to five timeouts. `connections`: how many of the client's
     connections send commands at once (default: its pool size less a few spare
     ones, at most 8); callers beyond wait for their turn, which never counts as an
-    outage, and share round trips (pipelined, still one EVALSHA each).
+    outage, and share round trips (pipelined). Reserves of the account (without
+    tenant limits) that wait for a connection together run as one script, in the
+    order they came: one refused, those behind it are refused too with its wait (a
+    queue keeps its order), never admitted past it.
 
     Every call may be cancelled at any point: a `reserve` whose caller left is
     never admitted (a grant that arrives after is refunded by the backend), a
@@ -1484,15 +1652,21 @@ class RedisBackend:
             if len(demands) == 1
             else "|".join(_amounts(demand) for demand in demands),
         ]
-        if parts is not None:
-            keys, tenant_args = self._tenant_args(keys, parts, wall)
-            args.extend(tenant_args)
-        command = RESERVE.evalsha(keys, args)
         orphan = partial(self._refund_orphan, binding, demands, lease_ids)
-        if parts is not None:
-            orphan = partial(orphan, parts=parts)
         try:
-            reply = await link.call(command, RESERVE, abortable=True, orphan=orphan)
+            if parts is None:
+                # Run as one with the other reserves of the account waiting to be sent.
+                reply = await link.reserve(keys, args, len(demands), len(binding.rates), orphan)
+            else:
+                # With tenants: a run of its own (their keys and numbering are its own).
+                keys, tenant_args = self._tenant_args(keys, parts, wall)
+                args.extend(tenant_args)
+                reply = await link.call(
+                    RESERVE.evalsha(keys, args),
+                    RESERVE,
+                    abortable=True,
+                    orphan=partial(orphan, parts=parts),
+                )
         except Exception as exc:
             if not _is_outage(exc):
                 raise

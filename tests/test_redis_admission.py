@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
+import anyio
 import fakeredis
 import pytest
 import trio
@@ -38,7 +39,7 @@ import ratekit
 from ratekit import Limits, Rate, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends._base import SharedAccount
-from ratekit.backends._scripts import SETTLE
+from ratekit.backends._scripts import RESERVE, SETTLE
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend, RedisGrant, zone_transition
 from ratekit.clock import FakeClock, Instant
@@ -503,6 +504,191 @@ async def test_a_cancellation_storm_never_admits_a_cancelled_caller(
     assert stats["concurrency"].used == 0
     assert stats["rpm"].used == counts["granted"]
     assert counts["cancelled"] > 0
+
+
+# -- reserves that wait together run as one -----------------------------------------------
+
+
+def reserve_runs(backend: RedisBackend) -> list[str]:
+    """The demands (ARGV[7]) of each reserve script run `backend` sends from now on, as
+    sent: a run waits alone for its round trip in these tests."""
+    runs: list[str] = []
+    one = backend._link._one
+
+    async def spy(command: Any) -> Any:
+        if command.args[:2] == ("EVALSHA", RESERVE.sha):
+            runs.append(command.args[-1])
+        return await one(command)
+
+    backend._link._one = spy  # type: ignore[method-assign]
+    return runs
+
+
+@pytest.mark.redis
+async def test_gathered_reserves_of_one_account_run_as_one_script(
+    fresh_server: RedisServer,
+) -> None:
+    """Seven reserves and a reserve_many of three gathered on one account run as ONE
+    reserve script on the server (a child account's, gathered with them, as one of its
+    own): each caller gets its own grants and leases, every one counted once."""
+    client = Redis.from_url(fresh_server.url)
+    backend = RedisBackend(client, namespace=namespace(), lease_ttl_s=60.0)
+    child = backend.child("model")
+    limits = Limits(concurrency=100, rpm=1000)
+    try:
+        for account in (backend, child):  # scripts loaded, connections made
+            warm = await account.reserve(limits, ONE, now())
+            assert isinstance(warm, RedisGrant)
+            await account.settle(limits, warm, None, now())
+        await client.config_resetstat()
+        outcomes = await asyncio.gather(
+            *(backend.reserve(limits, ONE, now()) for _ in range(4)),
+            backend.reserve_many(limits, [ONE] * 3, now()),
+            child.reserve(limits, ONE, now()),
+            *(backend.reserve(limits, ONE, now()) for _ in range(3)),
+        )
+        evalsha = (await client.info("commandstats"))["cmdstat_evalsha"]["calls"]
+        grants: list[Any] = [*outcomes[:4], *outcomes[6:]]
+        many, refusal = outcomes[4]  # type: ignore[misc]
+        assert refusal is None
+        grants += many
+        assert evalsha == 2  # the account's ten demands, and the child's one
+        assert all(isinstance(grant, RedisGrant) for grant in [*grants, outcomes[5]])
+        assert len({grant.lease_id for grant in grants}) == 10
+        stats = await statistics(backend, limits)
+        assert stats["concurrency"].used == 10
+        assert stats["rpm"].used == 10
+        assert (await statistics(child, limits))["rpm"].used == 1
+        for grant in grants:
+            await backend.settle(limits, grant, ONE, now())
+        stats = await statistics(backend, limits)
+        assert stats["concurrency"].used == 0
+        assert stats["rpm"].used == 10
+    finally:
+        await backend.aclose()
+        await client.aclose()
+
+
+async def test_a_run_of_gathered_reserves_admits_in_order_and_refuses_the_rest() -> None:
+    """Under 100 tokens a minute, gathered reserves of 20 tokens, of (20, 20, 50), of 10 and
+    of (10,) run as one: 60 tokens are admitted in order; the 50 is refused with its exact
+    wait; the 10s behind it would fit alone but do not jump it: refused too, with the
+    same wait and dimension, and nothing is taken for them."""
+    clock = FakeClock()
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(client, namespace=namespace(), server_time=False)
+    limits = Limits(tpm=100, token_counting=TokenCounting.RESERVE)
+    runs = reserve_runs(backend)
+
+    def tokens(amount: int) -> Demand:
+        return Demand(0, amount, 0)
+
+    first, many, small, last = await asyncio.gather(
+        backend.reserve(limits, tokens(20), at(clock)),
+        backend.reserve_many(limits, [tokens(20), tokens(20), tokens(50)], at(clock)),
+        backend.reserve(limits, tokens(10), at(clock)),
+        backend.reserve_many(limits, [tokens(10)], at(clock)),
+    )
+    assert runs == ["0 20 0|0 20 0|0 20 0|0 50 0|0 10 0|0 10 0"]
+    assert isinstance(first, RedisGrant)
+    granted, refusal = many  # type: ignore[misc]
+    assert [grant.demand.tokens for grant in granted] == [20, 20]
+    assert all(len(grant.indexes) == 1 for grant in [first, *granted])
+    assert isinstance(refusal, Refusal)
+    assert refusal.dimension == "tpm"
+    assert 60 <= refusal.wait_s <= 61  # the first slice's end, a minute on
+    assert small == refusal
+    assert last == ([], refusal)
+    assert (await statistics(backend, limits, at(clock)))["tpm"].used == 60
+    # Alone, the 10 fits: it was held back by the order alone.
+    assert isinstance(await backend.reserve(limits, tokens(10), at(clock)), RedisGrant)
+    await backend.aclose()
+
+
+async def test_a_caller_that_leaves_before_the_run_is_sent_drops_out_of_it() -> None:
+    """Three reserves wait for a sender together and the second caller is cancelled
+    before a sender takes them: the one run carries the other two demands only, and
+    nothing is reserved for the one that left."""
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=10, rpm=100)
+    await statistics(backend, limits)  # a sender idles, woken by the first reserve
+    runs = reserve_runs(backend)
+    orphans: list[Any] = []
+    backend._refund_orphan = lambda *args, **kwargs: orphans.append(args)  # type: ignore[method-assign]
+    tasks = [asyncio.create_task(backend.reserve(limits, ONE, now())) for _ in range(3)]
+    await asyncio.sleep(0)  # each has joined the run; no sender has taken it yet
+    assert len(backend._link.queue) == 1
+    tasks[1].cancel()
+    first, left, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(left, asyncio.CancelledError)
+    assert isinstance(first, RedisGrant)
+    assert isinstance(third, RedisGrant)
+    assert runs == ["1 0 0|1 0 0"]
+    assert orphans == []  # nothing came back for the caller who left
+    stats = await statistics(backend, limits)
+    assert stats["concurrency"].used == 2
+    assert stats["rpm"].used == 2
+    await backend.aclose()
+
+
+async def test_a_caller_that_leaves_after_the_run_is_sent_has_its_grant_handed_back() -> None:
+    """Three reserves run as one; the second caller is cancelled after the script ran,
+    before the reply came: the others keep their grants, and the backend refunds the
+    second's alone (its slot and its count), once."""
+    client = GatedRedis()
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=10, rpm=100)
+    runs = reserve_runs(backend)
+    tasks = [asyncio.create_task(backend.reserve(limits, ONE, now())) for _ in range(3)]
+    await client.executed.wait()  # all three admitted on the server
+    tasks[1].cancel()
+    client.gate.set()
+    first, left, third = await asyncio.gather(*tasks, return_exceptions=True)
+    assert isinstance(left, asyncio.CancelledError)
+    assert isinstance(first, RedisGrant)
+    assert isinstance(third, RedisGrant)
+    assert runs == ["1 0 0|1 0 0|1 0 0"]
+    await asyncio.sleep(0.05)  # the refund is sent in the background
+    stats = await statistics(backend, limits)
+    assert stats["concurrency"].used == 2
+    assert stats["rpm"].used == 2
+    for grant in (first, third):
+        await backend.settle(limits, grant, None, now())
+    stats = await statistics(backend, limits)
+    assert stats["concurrency"].used == 0
+    assert stats["rpm"].used == 0
+    await backend.aclose()
+
+
+async def test_gathered_acquires_under_a_tight_limit_are_admitted_in_order() -> None:
+    """Six acquires gathered on a limiter of 3 requests a minute over Redis: the first
+    three are admitted in one script run; the three refused with them wait in order of
+    arrival (the head on the run's wait, nobody retrying in a loop meanwhile), and are
+    admitted in that order, in one run, once the window moves on."""
+    clock = FakeClock()
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace(), server_time=False)
+    limiter = ratekit.Limiter(Limits(rpm=3), backend=backend, clock=clock)
+    runs = reserve_runs(backend)
+    order: list[int] = []
+
+    async def call(number: int) -> None:
+        async with limiter.acquire():
+            order.append(number)
+
+    tasks = [asyncio.create_task(call(number)) for number in range(6)]
+    await asyncio.sleep(0.2)  # real time: any retry loop would show in the runs
+    assert order == [0, 1, 2]
+    assert runs[0] == "|".join(["1 0 0"] * 6)
+    assert len(runs) <= 2  # the run, and at most the head's retry when notices start
+    assert clock.pending_timers == 1  # the head waits for the window; the rest, their turn
+    clock.advance(61)
+    with anyio.fail_after(5):
+        await asyncio.gather(*tasks)
+    assert order == [0, 1, 2, 3, 4, 5]
+    assert runs[-1] == "1 0 0|1 0 0|1 0 0"  # the head and the two behind it
+    assert (await statistics(backend, limiter.limits, limiter.instant()))["rpm"].used == 3
+    await backend.aclose()
 
 
 # -- dropped grants ------------------------------------------------------------------

@@ -632,6 +632,33 @@ async def test_a_caller_that_leaves_before_the_run_is_sent_drops_out_of_it() -> 
     await backend.aclose()
 
 
+async def test_a_caller_that_leaves_while_the_run_waits_for_a_connection_drops_out() -> None:
+    """Three reserves run as one, but the client's only connection is someone else's:
+    the run waits for it, unsent; the second caller leaves meanwhile, and once the
+    connection is free the run carries the other two demands alone."""
+    client = fakeredis.FakeAsyncRedis(max_connections=1)
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=10, rpm=100)
+    runs = reserve_runs(backend)
+    taken = await client.connection_pool.get_connection()  # someone else's call
+    tasks = [asyncio.create_task(backend.reserve(limits, ONE, now())) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    assert not any(task.done() for task in tasks)  # waiting for the connection
+    tasks[1].cancel()
+    await asyncio.sleep(0.1)
+    await client.connection_pool.release(taken)
+    first, left, third = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), 2)
+    assert isinstance(left, asyncio.CancelledError)
+    assert isinstance(first, RedisGrant)
+    assert isinstance(third, RedisGrant)
+    assert runs[-1] == "1 0 0|1 0 0"
+    stats = await statistics(backend, limits)
+    assert stats["concurrency"].used == 2
+    assert stats["rpm"].used == 2
+    assert backend._link.failures == 0
+    await backend.aclose()
+
+
 async def test_a_caller_that_leaves_after_the_run_is_sent_has_its_grant_handed_back() -> None:
     """Three reserves run as one; the second caller is cancelled after the script ran,
     before the reply came: the others keep their grants, and the backend refunds the

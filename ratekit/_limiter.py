@@ -176,6 +176,7 @@ class Limiter:
         "_backend",
         "_calendar",
         "_ceilings",
+        "_changes",
         "_clock",
         "_demands",
         "_fair",
@@ -262,6 +263,9 @@ class Limiter:
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
         # Set when capacity may have been freed; the head waits on it.
         self._wake: anyio.Event | None = None
+        # Releases heard so far (`_on_change`): a try whose refusal comes back after one
+        # is not waited out, it is made again.
+        self._changes = 0
         # Each caller's place in the order of arrival (see `_reserve`).
         self._tickets = itertools.count()
         # When the head of the queue is predicted to be admitted (None: unknown).
@@ -317,6 +321,7 @@ class Limiter:
         return tuple.__new__(Instant, (self._now(), self._wall()))
 
     def _on_change(self) -> None:
+        self._changes += 1
         if self._wake is not None:
             self._wake.set()
 
@@ -545,6 +550,7 @@ class Limiter:
             ticket = fair.tag(tenant, self._tenants.weight(tenant))
         seen = None if tenant is None else self._mark(tenant)
         if refusal is None and not queue.size:
+            changes = self._changes
             if tenant is None:  # `_attempt`, without its frame
                 outcome = await self._backend.reserve(self._limits, demand, self.instant())
             else:
@@ -553,7 +559,9 @@ class Limiter:
                 if fair is not None:
                     fair.served(ticket, idle=not queue)
                 return outcome
-            refusal = outcome
+            # A release heard while the try was on its way (a shared backend's reply can
+            # come after it) makes the refusal stale: the head asks again at once.
+            refusal = outcome if self._changes == changes else None
         deadline_s = None if timeout_s is None else self._now() + timeout_s
         while True:
             if refusal is not None and refusal.dimension.startswith(TENANT_PREFIX):

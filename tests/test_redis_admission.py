@@ -377,6 +377,59 @@ async def test_a_settle_returns_before_redis_answers_it_and_a_snapshot_waits_for
     await backend.aclose()
 
 
+async def test_a_release_heard_while_a_refusal_is_on_its_way_is_not_waited_out() -> None:
+    """A caller's try is refused on the server while the slot is taken; the slot's
+    release is heard here before that refusal comes back (its settle ran after the
+    try, its notice came first). The caller asks again at once instead of waiting for
+    a wake-up that already happened (here: until the holder's lease would lapse)."""
+    client = GatedRedis()
+    client.gate.set()
+    backend = RedisBackend(client, namespace=namespace(), lease_ttl_s=30.0)
+    limiter = ratekit.Limiter(Limits(concurrency=1, rpm=1000), backend=backend)
+
+    async def acquire() -> Any:
+        return await limiter.acquire()
+
+    # A first wait, so that the limiter listens to the account's release notices.
+    first = await limiter.acquire()
+    queued = asyncio.create_task(acquire())
+    await asyncio.sleep(0.2)
+    await first.release()
+    held = await asyncio.wait_for(queued, 5)
+    await asyncio.sleep(0.2)
+    client.gate.clear()
+    client.executed.clear()
+    second = asyncio.create_task(acquire())
+    await client.executed.wait()  # refused on the server, its reply held back
+    try_gate, client.gate = client.gate, asyncio.Event()
+    client.gate.set()  # everything else goes through
+    await held.release()  # its settle runs after the try, and is answered
+    await asyncio.sleep(0.2)  # its notice arrives too: all before the refusal
+    try_gate.set()
+    admission = await asyncio.wait_for(second, 5)
+    await admission.release()
+    await backend.aclose()
+
+
+async def test_a_sender_cancelled_during_its_round_trip_ends() -> None:
+    """redis-py can swallow a cancel that arrives while it reads a reply: the sender
+    sees it and ends, instead of waiting idle for ever (the loop's shutdown, which
+    cancels every task and waits for each, would wait with it)."""
+    for steps in range(8):
+        backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+        limits = Limits(concurrency=2, rpm=100)
+        grant = await backend.reserve(limits, ONE, now())
+        await backend.settle(limits, grant, ONE, now())  # posted: a sender takes it
+        for _ in range(steps):
+            await asyncio.sleep(0)
+        senders = [t for t in backend._link.tasks if "_send_loop" in repr(t.get_coro())]
+        for task in senders:
+            task.cancel()
+        _, running = await asyncio.wait(senders, timeout=2)
+        assert not running, f"a sender cancelled {steps} steps in runs on"
+        await backend.aclose()
+
+
 # A process whose event loop ends (asyncio.run returns) with the backend still open,
 # right after its calls: argv is the URL and the account.
 _LEAVER = """
@@ -384,15 +437,34 @@ import asyncio, sys
 import ratekit
 from ratekit.backends.redis import RedisBackend
 
+from redis.asyncio import Redis
+
+# The server busy for 0.3 s (a script that spins on TIME): what is sent meanwhile waits.
+BUSY = (
+    "local t = redis.call('TIME') local start = t[1] * 1e6 + t[2] "
+    "repeat t = redis.call('TIME') until t[1] * 1e6 + t[2] - start > 300000"
+)
+
 async def main() -> None:
-    backend = RedisBackend(sys.argv[1], namespace=sys.argv[2])
-    limiter = ratekit.Limiter(ratekit.Limits(concurrency=100, rpm=10**6), backend=backend)
+    # One sender: a settle on its way keeps the refunds behind it in the queue.
+    backend = RedisBackend(sys.argv[1], namespace=sys.argv[2], connections=1)
+    slots = ratekit.Limiter(ratekit.Limits(concurrency=100, rpm=10**6), backend=backend)
+    requests = ratekit.Limiter(ratekit.Limits(rpm=10**6), backend=backend.child("requests"))
 
     async def call() -> None:
-        async with limiter.acquire(tokens=0):
+        async with slots.acquire(tokens=0):
             await asyncio.sleep(0)
 
     await asyncio.gather(*(call() for _ in range(50)))
+    held = await slots.acquire(tokens=0)
+    refunds = [await requests.acquire() for _ in range(5)]  # no lease: a refund alone
+    probe = Redis.from_url(sys.argv[1])
+    busy = asyncio.create_task(probe.eval(BUSY, 0))
+    await asyncio.sleep(0.1)
+    await held.release()
+    await asyncio.sleep(0.05)  # its settle on its way, while the server is busy
+    for admission in refunds:
+        await admission.refund()  # queued behind it
 
 asyncio.run(main())
 """
@@ -402,9 +474,10 @@ asyncio.run(main())
 async def test_a_process_that_leaves_without_closing_its_backend_still_ends_its_calls(
     fresh_server: RedisServer,
 ) -> None:
-    """Settles still on their way when the loop shuts down (asyncio.run's end, the
-    backend never closed) are sent then: every slot is free at once, not only when the
-    leases lapse, and the process exits at once."""
+    """Settles and refunds still on their way when the loop shuts down (asyncio.run's
+    end, the backend never closed) are sent then: every slot is free at once, not only
+    when the leases lapse, every refunded request is given back, and the process exits
+    at once."""
     account = namespace()
     for _ in range(3):
         started = time.monotonic()
@@ -419,8 +492,10 @@ async def test_a_process_that_leaves_without_closing_its_backend_still_ends_its_
         assert time.monotonic() - started < 20
         backend = RedisBackend(fresh_server.url, namespace=account)
         stats = await statistics(backend, Limits(concurrency=100, rpm=10**6))
+        refunds = await statistics(backend.child("requests"), Limits(rpm=10**6))
         await backend.aclose()
         assert stats["concurrency"].used == 0
+        assert refunds["rpm"].used == 0
 
 
 async def test_a_cancel_arriving_with_the_reply_is_never_lost() -> None:

@@ -1081,8 +1081,8 @@ class _Link:
 
     async def _one(self, command: _Sendable) -> Any:
         """Send a lone command; its reply, or its error reply as an exception. A script
-        the server lacks is loaded first, then the command is sent again (see `_loads`);
-        on a cluster, loaded on every primary."""
+        the server lacks is loaded, and the command sent again, in one pipeline (see
+        `_loads`); on a cluster, loaded on every primary first."""
         send: Callable[..., Awaitable[Any]] = self.client.execute_command
         reply: Any = None
         for tried in range(_LOAD_TRIES + 1):
@@ -1093,6 +1093,10 @@ class _Link:
             again, loads = self._loads([reply], [command])
             if not again or tried == _LOAD_TRIES:
                 break
+            if not isinstance(self.client, RedisCluster):
+                # Everything loaded and the command sent again in one round trip.
+                self.loaded = False
+                return (await self._pipeline([command]))[0]
             for load in loads:
                 try:
                     answer = await send(*load)
@@ -1168,13 +1172,14 @@ class _Link:
 
     async def _flush_at_shutdown(self) -> None:
         """The loop shuts down (`asyncio.run` ends) with the link open: its tasks were
-        cancelled, so the writes they held (posted settles above all) are kept and sent
-        now, within `aclose`'s few seconds, as when the link is closed."""
-        unsent, self.queue = list(self.queue), deque()
-        for command in unsent:
-            command.deliver(_Down())  # a posted settle keeps itself for the replay
-        await asyncio.sleep(0)  # the replies' callbacks run
+        cancelled. What waits in the queue never left and is sent now; what the senders
+        had on its way was kept for the replay (a settle; a refund without a lease is not
+        kept, as it may have arrived); both within `aclose`'s few seconds, as when the
+        link is closed."""
+        await asyncio.sleep(0)  # the callbacks of what the cancelled senders failed run
         self.failures = 0
+        if self.queue:
+            self._wake_sender()  # what never left is sent as it is (refunds too)
         await self.aclose()
 
     def spawn(self, coroutine: Coroutine[Any, Any, _T]) -> asyncio.Task[_T]:

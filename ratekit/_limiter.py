@@ -263,8 +263,8 @@ class Limiter:
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
         # Set when capacity may have been freed; the head waits on it.
         self._wake: anyio.Event | None = None
-        # Releases heard so far (`_on_change`): a try whose refusal comes back after one
-        # is not waited out, it is made again.
+        # Releases the backend told of so far (`_on_release`): a try whose refusal comes
+        # back after one is not waited out, it is made again.
         self._changes = 0
         # Each caller's place in the order of arrival (see `_reserve`).
         self._tickets = itertools.count()
@@ -282,7 +282,7 @@ class Limiter:
         # none can be missed), which keeps the uncontended path free of callbacks.
         self._unsubscribe: Callable[[], None] | None = None
         if self._local is None:
-            self._unsubscribe = backend.subscribe(self._on_change)
+            self._unsubscribe = backend.subscribe(self._on_release)
 
     # -- configuration -------------------------------------------------------------
 
@@ -320,8 +320,12 @@ class Limiter:
         # A tuple built directly: the generated constructor of a NamedTuple is slower.
         return tuple.__new__(Instant, (self._now(), self._wall()))
 
-    def _on_change(self) -> None:
+    def _on_release(self) -> None:
+        """The backend says capacity came back (a release notice, a settle answered)."""
         self._changes += 1
+        self._on_change()
+
+    def _on_change(self) -> None:
         if self._wake is not None:
             self._wake.set()
 
@@ -583,7 +587,7 @@ class Limiter:
             if tenant is not None and self._shared_tenants is not None:
                 self._waiting_tenants[waiter] = tenant
             if self._unsubscribe is None:
-                self._unsubscribe = self._backend.subscribe(self._on_change)
+                self._unsubscribe = self._backend.subscribe(self._on_release)
             if queue.head() is waiter:
                 self._on_change()  # a head displaced by a higher priority steps back
             else:

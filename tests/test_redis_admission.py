@@ -615,6 +615,7 @@ async def test_gathered_reserves_of_one_account_run_as_one_script(
             warm = await account.reserve(limits, ONE, now())
             assert isinstance(warm, RedisGrant)
             await account.settle(limits, warm, None, now())
+        await backend._link.posted_answered()  # the refunds are posted, not awaited
         await client.config_resetstat()
         outcomes = await asyncio.gather(
             *(backend.reserve(limits, ONE, now()) for _ in range(4)),

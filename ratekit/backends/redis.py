@@ -1764,6 +1764,12 @@ class RedisBackend:
         """
         self.abandon(limits, grant, actual, now)
 
+    async def flush(self) -> None:
+        """Wait until every settle this process posted so far is answered by Redis (or
+        kept for later, while Redis is down): what another client reads after it counts
+        them. A statistics snapshot does this by itself."""
+        await self._link.posted_answered()
+
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
         """The call of `grant` left the process now: what it recorded at its admission
         counts from now. A round trip only when the account's clock has entered a later

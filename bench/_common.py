@@ -27,7 +27,7 @@ class Subject:
     op: Op
     close: Callable[[], Awaitable[None]] = nothing
     # Waits for what the library sends in the background (ratekit's posted settles).
-    flush: Callable[[], Awaitable[None]] = nothing
+    drain: Callable[[], Awaitable[None]] = nothing
 
 
 def importable(module: str) -> bool:

@@ -322,7 +322,7 @@ def _ratekit_subject(url: str, four: bool) -> Subject:
         finally:
             await client.aclose()  # a client passed in is left open by the backend
 
-    return Subject(_ratekit_op(limiter, four), close, backend.flush)
+    return Subject(_ratekit_op(limiter, four), close, backend.drain)
 
 
 def _ratekit(four: bool) -> Callable[[str], Awaitable[Subject]]:
@@ -357,11 +357,11 @@ async def _record_ratekit(url: str, four: bool) -> tuple[tuple[Any, ...], tuple[
     subject = _ratekit_subject(url, four)
     try:
         await subject.op()  # loads the scripts, starts the release listener
-        await subject.flush()  # its settle is posted: out before the recording starts
+        await subject.drain()  # its settle is posted: out before the recording starts
         RECORDED = []
         try:
             await subject.op()
-            await subject.flush()  # the settle of the admission recorded
+            await subject.drain()  # the settle of the admission recorded
             calls = [args[1:] for args in RECORDED if str(args[0]).upper() in SCRIPT_VERBS]
         finally:
             RECORDED = None

@@ -615,7 +615,7 @@ async def test_gathered_reserves_of_one_account_run_as_one_script(
             warm = await account.reserve(limits, ONE, now())
             assert isinstance(warm, RedisGrant)
             await account.settle(limits, warm, None, now())
-        await backend._link.posted_answered()  # the refunds are posted, not awaited
+        await backend.drain()  # the refunds are posted, not awaited
         await client.config_resetstat()
         outcomes = await asyncio.gather(
             *(backend.reserve(limits, ONE, now()) for _ in range(4)),
@@ -1225,10 +1225,10 @@ async def test_an_admission_of_requests_alone_takes_no_lease_and_sends_no_settle
     assert len(sent) == 2
     assert await client.zcard(f"{backend.key_prefix()}:leases") == 0
     await backend.settle(limits, first, ONE, now())
-    await backend._link.posted_answered()
+    await backend.drain()
     assert len(sent) == 2  # nothing to send
     await backend.settle(limits, second, None, now())
-    await backend._link.posted_answered()  # the refund is posted, not awaited
+    await backend.drain()  # the refund is posted, not awaited
     assert len(sent) == 3
     assert (await statistics(backend, limits))["rpm"].used == 1
     backend._link.defer(second.lease_id, sent[-1], SETTLE)

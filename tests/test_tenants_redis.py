@@ -680,13 +680,13 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
     try:
         async with limiter.acquire(tokens=100):
             pass
-        await backend._link.posted_answered()  # the settle is posted, not awaited
+        await backend.drain()  # the settle is posted, not awaited
         assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("2", 7), ("2", 10)]
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
         assert keys == {f"ratekit:{{{namespace}}}:state"}
         async with limiter.acquire(tokens=100, tenant="acme"):
             pass
-        await backend._link.posted_answered()
+        await backend.drain()
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
         tenant_key = f"ratekit:{{{namespace}}}:ts:acme"
         assert keys == {f"ratekit:{{{namespace}}}:state", tenant_key}

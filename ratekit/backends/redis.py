@@ -1764,10 +1764,10 @@ class RedisBackend:
         """
         self.abandon(limits, grant, actual, now)
 
-    async def flush(self) -> None:
+    async def drain(self) -> None:
         """Wait until every settle this process posted so far is answered by Redis (or
         kept for later, while Redis is down): what another client reads after it counts
-        them. A statistics snapshot does this by itself."""
+        them. A statistics snapshot does this by itself; `aclose` sends what is left."""
         await self._link.posted_answered()
 
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:

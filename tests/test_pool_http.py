@@ -132,8 +132,10 @@ async def test_four_processes_share_the_pool_through_redis(
     accounts: Accounts, redis_server: RedisServer
 ) -> None:
     """The same pool in four client processes, each account's usage shared through its
-    own Redis namespace: the same figures, >= 95 % of the sum with no 429."""
-    run = accounts.workload(540, redis_url=redis_server.url, namespace=f"pool-{uuid.uuid4()}")
+    own Redis namespace: the same figures, >= 95 % of the sum with no 429. 900 calls,
+    so that the steady state is three windows, not one (with 540 it measured 92.2 and
+    92.7 % on a machine loaded by other suites, 96.3-97.3 % quiet or beside a CPU hog)."""
+    run = accounts.workload(900, redis_url=redis_server.url, namespace=f"pool-{uuid.uuid4()}")
     outcomes = await Fleet(run, 4).run()
     total = Outcome.merged(outcomes)
     shares = {name: accounts.used(name) for name in RPMS}
@@ -141,11 +143,11 @@ async def test_four_processes_share_the_pool_through_redis(
     served = accounts.served()
     print(f"\n4 processes: {served}, steady state {pooled:.1%} of the sum, each {shares}")
     assert [outcome.errors for outcome in outcomes] == [[]] * 4
-    assert total.results == 540
+    assert total.results == 900
     assert total.rate_limited == 0
     for name, provider in accounts.providers.items():
         assert provider.statistics().rejected == {}, name
-    assert served == {"kimi-a": 90, "kimi-b": 180, "relay": 270}
+    assert served == {"kimi-a": 150, "kimi-b": 300, "relay": 450}
     assert pooled >= 0.95
     for name, share in shares.items():
         assert share >= 0.85, (name, share)

@@ -173,6 +173,7 @@ class Limiter:
 
     __slots__ = (
         "__weakref__",
+        "_aged",
         "_backend",
         "_calendar",
         "_ceilings",
@@ -229,6 +230,9 @@ class Limiter:
         self._now: Callable[[], float] = time.monotonic if system else clock.now
         self._wall: Callable[[], float] = time.time if system else clock.wall
         self._backend: Backend = backend
+        # Whether the backend's refusals wait from the instant it was handed: their
+        # waits are then shortened by the time their reply took (`_age`).
+        self._aged = bool(getattr(backend, "waits_from_instant", False))
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
         # A shared backend that ends some grants with no I/O, ended at once too.
@@ -499,14 +503,30 @@ class Limiter:
                 assert self._tenants is not None
                 share = self._tenants.share(tenant)
                 if share is not None:
+                    now = self.instant()
                     grants, refusal = await shared.reserve_tenants(
-                        self._limits, (demand,), self.instant(), (share,)
+                        self._limits, (demand,), now, (share,)
                     )
                     if grants:
                         return grants[0]
                     assert refusal is not None, "a backend admits or refuses"
-                    return refusal
-        return await self._backend.reserve(self._limits, demand, self.instant())
+                    return self._age(refusal, now[0])
+        now = self.instant()
+        outcome = await self._backend.reserve(self._limits, demand, now)
+        if outcome.__class__ is Refusal:
+            return self._age(outcome, now[0])
+        return outcome
+
+    def _age(self, refusal: Refusal, asked_s: float) -> Refusal:
+        """`refusal` as from now: a backend whose waits run from the instant it was
+        handed (`asked_s`) had them shortened by the time the reply took, so that a
+        clock that moved meanwhile (a fake one) does not make the caller wait longer."""
+        if not self._aged:
+            return refusal
+        taken_s = self._now() - asked_s
+        if taken_s <= 0 or math.isinf(refusal.wait_s):
+            return refusal
+        return Refusal(max(0.0, refusal.wait_s - taken_s), refusal.dimension)
 
     def _granted(self, admission: Admission) -> None:
         if self._loop is None:
@@ -556,7 +576,10 @@ class Limiter:
         if refusal is None and not queue.size:
             changes = self._changes
             if tenant is None:  # `_attempt`, without its frame
-                outcome = await self._backend.reserve(self._limits, demand, self.instant())
+                now = self.instant()
+                outcome = await self._backend.reserve(self._limits, demand, now)
+                if outcome.__class__ is Refusal:
+                    outcome = self._age(outcome, now[0])
             else:
                 outcome = await self._attempt(demand, tenant)
             if not isinstance(outcome, Refusal):
@@ -746,6 +769,7 @@ class Limiter:
             return outcome
         demands = [demand, *(follower.demand for follower in followers)]
         shared = self._shared_tenants
+        now = self.instant()
         if shared is not None:
             assert self._tenants is not None
             share = self._tenants.share
@@ -754,16 +778,14 @@ class Limiter:
             grants, refusal = await shared.reserve_tenants(
                 self._limits,
                 demands,
-                self.instant(),
+                now,
                 [None if name is None else share(name) for name in names],
             )
         else:
-            grants, refusal = await self._backend.reserve_many(
-                self._limits, demands, self.instant()
-            )
+            grants, refusal = await self._backend.reserve_many(self._limits, demands, now)
         if not grants:
             assert refusal is not None, "a backend admits or refuses the head"
-            return refusal
+            return self._age(refusal, now[0])
         self._queue.admitted(head)
         for follower, grant in zip(followers, grants[1:], strict=False):
             if follower.gone:

@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 
+import anyio
 import fakeredis
 import pytest
 
@@ -388,3 +389,48 @@ def test_a_client_of_the_wrong_kind_is_a_typed_error() -> None:
         "RedisBackend.redis must be a redis:// URL, a redis.asyncio.Redis client or a "
         "redis.asyncio.cluster.RedisCluster client, got int"
     )
+
+
+@pytest.mark.parametrize("tenant", [None, "capped"])
+async def test_a_wait_runs_from_the_instant_asked_not_from_the_reply(
+    tenant: str | None,
+) -> None:
+    """With the limiter's clock (``server_time=False``), a refusal's wait runs from the
+    instant handed to Redis: a clock that moved past it while the reply was on its way
+    admits the caller at once, instead of making it wait the whole hint again."""
+    clock = FakeClock()
+    backend = make(server_time=False)
+    real = backend.reserve_tenants if tenant else backend.reserve
+    replies = 0
+
+    async def late(*args: object) -> object:
+        nonlocal replies
+        outcome = await real(*args)  # type: ignore[operator]
+        replies += 1
+        if replies == 2:
+            clock.advance(61)  # past the 60 s the refusal names, before it comes back
+        return outcome
+
+    setattr(backend, "reserve_tenants" if tenant else "reserve", late)
+    if tenant:
+        limits = Limits(concurrency=10)
+        tenants = ratekit.Tenants(named={"capped": ratekit.Tenant(Limits(rpm=1))})
+    else:
+        limits, tenants = Limits(rpm=1), None
+    limiter = ratekit.Limiter(limits, backend=backend, clock=clock, tenants=tenants)
+    start = clock.now()
+    try:
+        async with limiter.acquire(tenant=tenant):
+            pass
+        # Its end told, and the release channel listened to, before the next try: no
+        # notice comes while that try is on its way to make the limiter ask again.
+        await backend.drain()
+        while not (await backend.client.pubsub_numsub(backend._channel))[0][1]:  # noqa: ASYNC110
+            await anyio.sleep(0.01)
+        await anyio.sleep(0.05)
+        with anyio.fail_after(5):
+            async with limiter.acquire(tenant=tenant):
+                assert clock.now() == start + 61
+        assert replies == 3  # refused once, then admitted without a further wait
+    finally:
+        await backend.aclose()

@@ -121,7 +121,9 @@ class Backend(Protocol):
     seconds for rolling windows and pacing, wall seconds for calendar days). A
     backend whose store has a clock of its own shared by every process (Redis's
     ``TIME``) uses that one instead, and says so in its docstring; wait hints
-    are durations either way.
+    are durations either way. A backend that reads `now` itself sets
+    ``waits_from_instant = True``: its refusals' waits then run from that instant,
+    not from their reply (a fake clock may move while a reply is on its way).
 
     Every method takes the limits in force; a backend keeps a rate's usage across
     a change of limits (a tier upgrade) as long as its unit, period, calendar time

@@ -1518,6 +1518,12 @@ class RedisBackend:
     def client(self) -> Client:
         return self._link.client
 
+    @property
+    def waits_from_instant(self) -> bool:
+        """Whether a refusal's wait runs from the limiter's instant (``server_time=False``)
+        rather than from the server's reading of its own clock."""
+        return not self._server_time
+
     def key_prefix(self) -> str:
         """The prefix (with the account's hash tag) of every key of this account."""
         return self._prefix

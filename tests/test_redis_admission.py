@@ -81,29 +81,30 @@ class GatedRedis(fakeredis.FakeAsyncRedis):
     already run the script (`executed` says so), the caller has not heard yet."""
 
     def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.gate = asyncio.Event()
-        self.executed = asyncio.Event()
+        gate = self.gate = asyncio.Event()
+        executed = self.executed = asyncio.Event()
 
-    async def execute_command(self, *args: Any, **options: Any) -> Any:
-        reply = await super().execute_command(*args, **options)
-        if args[0] in ("EVALSHA", "FCALL"):
-            self.executed.set()
-            await self.gate.wait()
-        return reply
+        class Connection(fakeredis.FakeAsyncRedisConnection):
+            # Whether the last write held a script whose replies were not read yet.
+            scripts = False
 
-    def pipeline(self, transaction: bool = True, shard_hint: Any = None) -> Any:
-        inner = super().pipeline(transaction=transaction, shard_hint=shard_hint)
-        execute = inner.execute
+            def pack_commands(self, commands: Any) -> Any:
+                commands = list(commands)
+                self.scripts = any(c[0] in ("EVALSHA", "FCALL") for c in commands)
+                return super().pack_commands(commands)
 
-        async def held(raise_on_error: bool = True) -> Any:
-            replies = await execute(raise_on_error=raise_on_error)
-            self.executed.set()
-            await self.gate.wait()
-            return replies
+            def pack_command(self, *args: Any) -> Any:
+                self.scripts = args[0] in ("EVALSHA", "FCALL")
+                return super().pack_command(*args)
 
-        inner.execute = held  # type: ignore[method-assign]
-        return inner
+            async def read_response(self, **kwargs: Any) -> Any:
+                if self.scripts:  # run on the server when written
+                    self.scripts = False
+                    executed.set()
+                    await gate.wait()
+                return await super().read_response(**kwargs)
+
+        super().__init__(connection_class=Connection, **kwargs)
 
 
 @pytest.fixture

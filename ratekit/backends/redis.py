@@ -681,6 +681,24 @@ class _Watch:
         self.gave_up = False
 
 
+async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> list[Any]:
+    """Send `commands` in one write on `connection` (a connection of a client's pool,
+    not a cluster's) and read their replies, an error reply as its exception in its
+    place. Lighter than a redis-py pipeline, whose own bookkeeping costs more than
+    ratekit's scripts; like one, it never sends a command twice (a reply lost with
+    the connection is an outage, not a cue to run a script again). A connection left
+    mid-reply (an error, a cancel) is closed by redis-py, and made again when next
+    taken from the pool."""
+    await connection.send_packed_command(connection.pack_commands(commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await connection.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
 class _Link:
     """What a backend and its children share: one client, the event loop it is bound
     to, the commands waiting to be sent, the outage state and the work in the
@@ -1038,9 +1056,10 @@ class _Link:
                 await connection.disconnect()
 
     async def _pipeline(self, batch: list[_Sendable]) -> list[Any]:
-        """Send `batch` in one pipeline (a lone command as it is); a script the server
-        lacks is loaded, and its commands sent again, in the same pipeline (see
-        `_loads`). An error reply is returned in its command's place."""
+        """Send `batch` in one write on one connection of the pool (`_exchange`); a
+        script the server lacks is loaded, and its commands sent again, in the next
+        write on it (see `_loads`). An error reply is returned in its command's place.
+        A cluster client routes each command itself."""
         if isinstance(self.client, RedisCluster):
             if not self.loaded:
                 for script in SCRIPTS:
@@ -1051,15 +1070,11 @@ class _Link:
             # A cluster client routes each command to its node itself (no pipelines):
             # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
-        if len(batch) == 1 and self.loaded:
-            return [await self._one(batch[0])]
-        async with self.client.pipeline(transaction=False) as pipe:
+        pool = self.client.connection_pool
+        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
             first = [] if self.loaded else self._all_loads()
-            for load in first:
-                pipe.execute_command(*load)
-            for command in batch:
-                pipe.execute_command(*self._wire(command))
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            replies = await _exchange(connection, [*first, *map(self._wire, batch)])
             for load, answer in zip(first, replies, strict=False):
                 self._loaded(load, answer)
             self.loaded = True
@@ -1068,21 +1083,21 @@ class _Link:
                 again, loads = self._loads(replies, batch)
                 if not again:
                     break
-                for load in loads:
-                    pipe.execute_command(*load)
-                for i in again:
-                    pipe.execute_command(*self._wire(batch[i]))
-                answers: list[Any] = await pipe.execute(raise_on_error=False)
+                answers = await _exchange(
+                    connection, [*loads, *(self._wire(batch[i]) for i in again)]
+                )
                 for load, answer in zip(loads, answers, strict=False):
                     self._loaded(load, answer)
                 for i, reply in zip(again, answers[len(loads) :], strict=True):
                     replies[i] = reply
             return replies
+        finally:
+            await pool.release(connection)
 
     async def _one(self, command: _Sendable) -> Any:
-        """Send a lone command; its reply, or its error reply as an exception. A script
-        the server lacks is loaded, and the command sent again, in one pipeline (see
-        `_loads`); on a cluster, loaded on every primary first."""
+        """Send a lone command to a cluster; its reply, or its error reply as an
+        exception. A script the server lacks is loaded on every primary, and the command
+        sent again (see `_loads`)."""
         send: Callable[..., Awaitable[Any]] = self.client.execute_command
         reply: Any = None
         for tried in range(_LOAD_TRIES + 1):
@@ -1093,10 +1108,6 @@ class _Link:
             again, loads = self._loads([reply], [command])
             if not again or tried == _LOAD_TRIES:
                 break
-            if not isinstance(self.client, RedisCluster):
-                # Everything loaded and the command sent again in one round trip.
-                self.loaded = False
-                return (await self._pipeline([command]))[0]
             for load in loads:
                 try:
                     answer = await send(*load)

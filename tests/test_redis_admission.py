@@ -88,14 +88,10 @@ class GatedRedis(fakeredis.FakeAsyncRedis):
             # Whether the last write held a script whose replies were not read yet.
             scripts = False
 
-            def pack_commands(self, commands: Any) -> Any:
-                commands = list(commands)
-                self.scripts = any(c[0] in ("EVALSHA", "FCALL") for c in commands)
-                return super().pack_commands(commands)
-
-            def pack_command(self, *args: Any) -> Any:
-                self.scripts = args[0] in ("EVALSHA", "FCALL")
-                return super().pack_command(*args)
+            async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+                packed = command if isinstance(command, bytes) else b"".join(command)
+                self.scripts = b"$7\r\nEVALSHA\r\n" in packed or b"$5\r\nFCALL\r\n" in packed
+                await super().send_packed_command(command, check_health)
 
             async def read_response(self, **kwargs: Any) -> Any:
                 if self.scripts:  # run on the server when written
@@ -311,6 +307,58 @@ async def test_a_hung_server_is_cancellable_and_then_counts_as_down(silent_serve
     assert 0.9 < down_after_s < 2.5
     await backend.aclose()
     await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_slow_server_that_answers_is_waited_for_on_a_url_built_client(
+    redis_server: RedisServer,
+) -> None:
+    """A backend built from a URL, its round trip's reply held back for 2.7 command
+    timeouts while the server answers a PING on a new connection: busy, not gone. The
+    reserve is admitted when the reply comes, and nothing counts as an outage (the
+    client's sockets have no timeout of their own that would give up first)."""
+    upstream_port = int(redis_server.url.rsplit(":", 1)[1].split("/")[0])
+    opened: list[asyncio.StreamWriter] = []
+    held: set[asyncio.StreamWriter] = set()  # whose replies are held back
+    hold_s = 0.0
+
+    async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", upstream_port)
+        opened.append(writer)
+
+        async def pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(ConnectionError):
+                while data := await source.read(65536):
+                    if sink is writer and writer in held:
+                        await asyncio.sleep(hold_s)
+                    sink.write(data)
+                    await sink.drain()
+            sink.close()
+
+        await asyncio.gather(pump(reader, up_writer), pump(up_reader, writer))
+
+    server = await asyncio.start_server(relay, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    backend = RedisBackend(
+        f"redis://127.0.0.1:{port}/0", namespace=namespace(), command_timeout_s=0.3
+    )
+    limits = Limits(rpm=100)
+    try:
+        assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+        # The connections open now are held back; a PING's new one goes straight through.
+        held.update(opened)
+        hold_s = 0.8
+        started = time.monotonic()
+        grant = await asyncio.wait_for(backend.reserve(limits, ONE, now()), 5)
+        waited_s = time.monotonic() - started
+        assert isinstance(grant, RedisGrant)
+        assert not grant.local
+        assert waited_s >= 0.8
+        assert backend._link.failures == 0
+    finally:
+        hold_s = 0.0
+        await backend.aclose()
+        server.close()
 
 
 async def test_callers_waiting_behind_a_hung_server_fail_over_together(

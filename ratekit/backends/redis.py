@@ -681,6 +681,22 @@ class _Watch:
         self.gave_up = False
 
 
+def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:
+    """`commands` in the Redis protocol (RESP), as one buffer. A first word that holds
+    a space ("FUNCTION LOAD") is two words. The arguments are text, sent as UTF-8:
+    redis-py's packer, made for any value, costs more than a whole script here."""
+    parts: list[bytes] = []
+    add = parts.append
+    for command in commands:
+        head = command[0]
+        words = [*head.split(), *command[1:]] if " " in head else command
+        add(b"*%d\r\n" % len(words))
+        for word in words:
+            data = word.encode()
+            add(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
 async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> list[Any]:
     """Send `commands` in one write on `connection` (a connection of a client's pool,
     not a cluster's) and read their replies, an error reply as its exception in its
@@ -689,11 +705,12 @@ async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> lis
     the connection is an outage, not a cue to run a script again). A connection left
     mid-reply (an error, a cancel) is closed by redis-py, and made again when next
     taken from the pool."""
-    await connection.send_packed_command(connection.pack_commands(commands))
+    await connection.send_packed_command(_pack(commands))
     replies: list[Any] = []
     for _ in commands:
         try:
-            replies.append(await connection.read_response())
+            # No read timeout of the client's: the link's watch bounds the round trip.
+            replies.append(await connection.read_response(timeout=math.inf))
         except ResponseError as exc:
             replies.append(exc)
     return replies
@@ -1437,6 +1454,10 @@ class RedisBackend:
             where = _check_url(redis)
             # Our own backoff and policy decide about outages: one quick reconnect
             # (a connection the server closed while idle), no backoff of redis-py's.
+            # The link's watch bounds each round trip (`_round_trip`), so a plain
+            # client's sockets get no timeout of their own: redis-py would give up a
+            # slow server's reply before the watch's five timeouts, and wrap every
+            # write in a task of its own.
             try:
                 if cluster:
                     client = RedisCluster.from_url(
@@ -1447,7 +1468,7 @@ class RedisBackend:
                     client = Redis.from_url(
                         redis,
                         socket_connect_timeout=1.0,
-                        socket_timeout=timeout_s,
+                        socket_timeout=None,
                         retry=Retry(NoBackoff(), 1),
                     )
             except (ValueError, TypeError) as error:  # redis-py's reading of the options

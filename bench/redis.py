@@ -119,6 +119,23 @@ WIRE = Wire()
 RECORDED: list[tuple[Any, ...]] | None = None
 
 
+def _unpack(buffer: bytes) -> list[tuple[str, ...]]:
+    """The commands of a buffer in the Redis protocol, each as its text arguments."""
+    commands: list[tuple[str, ...]] = []
+    at = 0
+    while at < len(buffer):
+        end = buffer.index(b"\r\n", at)
+        count, at = int(buffer[at + 1 : end]), end + 2
+        words: list[str] = []
+        for _ in range(count):
+            end = buffer.index(b"\r\n", at)
+            size, at = int(buffer[at + 1 : end]), end + 2
+            words.append(buffer[at : at + size].decode())
+            at += size + 2
+        commands.append(tuple(words))
+    return commands
+
+
 @functools.cache
 def _counting_connection() -> type[Any]:
     """redis-py's asyncio `Connection`, tallying in `WIRE` what it writes.
@@ -141,7 +158,7 @@ def _counting_connection() -> type[Any]:
                 self._handshaking = False
 
         def pack_command(self, *args: Any) -> list[bytes]:
-            # Pipelines pack each of their commands through here too.
+            # redis-py's commands, pipelines' included, are packed here.
             if not self._handshaking:
                 WIRE.commands += 1
                 if RECORDED is not None:
@@ -151,6 +168,12 @@ def _counting_connection() -> type[Any]:
         async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
             if not self._handshaking:
                 WIRE.round_trips += 1
+                if isinstance(command, bytes):
+                    # Packed by its sender (ratekit packs its own): its commands are
+                    # counted (and recorded) from the buffer.
+                    WIRE.commands += command.count(b"\r\n*") + 1
+                    if RECORDED is not None:
+                        RECORDED.extend(_unpack(command))
             await super().send_packed_command(command, check_health)
 
     return CountingConnection

@@ -1097,6 +1097,8 @@ class _Link:
             self.loaded = True
             del replies[: len(first)]
             for _ in range(_LOAD_TRIES):
+                if not any(isinstance(reply, ResponseError) for reply in replies):
+                    break  # nothing the server lacked
                 again, loads = self._loads(replies, batch)
                 if not again:
                     break

@@ -547,6 +547,50 @@ async def test_a_process_that_leaves_without_closing_its_backend_still_ends_its_
         assert refunds["rpm"].used == 0
 
 
+# A process whose loop ends while its sender waits for a new connection, with refunds of
+# admissions without a lease queued: argv is the URL and the account.
+_CONNECTING_LEAVER = """
+import asyncio, sys
+import ratekit
+from ratekit.backends.redis import RedisBackend
+
+async def main() -> None:
+    backend = RedisBackend(sys.argv[1], namespace=sys.argv[2])
+    requests = ratekit.Limiter(ratekit.Limits(rpm=10**6), backend=backend)
+    admissions = [await requests.acquire() for _ in range(5)]  # no lease: a refund alone
+    await backend.client.connection_pool.disconnect()  # the next command connects anew
+    for admission in admissions:
+        await admission.refund()
+    await asyncio.sleep(0)  # the sender starts, and waits for its connection
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.redis
+async def test_refunds_whose_sender_was_still_connecting_at_the_loops_end_are_sent(
+    fresh_server: RedisServer,
+) -> None:
+    """The loop shuts down while the sender waits for a connection, nothing of its batch
+    written: the batch goes back to the queue and is sent by the shutdown's flush, so
+    the refunds of admissions without a lease (which are never replayed, for they may
+    have arrived) are not lost."""
+    for _ in range(3):
+        account = namespace()
+        done = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-c", _CONNECTING_LEAVER, fresh_server.url, account],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr
+        backend = RedisBackend(fresh_server.url, namespace=account)
+        stats = await statistics(backend, Limits(rpm=10**6))
+        await backend.aclose()
+        assert stats["rpm"].used == 0
+
+
 async def test_a_cancel_arriving_with_the_reply_is_never_lost() -> None:
     """A cancel delivered in the very step the reply arrives (what Python 3.11's
     wait_for can swallow): the caller is cancelled, and the grant handed back."""

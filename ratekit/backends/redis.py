@@ -681,6 +681,11 @@ class _Watch:
         self.gave_up = False
 
 
+class _Unsent(asyncio.CancelledError):
+    """A sender cancelled before it wrote anything of its batch (waiting for a
+    connection): the batch can go again as it is."""
+
+
 def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:
     """`commands` in the Redis protocol (RESP), as one buffer. A first word that holds
     a space ("FUNCTION LOAD") is two words. The arguments are text, sent as UTF-8:
@@ -964,18 +969,30 @@ class _Link:
         pause_s = _POOL_RETRY_S[0]
         while True:
             try:
-                replies = await self._round_trip(batch)
-                break
-            except MaxConnectionsError:
-                # The pool is busy with someone else's calls: nothing was sent, and
-                # a caller that leaves meanwhile drops its command.
-                for command in batch:
+                try:
+                    replies = await self._round_trip(batch)
+                    break
+                except MaxConnectionsError:
+                    # The pool is busy with someone else's calls: nothing was sent, and
+                    # a caller that leaves meanwhile drops its command.
+                    for command in batch:
+                        command.untake()
+                    try:
+                        await asyncio.sleep(pause_s)
+                    except asyncio.CancelledError as exc:
+                        raise _Unsent(*exc.args) from None
+                    pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
+                    batch = [command for command in batch if command.take()]
+                    if not batch:
+                        return
+            except _Unsent:
+                # Cancelled before a byte was written (the loop shuts down, the link
+                # closes): back to the head of the queue, for whoever sends it next
+                # (`_flush_at_shutdown`, or `aclose`'s failing of what is left).
+                for command in reversed(batch):
                     command.untake()
-                await asyncio.sleep(pause_s)
-                pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
-                batch = [command for command in batch if command.take()]
-                if not batch:
-                    return
+                    self.queue.appendleft(command)
+                raise
             except asyncio.CancelledError:
                 self._fail(batch, _Down())  # closing: the callers' calls failed
                 raise
@@ -1088,7 +1105,10 @@ class _Link:
             # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
         pool = self.client.connection_pool
-        connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+        except asyncio.CancelledError as exc:
+            raise _Unsent(*exc.args) from None
         try:
             first = [] if self.loaded else self._all_loads()
             replies = await _exchange(connection, [*first, *map(self._wire, batch)])

@@ -126,8 +126,9 @@ async def test_gathered_callers_on_a_healthy_redis_see_no_error(
     fresh_server: RedisServer, callers: int
 ) -> None:
     """300 and 10,000 reserve+settle gathered at once on one healthy redis-server, failing
-    closed: zero errors, a handful of connections, one EVALSHA per settle and, for the
-    admissions, one per 128 callers gathered (they run as one reserve script each)."""
+    closed: zero errors, a handful of connections, and one script run per 128 callers
+    gathered for their admissions (they run as one reserve script each), and about as
+    few for their settles (posted together, they run as one settle script each)."""
     client = Redis.from_url(fresh_server.url)  # the default pool: 100 connections
     # Leases long enough that no renewal falls within the burst (it would be counted).
     backend = RedisBackend(client, namespace=namespace(), lease_ttl_s=60.0)
@@ -159,6 +160,7 @@ async def test_gathered_callers_on_a_healthy_redis_see_no_error(
         await call()
         await statistics(backend, limits)
         await probe.config_resetstat()
+        reserves, settles = reserve_runs(backend), settle_runs(backend)
         sampler = asyncio.create_task(sample())
         started = time.monotonic()
         await asyncio.gather(*(call() for _ in range(callers)))
@@ -174,15 +176,19 @@ async def test_gathered_callers_on_a_healthy_redis_see_no_error(
         await probe.aclose()
     print(
         f"\n{callers} gathered: {len(errors)} errors in {took_s:.2f} s, at most "
-        f"{most_clients} client connections, {fcall} FCALL"
+        f"{most_clients} client connections, {fcall} FCALL: {len(reserves)} reserve runs, "
+        f"{len(settles)} settle runs"
     )
     assert errors == []
     assert stats["rpm"].used == callers + 1
     assert stats["tpm"].used == 100 * (callers + 1)  # "safe": the larger of estimate and use
     assert stats["concurrency"].used == 0
     assert most_clients <= 8
-    # Less the settles and the statistics: the reserves ran 128 at a time.
-    assert fcall - callers - 1 == math.ceil(callers / 128)
+    # The reserves ran 128 at a time; the settles in a few runs; then the statistics.
+    assert len(reserves) == math.ceil(callers / 128)
+    assert sum(settles) == callers
+    assert len(settles) <= 2 * math.ceil(callers / 128)
+    assert fcall == len(reserves) + len(settles) + 1
     assert took_s < 20
 
 
@@ -677,6 +683,20 @@ async def test_a_cancellation_storm_never_admits_a_cancelled_caller(
 # -- reserves that wait together run as one -----------------------------------------------
 
 
+def settle_runs(backend: RedisBackend) -> list[int]:
+    """How many admissions each settle script run `backend` sends from now on ends."""
+    runs: list[int] = []
+    wire = backend._link._wire
+
+    def spy(command: Any) -> tuple[Any, ...]:
+        if command.args[:2] == ("EVALSHA", SETTLE.sha):
+            runs.append(command.args[7].count("|") + 1)  # its lease ids
+        return wire(command)
+
+    backend._link._wire = spy  # type: ignore[method-assign]
+    return runs
+
+
 def reserve_runs(backend: RedisBackend) -> list[str]:
     """The demands (ARGV[7]) of each reserve script run `backend` sends from now on, as
     sent: a run waits alone for its round trip in these tests."""
@@ -736,6 +756,105 @@ async def test_gathered_reserves_of_one_account_run_as_one_script(
     finally:
         await backend.aclose()
         await client.aclose()
+
+
+@pytest.mark.redis
+async def test_settles_posted_together_run_as_one_script(fresh_server: RedisServer) -> None:
+    """Six settles posted at once on one account (settles of real usage, refunds, and a
+    refund of an admission without a lease, on the account and on a child) run as ONE
+    settle script per account: each admission ends as it would alone (its slot free, its
+    real tokens recorded, a refund's taken back), and each settle hears its own reply."""
+    client = Redis.from_url(fresh_server.url)
+    backend = RedisBackend(client, namespace=namespace(), lease_ttl_s=60.0)
+    child = backend.child("model")
+    limits = Limits(concurrency=100, rpm=1000, tpm=100_000, token_counting=TokenCounting.USAGE)
+    requests_only = Limits(rpm=1000)
+    ask = Demand(1, 100, 0)
+    try:
+        grants = [await backend.reserve(limits, ask, now()) for _ in range(4)]
+        bare = await backend.reserve(requests_only, ONE, now())
+        own = await child.reserve(limits, ask, now())
+        assert all(isinstance(g, RedisGrant) for g in [*grants, bare, own])
+        assert bare.lease_id == "-"  # type: ignore[union-attr]
+        await client.config_resetstat()
+        await backend.settle(limits, grants[0], Demand(1, 30, 0), now())
+        await backend.settle(limits, grants[1], None, now())  # never sent: refunded
+        await backend.settle(limits, grants[2], Demand(1, 250, 0), now())
+        await child.settle(limits, own, Demand(1, 40, 0), now())
+        await backend.settle(limits, grants[3], Demand(1, 0, 0), now())
+        await backend.settle(requests_only, bare, None, now())  # no lease: a refund alone
+        await backend.drain()
+        calls = (await client.info("commandstats"))["cmdstat_fcall"]["calls"]
+        # The account's four (one run), the child's one, the refund under other limits.
+        assert calls == 3
+        stats = await statistics(backend, limits)
+        assert stats["concurrency"].used == 0
+        assert stats["rpm"].used == 3  # the refunded call is taken back
+        assert stats["tpm"].used == 30 + 250 + 0
+        assert stats["tpm"].in_flight == 0
+        child_stats = await statistics(child, limits)
+        assert (child_stats["concurrency"].used, child_stats["tpm"].used) == (0, 40)
+        assert (await statistics(backend, requests_only))["rpm"].used == 3
+    finally:
+        await backend.aclose()
+        await client.aclose()
+
+
+async def test_settles_run_as_one_end_each_admission_as_alone() -> None:
+    """Random admissions and ends (settles of random usage, and refunds): each
+    batch of settles posted at once leaves the account as the same settles sent one by
+    one do, on every window and in every lease's reply."""
+    rng = random.Random(7)
+    limits = Limits(
+        concurrency=50, rpm=500, tpm=20_000, tpd=10**6, token_counting=TokenCounting.SAFE
+    )
+    clock = FakeClock()
+    together = RedisBackend(fakeredis.FakeAsyncRedis(), namespace="a", server_time=False)
+    alone = RedisBackend(fakeredis.FakeAsyncRedis(), namespace="a", server_time=False)
+    replies: dict[str, list[Any]] = {"together": [], "alone": []}
+
+    def spy(backend: RedisBackend, name: str) -> None:
+        settled = backend._settled
+
+        def record(lease: str, command: Any, tenant: Any, future: Any) -> None:
+            replies[name].append((lease, future.result()))
+            settled(lease, command, tenant, future)
+
+        backend._settled = record  # type: ignore[method-assign]
+
+    spy(together, "together")
+    spy(alone, "alone")
+    runs = settle_runs(together)
+    try:
+        for _ in range(12):
+            demands = [Demand(1, rng.choice([0, 50, 400]), 0) for _ in range(rng.randint(1, 9))]
+            ends = [
+                None if rng.random() < 0.3 else Demand(1, rng.choice([0, 20, 900]), 0)
+                for _ in demands
+            ]
+            batches = []
+            for backend in (together, alone):
+                grants = [await backend.reserve(limits, d, at(clock)) for d in demands]
+                assert all(isinstance(g, RedisGrant) for g in grants)
+                batches.append(grants)
+            for grant, end in zip(batches[0], ends, strict=True):
+                await together.settle(limits, grant, end, at(clock))
+            del runs[:]
+            await together.drain()
+            assert runs == [len(demands)]  # one run of them all
+            for grant, end in zip(batches[1], ends, strict=True):
+                await alone.settle(limits, grant, end, at(clock))
+                await alone.drain()
+            assert [live for _, live in replies["together"]] == [
+                live for _, live in replies["alone"]
+            ]
+            assert await together.statistics(limits, at(clock)) == await alone.statistics(
+                limits, at(clock)
+            )
+            clock.advance(rng.choice([0.5, 7, 31]))
+    finally:
+        await together.aclose()
+        await alone.aclose()
 
 
 async def test_a_run_of_gathered_reserves_admits_in_order_and_refuses_the_rest() -> None:

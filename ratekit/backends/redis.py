@@ -663,8 +663,72 @@ class _Reserves:
             start += count
 
 
-# What a sender sends: a command, or reserves of one account sent as one.
-_Sendable = _Command | _Reserves
+class _Settles:
+    """The settles of one account posted together (none of a tenant with limits of its
+    own), under the same keys, clock argument, key ttl, channel and window specs: sent
+    as one run of the settle script, which ends them in order as if each ran alone at
+    the same instant (settle.lua), each told its own part of the reply.
+
+    It takes more settles until a sender takes it. A settle joining it goes out no
+    later than it would have alone (ahead of what was queued after the first one):
+    settles of different admissions commute, and a slot freed sooner only helps.
+    """
+
+    __slots__ = ("args", "groups", "key", "members", "sending")
+
+    # What the sender reads of a command: the script, loaded again on NOSCRIPT.
+    script = SETTLE
+
+    # Where the arguments of one admission are in a settle's EVALSHA (see settle.lua):
+    # its lease id, refund flag, amounts reserved and used, slice indexes, tokens
+    # counted (ARGV[3], [5], [7], [8], [9], [10]; after "EVALSHA", the sha, the key
+    # count and the two keys).
+    OWN = (7, 9, 11, 12, 13, 14)
+
+    def __init__(self, key: tuple[str, ...], groups: dict[tuple[str, ...], _Settles]) -> None:
+        self.key = key
+        self.groups = groups
+        self.members: list[_Command] = []
+        # The EVALSHA of the settles, built when a sender takes it.
+        self.args: tuple[str, ...] = ()
+        self.sending = False
+
+    def take(self) -> bool:
+        """A sender takes it: it is closed to more settles, and the one EVALSHA of all
+        of them is built (a lone settle's is its own)."""
+        if self.groups.get(self.key) is self:
+            del self.groups[self.key]
+        members = self.members = [member for member in self.members if member.take()]
+        if not members:
+            return False
+        self.sending = True
+        if len(members) == 1:
+            self.args = members[0].args
+            return True
+        args = list(members[0].args)
+        for at in self.OWN:
+            args[at] = "|".join([member.args[at] for member in members])
+        self.args = tuple(args)
+        return True
+
+    def untake(self) -> None:
+        self.sending = False
+        for member in self.members:
+            member.untake()
+
+    def deliver(self, reply: Any) -> None:
+        """Each settle's part of the reply: whether its lease was still live."""
+        members = self.members
+        if isinstance(reply, BaseException) or len(members) == 1:
+            for member in members:
+                member.deliver(reply)
+            return
+        for member, live in zip(members, reply, strict=True):
+            member.deliver(live)
+
+
+# What a sender sends: a command, or reserves or settles of one account sent as one.
+_Sendable = _Command | _Reserves | _Settles
 
 
 class _Watch:
@@ -760,6 +824,8 @@ class _Link:
         # The reserves in the queue still open to more callers, by what they share (see
         # `reserve`).
         self.reserves: dict[tuple[str, ...], _Reserves] = {}
+        # The same for posted settles (see `post`).
+        self.settles: dict[tuple[str, ...], _Settles] = {}
         # Senders running, and those idle, each waiting on its future for work.
         self.senders = 0
         self.idle: deque[asyncio.Future[None]] = deque()
@@ -1278,9 +1344,11 @@ class _Link:
     ) -> bool:
         """Queue a write nobody waits for: it goes out with the next batch (after what
         was queued before it, ahead of what comes after: a caller that retries once a
-        settle is posted has its reserve sent behind the settle, in the same pipeline
-        when one sender takes both), and its reply or error goes to `done`. False, with
-        nothing queued, while Redis is known to be down or the link is closed."""
+        settle is posted has its reserve sent behind the settle, in the same round trip
+        when one sender takes both), and its reply or error goes to `done`. Settles of
+        one account posted before a sender takes the first run as one (`_Settles`).
+        False, with nothing queued, while Redis is known to be down or the link is
+        closed."""
         if self.closed or not self.reachable():
             return False
         assert self.loop is not None
@@ -1288,8 +1356,19 @@ class _Link:
         self.posted.add(future)
         future.add_done_callback(self.posted.discard)
         future.add_done_callback(done)
-        self.queue.append(_Command(args, script, future, abortable=False, orphan=done))
-        self._wake_sender()
+        command = _Command(args, script, future, abortable=False, orphan=done)
+        if script is not SETTLE or args[2] != "2":  # a tenant's settles go alone
+            self.queue.append(command)
+            self._wake_sender()
+            return True
+        # Settles of one account posted while none was sent yet go as one (`_Settles`).
+        key = (args[3], args[4], args[5], args[6], args[8], args[10])
+        group = self.settles.get(key)
+        if group is None or len(group.members) >= _BATCH:
+            group = self.settles[key] = _Settles(key, self.settles)
+            self.queue.append(group)
+            self._wake_sender()
+        group.members.append(command)
         return True
 
     async def posted_answered(self) -> None:
@@ -1361,6 +1440,7 @@ class _Link:
         self._fail(list(self.queue), _Down())
         self.queue.clear()
         self.reserves.clear()
+        self.settles.clear()
         if self.owns_client:
             await self.client.aclose()
 

@@ -1,6 +1,6 @@
--- settle: end one admission: record the call's real usage (or hand everything
--- back), free its lease and announce the release; the same on its tenant's own
--- windows, if it has one. One round trip.
+-- settle: end admissions: record each call's real usage (or hand everything back),
+-- free its lease and announce the release; the same on its tenant's own windows, if
+-- it has one. One round trip for the settles of one account posted together.
 --
 -- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
 -- KEYS[3]      only with a tenant: the tenant's state, KEYS[4] its leases
@@ -18,20 +18,37 @@
 -- ARGV[11..14] only with a tenant: its four arguments (see parse_tenants)
 -- ARGV[15]     only with a tenant: the slice index of the admission per tenant window
 -- ARGV[16]     only with a tenant: its name, told with the release
--- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed).
+-- Several admissions without tenants are settled in one run, in order, as if each
+-- were settled alone at the same instant: ARGV[3], [5], [7], [8], [9] and [10] then
+-- hold one value per admission, apart by "|".
+-- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed);
+-- for several admissions, a list of those.
+
+-- `packed`'s fields apart by "|", empty ones kept.
+local function split(packed)
+  local fields = {}
+  for field in string.gmatch(packed .. '|', '([^|]*)|') do
+    fields[#fields + 1] = field
+  end
+  return fields
+end
 
 local key_ttl_ms = tonumber(ARGV[2])
-local lease_id = ARGV[3]
-local refunding = ARGV[5] == '1'
+local lease_ids = split(ARGV[3])
+local many = #lease_ids > 1
+local refunds = many and split(ARGV[5]) or {ARGV[5]}
+local reserves = many and split(ARGV[7]) or {ARGV[7]}
+local uses = many and split(ARGV[8]) or {ARGV[8]}
+local slices = many and split(ARGV[9]) or {ARGV[9]}
+local counts = many and split(ARGV[10]) or {ARGV[10]}
 local windows = parse_specs(ARGV[6], ACCOUNT)
-local reserved = parse_amounts(ARGV[7])
-local used = parse_amounts(ARGV[8])
-local counted = tonumber(ARGV[10])
 local fields = base_fields(windows, 'wait')
-if lease_id ~= '-' then
-  for _, w in ipairs(windows) do
-    if w.take ~= 0 then
-      fields[#fields + 1] = hold_field(w, lease_id)
+for _, id in ipairs(lease_ids) do
+  if id ~= '-' then
+    for _, w in ipairs(windows) do
+      if w.take ~= 0 then
+        fields[#fields + 1] = hold_field(w, id)
+      end
     end
   end
 end
@@ -39,7 +56,9 @@ read(ACCOUNT, fields)
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 
--- Frees `lease_id` from the leases of state s: 1 if it was still there, else 0.
+-- The admission being settled (set for each in turn).
+local lease_id, refunding, reserved, used, counted
+
 local function free(s)
   if lease_id == '-' then
     return 1
@@ -91,11 +110,21 @@ local function settle(list, indexes, live)
   end
 end
 
-local live = free(ACCOUNT)
-settle(windows, parse_amounts(ARGV[9]), live)
+local lives = {}
+local announce = false
+for k = 1, #lease_ids do
+  lease_id, refunding = lease_ids[k], refunds[k] == '1'
+  reserved, used = parse_amounts(reserves[k]), parse_amounts(uses[k])
+  counted = tonumber(counts[k])
+  local live = free(ACCOUNT)
+  settle(windows, parse_amounts(slices[k]), live)
+  lives[k] = live
+  announce = announce or lease_id ~= '-' or refunding
+end
 finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
-local notice = lease_id
+local notice = table.concat(lease_ids, ' ')
 if #KEYS > 2 then
+  local live = lives[1]
   local t = parse_tenants(KEYS, ARGV, 11, now, wall)[1]
   if lease_id ~= '-' then
     local holds = {}
@@ -117,7 +146,10 @@ if #KEYS > 2 then
 end
 -- Announce the release only while some caller waits: nobody listens otherwise. An
 -- admission without a lease frees something only when it is refunded.
-if (lease_id ~= '-' or refunding) and now < (num(ACCOUNT, 'wait') or 0) then
+if announce and now < (num(ACCOUNT, 'wait') or 0) then
   redis.call('PUBLISH', ARGV[4], notice)
 end
-return live
+if many then
+  return lives
+end
+return lives[1]

@@ -33,7 +33,7 @@ import fakeredis
 import pytest
 import trio
 from fakeredis.commands_mixins import server_mixin
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
 import ratekit
 from ratekit import Limits, Rate, TokenCounting
@@ -319,7 +319,7 @@ async def test_a_hung_server_is_cancellable_and_then_counts_as_down(silent_serve
 async def test_a_slow_server_that_answers_is_waited_for_on_a_url_built_client(
     redis_server: RedisServer,
 ) -> None:
-    """A backend built from a URL, its round trip's reply held back for 2.7 command
+    """A backend built from a URL, its round trip's reply held back for 2.4 command
     timeouts while the server answers a PING on a new connection: busy, not gone. The
     reserve is admitted when the reply comes, and nothing counts as an outage (the
     client's sockets have no timeout of their own that would give up first)."""
@@ -346,20 +346,20 @@ async def test_a_slow_server_that_answers_is_waited_for_on_a_url_built_client(
     server = await asyncio.start_server(relay, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     backend = RedisBackend(
-        f"redis://127.0.0.1:{port}/0", namespace=namespace(), command_timeout_s=0.3
+        f"redis://127.0.0.1:{port}/0", namespace=namespace(), command_timeout_s=0.5
     )
     limits = Limits(rpm=100)
     try:
         assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
         # The connections open now are held back; a PING's new one goes straight through.
         held.update(opened)
-        hold_s = 0.8
+        hold_s = 1.2
         started = time.monotonic()
         grant = await asyncio.wait_for(backend.reserve(limits, ONE, now()), 5)
         waited_s = time.monotonic() - started
         assert isinstance(grant, RedisGrant)
         assert not grant.local
-        assert waited_s >= 0.8
+        assert waited_s >= 1.2
         assert backend._link.failures == 0
     finally:
         hold_s = 0.0
@@ -597,6 +597,103 @@ async def test_refunds_whose_sender_was_still_connecting_at_the_loops_end_are_se
         assert stats["rpm"].used == 0
 
 
+@pytest.mark.redis
+async def test_a_sender_cancelled_while_the_loop_runs_on_leaves_its_batch_to_another(
+    fresh_server: RedisServer,
+) -> None:
+    """An application cancels its other tasks (a common way to stop; here ratekit's) while
+    ratekit's sender waits for a connection of a full blocking pool, then goes on: the
+    settle it had taken is sent by another sender once a connection is free, and
+    `drain` returns instead of waiting for a command that nobody would send."""
+    pool = BlockingConnectionPool.from_url(fresh_server.url, max_connections=6, timeout=30)
+    client = Redis(connection_pool=pool)
+    backend = RedisBackend(client, namespace=namespace(), connections=1)
+    limiter = ratekit.Limiter(Limits(concurrency=5, rpm=100), backend=backend)
+    held: list[Any] = []
+    try:
+        admission = await limiter.acquire()
+        await backend.drain()
+        with contextlib.suppress(TimeoutError):
+            while True:  # every connection taken by someone else
+                held.append(await asyncio.wait_for(pool.get_connection(), 0.1))
+        await admission.release()  # its settle posted: the sender waits for a connection
+        await asyncio.sleep(0.05)
+        assert backend._link.senders == 1
+        for task in list(backend._link.tasks):  # what the application's cancel reaches
+            task.cancel()
+        await asyncio.sleep(0.05)
+        for connection in held:
+            await pool.release(connection)
+        held.clear()
+        await asyncio.wait_for(backend.drain(), 5)
+        stats = await statistics(backend, Limits(concurrency=5, rpm=100))
+        assert stats["concurrency"].used == 0
+    finally:
+        for connection in held:
+            await pool.release(connection)
+        await backend.aclose()
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_pool_that_wants_a_command_name_is_served(fresh_server: RedisServer) -> None:
+    """A connection pool whose get_connection still requires a command name (redis-py
+    before 5.3 has no default for it) serves ratekit's commands."""
+
+    class Pool(ConnectionPool):
+        async def get_connection(  # type: ignore[override]
+            self, command_name: str, *keys: Any, **options: Any
+        ) -> Any:
+            assert isinstance(command_name, str)
+            return await super().get_connection()
+
+    client = Redis(connection_pool=Pool.from_url(fresh_server.url))
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=5, rpm=100)
+    try:
+        grant = await backend.reserve(limits, ONE, now())
+        assert isinstance(grant, RedisGrant)
+        await backend.settle(limits, grant, ONE, now())
+        stats = await statistics(backend, limits)
+        assert (stats["concurrency"].used, stats["rpm"].used) == (0, 1)
+    finally:
+        await backend.aclose()
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_releases_are_heard_on_a_client_of_another_encoding(
+    fresh_server: RedisServer,
+) -> None:
+    """Two pods whose clients encode text as Latin-1, on an account whose name is not
+    ASCII: a caller waiting for a slot in one pod is admitted as soon as the other pod
+    releases it (the notice is heard), not when the holder's lease would lapse."""
+    account = f"café-{uuid.uuid4().hex[:8]}"
+    clients = [Redis.from_url(fresh_server.url, encoding="latin-1") for _ in range(2)]
+    backends = [RedisBackend(c, namespace=account, lease_ttl_s=30.0) for c in clients]
+    limits = Limits(concurrency=1, rpm=1000)
+    holder, waiter = (ratekit.Limiter(limits, backend=b) for b in backends)
+    try:
+        held = await holder.acquire()
+
+        async def take() -> Any:
+            return await waiter.acquire()
+
+        waiting = asyncio.create_task(take())
+        await asyncio.sleep(0.5)  # refused, listening for the release
+        assert not waiting.done()
+        started = time.monotonic()
+        await held.release()
+        admission = await asyncio.wait_for(waiting, 10)
+        assert time.monotonic() - started < 5  # the notice, not the lease's 30 s
+        await admission.release()
+    finally:
+        for backend in backends:
+            await backend.aclose()
+        for client in clients:
+            await client.aclose()
+
+
 async def test_a_cancel_arriving_with_the_reply_is_never_lost() -> None:
     """A cancel delivered in the very step the reply arrives (what Python 3.11's
     wait_for can swallow): the caller is cancelled, and the grant handed back."""
@@ -801,13 +898,15 @@ async def test_settles_posted_together_run_as_one_script(fresh_server: RedisServ
 
 
 async def test_settles_run_as_one_end_each_admission_as_alone() -> None:
-    """Random admissions and ends (settles of random usage, and refunds): each
-    batch of settles posted at once leaves the account as the same settles sent one by
-    one do, on every window and in every lease's reply."""
+    """Random admissions and ends (settles of random usage, refunds, leases that lapsed
+    first, refunds of admissions without a lease): each batch of settles posted at once
+    leaves the account as the same settles sent one by one do, on every window and in
+    every lease's reply."""
     rng = random.Random(7)
     limits = Limits(
         concurrency=50, rpm=500, tpm=20_000, tpd=10**6, token_counting=TokenCounting.SAFE
     )
+    requests_only = Limits(rpm=10**6)
     clock = FakeClock()
     together = RedisBackend(fakeredis.FakeAsyncRedis(), namespace="a", server_time=False)
     alone = RedisBackend(fakeredis.FakeAsyncRedis(), namespace="a", server_time=False)
@@ -837,6 +936,15 @@ async def test_settles_run_as_one_end_each_admission_as_alone() -> None:
                 grants = [await backend.reserve(limits, d, at(clock)) for d in demands]
                 assert all(isinstance(g, RedisGrant) for g in grants)
                 batches.append(grants)
+            if rng.random() < 0.3:
+                clock.advance(11)  # past the leases' 10 s: they lapsed, not renewed
+                # A demand the tokens in flight leave no room for: its refusal reclaims
+                # the lapsed leases (their settles then find them gone).
+                for backend in (together, alone):
+                    big = await backend.reserve(limits, Demand(1, 19_999, 0), at(clock))
+                    if isinstance(big, RedisGrant):
+                        await backend.settle(limits, big, None, at(clock))
+                        await backend.drain()
             for grant, end in zip(batches[0], ends, strict=True):
                 await together.settle(limits, grant, end, at(clock))
             del runs[:]
@@ -851,7 +959,22 @@ async def test_settles_run_as_one_end_each_admission_as_alone() -> None:
             assert await together.statistics(limits, at(clock)) == await alone.statistics(
                 limits, at(clock)
             )
+            # Admissions of requests alone (no lease), refunded together.
+            bare = [
+                [await backend.reserve(requests_only, ONE, at(clock)) for _ in demands]
+                for backend in (together, alone)
+            ]
+            for grant in bare[0]:
+                await together.settle(requests_only, grant, None, at(clock))
+            await together.drain()
+            for grant in bare[1]:
+                await alone.settle(requests_only, grant, None, at(clock))
+                await alone.drain()
+            assert await together.statistics(requests_only, at(clock)) == (
+                await alone.statistics(requests_only, at(clock))
+            )
             clock.advance(rng.choice([0.5, 7, 31]))
+        assert 0 in [live for _, live in replies["together"]]  # some leases had lapsed
     finally:
         await together.aclose()
         await alone.aclose()

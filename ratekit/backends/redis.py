@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import inspect
 import itertools
 import logging
 import math
@@ -671,7 +672,9 @@ class _Settles:
 
     It takes more settles until a sender takes it. A settle joining it goes out no
     later than it would have alone (ahead of what was queued after the first one):
-    settles of different admissions commute, and a slot freed sooner only helps.
+    settles of different admissions commute, and most free something sooner; one
+    that records more tokens than its admission reserved counts them sooner too,
+    which a reserve queued before it then sees, as it would on a faster network.
     """
 
     __slots__ = ("args", "groups", "key", "members", "sending")
@@ -750,6 +753,17 @@ class _Unsent(asyncio.CancelledError):
     connection): the batch can go again as it is."""
 
 
+def _connection_args(client: Client) -> tuple[str, ...]:
+    """What the client's pool's get_connection is called with: nothing, or a command
+    name where it still requires one (redis-py before 5.3; it is not used)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is None:  # a cluster client: it routes commands itself
+        return ()
+    parameter = inspect.signature(pool.get_connection).parameters.get("command_name")
+    needs_name = parameter is not None and parameter.default is inspect.Parameter.empty
+    return ("FCALL",) if needs_name else ()
+
+
 def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:
     """`commands` in the Redis protocol (RESP), as one buffer. A first word that holds
     a space ("FUNCTION LOAD") is two words. The arguments are text, sent as UTF-8:
@@ -761,9 +775,20 @@ def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:
         words = [*head.split(), *command[1:]] if " " in head else command
         add(b"*%d\r\n" % len(words))
         for word in words:
-            data = word.encode()
+            data = word.encode() if word.__class__ is str else _encode(word)
             add(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def _encode(word: object) -> bytes:
+    """A word that is not text: bytes as they are, a number as its text."""
+    if isinstance(word, bytes | bytearray | memoryview):
+        return bytes(word)
+    if isinstance(word, int | float) and not isinstance(word, bool):
+        return repr(word).encode()
+    if isinstance(word, str):  # a subclass of str
+        return str(word).encode()
+    raise TypeError(f"a Redis command's argument must be text, bytes or a number, got {word!r}")
 
 
 async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> list[Any]:
@@ -773,13 +798,13 @@ async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> lis
     ratekit's scripts; like one, it never sends a command twice (a reply lost with
     the connection is an outage, not a cue to run a script again). A connection left
     mid-reply (an error, a cancel) is closed by redis-py, and made again when next
-    taken from the pool."""
-    await connection.send_packed_command(_pack(commands))
+    taken from the pool. The client's socket timeout, if it has one, applies to each
+    read (a client ratekit builds has none: the link's watch bounds the round trip)."""
+    await connection.send_packed_command(_pack(commands), check_health=False)
     replies: list[Any] = []
     for _ in commands:
         try:
-            # No read timeout of the client's: the link's watch bounds the round trip.
-            replies.append(await connection.read_response(timeout=math.inf))
+            replies.append(await connection.read_response())
         except ResponseError as exc:
             replies.append(exc)
     return replies
@@ -855,6 +880,8 @@ class _Link:
         # Not on a cluster: redis-py's cluster client finds an FCALL's keys by asking a
         # node (COMMAND GETKEYS) on every call, an EVALSHA's by itself.
         self.functions = not isinstance(client, RedisCluster)
+        # What a pool's get_connection takes: a command name before redis-py 5.3.
+        self.connection_args = _connection_args(client)
         # Whether what runs the scripts was sent since the link started or last lost
         # Redis: until then, a round trip carries it ahead of its commands, so that no
         # command is answered NOSCRIPT (and sent again after the ones behind it).
@@ -1000,6 +1027,11 @@ class _Link:
             self.senders += 1
             self.spawn(self._send_loop())
 
+    def _resume(self) -> None:
+        """A batch put back in the queue by a cancelled sender goes out with another."""
+        if self.queue and not self.closed:
+            self._wake_sender()
+
     async def _send_loop(self) -> None:
         """Send what waits, a batch at a time; idle until woken, until closing."""
         assert self.loop is not None
@@ -1058,6 +1090,10 @@ class _Link:
                 for command in reversed(batch):
                     command.untake()
                     self.queue.appendleft(command)
+                if not self.closing:
+                    # Only this sender was cancelled (the loop runs on): another sends it.
+                    assert self.loop is not None
+                    self.loop.call_soon(self._resume)
                 raise
             except asyncio.CancelledError:
                 self._fail(batch, _Down())  # closing: the callers' calls failed
@@ -1172,10 +1208,14 @@ class _Link:
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
         pool = self.client.connection_pool
         try:
-            connection = await pool.get_connection()  # type: ignore[no-untyped-call]
+            connection = await pool.get_connection(*self.connection_args)  # type: ignore[no-untyped-call]
         except asyncio.CancelledError as exc:
             raise _Unsent(*exc.args) from None
         try:
+            try:
+                await connection.check_health()  # the client's own PING, if it asks for one
+            except asyncio.CancelledError as exc:
+                raise _Unsent(*exc.args) from None
             first = [] if self.loaded else self._all_loads()
             replies = await _exchange(connection, [*first, *map(self._wire, batch)])
             for load, answer in zip(first, replies, strict=False):
@@ -1554,8 +1594,10 @@ class RedisBackend:
             )
         if isinstance(redis, str):
             where = _check_url(redis)
-            # Our own backoff and policy decide about outages: one quick reconnect
-            # (a connection the server closed while idle), no backoff of redis-py's.
+            # Our own backoff and policy decide about outages: no backoff of redis-py's
+            # (one quick reconnect for what goes through redis-py's own calls, such as
+            # the release listener; a connection the pool gives ratekit's batches is
+            # checked by the pool, and a batch is never sent twice).
             # The link's watch bounds each round trip (`_round_trip`), so a plain
             # client's sockets get no timeout of their own: redis-py would give up a
             # slow server's reply before the watch's five timeouts, and wrap every
@@ -2442,7 +2484,9 @@ class RedisBackend:
             pubsub = link.client.pubsub()
             try:
                 async with asyncio.timeout(link.command_timeout_s):
-                    await pubsub.subscribe(self._channel)
+                    # The channel as the scripts publish on it (ratekit packs its commands
+                    # as UTF-8, whatever the client's encoding).
+                    await pubsub.subscribe(self._channel.encode())
                 # Heard from now on; a release announced before was not: every waiter
                 # tries once more.
                 self._listeners.notify()

@@ -44,7 +44,7 @@ class Owner(Protocol):
 
     async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
 
-    async def _restamp(self, grant: Grant) -> None: ...
+    async def _restamp(self, grant: Grant) -> Grant: ...
 
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None: ...
 
@@ -287,7 +287,10 @@ class Admission:
         ``acquire`` returns. Does nothing for an admission not held.
         """
         if self._state == _GRANTED:
-            await self._limiter._restamp(self._grant)
+            grant = self._grant
+            kept = await self._limiter._restamp(grant)
+            if self._grant is grant:  # still held (a shared backend's restamp awaits)
+                self._grant = kept
 
     # -- ending: the one way out ---------------------------------------------------------
 

@@ -184,6 +184,7 @@ class Limiter:
         "_full_since_s",
         "_head_eta_s",
         "_here",
+        "_lane",
         "_limits",
         "_local",
         "_loop",
@@ -235,6 +236,9 @@ class Limiter:
         self._aged = bool(getattr(backend, "waits_from_instant", False))
         # A backend with no I/O (memory), called synchronously: the uncontended path.
         self._local: InProcess | None = backend if isinstance(backend, InProcess) else None
+        # The memory backend itself (not a subclass, which may count or change what it
+        # is asked): its uncontended path is asked first (`MemoryBackend.admit_now`).
+        self._lane: MemoryBackend | None = backend if type(backend) is MemoryBackend else None
         # A shared backend that ends some grants with no I/O, ended at once too.
         self._here: SettlesHere | None = (
             backend if self._local is None and isinstance(backend, SettlesHere) else None
@@ -467,10 +471,17 @@ class Limiter:
             return None
         if self._loop is None:
             self._loop = _Loop.current()
+        now = self._now()
+        if tenant is None:
+            lane = self._lane
+            if lane is not None:
+                grant = lane.admit_now(self._limits, demand, now)
+                if grant is not None:
+                    return grant
+            wall = self._wall() if self._calendar else math.nan
+            return local.reserve_now(self._limits, demand, now, wall)
         wall = self._wall() if self._calendar else math.nan
-        if tenant is not None:
-            return self._reserve_both(local, demand, tenant, self._now(), wall)
-        return local.reserve_now(self._limits, demand, self._now(), wall)
+        return self._reserve_both(local, demand, tenant, now, wall)
 
     def _reserve_both(
         self, local: InProcess, demand: Demand, tenant: str, now: float, wall: float
@@ -827,6 +838,12 @@ class Limiter:
             self._on_change()  # as `_settle` does
             return True
         now = self._now()
+        lane = self._lane
+        if lane is not None and grant.__class__ is tuple:
+            # A grant of the memory backend's uncontended path (`_reserve_now`).
+            if lane.end_now(grant, actual, now):
+                return True
+            grant = lane.grant_of(grant)
         wall = self._wall() if self._calendar else math.nan
         if grant.__class__ is TenantGrant:
             assert isinstance(grant, TenantGrant)
@@ -844,17 +861,23 @@ class Limiter:
         # Our own waiters retry now, whether or not the store's notice reaches them.
         self._on_change()
 
-    async def _restamp(self, grant: Grant) -> None:
-        """The request of `grant` leaves now: count what it recorded from now."""
+    async def _restamp(self, grant: Grant) -> Grant:
+        """The request of `grant` leaves now: count what it recorded from now. Returns the
+        grant to hold from now on: `grant`, or for one of the memory backend's
+        uncontended path, the backend's own grant, restamped."""
         local = self._local
         if local is not None:
             now = self._clock.now()
-            if isinstance(grant, TenantGrant):
-                Tenants.restamp_now(grant, now)
-                grant = grant.account
-            local.restamp_now(grant, now)
-            return
+            if self._lane is not None and grant.__class__ is tuple:
+                grant = self._lane.grant_of(grant)  # of the uncontended path
+            account = grant
+            if isinstance(account, TenantGrant):
+                Tenants.restamp_now(account, now)
+                account = account.account
+            local.restamp_now(account, now)
+            return grant
         await self._backend.restamp(self._limits, grant, self.instant())
+        return grant
 
     def _hand_back(self, grant: Grant, actual: Demand | None) -> None:
         """End a dropped admission's grant on this limiter's loop (called by a finalizer,
@@ -868,6 +891,8 @@ class Limiter:
         def end() -> None:
             now = self.instant()
             account = grant
+            if self._lane is not None and account.__class__ is tuple:
+                account = self._lane.grant_of(account)  # of the uncontended path
             if isinstance(grant, TenantGrant):
                 Tenants.settle_now(grant, actual, now.mono, now.wall)
                 account = grant.account

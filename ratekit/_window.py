@@ -74,6 +74,9 @@ class SlicedWindow(_Holding):
 
     Not thread-safe; owned by one backend. `limit`, `margin_s` and `pacing` may be
     changed in place with `configure` (a tier upgrade keeps what was used so far).
+    The memory backend's uncontended path (`ratekit.backends.memory.FastPlan`)
+    updates `_total`, `_held` and the newest slice itself, as `record`, `hold_at`,
+    `settle_safe` and `settle_usage` do in the cases it takes.
     """
 
     __slots__ = (
@@ -303,83 +306,6 @@ class SlicedWindow(_Holding):
         self.refund(now, index, amount)
         self._add(new, amount)
         return new
-
-
-class FastPlan:
-    """The rolling windows one set of limits takes from, flattened for the uncontended
-    path: an admission that every window has room for, and the settle of a held
-    amount in the very slice it was admitted in, cost a few counter updates each.
-
-    Every answer equals what the windows' own methods (`fits`, `record`,
-    `hold_at`, `settle_safe`, `settle_usage`) would do; where they would do more
-    (a window without room, a settle in a later slice) the plan does nothing and
-    says so, and the caller takes the general path. No window may pace (`pacing`
-    makes every admission move the schedule). `recorded` holds (window, position
-    of its amount in a demand) for amounts counted at admission; `held` holds
-    (window, position, safe) for amounts held until settle (`safe`: settled the
-    ``safe`` way, else the ``usage`` way).
-    """
-
-    __slots__ = ("_checked", "held", "recorded")
-
-    def __init__(
-        self,
-        recorded: list[tuple[SlicedWindow, int]],
-        held: list[tuple[SlicedWindow, int, bool]],
-    ) -> None:
-        assert not any(window.pacing for window, _ in recorded), "a pacing window"
-        self.recorded = tuple(recorded)
-        self.held = tuple(held)
-        # Every window and the position of its amount: what an admission checks.
-        self._checked = self.recorded + tuple((window, position) for window, position, _ in held)
-
-    def admit(self, now: float, demand: tuple[float, ...]) -> bool:
-        """Take `demand` from every window at `now` if each has room (`fits`), as
-        `record` and `hold_at` would; False, with nothing taken, when one has not."""
-        for window, position in self._checked:
-            amount = demand[position]
-            if amount:
-                if now >= window._first_expiry_s:
-                    window.expire(now)
-                if window._total + window._held + amount > window._ceiling:
-                    return False
-        for window, position in self.recorded:
-            amount = demand[position]
-            if not amount:
-                continue
-            if window._last_start_s <= now < window._last_end_s:
-                window._slices[-1][1] += amount
-                window._total += amount
-            else:
-                window._add(math.floor(now / window.slice_s), amount)
-        for window, position, _ in self.held:
-            window._held += demand[position]
-        return True
-
-    def settle(
-        self, admitted_s: float, now: float, held: tuple[float, ...], real: tuple[float, ...]
-    ) -> bool:
-        """Settle the amounts `held` since `admitted_s` with the `real` usage at `now`, as
-        `settle_safe` (with nothing counted by the provider) or `settle_usage` would,
-        when each held window is still in the newest slice, the admission's; False,
-        with nothing changed, otherwise."""
-        for window, position, safe in self.held:
-            if not window._last_start_s <= admitted_s <= now < window._last_end_s and (
-                real[position] or (safe and held[position])
-            ):
-                return False  # a slice other than the newest, where something is recorded
-        for window, position, safe in self.held:
-            amount = held[position]
-            real_amount = real[position]
-            window._held -= amount
-            if window._held < window.limit * _EPSILON:
-                window._held = 0.0
-            if safe and amount > real_amount:
-                real_amount = amount
-            if real_amount:
-                window._slices[-1][1] += real_amount
-                window._total += real_amount
-        return True
 
 
 class CalendarWindow(_Holding):

@@ -8,6 +8,8 @@ same outcomes and the very same window state after every operation.
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import math
 
 import pytest
@@ -74,7 +76,8 @@ def limits_pair(draw: st.DrawFn) -> tuple[Limits, Limits]:
         requests = draw(st.sampled_from([2, 8, 40]))
         rates = [Rate(requests, period_s, "requests", name="req", slices=slices)]
         tokens = draw(st.sampled_from([60, 200, 2000]))
-        rates.append(Rate(tokens, period_s * 2, "tokens", "tok", slices=tokens_slices))
+        if draw(st.integers(0, 3)):  # else requests alone: no slot without a cap
+            rates.append(Rate(tokens, period_s * 2, "tokens", "tok", slices=tokens_slices))
         if draw(st.booleans()):
             rates.append(Rate(draw(st.sampled_from([1.0, 2.5])), period_s, "money", name="usd"))
         return Limits(
@@ -278,3 +281,130 @@ def test_a_burst_settled_in_its_slices_keeps_the_windows_as_the_general_path_doe
         general.settle_now(other, demand, now)
         assert window_state(fast) == window_state(general)
     assert fast.statistics_now(limits, now) == general.statistics_now(limits, now)
+
+
+# -- through a limiter: the lane of `Limiter` and `MemoryBackend.admit_now` ---------------
+
+# What a caller does with a limiter: try to admit (requests, tokens, cost), end or touch
+# the admission held at a place counted from the newest, pause, change the limits.
+call = st.one_of(
+    st.tuples(
+        st.just("try"),
+        st.integers(0, 2),
+        st.integers(0, 60),
+        st.sampled_from([0.0, 0.125, 0.5]),
+    ),
+    st.tuples(st.just("settle"), st.integers(0, 30), st.floats(0, 1.5), st.floats(0, 1)),
+    st.tuples(st.just("counted"), st.integers(0, 30), st.integers(0, 80), st.just(0.0)),
+    st.tuples(
+        st.sampled_from(["release", "refund", "sent", "drop"]),
+        st.integers(0, 30),
+        st.just(0),
+        st.just(0.0),
+    ),
+    st.tuples(st.just("pause"), st.integers(0, 3), st.just(0), st.just(0.0)),
+    st.tuples(st.just("switch"), st.just(0), st.just(0), st.just(0.0)),
+)
+short_delay = st.one_of(
+    st.just(0.0),
+    st.just(0.0),
+    st.floats(0, 0.3).map(lambda x: round(x, 3)),
+    st.floats(0, 40).map(lambda x: round(x, 1)),
+)
+
+
+async def play_on_limiters(pair: tuple[Limits, Limits], script: list) -> None:
+    """One script on a limiter over the memory backend (its lane taken) and on one over
+    `GeneralOnly`, step by step: the same admissions and the same windows."""
+    from ratekit import Admission, Limiter
+    from ratekit.clock import FakeClock
+
+    fast_clock, general_clock = FakeClock(BASE_S), FakeClock(BASE_S)
+    fast_backend, general_backend = MemoryBackend(), GeneralOnly()
+    fast = Limiter(pair[0], backend=fast_backend, clock=fast_clock)
+    general = Limiter(pair[0], backend=general_backend, clock=general_clock)
+    held: list[tuple[Admission, Admission, bool]] = []  # and whether it was settled
+    for step, (kind, a, b, c) in script:
+        fast_clock.advance(step)
+        general_clock.advance(step)
+        if kind == "try":
+            one = await fast.try_acquire(a, tokens=b, cost=c)
+            other = await general.try_acquire(a, tokens=b, cost=c)
+            assert (one is None) == (other is None), (kind, a, b, c)
+            if one is not None and other is not None:
+                held.append((one, other, False))
+        elif kind == "pause":
+            assert await fast.pause(a) == await general.pause(a)
+        elif kind == "switch":
+            limits = pair[1] if fast.limits is pair[0] else pair[0]
+            fast.limits = general.limits = limits
+        elif held:
+            index = len(held) - 1 - a % len(held)
+            one, other, settled = held[index]
+            if kind == "sent":
+                await one.sent()
+                await other.sent()
+                continue
+            if kind in ("settle", "counted") and not settled:
+                demand = one.demand
+                if kind == "settle":
+                    tokens, cost = demand.tokens * b, demand.cost * c
+                    one.settle(tokens=tokens, cost=cost)
+                    other.settle(tokens=tokens, cost=cost)
+                else:
+                    one.settle(counted_tokens=b)
+                    other.settle(counted_tokens=b)
+                held[index] = (one, other, True)
+                continue
+            del held[index]
+            if kind == "refund" and not settled:
+                await one.refund()
+                await other.refund()
+            elif kind == "drop":
+                with pytest.warns(ResourceWarning, match="dropped without release"):  # noqa: PT031
+                    del one, other
+                    gc.collect()
+                await asyncio.sleep(0)  # the limiters' loop ends them
+            else:
+                await one.release()
+                await other.release()
+        assert fast_backend._in_flight == general_backend._in_flight
+        assert window_state(fast_backend) == window_state(general_backend), kind
+        assert await fast.statistics() == await general.statistics()
+    for one, other, _ in held:
+        await one.release()
+        await other.release()
+    assert window_state(fast_backend) == window_state(general_backend)
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(pair=limits_pair(), script=st.lists(st.tuples(short_delay, call), min_size=5, max_size=80))
+def test_a_limiter_on_the_lane_keeps_the_windows_as_the_general_path_does(
+    pair: tuple[Limits, Limits], script: list
+) -> None:
+    """Admissions tried, settled, counted, sent, released, refunded and dropped through a
+    limiter: the same outcomes and window state as on a backend with no fast path."""
+    asyncio.run(play_on_limiters(pair, script))
+
+
+def test_an_uncontended_admission_of_a_limiter_takes_the_lane() -> None:
+    """A limiter over the memory backend admits with `admit_now` (its grant a plain tuple)
+    and ends there; one over a subclass of it asks the subclass's `reserve_now`."""
+    from ratekit import Limiter
+
+    limits = Limits(concurrency=2, rpm=10, tpm=1000, tpd=10_000)
+
+    async def run() -> None:
+        backend = MemoryBackend()
+        limiter = Limiter(limits, backend=backend)
+        async with limiter.acquire(tokens=100):  # the first binds the limits
+            pass
+        async with limiter.acquire(tokens=100) as admission:
+            assert admission._grant.__class__ is tuple
+            assert backend._in_flight == 1
+            admission.settle(tokens=80)
+        assert backend._in_flight == 0
+        async with Limiter(limits, backend=GeneralOnly()).acquire(tokens=100) as admission:
+            assert isinstance(admission._grant, MemoryGrant)
+
+    asyncio.run(run())

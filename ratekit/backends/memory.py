@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 
 from .._clock import Instant
 from .._limits import UNITS, Limits
-from .._window import CalendarWindow, FastPlan, SlicedWindow, Window, new_window
+from .._window import _EPSILON, CalendarWindow, SlicedWindow, Window, new_window
 from ._base import (
     HELD_SAFE,
     OUT,
@@ -24,6 +24,43 @@ from ._base import (
 
 _WindowKey = tuple[str, float, str | None, int]
 _TOKENS = UNIT_POSITION["tokens"]
+
+
+class FastPlan:
+    """The rolling windows one set of limits takes from, flattened for the uncontended
+    path (`MemoryBackend.admit_now`, and `settle_now` of its grants): an admission
+    that every window has room for, and the settle of a held amount in the very
+    slice it was admitted in, cost a few counter updates each.
+
+    That path updates the windows' counters itself, in one frame, rather than
+    through their methods: every change equals what `fits`, `record`, `hold_at`,
+    `settle_safe` or `settle_usage` would make, and where they would do more (a
+    window without room, a settle in a later slice) it changes nothing and the
+    general path runs. No window may pace (`pacing` makes every admission move the
+    schedule). `checked` holds (window, position of its amount in a demand) for
+    every window, what an admission checks; `taken` the same with whether the
+    amount is held until settle (else counted at admission), what it takes, in the
+    order of the binding's `takes`; `held` holds (window, position, safe) for the
+    windows that hold (`safe`: settled the ``safe`` way, else the ``usage`` way).
+    """
+
+    __slots__ = ("cap", "checked", "held", "slot", "taken")
+
+    def __init__(
+        self, taken: list[tuple[SlicedWindow, int, int]], concurrency: int | None, slot: bool
+    ) -> None:
+        assert not any(window.pacing for window, _, _ in taken), "a pacing window"
+        # The calls in flight that leave no slot free (inf: no concurrency cap).
+        self.cap = math.inf if concurrency is None else concurrency
+        # Whether an admission takes a slot (see `takes_no_slot`).
+        self.slot = slot
+        self.checked = tuple((window, position) for window, position, _ in taken)
+        self.taken = tuple((window, position, kind != RECORDED) for window, position, kind in taken)
+        self.held = tuple(
+            (window, position, kind == HELD_SAFE)
+            for window, position, kind in taken
+            if kind != RECORDED
+        )
 
 
 class _Binding:
@@ -47,16 +84,12 @@ class _Binding:
         self.plan = self._plan()
 
     def _plan(self) -> FastPlan | None:
-        recorded: list[tuple[SlicedWindow, int]] = []
-        held: list[tuple[SlicedWindow, int, bool]] = []
+        taken: list[tuple[SlicedWindow, int, int]] = []
         for window, position, kind in self.takes:
             if not isinstance(window, SlicedWindow) or window.pacing:
                 return None
-            if kind == RECORDED:
-                recorded.append((window, position))
-            else:
-                held.append((window, position, kind == HELD_SAFE))
-        return FastPlan(recorded, held)
+            taken.append((window, position, kind))
+        return FastPlan(taken, self.concurrency, not self.slotless)
 
 
 class MemoryGrant:
@@ -104,6 +137,13 @@ class MemoryGrant:
         return entries
 
 
+LaneGrant = tuple[_Binding, float, Demand]
+"""A grant of the uncontended path (`MemoryBackend.admit_now`): the binding it was
+admitted under, its instant and its demand; a plain tuple, since its holder (a
+limiter's admission) ends it once. `MemoryBackend.grant_of` makes it the
+`MemoryGrant` the general path would have kept, for anything else."""
+
+
 class MemoryBackend:
     """Keeps usage in this process; the default backend of a `Limiter`.
 
@@ -149,6 +189,84 @@ class MemoryBackend:
         self._binding = binding = _Binding(limits, windows)
         return binding
 
+    def admit_now(self, limits: Limits, demand: Demand, now: float) -> LaneGrant | None:
+        """`reserve_now`'s uncontended path alone, for a limiter's hot path: a `LaneGrant`
+        when `limits` are the ones bound last, with a plan (`FastPlan`), no pause, a
+        free slot and room in every window; None, with nothing taken, otherwise (then
+        `reserve_now` answers). `now` is monotonic seconds. The grant is ended with
+        `end_now`, or made a `MemoryGrant` with `grant_of` for any other use."""
+        binding = self._binding
+        if binding is None or binding.limits is not limits:
+            return None
+        plan = binding.plan
+        if plan is None or now < self._paused_until or self._in_flight >= plan.cap:
+            return None
+        # `fits` of every window, then `record` or `hold_at`, as counter updates.
+        for window, position in plan.checked:
+            amount = demand[position]
+            if amount:
+                if now >= window._first_expiry_s:
+                    window.expire(now)
+                if window._total + window._held + amount > window._ceiling:
+                    return None
+        for window, position, held in plan.taken:
+            amount = demand[position]
+            if held:
+                window._held += amount
+            elif not amount:
+                continue
+            elif window._last_start_s <= now < window._last_end_s:
+                window._slices[-1][1] += amount
+                window._total += amount
+            else:
+                window._add(math.floor(now / window.slice_s), amount)
+        if plan.slot:
+            self._in_flight += 1
+        return (binding, now, demand)
+
+    def end_now(self, grant: LaneGrant, actual: Demand | None, now: float) -> bool:
+        """End a grant of `admit_now` with the real usage `actual` at `now` in a few counter
+        updates, as `settle_now` would: when the limits it was admitted under are the
+        ones bound now (no other limits changed its windows since), `actual` counts no
+        tokens of the provider's (`counted` NaN), and each window that holds is still
+        in its newest slice, the admission's. False, with nothing changed, otherwise
+        (a refund included): then `settle_now(grant_of(grant), ...)` ends it."""
+        binding, admitted_s, demand = grant
+        if binding is not self._binding or actual is None or actual[3] == actual[3]:
+            return False
+        plan = binding.plan
+        assert plan is not None, "a grant of the uncontended path"
+        held = plan.held
+        if held:
+            for window, position, safe in held:
+                if not window._last_start_s <= admitted_s <= now < window._last_end_s and (
+                    actual[position] or (safe and demand[position])
+                ):
+                    return False  # something to record in a slice other than the newest
+            # `settle_safe` or `settle_usage` in the admission's slice.
+            for window, position, safe in held:
+                amount = demand[position]
+                real = actual[position]
+                window._held -= amount
+                if window._held < window.limit * _EPSILON:
+                    window._held = 0.0
+                if safe and amount > real:
+                    real = amount
+                if real:
+                    window._slices[-1][1] += real
+                    window._total += real
+        if plan.slot:
+            self._in_flight -= 1
+        if self._listeners:
+            self._listeners.notify()
+        return True
+
+    @staticmethod
+    def grant_of(grant: LaneGrant) -> MemoryGrant:
+        """The `MemoryGrant` the general path keeps for a grant of `admit_now`."""
+        binding, admitted_s, demand = grant
+        return MemoryGrant(None, not binding.slotless, admitted_s, demand, binding)
+
     def reserve_now(
         self, limits: Limits, demand: Demand, now: float, wall: float = math.nan
     ) -> MemoryGrant | Refusal:
@@ -160,17 +278,10 @@ class MemoryBackend:
         binding = self._binding
         if binding is None or binding.limits is not limits:
             binding = self._bind(limits)
-        plan = binding.plan
-        if (
-            plan is not None
-            and now >= self._paused_until
-            and (binding.concurrency is None or self._in_flight < binding.concurrency)
-            and plan.admit(now, demand)
-        ):
-            if binding.slotless:
-                return MemoryGrant(None, False, now, demand, binding)
-            self._in_flight += 1
-            return MemoryGrant(None, True, now, demand, binding)
+        if binding.plan is not None:
+            lane = self.admit_now(limits, demand, now)
+            if lane is not None:
+                return self.grant_of(lane)
         if binding.calendars:
             self._sync_calendars(binding, now, wall)
         if now < self._paused_until:
@@ -219,28 +330,14 @@ class MemoryBackend:
         """`settle` at an explicit instant; only the first settle of a grant counts."""
         if grant.settled:
             return
-        binding = grant.binding
-        if (
-            binding is self._binding
-            and grant._entries is None
-            and actual is not None
-            and actual[3] != actual[3]
-        ):
-            # A grant of the uncontended path under the limits bound now (no other
-            # limits changed its windows since), with no count by the provider
-            # (`counted` NaN).
-            assert binding is not None, "a grant of the uncontended path"
-            plan, demand = binding.plan, grant.demand
-            assert plan is not None, "a grant of the uncontended path"
-            assert demand is not None, "a grant of the uncontended path"
-            if not plan.held or plan.settle(grant.admitted_s, now, demand, actual):
-                grant.settled = True
-                if grant.slot:
-                    self._in_flight -= 1
-                if self._listeners:
-                    self._listeners.notify()
-                return
         grant.settled = True
+        binding = grant.binding
+        if binding is not None and grant._entries is None:
+            # A grant of the uncontended path, its entries not derived: ended as one of
+            # `admit_now`'s when it can be.
+            assert grant.demand is not None, "a grant of the uncontended path"
+            if self.end_now((binding, grant.admitted_s, grant.demand), actual, now):
+                return
         binding = self._binding
         if binding is not None and binding.calendars and not math.isnan(wall):
             self._sync_calendars(binding, now, wall)

@@ -829,6 +829,15 @@ class Limiter:
         """End one admission's grant at once when the backend is in this process, or the
         shared one needs no round trip for it (no cancellation can come between the end
         and the slot's return); False when it takes a round trip (`_settle`)."""
+        lane = self._lane
+        if lane is not None and grant.__class__ is tuple:
+            # A grant of the memory backend's uncontended path (`_reserve_now`): ended
+            # there, or as the general path's grant.
+            now = self._now()
+            if not lane.end_now(grant, actual, now):
+                wall = self._wall() if self._calendar else math.nan
+                lane.settle_now(lane.grant_of(grant), actual, now, wall)
+            return True
         local = self._local
         if local is None:
             here = self._here
@@ -838,12 +847,6 @@ class Limiter:
             self._on_change()  # as `_settle` does
             return True
         now = self._now()
-        lane = self._lane
-        if lane is not None and grant.__class__ is tuple:
-            # A grant of the memory backend's uncontended path (`_reserve_now`).
-            if lane.end_now(grant, actual, now):
-                return True
-            grant = lane.grant_of(grant)
         wall = self._wall() if self._calendar else math.nan
         if grant.__class__ is TenantGrant:
             assert isinstance(grant, TenantGrant)

@@ -662,14 +662,19 @@ async def test_a_pool_that_wants_a_command_name_is_served(fresh_server: RedisSer
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("decode", [False, True])
 async def test_releases_are_heard_on_a_client_of_another_encoding(
-    fresh_server: RedisServer,
+    fresh_server: RedisServer, decode: bool
 ) -> None:
-    """Two pods whose clients encode text as Latin-1, on an account whose name is not
-    ASCII: a caller waiting for a slot in one pod is admitted as soon as the other pod
-    releases it (the notice is heard), not when the holder's lease would lapse."""
+    """Two pods whose clients encode text as Latin-1 (decoding replies or not), on an
+    account whose name is not ASCII: a caller waiting for a slot in one pod is admitted
+    as soon as the other pod releases it (the notice is heard), not when the holder's
+    lease would lapse; a tier whose name is not ASCII reaches the other pod intact."""
     account = f"café-{uuid.uuid4().hex[:8]}"
-    clients = [Redis.from_url(fresh_server.url, encoding="latin-1") for _ in range(2)]
+    clients = [
+        Redis.from_url(fresh_server.url, encoding="latin-1", decode_responses=decode)
+        for _ in range(2)
+    ]
     backends = [RedisBackend(c, namespace=account, lease_ttl_s=30.0) for c in clients]
     limits = Limits(concurrency=1, rpm=1000)
     holder, waiter = (ratekit.Limiter(limits, backend=b) for b in backends)
@@ -687,6 +692,15 @@ async def test_releases_are_heard_on_a_client_of_another_encoding(
         admission = await asyncio.wait_for(waiting, 10)
         assert time.monotonic() - started < 5  # the notice, not the lease's 30 s
         await admission.release()
+        heard: list[str] = []
+        backends[1].on_tier(heard.append)
+        await backends[0].publish_tier("pro-ü")
+        assert await backends[1].shared_tier() == "pro-ü"
+        for _ in range(200):
+            if heard:
+                break
+            await asyncio.sleep(0.01)
+        assert heard == ["pro-ü"]
     finally:
         for backend in backends:
             await backend.aclose()

@@ -9,6 +9,7 @@ redis-server in test_redis_fleet.py.
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import time
 
@@ -20,7 +21,7 @@ import ratekit
 from ratekit import Limits, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends import _scripts as scripts
-from ratekit.backends.redis import RedisBackend, RedisGrant
+from ratekit.backends.redis import RedisBackend, RedisGrant, _pack
 from ratekit.clock import FakeClock, Instant
 
 from .window_cases import BASE_S
@@ -434,3 +435,14 @@ async def test_a_wait_runs_from_the_instant_asked_not_from_the_reply(
         assert replies == 3  # refused once, then admitted without a further wait
     finally:
         await backend.aclose()
+
+
+def test_a_text_enum_is_packed_as_its_text() -> None:
+    """A tenant or model named by a member of a str Enum goes to Redis as its text (as
+    redis-py would send it), not as the member's name."""
+
+    class Customer(str, enum.Enum):  # noqa: UP042 - a mixin, as older code declares them
+        ACME = "acme"
+
+    packed = _pack([("PUBLISH", "channel", Customer.ACME)])  # type: ignore[list-item]
+    assert packed == b"*3\r\n$7\r\nPUBLISH\r\n$7\r\nchannel\r\n$4\r\nacme\r\n"

@@ -47,6 +47,7 @@ event loop it is first used in.
 from __future__ import annotations
 
 import asyncio
+import codecs
 import contextlib
 import inspect
 import itertools
@@ -786,8 +787,8 @@ def _encode(word: object) -> bytes:
         return bytes(word)
     if isinstance(word, int | float) and not isinstance(word, bool):
         return repr(word).encode()
-    if isinstance(word, str):  # a subclass of str
-        return str(word).encode()
+    if isinstance(word, str):  # a subclass of str (a str Enum): its text, not its name
+        return str.encode(word)
     raise TypeError(f"a Redis command's argument must be text, bytes or a number, got {word!r}")
 
 
@@ -804,7 +805,9 @@ async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> lis
     replies: list[Any] = []
     for _ in commands:
         try:
-            replies.append(await connection.read_response())
+            # Undecoded, whatever the client's decode_responses: ratekit writes UTF-8
+            # and reads it back as such (`_text`).
+            replies.append(await connection.read_response(disable_decoding=True))
         except ResponseError as exc:
             replies.append(exc)
     return replies
@@ -882,6 +885,11 @@ class _Link:
         self.functions = not isinstance(client, RedisCluster)
         # What a pool's get_connection takes: a command name before redis-py 5.3.
         self.connection_args = _connection_args(client)
+        # The client's text encoding and its error handler (see `utf8`).
+        encoder = client.get_encoder() if hasattr(client, "get_encoder") else None
+        self.encoding: tuple[str, str] = (
+            (encoder.encoding, encoder.encoding_errors) if encoder else ("utf-8", "strict")
+        )
         # Whether what runs the scripts was sent since the link started or last lost
         # Redis: until then, a round trip carries it ahead of its commands, so that no
         # command is answered NOSCRIPT (and sent again after the ones behind it).
@@ -1029,8 +1037,18 @@ class _Link:
 
     def _resume(self) -> None:
         """A batch put back in the queue by a cancelled sender goes out with another."""
-        if self.queue and not self.closed:
+        if self.queue and not self.closing:
             self._wake_sender()
+
+    def utf8(self, value: bytes | str) -> str:
+        """Text ratekit wrote (as UTF-8), as the client handed it back: bytes, or text
+        decoded with the client's encoding when it decodes responses (pub/sub)."""
+        if isinstance(value, bytes):
+            return value.decode()
+        encoding, errors = self.encoding
+        if codecs.lookup(encoding).name == "utf-8":
+            return value
+        return value.encode(encoding, errors).decode("utf-8", "replace")
 
     async def _send_loop(self) -> None:
         """Send what waits, a batch at a time; idle until woken, until closing."""
@@ -2497,7 +2515,7 @@ class RedisBackend:
                         ignore_subscribe_messages=True, timeout=_LISTEN_POLL_S
                     )
                     if message is not None and message.get("type") == "message":
-                        self._dispatch(_text(message.get("data", b"")))
+                        self._dispatch(link.utf8(message.get("data", b"")))
             except Exception as exc:
                 if not _is_outage(exc) and not isinstance(exc, MaxConnectionsError):
                     _log.warning("the Redis release listener failed: %r", exc)

@@ -485,6 +485,18 @@ async def test_a_sender_cancelled_during_its_round_trip_ends() -> None:
         await backend.aclose()
 
 
+async def run_python(script: str, *argv: str) -> None:
+    """Run `script` in a Python process of its own with `argv`; it must exit 0."""
+    done = await asyncio.to_thread(
+        subprocess.run,
+        [sys.executable, "-c", script, *argv],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr
+
+
 # A process whose event loop ends (asyncio.run returns) with the backend still open,
 # right after its calls: argv is the URL and the account.
 _LEAVER = """
@@ -536,14 +548,7 @@ async def test_a_process_that_leaves_without_closing_its_backend_still_ends_its_
     account = namespace()
     for _ in range(3):
         started = time.monotonic()
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", _LEAVER, fresh_server.url, account],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        await run_python(_LEAVER, fresh_server.url, account)
         assert time.monotonic() - started < 20
         backend = RedisBackend(fresh_server.url, namespace=account)
         stats = await statistics(backend, Limits(concurrency=100, rpm=10**6))
@@ -583,14 +588,7 @@ async def test_refunds_whose_sender_was_still_connecting_at_the_loops_end_are_se
     have arrived) are not lost."""
     for _ in range(3):
         account = namespace()
-        done = await asyncio.to_thread(
-            subprocess.run,
-            [sys.executable, "-c", _CONNECTING_LEAVER, fresh_server.url, account],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert done.returncode == 0, done.stderr
+        await run_python(_CONNECTING_LEAVER, fresh_server.url, account)
         backend = RedisBackend(fresh_server.url, namespace=account)
         stats = await statistics(backend, Limits(rpm=10**6))
         await backend.aclose()

@@ -63,6 +63,7 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
+    Iterator,
     Mapping,
     Sequence,
 )
@@ -754,6 +755,16 @@ class _Unsent(asyncio.CancelledError):
     connection): the batch can go again as it is."""
 
 
+@contextlib.contextmanager
+def _nothing_written() -> Iterator[None]:
+    """A step of a sender before any of its batch is written: a cancel there is
+    `_Unsent`."""
+    try:
+        yield
+    except asyncio.CancelledError as exc:
+        raise _Unsent(*exc.args) from None
+
+
 def _connection_args(client: Client) -> tuple[str, ...]:
     """What the client's pool's get_connection is called with: nothing, or a command
     name where it still requires one (redis-py before 5.3; it is not used)."""
@@ -885,11 +896,11 @@ class _Link:
         self.functions = not isinstance(client, RedisCluster)
         # What a pool's get_connection takes: a command name before redis-py 5.3.
         self.connection_args = _connection_args(client)
-        # The client's text encoding and its error handler (see `utf8`).
+        # The client's text encoding and its error handler, None for UTF-8 (see `utf8`).
         encoder = client.get_encoder() if hasattr(client, "get_encoder") else None
-        self.encoding: tuple[str, str] = (
-            (encoder.encoding, encoder.encoding_errors) if encoder else ("utf-8", "strict")
-        )
+        self.encoding: tuple[str, str] | None = None
+        if encoder is not None and codecs.lookup(encoder.encoding).name != "utf-8":
+            self.encoding = (encoder.encoding, encoder.encoding_errors)
         # Whether what runs the scripts was sent since the link started or last lost
         # Redis: until then, a round trip carries it ahead of its commands, so that no
         # command is answered NOSCRIPT (and sent again after the ones behind it).
@@ -1045,9 +1056,9 @@ class _Link:
         decoded with the client's encoding when it decodes responses (pub/sub)."""
         if isinstance(value, bytes):
             return value.decode()
-        encoding, errors = self.encoding
-        if codecs.lookup(encoding).name == "utf-8":
+        if self.encoding is None:
             return value
+        encoding, errors = self.encoding
         return value.encode(encoding, errors).decode("utf-8", "replace")
 
     async def _send_loop(self) -> None:
@@ -1093,10 +1104,8 @@ class _Link:
                     # a caller that leaves meanwhile drops its command.
                     for command in batch:
                         command.untake()
-                    try:
+                    with _nothing_written():
                         await asyncio.sleep(pause_s)
-                    except asyncio.CancelledError as exc:
-                        raise _Unsent(*exc.args) from None
                     pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
                     batch = [command for command in batch if command.take()]
                     if not batch:
@@ -1225,15 +1234,11 @@ class _Link:
             # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
         pool = self.client.connection_pool
-        try:
+        with _nothing_written():
             connection = await pool.get_connection(*self.connection_args)  # type: ignore[no-untyped-call]
-        except asyncio.CancelledError as exc:
-            raise _Unsent(*exc.args) from None
         try:
-            try:
+            with _nothing_written():
                 await connection.check_health()  # the client's own PING, if it asks for one
-            except asyncio.CancelledError as exc:
-                raise _Unsent(*exc.args) from None
             first = [] if self.loaded else self._all_loads()
             replies = await _exchange(connection, [*first, *map(self._wire, batch)])
             for load, answer in zip(first, replies, strict=False):

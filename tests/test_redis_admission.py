@@ -38,6 +38,7 @@ from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 import ratekit
 from ratekit import Limits, Rate, TokenCounting
 from ratekit.backends import Demand, Refusal
+from ratekit.backends import redis as redis_backend_module
 from ratekit.backends._base import SharedAccount
 from ratekit.backends._scripts import RESERVE, SETTLE
 from ratekit.backends.memory import MemoryBackend
@@ -657,6 +658,96 @@ async def test_a_pool_that_wants_a_command_name_is_served(fresh_server: RedisSer
     finally:
         await backend.aclose()
         await client.aclose()
+
+
+class CountingPool(ConnectionPool):
+    """A connection pool that counts the connections it hands out and gets back."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.taken = 0
+        self.given_back = 0
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        connection = await super().get_connection(*args, **kwargs)
+        self.taken += 1
+        return connection
+
+    async def release(self, connection: Any) -> None:
+        self.given_back += 1
+        await super().release(connection)
+
+    @property
+    def out(self) -> int:
+        return self.taken - self.given_back
+
+
+@pytest.mark.redis
+async def test_one_task_calling_in_a_loop_keeps_one_connection_until_it_idles(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A task that calls again and again is served on the connections its senders
+    keep: none taken from the pool for 50 admissions once they run, given back once
+    the senders have had nothing to send for a while (only the release listener's
+    stays out), and none left out at close."""
+    monkeypatch.setattr(redis_backend_module, "_LINGER_S", 0.1)
+    pool = CountingPool.from_url(redis_server.url)
+    client = Redis(connection_pool=pool)
+    backend = RedisBackend(client, namespace=namespace())
+    limiter = ratekit.Limiter(Limits(concurrency=10, rpm=10**6), backend=backend)
+    try:
+        for _ in range(5):
+            async with limiter.acquire():
+                pass
+        taken = pool.taken
+        for _ in range(50):
+            async with limiter.acquire():
+                pass
+        assert pool.taken == taken  # no connection taken from the pool per call
+        held = pool.out
+        await asyncio.sleep(0.3)
+        assert pool.out < held
+        assert pool.out <= 1  # the release listener's subscription
+        async with limiter.acquire():
+            pass
+        stats = await statistics(backend, limiter.limits)
+        assert (stats["concurrency"].used, stats["rpm"].used) == (0, 56)
+    finally:
+        await backend.aclose()
+    assert pool.out == 0
+    await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_kept_connection_the_server_closed_is_replaced_without_an_outage(
+    fresh_server: RedisServer,
+) -> None:
+    """The server closes every client connection while a sender rests with one (a
+    restart of the proxy, CLIENT KILL, an idle timeout): the next call is served on a
+    new connection, and nothing counts as an outage."""
+    client = Redis.from_url(fresh_server.url)
+    harness = Redis.from_url(fresh_server.url)
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=10, rpm=10**6)
+    try:
+        grant = await backend.reserve(limits, ONE, now())
+        await backend.settle(limits, grant, ONE, now())
+        await backend.drain()
+        killed = await harness.execute_command("CLIENT", "KILL", "TYPE", "normal", "SKIPME", "yes")
+        assert killed >= 1
+        await asyncio.sleep(0.05)  # the close reaches this process
+        for _ in range(3):
+            grant = await backend.reserve(limits, ONE, now())
+            assert isinstance(grant, RedisGrant)
+            await backend.settle(limits, grant, ONE, now())
+        await backend.drain()
+        assert backend._link.failures == 0
+        stats = await statistics(backend, limits)
+        assert (stats["concurrency"].used, stats["rpm"].used) == (0, 4)
+    finally:
+        await backend.aclose()
+        await client.aclose()
+        await harness.aclose()
 
 
 @pytest.mark.redis

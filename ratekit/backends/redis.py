@@ -148,6 +148,9 @@ _POOL_SPARE = 4
 _SLOW_LIMIT = 5
 # A pool exhausted by someone else's use of the client: wait and try again.
 _POOL_RETRY_S = (0.002, 0.05)
+# How long a sender keeps its connection once it has nothing to send: a caller that
+# comes back within it skips the pool's lock and checks (see `_Held`).
+_LINGER_S = 0.5
 # Round trips that load what runs a script (the library, or the scripts after turning
 # to EVALSHA) before its command is given its error reply.
 _LOAD_TRIES = 2
@@ -225,6 +228,12 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
+
+
+def _wake(waiting: asyncio.Future[bool], work: bool) -> None:
+    """Wake a sender resting on `waiting`, unless something woke it first."""
+    if not waiting.done():
+        waiting.set_result(work)
 
 
 def _raise_if_cancelled() -> None:
@@ -808,20 +817,54 @@ async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> lis
     not a cluster's) and read their replies, an error reply as its exception in its
     place. Lighter than a redis-py pipeline, whose own bookkeeping costs more than
     ratekit's scripts; like one, it never sends a command twice (a reply lost with
-    the connection is an outage, not a cue to run a script again). A connection left
-    mid-reply (an error, a cancel) is closed by redis-py, and made again when next
-    taken from the pool. The client's socket timeout, if it has one, applies to each
-    read (a client ratekit builds has none: the link's watch bounds the round trip)."""
-    await connection.send_packed_command(_pack(commands), check_health=False)
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            # Undecoded, whatever the client's decode_responses: ratekit writes UTF-8
-            # and reads it back as such (`_text`).
-            replies.append(await connection.read_response(disable_decoding=True))
-        except ResponseError as exc:
-            replies.append(exc)
-    return replies
+    the connection is an outage, not a cue to run a script again).
+
+    The reads have no timeout of their own (the client's socket timeout, if it has
+    one, bounds only the write): the link's watch bounds the whole round trip
+    (`_Link._round_trip`). A connection left mid-reply (an error, a cancel) is
+    closed here, and made again when next taken from the pool."""
+    data = _pack(commands)
+    try:
+        await connection.send_packed_command(data, check_health=False)
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                # Undecoded, whatever the client's decode_responses: ratekit writes
+                # UTF-8 and reads it back as such (`_Link.utf8`).
+                replies.append(
+                    await connection.read_response(disable_decoding=True, timeout=math.inf)
+                )
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    except BaseException:
+        # Replies may still be on their way: nobody else may read them.
+        await connection.disconnect(nowait=True)
+        raise
+
+
+async def _stale(connection: Any) -> bool:
+    """Whether an open `connection` cannot carry a round trip: the server closed it, or
+    something unread waits on it. (`can_read` says both in redis-py 8; before it,
+    `can_read_destructive`.)"""
+    check = getattr(connection, "can_read", None) or connection.can_read_destructive
+    try:
+        return bool(await check())
+    except (RedisConnectionError, OSError):
+        return True  # redis-py found the socket gone
+
+
+class _Held:
+    """The connection one sender keeps between its batches: taken from the client's
+    pool for its first batch, given back when the sender has had nothing to send for
+    `_LINGER_S`, when a round trip on it fails, and when the sender ends. A caller
+    that comes back sooner (one task calling in a loop) skips the pool's lock and
+    bookkeeping (ratekit checks the connection before each use: `_Link._connection`)."""
+
+    __slots__ = ("connection",)
+
+    def __init__(self) -> None:
+        self.connection: Any = None
 
 
 class _Link:
@@ -865,9 +908,10 @@ class _Link:
         self.reserves: dict[tuple[str, ...], _Reserves] = {}
         # The same for posted settles (see `post`).
         self.settles: dict[tuple[str, ...], _Settles] = {}
-        # Senders running, and those idle, each waiting on its future for work.
+        # Senders running, and those idle, each waiting on its future: True for work
+        # (or closing), False when it rested `_LINGER_S` (see `_rest`).
         self.senders = 0
-        self.idle: deque[asyncio.Future[None]] = deque()
+        self.idle: deque[asyncio.Future[bool]] = deque()
         # When (loop time) Redis last answered anything, and the PING in flight that
         # tells a slow server from a gone one.
         self.answered_at = -math.inf
@@ -1040,7 +1084,7 @@ class _Link:
         while self.idle:
             waiting = self.idle.popleft()
             if not waiting.done():
-                waiting.set_result(None)
+                waiting.set_result(True)
                 return
         if self.senders < self.connections:
             self.senders += 1
@@ -1063,21 +1107,66 @@ class _Link:
 
     async def _send_loop(self) -> None:
         """Send what waits, a batch at a time; idle until woken, until closing."""
-        assert self.loop is not None
+        held = _Held()
         try:
             while True:
                 while self.queue:
                     batch = self._take_batch()
                     if batch:
-                        await self._send_batch(batch)
+                        await self._send_batch(batch, held)
                         _raise_if_cancelled()
                 if self.closing:
                     return
-                waiting = self.loop.create_future()
-                self.idle.append(waiting)
-                await waiting
+                await self._rest(held)
         finally:
             self.senders -= 1
+            await self._let_go(held)
+
+    async def _rest(self, held: _Held) -> None:
+        """Wait until woken for work (or closing), or, with a connection held, until
+        `_LINGER_S` passed: it goes back to the pool then (and the sender looks at the
+        queue again before it waits on: work posted meanwhile woke nobody)."""
+        assert self.loop is not None
+        waiting: asyncio.Future[bool] = self.loop.create_future()
+        self.idle.append(waiting)
+        if held.connection is None:
+            await waiting
+            return
+        linger = self.loop.call_later(_LINGER_S, _wake, waiting, False)
+        try:
+            woken = await waiting
+        finally:
+            linger.cancel()
+        if not woken:
+            await self._let_go(held)
+
+    async def _connection(self, held: _Held) -> Any:
+        """A connection for the next round trip, connected and with nothing stray to
+        read: the one `held` keeps, or one from the pool (kept from then on).
+        One the server closed while it idled (a restart, an idle timeout, a CLIENT
+        KILL) is opened again: nothing of the batch was written on it yet, so this is
+        no outage (the pool does not check for that when it hands a connection out
+        in redis-py 8 with maintenance notifications on)."""
+        connection = held.connection
+        if connection is None:
+            pool = self.client.connection_pool  # type: ignore[union-attr]
+            connection = held.connection = await pool.get_connection(*self.connection_args)
+        try:
+            if not connection.is_connected:
+                await connection.connect()
+            elif await _stale(connection):
+                await connection.disconnect()
+                await connection.connect()
+        except BaseException:
+            await self._let_go(held)
+            raise
+        return connection
+
+    async def _let_go(self, held: _Held) -> None:
+        """Give the connection `held` keeps back to the pool."""
+        connection, held.connection = held.connection, None
+        if connection is not None:
+            await self.client.connection_pool.release(connection)  # type: ignore[union-attr]
 
     def _take_batch(self) -> list[_Sendable]:
         batch: list[_Sendable] = []
@@ -1088,7 +1177,7 @@ class _Link:
                 batch.append(command)
         return batch
 
-    async def _send_batch(self, batch: list[_Sendable]) -> None:
+    async def _send_batch(self, batch: list[_Sendable], held: _Held) -> None:
         """One pipeline; each command's reply (or error) goes where it belongs."""
         if not self.reachable():
             self._fail(batch, _Down())
@@ -1097,7 +1186,7 @@ class _Link:
         while True:
             try:
                 try:
-                    replies = await self._round_trip(batch)
+                    replies = await self._round_trip(batch, held)
                     break
                 except MaxConnectionsError:
                     # The pool is busy with someone else's calls: nothing was sent, and
@@ -1133,7 +1222,7 @@ class _Link:
         for command, reply in zip(batch, replies, strict=True):
             command.deliver(reply)
 
-    async def _round_trip(self, batch: list[_Sendable]) -> list[Any]:
+    async def _round_trip(self, batch: list[_Sendable], held: _Held) -> list[Any]:
         """The replies to `batch`, or TimeoutError when the server stopped answering.
 
         A round trip slower than `command_timeout_s` is not given up at once: a busy
@@ -1147,7 +1236,7 @@ class _Link:
         watch = _Watch(task)
         watch.handle = self.loop.call_later(self.command_timeout_s, self._check, watch)
         try:
-            replies = await self._pipeline(batch)
+            replies = await self._pipeline(batch, held)
         except asyncio.CancelledError:
             if watch.gave_up and task.uncancel() == 0:
                 raise TimeoutError(
@@ -1218,11 +1307,11 @@ class _Link:
             with contextlib.suppress(Exception):
                 await connection.disconnect()
 
-    async def _pipeline(self, batch: list[_Sendable]) -> list[Any]:
-        """Send `batch` in one write on one connection of the pool (`_exchange`); a
-        script the server lacks is loaded, and its commands sent again, in the next
-        write on it (see `_loads`). An error reply is returned in its command's place.
-        A cluster client routes each command itself."""
+    async def _pipeline(self, batch: list[_Sendable], held: _Held) -> list[Any]:
+        """Send `batch` in one write on the connection the sender holds (`_Held`,
+        `_exchange`); a script the server lacks is loaded, and its commands sent again,
+        in the next write on it (see `_loads`). An error reply is returned in its
+        command's place. A cluster client routes each command itself."""
         if isinstance(self.client, RedisCluster):
             if not self.loaded:
                 for script in SCRIPTS:
@@ -1233,9 +1322,8 @@ class _Link:
             # A cluster client routes each command to its node itself (no pipelines):
             # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
-        pool = self.client.connection_pool
         with _nothing_written():
-            connection = await pool.get_connection(*self.connection_args)  # type: ignore[no-untyped-call]
+            connection = await self._connection(held)
         try:
             with _nothing_written():
                 await connection.check_health()  # the client's own PING, if it asks for one
@@ -1259,8 +1347,9 @@ class _Link:
                 for i, reply in zip(again, answers[len(loads) :], strict=True):
                     replies[i] = reply
             return replies
-        finally:
-            await pool.release(connection)
+        except BaseException:
+            await self._let_go(held)  # closed by `_exchange` if anything was written
+            raise
 
     async def _one(self, command: _Sendable) -> Any:
         """Send a lone command to a cluster; its reply, or its error reply as an
@@ -1473,7 +1562,7 @@ class _Link:
         while self.idle:  # idle senders see the closing and end
             waiting = self.idle.popleft()
             if not waiting.done():
-                waiting.set_result(None)
+                waiting.set_result(True)
         deadline = self.loop.time() + _CLOSE_WAIT_S
         running = [task for task in self.tasks if not task.done()]
         if running:

@@ -486,6 +486,27 @@ async def test_a_sender_cancelled_during_its_round_trip_ends() -> None:
         await backend.aclose()
 
 
+@pytest.mark.parametrize("started", [False, True])
+async def test_a_woken_sender_cancelled_before_it_runs_leaves_the_work_to_another(
+    started: bool,
+) -> None:
+    """The sender woken for a reserve (a resting one, or one just started) is cancelled
+    before it runs, while the loop runs on (an application cancelling tasks): another
+    sender sends the reserve; nothing waits for ever."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    limits = Limits(rpm=10**6)
+    if started:
+        await backend.reserve(limits, ONE, now())  # a sender runs, and rests
+    reserve = asyncio.create_task(backend.reserve(limits, ONE, now()))
+    await asyncio.sleep(0)  # the reserve is queued, its sender woken, not run yet
+    senders = [t for t in backend._link.tasks if "_send_loop" in repr(t.get_coro())]
+    assert len(senders) == 1
+    assert not senders[0].done()
+    senders[0].cancel()
+    assert isinstance(await asyncio.wait_for(reserve, 2), RedisGrant)
+    await backend.aclose()
+
+
 async def run_python(script: str, *argv: str) -> None:
     """Run `script` in a Python process of its own with `argv`; it must exit 0."""
     done = await asyncio.to_thread(
@@ -705,6 +726,7 @@ async def test_one_task_calling_in_a_loop_keeps_one_connection_until_it_idles(
                 pass
         assert pool.taken == taken  # no connection taken from the pool per call
         held = pool.out
+        assert held <= 2  # one sender's (a settle and the next reserve go together), the listener's
         await asyncio.sleep(0.3)
         assert pool.out < held
         assert pool.out <= 1  # the release listener's subscription

@@ -911,7 +911,10 @@ class _Link:
         # Senders running, and those idle, each waiting on its future: True for work
         # (or closing), False when it rested `_LINGER_S` (see `_rest`).
         self.senders = 0
-        self.idle: deque[asyncio.Future[bool]] = deque()
+        self.idle: deque[tuple[asyncio.Future[bool], asyncio.Task[Any]]] = deque()
+        # The sender woken (or started) last, until a sender takes from the queue: it
+        # will take what is posted meanwhile (see `_wake_sender`).
+        self.coming: asyncio.Task[Any] | None = None
         # When (loop time) Redis last answered anything, and the PING in flight that
         # tells a slow server from a gone one.
         self.answered_at = -math.inf
@@ -1080,18 +1083,28 @@ class _Link:
             _log.warning("a Redis command whose caller left failed: %r", exc)
 
     def _wake_sender(self) -> None:
-        """An idle sender takes the queue, or a new one starts (up to `connections`)."""
+        """An idle sender takes the queue, or a new one starts (up to `connections`);
+        none while the sender woken last has yet to run and will take all that waits
+        (a settle posted and the caller's next reserve go out together, and one
+        connection serves a task that calls in a loop)."""
+        coming = self.coming
+        if coming is not None and not coming.done() and len(self.queue) <= _BATCH:
+            return
         while self.idle:
-            waiting = self.idle.popleft()
+            waiting, sender = self.idle.popleft()
             if not waiting.done():
                 waiting.set_result(True)
+                self.coming = sender
                 return
         if self.senders < self.connections:
             self.senders += 1
-            self.spawn(self._send_loop())
+            self.coming = self.spawn(self._send_loop())
+            self.coming.add_done_callback(self._sender_ended)
 
-    def _resume(self) -> None:
-        """A batch put back in the queue by a cancelled sender goes out with another."""
+    def _sender_ended(self, sender: asyncio.Task[Any]) -> None:
+        """A sender ended (closing, or cancelled while the loop runs on, maybe before it
+        ever ran): another takes the work it leaves in the queue."""
+        self.senders -= 1
         if self.queue and not self.closing:
             self._wake_sender()
 
@@ -1111,6 +1124,7 @@ class _Link:
         try:
             while True:
                 while self.queue:
+                    self.coming = None
                     batch = self._take_batch()
                     if batch:
                         await self._send_batch(batch, held)
@@ -1119,7 +1133,6 @@ class _Link:
                     return
                 await self._rest(held)
         finally:
-            self.senders -= 1
             await self._let_go(held)
 
     async def _rest(self, held: _Held) -> None:
@@ -1128,7 +1141,9 @@ class _Link:
         queue again before it waits on: work posted meanwhile woke nobody)."""
         assert self.loop is not None
         waiting: asyncio.Future[bool] = self.loop.create_future()
-        self.idle.append(waiting)
+        sender = asyncio.current_task()
+        assert sender is not None
+        self.idle.append((waiting, sender))
         if held.connection is None:
             await waiting
             return
@@ -1206,11 +1221,7 @@ class _Link:
                 for command in reversed(batch):
                     command.untake()
                     self.queue.appendleft(command)
-                if not self.closing:
-                    # Only this sender was cancelled (the loop runs on): another sends it.
-                    assert self.loop is not None
-                    self.loop.call_soon(self._resume)
-                raise
+                raise  # if the loop runs on, another sender sends it (`_sender_ended`)
             except asyncio.CancelledError:
                 self._fail(batch, _Down())  # closing: the callers' calls failed
                 raise
@@ -1560,7 +1571,7 @@ class _Link:
         assert self.loop is not None
         self.closing = True
         while self.idle:  # idle senders see the closing and end
-            waiting = self.idle.popleft()
+            waiting, _ = self.idle.popleft()
             if not waiting.done():
                 waiting.set_result(True)
         deadline = self.loop.time() + _CLOSE_WAIT_S

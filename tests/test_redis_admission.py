@@ -741,6 +741,37 @@ async def test_one_task_calling_in_a_loop_keeps_one_connection_until_it_idles(
 
 
 @pytest.mark.redis
+async def test_a_small_blocking_pool_is_not_kept_from_the_users_own_calls(
+    redis_server: RedisServer,
+) -> None:
+    """In a pool too small to leave spare connections (two: the release listener
+    and one sender), a sender gives its connection back after each batch, as
+    before it kept one: the user's own commands on the client are served while a
+    task calls in a loop, instead of waiting for a connection that never frees."""
+    pool = BlockingConnectionPool.from_url(redis_server.url, max_connections=2, timeout=1)
+    client = Redis(connection_pool=pool)
+    backend = RedisBackend(client, namespace=namespace())
+    limiter = ratekit.Limiter(Limits(concurrency=10, rpm=10**6), backend=backend)
+    stop = asyncio.Event()
+
+    async def calls() -> None:
+        while not stop.is_set():
+            async with limiter.acquire():
+                await asyncio.sleep(0.005)
+
+    task = asyncio.create_task(calls())
+    try:
+        await asyncio.sleep(0.1)
+        for i in range(3):
+            await client.set(f"{namespace()}-own", i)  # ConnectionError after 1 s if starved
+    finally:
+        stop.set()
+        await task
+        await backend.aclose()
+        await client.aclose()
+
+
+@pytest.mark.redis
 async def test_a_kept_connection_the_server_closed_is_replaced_without_an_outage(
     fresh_server: RedisServer,
 ) -> None:

@@ -893,13 +893,21 @@ class _Link:
         self.where = where
         self.owns_client = owns_client
         self.command_timeout_s = command_timeout_s
+        pool = getattr(client, "connection_pool", None)  # none for a cluster
+        pool_size = getattr(pool, "max_connections", None)
+        if not isinstance(pool_size, int) or pool_size <= 0:
+            pool_size = None
         if connections is None:
-            pool = getattr(client, "connection_pool", None)  # none for a cluster
-            pool_size = getattr(pool, "max_connections", None)
-            if not isinstance(pool_size, int) or pool_size <= 0:
-                pool_size = _CONNECTIONS + _POOL_SPARE
-            connections = min(_CONNECTIONS, max(1, pool_size - _POOL_SPARE))
+            size = _CONNECTIONS + _POOL_SPARE if pool_size is None else pool_size
+            connections = min(_CONNECTIONS, max(1, size - _POOL_SPARE))
         self.connections = connections
+        # Whether a sender keeps its connection between batches (`_Held`): only where
+        # the pool leaves `_POOL_SPARE` connections to the release listeners and the
+        # user's own calls even with every sender holding one. In a smaller pool a
+        # kept connection would starve them (a BlockingConnectionPool of 2: listener
+        # and sender hold both while a task calls in a loop): it goes back after
+        # each batch there.
+        self.linger = pool_size is None or pool_size - connections >= _POOL_SPARE
         self.loop: asyncio.AbstractEventLoop | None = None
         # Commands waiting for a sender, oldest first.
         self.queue: deque[_Sendable] = deque()
@@ -1128,6 +1136,8 @@ class _Link:
                     batch = self._take_batch()
                     if batch:
                         await self._send_batch(batch, held)
+                        if not self.linger:
+                            await self._let_go(held)
                         _raise_if_cancelled()
                 if self.closing:
                     return

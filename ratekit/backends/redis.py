@@ -844,9 +844,9 @@ async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> lis
 
 
 async def _stale(connection: Any) -> bool:
-    """Whether an open `connection` cannot carry a round trip: the server closed it, or
-    something unread waits on it. (`can_read` says both in redis-py 8; before it,
-    `can_read_destructive`.)"""
+    """Whether an open `connection` cannot carry a round trip: the server closed it
+    (or, as redis-py 8's `can_read` also tells, something unread waits on it; before
+    it, `can_read_destructive` sees only what its parser buffered)."""
     check = getattr(connection, "can_read", None) or connection.can_read_destructive
     try:
         return bool(await check())
@@ -1661,7 +1661,10 @@ class RedisBackend:
     waited for, up to five timeouts. `connections`: how many of the client's
     connections send commands at once (default: its pool size less a few spare
     ones, at most 8); callers beyond wait for their turn, which never counts as an
-    outage, and share round trips (pipelined). Reserves of the account (without
+    outage, and share round trips (pipelined). A sender keeps its connection while
+    calls keep coming (back to the pool after half a second idle) where the pool
+    still leaves a few spare; in a smaller pool it gives it back after each round
+    trip. Reserves of the account (without
     tenant limits) that wait for a connection together run as one script, in the
     order they came: one refused, those behind it are refused too with its wait (a
     queue keeps its order), never admitted past it.

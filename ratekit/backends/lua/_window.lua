@@ -81,11 +81,17 @@ local function fmt(x)
   return text
 end
 
--- A state (hash `key`, leases `leases`), as read so far (values: text, or false when
--- absent) and as changed by this script (values: numbers, until flush writes them;
--- changes: true for a field set, false for a field dropped).
+-- No field placed: the `at` of a state whose first read was not of a list made once.
+local NOWHERE = {}
+
+-- A state (hash `key`, leases `leases`), as read so far and as changed by this script.
+-- The fields read first, when read as a list made once (see specs_of), stay in
+-- HMGET's reply as it came: first[at[name]] (text, or false when absent). Any other
+-- field read, and every change, is in values (as read: text or false; as changed:
+-- numbers, until flush writes them; changes: true for a field set, false for a field
+-- dropped). A field is looked up in values first.
 local function state(key, leases)
-  return {key = key, leases = leases, values = {}, changes = {}}
+  return {key = key, leases = leases, first = false, at = NOWHERE, values = {}, changes = {}}
 end
 
 -- The account's state (KEYS[1], KEYS[2]) of the call that runs: set by begin, the
@@ -99,14 +105,41 @@ local function begin(keys)
   ACCOUNT = state(keys[1], keys[2])
 end
 
--- Reads `names` (those not read yet) of state s with one HMGET.
-local function read(s, names)
+-- Field `name` of state s as known (see state): nil when not read yet.
+local function known(s, name)
+  local value = s.values[name]
+  if value == nil then
+    local i = s.at[name]
+    if i then
+      return s.first[i]
+    end
+  end
+  return value
+end
+
+-- Reads `names` (those not read yet) of state s with one HMGET. `at`, when `names`
+-- starts with a list made once, gives their positions (at[name] = i): the first read
+-- of a state then keeps the reply as it came (see state) instead of copying it.
+local function read(s, names, at)
   local values = s.values
   local wanted = names
-  if next(values) ~= nil then
+  if at and not s.first and next(values) == nil then
+    local got = redis.call('HMGET', s.key, unpack(names))
+    s.first, s.at = got, at
+    -- The names after the list made once, if any, are kept in values.
+    for i = #names, 1, -1 do
+      local name = names[i]
+      if at[name] == i then
+        break
+      end
+      values[name] = got[i]
+    end
+    return
+  end
+  if s.first or next(values) ~= nil then
     wanted = {}
     for _, name in ipairs(names) do
-      if values[name] == nil then
+      if known(s, name) == nil then
         wanted[#wanted + 1] = name
       end
     end
@@ -122,10 +155,18 @@ end
 
 -- A field's value as a number (nil when absent); read first when it was not.
 local function num(s, name)
-  if s.values[name] == nil then
-    read(s, {name})
+  -- known(s, name), written out: the helper called most.
+  local value = s.values[name]
+  if value == nil then
+    local i = s.at[name]
+    if i then
+      value = s.first[i]
+    else
+      read(s, {name})
+      value = s.values[name]
+    end
   end
-  return tonumber(s.values[name])
+  return tonumber(value)
 end
 
 -- Sets a field to a number, formatted when written (flush): a field set several times
@@ -244,7 +285,8 @@ end
 -- so that each script picks the offset of its own instant. The windows live in state s.
 local SPEC = '^%s*(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s*(%S*)%s*(%S*)'
 
--- One window's spec as parsed: read only (every call's window is a table of its own).
+-- One window's spec as parsed: read only (every call's window is a table of its own
+-- that reads the spec's fields through its metatable, spec.window).
 local function parse_spec(chunk)
   local id, limit, period_s, slice_s, margin_s, pacing, take, position, zone, switch_at, after =
     string.match(chunk, SPEC)
@@ -270,6 +312,7 @@ local function parse_spec(chunk)
   if calendar then
     spec.offset_before, spec.switch_at, spec.offset_after = tonumber(zone), tonumber(switch_at), tonumber(after)
   end
+  spec.window = {__index = spec}
   return spec
 end
 
@@ -279,57 +322,11 @@ end
 local SPEC_CACHE_SIZE = 256
 local parsed_specs, parsed_count = {}, 0
 
--- The window specs of one packed text, parsed (cached: read only).
-local function specs_of(packed)
-  local specs = parsed_specs[packed]
-  if specs then
-    return specs
-  end
-  specs = {}
-  for chunk in string.gmatch(packed, '[^|]+') do
-    specs[#specs + 1] = parse_spec(chunk)
-  end
-  if parsed_count >= SPEC_CACHE_SIZE then
-    parsed_specs, parsed_count = {}, 0
-  end
-  parsed_specs[packed] = specs
-  parsed_count = parsed_count + 1
-  return specs
-end
-
--- The windows of the window specs the client packs into one argument, each a new
--- table (a call's own: prepare and the rest write into it). The windows live in state s.
-local function parse_specs(packed, s)
-  local windows = {}
-  for i, spec in ipairs(specs_of(packed)) do
-    windows[i] = {
-      id = spec.id,
-      s = s,
-      limit = spec.limit,
-      period_s = spec.period_s,
-      slice_s = spec.slice_s,
-      margin_s = spec.margin_s,
-      pacing = spec.pacing,
-      take = spec.take,
-      position = spec.position,
-      calendar = spec.calendar,
-      f_t = spec.f_t, f_h = spec.f_h,
-      f_lo = spec.f_lo, f_hi = spec.f_hi, f_hv = spec.f_hv,
-      f_p = spec.f_p, f_d = spec.f_d,
-      offset_before = spec.offset_before, switch_at = spec.switch_at,
-      offset_after = spec.offset_after,
-      -- Set by prepare: named here so that the table is made at its full size at once.
-      now = nil, held = nil, pace = nil, total = nil, lo = nil, hi = nil, hv = nil,
-    }
-  end
-  return windows
-end
-
--- `names`, and the fields of `windows` every script reads at its start (a window's
--- pacing field only when it paces: no script reads it otherwise).
-local function with_windows(names, windows)
+-- The fields every script reads at its start for windows of `specs` (a window's
+-- pacing field only when it paces: no script reads it otherwise), after `names`.
+local function with_windows(names, specs)
   local n = #names
-  for _, w in ipairs(windows) do
+  for _, w in ipairs(specs) do
     names[n + 1], names[n + 2] = w.f_t, w.f_h
     n = n + 2
     if w.calendar then
@@ -347,19 +344,77 @@ local function with_windows(names, windows)
   return names
 end
 
--- The account's fields every script reads at its start, for `windows`, plus the
--- field `extra` (nil for none).
-local function base_fields(windows, extra)
-  local names = {'raw', 'off', 'ex', 'lex', 'nl', 'cool'}
-  if extra then
-    names[7] = extra
+-- Each name's position in list `names` (the last one's, for a name given twice).
+local function positions(names)
+  local at = {}
+  for i, name in ipairs(names) do
+    at[name] = i
   end
-  return with_windows(names, windows)
+  return at
 end
 
--- A tenant's fields every script reads at its start, for its `windows`.
+-- The window specs of one packed text, parsed (cached: read only). Also made once
+-- with them, the lists of fields a script reads first (read only too): `account`, the
+-- account's (see base_fields), `waits`, those and 'wait', `tenant`, a tenant's.
+local function specs_of(packed)
+  local specs = parsed_specs[packed]
+  if specs then
+    return specs
+  end
+  specs = {}
+  for chunk in string.gmatch(packed, '[^|]+') do
+    specs[#specs + 1] = parse_spec(chunk)
+  end
+  specs.account = with_windows({'raw', 'off', 'ex', 'lex', 'nl', 'cool'}, specs)
+  specs.waits = with_windows({'raw', 'off', 'ex', 'lex', 'nl', 'cool', 'wait'}, specs)
+  specs.tenant = with_windows({'ex', 'lex', 'nl'}, specs)
+  for _, list in ipairs({'account', 'waits', 'tenant'}) do
+    specs[list .. '_at'] = positions(specs[list])
+  end
+  if parsed_count >= SPEC_CACHE_SIZE then
+    parsed_specs, parsed_count = {}, 0
+  end
+  parsed_specs[packed] = specs
+  parsed_count = parsed_count + 1
+  return specs
+end
+
+-- The windows of the window specs the client packs into one argument, each a new
+-- table (a call's own: prepare and the rest write into it; its spec's fields are read
+-- through its metatable). The windows live in state s; `windows.specs` is their specs.
+local function parse_specs(packed, s)
+  local specs = specs_of(packed)
+  local windows = {specs = specs}
+  for i = 1, #specs do
+    windows[i] = setmetatable({
+      s = s,
+      -- Set by prepare and the rest: named here so that the table is made at its full
+      -- size at once.
+      now = nil, held = nil, pace = nil, total = nil, lo = nil, hi = nil, hv = nil,
+      day = nil, drop_until = nil, index = nil, index_text = nil, field_index = nil,
+      field = nil,
+    }, specs[i].window)
+  end
+  return windows
+end
+
+-- The account's fields every script reads at its start, for `windows` (see
+-- with_windows), plus the field `extra`: nil, or 'wait'. A list made once (read
+-- only), and its positions (see read).
+local function base_fields(windows, extra)
+  local specs = windows.specs
+  if extra == 'wait' then
+    return specs.waits, specs.waits_at
+  end
+  assert(extra == nil, 'base_fields: no list made with ' .. tostring(extra))
+  return specs.account, specs.account_at
+end
+
+-- A tenant's fields every script reads at its start, for its `windows`: a list made
+-- once (read only), and its positions (see read).
 local function tenant_fields(windows)
-  return with_windows({'ex', 'lex', 'nl'}, windows)
+  local specs = windows.specs
+  return specs.tenant, specs.tenant_at
 end
 
 -- An amounts triple "requests tokens cost" (one argument) as a Lua array.

@@ -42,7 +42,9 @@ local uses = many and split(ARGV[8]) or {ARGV[8]}
 local slices = many and split(ARGV[9]) or {ARGV[9]}
 local counts = many and split(ARGV[10]) or {ARGV[10]}
 local windows = parse_specs(ARGV[6], ACCOUNT)
-local fields = base_fields(windows, 'wait')
+-- A list of this call's own (base_fields' is shared): the holds are read with them.
+local base, at = base_fields(windows, 'wait')
+local fields = {unpack(base)}
 for _, id in ipairs(lease_ids) do
   if id ~= '-' then
     for _, w in ipairs(windows) do
@@ -52,7 +54,7 @@ for _, id in ipairs(lease_ids) do
     end
   end
 end
-read(ACCOUNT, fields)
+read(ACCOUNT, fields, at)
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 

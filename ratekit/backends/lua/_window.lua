@@ -86,10 +86,10 @@ local NOWHERE = {}
 
 -- A state (hash `key`, leases `leases`), as read so far and as changed by this script.
 -- The fields read first, when read as a list made once (see specs_of), stay in
--- HMGET's reply as it came: first[at[name]] (text, or false when absent). Any other
--- field read, and every change, is in values (as read: text or false; as changed:
--- numbers, until flush writes them; changes: true for a field set, false for a field
--- dropped). A field is looked up in values first.
+-- HMGET's reply as it came: first[at[name]] (text, or false when absent); any other
+-- field read is in values (the same). changes holds what this script changed: a
+-- number for a field set (formatted when flush writes it), false for a field dropped.
+-- A field is looked up in changes, then values, then first.
 local function state(key, leases)
   return {key = key, leases = leases, first = false, at = NOWHERE, values = {}, changes = {}}
 end
@@ -107,11 +107,14 @@ end
 
 -- Field `name` of state s as known (see state): nil when not read yet.
 local function known(s, name)
-  local value = s.values[name]
+  local value = s.changes[name]
   if value == nil then
-    local i = s.at[name]
-    if i then
-      return s.first[i]
+    value = s.values[name]
+    if value == nil then
+      local i = s.at[name]
+      if i then
+        return s.first[i]
+      end
     end
   end
   return value
@@ -156,14 +159,17 @@ end
 -- A field's value as a number (nil when absent); read first when it was not.
 local function num(s, name)
   -- known(s, name), written out: the helper called most.
-  local value = s.values[name]
+  local value = s.changes[name]
   if value == nil then
-    local i = s.at[name]
-    if i then
-      value = s.first[i]
-    else
-      read(s, {name})
-      value = s.values[name]
+    value = s.values[name]
+    if value == nil then
+      local i = s.at[name]
+      if i then
+        value = s.first[i]
+      else
+        read(s, {name})
+        value = s.values[name]
+      end
     end
   end
   return tonumber(value)
@@ -172,31 +178,32 @@ end
 -- Sets a field to a number, formatted when written (flush): a field set several times
 -- in one call is formatted once.
 local function put(s, name, value)
-  s.values[name] = value
-  s.changes[name] = true
+  if value == nil then
+    error('put: no value for ' .. name)
+  end
+  s.changes[name] = value
 end
 
 local function drop(s, name)
-  s.values[name] = false
   s.changes[name] = false
 end
 
--- Writes every change of state s: one HSET, one HDEL.
+-- Writes every change of state s: one HSET, one HDEL. The changes stay as they are
+-- (what is read after still sees them): finish, the only caller, is the last step of
+-- a state, once.
 local function flush(s)
-  local values, changes = s.values, s.changes
-  local pairs_, names = {}, nil
-  for name, set in pairs(changes) do
-    if set then
-      pairs_[#pairs_ + 1] = name
-      pairs_[#pairs_ + 1] = fmt(values[name])
+  local pairs_, n, names = {}, 0, nil
+  for name, value in pairs(s.changes) do
+    if value then
+      pairs_[n + 1], pairs_[n + 2] = name, fmt(value)
+      n = n + 2
     else
       names = names or {}
       names[#names + 1] = name
     end
-    changes[name] = nil
   end
-  if #pairs_ > 0 then
-    redis.call('HSET', s.key, unpack(pairs_))
+  if n > 0 then
+    redis.call('HSET', s.key, unpack(pairs_, 1, n))
   end
   if names then
     redis.call('HDEL', s.key, unpack(names))

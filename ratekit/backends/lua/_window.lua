@@ -292,8 +292,9 @@ end
 -- so that each script picks the offset of its own instant. The windows live in state s.
 local SPEC = '^%s*(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s+(%S+)%s*(%S*)%s*(%S*)'
 
--- One window's spec as parsed: read only (every call's window is a table of its own
--- that reads the spec's fields through its metatable, spec.window).
+-- One window's spec as parsed: read only but for spec.memo, texts made from it (every
+-- call's window is a table of its own that reads the spec's fields through its
+-- metatable, spec.window).
 local function parse_spec(chunk)
   local id, limit, period_s, slice_s, margin_s, pacing, take, position, zone, switch_at, after =
     string.match(chunk, SPEC)
@@ -320,6 +321,8 @@ local function parse_spec(chunk)
     spec.offset_before, spec.switch_at, spec.offset_after = tonumber(zone), tonumber(switch_at), tonumber(after)
   end
   spec.window = {__index = spec}
+  -- Texts made for the spec's windows (see index_text): the one part that changes.
+  spec.memo = {index = nil, index_text = nil, field_index = nil, field = nil}
   return spec
 end
 
@@ -398,8 +401,7 @@ local function parse_specs(packed, s)
       -- Set by prepare and the rest: named here so that the table is made at its full
       -- size at once.
       now = nil, held = nil, pace = nil, total = nil, lo = nil, hi = nil, hv = nil,
-      day = nil, drop_until = nil, index = nil, index_text = nil, field_index = nil,
-      field = nil,
+      day = nil, drop_until = nil,
     }, specs[i].window)
   end
   return windows
@@ -442,20 +444,27 @@ local function parse_amounts(packed)
   return amounts
 end
 
--- A slice index as text (kept per window: an admission names its slice twice, in
--- the field it writes and in the reply).
+-- A slice index as text, and a slice's field. The last of each made is kept with the
+-- window's spec (w.memo), across calls: an admission names its slice twice, in the
+-- field it writes and in the reply, and most calls name the newest slice, as the call
+-- before. A text depends on the spec and the index alone: nothing of one call shapes
+-- the next.
 local function index_text(w, index)
-  if w.index ~= index or index == 0 then
-    w.index, w.index_text = index, fmt(index)
+  local memo = w.memo
+  if memo.index ~= index or index == 0 then
+    memo.index, memo.index_text = index, fmt(index)
   end
-  return w.index_text
+  return memo.index_text
 end
 
 local function slice_field(w, index)
-  if w.field_index ~= index or index == 0 then
-    w.field_index, w.field = index, w.id .. '|' .. index_text(w, index)
+  local memo = w.memo
+  if memo.field_index ~= index or index == 0 then
+    local field = w.id .. '|' .. index_text(w, index)
+    memo.field_index, memo.field = index, field
+    return field
   end
-  return w.field
+  return memo.field
 end
 
 local function hold_field(w, lease_id)

@@ -507,6 +507,32 @@ async def test_a_woken_sender_cancelled_before_it_runs_leaves_the_work_to_anothe
     await backend.aclose()
 
 
+async def test_a_sender_that_fails_fails_the_waiting_work_with_its_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A sender that fails outside a round trip (a bug) fails the calls waiting in the
+    queue with its error, at once, instead of handing them to new senders that would
+    fail the same way for ever; the error is raised again by aclose."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    limits = Limits(rpm=10**6)
+    assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+    starts = 0
+
+    def planted(self: Any) -> list[Any]:
+        nonlocal starts
+        starts += 1
+        raise RuntimeError("planted")
+
+    monkeypatch.setattr(type(backend._link), "_take_batch", planted)
+    with pytest.raises(RuntimeError, match="planted"):
+        await asyncio.wait_for(backend.reserve(limits, ONE, now()), 2)
+    assert starts == 1
+    monkeypatch.undo()
+    with pytest.raises(ExceptionGroup) as raised:
+        await backend.aclose()
+    assert [str(error) for error in raised.value.exceptions] == ["planted"]
+
+
 async def run_python(script: str, *argv: str) -> None:
     """Run `script` in a Python process of its own with `argv`; it must exit 0."""
     done = await asyncio.to_thread(

@@ -1111,10 +1111,22 @@ class _Link:
 
     def _sender_ended(self, sender: asyncio.Task[Any]) -> None:
         """A sender ended (closing, or cancelled while the loop runs on, maybe before it
-        ever ran): another takes the work it leaves in the queue."""
+        ever ran): another takes the work it leaves in the queue. A sender that failed
+        (a bug: `_send_batch` hands every failure of a round trip to its callers) fails
+        that work with its error instead, rather than pass it to a sender that would
+        fail the same way, again and again."""
         self.senders -= 1
-        if self.queue and not self.closing:
-            self._wake_sender()
+        if not self.queue or self.closing:
+            return
+        error = None if sender.cancelled() else sender.exception()
+        if isinstance(error, Exception):
+            left = list(self.queue)
+            self.queue.clear()
+            self.reserves.clear()
+            self.settles.clear()
+            self._fail(left, error)
+            return
+        self._wake_sender()
 
     def utf8(self, value: bytes | str) -> str:
         """Text ratekit wrote (as UTF-8), as the client handed it back: bytes, or text

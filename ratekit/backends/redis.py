@@ -1676,10 +1676,10 @@ class RedisBackend:
     outage, and share round trips (pipelined). A sender keeps its connection while
     calls keep coming (back to the pool after half a second idle) where the pool
     still leaves a few spare; in a smaller pool it gives it back after each round
-    trip. Reserves of the account (without
-    tenant limits) that wait for a connection together run as one script, in the
-    order they came: one refused, those behind it are refused too with its wait (a
-    queue keeps its order), never admitted past it.
+    trip. Reserves of the account (without tenant limits) that wait for a
+    connection together run as one script, in the order they came: one refused,
+    those behind it are refused too with its wait (a queue keeps its order), never
+    admitted past it.
 
     Every call may be cancelled at any point: a `reserve` whose caller left is
     never admitted (a grant that arrives after is refunded by the backend), a

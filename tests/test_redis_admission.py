@@ -33,6 +33,7 @@ import fakeredis
 import pytest
 import trio
 from fakeredis.commands_mixins import server_mixin
+from redis._parsers import _AsyncRESP3Parser
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
 import ratekit
@@ -797,14 +798,20 @@ async def test_a_small_blocking_pool_is_not_kept_from_the_users_own_calls(
         await client.aclose()
 
 
+# redis-py's reply parsers: its default (hiredis's, which the `redis` extra installs),
+# and its own pure-Python one (what a client without hiredis uses).
+PARSERS = {"default": {}, "python": {"parser_class": _AsyncRESP3Parser}}
+
+
 @pytest.mark.redis
+@pytest.mark.parametrize("parser", sorted(PARSERS))
 async def test_a_kept_connection_the_server_closed_is_replaced_without_an_outage(
-    fresh_server: RedisServer,
+    fresh_server: RedisServer, parser: str
 ) -> None:
     """The server closes every client connection while a sender rests with one (a
     restart of the proxy, CLIENT KILL, an idle timeout): the next call is served on a
     new connection, and nothing counts as an outage."""
-    client = Redis.from_url(fresh_server.url)
+    client = Redis.from_url(fresh_server.url, **PARSERS[parser])
     harness = Redis.from_url(fresh_server.url)
     backend = RedisBackend(client, namespace=namespace())
     limits = Limits(concurrency=10, rpm=10**6)
@@ -830,9 +837,10 @@ async def test_a_kept_connection_the_server_closed_is_replaced_without_an_outage
 
 
 @pytest.mark.redis
+@pytest.mark.parametrize("parser", sorted(PARSERS))
 @pytest.mark.parametrize("decode", [False, True])
 async def test_releases_are_heard_on_a_client_of_another_encoding(
-    fresh_server: RedisServer, decode: bool
+    fresh_server: RedisServer, decode: bool, parser: str
 ) -> None:
     """Two pods whose clients encode text as Latin-1 (decoding replies or not), on an
     account whose name is not ASCII: a caller waiting for a slot in one pod is admitted
@@ -840,7 +848,9 @@ async def test_releases_are_heard_on_a_client_of_another_encoding(
     lease would lapse; a tier whose name is not ASCII reaches the other pod intact."""
     account = f"café-{uuid.uuid4().hex[:8]}"
     clients = [
-        Redis.from_url(fresh_server.url, encoding="latin-1", decode_responses=decode)
+        Redis.from_url(
+            fresh_server.url, encoding="latin-1", decode_responses=decode, **PARSERS[parser]
+        )
         for _ in range(2)
     ]
     backends = [RedisBackend(c, namespace=account, lease_ttl_s=30.0) for c in clients]

@@ -1827,3 +1827,120 @@ async def test_a_lost_state_keeps_the_concurrency_cap() -> None:
     for grant in (second, third):
         await backend.settle(limits, grant, ONE, now())
     await backend.aclose()
+
+
+def _stored(fields: dict[bytes, bytes], leases: dict[str, int]) -> dict[str, str]:
+    """An account's state hash with each lease id (in a held amount's field) replaced by
+    the number of its admission, so that two accounts' can be compared."""
+    stored = {}
+    for name, value in fields.items():
+        window, held, lease = name.decode().partition("|h|")
+        key = f"{window}|h|#{leases[lease]}" if held else window
+        stored[key] = value.decode()
+    return stored
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("counting", list(TokenCounting))
+@pytest.mark.parametrize("seed", range(3))
+async def test_settles_sent_with_the_next_reserves_as_one_step_end_as_if_sent_alone(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, counting: TokenCounting, seed: int
+) -> None:
+    """A random run of admissions and their ends (refunds, tokens below and above the
+    estimate, tokens the provider counted) on two accounts at the same instants: on one
+    each end goes out with the next reserves, as one step (step.lua); on the other it is
+    answered before they are sent. Every reply, and each account's stored state after
+    every operation, are the same."""
+    steps: list[Any] = []
+
+    class Step(redis_backend_module._Step):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            steps.append(self)
+
+    monkeypatch.setattr(redis_backend_module, "_Step", Step)
+    rng = random.Random(seed)
+    limits = Limits(concurrency=4, rpm=30, tpm=3000, tpd=20000, token_counting=counting)
+    client = Redis.from_url(redis_server.url)
+    stepped, alone = (
+        RedisBackend(client, namespace=namespace(), server_time=False) for _ in range(2)
+    )
+    clock = FakeClock(1000.0, wall_start_s=1_700_000_000.0)
+    held: list[tuple[RedisGrant, RedisGrant]] = []
+    # Each account's lease ids, numbered in the order of their admissions.
+    leases: tuple[dict[str, int], dict[str, int]] = ({}, {})
+
+    async def state(backend: RedisBackend, numbers: dict[str, int]) -> dict[str, str]:
+        return _stored(await client.hgetall(f"{backend._prefix}:state"), numbers)
+
+    try:
+        for _ in range(120):
+            clock.advance(rng.choice([0.0, 0.0, 0.5, 3.0, 11.0]))
+            if held and rng.random() < 0.5:
+                grants = held.pop(rng.randrange(len(held)))
+                if rng.random() < 0.2:
+                    actual = None  # never sent: all handed back
+                else:
+                    tokens = rng.choice([0.0, 50.0, 150.0, 400.0])
+                    counted = rng.choice([math.nan, math.nan, 120.0, 300.0])
+                    actual = Demand(1, tokens, 0, counted)
+                await alone.settle(limits, grants[1], actual, at(clock))
+                await alone.drain()
+                await stepped.settle(limits, grants[0], actual, at(clock))  # posted: no await
+            demand = Demand(1, rng.choice([0.0, 100.0, 200.0]))
+            replies = [
+                await backend.reserve(limits, demand, at(clock)) for backend in (stepped, alone)
+            ]
+            if isinstance(replies[0], RedisGrant):
+                assert isinstance(replies[1], RedisGrant)
+                assert replies[0].indexes == replies[1].indexes
+                held.append((replies[0], replies[1]))
+                for numbers, grant in zip(leases, replies, strict=True):
+                    numbers[grant.lease_id] = len(numbers)
+            else:
+                assert replies[0] == replies[1]
+            await stepped.drain()
+            assert await state(stepped, leases[0]) == await state(alone, leases[1])
+        assert len(steps) >= 20  # the run went through steps, not only the two scripts
+    finally:
+        await stepped.aclose()
+        await alone.aclose()
+        await client.aclose()
+
+
+@pytest.mark.redis
+async def test_a_task_calling_in_a_loop_runs_one_script_per_call(fresh_server: RedisServer) -> None:
+    """One task admits, settles and admits again, on 4 dimensions: each settle goes out
+    with the next reserve as one step, so the server runs one FCALL per call and, in
+    all, at most 8 commands (INFO commandstats, the scripts' own calls included)."""
+    client = Redis.from_url(fresh_server.url)
+    harness = Redis.from_url(fresh_server.url)
+    backend = RedisBackend(client, namespace=namespace())
+    limits = Limits(concurrency=100, rpm=10**6, tpm=10**9, tpd=10**10)
+    limiter = ratekit.Limiter(limits, backend=backend)
+    calls = 50
+    try:
+        for _ in range(5):
+            async with limiter.acquire(tokens=100) as admission:
+                admission.settle(tokens=80)
+        await backend.drain()
+        await harness.config_resetstat()
+        for _ in range(calls):
+            async with limiter.acquire(tokens=100) as admission:
+                admission.settle(tokens=80)
+        await backend.drain()
+        stats = await harness.info("commandstats")
+        ran = {
+            name.removeprefix("cmdstat_"): int(entry["calls"])
+            for name, entry in stats.items()
+            if name not in ("cmdstat_config|resetstat", "cmdstat_info")
+        }
+        # The last settle goes alone (nothing follows it): one FCALL more, and its commands.
+        assert ran["fcall"] == calls + 1
+        assert sum(ran.values()) <= 8 * (calls + 1)
+        used = await statistics(backend, limits)
+        assert (used["concurrency"].used, used["rpm"].used) == (0, 5 + calls)
+    finally:
+        await backend.aclose()
+        await client.aclose()
+        await harness.aclose()

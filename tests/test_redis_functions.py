@@ -83,8 +83,9 @@ async def test_the_library_is_loaded_once_and_runs_every_script(
     assert await in_use(backend) == {"concurrency": 0, "rpm": 5}
     ran = await calls(probe)
     assert ran["function|load"] == 1
-    # The gathered reserves run as one, their settles as one; then the statistics.
-    assert ran["fcall"] == 3 * 2 + 1 + 1 + 1
+    # The gathered reserves run as one, their settles as one; then the statistics. A
+    # settle a sender takes with the next reserve runs with it, as one step.
+    assert 6 <= ran["fcall"] <= 3 * 2 + 1 + 1 + 1
     assert "evalsha" not in ran
     assert "eval" not in ran
     libraries = await probe.execute_command("FUNCTION", "LIST", "LIBRARYNAME", LIBRARY.name)

@@ -26,7 +26,9 @@ from importlib import resources
 
 _PACKAGE = "ratekit.backends"
 # The operations, each a file lua/<name>.lua.
-_NAMES = ("reserve", "settle", "renew", "stats", "pause", "sent", "estimates")
+_NAMES = ("reserve", "settle", "renew", "stats", "pause", "sent", "estimates", "step")
+# What step.lua runs: the settle and reserve operations' bodies, as functions.
+_STEP_PARTS = ("settle", "reserve")
 
 
 def _read(name: str) -> str:
@@ -74,18 +76,26 @@ class Script:
 def _build() -> tuple[Library, dict[str, Script]]:
     helpers = _read("_window.lua")
     bodies = {name: _read(f"{name}.lua") for name in _NAMES}
-    # Each operation as a function of (KEYS, ARGV): its file's text unchanged inside.
+
+    # Each operation's file, its text unchanged, as the body of a function of (KEYS,
+    # ARGV) (called by another operation: step.lua), and the function each runs as
+    # (begin, then the body).
+    def body(name: str) -> str:
+        return f"\nlocal function {name}_body(KEYS, ARGV)\n{bodies[name]}\nend\n"
+
     functions = "".join(
-        f"\nlocal function {name}(KEYS, ARGV)\nbegin(KEYS)\n{body}\nend\n"
-        for name, body in bodies.items()
+        f"{body(name)}local function {name}(KEYS, ARGV)\nbegin(KEYS)\n"
+        f"return {name}_body(KEYS, ARGV)\nend\n"
+        for name in _NAMES
     )
     version = hashlib.sha1((helpers + functions).encode("utf-8")).hexdigest()[:16]
     prefix = f"ratekit_{version}"
     registered = "".join(f"redis.register_function('{prefix}_{name}', {name})\n" for name in _NAMES)
     library = Library(prefix, f"#!lua name={prefix}\n{helpers}{functions}\n{registered}")
     scripts = {}
-    for name, body in bodies.items():
-        text = f"{helpers}\nbegin(KEYS)\n{body}"
+    for name, text_of in bodies.items():
+        parts = "".join(body(part) for part in _STEP_PARTS) if name == "step" else ""
+        text = f"{helpers}{parts}\nbegin(KEYS)\n{text_of}"
         sha = hashlib.sha1(text.encode("utf-8")).hexdigest()
         scripts[name] = Script(name, text, sha, f"{prefix}_{name}")
     return library, scripts
@@ -99,5 +109,6 @@ STATS = _SCRIPTS["stats"]
 PAUSE = _SCRIPTS["pause"]
 SENT = _SCRIPTS["sent"]
 ESTIMATES = _SCRIPTS["estimates"]
+STEP = _SCRIPTS["step"]
 # Every operation's script, for loading them all at once.
 SCRIPTS = tuple(_SCRIPTS.values())

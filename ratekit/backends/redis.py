@@ -3,7 +3,10 @@
 Same contract as the memory backend (DESIGN.md, "Window semantics"), kept in
 Lua scripts (``lua/*.lua``): an admission over every dimension is one EVALSHA,
 a settle or refund another; an admission of requests alone (no slot, nothing held
-or corrected) takes no lease and is never settled. An account is two keys under
+or corrected) takes no lease and is never settled. Settles that a sender takes
+together with a reserve of the same account run with it as one script (a step:
+the state read, the clock read and the state written once for both), as a task
+that calls in a loop has it: one script per call. An account is two keys under
 one hash tag (Redis Cluster): a state hash (running totals, O(slices) fields per
 rate) and a set of leases. Each script reads the fields it needs in one HMGET and
 writes in one HSET, so its commands do not grow with traffic; the keys expire by
@@ -116,6 +119,7 @@ from ._scripts import (
     SENT,
     SETTLE,
     STATS,
+    STEP,
     Script,
 )
 from .memory import MemoryBackend, MemoryGrant
@@ -741,8 +745,71 @@ class _Settles:
             member.deliver(live)
 
 
-# What a sender sends: a command, or reserves or settles of one account sent as one.
+class _Step:
+    """The settles and then the reserves of one account that a sender takes together,
+    sent as one run of the step script (step.lua): the state is read, the clock read
+    and the state written once for both (a task that calls in a loop posts its last
+    call's settle just before its next reserve). They run as the two scripts would,
+    back to back at one instant; the settles go first, as they may (`_Settles`)."""
+
+    __slots__ = ("args", "reserves", "settles")
+
+    script = STEP
+
+    def __init__(self, settles: _Settles, reserves: _Reserves) -> None:
+        self.settles = settles
+        self.reserves = reserves
+        ends, begins = settles.args, reserves.args
+        keys = int(ends[2])
+        # Each EVALSHA is ("EVALSHA", sha, key count, *keys, *arguments).
+        self.args = STEP.evalsha(ends[3 : 3 + keys], [str(len(ends) - 3 - keys)])
+        self.args += ends[3 + keys :] + begins[3 + keys :]
+
+    @staticmethod
+    def joins(settles: _Settles, reserves: _Reserves) -> bool:
+        """Whether they can go as one step: the same keys (no tenant's) and clock
+        argument."""
+        ends, begins = settles.args, reserves.args
+        keys = int(ends[2])
+        return begins[2] == ends[2] and begins[3 : 4 + keys] == ends[3 : 4 + keys]
+
+    def split(self, reply: Any, replies: dict[int, Any]) -> None:
+        """Its `reply` as the settles' and the reserves' (by id in `replies`)."""
+        if isinstance(reply, BaseException):
+            replies[id(self.settles)] = replies[id(self.reserves)] = reply
+        else:
+            replies[id(self.settles)], replies[id(self.reserves)] = reply
+
+
+def _steps(batch: list[_Sendable]) -> Sequence[_Wire]:
+    """`batch` as sent: each account's settles and the first of its reserves taken with
+    them made one `_Step`, in the place of the later of the two (the settles may go
+    later within one write: the server runs the write's commands one after another)."""
+    settles: dict[tuple[str, ...], tuple[int, _Settles]] = {}
+    for i, command in enumerate(batch):
+        if isinstance(command, _Settles):
+            settles.setdefault(command.key, (i, command))
+    if not settles:
+        return batch
+    sent: list[_Wire | None] = list(batch)
+    for i, command in enumerate(batch):
+        if not isinstance(command, _Reserves):
+            continue
+        for key, (j, ends) in settles.items():
+            if _Step.joins(ends, command):
+                sent[max(i, j)] = _Step(ends, command)
+                sent[min(i, j)] = None
+                del settles[key]
+                break
+        if not settles:
+            break
+    return [command for command in sent if command is not None]
+
+
+# What a sender takes: a command, or reserves or settles of one account sent as one;
+# and what it writes: those, or one account's settles and reserves as one step.
 _Sendable = _Command | _Reserves | _Settles
+_Wire = _Sendable | _Step
 
 
 class _Watch:
@@ -1360,8 +1427,9 @@ class _Link:
         try:
             with _nothing_written():
                 await connection.check_health()  # the client's own PING, if it asks for one
+            sent = _steps(batch)
             first = [] if self.loaded else self._all_loads()
-            replies = await _exchange(connection, [*first, *map(self._wire, batch)])
+            replies = await _exchange(connection, [*first, *map(self._wire, sent)])
             for load, answer in zip(first, replies, strict=False):
                 self._loaded(load, answer)
             self.loaded = True
@@ -1369,17 +1437,25 @@ class _Link:
             for _ in range(_LOAD_TRIES):
                 if not any(isinstance(reply, ResponseError) for reply in replies):
                     break  # nothing the server lacked
-                again, loads = self._loads(replies, batch)
+                again, loads = self._loads(replies, sent)
                 if not again:
                     break
                 answers = await _exchange(
-                    connection, [*loads, *(self._wire(batch[i]) for i in again)]
+                    connection, [*loads, *(self._wire(sent[i]) for i in again)]
                 )
                 for load, answer in zip(loads, answers, strict=False):
                     self._loaded(load, answer)
                 for i, reply in zip(again, answers[len(loads) :], strict=True):
                     replies[i] = reply
-            return replies
+            if len(sent) == len(batch):
+                return replies
+            by_id: dict[int, Any] = {}
+            for command, reply in zip(sent, replies, strict=True):
+                if isinstance(command, _Step):
+                    command.split(reply, by_id)
+                else:
+                    by_id[id(command)] = reply
+            return [by_id[id(command)] for command in batch]
         except BaseException:
             await self._let_go(held)  # closed by `_exchange` if anything was written
             raise
@@ -1412,7 +1488,7 @@ class _Link:
             return [LIBRARY.load()]
         return [script.load() for script in SCRIPTS]
 
-    def _wire(self, command: _Sendable) -> tuple[str, ...]:
+    def _wire(self, command: _Wire) -> tuple[str, ...]:
         """What is sent for `command`: a script's EVALSHA as its function's FCALL while
         the link runs functions."""
         script = command.script
@@ -1421,7 +1497,7 @@ class _Link:
         return script.fcall(command.args)
 
     def _loads(
-        self, replies: Sequence[Any], commands: Sequence[_Sendable]
+        self, replies: Sequence[Any], commands: Sequence[_Wire]
     ) -> tuple[list[int], list[tuple[str, ...]]]:
         """Of the `replies` to `commands`, the indexes of those to send again, and what
         to send before them: the library when a function was not found (a restart, a

@@ -99,10 +99,19 @@ end
 -- helpers are built once and serve every call, so nothing of one call may stay here
 -- for the next: what a call keeps lives in tables it makes (begin's state included).
 local ACCOUNT
+-- The clock's reading in the call that runs (false until clock is read), and whether
+-- finish is held back (a step's settles: its reserves write for both, see step.lua).
+local READ_NOW, READ_WALL, HOLD
 
 local function begin(keys)
   format, floor = string.format, math.floor
   ACCOUNT = state(keys[1], keys[2])
+  READ_NOW, HOLD = false, false
+end
+
+-- Holds finish back (true) or lets it write again (false): see step.lua.
+local function hold_finish(held)
+  HOLD = held
 end
 
 -- Field `name` of state s as known (see state): nil when not read yet.
@@ -223,6 +232,9 @@ end
 -- - A given instant older than the last one (calls of one process that reach the
 --   server out of order): the last one stands; monotonic readings never step.
 local function clock(given)
+  if READ_NOW then
+    return READ_NOW, READ_WALL  -- once per call: step.lua runs two operations
+  end
   local raw, wall
   local last, offset = num(ACCOUNT, 'raw'), num(ACCOUNT, 'off') or 0
   if given ~= '' then
@@ -243,15 +255,20 @@ local function clock(given)
   if offset ~= 0 then
     put(ACCOUNT, 'off', offset)
   end
-  return raw + offset, wall
+  READ_NOW, READ_WALL = raw + offset, wall
+  return READ_NOW, READ_WALL
 end
 
 -- Writes every change of state s (flush), then keeps its two keys alive for `ttl_ms`
 -- from `now` (the account's also past the cooldown's end): a PEXPIRE only when what
 -- was set last is about to run short, so most calls send none. With a given clock (a
 -- fake one) every call sends them. A tenant's state that holds nothing and got
--- nothing is left unmade. The last thing a script that writes does, for each state.
+-- nothing is left unmade. The last thing a script that writes does, for each state
+-- (nothing while held back: hold_finish).
 local function finish(s, now, ttl_ms, given)
+  if HOLD then
+    return
+  end
   local ttl_s = ttl_ms / 1000
   local want = now + ttl_s
   if s == ACCOUNT then

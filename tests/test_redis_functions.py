@@ -15,6 +15,7 @@ import redis.asyncio as redis
 
 from ratekit import Limits
 from ratekit.backends import Demand
+from ratekit.backends import redis as redis_backend_module
 from ratekit.backends._scripts import LIBRARY
 from ratekit.backends.redis import RedisBackend, RedisGrant
 from ratekit.clock import Instant
@@ -184,5 +185,37 @@ async def test_a_server_without_functions_runs_the_scripts_by_evalsha(
     # (the two gathered reserves run as one, and so do their settles)
     assert ran["evalsha"] == 4 * 2 - 2 + 3 + (await errors())["NOSCRIPT"]
     assert "fcall" not in ran
+    await probe.aclose()
+    await backend.aclose()
+
+
+@pytest.mark.parametrize("functions", [True, False])
+async def test_a_settle_and_the_next_reserve_run_as_one_step_also_after_a_flush(
+    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, functions: bool
+) -> None:
+    """Each settle goes out with the next reserve as one step (step.lua), as a function
+    or, on a server without functions, by EVALSHA; a flush just before one of them
+    (the function or the script gone) has it loaded again and sent again, once."""
+    steps: list[Any] = []
+
+    class Step(redis_backend_module._Step):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            steps.append(self)
+
+    monkeypatch.setattr(redis_backend_module, "_Step", Step)
+    server: RedisServer = request.getfixturevalue("fresh_server" if functions else "bare_server")
+    backend = backend_on(server.url)
+    probe = redis.Redis.from_url(server.url, decode_responses=True)
+    grant = await backend.reserve(LIMITS, ONE, now())
+    for flush in (False, True, False):
+        if flush:
+            await (probe.function_flush() if functions else probe.script_flush())
+        await backend.settle(LIMITS, grant, ONE, now())  # posted: goes with the reserve
+        grant = await backend.reserve(LIMITS, ONE, now())
+        assert isinstance(grant, RedisGrant)
+    await backend.settle(LIMITS, grant, ONE, now())
+    assert await in_use(backend) == {"concurrency": 0, "rpm": 4}
+    assert len(steps) == 3
     await probe.aclose()
     await backend.aclose()

@@ -2676,29 +2676,35 @@ class RedisBackend:
         idle_rounds = 0
         while idle_rounds < 2 and not link.closing:
             await asyncio.sleep(self._lease_ttl_s / 3)
-            leases = self._leases_to_renew()
-            idle_rounds = 0 if leases else idle_rounds + 1
-            for binding, lease_ids, keys, tenant_args in leases:
-                _raise_if_cancelled()
-                command = RENEW.evalsha(
-                    keys,
-                    [
-                        self._clock_arg(),
-                        str(binding.key_ttl_ms),
-                        repr(self._lease_ttl_s),
-                        *tenant_args,
-                        *lease_ids,
-                    ],
-                )
-                try:
-                    await link.call(command, RENEW, abortable=False)
-                except Exception as exc:
-                    if _is_outage(exc):
-                        link.mark_down(exc)
-                    else:
-                        _log.warning("renewing %d Redis leases failed: %r", len(lease_ids), exc)
+            idle_rounds = 0 if await self._renew() else idle_rounds + 1
+
+    async def _renew(self) -> bool:
+        """Renew the leases of grants still held, once (see renew.lua); whether there
+        were any. A failure is logged (an outage marks the link down), not raised."""
+        link = self._link
+        leases = self._leases_to_renew()
+        for binding, lease_ids, keys, tenant_args in leases:
+            _raise_if_cancelled()
+            command = RENEW.evalsha(
+                keys,
+                [
+                    self._clock_arg(),
+                    str(binding.key_ttl_ms),
+                    repr(self._lease_ttl_s),
+                    *tenant_args,
+                    *lease_ids,
+                ],
+            )
+            try:
+                await link.call(command, RENEW, abortable=False)
+            except Exception as exc:
+                if _is_outage(exc):
+                    link.mark_down(exc)
                 else:
-                    link.mark_up()
+                    _log.warning("renewing %d Redis leases failed: %r", len(lease_ids), exc)
+            else:
+                link.mark_up()
+        return bool(leases)
 
     async def _listen_loop(self) -> None:
         link = self._link

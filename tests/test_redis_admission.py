@@ -983,7 +983,7 @@ def settle_runs(backend: RedisBackend) -> list[int]:
 
     def spy(command: Any) -> tuple[Any, ...]:
         if command.args[:2] == ("EVALSHA", SETTLE.sha):
-            runs.append(command.args[7].count("|") + 1)  # its lease ids
+            runs.append(command.args[6].count("|") + 1)  # its lease ids
         return wire(command)
 
     backend._link._wire = spy  # type: ignore[method-assign]
@@ -1754,7 +1754,8 @@ async def test_an_admission_of_requests_alone_takes_no_lease_and_sends_no_settle
     assert isinstance(first, RedisGrant)
     assert isinstance(second, RedisGrant)
     assert len(sent) == 2
-    assert await client.zcard(f"{backend.key_prefix()}:leases") == 0
+    fields = await client.hkeys(f"{backend.key_prefix()}:state")
+    assert not [field for field in fields if field.startswith(b"l|")]
     await backend.settle(limits, first, ONE, now())
     await backend.drain()
     assert len(sent) == 2  # nothing to send
@@ -1789,27 +1790,28 @@ async def test_a_settle_sent_again_does_not_correct_a_reservation_twice() -> Non
     await backend.aclose()
 
 
-async def test_a_lost_leases_set_does_not_block_the_account() -> None:
-    """The leases set gone (expired, evicted) while the state still counts a lease: the
-    next admission that the count would refuse counts the set again and is admitted.
-    (A cached count that was never put right refused every caller until the state
-    expired.)"""
+async def test_a_count_of_leases_that_are_not_there_does_not_block_the_account() -> None:
+    """A state that counts leases it does not hold (left by a version that kept them in
+    a key of their own) and knows nothing of their expiries: the next admission that the
+    count would refuse counts the leases again and is admitted."""
     client = fakeredis.FakeAsyncRedis()
     backend = RedisBackend(client, namespace=namespace())
     limits = Limits(concurrency=1)
+    await client.hset(f"{backend.key_prefix()}:state", "nl", 1)
     held = await backend.reserve(limits, ONE, now())
     assert isinstance(held, RedisGrant)
-    await client.delete(f"{backend.key_prefix()}:leases")
-    await backend.settle(limits, held, ONE, now())  # removes nothing: the set is gone
+    assert isinstance(await backend.reserve(limits, ONE, now()), Refusal)
+    await backend.settle(limits, held, ONE, now())
     again = await backend.reserve(limits, ONE, now())
     assert isinstance(again, RedisGrant)
     await backend.settle(limits, again, ONE, now())
     await backend.aclose()
 
 
-async def test_a_lost_state_keeps_the_concurrency_cap() -> None:
-    """The state hash gone while calls are in flight: a settle counts the leases still
-    there, so the cap still holds for the callers after it."""
+async def test_a_lost_state_loses_its_leases_and_no_more() -> None:
+    """The state hash gone while calls are in flight (evicted, flushed): its leases went
+    with it, so the settles of those calls find them gone and free nothing that the
+    admissions after the loss took."""
     client = fakeredis.FakeAsyncRedis()
     backend = RedisBackend(client, namespace=namespace())
     limits = Limits(concurrency=2)
@@ -1818,24 +1820,30 @@ async def test_a_lost_state_keeps_the_concurrency_cap() -> None:
     assert isinstance(first, RedisGrant)
     assert isinstance(second, RedisGrant)
     await client.delete(f"{backend.key_prefix()}:state")
-    await backend.settle(limits, first, ONE, now())
     third = await backend.reserve(limits, ONE, now())
     assert isinstance(third, RedisGrant)
+    for grant in (first, second):
+        await backend.settle(limits, grant, ONE, now())
     fourth = await backend.reserve(limits, ONE, now())
-    assert isinstance(fourth, Refusal)
-    assert fourth.dimension == "concurrency"
-    for grant in (second, third):
+    assert isinstance(fourth, RedisGrant)
+    fifth = await backend.reserve(limits, ONE, now())
+    assert isinstance(fifth, Refusal)
+    assert fifth.dimension == "concurrency"
+    for grant in (third, fourth):
         await backend.settle(limits, grant, ONE, now())
     await backend.aclose()
 
 
 def _stored(fields: dict[bytes, bytes], leases: dict[str, int]) -> dict[str, str]:
-    """An account's state hash with each lease id (in a held amount's field) replaced by
-    the number of its admission, so that two accounts' can be compared."""
+    """An account's state hash with each lease id (in a lease's field and a held
+    amount's) replaced by the number of its admission, so that two accounts' can be
+    compared."""
     stored = {}
     for name, value in fields.items():
         window, held, lease = name.decode().partition("|h|")
         key = f"{window}|h|#{leases[lease]}" if held else window
+        if key.startswith("l|"):
+            key = f"l|#{leases[key[2:]]}"
         stored[key] = value.decode()
     return stored
 

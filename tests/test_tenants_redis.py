@@ -660,10 +660,10 @@ async def test_a_release_heard_while_a_refusal_was_on_its_way_is_not_missed() ->
 
 @pytest.mark.redis
 async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer) -> None:
-    """After its calls end, a tenant is one small hash with a ttl (its leases' set is gone
-    with its last lease); a call without a tenant touches no tenant key and sends what it
-    sent before tenants existed: the account's two keys, and the arguments of its reserve
-    and of its settle."""
+    """After its calls end, a tenant is one small hash with a ttl (its leases' fields are
+    gone with its last lease); a call without a tenant touches no tenant key and sends
+    what it sent before tenants existed: the account's key, and the arguments of its
+    reserve and of its settle."""
     client = Redis.from_url(redis_server.url)
     namespace = f"bytes-{uuid.uuid4().hex}"
     backend = RedisBackend(client, namespace=namespace, lease_ttl_s=5.0)
@@ -681,7 +681,7 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
         async with limiter.acquire(tokens=100):
             pass
         await backend.drain()  # the settle is posted, not awaited
-        assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("2", 7), ("2", 10)]
+        assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("1", 7), ("1", 10)]
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
         assert keys == {f"ratekit:{{{namespace}}}:state"}
         async with limiter.acquire(tokens=100, tenant="acme"):

@@ -6,17 +6,18 @@ a settle or refund another; an admission of requests alone (no slot, nothing hel
 or corrected) takes no lease and is never settled. Settles that a sender takes
 together with a reserve of the same account run with it as one script (a step:
 the state read, the clock read and the state written once for both), as a task
-that calls in a loop has it: one script per call. An account is two keys under
-one hash tag (Redis Cluster): a state hash (running totals, O(slices) fields per
-rate) and a set of leases. Each script reads the fields it needs in one HMGET and
-writes in one HSET, so its commands do not grow with traffic; the keys expire by
-themselves once the account is idle.
+that calls in a loop has it: one script per call. An account is one key under its
+hash tag (Redis Cluster): a state hash (running totals, O(slices) fields per rate,
+and a field per lease of a call in flight). Each script reads the fields it needs
+in one HMGET and writes in one HSET and one HDEL, so its commands do not grow with
+traffic: a 4-dimension admission runs FCALL, TIME, HMGET and HSET on the server,
+its settle FCALL, TIME, HMGET, HSET and HDEL, the two as one step FCALL, TIME,
+HMGET, HSET and HDEL. The key expires by itself once the account is idle.
 
-A tenant with limits of its own (`ratekit.Tenants`) is two keys of the same shapes
-under the account's hash tag (``<prefix>:{<namespace>}:ts:<tenant>``, its state, and
-``...:tl:<tenant>``, its leases while its calls are in flight), taken and ended in
-the same EVALSHA as the account's; they expire once the tenant is idle. A call
-without a tenant sends none of it.
+A tenant with limits of its own (`ratekit.Tenants`) is one more key of the same
+shape under the account's hash tag (``<prefix>:{<namespace>}:ts:<tenant>``), taken
+and ended in the same EVALSHA as the account's; it expires once the tenant is idle.
+A call without a tenant sends none of it.
 
 Time is the Redis server's ``TIME``, read inside each script, so every pod uses
 one clock and no client's skew matters. Per account it never goes back: a step
@@ -275,13 +276,14 @@ def _tenant_window_id(rate: Rate) -> str:
 
 
 def _account_keys(prefix: str) -> list[str]:
-    """An account's two keys, as every script takes them: its state and its leases."""
-    return [f"{prefix}:state", f"{prefix}:leases"]
+    """An account's keys, as every script takes them: its state (its leases are fields
+    of it)."""
+    return [f"{prefix}:state"]
 
 
-def _tenant_keys(prefix: str, tenant: str) -> tuple[str, str]:
-    """A tenant's two keys under its account's `prefix`: its state and its leases."""
-    return f"{prefix}:ts:{tenant}", f"{prefix}:tl:{tenant}"
+def _tenant_keys(prefix: str, tenant: str) -> tuple[str]:
+    """A tenant's keys under its account's `prefix`: its state (its leases with it)."""
+    return (f"{prefix}:ts:{tenant}",)
 
 
 # The lease id of an admission that takes none (see `_Binding.leaseless`).
@@ -450,7 +452,7 @@ class _TenantPart:
 
     __slots__ = ("binding", "indexes", "keys", "name")
 
-    def __init__(self, name: str, binding: _Binding, keys: tuple[str, str]) -> None:
+    def __init__(self, name: str, binding: _Binding, keys: tuple[str]) -> None:
         self.name = name
         self.binding = binding
         self.keys = keys
@@ -700,8 +702,8 @@ class _Settles:
     # Where the arguments of one admission are in a settle's EVALSHA (see settle.lua):
     # its lease id, refund flag, amounts reserved and used, slice indexes, tokens
     # counted (ARGV[3], [5], [7], [8], [9], [10]; after "EVALSHA", the sha, the key
-    # count and the two keys).
-    OWN = (7, 9, 11, 12, 13, 14)
+    # count and the key).
+    OWN = (6, 8, 10, 11, 12, 13)
 
     def __init__(self, key: tuple[str, ...], groups: dict[tuple[str, ...], _Settles]) -> None:
         self.key = key
@@ -1618,12 +1620,13 @@ class _Link:
         future.add_done_callback(self.posted.discard)
         future.add_done_callback(done)
         command = _Command(args, script, future, abortable=False, orphan=done)
-        if script is not SETTLE or args[2] != "2":  # a tenant's settles go alone
+        if script is not SETTLE or args[2] != "1":  # a tenant's settles go alone
             self.queue.append(command)
             self._wake_sender()
             return True
-        # Settles of one account posted while none was sent yet go as one (`_Settles`).
-        key = (args[3], args[4], args[5], args[6], args[8], args[10])
+        # Settles of one account posted while none was sent yet go as one (`_Settles`):
+        # its key, clock argument, key ttl, channel and window specs.
+        key = (args[3], args[4], args[5], args[7], args[9])
         group = self.settles.get(key)
         if group is None or len(group.members) >= _BATCH:
             group = self.settles[key] = _Settles(key, self.settles)
@@ -2118,7 +2121,7 @@ class RedisBackend:
     def _tenant_args(
         keys: list[str], parts: Sequence[_TenantPart | None], wall: float
     ) -> tuple[list[str], list[str]]:
-        """The keys of a reserve with tenants (the account's, then two per tenant), and
+        """The keys of a reserve with tenants (the account's, then one per tenant), and
         the arguments after its first seven: the tenant of each demand, then four per
         tenant (see reserve.lua)."""
         keys = list(keys)

@@ -1,10 +1,8 @@
 -- Shared window helpers, prepended to every script by ratekit/backends/_scripts.py.
 -- The same rules as ratekit/_window.py, run against the same table of cases.
 --
--- An account is two keys: KEYS[1], its state (a hash), and KEYS[2], its leases (a
--- sorted set, lease id -> expiry on the account's clock; one lease per call in
--- flight that has a slot or something to settle). A tenant with limits of its own
--- (ratekit/_tenants.py) is two more keys of the same shapes under the account's hash
+-- An account is one key: KEYS[1], its state (a hash). A tenant with limits of its own
+-- (ratekit/_tenants.py) is one more key of the same shape under the account's hash
 -- tag, given after the account's; a script that serves tenants names them in its
 -- header. The state hash holds:
 --
@@ -12,10 +10,15 @@
 --   cool          until when the account is paused after a provider's 429
 --   wait          until when some caller is known to wait (releases are announced
 --                 only then)
---   ex, lex       until when the state, and the leases, are known to live (see
---                 finish)
---   nl            how many leases the sorted set holds (set again from ZCARD
---                 whenever an admission is refused)
+--   ex            until when the state is known to live (see finish)
+--   l|<lease>     lease's expiry on the account's clock: one lease per call in flight
+--                 that has a slot or something to settle (see take_lease)
+--   nl            how many leases the hash holds (set again by a scan of them, see
+--                 scan_leases)
+--   lmin          no lease expires before it: the earliest expiry, or a bound below it
+--                 (absent while leases are: nothing known; left as it was once nl is
+--                 0, when it means nothing)
+--   lexact        1 while lmin is the earliest expiry itself, else only a bound
 --   (raw, off, cool and wait are the account's alone: a tenant runs on the
 --   account's clock and is paused with it; the rest are kept by both)
 --   <w>|t         window w's running total: the sum of its live slices (a calendar
@@ -36,10 +39,9 @@
 -- many slices or calls are live (and as much again for each tenant served). Slices
 -- are dropped once, when they stop counting.
 --
--- A state is a Lua table: its key, its leases' key, and the fields as read so far
--- and as changed by this script (see state). Each window keeps the state it lives
--- in (w.s), so that every helper below works on the account's windows and on a
--- tenant's alike.
+-- A state is a Lua table: its key, and the fields as read so far and as changed by
+-- this script (see state). Each window keeps the state it lives in (w.s), so that
+-- every helper below works on the account's windows and on a tenant's alike.
 --
 -- Two clocks, as in ratekit/_clock.py: rolling windows, pacing, leases and the
 -- cooldown run on the account's clock (`now`), calendar days on the wall clock
@@ -84,17 +86,17 @@ end
 -- No field placed: the `at` of a state whose first read was not of a list made once.
 local NOWHERE = {}
 
--- A state (hash `key`, leases `leases`), as read so far and as changed by this script.
+-- A state (hash `key`), as read so far and as changed by this script.
 -- The fields read first, when read as a list made once (see specs_of), stay in
 -- HMGET's reply as it came: first[at[name]] (text, or false when absent); any other
 -- field read is in values (the same). changes holds what this script changed: a
 -- number for a field set (formatted when flush writes it), false for a field dropped.
 -- A field is looked up in changes, then values, then first.
-local function state(key, leases)
-  return {key = key, leases = leases, first = false, at = NOWHERE, values = {}, changes = {}}
+local function state(key)
+  return {key = key, first = false, at = NOWHERE, values = {}, changes = {}}
 end
 
--- The account's state (KEYS[1], KEYS[2]) of the call that runs: set by begin, the
+-- The account's state (KEYS[1]) of the call that runs: set by begin, the
 -- first thing each call does. Loaded as a function library (see _scripts.py), these
 -- helpers are built once and serve every call, so nothing of one call may stay here
 -- for the next: what a call keeps lives in tables it makes (begin's state included).
@@ -105,7 +107,7 @@ local READ_NOW, READ_WALL, HOLD
 
 local function begin(keys)
   format, floor = string.format, math.floor
-  ACCOUNT = state(keys[1], keys[2])
+  ACCOUNT = state(keys[1])
   READ_NOW, HOLD = false, false
 end
 
@@ -259,12 +261,12 @@ local function clock(given)
   return READ_NOW, READ_WALL
 end
 
--- Writes every change of state s (flush), then keeps its two keys alive for `ttl_ms`
--- from `now` (the account's also past the cooldown's end): a PEXPIRE only when what
--- was set last is about to run short, so most calls send none. With a given clock (a
--- fake one) every call sends them. A tenant's state that holds nothing and got
--- nothing is left unmade. The last thing a script that writes does, for each state
--- (nothing while held back: hold_finish).
+-- Writes every change of state s (flush), then keeps its key alive for `ttl_ms` from
+-- `now` (the account's also past the cooldown's end): a PEXPIRE only when what was
+-- set last is about to run short, so most calls send none. With a given clock (a fake
+-- one) every call sends it. A tenant's state that holds nothing and got nothing is
+-- left unmade. The last thing a script that writes does, for each state (nothing
+-- while held back: hold_finish).
 local function finish(s, now, ttl_ms, given)
   if HOLD then
     return
@@ -280,19 +282,12 @@ local function finish(s, now, ttl_ms, given)
   local step = ttl_s / 8
   local set_ms = math.ceil((want - now + step) * 1000)
   local alive = given ~= '' or known < want
-  local leases = (num(s, 'nl') or 0) > 0 and (given ~= '' or (num(s, 'lex') or -math.huge) < want)
   if alive then
     put(s, 'ex', want + step)
-  end
-  if leases then
-    put(s, 'lex', want + step)
   end
   flush(s)
   if alive then
     redis.call('PEXPIRE', s.key, set_ms)
-  end
-  if leases then
-    redis.call('PEXPIRE', s.leases, set_ms)
   end
 end
 
@@ -392,9 +387,9 @@ local function specs_of(packed)
   for chunk in string.gmatch(packed, '[^|]+') do
     specs[#specs + 1] = parse_spec(chunk)
   end
-  specs.account = with_windows({'raw', 'off', 'ex', 'lex', 'nl', 'cool'}, specs)
-  specs.waits = with_windows({'raw', 'off', 'ex', 'lex', 'nl', 'cool', 'wait'}, specs)
-  specs.tenant = with_windows({'ex', 'lex', 'nl'}, specs)
+  specs.account = with_windows({'raw', 'off', 'ex', 'nl', 'lmin', 'lexact', 'cool'}, specs)
+  specs.waits = with_windows({'raw', 'off', 'ex', 'nl', 'lmin', 'lexact', 'cool', 'wait'}, specs)
+  specs.tenant = with_windows({'ex', 'nl', 'lmin', 'lexact'}, specs)
   for _, list in ipairs({'account', 'waits', 'tenant'}) do
     specs[list .. '_at'] = positions(specs[list])
   end
@@ -791,73 +786,168 @@ local function unhold(w, lease_id)
   put(s, w.f_h, w.held)
 end
 
--- Leases of state s that lapsed belong to holders that died: frees their slots and
--- the holds of s's `windows`, and counts the leases again (a count the set's loss left
--- behind is put right). Returns whether anything changed.
-local function reclaim(s, windows, now)
-  local dead = redis.call('ZRANGEBYSCORE', s.leases, '-inf', now)
-  if #dead == 0 then
-    local count = redis.call('ZCARD', s.leases)
-    local changed = count ~= num(s, 'nl')
-    put(s, 'nl', count)
-    return changed
-  end
-  local names = {}
-  for _, w in ipairs(windows) do
-    if w.take ~= 0 then
-      for _, id in ipairs(dead) do
-        names[#names + 1] = hold_field(w, id)
-      end
-    end
-  end
-  read(s, names)
-  for _, w in ipairs(windows) do
-    if w.take ~= 0 then
-      for _, id in ipairs(dead) do
-        unhold(w, id)
-      end
-    end
-  end
-  redis.call('ZREMRANGEBYSCORE', s.leases, '-inf', now)
-  put(s, 'nl', redis.call('ZCARD', s.leases))
-  return true
+-- A lease's field in its state, which holds its expiry.
+local function lease_field(lease_id)
+  return 'l|' .. lease_id
 end
 
--- How many leases of state s are live or not yet reclaimed (the sorted set's size).
+-- How many leases state s holds, live or not yet reclaimed.
 local function lease_count(s)
-  local count = num(s, 'nl')
-  if count == nil then
-    count = redis.call('ZCARD', s.leases)
-    put(s, 'nl', count)
-  end
-  return count
+  return num(s, 'nl') or 0
 end
 
--- Adds `lease_id` to the leases of state s, until `expiry`; a new sorted set gets its
--- ttl at once (finish renews it from then on).
-local function take_lease(s, lease_id, expiry, now, ttl_ms)
-  local count = lease_count(s)
-  redis.call('ZADD', s.leases, expiry, lease_id)
-  if count == 0 then
-    local set_ms = math.ceil(ttl_ms * 1.125)
-    redis.call('PEXPIRE', s.leases, set_ms)
-    put(s, 'lex', now + set_ms / 1000)
+-- `expiry`, no later than any lease's of state s, is the earliest: lmin, exactly.
+local function set_earliest(s, expiry)
+  put(s, 'lmin', expiry)
+  if num(s, 'lexact') ~= 1 then
+    put(s, 'lexact', 1)
   end
+end
+
+-- Adds `lease_id` to the leases of state s, until `expiry` (a field of the state: its
+-- ttl is the state's, see finish).
+local function take_lease(s, lease_id, expiry)
+  local count = lease_count(s)
+  put(s, lease_field(lease_id), expiry)
   put(s, 'nl', count + 1)
+  local earliest = num(s, 'lmin')
+  -- With leases but no lmin, nothing is known of their expiries: it stays so.
+  if count == 0 or (earliest and expiry < earliest) then
+    set_earliest(s, expiry)
+  end
+end
+
+-- Moves lease `lease_id` of state s, until now live until `old`, to `expiry` (renewed).
+local function move_lease(s, lease_id, old, expiry)
+  put(s, lease_field(lease_id), expiry)
+  local earliest = num(s, 'lmin')
+  if not earliest then
+    return
+  end
+  if expiry < earliest then
+    set_earliest(s, expiry)
+  elseif old <= earliest and expiry > earliest and num(s, 'lexact') == 1 then
+    -- The earliest may have moved on: lmin stays below every expiry, as a bound.
+    put(s, 'lexact', 0)
+  end
+end
+
+-- Ends lease `lease_id` of state s, live until `expiry` (settled).
+local function end_lease(s, lease_id, expiry)
+  drop(s, lease_field(lease_id))
+  local count = math.max(lease_count(s) - 1, 0)
+  put(s, 'nl', count)
+  -- The last lease gone, lmin means nothing: it is left for the next to set.
+  if count > 0 and expiry <= (num(s, 'lmin') or -math.huge) and num(s, 'lexact') == 1 then
+    put(s, 'lexact', 0)
+  end
+end
+
+-- The leases of state s as they stand, this call's changes included: lease id ->
+-- expiry. One HSCAN of the lease fields (more for a hash too large for one reply).
+local function leases_of(s)
+  local leases, cursor = {}, '0'
+  repeat
+    local reply = redis.call('HSCAN', s.key, cursor, 'MATCH', 'l|*', 'COUNT', 1000)
+    cursor = reply[1]
+    local items = reply[2]
+    for i = 1, #items, 2 do
+      leases[string.sub(items[i], 3)] = tonumber(items[i + 1])
+    end
+  until cursor == '0'
+  for name, value in pairs(s.changes) do
+    if string.sub(name, 1, 2) == 'l|' then
+      leases[string.sub(name, 3)] = value or nil
+    end
+  end
+  return leases
+end
+
+local function by_expiry(a, b)
+  return a[1] < b[1] or (a[1] == b[1] and a[2] < b[2])
+end
+
+-- Scans the leases of state s: those lapsed by now belong to holders that died, and
+-- their slots and the holds of s's `windows` are freed (in the order they lapsed);
+-- the rest are counted again (a count that drifted is put right) and lmin set to
+-- their earliest expiry, exactly. Returns whether anything changed.
+local function scan_leases(s, windows, now)
+  local dead, live, earliest = {}, 0, nil
+  for id, expiry in pairs(leases_of(s)) do
+    if expiry <= now then
+      dead[#dead + 1] = {expiry, id}
+    else
+      live = live + 1
+      if not earliest or expiry < earliest then
+        earliest = expiry
+      end
+    end
+  end
+  local changed = #dead > 0 or live ~= lease_count(s)
+  if #dead > 0 then
+    table.sort(dead, by_expiry)
+    local names = {}
+    for _, w in ipairs(windows) do
+      if w.take ~= 0 then
+        for _, entry in ipairs(dead) do
+          names[#names + 1] = hold_field(w, entry[2])
+        end
+      end
+    end
+    read(s, names)
+    for _, w in ipairs(windows) do
+      if w.take ~= 0 then
+        for _, entry in ipairs(dead) do
+          unhold(w, entry[2])
+        end
+      end
+    end
+    for _, entry in ipairs(dead) do
+      drop(s, lease_field(entry[2]))
+    end
+  end
+  put(s, 'nl', live)
+  if earliest then
+    set_earliest(s, earliest)
+  end
+  return changed
+end
+
+-- Reclaims the leases of state s that lapsed (see scan_leases): scans them only once
+-- now has reached lmin, before which none can have. Returns whether anything changed.
+local function reclaim(s, windows, now)
+  if lease_count(s) == 0 or now < (num(s, 'lmin') or -math.huge) then
+    return false
+  end
+  return scan_leases(s, windows, now)
+end
+
+-- The earliest expiry of the leases of state s (nil: none): lmin, once the leases are
+-- scanned when it is only a bound.
+local function earliest_expiry(s, windows, now)
+  if lease_count(s) == 0 then
+    return nil
+  end
+  if num(s, 'lexact') ~= 1 or not num(s, 'lmin') then
+    scan_leases(s, windows, now)
+    if lease_count(s) == 0 then
+      return nil
+    end
+  end
+  return num(s, 'lmin')
 end
 
 -- Tenants ------------------------------------------------------------------------
 
--- The tenants a script serves, from its `keys` and `args` (KEYS, ARGV): KEYS[3],
--- KEYS[4] are the first one's state and leases, and so on; ARGV from `first` on holds
--- per tenant its key ttl (ms), its concurrency cap ("" for none), whether its calls
--- take a lease of its own (1 or 0) and its window specs. Each is read and brought to
--- now.
+-- The tenants a script serves, from its `keys` and `args` (KEYS, ARGV): KEYS[2] is the
+-- first one's state, and so on; ARGV from `first` on holds per tenant its key ttl
+-- (ms), its concurrency cap ("" for none), whether its calls take a lease of its own
+-- (1 or 0) and its window specs. Each is read and brought to now.
 local function parse_tenants(keys, args, first, now, wall)
   local tenants = {}
-  for i = 1, (#keys - 2) / 2 do
+  for i = 1, #keys - 1 do
     local at = first + (i - 1) * 4
-    local s = state(keys[1 + 2 * i], keys[2 + 2 * i])
+    local s = state(keys[1 + i])
     local t = {
       s = s,
       ttl_ms = tonumber(args[at]),

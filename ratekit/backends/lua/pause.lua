@@ -3,7 +3,7 @@
 -- pause already in force stands; an account out stays out while its pause lasts,
 -- however that pause is lengthened.
 --
--- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
+-- KEYS[1]      the account's state (see _window.lua)
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
 -- ARGV[3]      the pause (s)
@@ -11,7 +11,7 @@
 --              cooldown
 -- Returns the seconds the pause lasts from now.
 
-read(ACCOUNT, {'raw', 'off', 'ex', 'lex', 'nl', 'cool', 'out'})
+read(ACCOUNT, {'raw', 'off', 'ex', 'cool', 'out'})
 local now = clock(ARGV[1])
 local until_s = now + tonumber(ARGV[3])
 local known = num(ACCOUNT, 'cool') or 0

@@ -3,8 +3,8 @@
 -- long that one waits. One round trip for the head of a queue and the callers behind
 -- it.
 --
--- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
--- KEYS[3..]    only with tenants: each tenant's state and leases, two keys a tenant
+-- KEYS[1]      the account's state (see _window.lua)
+-- KEYS[2..]    only with tenants: each tenant's state
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms): how long an idle account's keys outlive their last write
 -- ARGV[3]      concurrency cap, or "" for none
@@ -16,7 +16,7 @@
 -- ARGV[7]      the demands, in the order they are served: "requests tokens cost", apart
 --              by "|"
 -- ARGV[8]      only with tenants: the tenant of each demand, apart by spaces: 0 for
---              none, i for the tenant of KEYS[1 + 2i]
+--              none, i for the tenant of KEYS[1 + i]
 -- ARGV[9..]    only with tenants: four per tenant (see parse_tenants)
 -- Returns {k, now, then for each of the k demands admitted the slice index per window
 --         (the account's n, then its tenant's), then, when k is less than the demands,
@@ -29,9 +29,11 @@
 --         account's, or its tenant's): a holder that died frees its slot and holds
 --         when that lease lapses.
 --
--- Commands, admitting one demand with a slot on 3 windows: TIME, HMGET, ZADD, HSET
--- (and an HMGET when a slice stops counting, PEXPIREs when the keys' ttl runs short);
--- a tenant adds its own HMGET, HSET (and ZADD when its calls take a lease).
+-- Commands, admitting one demand with a slot on 3 windows: TIME, HMGET, HSET (and an
+-- HMGET when a slice stops counting, a PEXPIRE when the key's ttl runs short); a
+-- tenant adds its own HMGET, HSET. A refusal adds an HSCAN of the leases when one may
+-- have lapsed, or when it waits for the earliest and that is not known (see
+-- _window.lua's reclaim and earliest_expiry).
 
 local key_ttl_ms = tonumber(ARGV[2])
 local cap = tonumber(ARGV[3])
@@ -51,7 +53,7 @@ local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 -- Both stay false without tenants (no tables made for nothing).
 local tenants, tenant_of = false, false
-if #KEYS > 2 then
+if #KEYS > 1 then
   tenants, tenant_of = parse_tenants(KEYS, ARGV, 9, now, wall), {}
   for index in string.gmatch(ARGV[8], '%S+') do
     tenant_of[#tenant_of + 1] = tenants[tonumber(index)] or false
@@ -59,13 +61,13 @@ if #KEYS > 2 then
 end
 
 -- A refusal: records that a caller waits (so releases are announced) and bounds a
--- wait for a release by the oldest lease of state s; appended to what was admitted
--- before it.
-local function refuse(reply, wait, dimension, s)
+-- wait for a release by the oldest lease of state s (whose windows are `list`);
+-- appended to what was admitted before it.
+local function refuse(reply, wait, dimension, s, list)
   if wait == math.huge then
-    local oldest = redis.call('ZRANGE', s.leases, 0, 0, 'WITHSCORES')
-    if oldest[2] then
-      wait = tonumber(oldest[2]) - now
+    local oldest = earliest_expiry(s, list, now)
+    if oldest then
+      wait = oldest - now
     end
   end
   local until_s = now + math.min(wait, lease_ttl_s)
@@ -157,13 +159,13 @@ for j = 1, #demands do
   if t then
     local wait, dimension = check_tenant(t, demand)
     if dimension ~= -1 then
-      return answer(refuse(reply, wait, dimension, t.s))
+      return answer(refuse(reply, wait, dimension, t.s, t.windows))
     end
   end
   if paused_until then
     -- "out": the pause is an account taken out, not a cooldown (see pause.lua).
     local paused = num(ACCOUNT, 'out') == 1 and 'out' or -1
-    return answer(refuse(reply, paused_until - now, paused, ACCOUNT))
+    return answer(refuse(reply, paused_until - now, paused, ACCOUNT, windows))
   end
   local wait, dimension = check(demand, cap, in_flight, windows)
   if dimension ~= -1 and not reclaimed then
@@ -177,19 +179,19 @@ for j = 1, #demands do
     end
   end
   if dimension ~= -1 then
-    return answer(refuse(reply, wait, dimension, ACCOUNT))
+    return answer(refuse(reply, wait, dimension, ACCOUNT, windows))
   end
   local lease_id = lease_ids[j]
   local expiry = now + lease_ttl_s
   take(demand, windows, lease_id, reply)
   if lease_id ~= '-' then
-    take_lease(ACCOUNT, lease_id, expiry, now, key_ttl_ms)
+    take_lease(ACCOUNT, lease_id, expiry)
     in_flight = in_flight + 1
   end
   if t then
     take(demand, t.windows, lease_id, reply)
     if t.slot then
-      take_lease(t.s, lease_id, expiry, now, t.ttl_ms)
+      take_lease(t.s, lease_id, expiry)
       t.in_flight = t.in_flight + 1
     end
   end

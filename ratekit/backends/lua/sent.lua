@@ -3,8 +3,8 @@
 -- tenant's own windows too, if it has one). One round trip, sent only when the
 -- request left in a later slice than it was admitted in.
 --
--- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
--- KEYS[3]      only with a tenant: the tenant's state, KEYS[4] its leases
+-- KEYS[1]      the account's state (see _window.lua)
+-- KEYS[2]      only with a tenant: the tenant's state
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
 -- ARGV[3]      lease id ("-": the admission took none)
@@ -26,7 +26,7 @@ local reserved = parse_amounts(ARGV[5])
 local result = {}
 local indexes = parse_amounts(ARGV[6])
 local tenant_indexes = {}
-if #KEYS > 2 then
+if #KEYS > 1 then
   tenant_indexes = parse_amounts(ARGV[12])
 end
 for _, list in ipairs({indexes, tenant_indexes}) do
@@ -34,10 +34,16 @@ for _, list in ipairs({indexes, tenant_indexes}) do
     result[#result + 1] = fmt(index)
   end
 end
-if ARGV[3] ~= '-' and not redis.call('ZSCORE', ACCOUNT.leases, ARGV[3]) then
+-- A list of this call's own (base_fields' is shared): the lease is read with them.
+local base, at = base_fields(windows)
+local fields = {unpack(base)}
+if ARGV[3] ~= '-' then
+  fields[#fields + 1] = lease_field(ARGV[3])
+end
+read(ACCOUNT, fields, at)
+if ARGV[3] ~= '-' and not known(ACCOUNT, lease_field(ARGV[3])) then
   return result
 end
-read(ACCOUNT, base_fields(windows))
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 local sent_at = math.min(tonumber(ARGV[7]) or now, now)
@@ -63,7 +69,7 @@ end
 
 move(windows, indexes, 0)
 finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
-if #KEYS > 2 then
+if #KEYS > 1 then
   local t = parse_tenants(KEYS, ARGV, 8, now, wall)[1]
   move(t.windows, tenant_indexes, #windows)
   finish(t.s, now, t.ttl_ms, ARGV[1])

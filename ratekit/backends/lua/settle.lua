@@ -2,8 +2,8 @@
 -- free its lease and announce the release; the same on its tenant's own windows, if
 -- it has one. One round trip for the settles of one account posted together.
 --
--- KEYS[1]      the account's state, KEYS[2] its leases (see _window.lua)
--- KEYS[3]      only with a tenant: the tenant's state, KEYS[4] its leases
+-- KEYS[1]      the account's state (see _window.lua)
+-- KEYS[2]      only with a tenant: the tenant's state
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
 -- ARGV[2]      key ttl (ms)
 -- ARGV[3]      lease id ("-": the admission took none; only a refund is sent then)
@@ -23,6 +23,10 @@
 -- hold one value per admission, apart by "|".
 -- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed);
 -- for several admissions, a list of those.
+--
+-- Commands, settling one admission on 3 windows: TIME, HMGET (the leases and holds
+-- with the rest), HSET, HDEL (the lease and its holds), and a PUBLISH while some
+-- caller waits; a tenant adds its own HMGET, HSET, HDEL.
 
 -- `packed`'s fields apart by "|", empty ones kept.
 local function split(packed)
@@ -42,11 +46,13 @@ local uses = many and split(ARGV[8]) or {ARGV[8]}
 local slices = many and split(ARGV[9]) or {ARGV[9]}
 local counts = many and split(ARGV[10]) or {ARGV[10]}
 local windows = parse_specs(ARGV[6], ACCOUNT)
--- A list of this call's own (base_fields' is shared): the holds are read with them.
+-- A list of this call's own (base_fields' is shared): the leases and holds are read
+-- with them.
 local base, at = base_fields(windows, 'wait')
 local fields = {unpack(base)}
 for _, id in ipairs(lease_ids) do
   if id ~= '-' then
+    fields[#fields + 1] = lease_field(id)
     for _, w in ipairs(windows) do
       if w.take ~= 0 then
         fields[#fields + 1] = hold_field(w, id)
@@ -61,16 +67,17 @@ prepare_all(ACCOUNT, windows, now, wall)
 -- The admission being settled (set for each in turn).
 local lease_id, refunding, reserved, used, counted
 
+-- Ends the lease of the admission on state s: 1 if it was there, else 0.
 local function free(s)
   if lease_id == '-' then
     return 1
   end
-  local count = lease_count(s)
-  local live = redis.call('ZREM', s.leases, lease_id)
-  if live == 1 then
-    put(s, 'nl', math.max(count - 1, 0))
+  local expiry = num(s, lease_field(lease_id))
+  if not expiry then
+    return 0
   end
-  return live
+  end_lease(s, lease_id, expiry)
+  return 1
 end
 
 -- Settles (or refunds) the admission on `list`'s windows, whose slice indexes are
@@ -125,11 +132,11 @@ for k = 1, #lease_ids do
 end
 finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
 local notice = table.concat(lease_ids, ' ')
-if #KEYS > 2 then
+if #KEYS > 1 then
   local live = lives[1]
   local t = parse_tenants(KEYS, ARGV, 11, now, wall)[1]
   if lease_id ~= '-' then
-    local holds = {}
+    local holds = {t.slot and lease_field(lease_id) or nil}
     for _, w in ipairs(t.windows) do
       if w.take ~= 0 then
         holds[#holds + 1] = hold_field(w, lease_id)

@@ -1952,3 +1952,43 @@ async def test_a_task_calling_in_a_loop_runs_one_script_per_call(fresh_server: R
         await backend.aclose()
         await client.aclose()
         await harness.aclose()
+
+
+async def test_a_lapsed_lease_is_reclaimed_by_a_refusal_and_no_renewal_brings_it_back() -> None:
+    """A holder that stopped renewing (its process hung or died): once its lease lapsed,
+    the first admission its slot or hold would refuse reclaims both and is admitted; a
+    renewal of that lease afterwards does not make it again, and its settle frees
+    nothing that others hold."""
+    client = fakeredis.FakeAsyncRedis()
+    clock = FakeClock()
+    backend = RedisBackend(client, namespace=namespace(), server_time=False, lease_ttl_s=10)
+    limits = Limits(concurrency=1, tpm=1000, token_counting=TokenCounting.SAFE)
+    state = f"{backend.key_prefix()}:state"
+    stopped = await backend.reserve(limits, Demand(1, 600, 0), at(clock))
+    assert isinstance(stopped, RedisGrant)
+    clock.advance(9)
+    early = await backend.reserve(limits, Demand(1, 600, 0), at(clock))
+    assert isinstance(early, Refusal)
+    assert early.dimension == "concurrency"
+    assert early.wait_s == pytest.approx(1.0)  # until the lease lapses
+    clock.advance(2)
+    taken = await backend.reserve(limits, Demand(1, 600, 0), at(clock))
+    assert isinstance(taken, RedisGrant)  # the slot and the 600 tokens held came back
+    assert f"l|{stopped.lease_id}".encode() not in await client.hkeys(state)
+
+    clock.advance(1)
+    assert (await statistics(backend, limits, at(clock)))["concurrency"].used == 1
+    assert await backend._renew()  # both grants are still held: both are renewed
+    lease = await client.hget(state, f"l|{taken.lease_id}")
+    assert lease is not None
+    assert float(lease) == pytest.approx(clock.now() + 10)
+    assert f"l|{stopped.lease_id}".encode() not in await client.hkeys(state)
+    assert isinstance(await backend.reserve(limits, ONE, at(clock)), Refusal)
+
+    await backend.settle(limits, stopped, None, at(clock))
+    used = await statistics(backend, limits, at(clock))
+    assert used["concurrency"].used == 1
+    assert used["tpm"].in_flight == 600
+    await backend.settle(limits, taken, None, at(clock))
+    assert (await statistics(backend, limits, at(clock)))["concurrency"].used == 0
+    await backend.aclose()

@@ -14,11 +14,11 @@ import pytest
 import redis.asyncio as redis
 
 from ratekit import Limits
-from ratekit.backends import Demand
+from ratekit.backends import Demand, Refusal
 from ratekit.backends import redis as redis_backend_module
 from ratekit.backends._scripts import LIBRARY
 from ratekit.backends.redis import RedisBackend, RedisGrant
-from ratekit.clock import Instant
+from ratekit.clock import FakeClock, Instant
 
 from .redis_server import NO_FUNCTIONS, RedisServer, require_redis_server
 
@@ -52,6 +52,10 @@ async def probe(fresh_server: RedisServer) -> AsyncIterator[redis.Redis]:
 
 def now() -> Instant:
     return Instant(time.monotonic(), time.time())
+
+
+def at(clock: FakeClock) -> Instant:
+    return Instant(clock.now(), clock.wall())
 
 
 def backend_on(url: str) -> RedisBackend:
@@ -218,4 +222,84 @@ async def test_a_settle_and_the_next_reserve_run_as_one_step_also_after_a_flush(
     assert await in_use(backend) == {"concurrency": 0, "rpm": 4}
     assert len(steps) == 3
     await probe.aclose()
+
+
+# Four dimensions, none of them near its limit.
+FOUR = Limits(concurrency=10, rpm=1000, tpm=10**6, tpd=10**7)
+
+
+async def ran_since(probe: redis.Redis, before: dict[str, int]) -> dict[str, int]:
+    """The commands the server ran since `before` (see `calls`), the probe's own left out."""
+    after = await calls(probe)
+    ran = {name: count - before.get(name, 0) for name, count in after.items()}
+    return {name: count for name, count in ran.items() if count and name != "info"}
+
+
+async def test_an_admission_of_four_dimensions_runs_four_commands_and_its_settle_five(
+    fresh_server: RedisServer, probe: redis.Redis
+) -> None:
+    """Once the account exists, a reserve of four dimensions with a slot runs FCALL, TIME,
+    HMGET and HSET on the server (its lease is a field of the state: no key of its own to
+    write or to keep alive), and its settle FCALL, TIME, HMGET, HSET and HDEL."""
+    backend = backend_on(fresh_server.url)
+    demand, used = Demand(1, 100, 0), Demand(1, 80, 0)
+    for _ in range(3):
+        grant = await backend.reserve(FOUR, demand, now())
+        assert isinstance(grant, RedisGrant)
+        await backend.settle(FOUR, grant, used, now())
+    await backend.drain()
+    for _ in range(3):
+        before = await calls(probe)
+        grant = await backend.reserve(FOUR, demand, now())
+        assert isinstance(grant, RedisGrant)
+        assert await ran_since(probe, before) == {"fcall": 1, "time": 1, "hmget": 1, "hset": 1}
+        before = await calls(probe)
+        await backend.settle(FOUR, grant, used, now())
+        await backend.drain()
+        settled = {"fcall": 1, "time": 1, "hmget": 1, "hset": 1, "hdel": 1}
+        assert await ran_since(probe, before) == settled
+    await backend.aclose()
+
+
+async def test_a_refusal_scans_the_leases_only_when_one_may_have_lapsed(
+    fresh_server: RedisServer, probe: redis.Redis
+) -> None:
+    """Refusals while no lease can have lapsed read no lease: their wait for a release
+    is the earliest expiry, kept in the state. One renewed leaves that a bound below the
+    earliest, and the next such refusal scans the leases once; so does the first refusal
+    after the earliest lease lapsed, which reclaims it."""
+    clock = FakeClock()
+    backend = RedisBackend(
+        fresh_server.url, namespace=uuid.uuid4().hex, server_time=False, lease_ttl_s=10
+    )
+    limits = Limits(concurrency=1)
+
+    async def refused(expected_wait_s: float, scans: int) -> None:
+        before = await calls(probe)
+        refusal = await backend.reserve(limits, ONE, at(clock))
+        assert isinstance(refusal, Refusal)
+        assert refusal.dimension == "concurrency"
+        assert refusal.wait_s == pytest.approx(expected_wait_s)
+        ran = await ran_since(probe, before)
+        assert ran.get("hscan", 0) == scans, ran
+        # The clock given: no TIME; the key's ttl set by every call (see finish).
+        assert set(ran) <= {"fcall", "hmget", "hset", "pexpire", "hscan"}, ran
+
+    held = await backend.reserve(limits, ONE, at(clock))
+    assert isinstance(held, RedisGrant)
+    clock.advance(1)
+    await refused(9, scans=0)
+    clock.advance(4)
+    await refused(5, scans=0)
+    assert await backend._renew()  # at 5 s, the backend's last instant: until 15 s
+    clock.advance(2)
+    await refused(8, scans=1)
+    clock.advance(1)
+    await refused(7, scans=0)
+    clock.advance(9)  # past 15 s: the holder stopped renewing
+    before = await calls(probe)
+    again = await backend.reserve(limits, ONE, at(clock))
+    assert isinstance(again, RedisGrant)
+    assert (await ran_since(probe, before)).get("hscan", 0) == 1
+    await backend.settle(limits, again, ONE, at(clock))
     await backend.aclose()

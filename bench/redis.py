@@ -1094,7 +1094,7 @@ def report(
         print(
             "ratekit's windows are spread over one minute on a fake clock (every slice live);"
             " limits' and pyrate's per-admission structures are projected linearly;"
-            " ratekit's leases set exists only while calls are in flight."
+            " ratekit's leases are fields of its hash while their calls are in flight."
         )
     print()
     lines = verdicts(results)

@@ -1,6 +1,6 @@
--- renew: extend the leases of calls still in flight, and keep the account's keys
--- alive while they are (and those of the tenants they belong to). Run by each holder
--- every third of the lease ttl.
+-- renew: extend the leases of calls still in flight, and keep the account's key alive
+-- while they are (and those of the tenants they belong to). Run by each holder every
+-- third of the lease ttl.
 --
 -- KEYS[1]      the account's state (see _window.lua)
 -- KEYS[2..]    only with tenants: each tenant's state

@@ -6,7 +6,7 @@
 -- KEYS[1]      the account's state (see _window.lua)
 -- KEYS[2..]    only with tenants: each tenant's state
 -- ARGV[1]      "<now> <wall>" (s), or "" for the server's TIME
--- ARGV[2]      key ttl (ms): how long an idle account's keys outlive their last write
+-- ARGV[2]      key ttl (ms): how long an idle account's key outlives its last write
 -- ARGV[3]      concurrency cap, or "" for none
 -- ARGV[4]      the lease id of each demand, apart by spaces; "-" for a demand that
 --              takes no lease (no slot, nothing held, nothing to settle, on the

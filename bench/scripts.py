@@ -9,8 +9,9 @@ One admission of each of bench.redis's two shapes is recorded from a real
 RedisBackend (a 1-dimension reserve; a 4-dimension reserve and its settle), then
 replayed as FCALLs, with no Python layer, against each version's function library,
 both loaded on one redis-server this tool starts. Each version runs on keys of its
-own; the versions take turns within a round, in an order that alternates, so that
-they share the machine's noise. A call's time is the server's own: INFO
+own, laid out as that version lays out an account's keys (its `_account_keys`; the
+arguments are the same); the versions take turns within a round, in an order that
+alternates, so that they share the machine's noise. A call's time is the server's own: INFO
 commandstats' time in FCALL over each run of calls.
 
 Printed per version and call: the fewest, median and most µs per call over the
@@ -20,12 +21,13 @@ rounds.
 from __future__ import annotations
 
 import argparse
+import ast
 import asyncio
 import statistics
 import subprocess
 import sys
 import types
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from bench._common import positive_int
@@ -51,35 +53,61 @@ def _library(read: Callable[[str], str], scripts_source: str) -> tuple[str, str]
     return library.text, library.name
 
 
-def _version(revision: str) -> tuple[str, str]:
-    """The library of git `revision`, or of the working tree for "."."""
-    if revision == ".":
-        with open("ratekit/backends/_scripts.py", encoding="utf-8") as file:
-            source = file.read()
+# An account's keys under its prefix, as one version lays them out.
+AccountKeys = Callable[[str], Sequence[str]]
 
-        def read(name: str) -> str:
-            with open(f"ratekit/backends/lua/{name}", encoding="utf-8") as file:
+
+def _account_keys(redis_source: str) -> AccountKeys:
+    """`_account_keys` of `redis_source` (a version of ratekit/backends/redis.py), taken
+    alone: a pure function of the account's prefix."""
+    tree = ast.parse(redis_source)
+    (function,) = [
+        node
+        for node in tree.body
+        if isinstance(node, ast.FunctionDef) and node.name == "_account_keys"
+    ]
+    namespace: dict[str, Any] = {}
+    exec(compile(ast.Module([function], []), "redis.py", "exec"), namespace)
+    keys: AccountKeys = namespace["_account_keys"]
+    return keys
+
+
+def _version(revision: str) -> tuple[str, str, AccountKeys]:
+    """The library of git `revision`, or of the working tree for ".", its name and how
+    it lays out an account's keys."""
+    if revision == ".":
+
+        def show(path: str) -> str:
+            with open(path, encoding="utf-8") as file:
                 return file.read()
 
-        return _library(read, source)
+    else:
 
-    def show(path: str) -> str:
-        return subprocess.run(
-            ["git", "show", f"{revision}:{path}"], check=True, capture_output=True, text=True
-        ).stdout
+        def show(path: str) -> str:
+            return subprocess.run(
+                ["git", "show", f"{revision}:{path}"], check=True, capture_output=True, text=True
+            ).stdout
 
-    return _library(
+    text, prefix = _library(
         lambda name: show(f"ratekit/backends/lua/{name}"), show("ratekit/backends/_scripts.py")
     )
+    return text, prefix, _account_keys(show("ratekit/backends/redis.py"))
 
 
-def _retarget(call: tuple[Any, ...], prefix: str, namespace: str) -> list[Any]:
+def _retarget(
+    call: tuple[Any, ...], prefix: str, namespace: str, account_keys: AccountKeys
+) -> list[Any]:
     """A recorded call (function, numkeys, *keys, *args) made to run `prefix`'s function
-    on keys (and channel) of `namespace`."""
+    on the account keys (`account_keys`) and channel of `namespace`."""
     function = prefix + str(call[0])[str(call[0]).rindex("_") :]
+    count = int(call[1])
     old = str(call[2]).split("}")[0] + "}"
     new = f"ratekit:{{{namespace}}}"
-    return [function, *(str(part).replace(old, new) for part in call[1:])]
+    # The account's prefix: its first key (its state) up to the last ":".
+    account = str(call[2]).rsplit(":", 1)[0].replace(old, new)
+    keys = list(account_keys(account))
+    args = [str(part).replace(old, new) for part in call[2 + count :]]
+    return [function, str(len(keys)), *keys, *args]
 
 
 def _replace(call: list[Any], position: int, value: str) -> list[Any]:
@@ -140,13 +168,13 @@ def main(argv: list[str] | None = None) -> None:
         assert settle_four is not None
         client = redis.Redis.from_url(server.url)
         replays = []
-        for number, (text, prefix) in enumerate(libraries):
+        for number, (text, prefix, account_keys) in enumerate(libraries):
             client.execute_command("FUNCTION", "LOAD", "REPLACE", text)
             replays.append(
                 (
-                    _retarget(reserve_one, prefix, f"v{number}-one"),
-                    _retarget(reserve_four, prefix, f"v{number}-four"),
-                    _retarget(settle_four, prefix, f"v{number}-four"),
+                    _retarget(reserve_one, prefix, f"v{number}-one", account_keys),
+                    _retarget(reserve_four, prefix, f"v{number}-four", account_keys),
+                    _retarget(settle_four, prefix, f"v{number}-four", account_keys),
                 )
             )
         order = [0, 1]

@@ -3,9 +3,10 @@
 -- at the same instant (neither with a tenant), for a call's worth of commands. The
 -- state is read once (the reserves read only what the settles did not), the clock
 -- once, and written once: the settles' finish is held back for the reserves' to
--- write both.
+-- write both. Commands, a settle and a reserve of 4 dimensions: TIME, HMGET, HSET,
+-- HDEL.
 --
--- KEYS           the account's keys, as both scripts take them
+-- KEYS[1]        the account's state, as both scripts take it (see _window.lua)
 -- ARGV[1]        n: how many of the arguments after it are the settles'
 -- ARGV[2..n+1]   the settles' arguments (see settle.lua)
 -- ARGV[n+2..]    the reserves' arguments (see reserve.lua), with the same clock

@@ -785,8 +785,9 @@ class _Step:
 
 def _steps(batch: list[_Sendable]) -> Sequence[_Wire]:
     """`batch` as sent: each account's settles and the first of its reserves taken with
-    them made one `_Step`, in the place of the later of the two (the settles may go
-    later within one write: the server runs the write's commands one after another)."""
+    them made one `_Step`, in the reserves' place: the reserves keep their order among
+    the account's other reserves (none queued after them runs first), and the settles
+    go later or sooner within one write, as they may (`_Settles`)."""
     settles: dict[tuple[str, ...], tuple[int, _Settles]] = {}
     for i, command in enumerate(batch):
         if isinstance(command, _Settles):
@@ -799,8 +800,8 @@ def _steps(batch: list[_Sendable]) -> Sequence[_Wire]:
             continue
         for key, (j, ends) in settles.items():
             if _Step.joins(ends, command):
-                sent[max(i, j)] = _Step(ends, command)
-                sent[min(i, j)] = None
+                sent[j] = None
+                sent[i] = _Step(ends, command)
                 del settles[key]
                 break
         if not settles:

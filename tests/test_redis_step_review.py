@@ -1,0 +1,49 @@
+"""Review probes of the settle+reserve step (step.lua, `_steps`)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+
+import pytest
+
+from ratekit import Limits
+from ratekit.backends import Demand, Refusal
+from ratekit.backends.redis import _BATCH, RedisBackend, RedisGrant
+from ratekit.clock import Instant
+
+from .redis_server import RedisServer
+
+pytestmark = pytest.mark.anyio
+ONE = Demand(1, 0, 0)
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+def now() -> Instant:
+    return Instant(time.monotonic(), time.time())
+
+
+async def test_a_reserve_joined_with_a_later_settle_keeps_its_place_among_reserves(
+    redis_server: RedisServer,
+) -> None:
+    """Reserves queued before a settle of their account keep their order: a caller that
+    came later is not admitted while one that came before it is refused."""
+    backend = RedisBackend(redis_server.url, namespace=uuid.uuid4().hex)
+    limits = Limits(concurrency=_BATCH + 1)
+    held = [await backend.reserve(limits, ONE, now()) for _ in range(2)]
+    assert all(isinstance(grant, RedisGrant) for grant in held)
+    at = now()
+    # A burst: the first _BATCH callers share one reserve run, the last one another;
+    # then a settle of the account is posted; one sender takes all three.
+    burst = [backend.reserve(limits, ONE, at) for _ in range(_BATCH + 1)]
+    results = await asyncio.gather(*burst, backend.settle(limits, held[0], ONE, at))
+    outcomes = results[:-1]
+    admitted = [isinstance(outcome, RedisGrant) for outcome in outcomes]
+    first_refused = admitted.index(False)
+    assert not any(admitted[first_refused:]), (first_refused, admitted[first_refused:])
+    await backend.aclose()

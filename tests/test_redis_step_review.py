@@ -47,3 +47,41 @@ async def test_a_reserve_joined_with_a_later_settle_keeps_its_place_among_reserv
     first_refused = admitted.index(False)
     assert not any(admitted[first_refused:]), (first_refused, admitted[first_refused:])
     await backend.aclose()
+
+
+async def test_a_reserve_caller_that_left_during_a_step_hands_its_grant_back(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from ratekit.backends import redis as module
+
+    backend = RedisBackend(redis_server.url, namespace=uuid.uuid4().hex)
+    limits = Limits(concurrency=1, rpm=100)
+    grant = await backend.reserve(limits, ONE, now())
+    assert isinstance(grant, RedisGrant)
+    real = module._exchange
+    written = asyncio.Event()
+    steps = []
+
+    async def exchange(connection, commands):  # type: ignore[no-untyped-def]
+        steps.extend(c for c in commands if "step" in " ".join(map(str, c)))
+        task = asyncio.ensure_future(real(connection, commands))
+        await asyncio.sleep(0.05)
+        written.set()
+        return await task
+
+    monkeypatch.setattr(module, "_exchange", exchange)
+    caller = asyncio.ensure_future(backend.reserve(limits, ONE, now()))
+    await backend.settle(limits, grant, ONE, now())  # one sender takes both
+    await written.wait()
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    monkeypatch.setattr(module, "_exchange", real)
+    assert steps
+    await asyncio.sleep(0.1)
+    await backend.drain()
+    stats = {d.name: d.used for d in await backend.statistics(limits, now())}
+    assert stats["concurrency"] == 0, stats
+    again = await backend.reserve(limits, ONE, now())
+    assert isinstance(again, RedisGrant)
+    await backend.aclose()

@@ -1,4 +1,5 @@
-"""Review probes of the settle+reserve step (step.lua, `_steps`)."""
+"""The settles and reserves of one account sent as one step (step.lua, `_steps`): order
+and cancellation."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import uuid
 import pytest
 
 from ratekit import Limits
-from ratekit.backends import Demand, Refusal
+from ratekit.backends import Demand
 from ratekit.backends.redis import _BATCH, RedisBackend, RedisGrant
 from ratekit.clock import Instant
 

@@ -105,3 +105,20 @@ async def make_backend(request: pytest.FixtureRequest) -> AsyncIterator[BackendF
         await backend.aclose()
     for client in clients:
         await client.aclose()
+
+
+@pytest.fixture
+def steps(monkeypatch: pytest.MonkeyPatch) -> list[Any]:
+    """The steps (a settle and a reserve of one account sent as one script, `_Step`)
+    that the Redis backends of a test build, in order."""
+    from ratekit.backends import redis as redis_backend
+
+    made: list[Any] = []
+
+    class Counted(redis_backend._Step):
+        def __init__(self, *args: Any) -> None:
+            super().__init__(*args)
+            made.append(self)
+
+    monkeypatch.setattr(redis_backend, "_Step", Counted)
+    return made

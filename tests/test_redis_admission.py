@@ -1852,21 +1852,13 @@ def _stored(fields: dict[bytes, bytes], leases: dict[str, int]) -> dict[str, str
 @pytest.mark.parametrize("counting", list(TokenCounting))
 @pytest.mark.parametrize("seed", range(3))
 async def test_settles_sent_with_the_next_reserves_as_one_step_end_as_if_sent_alone(
-    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch, counting: TokenCounting, seed: int
+    redis_server: RedisServer, steps: list[Any], counting: TokenCounting, seed: int
 ) -> None:
     """A random run of admissions and their ends (refunds, tokens below and above the
     estimate, tokens the provider counted) on two accounts at the same instants: on one
     each end goes out with the next reserves, as one step (step.lua); on the other it is
     answered before they are sent. Every reply, and each account's stored state after
     every operation, are the same."""
-    steps: list[Any] = []
-
-    class Step(redis_backend_module._Step):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            steps.append(self)
-
-    monkeypatch.setattr(redis_backend_module, "_Step", Step)
     rng = random.Random(seed)
     limits = Limits(concurrency=4, rpm=30, tpm=3000, tpd=20000, token_counting=counting)
     client = Redis.from_url(redis_server.url)

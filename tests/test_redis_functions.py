@@ -15,7 +15,6 @@ import redis.asyncio as redis
 
 from ratekit import Limits
 from ratekit.backends import Demand, Refusal
-from ratekit.backends import redis as redis_backend_module
 from ratekit.backends._scripts import LIBRARY
 from ratekit.backends.redis import RedisBackend, RedisGrant
 from ratekit.clock import FakeClock, Instant
@@ -195,19 +194,11 @@ async def test_a_server_without_functions_runs_the_scripts_by_evalsha(
 
 @pytest.mark.parametrize("functions", [True, False])
 async def test_a_settle_and_the_next_reserve_run_as_one_step_also_after_a_flush(
-    request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch, functions: bool
+    request: pytest.FixtureRequest, steps: list[Any], functions: bool
 ) -> None:
     """Each settle goes out with the next reserve as one step (step.lua), as a function
     or, on a server without functions, by EVALSHA; a flush just before one of them
     (the function or the script gone) has it loaded again and sent again, once."""
-    steps: list[Any] = []
-
-    class Step(redis_backend_module._Step):
-        def __init__(self, *args: Any) -> None:
-            super().__init__(*args)
-            steps.append(self)
-
-    monkeypatch.setattr(redis_backend_module, "_Step", Step)
     server: RedisServer = request.getfixturevalue("fresh_server" if functions else "bare_server")
     backend = backend_on(server.url)
     probe = redis.Redis.from_url(server.url, decode_responses=True)

@@ -1679,7 +1679,7 @@ async def test_a_child_counts_apart_and_shares_the_connections() -> None:
     child = backend.child("model-a")
     assert isinstance(child, RedisBackend)
     assert child._link is backend._link
-    assert child.key_prefix() == "ratekit:{parent.model-a}"
+    assert child.key_prefix() == "ratekit:{parent.model-a}:v2"
     limits = Limits(rpm=1)
     assert isinstance(await child.reserve(limits, ONE, now()), RedisGrant)
     assert isinstance(await child.reserve(limits, ONE, now()), Refusal)
@@ -1745,7 +1745,8 @@ async def test_an_admission_of_requests_alone_takes_no_lease_and_sends_no_settle
     wire = backend._link._wire  # what goes out for each command sent
 
     def counting(command: Any) -> tuple[Any, ...]:
-        sent.append(command.args)
+        if command.args[0] != "EXISTS":  # the first call's look for an earlier layout
+            sent.append(command.args)
         return wire(command)
 
     backend._link._wire = counting  # type: ignore[method-assign]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import logging
 import math
 import time
 
@@ -272,6 +273,47 @@ async def test_pause_outlasts_a_renewal() -> None:
     refusal = await backend.reserve(limits, ONE, at(clock))
     assert refusal == Refusal(30.0, "cooldown")
     await backend.settle(limits, grant, ONE, at(clock))
+    await backend.aclose()
+
+
+async def test_an_earlier_versions_state_is_left_alone_and_warned_of(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Keys are named with their layout: the state an earlier ratekit version keeps under
+    the namespace (a pod of it still running, its slots full) is neither read nor
+    written, and the first call warns that the two versions do not share their counts."""
+    server = fakeredis.FakeServer()
+    backend = make(server, server_time=False)
+    client = backend.client
+    legacy = "ratekit:{acct-42}:state"
+    kept = {b"nl": b"2", b"l|old:1": b"1e18", b"l|old:2": b"1e18", b"c": b"5"}
+    await client.hset(legacy, mapping=kept)
+    clock = FakeClock(BASE_S)
+    limits = Limits(concurrency=2, rpm=100)
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        grant = await backend.reserve(limits, ONE, at(clock))
+        assert isinstance(grant, RedisGrant)
+        await backend.settle(limits, grant, ONE, at(clock))
+        await backend.drain()
+    assert await client.hgetall(legacy) == kept
+    assert backend.key_prefix() == "ratekit:{acct-42}:v2"
+    assert await client.exists("ratekit:{acct-42}:v2:state") == 1
+    warned = [r.getMessage() for r in caplog.records if "earlier ratekit" in r.getMessage()]
+    assert len(warned) == 1
+    assert "'ratekit:{acct-42}:state'" in warned[0]
+    assert "namespace 'acct-42'" in warned[0]
+    await backend.aclose()
+
+
+async def test_no_earlier_version_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A namespace only this version uses draws no warning about earlier ones."""
+    backend = make(server_time=False)
+    clock = FakeClock(BASE_S)
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        grant = await backend.reserve(Limits(concurrency=2, rpm=100), ONE, at(clock))
+        await backend.settle(Limits(concurrency=2, rpm=100), grant, ONE, at(clock))
+        await backend.drain()
+    assert not caplog.records
     await backend.aclose()
 
 

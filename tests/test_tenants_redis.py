@@ -673,7 +673,8 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
     wire = backend._link._wire  # what goes out for each command sent
 
     def spy(command: Any) -> tuple[Any, ...]:
-        sent.append(command.args)
+        if command.args[0] != "EXISTS":  # the first call's look for an earlier layout
+            sent.append(command.args)
         return wire(command)
 
     backend._link._wire = spy  # type: ignore[method-assign]
@@ -682,14 +683,15 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
             pass
         await backend.drain()  # the settle is posted, not awaited
         assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("1", 7), ("1", 10)]
+        prefix = backend.key_prefix()
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
-        assert keys == {f"ratekit:{{{namespace}}}:state"}
+        assert keys == {f"{prefix}:state"}
         async with limiter.acquire(tokens=100, tenant="acme"):
             pass
         await backend.drain()
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
-        tenant_key = f"ratekit:{{{namespace}}}:ts:acme"
-        assert keys == {f"ratekit:{{{namespace}}}:state", tenant_key}
+        tenant_key = f"{prefix}:ts:acme"
+        assert keys == {f"{prefix}:state", tenant_key}
         assert await client.memory_usage(tenant_key) <= 512
         # The tenant's longest window, a minute, and two leases: then it is gone.
         assert 60_000 < await client.pttl(tenant_key) <= (60 + 1 + 10) * 1125

@@ -12,11 +12,14 @@ and a field per lease of a call in flight). Each script reads the fields it need
 in one HMGET and writes in one HSET and one HDEL, so its commands do not grow with
 traffic: a 4-dimension admission runs FCALL, TIME, HMGET and HSET on the server,
 its settle FCALL, TIME, HMGET, HSET and HDEL, the two as one step FCALL, TIME,
-HMGET, HSET and HDEL. The key expires by itself once the account is idle.
+HMGET, HSET and HDEL. The key expires by itself once the account is idle. Key
+names carry the layout's version (`LAYOUT`): pods of versions that lay keys out
+differently never touch each other's counts.
 
 A tenant with limits of its own (`ratekit.Tenants`) is one more key of the same
-shape under the account's hash tag (``<prefix>:{<namespace>}:ts:<tenant>``), taken
-and ended in the same EVALSHA as the account's; it expires once the tenant is idle.
+shape under the account's hash tag (``<prefix>:{<namespace>}:v<LAYOUT>:ts:<tenant>``),
+taken and ended in the same EVALSHA as the account's; it expires once the tenant is
+idle.
 A call without a tenant sends none of it.
 
 Time is the Redis server's ``TIME``, read inside each script, so every pod uses
@@ -273,6 +276,19 @@ def _tenant_window_id(rate: Rate) -> str:
     """`_window_id` made short, for a tenant's state: many tenants, few bytes each."""
     zone = f"/{rate.calendar_tz}" if rate.calendar_tz else ""
     return f"{_UNIT_LETTER[rate.unit]}{rate.period_s!r}/{rate.slices}{zone}"
+
+
+# The version of an account's key layout, part of every key's name, so that pods of two
+# ratekit versions whose layouts differ never read or write each other's keys (one
+# would miscount what the other wrote: slots in flight, tokens held). 1 kept leases
+# in a sorted set of their own, 2 keeps them as fields of the state hash; neither
+# named its keys with it (`_legacy_state_key`).
+LAYOUT = 2
+
+
+def _legacy_state_key(root: str, namespace: str) -> str:
+    """The state key of layouts 1 and 2 before keys were named with their layout."""
+    return f"{root}:{{{namespace}}}:state"
 
 
 def _account_keys(prefix: str) -> list[str]:
@@ -1881,7 +1897,7 @@ class RedisBackend:
         self._link = link
         self.namespace = namespace
         self._prefix_root = prefix
-        self._prefix = f"{prefix}:{{{namespace}}}"
+        self._prefix = f"{prefix}:{{{namespace}}}:v{LAYOUT}"
         self._channel = f"{self._prefix}:released"
         self._lease_ttl_s = lease_ttl_s
         self._lease_ttl_text = repr(lease_ttl_s)
@@ -1937,10 +1953,36 @@ class RedisBackend:
     def _bind(self, limits: Limits) -> _Binding:
         binding = self._binding
         if binding is None or (binding.limits is not limits and binding.limits != limits):
+            if binding is None:
+                self._look_for_legacy()
             binding = self._binding = _Binding(
                 limits, _account_keys(self._prefix), self._lease_ttl_s
             )
         return binding
+
+    def _look_for_legacy(self) -> None:
+        """Warn, once per backend, when the account's state key of a ratekit version
+        that did not name keys with their layout exists: pods of that version use the
+        namespace now (or did, within a key ttl), and their counts are not this
+        version's. The check rides with the first batch sent; it is not waited for."""
+        legacy = _legacy_state_key(self._prefix_root, self.namespace)
+
+        def heard(reply: asyncio.Future[Any]) -> None:
+            if reply.cancelled() or reply.exception() is not None or not reply.result():
+                return  # unreachable now: the outage is reported by the calls themselves
+            _log.warning(
+                "Redis at %s holds %r, the state of namespace %r as an earlier ratekit "
+                "version keeps it: pods of that version share its limits among "
+                "themselves, not with this version's (whose keys are named with "
+                "layout v%d), so together they may send up to twice the limits until "
+                "the old pods stop; upgrade a fleet by stopping the old pods first",
+                self._link.where,
+                legacy,
+                self.namespace,
+                LAYOUT,
+            )
+
+        self._link.post(("EXISTS", legacy), None, heard)
 
     def _enter(self, now: Instant | None = None, *, settling: bool = False) -> bool:
         """Check the loop and note the instant; False for a settle after `aclose` (its

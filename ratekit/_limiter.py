@@ -20,6 +20,7 @@ from ._admission import Admission, check_priority, check_timeout
 from ._clock import Clock, Instant, SystemClock
 from ._errors import (
     AcquireTimeout,
+    BackendUnavailableError,
     CostExceedsLimitError,
     InvalidArgumentError,
     WrongEventLoopError,
@@ -36,6 +37,7 @@ from ._tenants import (
 )
 from .backends._base import (
     TENANT_PREFIX,
+    UNAVAILABLE,
     Backend,
     Demand,
     DimensionStatistics,
@@ -183,6 +185,7 @@ class Limiter:
         "_fair",
         "_full_since_s",
         "_head_eta_s",
+        "_head_unreachable",
         "_here",
         "_lane",
         "_limits",
@@ -278,6 +281,9 @@ class Limiter:
         self._tickets = itertools.count()
         # When the head of the queue is predicted to be admitted (None: unknown).
         self._head_eta_s: float | None = None
+        # Whether the head's last try found the shared backend unreachable (its policy
+        # keeps callers waiting for it): a deadline then ends in `BackendUnavailableError`.
+        self._head_unreachable = False
         # Since when every concurrency slot has been taken while someone waits (None: not
         # now), and when that was last reported (see `_warn_if_stalled`).
         self._full_since_s: float | None = None
@@ -721,6 +727,7 @@ class Limiter:
                 outcome = await self._reserve_with_followers(waiter, demand, tenant)
                 if not isinstance(outcome, Refusal):
                     self._full_since_s = None
+                    self._head_unreachable = False
                     return outcome
                 refusal = outcome
             if refusal.dimension.startswith(TENANT_PREFIX):
@@ -731,11 +738,15 @@ class Limiter:
                 self._warn_if_stalled(now)
             else:
                 self._full_since_s = None
-            self._head_eta_s = None if math.isinf(wait_s) else now + wait_s
+            # An outage's wait says when to ask again, not when the head is admitted.
+            unreachable = self._head_unreachable = refusal.dimension == UNAVAILABLE
+            self._head_eta_s = None if math.isinf(wait_s) or unreachable else now + wait_s
             if deadline_s is not None:
                 left_s = deadline_s - now
-                predictably_late = wait_s > left_s and not math.isinf(wait_s)
-                if predictably_late or left_s <= 0:
+                if unreachable:
+                    if left_s <= 0:
+                        raise self._unreachable(timeout_s)
+                elif left_s <= 0 or (wait_s > left_s and not math.isinf(wait_s)):
                     raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
                 wait_s = min(wait_s, left_s)
             refusal = None
@@ -821,7 +832,16 @@ class Limiter:
             raise AcquireTimeout(timeout_s or 0.0, eta_s - now, "queue")
         await self._clock.wait(turn, deadline_s - now)
         if not turn.is_set():
+            if self._head_unreachable:
+                raise self._unreachable(timeout_s)
             raise AcquireTimeout(timeout_s or 0.0, math.inf, "queue")
+
+    def _unreachable(self, timeout_s: float | None) -> BackendUnavailableError:
+        """The error of a caller whose deadline passed while the backend was unreachable."""
+        return BackendUnavailableError(
+            f"no permit within {timeout_s or 0.0:g} s: {self._backend!r} could not be "
+            "reached meanwhile"
+        )
 
     # -- ending admissions -------------------------------------------------------------
 

@@ -1007,9 +1007,12 @@ async def test_tokens_beyond_any_float_are_a_typed_error(
 @pytest.mark.timeout(30)
 async def test_the_first_call_with_redis_unreachable_follows_the_policy(policy: str) -> None:
     """With Redis unreachable, the scheduler's first call raises `BackendUnavailableError`
-    (fail_closed) or is admitted (fail_open, local): never a raw redis error."""
+    (fail_closed, once `outage_wait_s` has passed) or is admitted (fail_open, local):
+    never a raw redis error."""
     url = f"redis://127.0.0.1:{free_port()}/0"
-    backend = RedisBackend(url, namespace=_namespace("down"), on_unavailable=policy)
+    backend = RedisBackend(
+        url, namespace=_namespace("down"), on_unavailable=policy, outage_wait_s=0.5
+    )
     scheduler = Scheduler(_account(), backend=backend)
 
     async def call() -> str:

@@ -286,6 +286,98 @@ async def test_a_pool_exhausted_by_someone_else_is_waited_for() -> None:
     await backend.aclose()
 
 
+# -- a short outage is waited out -----------------------------------------------------
+
+
+async def test_callers_wait_out_a_short_outage_and_go_in_their_order() -> None:
+    """Failing closed (the default), callers that come while Redis is down wait for it as
+    for capacity: none raises, and once it answers they are admitted in the order they
+    came, each counted in Redis."""
+    server = fakeredis.FakeServer()
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace=namespace())
+    limiter = ratekit.Limiter(Limits(rpm=10_000), backend=backend)
+    async with limiter.acquire():
+        pass  # Redis known up, then it goes
+    server.connected = False
+    admitted: list[int] = []
+
+    async def call(index: int) -> None:
+        async with limiter.acquire():
+            admitted.append(index)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for index in range(50):
+                group.start_soon(call, index)
+                await anyio.sleep(0.002)  # they come one after the other
+            await anyio.sleep(0.4)
+            assert admitted == []
+            server.connected = True
+    assert admitted == list(range(50))
+    assert (await limiter.statistics()).dimension("rpm").used == 51
+    await backend.aclose()
+
+
+async def test_past_outage_wait_s_every_waiting_caller_gets_the_error() -> None:
+    """An outage longer than `outage_wait_s` ends every wait with BackendUnavailableError,
+    for the callers queued and for those that come after: none hangs."""
+    server = fakeredis.FakeServer()
+    backend = RedisBackend(
+        fakeredis.FakeAsyncRedis(server=server), namespace=namespace(), outage_wait_s=0.3
+    )
+    limiter = ratekit.Limiter(Limits(rpm=10_000), backend=backend)
+    server.connected = False
+    outcomes: list[str] = []
+
+    async def call() -> None:
+        try:
+            async with limiter.acquire():
+                outcomes.append("admitted")
+        except ratekit.BackendUnavailableError:
+            outcomes.append("unavailable")
+
+    started = time.monotonic()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            for _ in range(20):
+                group.start_soon(call)
+    waited_s = time.monotonic() - started
+    with anyio.fail_after(1), pytest.raises(ratekit.BackendUnavailableError):
+        await limiter.acquire()
+    assert outcomes == ["unavailable"] * 20
+    assert waited_s >= 0.3
+    await backend.aclose()
+
+
+async def test_a_timeout_that_ends_during_an_outage_raises_backend_unavailable() -> None:
+    """A caller's own timeout that passes while Redis is down ends its wait with
+    BackendUnavailableError (the cause), for the head and for those queued behind it."""
+    server = fakeredis.FakeServer()
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace=namespace())
+    limiter = ratekit.Limiter(Limits(rpm=10_000), backend=backend)
+    server.connected = False
+    errors: list[BaseException] = []
+
+    async def call() -> None:
+        try:
+            async with limiter.acquire(timeout=0.3):
+                pass
+        except Exception as error:
+            errors.append(error)
+
+    started = time.monotonic()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            for _ in range(5):
+                group.start_soon(call)
+    waited_s = time.monotonic() - started
+    assert len(errors) == 5
+    assert all(isinstance(error, ratekit.BackendUnavailableError) for error in errors), errors
+    assert "no permit within 0.3 s" in str(errors[0])
+    assert 0.25 <= waited_s < 2
+    await backend.aclose()
+
+
 # -- every call is cancellable -------------------------------------------------------
 
 
@@ -302,7 +394,7 @@ async def test_a_hung_server_is_cancellable_and_then_counts_as_down(silent_serve
             await backend.reserve(limits, ONE, now())
     cancelled_after_s = time.monotonic() - started
     await backend.aclose()
-    backend = RedisBackend(client, namespace=namespace(), command_timeout_s=0.5)
+    backend = RedisBackend(client, namespace=namespace(), command_timeout_s=0.5, outage_wait_s=0)
     started = time.monotonic()
     with pytest.raises(ratekit.BackendUnavailableError):
         await backend.reserve(limits, ONE, now())
@@ -1587,16 +1679,21 @@ def test_trio_gets_a_clear_error() -> None:
 
 
 async def test_the_shared_tier_fails_closed_with_a_typed_error() -> None:
-    """With Redis down and fail_closed, the shared tier raises BackendUnavailableError,
-    never redis-py's own ConnectionError."""
+    """With Redis down and fail_closed, the shared tier reads as unknown while the outage
+    is waited out (the admission after it waits) and raises BackendUnavailableError past
+    `outage_wait_s`; publishing raises at once: never redis-py's own ConnectionError."""
     server = fakeredis.FakeServer()
-    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace=namespace())
+    backend = RedisBackend(
+        fakeredis.FakeAsyncRedis(server=server), namespace=namespace(), outage_wait_s=0.2
+    )
     assert isinstance(backend, SharedAccount)
     server.connected = False
-    with pytest.raises(ratekit.BackendUnavailableError):
-        await backend.shared_tier()
+    assert await backend.shared_tier() is None
     with pytest.raises(ratekit.BackendUnavailableError):
         await backend.publish_tier("tier3")
+    await asyncio.sleep(0.25)
+    with pytest.raises(ratekit.BackendUnavailableError):
+        await backend.shared_tier()
     await backend.aclose()
 
 

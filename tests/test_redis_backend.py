@@ -13,6 +13,7 @@ import enum
 import logging
 import math
 import time
+from unittest.mock import ANY
 
 import anyio
 import fakeredis
@@ -56,17 +57,40 @@ async def used(backend: RedisBackend, limits: Limits, name: str) -> float:
 
 
 async def test_fail_closed_raises_a_typed_error_without_secrets() -> None:
-    """With Redis down and the default policy, a reserve raises BackendUnavailableError."""
+    """With Redis down, fail_closed and no outage to wait out, a reserve raises
+    BackendUnavailableError naming the server, the error's type and the namespace."""
     server = fakeredis.FakeServer()
-    backend = make(server)
+    backend = make(server, outage_wait_s=0)
     server.connected = False
     with pytest.raises(ratekit.BackendUnavailableError) as caught:
         await backend.reserve(Limits(rpm=10), ONE, real_now())
     host = backend.client.connection_pool.connection_kwargs["host"]
     assert str(caught.value) == (
-        f"redis at redis://{host}:6379/0 is unreachable (ConnectionError); "
+        f"redis at redis://{host}:6379/0 is unreachable (ConnectionError, for 0.0 s); "
         "namespace 'acct-42', policy fail_closed"
     )
+    await backend.aclose()
+
+
+async def test_fail_closed_waits_out_an_outage_until_outage_wait_s() -> None:
+    """By default a reserve during an outage is refused as for capacity ("unavailable"),
+    its wait the backoff before Redis is tried again; past `outage_wait_s` from the
+    outage's first failure it raises."""
+    server = fakeredis.FakeServer()
+    backend = make(server, outage_wait_s=0.3)
+    limits = Limits(rpm=10)
+    server.connected = False
+    first = await backend.reserve(limits, ONE, real_now())
+    assert isinstance(first, Refusal)
+    assert first.dimension == "unavailable"
+    assert 0.2 < first.wait_s <= 0.25  # the first backoff
+    second = await backend.reserve(limits, ONE, real_now())  # within it: not even tried
+    assert isinstance(second, Refusal)
+    assert second.dimension == "unavailable"
+    assert second.wait_s <= first.wait_s
+    await asyncio.sleep(0.31)
+    with pytest.raises(ratekit.BackendUnavailableError, match=r"for 0\.3 s"):
+        await backend.reserve(limits, ONE, real_now())
     await backend.aclose()
 
 
@@ -106,12 +130,10 @@ async def test_backend_recovers_when_redis_answers_again() -> None:
     backend = make(server)
     limits = Limits(rpm=10)
     server.connected = False
-    with pytest.raises(ratekit.BackendUnavailableError):
-        await backend.reserve(limits, ONE, real_now())
+    assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")
     server.connected = True
     # Within the backoff Redis is not even tried.
-    with pytest.raises(ratekit.BackendUnavailableError):
-        await backend.reserve(limits, ONE, real_now())
+    assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")
     backend._link.retry_at = 0.0
     grant = await backend.reserve(limits, ONE, real_now())
     await backend.settle(limits, grant, ONE, real_now())
@@ -385,6 +407,21 @@ def test_password_never_shows_in_repr() -> None:
             {"command_timeout_s": math.inf},
             ratekit.errors.LimitsError,
             "command_timeout_s must be in [0.001, 3600] s, got inf",
+        ),
+        (
+            {"outage_wait_s": -1},
+            ratekit.errors.LimitsError,
+            "outage_wait_s must be in [0, 1e+06] s, got -1",
+        ),
+        (
+            {"outage_wait_s": math.nan},
+            ratekit.errors.LimitsError,
+            "outage_wait_s must be in [0, 1e+06] s, got nan",
+        ),
+        (
+            {"outage_wait_s": None},
+            ratekit.InvalidArgumentError,
+            "outage_wait_s must be a number, got None",
         ),
         (
             {"server_time": "no"},

@@ -77,6 +77,9 @@ class Demand(NamedTuple):
 
 # The dimension a refusal names while the account is taken out (see `Backend.pause`).
 OUT = "out"
+# The dimension a refusal names while a shared backend cannot be reached and its
+# policy keeps callers waiting for it (its wait is when to ask again, not a forecast).
+UNAVAILABLE = "unavailable"
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,8 +88,9 @@ class Refusal:
 
     `wait_s` is the earliest time from the refusal at which the same demand could
     fit (`inf` when only a release or a settle can make room). `dimension` names
-    the rate or "concurrency" that binds longest, or "cooldown" or "out" (`OUT`)
-    during a pause.
+    the rate or "concurrency" that binds longest, "cooldown" or "out" (`OUT`)
+    during a pause, or "unavailable" (`UNAVAILABLE`) while a shared backend cannot
+    be reached.
     """
 
     wait_s: float

@@ -83,13 +83,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import (
+    AuthenticationError,
     MaxConnectionsError,
     NoPermissionError,
     NoScriptError,
     ResponseError,
 )
+from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .._clock import Instant
@@ -103,6 +104,7 @@ from .._limits import Limits, Rate
 from ._base import (
     OUT,
     TENANT_PREFIX,
+    UNAVAILABLE,
     UNIT_POSITION,
     Demand,
     DimensionStatistics,
@@ -167,6 +169,9 @@ _MAX_PENDING = 10_000
 # Bounds of the arguments (seconds), so that no sum or ttl overflows on the server.
 _LEASE_TTL_RANGE_S = (0.01, 1e6)
 _COMMAND_TIMEOUT_RANGE_S = (0.001, 3600.0)
+_OUTAGE_WAIT_RANGE_S = (0.0, 1e6)
+# The shortest wait of a caller kept waiting through an outage, before it asks again.
+_OUTAGE_RETRY_S = 0.01
 _MAX_PAUSE_S = 1e7
 # A reserve's dimension while the account is taken out (see pause.lua).
 _OUT_REPLIES = (b"out", "out")
@@ -1021,10 +1026,15 @@ class _Link:
         # Closed: nothing is sent any more.
         self.closing = False
         self.closed = False
-        # While Redis is down: when to try again, how many failures in a row, and
-        # the last error's type (its text could hold connection details).
+        # While Redis is down: when to try again, how many failures in a row, since
+        # when (monotonic s, the first failure of the outage), and the last error's
+        # type (its text could hold connection details).
         self.retry_at = 0.0
         self.failures = 0
+        self.down_since = 0.0
+        # Whether the last failure was the server refusing our credentials: a setting
+        # to fix, not an outage to wait out.
+        self.refused = False
         self.last_error = ""
         # Writes that could not reach Redis, by key (a newer one replaces it), sent
         # again in order once Redis answers.
@@ -1085,12 +1095,16 @@ class _Link:
         if isinstance(exc, _Down):
             return
         self.last_error = type(exc).__name__
+        self.refused = isinstance(exc, AuthenticationError)
         if self.failures and time.monotonic() < self.retry_at:
             return  # another call of the same outage: one failure per retry
         self.loaded = False  # a server back from a restart lacks the scripts
         delay = _BACKOFF_S[min(self.failures, len(_BACKOFF_S) - 1)]
+        clock = time.monotonic()
+        if not self.failures:
+            self.down_since = clock
         self.failures += 1
-        self.retry_at = time.monotonic() + delay
+        self.retry_at = clock + delay
 
     def mark_up(self) -> None:
         self.failures = 0
@@ -1751,9 +1765,13 @@ class RedisBackend:
 
     `lease_ttl_s`: how long a concurrency slot outlives a holder that stops
     renewing (a killed process, a dropped admission). `on_unavailable` says what
-    to do while Redis cannot be reached: ``"fail_closed"`` raises
-    `BackendUnavailableError` (default), ``"fail_open"`` admits everything,
-    ``"local"`` admits within `local_share` of the limits kept in this process.
+    to do while Redis cannot be reached: ``"fail_closed"`` (default) admits nothing,
+    ``"fail_open"`` admits everything, ``"local"`` admits within `local_share` of
+    the limits kept in this process. Failing closed, callers wait for Redis as for
+    capacity, for at most `outage_wait_s` (30 s; 0: not at all) from the outage's
+    first failure: a restart or a failover is waited out, and then they are
+    admitted in their order. Past it (or at a caller's own timeout, or at once
+    when the server refuses the credentials) they get `BackendUnavailableError`.
     Redis is tried again after a short backoff, and used as soon as it answers;
     settles that could not be sent meanwhile are sent then.
 
@@ -1794,6 +1812,7 @@ class RedisBackend:
         namespace: str,
         lease_ttl_s: float = 10.0,
         on_unavailable: OnUnavailable = "fail_closed",
+        outage_wait_s: float = 30.0,
         local_share: float = 1.0,
         prefix: str = "ratekit",
         server_time: bool = True,
@@ -1815,6 +1834,7 @@ class RedisBackend:
         if not 0 < local_share <= 1:
             raise LimitsError(f"RedisBackend.local_share must be in (0, 1], got {local_share!r}")
         lease_ttl = _check_number("lease_ttl_s", lease_ttl_s, *_LEASE_TTL_RANGE_S)
+        outage_wait = _check_number("outage_wait_s", outage_wait_s, *_OUTAGE_WAIT_RANGE_S)
         timeout_s = _check_number("command_timeout_s", command_timeout_s, *_COMMAND_TIMEOUT_RANGE_S)
         if not isinstance(server_time, bool):
             raise InvalidArgumentError(
@@ -1882,6 +1902,7 @@ class RedisBackend:
         self._setup(
             link, namespace, prefix, lease_ttl, on_unavailable, float(local_share), server_time
         )
+        self._outage_wait_s = outage_wait
         self._is_root = True
 
     def _setup(
@@ -2585,6 +2606,7 @@ class RedisBackend:
             self._local_share,
             self._server_time,
         )
+        backend._outage_wait_s = self._outage_wait_s
         backend._is_root = False
         backend._tenant_prefix = self._tenant_prefix
         self._children.append(backend)
@@ -2624,7 +2646,8 @@ class RedisBackend:
     async def shared_tier(self) -> str | None:
         """The tier the account's pods last agreed on, if any was published.
 
-        While Redis is down: `BackendUnavailableError` when failing closed, else None.
+        While Redis is down: None, or `BackendUnavailableError` when failing closed past
+        `outage_wait_s` (the admission that follows waits the outage out).
         """
         self._enter()
         link = self._link
@@ -2634,7 +2657,7 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            if self._policy == "fail_closed":
+            if self._policy == "fail_closed" and self._outage_wait_left_s() <= 0:
                 raise self._unavailable_error() from None
             return None
         link.mark_up()
@@ -2834,10 +2857,20 @@ class RedisBackend:
     # -- Redis unreachable ----------------------------------------------------------------
 
     def _unavailable_error(self) -> BackendUnavailableError:
+        link = self._link
+        down_s = time.monotonic() - link.down_since if link.failures else 0.0
         return BackendUnavailableError(
-            f"redis at {self._link.where} is unreachable ({self._link.last_error}); "
+            f"redis at {link.where} is unreachable ({link.last_error}, for {down_s:.1f} s); "
             f"namespace {self.namespace!r}, policy {self._policy}"
         )
+
+    def _outage_wait_left_s(self) -> float:
+        """How much longer callers wait out the outage under fail_closed (<= 0: not at
+        all; a server that refused the credentials is not waited for)."""
+        link = self._link
+        if not link.failures or link.refused:
+            return 0.0
+        return link.down_since + self._outage_wait_s - time.monotonic()
 
     def _reserve_many_unavailable(
         self, limits: Limits, demands: Sequence[Demand], now: Instant
@@ -2852,7 +2885,15 @@ class RedisBackend:
 
     def _reserve_unavailable(self, limits: Limits, demand: Demand, now: Instant) -> Grant | Refusal:
         if self._policy == "fail_closed":
-            raise self._unavailable_error()
+            # An outage shorter than `outage_wait_s` (a restart, a failover) is waited
+            # out: the caller is refused as for capacity and asks again once the backoff
+            # ends; past it, every caller gets the error.
+            left_s = self._outage_wait_left_s()
+            if left_s <= 0:
+                raise self._unavailable_error()
+            clock = time.monotonic()
+            wait_s = min(max(self._link.retry_at - clock, _OUTAGE_RETRY_S), left_s)
+            return Refusal(wait_s, UNAVAILABLE)
         if self._policy == "fail_open":
             return RedisGrant(None, demand, "", [])
         local_limits = self._local_limits(limits)

@@ -8,9 +8,9 @@ import itertools
 import logging
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -50,6 +50,7 @@ from .backends._base import (
 from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
+_T = TypeVar("_T")
 # Seconds every concurrency slot may stay taken while callers wait before a warning.
 _STALL_WARN_S = 60.0
 # Callers admitted in one backend call at most: the head and those behind it.
@@ -590,9 +591,12 @@ class Limiter:
             assert self._tenants is not None
             ticket = fair.tag(tenant, self._tenants.weight(tenant))
         seen = None if tenant is None else self._mark(tenant)
+        deadline_s = None if timeout_s is None else self._now() + timeout_s
         if refusal is None and not queue.size:
             changes = self._changes
-            if tenant is None:  # `_attempt`, without its frame
+            if deadline_s is not None and self._local is None:
+                outcome = await self._bounded(self._attempt(demand, tenant), deadline_s, timeout_s)
+            elif tenant is None:  # `_attempt`, without its frame
                 now = self.instant()
                 outcome = await self._backend.reserve(self._limits, demand, now)
                 if outcome.__class__ is Refusal:
@@ -606,7 +610,6 @@ class Limiter:
             # A release heard while the try was on its way (a shared backend's reply can
             # come after it) makes the refusal stale: the head asks again at once.
             refusal = outcome if self._changes == changes else None
-        deadline_s = None if timeout_s is None else self._now() + timeout_s
         while True:
             if refusal is not None and refusal.dimension.startswith(TENANT_PREFIX):
                 # Held back by its tenant's own limits: it waits out of the queue, so that
@@ -724,7 +727,14 @@ class Limiter:
             self._wake = wake = anyio.Event()
             seen = self._mark(tenant)
             if refusal is None:
-                outcome = await self._reserve_with_followers(waiter, demand, tenant)
+                if deadline_s is not None and self._local is None:
+                    outcome = await self._bounded(
+                        self._reserve_with_followers(waiter, demand, tenant),
+                        deadline_s,
+                        timeout_s,
+                    )
+                else:
+                    outcome = await self._reserve_with_followers(waiter, demand, tenant)
                 if not isinstance(outcome, Refusal):
                     self._full_since_s = None
                     self._head_unreachable = False
@@ -836,11 +846,22 @@ class Limiter:
                 raise self._unreachable(timeout_s)
             raise AcquireTimeout(timeout_s or 0.0, math.inf, "queue")
 
+    async def _bounded(
+        self, attempt: Awaitable[_T], deadline_s: float, timeout_s: float | None
+    ) -> _T:
+        """`attempt` (a try on a shared backend), given up at the caller's deadline: a
+        round trip still on its way then (a hung server) ends the wait with
+        `BackendUnavailableError`; what it would have granted is handed back."""
+        with anyio.move_on_after(max(0.0, deadline_s - self._now())):
+            return await attempt
+        raise self._unreachable(timeout_s)
+
     def _unreachable(self, timeout_s: float | None) -> BackendUnavailableError:
-        """The error of a caller whose deadline passed while the backend was unreachable."""
+        """The error of a caller whose deadline passed while the backend was unreachable
+        (or did not answer)."""
         return BackendUnavailableError(
-            f"no permit within {timeout_s or 0.0:g} s: {self._backend!r} could not be "
-            "reached meanwhile"
+            f"no permit within {timeout_s or 0.0:g} s: {self._backend!r} was unreachable "
+            "or did not reply in time"
         )
 
     # -- ending admissions -------------------------------------------------------------

@@ -45,9 +45,11 @@ from ._events import AccountOut, Event, Hook, Queued
 from ._limits import check_amount, show
 from ._queue import Waiter, WaitQueue
 from ._scheduler import Scheduler
-from .backends._base import OUT, Refusal
+from .backends._base import OUT, UNAVAILABLE, Refusal
 
 T = TypeVar("T")
+# The end of the dimension a pool's wait names when its account's store is down.
+_STORE_DOWN = f": {UNAVAILABLE}"
 
 _log = logging.getLogger("ratekit")
 
@@ -514,11 +516,19 @@ class Pool:
         timeout_s: float | None,
     ) -> None:
         """Wait on `event` at most `wait_s`; past the caller's deadline, `AcquireTimeout`
-        (at once when the predicted wait already ends after it)."""
+        (at once when the predicted wait already ends after it), or
+        `BackendUnavailableError` when the account that would answer soonest has its
+        store down (its wait says when to ask again, not when it admits)."""
         if deadline is not None:
             assert timeout_s is not None
             left = deadline - self._clock.now()
-            if left <= 0 or (wait_s > left and not math.isinf(wait_s)):
+            if dimension.endswith(_STORE_DOWN):
+                if left <= 0:
+                    account = dimension.removesuffix(_STORE_DOWN)
+                    raise BackendUnavailableError(
+                        f"no permit within {timeout_s:g} s: the store of {account} was unreachable"
+                    )
+            elif left <= 0 or (wait_s > left and not math.isinf(wait_s)):
                 raise AcquireTimeout(timeout_s, wait_s, dimension)
             wait_s = min(wait_s, left)
         await self._clock.wait(event, wait_s)
@@ -625,6 +635,12 @@ class Pool:
                     state.probe = outcome
                 return Served(member, own, outcome, self._clients[member.name])
             if isinstance(outcome, Refusal):
+                if outcome.dimension == UNAVAILABLE:
+                    # Its store is down and the outage waited out: asked again after the
+                    # store's backoff (not a forecast, so not kept in `refused`).
+                    if outcome.wait_s < best_s:
+                        best_s, best = outcome.wait_s, member.name + _STORE_DOWN
+                    continue
                 if outcome.dimension == OUT:
                     # Taken out by another process (its quota was spent there): out here
                     # too, told once (other asks under way meanwhile hear it as well).

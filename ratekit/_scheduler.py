@@ -20,7 +20,7 @@ from ._account import ACCOUNT_GROUP, Account
 from ._admission import Admission, check_priority, check_timeout
 from ._calibration import Calibration, EstimateStatistics
 from ._clock import Clock, SystemClock
-from ._errors import InvalidArgumentError, LimitsError, PermitError
+from ._errors import BackendUnavailableError, InvalidArgumentError, LimitsError, PermitError
 from ._events import (
     Admitted,
     Cooldown,
@@ -326,9 +326,14 @@ class Scheduler:
             self.account.set_tier(name)
 
     async def _sync_tier(self) -> None:
-        """Adopt the tier other pods agreed on, once, before the first admission."""
+        """Adopt the tier other pods agreed on, once, before the first admission; with
+        the store down, at a later call (the admission itself follows the store's
+        policy)."""
         if self._shared is not None:
-            name = await self._shared.shared_tier()
+            try:
+                name = await self._shared.shared_tier()
+            except BackendUnavailableError:
+                return
             if name is not None:
                 self._tier_published(name)
         self._tier_synced = True

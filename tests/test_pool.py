@@ -527,22 +527,31 @@ async def test_a_call_too_large_for_one_account_goes_to_another() -> None:
 @pytest.mark.parametrize("anyio_backend", ["asyncio"])  # redis-py runs on asyncio
 async def test_an_account_whose_store_is_down_is_passed_over(anyio_backend: str) -> None:
     """An account on a Redis that cannot be reached fails only its own asks: the call goes
-    to the next account; with every store down the caller gets the outage error."""
+    to the next account; with every store down the caller waits the outage out for
+    `outage_wait_s`, or until its own timeout, then gets the outage error."""
     from ratekit.backends.redis import RedisBackend
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    down = RedisBackend(f"redis://127.0.0.1:{port}/0", namespace="down")
+    url = f"redis://127.0.0.1:{port}/0"
+    down = RedisBackend(url, namespace="down", outage_wait_s=0.5)
+    waited = RedisBackend(url, namespace="waited")
     account = Account("moonshot", rpm=100, tpm=None, tpd=None, concurrency=None)
     try:
         pool = Pool({"down": Scheduler(account, backend=down), "up": Scheduler(account)})
         assert (await pool.submit(_name)) == "up"
         alone = Pool({"down": Scheduler(account, backend=down)})
-        with pytest.raises(BackendUnavailableError):
+        with anyio.fail_after(5), pytest.raises(BackendUnavailableError):
             await alone.admit()
+        started = anyio.current_time()
+        timed = Pool({"waited": Scheduler(account, backend=waited)})
+        with anyio.fail_after(5), pytest.raises(BackendUnavailableError, match=r"within 0\.6 s"):
+            await timed.admit(timeout=0.6)
+        assert anyio.current_time() - started >= 0.55  # its timeout, not a forecast
     finally:
         await down.aclose()
+        await waited.aclose()
 
 
 async def test_a_pool_caller_is_not_stranded_behind_an_accounts_own_queue() -> None:

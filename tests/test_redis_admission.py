@@ -378,6 +378,24 @@ async def test_a_timeout_that_ends_during_an_outage_raises_backend_unavailable()
     await backend.aclose()
 
 
+async def test_a_timeout_holds_against_a_server_that_does_not_answer(silent_server: int) -> None:
+    """A caller's timeout bounds its wait also while its round trip hangs (a server that
+    accepts and never answers): `BackendUnavailableError` at its deadline, not once the
+    link gives the server up (two command timeouts later)."""
+    client = Redis(host="127.0.0.1", port=silent_server)
+    backend = RedisBackend(client, namespace=namespace(), command_timeout_s=2.0)
+    limiter = ratekit.Limiter(Limits(rpm=10), backend=backend)
+    started = time.monotonic()
+    with (
+        anyio.fail_after(5),
+        pytest.raises(ratekit.BackendUnavailableError, match=r"within 0\.3 s"),
+    ):
+        await limiter.acquire(timeout=0.3)
+    took_s = time.monotonic() - started
+    await backend.aclose()
+    assert 0.25 <= took_s < 1.5, took_s
+
+
 # -- every call is cancellable -------------------------------------------------------
 
 
@@ -1679,21 +1697,16 @@ def test_trio_gets_a_clear_error() -> None:
 
 
 async def test_the_shared_tier_fails_closed_with_a_typed_error() -> None:
-    """With Redis down and fail_closed, the shared tier reads as unknown while the outage
-    is waited out (the admission after it waits) and raises BackendUnavailableError past
-    `outage_wait_s`; publishing raises at once: never redis-py's own ConnectionError."""
+    """With Redis down and fail_closed, reading and publishing the shared tier raise
+    BackendUnavailableError, never redis-py's own ConnectionError."""
     server = fakeredis.FakeServer()
-    backend = RedisBackend(
-        fakeredis.FakeAsyncRedis(server=server), namespace=namespace(), outage_wait_s=0.2
-    )
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(server=server), namespace=namespace())
     assert isinstance(backend, SharedAccount)
     server.connected = False
-    assert await backend.shared_tier() is None
-    with pytest.raises(ratekit.BackendUnavailableError):
-        await backend.publish_tier("tier3")
-    await asyncio.sleep(0.25)
     with pytest.raises(ratekit.BackendUnavailableError):
         await backend.shared_tier()
+    with pytest.raises(ratekit.BackendUnavailableError):
+        await backend.publish_tier("tier3")
     await backend.aclose()
 
 
@@ -1701,8 +1714,9 @@ async def test_the_shared_tier_fails_closed_with_a_typed_error() -> None:
 async def test_the_shared_tier_is_kept_for_later_when_failing_open(
     policy: str, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """With Redis down and fail_open or local, the shared tier reads as unknown and a
-    published tier is sent once Redis answers again (a warning says so)."""
+    """With Redis down and fail_open or local, the shared tier is not known (a typed error:
+    the scheduler asks again later) and a published tier is sent once Redis answers
+    again (a warning says so)."""
     server = fakeredis.FakeServer()
     backend = RedisBackend(
         fakeredis.FakeAsyncRedis(server=server),
@@ -1710,7 +1724,8 @@ async def test_the_shared_tier_is_kept_for_later_when_failing_open(
         on_unavailable=policy,  # type: ignore[arg-type]
     )
     server.connected = False
-    assert await backend.shared_tier() is None
+    with pytest.raises(ratekit.BackendUnavailableError):
+        await backend.shared_tier()
     with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
         await backend.publish_tier("tier3")
     assert "tier 'tier3'" in caplog.text

@@ -23,6 +23,7 @@ import ratekit
 from ratekit import Limits, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends import _scripts as scripts
+from ratekit.backends import redis as redis_backend
 from ratekit.backends.redis import RedisBackend, RedisGrant, _pack
 from ratekit.clock import FakeClock, Instant
 
@@ -121,6 +122,106 @@ async def test_local_fallback_admits_within_the_local_share() -> None:
         admitted += 1
         await backend.settle(limits, grant, ONE, real_now())
     assert admitted == 5  # a quarter of 20 per minute
+    await backend.aclose()
+
+
+async def test_a_later_outage_is_waited_out_anew() -> None:
+    """An outage that ended while nothing was sent (nothing said it ended) does not make a
+    later one count from its start: the later outage is waited out for a whole
+    `outage_wait_s` again."""
+    server = fakeredis.FakeServer()
+    backend = make(server, outage_wait_s=0.5)
+    limits = Limits(rpm=10)
+    server.connected = False
+    assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")
+    server.connected = True  # back, and nobody asks for a while
+    backend._link.retry_at -= 10.0  # as if ten seconds passed since
+    await asyncio.sleep(0.6)  # longer than outage_wait_s since the first outage began
+    server.connected = False
+    assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")
+    await backend.aclose()
+
+
+async def test_an_outage_is_aged_on_the_limiters_clock() -> None:
+    """The time an outage has been waited out runs on the instants the limiter hands in
+    (a fake clock's too): advanced past `outage_wait_s`, the next call raises."""
+    server = fakeredis.FakeServer()
+    backend = make(server, server_time=False, outage_wait_s=30)
+    clock = FakeClock(BASE_S)
+    limits = Limits(rpm=10)
+    server.connected = False
+    assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+    clock.advance(29)
+    assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+    clock.advance(2)
+    with pytest.raises(ratekit.BackendUnavailableError, match=r"for 31\.0 s"):
+        await backend.reserve(limits, ONE, at(clock))
+    await backend.aclose()
+
+
+async def test_the_look_for_an_earlier_version_is_made_once_redis_answers(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A backend whose first call met an outage still looks for an earlier version's
+    state once Redis answers, and warns."""
+    server = fakeredis.FakeServer()
+    backend = make(server, server_time=False)
+    await backend.client.hset("ratekit:{acct-42}:state", "nl", 0)
+    clock = FakeClock(BASE_S)
+    limits = Limits(rpm=10)
+    server.connected = False
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+        server.connected = True
+        backend._link.retry_at = 0.0
+        assert isinstance(await backend.reserve(limits, ONE, at(clock)), RedisGrant)
+        await backend.drain()
+    assert sum("earlier ratekit" in r.getMessage() for r in caplog.records) == 1
+    await backend.aclose()
+
+
+async def test_an_earlier_version_started_later_is_warned_of(
+    caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pod of an earlier version that starts after this one is found too: the look
+    for its state is made again every `_LEGACY_LOOK_S`, and warned of once."""
+    monkeypatch.setattr(redis_backend, "_LEGACY_LOOK_S", 0.05)
+    server = fakeredis.FakeServer()
+    backend = make(server, server_time=False)
+    clock = FakeClock(BASE_S)
+    limits = Limits(rpm=100)
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        await backend.reserve(limits, ONE, at(clock))
+        await backend.drain()
+        assert not caplog.records
+        await backend.client.hset("ratekit:{acct-42}:state", "nl", 0)  # an old pod starts
+        for _ in range(5):
+            await asyncio.sleep(0.06)
+            await backend.reserve(limits, ONE, at(clock))
+            await backend.drain()
+    assert sum("earlier ratekit" in r.getMessage() for r in caplog.records) == 1
+    await backend.aclose()
+
+
+async def test_an_outage_is_logged_when_it_starts_and_when_it_ends(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Operators see an outage in the log: one warning when Redis is found unreachable,
+    one when it answers again, however many calls met it."""
+    server = fakeredis.FakeServer()
+    backend = make(server)
+    limits = Limits(rpm=100)
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        server.connected = False
+        for _ in range(3):
+            assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")
+        server.connected = True
+        backend._link.retry_at = 0.0
+        assert isinstance(await backend.reserve(limits, ONE, real_now()), RedisGrant)
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "is unreachable (ConnectionError)" in messages[0]
+    assert "answers again" in messages[1]
     await backend.aclose()
 
 

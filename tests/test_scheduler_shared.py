@@ -63,6 +63,31 @@ async def test_a_tier_change_in_one_pod_reaches_the_others() -> None:
     await close(first, second, third)
 
 
+async def test_a_pod_started_during_an_outage_adopts_the_tier_once_redis_answers() -> None:
+    """A new pod whose first call meets a Redis outage waits it out (the default), and
+    adopts the tier the other pods agreed on at a later call, once Redis answers."""
+    server = fakeredis.FakeServer()
+    first = pod(server, "tier0")
+    await first.set_tier("tier2")
+    late = pod(server, "tier0")
+    server.connected = False
+    async with anyio.create_task_group() as group:
+
+        async def first_call() -> None:
+            async with late.slot():
+                pass
+
+        group.start_soon(first_call)
+        await anyio.sleep(0.3)
+        assert late.account.tier.name == "Tier0"  # not known yet
+        server.connected = True
+    async with late.slot():
+        pass
+    assert late.account.tier.name == "Tier2"
+    assert late.limiter().limits.rpm == 500
+    await close(first, late)
+
+
 async def test_models_with_their_own_limits_get_their_own_namespace() -> None:
     """MiniMax-M2 and MiniMax-M2-Stable count apart in Redis too."""
     server = fakeredis.FakeServer()

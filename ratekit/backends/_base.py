@@ -251,7 +251,8 @@ class SharedAccount(Protocol):
         ...
 
     async def shared_tier(self) -> str | None:
-        """The tier the pods last agreed on, if any (None also when the store is down)."""
+        """The tier the pods last agreed on, if any; `BackendUnavailableError` when the
+        store is down."""
         ...
 
     def on_tier(self, callback: Callable[[str], None]) -> None:

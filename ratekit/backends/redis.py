@@ -172,6 +172,8 @@ _COMMAND_TIMEOUT_RANGE_S = (0.001, 3600.0)
 _OUTAGE_WAIT_RANGE_S = (0.0, 1e6)
 # The shortest wait of a caller kept waiting through an outage, before it asks again.
 _OUTAGE_RETRY_S = 0.01
+# How often a backend looks for the keys of an earlier ratekit version (s).
+_LEGACY_LOOK_S = 60.0
 _MAX_PAUSE_S = 1e7
 # A reserve's dimension while the account is taken out (see pause.lua).
 _OUT_REPLIES = (b"out", "out")
@@ -1026,12 +1028,13 @@ class _Link:
         # Closed: nothing is sent any more.
         self.closing = False
         self.closed = False
-        # While Redis is down: when to try again, how many failures in a row, since
-        # when (monotonic s, the first failure of the outage), and the last error's
-        # type (its text could hold connection details).
+        # While Redis is down: when to try again, how many failures in a row, which
+        # outage this is (counted from 1), and the last error's type (its text could
+        # hold connection details).
         self.retry_at = 0.0
         self.failures = 0
-        self.down_since = 0.0
+        self.outage = 0
+        self.down_at = 0.0  # monotonic s of the outage's first failure
         # Whether the last failure was the server refusing our credentials: a setting
         # to fix, not an outage to wait out.
         self.refused = False
@@ -1099,14 +1102,29 @@ class _Link:
         if self.failures and time.monotonic() < self.retry_at:
             return  # another call of the same outage: one failure per retry
         self.loaded = False  # a server back from a restart lacks the scripts
-        delay = _BACKOFF_S[min(self.failures, len(_BACKOFF_S) - 1)]
         clock = time.monotonic()
-        if not self.failures:
-            self.down_since = clock
+        if not self.failures or clock > self.retry_at + _BACKOFF_S[-1]:
+            # A new outage: the first failure, or the first after nobody tried for a
+            # while (the last one ended while nothing was sent, so no success said so).
+            self.outage += 1
+            self.failures = 0
+            self.down_at = clock
+            _log.warning(
+                "Redis at %s is unreachable (%s); tried again with a backoff",
+                self.where,
+                self.last_error,
+            )
+        delay = _BACKOFF_S[min(self.failures, len(_BACKOFF_S) - 1)]
         self.failures += 1
         self.retry_at = clock + delay
 
     def mark_up(self) -> None:
+        if self.failures:
+            _log.warning(
+                "Redis at %s answers again, %.1f s after it was found unreachable",
+                self.where,
+                time.monotonic() - self.down_at,
+            )
         self.failures = 0
         if self.pending and (self.replayer is None or self.replayer.done()) and not self.closing:
             self.replayer = self.spawn(self._replay())
@@ -1768,10 +1786,12 @@ class RedisBackend:
     to do while Redis cannot be reached: ``"fail_closed"`` (default) admits nothing,
     ``"fail_open"`` admits everything, ``"local"`` admits within `local_share` of
     the limits kept in this process. Failing closed, callers wait for Redis as for
-    capacity, for at most `outage_wait_s` (30 s; 0: not at all) from the outage's
-    first failure: a restart or a failover is waited out, and then they are
-    admitted in their order. Past it (or at a caller's own timeout, or at once
-    when the server refuses the credentials) they get `BackendUnavailableError`.
+    capacity, for at most `outage_wait_s` (60 s; 0: not at all; fail_closed only),
+    counted on the limiters' clock from this backend's first call that met the
+    outage: a restart or a failover is waited out, and then they are admitted in
+    their order. Past it (or at a caller's own timeout, also while a round trip
+    hangs, or at once when the server refuses the credentials) they get
+    `BackendUnavailableError`; `try_acquire` meanwhile returns None.
     Redis is tried again after a short backoff, and used as soon as it answers;
     settles that could not be sent meanwhile are sent then.
 
@@ -1812,7 +1832,7 @@ class RedisBackend:
         namespace: str,
         lease_ttl_s: float = 10.0,
         on_unavailable: OnUnavailable = "fail_closed",
-        outage_wait_s: float = 30.0,
+        outage_wait_s: float = 60.0,
         local_share: float = 1.0,
         prefix: str = "ratekit",
         server_time: bool = True,
@@ -1951,6 +1971,12 @@ class RedisBackend:
         self._tenant_bindings: dict[int, tuple[Limits, _Binding]] = {}
         # Told the tenant's name when one of its calls ended (`subscribe_tenants`).
         self._tenant_listeners = Listeners()
+        # When to look for an earlier version's keys next (monotonic s; inf: found).
+        self._legacy_due = 0.0
+        # The outage this backend's calls met last (`_Link.outage`), and the instant
+        # of the first that met it (see `_outage_age_s`).
+        self._outage_seen: tuple[int, float] | None = None
+        self._outage_wait_s = 60.0
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._link.where}, namespace={self.namespace!r})"
@@ -1973,9 +1999,9 @@ class RedisBackend:
 
     def _bind(self, limits: Limits) -> _Binding:
         binding = self._binding
+        if self._legacy_due <= time.monotonic():
+            self._look_for_legacy()
         if binding is None or (binding.limits is not limits and binding.limits != limits):
-            if binding is None:
-                self._look_for_legacy()
             binding = self._binding = _Binding(
                 limits, _account_keys(self._prefix), self._lease_ttl_s
             )
@@ -1985,25 +2011,33 @@ class RedisBackend:
         """Warn, once per backend, when the account's state key of a ratekit version
         that did not name keys with their layout exists: pods of that version use the
         namespace now (or did, within a key ttl), and their counts are not this
-        version's. The check rides with the first batch sent; it is not waited for."""
+        version's. Looked for at the first call and then every `_LEGACY_LOOK_S` (an
+        old pod may start later), until found; the look rides with the next batch
+        sent, not waited for, and is made again at the next call when Redis did not
+        answer it."""
         legacy = _legacy_state_key(self._prefix_root, self.namespace)
 
         def heard(reply: asyncio.Future[Any]) -> None:
-            if reply.cancelled() or reply.exception() is not None or not reply.result():
-                return  # unreachable now: the outage is reported by the calls themselves
+            if reply.cancelled() or reply.exception() is not None:
+                self._legacy_due = 0.0  # unreachable now: asked again at the next call
+                return
+            if not reply.result():
+                return
+            self._legacy_due = math.inf
             _log.warning(
-                "Redis at %s holds %r, the state of namespace %r as an earlier ratekit "
-                "version keeps it: pods of that version share its limits among "
-                "themselves, not with this version's (whose keys are named with "
-                "layout v%d), so together they may send up to twice the limits until "
-                "the old pods stop; upgrade a fleet by stopping the old pods first",
+                "%s holds %r, the state of namespace %r as an earlier ratekit version "
+                "keeps it: pods of that version share its limits among themselves, not "
+                "with this version's (whose keys are named with layout v%d), so together "
+                "they may send up to twice the limits until the old pods stop; upgrade a "
+                "fleet by stopping the old pods first",
                 self._link.where,
                 legacy,
                 self.namespace,
                 LAYOUT,
             )
 
-        self._link.post(("EXISTS", legacy), None, heard)
+        if self._link.post(("EXISTS", legacy), None, heard):
+            self._legacy_due = time.monotonic() + _LEGACY_LOOK_S
 
     def _enter(self, now: Instant | None = None, *, settling: bool = False) -> bool:
         """Check the loop and note the instant; False for a settle after `aclose` (its
@@ -2646,8 +2680,8 @@ class RedisBackend:
     async def shared_tier(self) -> str | None:
         """The tier the account's pods last agreed on, if any was published.
 
-        While Redis is down: None, or `BackendUnavailableError` when failing closed past
-        `outage_wait_s` (the admission that follows waits the outage out).
+        While Redis is down: `BackendUnavailableError`, under any policy (what the pods
+        agreed on is not known; a scheduler asks again at its next call).
         """
         self._enter()
         link = self._link
@@ -2657,9 +2691,7 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            if self._policy == "fail_closed" and self._outage_wait_left_s() <= 0:
-                raise self._unavailable_error() from None
-            return None
+            raise self._unavailable_error() from None
         link.mark_up()
         return None if value is None else _text(value)
 
@@ -2786,6 +2818,7 @@ class RedisBackend:
                     # The channel as the scripts publish on it (ratekit packs its commands
                     # as UTF-8, whatever the client's encoding).
                     await pubsub.subscribe(self._channel.encode())
+                link.mark_up()  # the server answered
                 # Heard from now on; a release announced before was not: every waiter
                 # tries once more.
                 self._listeners.notify()
@@ -2856,21 +2889,22 @@ class RedisBackend:
 
     # -- Redis unreachable ----------------------------------------------------------------
 
-    def _unavailable_error(self) -> BackendUnavailableError:
+    def _unavailable_error(self, down_s: float = 0.0) -> BackendUnavailableError:
         link = self._link
-        down_s = time.monotonic() - link.down_since if link.failures else 0.0
         return BackendUnavailableError(
             f"redis at {link.where} is unreachable ({link.last_error}, for {down_s:.1f} s); "
             f"namespace {self.namespace!r}, policy {self._policy}"
         )
 
-    def _outage_wait_left_s(self) -> float:
-        """How much longer callers wait out the outage under fail_closed (<= 0: not at
-        all; a server that refused the credentials is not waited for)."""
-        link = self._link
-        if not link.failures or link.refused:
-            return 0.0
-        return link.down_since + self._outage_wait_s - time.monotonic()
+    def _outage_age_s(self, now_s: float) -> float:
+        """Seconds of the link's current outage that this backend has seen, on its
+        limiters' clock (`now_s`: the instant handed in): from its first call that
+        met the outage."""
+        outage = self._link.outage
+        seen = self._outage_seen
+        if seen is None or seen[0] != outage:
+            seen = self._outage_seen = (outage, now_s)
+        return max(0.0, now_s - seen[1])
 
     def _reserve_many_unavailable(
         self, limits: Limits, demands: Sequence[Demand], now: Instant
@@ -2888,9 +2922,10 @@ class RedisBackend:
             # An outage shorter than `outage_wait_s` (a restart, a failover) is waited
             # out: the caller is refused as for capacity and asks again once the backoff
             # ends; past it, every caller gets the error.
-            left_s = self._outage_wait_left_s()
-            if left_s <= 0:
-                raise self._unavailable_error()
+            down_s = self._outage_age_s(now.mono)
+            left_s = self._outage_wait_s - down_s
+            if left_s <= 0 or self._link.refused:
+                raise self._unavailable_error(down_s)
             clock = time.monotonic()
             wait_s = min(max(self._link.retry_at - clock, _OUTAGE_RETRY_S), left_s)
             return Refusal(wait_s, UNAVAILABLE)

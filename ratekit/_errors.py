@@ -31,6 +31,11 @@ class CostExceedsLimitError(RatekitError, ValueError):
         )
 
 
+# The dimension of an `AcquireTimeout` whose deadline passed with a round trip to a
+# shared backend still on its way (a hung or overloaded server).
+NO_REPLY = "reply"
+
+
 class AcquireTimeout(RatekitError, TimeoutError):
     """The permit could not be granted before the caller's deadline.
 
@@ -43,7 +48,9 @@ class AcquireTimeout(RatekitError, TimeoutError):
         self.timeout_s = timeout_s
         self.retry_after_s = retry_after_s
         self.dimension = dimension
-        if dimension == "queue":
+        if dimension == NO_REPLY:
+            reason = "the shared backend had not replied"
+        elif dimension == "queue":
             if math.isinf(retry_after_s):
                 reason = "still queued behind earlier callers"
             else:

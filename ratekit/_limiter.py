@@ -19,6 +19,7 @@ import sniffio
 from ._admission import Admission, check_priority, check_timeout
 from ._clock import Clock, Instant, SystemClock
 from ._errors import (
+    NO_REPLY,
     AcquireTimeout,
     BackendUnavailableError,
     CostExceedsLimitError,
@@ -51,6 +52,8 @@ from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
 _T = TypeVar("_T")
+# The least time a caller with a timeout gives one round trip to a shared backend (s).
+_REPLY_GRACE_S = 0.5
 # Seconds every concurrency slot may stay taken while callers wait before a warning.
 _STALL_WARN_S = 60.0
 # Callers admitted in one backend call at most: the head and those behind it.
@@ -849,12 +852,14 @@ class Limiter:
     async def _bounded(
         self, attempt: Awaitable[_T], deadline_s: float, timeout_s: float | None
     ) -> _T:
-        """`attempt` (a try on a shared backend), given up at the caller's deadline: a
-        round trip still on its way then (a hung server) ends the wait with
-        `BackendUnavailableError`; what it would have granted is handed back."""
-        with anyio.move_on_after(max(0.0, deadline_s - self._now())):
+        """`attempt` (a try on a shared backend), given up at the caller's deadline, or
+        `_REPLY_GRACE_S` after it is made when that is later (a round trip takes time,
+        also for a caller that asks not to wait): a reply still on its way then (a hung
+        or overloaded server) ends the wait with `AcquireTimeout`; what it would have
+        granted is handed back."""
+        with anyio.move_on_after(max(_REPLY_GRACE_S, deadline_s - self._now())):
             return await attempt
-        raise self._unreachable(timeout_s)
+        raise AcquireTimeout(timeout_s or 0.0, math.inf, NO_REPLY)
 
     def _unreachable(self, timeout_s: float | None) -> BackendUnavailableError:
         """The error of a caller whose deadline passed while the backend was unreachable

@@ -878,9 +878,12 @@ class Limiter:
         lane = self._lane
         if lane is not None and grant.__class__ is tuple:
             # A grant of the memory backend's uncontended path (`_reserve_now`): ended
-            # there, or as the general path's grant.
-            now = self._now()
+            # there (without reading the clock when no window holds, as nothing then
+            # depends on the instant), or as the general path's grant.
+            now = self._now() if grant[0].ends_timed else math.nan
             if not lane.end_now(grant, actual, now):
+                if math.isnan(now):
+                    now = self._now()
                 wall = self._wall() if self._calendar else math.nan
                 lane.settle_now(lane.grant_of(grant), actual, now, wall)
             return True

@@ -66,7 +66,7 @@ class FastPlan:
 class _Binding:
     """The windows that enforce one `Limits` value, in the order of `limits.all_rates`."""
 
-    __slots__ = ("calendars", "concurrency", "limits", "plan", "slotless", "takes")
+    __slots__ = ("calendars", "concurrency", "ends_timed", "limits", "plan", "slotless", "takes")
 
     def __init__(self, limits: Limits, windows: list[Window]) -> None:
         self.limits = limits
@@ -82,6 +82,9 @@ class _Binding:
         self.calendars = [window for window in windows if isinstance(window, CalendarWindow)]
         # The uncontended path (None: a calendar day or pacing, which take the general one).
         self.plan = self._plan()
+        # Whether `end_now` needs the instant of the end: only a window that holds an
+        # amount until settle (`FastPlan.held`) records anything then.
+        self.ends_timed = self.plan is not None and bool(self.plan.held)
 
     def _plan(self) -> FastPlan | None:
         taken: list[tuple[SlicedWindow, int, int]] = []
@@ -230,7 +233,8 @@ class MemoryBackend:
         ones bound now (no other limits changed its windows since), `actual` counts no
         tokens of the provider's (`counted` NaN), and each window that holds is still
         in its newest slice, the admission's. False, with nothing changed, otherwise
-        (a refund included): then `settle_now(grant_of(grant), ...)` ends it."""
+        (a refund included): then `settle_now(grant_of(grant), ...)` ends it. `now` may
+        be NaN (the clock not read) when the grant's binding does not `ends_timed`."""
         binding, admitted_s, demand = grant
         if binding is not self._binding or actual is None or actual[3] == actual[3]:
             return False

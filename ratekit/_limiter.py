@@ -810,16 +810,54 @@ class Limiter:
         freed at once is handed out in one round trip, in queue order, not one per
         round trip. The followers admitted are woken with their grants.
 
+        While the call is on its way, the head and its followers are asked for: a head
+        that comes before them meanwhile (a caller of another tenant back with its
+        earlier fair-share tag, a higher priority) does not ask for them too, so each
+        caller is granted by one call at most and a grant is never handed over another.
+
         In process the head admits alone: each caller then runs from its admission to
         its first wait before the next is admitted, so that callers that do not say
         when their request leaves (`Admission.sent`) send it soon after their
         admission, not behind a burst of others."""
         followers = [] if self._local is not None else self._queue.behind(head, _BATCH - 1)
         if not followers:
-            outcome = await self._attempt(demand, tenant)
+            head.asked = True
+            try:
+                outcome = await self._attempt(demand, tenant)
+            finally:
+                head.asked = False
             if not isinstance(outcome, Refusal):
                 self._queue.admitted(head)
             return outcome
+        asked = [head, *followers]
+        for waiter in asked:
+            waiter.asked = True
+        try:
+            grants, refusal = await self._reserve_batch(demand, tenant, followers)
+        finally:
+            for waiter in asked:
+                waiter.asked = False
+        if not grants:
+            assert refusal is not None, "a backend admits or refuses the head"
+            return refusal
+        self._queue.admitted(head)
+        for follower, grant in zip(followers, grants[1:], strict=False):
+            if follower.gone:
+                # Left while the call was on its way: nothing was sent, all goes back.
+                self._backend.abandon(self._limits, grant, None, self.instant())
+                continue
+            assert follower.grant is None, "a follower is asked for by one head at a time"
+            self._queue.admitted(follower)
+            follower.grant = grant
+            follower.turn.set()
+        return grants[0]
+
+    async def _reserve_batch(
+        self, demand: Demand, tenant: str | None, followers: list[Waiter]
+    ) -> tuple[list[Grant], Refusal | None]:
+        """One call to a shared backend for the head's `demand` and its followers': the
+        grants of those admitted, in order, and the (aged) refusal of the first that was
+        not."""
         demands = [demand, *(follower.demand for follower in followers)]
         shared = self._shared_tenants
         now = self.instant()
@@ -836,19 +874,9 @@ class Limiter:
             )
         else:
             grants, refusal = await self._backend.reserve_many(self._limits, demands, now)
-        if not grants:
-            assert refusal is not None, "a backend admits or refuses the head"
-            return self._age(refusal, now[0])
-        self._queue.admitted(head)
-        for follower, grant in zip(followers, grants[1:], strict=False):
-            if follower.gone:
-                # Left while the call was on its way: nothing was sent, all goes back.
-                self._backend.abandon(self._limits, grant, None, self.instant())
-                continue
-            self._queue.admitted(follower)
-            follower.grant = grant
-            follower.turn.set()
-        return grants[0]
+        if refusal is not None:
+            refusal = self._age(refusal, now[0])
+        return grants, refusal
 
     async def _wait_turn(
         self, turn: anyio.Event, deadline_s: float | None, timeout_s: float | None

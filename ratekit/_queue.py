@@ -16,7 +16,7 @@ class Waiter:
     """One caller waiting for a limiter. `turn` is set when it becomes the head, or when
     the head was admitted together with it (then `grant` holds its admission)."""
 
-    __slots__ = ("demand", "gone", "grant", "priority", "ticket", "turn")
+    __slots__ = ("asked", "demand", "gone", "grant", "priority", "ticket", "turn")
 
     def __init__(self, priority: int, demand: Any = None, ticket: float = math.inf) -> None:
         self.priority = priority
@@ -28,6 +28,9 @@ class Waiter:
         self.gone = False
         # Admitted with the head, not yet taken by its caller.
         self.grant: Any = None
+        # In a batch on its way to the backend (as its head or a follower): no other head
+        # asks for it meanwhile, so that one caller is never granted twice.
+        self.asked = False
 
 
 class WaitQueue:
@@ -126,8 +129,9 @@ class WaitQueue:
         return self._levels[priorities[0]][0]
 
     def behind(self, head: Waiter, count: int) -> list[Waiter]:
-        """Up to `count` callers after `head` in its own priority, in order, not yet
-        admitted: those that may be admitted together with it."""
+        """Up to `count` callers after `head` in its own priority, in order, neither
+        admitted nor asked for by another head: those that may be admitted together
+        with it."""
         found: list[Waiter] = []
         level = self._levels.get(head.priority)
         if not level or level[0] is not head:
@@ -135,7 +139,7 @@ class WaitQueue:
         for waiter in itertools.islice(level, 1, None):
             if len(found) >= count:
                 break
-            if not waiter.gone and waiter.grant is None:
+            if not waiter.gone and waiter.grant is None and not waiter.asked:
                 found.append(waiter)
         return found
 

@@ -658,6 +658,69 @@ async def test_a_release_heard_while_a_refusal_was_on_its_way_is_not_missed() ->
         await backend.aclose()
 
 
+async def test_a_caller_is_asked_for_by_one_head_at_a_time() -> None:
+    """While a head's batch (itself and the caller behind it) is on its way to Redis, a
+    caller held back by its tenant comes back ahead of both (its earlier fair-share tag)
+    and is served as the new head: it does not ask for them again, so no grant is handed
+    over another one (which nobody would end), and once every caller has ended nothing
+    is in flight."""
+    bench = Bench("fakeredis", None)
+    tenants = Tenants(Tenant(Limits(concurrency=10)), named={"b": Tenant(Limits(concurrency=1))})
+    limiter = bench.limiter(Limits(concurrency=5), tenants)
+    backend = limiter.backend
+    assert isinstance(backend, RedisBackend)
+    reserve = backend.reserve_tenants
+    go = asyncio.Event()  # batches are sent once the blockers' settles are answered
+    b_refused = asyncio.Event()
+    b_admitted = asyncio.Event()
+    a_queued = asyncio.Event()
+
+    async def ordered(limits: Limits, demands: Any, now: Any, shares: Any) -> Any:
+        names = [share[0] for share in shares if share is not None]
+        batch = len(demands) > 1
+        if batch:
+            await go.wait()
+        grants, refusal = await reserve(limits, demands, now, shares)
+        if "b" in names:
+            (b_admitted if grants else b_refused).set()
+        elif not grants:
+            a_queued.set()
+        elif batch:
+            await b_admitted.wait()  # still on its way while the held-back caller is served
+        return grants, refusal
+
+    admitted_tenants: list[str] = []
+
+    async def call(tenant: str) -> None:
+        async with limiter.acquire(tenant=tenant):
+            admitted_tenants.append(tenant)
+
+    try:
+        held_b = await admitted(limiter, "b")
+        backend.reserve_tenants = ordered  # type: ignore[method-assign]
+        with anyio.fail_after(10):  # a bound on a hang, not a timing
+            async with anyio.create_task_group() as group:
+                group.start_soon(call, "b")  # held back by its tenant: waits out of the queue
+                await b_refused.wait()
+                blockers = [await admitted(limiter, "c") for _ in range(4)]  # the account is full
+                group.start_soon(call, "a")  # the head
+                await a_queued.wait()
+                group.start_soon(call, "a")  # behind it, asked for in the head's batch
+                await anyio.wait_all_tasks_blocked()
+                assert (await limiter.statistics()).waiting == 2
+                for blocker in blockers:
+                    await blocker.release()
+                await backend.drain()
+                go.set()
+                await held_b.release()  # the held-back caller comes back, ahead of both
+        assert sorted(admitted_tenants) == ["a", "a", "b"]
+        await backend.drain()
+        assert (await limiter.statistics()).dimension("concurrency").used == 0
+        assert [s.used for s in await limiter.tenant_statistics("a")] == [0]
+    finally:
+        await bench.aclose()
+
+
 @pytest.mark.redis
 async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer) -> None:
     """After its calls end, a tenant is one small hash with a ttl (its leases' fields are

@@ -112,7 +112,6 @@ class Admission:
         priority: int,
         tenant: str | None = None,
     ) -> None:
-        # `Limiter.acquire` sets the same fields itself (inlined): change both.
         self._limiter = limiter
         # What is asked for: validated by the limiter when it created the admission.
         self._demand = demand

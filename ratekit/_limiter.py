@@ -62,8 +62,6 @@ _BATCH = 32
 _DEMANDS_KEPT = 1024
 # A demand's `counted` field: not known (one NaN object, so that equal demands compare equal).
 _NOT_COUNTED = Demand().counted
-# An instance with no field set yet (`acquire` sets an admission's fields itself).
-_new_object = object.__new__
 
 
 def _ceilings(limits: Limits) -> tuple[float, float, float]:
@@ -382,29 +380,13 @@ class Limiter:
         if requests.__class__ is int and tokens.__class__ is int and cost.__class__ is int:
             # `_demand`'s first look, inlined: most calls ask for amounts seen before.
             demand = self._demands.get((requests, tokens, cost))
-        if demand is None:
-            demand = self._demand(requests, tokens, cost)
-        if timeout is not None:
-            timeout = check_timeout(timeout)
-        if priority.__class__ is not int:
-            priority = check_priority(priority)
-        if tenant is not None:
-            tenant = self._check_tenant(tenant)
-        # `Admission(...)` with its `__init__` inlined, once every argument is valid: a
-        # class call runs the constructor in an interpreter frame of its own, a good
-        # part of this call's cost. A test
-        # (`test_acquire_builds_the_admission_its_constructor_would`) keeps them alike.
-        admission = _new_object(Admission)
-        admission._limiter = self
-        admission._demand = demand
-        admission._timeout = timeout
-        admission._priority = priority
-        admission.tenant = tenant
-        admission._grant = None
-        admission._actual = None
-        admission._state = 0
-        admission.admitted_at_s = math.nan
-        return admission
+        return Admission(
+            self,
+            self._demand(requests, tokens, cost) if demand is None else demand,
+            None if timeout is None else check_timeout(timeout),
+            priority if priority.__class__ is int else check_priority(priority),
+            None if tenant is None else self._check_tenant(tenant),
+        )
 
     async def try_acquire(
         self,

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import gc
-import math
-import sys
 import warnings
 
 import anyio
@@ -13,7 +11,6 @@ import pytest
 
 import ratekit
 from ratekit import Limiter, Limits, TokenCounting
-from ratekit._admission import Admission
 from ratekit.clock import FakeClock
 
 pytestmark = pytest.mark.anyio
@@ -364,36 +361,6 @@ async def test_releasing_a_permit_never_acquired_is_an_error() -> None:
         await limiter.acquire().release()
     with pytest.raises(ratekit.errors.PermitError, match="has not been acquired"):
         await limiter.acquire().refund()
-
-
-def test_acquire_builds_the_admission_its_constructor_would(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    """`acquire` sets an admission's fields itself (no class call): to what
-    `Admission.__init__` sets them, whatever the arguments; and builds none from bad
-    arguments (a half-built one would fail in its finalizer)."""
-    unraisable: list[object] = []
-    monkeypatch.setattr(sys, "unraisablehook", unraisable.append)
-    limiter = Limiter(Limits(rpm=100, tpm=10_000), tenants={"a": ratekit.Tenant()})
-    for kwargs in ({}, {"tokens": 5, "timeout": 2.5, "priority": 3, "tenant": "a"}):
-        made = limiter.acquire(**kwargs)  # type: ignore[arg-type]
-        expected = Admission(limiter, made.demand, made._timeout, made._priority, made.tenant)
-        fields = [name for name in Admission.__slots__ if name != "__weakref__"]
-        got = {name: getattr(made, name) for name in fields}
-        assert got == {name: getattr(expected, name) for name in fields} | {
-            "admitted_at_s": got["admitted_at_s"]  # NaN equals no NaN
-        }
-        assert math.isnan(got["admitted_at_s"])
-        assert (made._timeout, made._priority, made.tenant) == (
-            kwargs.get("timeout"),
-            kwargs.get("priority", 0),
-            kwargs.get("tenant"),
-        )
-    for bad in ({"tokens": -1}, {"timeout": -1}, {"priority": 1.5}, {"tenant": 7}):
-        with pytest.raises((ratekit.errors.InvalidCostError, ratekit.errors.InvalidArgumentError)):
-            limiter.acquire(**bad)  # type: ignore[arg-type]
-    gc.collect()
-    assert unraisable == []
 
 
 async def test_a_dropped_permit_gives_its_slot_back_with_a_warning() -> None:

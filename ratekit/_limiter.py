@@ -47,6 +47,7 @@ from .backends._base import (
     Refusal,
     SettlesHere,
     SharedTenants,
+    is_forecast,
 )
 from .backends.memory import MemoryBackend
 
@@ -696,7 +697,7 @@ class Limiter:
         now = self._clock.now()
         if deadline_s is not None:
             left_s = deadline_s - now
-            if left_s <= 0 or (wait_s > left_s and not math.isinf(wait_s)):
+            if left_s <= 0 or (wait_s > left_s and is_forecast(refusal.wait_s, refusal.dimension)):
                 raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
             wait_s = min(wait_s, left_s)
         if seen is not None and tenants.released(tenant, seen):
@@ -759,7 +760,9 @@ class Limiter:
                 if unreachable:
                     if left_s <= 0:
                         raise self._unreachable(timeout_s)
-                elif left_s <= 0 or (wait_s > left_s and not math.isinf(wait_s)):
+                elif left_s <= 0 or (
+                    wait_s > left_s and is_forecast(refusal.wait_s, refusal.dimension)
+                ):
                     raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
                 wait_s = min(wait_s, left_s)
             refusal = None

@@ -45,7 +45,7 @@ from ._events import AccountOut, Event, Hook, Queued
 from ._limits import check_amount, show
 from ._queue import Waiter, WaitQueue
 from ._scheduler import Scheduler
-from .backends._base import OUT, UNAVAILABLE, Refusal
+from .backends._base import OUT, UNAVAILABLE, Refusal, is_forecast
 
 T = TypeVar("T")
 # The end of the dimension a pool's wait names when its account's store is down.
@@ -528,7 +528,7 @@ class Pool:
                     raise BackendUnavailableError(
                         f"no permit within {timeout_s:g} s: the store of {account} was unreachable"
                     )
-            elif left <= 0 or (wait_s > left and not math.isinf(wait_s)):
+            elif left <= 0 or (wait_s > left and is_forecast(wait_s, dimension)):
                 raise AcquireTimeout(timeout_s, wait_s, dimension)
             wait_s = min(wait_s, left)
         await self._clock.wait(event, wait_s)

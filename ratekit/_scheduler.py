@@ -325,14 +325,18 @@ class Scheduler:
         if name.casefold() != self.account.tier.name.casefold():
             self.account.set_tier(name)
 
-    async def _sync_tier(self) -> None:
+    async def _sync_tier(self, timeout_s: float | None = None) -> None:
         """Adopt the tier other pods agreed on, once, before the first admission; with
-        the store down, at a later call (the admission itself follows the store's
-        policy)."""
+        the store down, or not answering within the caller's `timeout_s`, at a later
+        call (the admission itself follows the store's policy and the timeout)."""
         if self._shared is not None:
-            try:
-                name = await self._shared.shared_tier()
-            except BackendUnavailableError:
+            name = None
+            with anyio.move_on_after(math.inf if timeout_s is None else timeout_s) as scope:
+                try:
+                    name = await self._shared.shared_tier()
+                except BackendUnavailableError:
+                    return
+            if scope.cancelled_caught:
                 return
             if name is not None:
                 self._tier_published(name)
@@ -392,7 +396,7 @@ class Scheduler:
         if self.loop_token is None and not self.sync_closed:
             self.loop_token = anyio.lowlevel.current_token()
         if not self._tier_synced:
-            await self._sync_tier()
+            await self._sync_tier(timeout)
         self._emit(Queued(model, priority, tokens, admission.tenant))
         started = self._clock.now()
         await admission

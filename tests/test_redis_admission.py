@@ -33,6 +33,7 @@ import fakeredis
 import pytest
 import trio
 from fakeredis.commands_mixins import server_mixin
+from redis import exceptions as redis_exceptions
 from redis._parsers import _AsyncRESP3Parser
 from redis.asyncio import BlockingConnectionPool, ConnectionPool, Redis
 
@@ -399,6 +400,67 @@ async def test_a_timeout_holds_against_a_server_that_does_not_answer(silent_serv
     await backend.aclose()
     assert 0.75 <= took_s[0.8] < 2.0, took_s
     assert 0.45 <= took_s[0.0] < 2.0, took_s
+
+
+async def test_a_schedulers_first_call_is_bounded_by_its_timeout(silent_server: int) -> None:
+    """A scheduler's first call reads the fleet's tier before its admission: against a
+    server that never answers, that read too ends with the caller's timeout (the tier
+    is read at a later call), not once the link gives the server up."""
+    client = Redis(host="127.0.0.1", port=silent_server)
+    backend = RedisBackend(client, namespace=namespace(), command_timeout_s=2.0)
+    scheduler = ratekit.Scheduler(ratekit.Account("moonshot", tier="tier1"), backend=backend)
+    started = time.monotonic()
+    with anyio.fail_after(5), pytest.raises(ratekit.AcquireTimeout):
+        async with scheduler.slot(timeout=0.5):
+            pass
+    took_s = time.monotonic() - started
+    await backend.aclose()
+    assert took_s < 1.5, took_s
+
+
+async def test_a_caller_with_a_timeout_waits_for_a_slot_released_in_time() -> None:
+    """A full concurrency cap on Redis refuses with a wait bounded by the oldest lease (in
+    case its holder died), which is no forecast: a caller whose timeout is shorter
+    than that waits, and is admitted when the slot is released."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    limiter = ratekit.Limiter(Limits(concurrency=1), backend=backend)
+    held = await limiter.acquire()
+
+    async def release_soon() -> None:
+        await anyio.sleep(0.1)
+        await held.release()
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(release_soon)
+        with anyio.fail_after(5):
+            admission = await limiter.acquire(timeout=2)  # the lease ttl is 10 s
+    await admission.release()
+    await backend.aclose()
+
+
+async def test_an_earlier_version_is_not_looked_for_again_when_the_server_refuses() -> None:
+    """The look for an earlier version's keys, refused by the server (an ACL that allows
+    this version's keys only), is not made again at every call."""
+    backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
+    link = backend._link
+    post = link.post
+    looks: list[tuple[str, ...]] = []
+
+    def refusing(args: tuple[str, ...], script: Any, done: Any) -> bool:
+        if args[0] != "EXISTS":
+            return post(args, script, done)
+        looks.append(args)
+        assert link.loop is not None
+        refused: asyncio.Future[Any] = link.loop.create_future()
+        refused.set_exception(redis_exceptions.NoPermissionError("NOPERM no permissions"))
+        link.loop.call_soon(done, refused)  # as a reply comes: after the post
+        return True
+
+    link.post = refusing  # type: ignore[method-assign]
+    for _ in range(5):
+        assert isinstance(await backend.reserve(Limits(rpm=100), ONE, now()), RedisGrant)
+    assert len(looks) == 1
+    await backend.aclose()
 
 
 # -- every call is cancellable -------------------------------------------------------

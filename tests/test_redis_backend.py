@@ -142,6 +142,31 @@ async def test_a_later_outage_is_waited_out_anew() -> None:
     await backend.aclose()
 
 
+async def test_a_retry_slow_to_fail_is_the_same_outage(caplog: pytest.LogCaptureFixture) -> None:
+    """A retry made when due that takes long to fail (a hung server: a command timeout and
+    a PING) is the same outage: its age runs on, it is logged once, and past
+    `outage_wait_s` the callers get the error."""
+    server = fakeredis.FakeServer()
+    backend = make(server, server_time=False, outage_wait_s=30)
+    clock = FakeClock(BASE_S)
+    limits = Limits(rpm=10)
+    link = backend._link
+    with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
+        server.connected = False
+        assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+        first = link.outage
+        for _ in range(3):
+            # The retry was sent when due; its failure comes 4 s after that.
+            link.retry_at = time.monotonic() - 4.0
+            link.mark_down(ConnectionError("no reply"))
+            clock.advance(12)
+        assert link.outage == first
+        with pytest.raises(ratekit.BackendUnavailableError, match=r"for 36\.0 s"):
+            await backend.reserve(limits, ONE, at(clock))
+    assert sum("is unreachable" in r.getMessage() for r in caplog.records) == 1
+    await backend.aclose()
+
+
 async def test_an_outage_is_aged_on_the_limiters_clock() -> None:
     """The time an outage has been waited out runs on the instants the limiter hands in
     (a fake clock's too): advanced past `outage_wait_s`, the next call raises."""

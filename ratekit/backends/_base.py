@@ -82,6 +82,16 @@ OUT = "out"
 UNAVAILABLE = "unavailable"
 
 
+def is_forecast(wait_s: float, dimension: str) -> bool:
+    """Whether a refusal's wait (`wait_s`, refused on `dimension`) says when the demand
+    fits (a rate's window, a cooldown), so that a caller whose deadline comes first may
+    give up at once. A slot is freed by a release, which may come any time: a shared
+    backend's wait for one (bounded by its oldest lease, in case the holder died) is
+    no forecast, nor is an outage's. A tenant's own dimension ("tenant concurrency")
+    and a pool's ("<account>: concurrency") end the same way."""
+    return not math.isinf(wait_s) and not dimension.endswith(("concurrency", UNAVAILABLE))
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """The backend did not admit; nothing was taken.

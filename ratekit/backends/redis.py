@@ -1035,6 +1035,9 @@ class _Link:
         self.failures = 0
         self.outage = 0
         self.down_at = 0.0  # monotonic s of the outage's first failure
+        # Set when a round trip starts long after the retry was due (nobody tried for
+        # a while: the outage may have ended unseen): its failure begins a new outage.
+        self.stale = False
         # Whether the last failure was the server refusing our credentials: a setting
         # to fix, not an outage to wait out.
         self.refused = False
@@ -1103,9 +1106,12 @@ class _Link:
             return  # another call of the same outage: one failure per retry
         self.loaded = False  # a server back from a restart lacks the scripts
         clock = time.monotonic()
-        if not self.failures or clock > self.retry_at + _BACKOFF_S[-1]:
-            # A new outage: the first failure, or the first after nobody tried for a
-            # while (the last one ended while nothing was sent, so no success said so).
+        stale, self.stale = self.stale, False
+        if not self.failures or stale:
+            # A new outage: the first failure, or the first of a round trip started
+            # after nobody tried for a while (the last outage may have ended while
+            # nothing was sent, so no success said so). A retry that is slow to fail
+            # (a hung server) is the same outage.
             self.outage += 1
             self.failures = 0
             self.down_at = clock
@@ -1125,6 +1131,7 @@ class _Link:
                 self.where,
                 time.monotonic() - self.down_at,
             )
+            self.stale = False
         self.failures = 0
         if self.pending and (self.replayer is None or self.replayer.done()) and not self.closing:
             self.replayer = self.spawn(self._replay())
@@ -1337,6 +1344,8 @@ class _Link:
         if not self.reachable():
             self._fail(batch, _Down())
             return
+        if self.failures and time.monotonic() > self.retry_at + _BACKOFF_S[-1]:
+            self.stale = True
         pause_s = _POOL_RETRY_S[0]
         while True:
             try:
@@ -2018,8 +2027,16 @@ class RedisBackend:
         legacy = _legacy_state_key(self._prefix_root, self.namespace)
 
         def heard(reply: asyncio.Future[Any]) -> None:
-            if reply.cancelled() or reply.exception() is not None:
-                self._legacy_due = 0.0  # unreachable now: asked again at the next call
+            if reply.cancelled():
+                self._legacy_due = 0.0  # never sent: asked again at the next call
+                return
+            error = reply.exception()
+            if error is not None:
+                if _is_outage(error):
+                    self._legacy_due = 0.0  # unreachable now: asked again at the next call
+                else:  # not allowed (an ACL), or not understood: not asked again
+                    self._legacy_due = math.inf
+                    _log.debug("could not look for an earlier version's keys: %r", error)
                 return
             if not reply.result():
                 return

@@ -752,17 +752,17 @@ class Limiter:
                 self._warn_if_stalled(now)
             else:
                 self._full_since_s = None
-            # An outage's wait says when to ask again, not when the head is admitted.
+            # An outage's wait says when to ask again, and a slot's when to look for a
+            # holder that died: neither says when the head is admitted.
             unreachable = self._head_unreachable = refusal.dimension == UNAVAILABLE
-            self._head_eta_s = None if math.isinf(wait_s) or unreachable else now + wait_s
+            forecast = is_forecast(wait_s, refusal.dimension)
+            self._head_eta_s = now + wait_s if forecast else None
             if deadline_s is not None:
                 left_s = deadline_s - now
                 if unreachable:
                     if left_s <= 0:
                         raise self._unreachable(timeout_s)
-                elif left_s <= 0 or (
-                    wait_s > left_s and is_forecast(refusal.wait_s, refusal.dimension)
-                ):
+                elif left_s <= 0 or (forecast and wait_s > left_s):
                     raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
                 wait_s = min(wait_s, left_s)
             refusal = None

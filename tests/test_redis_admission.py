@@ -421,20 +421,29 @@ async def test_a_schedulers_first_call_is_bounded_by_its_timeout(silent_server: 
 async def test_a_caller_with_a_timeout_waits_for_a_slot_released_in_time() -> None:
     """A full concurrency cap on Redis refuses with a wait bounded by the oldest lease (in
     case its holder died), which is no forecast: a caller whose timeout is shorter
-    than that waits, and is admitted when the slot is released."""
+    than that waits, and is admitted when the slot is released; so does a caller queued
+    behind it."""
     backend = RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace())
     limiter = ratekit.Limiter(Limits(concurrency=1), backend=backend)
     held = await limiter.acquire()
+    admitted: list[int] = []
 
     async def release_soon() -> None:
         await anyio.sleep(0.1)
         await held.release()
 
-    async with anyio.create_task_group() as group:
-        group.start_soon(release_soon)
-        with anyio.fail_after(5):
-            admission = await limiter.acquire(timeout=2)  # the lease ttl is 10 s
-    await admission.release()
+    async def caller(index: int) -> None:
+        admission = await limiter.acquire(timeout=2)  # the lease ttl is 10 s
+        admitted.append(index)
+        await admission.release()
+
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            group.start_soon(caller, 0)
+            await anyio.sleep(0.02)
+            group.start_soon(caller, 1)
+            group.start_soon(release_soon)
+    assert admitted == [0, 1]
     await backend.aclose()
 
 

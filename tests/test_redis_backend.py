@@ -135,7 +135,8 @@ async def test_a_later_outage_is_waited_out_anew() -> None:
     server.connected = False
     assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")
     server.connected = True  # back, and nobody asks for a while
-    backend._link.retry_at -= 10.0  # as if ten seconds passed since
+    backend._link.retry_at -= 60.0  # as if a minute passed since
+    backend._link.failed_at -= 60.0
     await asyncio.sleep(0.6)  # longer than outage_wait_s since the first outage began
     server.connected = False
     assert await backend.reserve(limits, ONE, real_now()) == Refusal(ANY, "unavailable")

@@ -172,6 +172,9 @@ _COMMAND_TIMEOUT_RANGE_S = (0.001, 3600.0)
 _OUTAGE_WAIT_RANGE_S = (0.0, 1e6)
 # The shortest wait of a caller kept waiting through an outage, before it asks again.
 _OUTAGE_RETRY_S = 0.01
+# A failure this long after the last one (s), with nothing sent in between, begins a
+# new outage (see `_Link.stale`).
+_NEW_OUTAGE_AFTER_S = 30.0
 # How often a backend looks for the keys of an earlier ratekit version (s).
 _LEGACY_LOOK_S = 60.0
 _MAX_PAUSE_S = 1e7
@@ -1035,9 +1038,13 @@ class _Link:
         self.failures = 0
         self.outage = 0
         self.down_at = 0.0  # monotonic s of the outage's first failure
-        # Set when a round trip starts long after the retry was due (nobody tried for
-        # a while: the outage may have ended unseen): its failure begins a new outage.
+        # Set when a round trip starts `_NEW_OUTAGE_AFTER_S` after the last failure
+        # (`failed_at`, monotonic s) and none is on its way: the outage may have ended
+        # unseen meanwhile, so its failure begins a new one. `sending` counts the round
+        # trips on their way.
         self.stale = False
+        self.failed_at = 0.0
+        self.sending = 0
         # Whether the last failure was the server refusing our credentials: a setting
         # to fix, not an outage to wait out.
         self.refused = False
@@ -1109,9 +1116,9 @@ class _Link:
         stale, self.stale = self.stale, False
         if not self.failures or stale:
             # A new outage: the first failure, or the first of a round trip started
-            # after nobody tried for a while (the last outage may have ended while
-            # nothing was sent, so no success said so). A retry that is slow to fail
-            # (a hung server) is the same outage.
+            # long after the last failure (the last outage may have ended while nothing
+            # was sent, so no success said so). A retry that is slow to fail (a hung
+            # server) or a renewal every few seconds is the same outage.
             self.outage += 1
             self.failures = 0
             self.down_at = clock
@@ -1122,6 +1129,7 @@ class _Link:
             )
         delay = _BACKOFF_S[min(self.failures, len(_BACKOFF_S) - 1)]
         self.failures += 1
+        self.failed_at = clock
         self.retry_at = clock + delay
 
     def mark_up(self) -> None:
@@ -1344,7 +1352,11 @@ class _Link:
         if not self.reachable():
             self._fail(batch, _Down())
             return
-        if self.failures and time.monotonic() > self.retry_at + _BACKOFF_S[-1]:
+        if (
+            self.failures
+            and not self.sending
+            and time.monotonic() - self.failed_at > _NEW_OUTAGE_AFTER_S
+        ):
             self.stale = True
         pause_s = _POOL_RETRY_S[0]
         while True:
@@ -1395,6 +1407,7 @@ class _Link:
         assert task is not None
         watch = _Watch(task)
         watch.handle = self.loop.call_later(self.command_timeout_s, self._check, watch)
+        self.sending += 1
         try:
             replies = await self._pipeline(batch, held)
         except asyncio.CancelledError:
@@ -1404,6 +1417,7 @@ class _Link:
                 ) from None
             raise
         finally:
+            self.sending -= 1
             watch.done = True
             watch.handle.cancel()
         if watch.gave_up:

@@ -319,6 +319,16 @@ async def test_callers_wait_out_a_short_outage_and_go_in_their_order() -> None:
     await backend.aclose()
 
 
+async def _gathered(call: Any, count: int) -> float:
+    """Seconds until `count` tasks of `call`, started at once, have all ended (at most 5)."""
+    started = time.monotonic()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as group:
+            for _ in range(count):
+                group.start_soon(call)
+    return time.monotonic() - started
+
+
 async def test_past_outage_wait_s_every_waiting_caller_gets_the_error() -> None:
     """An outage longer than `outage_wait_s` ends every wait with BackendUnavailableError,
     for the callers queued and for those that come after: none hangs."""
@@ -337,12 +347,7 @@ async def test_past_outage_wait_s_every_waiting_caller_gets_the_error() -> None:
         except ratekit.BackendUnavailableError:
             outcomes.append("unavailable")
 
-    started = time.monotonic()
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as group:
-            for _ in range(20):
-                group.start_soon(call)
-    waited_s = time.monotonic() - started
+    waited_s = await _gathered(call, 20)
     with anyio.fail_after(1), pytest.raises(ratekit.BackendUnavailableError):
         await limiter.acquire()
     assert outcomes == ["unavailable"] * 20
@@ -366,12 +371,7 @@ async def test_a_timeout_that_ends_during_an_outage_raises_backend_unavailable()
         except Exception as error:
             errors.append(error)
 
-    started = time.monotonic()
-    with anyio.fail_after(5):
-        async with anyio.create_task_group() as group:
-            for _ in range(5):
-                group.start_soon(call)
-    waited_s = time.monotonic() - started
+    waited_s = await _gathered(call, 5)
     assert len(errors) == 5
     assert all(isinstance(error, ratekit.BackendUnavailableError) for error in errors), errors
     assert "no permit within 0.3 s" in str(errors[0])

@@ -369,7 +369,11 @@ class Limiter:
         Use as ``async with limiter.acquire(...) as admission:``, or ``admission =
         await limiter.acquire(...)`` followed by ``await admission.release()``.
         `timeout` is in seconds; when the wait the backend predicts is longer,
-        `AcquireTimeout` is raised at once. Bad arguments raise here, in the
+        `AcquireTimeout` is raised at once (a wait for a concurrency slot is never
+        predicted: a release may come any time). With a shared backend, a round trip
+        not answered by the deadline (or half a second, if later) raises
+        `AcquireTimeout` too, and an outage that lasts past it
+        `BackendUnavailableError`. Bad arguments raise here, in the
         caller's own task, before anything is queued: a negative, NaN or infinite
         amount `InvalidCostError`, a demand larger than a whole rate
         `CostExceedsLimitError`, a priority that is not an int or a negative

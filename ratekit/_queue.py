@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import bisect
 import itertools
 import math
 from collections import deque
@@ -31,6 +32,10 @@ class Waiter:
         # In a batch on its way to the backend (as its head or a follower): no other head
         # asks for it meanwhile, so that one caller is never granted twice.
         self.asked = False
+
+
+def _ticket(waiter: Waiter) -> float:
+    return waiter.ticket
 
 
 class WaitQueue:
@@ -82,8 +87,8 @@ class WaitQueue:
     def push(self, priority: int, demand: Any = None, *, ticket: float = math.inf) -> Waiter:
         """Queue a caller behind those of its priority with a smaller `ticket` (its place
         in the order of arrival; default: last); `QueueFullError` when `max_size`
-        callers already wait. O(1) when callers are pushed in order, O(k) for one k
-        places early."""
+        callers already wait. O(1) when callers are pushed in order; else a binary
+        search and one insertion (both in C)."""
         if self.max_size is not None and self.size >= self.max_size:
             raise QueueFullError(self.max_size)
         waiter = Waiter(priority, demand, ticket)
@@ -91,10 +96,7 @@ class WaitQueue:
         if not level or level[-1].ticket <= ticket:
             level.append(waiter)
         else:
-            place = len(level) - 1
-            while place > 0 and level[place - 1].ticket > ticket:
-                place -= 1
-            level.insert(place, waiter)
+            level.insert(bisect.bisect_right(level, ticket, key=_ticket), waiter)
         self._counts[priority] = self._counts.get(priority, 0) + 1
         self.size += 1
         return waiter

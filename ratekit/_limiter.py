@@ -701,7 +701,7 @@ class Limiter:
         now = self._clock.now()
         if deadline_s is not None:
             left_s = deadline_s - now
-            if left_s <= 0 or (wait_s > left_s and is_forecast(refusal.wait_s, refusal.dimension)):
+            if left_s <= 0 or (wait_s > left_s and is_forecast(wait_s, refusal.dimension)):
                 raise AcquireTimeout(timeout_s or 0.0, wait_s, refusal.dimension)
             wait_s = min(wait_s, left_s)
         if seen is not None and tenants.released(tenant, seen):

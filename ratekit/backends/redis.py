@@ -1943,9 +1943,15 @@ class RedisBackend:
             connections=connections,
         )
         self._setup(
-            link, namespace, prefix, lease_ttl, on_unavailable, float(local_share), server_time
+            link,
+            namespace,
+            prefix,
+            lease_ttl,
+            on_unavailable,
+            outage_wait,
+            float(local_share),
+            server_time,
         )
-        self._outage_wait_s = outage_wait
         self._is_root = True
 
     def _setup(
@@ -1955,6 +1961,7 @@ class RedisBackend:
         prefix: str,
         lease_ttl_s: float,
         policy: OnUnavailable,
+        outage_wait_s: float,
         local_share: float,
         server_time: bool,
     ) -> None:
@@ -1966,6 +1973,7 @@ class RedisBackend:
         self._lease_ttl_s = lease_ttl_s
         self._lease_ttl_text = repr(lease_ttl_s)
         self._policy: OnUnavailable = policy
+        self._outage_wait_s = outage_wait_s
         self._local_share = local_share
         self._server_time = server_time
         self._lease_ids = itertools.count()
@@ -1999,7 +2007,6 @@ class RedisBackend:
         # The outage this backend's calls met last (`_Link.outage`), and the instant
         # of the first that met it (see `_outage_age_s`).
         self._outage_seen: tuple[int, float] | None = None
-        self._outage_wait_s = 60.0
 
     def __repr__(self) -> str:
         return f"RedisBackend({self._link.where}, namespace={self.namespace!r})"
@@ -2668,10 +2675,10 @@ class RedisBackend:
             self._prefix_root,
             self._lease_ttl_s,
             self._policy,
+            self._outage_wait_s,
             self._local_share,
             self._server_time,
         )
-        backend._outage_wait_s = self._outage_wait_s
         backend._is_root = False
         backend._tenant_prefix = self._tenant_prefix
         self._children.append(backend)

@@ -3,7 +3,7 @@
 Run from the repository root::
 
     python -m bench.herd [--sizes N,N...] [--quick] [--rounds R] [--processes P]
-                         [--lower-share S] [--json FILE]
+                         [--lower-share S] [--timeout S] [--json FILE]
 
 It starts its own redis-server on a free loopback port (like bench.redis), then,
 for each number N of callers (default 10, 1,000 and 10,000; ``--quick``: 10, 100
@@ -18,7 +18,8 @@ concurrency cap binds):
 Each herd: the whole cap (64 admissions) is held first (by the row's own
 limiter, or for the fleet by this process on the same account), then N callers
 are gathered (``async with limiter.acquire(priority=p): pass``, p = 1 for odd
-indexes, 0 for even), each recording ``time.perf_counter()`` at its grant. Once
+indexes, 0 for even; ``--timeout S`` passes ``timeout=S`` too, for what a deadline
+costs a waiting caller), each recording ``time.perf_counter()`` at its grant. Once
 the limiters' statistics show every caller waiting (each worker says so), the 64
 held admissions are released and the time to the last grant is taken. Measured:
 errors, admissions/s and the time per admission (release to last grant), the time
@@ -210,6 +211,7 @@ async def gather_herd(
     callers: int,
     tally: Tally,
     on_queued: Callable[[], Awaitable[None]],
+    timeout_s: float | None = None,
 ) -> Herd:
     """Gather `callers` callers on `limiter` (whose cap someone holds), wait until they
     all wait, call `on_queued` (which frees the cap, or tells who will), and record
@@ -221,7 +223,7 @@ async def gather_herd(
 
     async def caller(index: int) -> None:
         try:
-            async with limiter.acquire(priority=index % 2):
+            async with limiter.acquire(priority=index % 2, timeout=timeout_s):
                 grants_s.append(time.perf_counter())
                 order.append(index)
         except Exception as exc:
@@ -263,7 +265,9 @@ async def _release(held: Sequence[ratekit.Admission]) -> float:
     return start_s
 
 
-async def _local_herd(limiter: ratekit.Limiter, callers: int, tally: Tally) -> tuple[Herd, float]:
+async def _local_herd(
+    limiter: ratekit.Limiter, callers: int, tally: Tally, timeout_s: float | None
+) -> tuple[Herd, float]:
     """A herd whose cap is held and released by its own limiter: it and the release instant."""
     held = await _hold_cap(limiter)
     released: list[float] = []
@@ -272,7 +276,7 @@ async def _local_herd(limiter: ratekit.Limiter, callers: int, tally: Tally) -> t
         released.append(await _release(held))
 
     try:
-        herd = await gather_herd(limiter, callers, tally, release)
+        herd = await gather_herd(limiter, callers, tally, release, timeout_s)
     finally:
         if not released:
             await _release(held)
@@ -382,21 +386,23 @@ async def _clients(harness: Any) -> int:
     return int((await harness.info("clients"))["connected_clients"])
 
 
-async def memory_herd(callers: int, lower_share: float) -> Sample:
+async def memory_herd(callers: int, lower_share: float, timeout_s: float | None) -> Sample:
     tally = Tally()
     limiter = ratekit.Limiter(_limits(), backend=_counting_memory(tally), lower_share=lower_share)
-    herd, released_s = await _local_herd(limiter, callers, tally)
+    herd, released_s = await _local_herd(limiter, callers, tally, timeout_s)
     return sample(MEMORY, [herd], released_s, None)
 
 
-async def redis_herd(url: str, harness: Any, callers: int, lower_share: float) -> Sample:
+async def redis_herd(
+    url: str, harness: Any, callers: int, lower_share: float, timeout_s: float | None
+) -> Sample:
     await harness.flushall()
     before = await _clients(harness)
     tally = Tally()
     backend = _counting_redis(url, _namespace(), tally)
     try:
         limiter = ratekit.Limiter(_limits(), backend=backend, lower_share=lower_share)
-        herd, released_s = await _local_herd(limiter, callers, tally)
+        herd, released_s = await _local_herd(limiter, callers, tally, timeout_s)
         connections = await _clients(harness) - before
     finally:
         await backend.aclose()
@@ -497,7 +503,12 @@ class Worker:
 
 
 async def fleet_herd(
-    url: str, harness: Any, callers: int, processes: int, lower_share: float
+    url: str,
+    harness: Any,
+    callers: int,
+    processes: int,
+    lower_share: float,
+    timeout_s: float | None,
 ) -> Sample:
     """`callers` spread over `processes` workers on one account; this process holds the
     cap on the same account, releases it once every worker's callers wait, then
@@ -513,7 +524,9 @@ async def fleet_herd(
         held = await _hold_cap(holder)
         for share in _shares(callers, processes):
             spec = {"url": url, "namespace": namespace, "callers": share}
-            workers.append(await Worker.start({**spec, "lower_share": lower_share}))
+            workers.append(
+                await Worker.start({**spec, "lower_share": lower_share, "timeout": timeout_s})
+            )
         await asyncio.gather(*(worker.queued() for worker in workers))
         released_s = await _release(held)
         await holder_backend.aclose()
@@ -540,7 +553,8 @@ async def _worker(spec: dict[str, Any]) -> None:
             sys.stdout.write("queued\n")
             sys.stdout.flush()
 
-        herd = await gather_herd(limiter, int(spec["callers"]), tally, queued)
+        timeout_s = None if spec["timeout"] is None else float(spec["timeout"])
+        herd = await gather_herd(limiter, int(spec["callers"]), tally, queued, timeout_s)
         sys.stdout.write(json.dumps(asdict(herd)) + "\n")
         sys.stdout.flush()
         await asyncio.to_thread(sys.stdin.readline)  # the harness counts connections first
@@ -720,7 +734,8 @@ def report(
         + ", ".join(f"{name} {version}" for name, version in versions.items())
     )
     print(
-        f"{machine}; Limits(concurrency={CAP}, rpm=10**9), lower_share={args.lower_share:g};"
+        f"{machine}; Limits(concurrency={CAP}, rpm=10**9), lower_share={args.lower_share:g},"
+        f" acquire timeout {'none' if args.timeout is None else f'{args.timeout:g} s'};"
         f" {args.rounds} round(s) per cell; redis-server on loopback\n"
     )
     print(table(results))
@@ -758,6 +773,7 @@ def report(
         "rounds": args.rounds,
         "processes": args.processes,
         "lower_share": args.lower_share,
+        "timeout": args.timeout,
         "results": [result.summary() for result in results],
         "verdicts": verdict,
         "elapsed_s": elapsed_s,
@@ -807,6 +823,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=LOWER_SHARE,
         help="the limiters' lower_share (default 0: strict priority; ratekit's own is 0.1)",
     )
+    parser.add_argument(
+        "--timeout",
+        type=float,
+        default=None,
+        metavar="S",
+        help="each caller's acquire(timeout=S) (default: none); long enough that none "
+        "times out, it measures what a deadline costs a waiting caller",
+    )
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write the results here")
     parser.add_argument("--worker", metavar="SPEC", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -825,16 +849,20 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
     try:
         server_version = str((await harness.info("server"))["redis_version"])
         # A warm-up herd of each kind (discarded): imports done, scripts on the server.
-        await memory_herd(WARMUP_CALLERS, args.lower_share)
-        await redis_herd(url, harness, WARMUP_CALLERS, args.lower_share)
+        await memory_herd(WARMUP_CALLERS, args.lower_share, args.timeout)
+        await redis_herd(url, harness, WARMUP_CALLERS, args.lower_share, args.timeout)
         for _ in range(args.rounds):
             for callers in args.sizes:
-                found[MEMORY, callers].append(await memory_herd(callers, args.lower_share))
+                found[MEMORY, callers].append(
+                    await memory_herd(callers, args.lower_share, args.timeout)
+                )
                 found[REDIS, callers].append(
-                    await redis_herd(url, harness, callers, args.lower_share)
+                    await redis_herd(url, harness, callers, args.lower_share, args.timeout)
                 )
                 found[rows[2], callers].append(
-                    await fleet_herd(url, harness, callers, args.processes, args.lower_share)
+                    await fleet_herd(
+                        url, harness, callers, args.processes, args.lower_share, args.timeout
+                    )
                 )
         results = [Result(row, n, found[row, n]) for row in rows for n in args.sizes]
         return report(results, rows, args, server_version, machine, time.perf_counter() - started_s)

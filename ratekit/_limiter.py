@@ -17,7 +17,7 @@ import anyio.lowlevel
 import sniffio
 
 from ._admission import Admission, check_priority, check_timeout
-from ._clock import Clock, Instant, SystemClock
+from ._clock import EXPIRED, Clock, Instant, SystemClock, within
 from ._errors import (
     NO_REPLY,
     AcquireTimeout,
@@ -892,9 +892,10 @@ class Limiter:
         also for a caller that asks not to wait): a reply still on its way then (a hung
         or overloaded server) ends the wait with `AcquireTimeout`; what it would have
         granted is handed back."""
-        with anyio.move_on_after(max(_REPLY_GRACE_S, deadline_s - self._now())):
-            return await attempt
-        raise AcquireTimeout(timeout_s or 0.0, math.inf, NO_REPLY)
+        outcome = await within(attempt, max(_REPLY_GRACE_S, deadline_s - self._now()))
+        if outcome is EXPIRED:
+            raise AcquireTimeout(timeout_s or 0.0, math.inf, NO_REPLY)
+        return outcome
 
     def _unreachable(self, timeout_s: float | None) -> BackendUnavailableError:
         """The error of a caller whose deadline passed while the backend was unreachable

@@ -114,3 +114,80 @@ async def test_a_deadline_runs_on_the_monotonic_clock() -> None:
         await held.release()
     assert outcome == ["admitted"]
     assert not math.isnan(clock.wall())
+
+
+# -- `within`: the real-time bound on a wait (SystemClock.wait, a round trip's bound) --
+
+
+async def test_within_returns_the_result_of_what_ends_in_time() -> None:
+    from ratekit._clock import within
+
+    async def answer() -> int:
+        await anyio.sleep(0)
+        return 42
+
+    assert await within(answer(), 5.0) == 42
+
+
+async def test_within_gives_up_at_its_time_and_cancels_what_it_waited_for() -> None:
+    from ratekit._clock import EXPIRED, within
+
+    cancelled = anyio.Event()
+
+    async def forever() -> None:
+        try:
+            await anyio.sleep(math.inf)
+        except anyio.get_cancelled_exc_class():
+            cancelled.set()
+            raise
+
+    started = time.monotonic()
+    assert await within(forever(), 0.05) is EXPIRED
+    assert time.monotonic() - started < 5.0
+    assert cancelled.is_set()
+
+
+async def test_within_lets_a_timeout_error_of_the_awaited_through() -> None:
+    """A TimeoutError raised by what is awaited (a client's own) is not the bound's."""
+    from ratekit._clock import within
+
+    async def times_out() -> None:
+        await anyio.sleep(0)
+        raise TimeoutError("the awaited's own")
+
+    with pytest.raises(TimeoutError, match="the awaited's own"):
+        await within(times_out(), 5.0)
+
+
+async def test_within_lets_an_outer_cancellation_through() -> None:
+    """A cancel scope around the bound (the caller's own deadline) ends the wait as a
+    cancellation, not as the bound's expiry."""
+    from ratekit._clock import within
+
+    after: list[str] = []
+    with anyio.move_on_after(0.05) as outer:
+        await within(anyio.sleep(math.inf), 60.0)
+        after.append("went on")
+    assert outer.cancelled_caught
+    assert after == []
+
+
+async def test_a_waiting_caller_times_out_and_a_later_one_is_still_served() -> None:
+    """On the real clock: a caller whose timeout passes while it waits for a slot gets
+    AcquireTimeout, and the slot, once released, goes to the next caller."""
+    limiter = Limiter(Limits(concurrency=1))
+    held = await limiter.acquire()
+    with pytest.raises(ratekit.AcquireTimeout):
+        async with limiter.acquire(timeout=0.05):
+            pass
+    served: list[str] = []
+
+    async def later() -> None:
+        async with limiter.acquire(timeout=5):
+            served.append("admitted")
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(later)
+        await anyio.wait_all_tasks_blocked()
+        await held.release()
+    assert served == ["admitted"]

@@ -8,6 +8,7 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 import anyio
+import anyio.lowlevel
 import pytest
 
 import ratekit
@@ -123,7 +124,7 @@ async def test_within_returns_the_result_of_what_ends_in_time() -> None:
     from ratekit._clock import within
 
     async def answer() -> int:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         return 42
 
     assert await within(answer(), 5.0) == 42
@@ -152,7 +153,7 @@ async def test_within_lets_a_timeout_error_of_the_awaited_through() -> None:
     from ratekit._clock import within
 
     async def times_out() -> None:
-        await anyio.sleep(0)
+        await anyio.lowlevel.checkpoint()
         raise TimeoutError("the awaited's own")
 
     with pytest.raises(TimeoutError, match="the awaited's own"):

@@ -192,3 +192,34 @@ async def test_a_waiting_caller_times_out_and_a_later_one_is_still_served() -> N
         await anyio.wait_all_tasks_blocked()
         await held.release()
     assert served == ["admitted"]
+
+
+async def test_a_cancel_scope_that_ends_with_the_acquires_timeout_still_cancels() -> None:
+    """The caller's own scope and its acquire's timeout pass in the same turn of a busy
+    loop: the scope's cancellation wins (the caller leaves the scope as cancelled), it
+    is never taken for the acquire's timeout, and nothing is held afterwards."""
+    limiter = Limiter(Limits(concurrency=1))
+    held = await limiter.acquire()
+    for inner_s, outer_s in [(0.04, 0.05), (0.05, 0.04)]:
+        outcome: list[str] = []
+
+        async def caller(
+            inner_s: float = inner_s, outer_s: float = outer_s, outcome: list[str] = outcome
+        ) -> None:
+            try:
+                with anyio.move_on_after(outer_s) as scope:
+                    async with limiter.acquire(timeout=inner_s):
+                        outcome.append("admitted")
+                outcome.append(f"cancelled_caught={scope.cancelled_caught}")
+            except ratekit.AcquireTimeout:
+                outcome.append("AcquireTimeout")
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(caller)
+            await anyio.wait_all_tasks_blocked()
+            time.sleep(0.1)  # noqa: ASYNC251  # the loop is busy past both deadlines
+        assert outcome == ["cancelled_caught=True"], (inner_s, outer_s)
+    await held.release()
+    stats = await limiter.statistics()
+    assert stats.dimension("concurrency").used == 0
+    assert stats.waiting == 0

@@ -27,6 +27,7 @@ SPEED = 60
 # connections at once ~0.1 s (in real time as in compressed time). A client wrapped
 # with `ratekit.wrap` counts from the moment each request is written and needs no
 # margin of its own (see openai_client.py).
+MARGIN_S = 0.25
 BATCH = 240
 INTERACTIVE = 40
 
@@ -46,7 +47,9 @@ async def main() -> int:
     # The provider in a process of its own, as a real one is: its arrival stamps never
     # wait for this process's event loop.
     async with ProviderProcess(tier.limits(), speed=SPEED, latency_s=1.2) as server:
-        account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED)
+        account = ratekit.Account(
+            "moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S
+        )
         scheduler = ratekit.Scheduler(account)
         client = openai.AsyncOpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0)
         # A plain client's first request is slow (the SDK's lazy imports and setup: up to

@@ -26,6 +26,7 @@ from ratekit.backends.redis import RedisBackend
 from ratekit.testing import SERVER_HINT, MockProvider, RedisServer, redis_server_binary
 
 SPEED = 60  # a minute of the provider's limits lasts a second
+MARGIN_S = 0.25  # admission to arrival at the provider, for cold clients in busy processes
 PROCESSES = 4
 TASKS_PER_PROCESS = 20
 CALLS_PER_TASK = 5
@@ -33,7 +34,7 @@ CALLS_PER_TASK = 5
 
 async def work(redis_url: str, namespace: str, base_url: str) -> dict[str, int]:
     """One process: TASKS_PER_PROCESS tasks, each making CALLS_PER_TASK calls."""
-    account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED)
+    account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S)
     backend = RedisBackend(redis_url, namespace=namespace)
     scheduler = ratekit.Scheduler(account, backend=backend)
     raw = openai.AsyncOpenAI(base_url=base_url, api_key="not-needed", max_retries=0)

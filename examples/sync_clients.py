@@ -35,6 +35,7 @@ SPEED = 60  # a minute of the provider's limits lasts a second
 # A wrapped call counts from the moment its request is written, and a provider in
 # another process needs no margin. This one shares the process, and its event loop
 # waits for the GIL behind 32 busy threads before it stamps an arrival: up to ~0.1 s.
+MARGIN_S = 0.25
 THREADS = 32
 ROUNDS = 60  # each round: one call of each kind
 MODEL = "kimi-k2"
@@ -70,7 +71,9 @@ def main() -> int:
     with start_blocking_portal() as provider_loop:
         server = MockProvider(tier.limits(), speed=SPEED, latency_s=1.2)
         provider_loop.call(server.start)
-        account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED)
+        account = ratekit.Account(
+            "moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S
+        )
         raw_chat = openai.OpenAI(base_url=server.base_url, api_key="not-needed")
         raw_messages = anthropic.Anthropic(base_url=server.anthropic_base_url, api_key="not-needed")
         try:

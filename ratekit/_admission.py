@@ -279,12 +279,13 @@ class Admission:
 
     async def sent(self) -> None:
         """Say that the request leaves the process now: what the admission counted is
-        counted from now on, so that a request sent long after its admission (a busy
-        event loop, a slow client) is not counted as if it had arrived at once.
+        counted from now on, as the provider counts it from its arrival.
 
-        Wrapped clients and `RateLimitedTransport` call it once the request's body
-        has been written. Call it yourself when a request leaves well after
-        ``acquire`` returns. Does nothing for an admission not held.
+        An admission never said sent counts from its end instead (its request had
+        arrived by then at the latest): always safe, but it holds its share of the
+        window for the call's duration. Wrapped clients and `RateLimitedTransport`
+        call it once the request's body has been written; call it yourself as your
+        request leaves. Does nothing for an admission not held.
         """
         if self._state == _GRANTED:
             grant = self._grant

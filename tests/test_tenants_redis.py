@@ -745,7 +745,7 @@ async def test_a_tenant_leaves_a_few_bytes_that_expire(redis_server: RedisServer
         async with limiter.acquire(tokens=100):
             pass
         await backend.drain()  # the settle is posted, not awaited
-        assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("1", 7), ("1", 10)]
+        assert [(args[2], len(args) - 3 - int(args[2])) for args in sent] == [("1", 7), ("1", 11)]
         prefix = backend.key_prefix()
         keys = {key.decode() async for key in client.scan_iter(match=f"ratekit:{{{namespace}}}:*")}
         assert keys == {f"{prefix}:state"}

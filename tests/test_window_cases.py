@@ -16,7 +16,7 @@ from ratekit.backends.redis import RedisBackend
 from ratekit.clock import FakeClock, Instant
 
 from .conftest import BackendFactory
-from .window_cases import BASE_S, CASES, Case, Pause, Refund, Reserve, Settle, Used
+from .window_cases import BASE_S, CASES, Case, Pause, Refund, Reserve, Sent, Settle, Used
 
 pytestmark = pytest.mark.anyio
 
@@ -62,6 +62,8 @@ async def run_case(case: Case, backend: Backend, clock: FakeClock) -> None:
             else:
                 assert isinstance(outcome, Refusal), f"{where}: admitted"
                 _check_wait(backend, step, outcome, where)
+        elif isinstance(step, Sent):
+            await backend.restamp(case.limits, grants[step.grant], now)
         elif isinstance(step, Settle):
             actual = _actual(demands[step.grant], step)
             await backend.settle(case.limits, grants[step.grant], actual, now)

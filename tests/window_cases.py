@@ -10,6 +10,9 @@ Steps:
   ``wait_s=None`` the demand must be admitted and is remembered as `grant`;
   otherwise it must be refused with exactly that wait (``inf``: only a release
   helps) on that dimension.
+- ``Sent(t, grant)``: the call's request leaves now; what it recorded counts from
+  now (`restamp`). A call never said to leave counts what it recorded from its end
+  (its settle), when the request had arrived at the latest.
 - ``Settle(t, grant, tokens, cost)``: the call's real usage; ``Refund(t, grant)``.
 - ``Used(t, dimension, amount, in_flight)``: what the statistics say.
 - ``Pause(t, seconds, lasts_s, out=False)``: a provider's cooldown (with `out`: the
@@ -56,6 +59,12 @@ class Refund:
 
 
 @dataclass(frozen=True)
+class Sent:
+    t: float
+    grant: str
+
+
+@dataclass(frozen=True)
 class Used:
     t: float
     dimension: str
@@ -71,7 +80,7 @@ class Pause:
     out: bool = False
 
 
-Step = Reserve | Settle | Refund | Used | Pause
+Step = Reserve | Sent | Settle | Refund | Used | Pause
 
 
 @dataclass(frozen=True)
@@ -187,6 +196,7 @@ CASES: list[Case] = [
         _tokens(TokenCounting.RESERVE),
         [
             Reserve(0.0, "a", tokens=600),
+            Sent(0.0, "a"),
             Settle(10.0, "a", tokens=200),
             Used(10.0, "tpm", 600),
             Reserve(11.0, tokens=500, wait_s=50.0, dimension="tpm"),
@@ -227,6 +237,7 @@ CASES: list[Case] = [
         _tokens(TokenCounting.SAFE),
         [
             Reserve(0.0, "a", tokens=600),
+            Sent(0.0, "a"),
             Settle(10.0, "a", tokens=200),
             # 400 stays in slice 0 (until 61 s), 200 lands in slice 10 (until 71 s).
             Used(10.0, "tpm", 600),
@@ -318,6 +329,85 @@ CASES: list[Case] = [
             Pause(1.0, 60.0, lasts_s=119.0, out=True),
             Reserve(2.0, wait_s=118.0, dimension="out"),
             Reserve(120.0, "a"),
+        ],
+    ),
+    Case(
+        "rpm: a call never said to leave counts from its end",
+        Limits(rpm=1),
+        [
+            Reserve(0.0, "a"),
+            # Ended in slice 5: its request had arrived by then, counted until 66 s.
+            Settle(5.5, "a"),
+            Used(5.5, "rpm", 1),
+            Reserve(61.0, wait_s=5.0, dimension="rpm"),
+            Reserve(66.0, "b"),
+        ],
+    ),
+    Case(
+        "rpm: a call said to leave counts from then, and its end moves nothing",
+        Limits(rpm=1),
+        [
+            Reserve(0.0, "a"),
+            Sent(2.5, "a"),
+            Settle(5.5, "a"),
+            # Counted from slice 2: until 63 s.
+            Reserve(61.0, wait_s=2.0, dimension="rpm"),
+            Reserve(63.0, "b"),
+        ],
+    ),
+    Case(
+        "rpm: a call that ends in its admission's slice counts from there",
+        Limits(rpm=1),
+        [
+            Reserve(0.25, "a"),
+            Settle(0.75, "a"),
+            Reserve(60.5, wait_s=0.5, dimension="rpm"),
+            Reserve(61.0, "b"),
+        ],
+    ),
+    Case(
+        "rpm: a refund of a call never said to leave gives its slice back at once",
+        Limits(rpm=1),
+        [
+            Reserve(0.0, "a"),
+            Refund(5.5, "a"),
+            Used(5.5, "rpm", 0),
+            Reserve(5.5, "b"),
+        ],
+    ),
+    Case(
+        "reserve mode: a call never said to leave counts its reservation from its end",
+        _tokens(TokenCounting.RESERVE),
+        [
+            Reserve(0.0, "a", tokens=600),
+            Settle(10.0, "a", tokens=200),
+            Used(10.0, "tpm", 600),
+            # Moved to slice 10: until 71 s.
+            Reserve(61.0, tokens=500, wait_s=10.0, dimension="tpm"),
+            Reserve(71.0, "b", tokens=1000),
+        ],
+    ),
+    Case(
+        "safe mode: a call never said to leave counts its remainder from its end",
+        _tokens(TokenCounting.SAFE),
+        [
+            Reserve(0.0, "a", tokens=600),
+            Settle(10.0, "a", tokens=200),
+            # The remainder (400) and the usage (200) both count in slice 10.
+            Used(10.0, "tpm", 600),
+            Reserve(61.0, tokens=500, wait_s=10.0, dimension="tpm"),
+            Reserve(71.0, "b", tokens=1000),
+        ],
+    ),
+    Case(
+        "usage mode: a call never said to leave counts as it does when sent",
+        _tokens(TokenCounting.USAGE),
+        [
+            Reserve(0.0, "a", tokens=600),
+            Settle(10.0, "a", tokens=200),
+            Used(10.0, "tpm", 200),
+            Reserve(11.0, "b", tokens=800),
+            Reserve(12.0, tokens=1, wait_s=59.0, dimension="tpm"),
         ],
     ),
 ]

@@ -82,9 +82,11 @@ class _Binding:
         self.calendars = [window for window in windows if isinstance(window, CalendarWindow)]
         # The uncontended path (None: a calendar day or pacing, which take the general one).
         self.plan = self._plan()
-        # Whether `end_now` needs the instant of the end: only a window that holds an
-        # amount until settle (`FastPlan.held`) records anything then.
-        self.ends_timed = self.plan is not None and bool(self.plan.held)
+        # Whether `end_now` needs the instant of the end: a window that holds an amount
+        # until settle (`FastPlan.held`) records it then, and what a window recorded at
+        # admission counts from the end when the request was never said to leave
+        # (`MemoryGrant.sent`).
+        self.ends_timed = self.plan is not None and bool(self.plan.taken)
 
     def _plan(self) -> FastPlan | None:
         taken: list[tuple[SlicedWindow, int, int]] = []
@@ -104,7 +106,7 @@ class MemoryGrant:
     first time it is needed: the same tuples the general path would have kept.
     """
 
-    __slots__ = ("_entries", "admitted_s", "binding", "demand", "settled", "slot")
+    __slots__ = ("_entries", "admitted_s", "binding", "demand", "sent", "settled", "slot")
 
     def __init__(
         self,
@@ -117,6 +119,10 @@ class MemoryGrant:
         self._entries = entries
         # Settled or refunded: a second settle of the same grant changes nothing.
         self.settled = False
+        # Whether its request was said to leave (`restamp_now`): what it recorded counts
+        # from then. One never said to counts from its end: the request had arrived by
+        # then at the latest.
+        self.sent = False
         # Whether it counts as a call in flight (see `takes_no_slot`).
         self.slot = slot
         # For a grant of the uncontended path (`entries` None until derived): when it
@@ -231,8 +237,9 @@ class MemoryBackend:
         """End a grant of `admit_now` with the real usage `actual` at `now` in a few counter
         updates, as `settle_now` would: when the limits it was admitted under are the
         ones bound now (no other limits changed its windows since), `actual` counts no
-        tokens of the provider's (`counted` NaN), and each window that holds is still
-        in its newest slice, the admission's. False, with nothing changed, otherwise
+        tokens of the provider's (`counted` NaN), and `now` is still in the admission's
+        slice, the newest, of each window it took from (or, for a window that holds,
+        nothing is recorded at the end). False, with nothing changed, otherwise
         (a refund included): then `settle_now(grant_of(grant), ...)` ends it. `now` may
         be NaN (the clock not read) when the grant's binding does not `ends_timed`."""
         binding, admitted_s, demand = grant
@@ -240,6 +247,15 @@ class MemoryBackend:
             return False
         plan = binding.plan
         assert plan is not None, "a grant of the uncontended path"
+        # Never said to leave (a grant of this path is not restamped), what it recorded
+        # counts from the end: nothing to do while the end is in the admission's slice.
+        for window, position, holds in plan.taken:
+            if (
+                not holds
+                and demand[position]
+                and not window._last_start_s <= admitted_s <= now < window._last_end_s
+            ):
+                return False
         held = plan.held
         if held:
             for window, position, safe in held:
@@ -334,6 +350,9 @@ class MemoryBackend:
         """`settle` at an explicit instant; only the first settle of a grant counts."""
         if grant.settled:
             return
+        if actual is not None and not grant.sent:
+            # Never said to leave: the request had arrived by its end, counted from then.
+            self.restamp_now(grant, now)
         grant.settled = True
         binding = grant.binding
         if binding is not None and grant._entries is None:
@@ -376,6 +395,7 @@ class MemoryBackend:
         admission counts from now, as the provider counts it from arrival."""
         if grant.settled:
             return
+        grant.sent = True
         entries = grant.entries
         for i, (window, position, kind, index, amount) in enumerate(entries):
             if kind == RECORDED:

@@ -506,6 +506,7 @@ class RedisGrant:
         "indexes",
         "lease_id",
         "local",
+        "sent",
         "settled",
         "tenant",
     )
@@ -531,6 +532,9 @@ class RedisGrant:
         self.tenant = tenant
         # Settled, refunded or abandoned: only the first one counts.
         self.settled = False
+        # Whether its request was said to leave (`RedisBackend.restamp` done): what it
+        # recorded counts from then. One never said to counts from its end.
+        self.sent = False
         # (the account's clock, this process's monotonic clock) at the admission.
         self.admitted = (math.nan, math.nan)
 
@@ -727,9 +731,9 @@ class _Settles:
 
     # Where the arguments of one admission are in a settle's EVALSHA (see settle.lua):
     # its lease id, refund flag, amounts reserved and used, slice indexes, tokens
-    # counted (ARGV[3], [5], [7], [8], [9], [10]; after "EVALSHA", the sha, the key
-    # count and the key).
-    OWN = (6, 8, 10, 11, 12, 13)
+    # counted, end (ARGV[3], [5], [7], [8], [9], [10], [11]; after "EVALSHA", the sha,
+    # the key count and the key).
+    OWN = (6, 8, 10, 11, 12, 13, 14)
 
     def __init__(self, key: tuple[str, ...], groups: dict[tuple[str, ...], _Settles]) -> None:
         self.key = key
@@ -2331,6 +2335,7 @@ class RedisBackend:
             return
         binding = grant.binding
         if binding is None or not self._slices_passed(grant, now.mono):
+            grant.sent = True  # still in the admission's slices: counted from there
             return
         account_s, local_s = grant.admitted
         wall = self._wall(now)
@@ -2360,6 +2365,7 @@ class RedisBackend:
                 _log.warning("ratekit could not restamp an admission on Redis: %r", exc)
             return
         if not grant.settled:
+            grant.sent = True
             indexes = [_text(index) for index in reply]
             windows = len(binding.rates)
             grant.indexes = indexes[:windows]
@@ -2421,11 +2427,16 @@ class RedisBackend:
         binding = grant.binding
         if binding is None:  # admitted while failing open: nothing was counted
             return None
-        if grant.lease_id == NO_LEASE and actual is not None:
+        left = "-"
+        if actual is not None and not grant.sent and self._slices_passed(grant, now.mono):
+            # Never said to leave, and ended in a later slice: counted from its end.
+            account_s, local_s = grant.admitted
+            left = "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s))
+        elif grant.lease_id == NO_LEASE and actual is not None:
             return None  # only requests were counted, and the call was sent: all final
         self._live.pop(grant.lease_id, None)
         return self._settle_command(
-            binding, grant.lease_id, grant.demand, grant.indexes, actual, now, grant.tenant
+            binding, grant.lease_id, grant.demand, grant.indexes, actual, now, grant.tenant, left
         )
 
     def _settle_command(
@@ -2437,9 +2448,10 @@ class RedisBackend:
         actual: Demand | None,
         now: Instant | None,
         tenant: _TenantPart | None = None,
+        left: str = "-",
     ) -> tuple[str, ...]:
         """The SETTLE of an admission made under `binding` (and of its `tenant`'s part),
-        under the limits in force."""
+        under the limits in force; `left` is settle.lua's ARGV[11]."""
         real = actual if actual is not None else demand
         wall = self._wall(now)
         keys = binding.keys
@@ -2454,6 +2466,7 @@ class RedisBackend:
             _amounts(real),
             " ".join(indexes),
             "" if actual is None or math.isnan(actual.counted) else repr(actual.counted),
+            left,
         ]
         if tenant is not None:
             keys = [*keys, *tenant.keys]

@@ -760,6 +760,27 @@ local function refund(w, index, amount)
   add_to(w, index, -amount)
 end
 
+-- Counts what window w recorded for an admission in slice `index` (`amount`, taken as
+-- w.take says) from instant `at_s` instead, if that is in a later slice: the request it
+-- stands for left then (sent.lua), or was never said to leave and had arrived by its
+-- end (settle.lua). Counted then even if slice `index` expired meanwhile: the provider
+-- counts it from its arrival. A calendar day keeps the admission's day; a window that
+-- holds until settle records nothing before it. Returns the slice it counts in.
+local function move_to(w, index, amount, at_s)
+  if w.calendar or w.take == 1 then
+    return index
+  end
+  local moved = math.floor(at_s / w.slice_s)
+  if moved <= index then
+    return index
+  end
+  if w.take == 0 and amount > 0 then
+    refund(w, index, amount)
+    add_to(w, moved, amount)
+  end
+  return moved
+end
+
 -- Holds and leases -----------------------------------------------------------------
 
 -- Holds `amount` for the call of `lease_id` until its settle (or its lease lapses).

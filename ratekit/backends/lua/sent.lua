@@ -52,17 +52,10 @@ local sent_at = math.min(tonumber(ARGV[7]) or now, now)
 -- new indexes go to result from `at` on.
 local function move(list, list_indexes, at)
   for i, w in ipairs(list) do
-    local amount, index = reserved[w.position], list_indexes[i]
-    if not w.calendar and (w.take == 0 or w.take == 2) then
-      local moved = math.floor(sent_at / w.slice_s)
-      if moved > index then
-        if w.take == 0 and amount > 0 then
-          -- Counted from now even if its slice expired meanwhile: the provider counts it.
-          refund(w, index, amount)
-          add_to(w, moved, amount)
-        end
-        result[at + i] = fmt(moved)
-      end
+    local index = list_indexes[i]
+    local moved = move_to(w, index, reserved[w.position], sent_at)
+    if moved ~= index then
+      result[at + i] = fmt(moved)
     end
   end
 end

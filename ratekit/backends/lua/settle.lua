@@ -15,12 +15,16 @@
 -- ARGV[9]      the slice index of the admission per window, apart by spaces
 -- ARGV[10]     the tokens the provider counted at arrival when its answer told, else ""
 --              (replaces the token estimate where the reservation is kept)
--- ARGV[11..14] only with a tenant: its four arguments (see parse_tenants)
--- ARGV[15]     only with a tenant: the slice index of the admission per tenant window
--- ARGV[16]     only with a tenant: its name, told with the release
+-- ARGV[11]     "-", or for a call whose request was never said to leave (sent.lua) and
+--              that ended in a later slice than its admission's: the instant of its
+--              end on the account's clock, as the client reckons it ("": now), which
+--              what it recorded counts from (the request had arrived by then)
+-- ARGV[12..15] only with a tenant: its four arguments (see parse_tenants)
+-- ARGV[16]     only with a tenant: the slice index of the admission per tenant window
+-- ARGV[17]     only with a tenant: its name, told with the release
 -- Several admissions without tenants are settled in one run, in order, as if each
--- were settled alone at the same instant: ARGV[3], [5], [7], [8], [9] and [10] then
--- hold one value per admission, apart by "|".
+-- were settled alone at the same instant: ARGV[3], [5], [7], [8], [9], [10] and [11]
+-- then hold one value per admission, apart by "|".
 -- Returns 1 if the lease was still live, 0 if it had lapsed (its holds were freed);
 -- for several admissions, a list of those.
 --
@@ -45,6 +49,7 @@ local reserves = many and split(ARGV[7]) or {ARGV[7]}
 local uses = many and split(ARGV[8]) or {ARGV[8]}
 local slices = many and split(ARGV[9]) or {ARGV[9]}
 local counts = many and split(ARGV[10]) or {ARGV[10]}
+local lefts = many and split(ARGV[11]) or {ARGV[11]}
 local windows = parse_specs(ARGV[6], ACCOUNT)
 -- A list of this call's own (base_fields' is shared): the leases and holds are read
 -- with them.
@@ -64,8 +69,9 @@ read(ACCOUNT, fields, at)
 local now, wall = clock(ARGV[1])
 prepare_all(ACCOUNT, windows, now, wall)
 
--- The admission being settled (set for each in turn).
-local lease_id, refunding, reserved, used, counted
+-- The admission being settled (set for each in turn): left is the instant its request
+-- counts from when it was never said to leave (see ARGV[11]), else nil.
+local lease_id, refunding, reserved, used, counted, left
 
 -- Ends the lease of the admission on state s: 1 if it was there, else 0.
 local function free(s)
@@ -88,6 +94,12 @@ end
 -- lost) or lapsed, and what it recorded stays counted (never less than was sent).
 -- An admission without a lease is refunded once by its client and never resent.
 local function settle(list, indexes, live)
+  if left and live == 1 then
+    -- Counted from its end first (a lease gone was settled or reclaimed before).
+    for i, w in ipairs(list) do
+      indexes[i] = move_to(w, indexes[i], reserved[w.position], left)
+    end
+  end
   for i, w in ipairs(list) do
     local amount, real, index = reserved[w.position], used[w.position], indexes[i]
     -- What the reservation was, as the provider counted it when it said (tokens only;
@@ -125,6 +137,10 @@ for k = 1, #lease_ids do
   lease_id, refunding = lease_ids[k], refunds[k] == '1'
   reserved, used = parse_amounts(reserves[k]), parse_amounts(uses[k])
   counted = tonumber(counts[k])
+  left = nil
+  if lefts[k] ~= '-' and not refunding then
+    left = math.min(tonumber(lefts[k]) or now, now)
+  end
   local live = free(ACCOUNT)
   settle(windows, parse_amounts(slices[k]), live)
   lives[k] = live
@@ -134,7 +150,7 @@ finish(ACCOUNT, now, key_ttl_ms, ARGV[1])
 local notice = table.concat(lease_ids, ' ')
 if #KEYS > 1 then
   local live = lives[1]
-  local t = parse_tenants(KEYS, ARGV, 11, now, wall)[1]
+  local t = parse_tenants(KEYS, ARGV, 12, now, wall)[1]
   if lease_id ~= '-' then
     local holds = {t.slot and lease_field(lease_id) or nil}
     for _, w in ipairs(t.windows) do
@@ -149,9 +165,9 @@ if #KEYS > 1 then
   if t.slot then
     own = free(t.s)
   end
-  settle(t.windows, parse_amounts(ARGV[15]), own)
+  settle(t.windows, parse_amounts(ARGV[16]), own)
   finish(t.s, now, t.ttl_ms, ARGV[1])
-  notice = lease_id .. '\n' .. ARGV[16]
+  notice = lease_id .. '\n' .. ARGV[17]
 end
 -- Announce the release only while some caller waits: nobody listens otherwise. An
 -- admission without a lease frees something only when it is refunded.

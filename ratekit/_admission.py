@@ -19,7 +19,7 @@ from collections.abc import Generator
 from types import TracebackType
 from typing import Any, Protocol
 
-from ._errors import InvalidArgumentError, PermitError
+from ._errors import InvalidArgumentError, InvalidCostError, PermitError
 from ._limits import MAX_AMOUNT, check_amount
 from .backends._base import Demand, Grant, Refusal
 
@@ -73,8 +73,14 @@ def check_priority(priority: object) -> int:
 
 
 def check_timeout(timeout: object) -> float | None:
-    """`timeout` as given to an acquire: None (no bound) or finite seconds >= 0."""
-    return None if timeout is None else check_amount("timeout", timeout)
+    """`timeout` as given to an acquire: None (no bound) or finite seconds >= 0; else
+    `InvalidArgumentError` (a timeout is an argument, not an amount)."""
+    if timeout is None:
+        return None
+    try:
+        return check_amount("timeout", timeout)
+    except InvalidCostError as exc:
+        raise InvalidArgumentError(str(exc)) from None
 
 
 class Admission:
@@ -183,6 +189,8 @@ class Admission:
         # the block is where the task yields); anything else waits in the limiter.
         # `_start` and `_try_now`, inlined: this is the hot path of every call.
         if self._state != _NEW:
+            if self._state == _GRANTED:
+                return self  # granted already (`try_acquire`, or awaited): the block ends it
             self._start()  # raises
         self._state = _ACQUIRING
         if self._timeout is None:

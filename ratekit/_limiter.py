@@ -52,6 +52,10 @@ from .backends._base import (
 from .backends.memory import MemoryBackend
 
 _log = logging.getLogger("ratekit")
+
+# The running asyncio loop or None, without raising (a C function): the uncontended
+# path's check that it runs on its limiter's loop.
+_running_loop = asyncio._get_running_loop
 _T = TypeVar("_T")
 # The least time a caller with a timeout gives one round trip to a shared backend (s).
 _REPLY_GRACE_S = 0.5
@@ -181,6 +185,7 @@ class Limiter:
     __slots__ = (
         "__weakref__",
         "_aged",
+        "_asyncio_loop",
         "_backend",
         "_calendar",
         "_ceilings",
@@ -295,6 +300,9 @@ class Limiter:
         self._stall_warned_s = -math.inf
         # The event loop of the first admission: dropped admissions end there.
         self._loop: _Loop | None = None
+        # The asyncio loop of `_loop` (None under trio): what the uncontended path
+        # compares the running loop with, at the cost of one C call.
+        self._asyncio_loop: asyncio.AbstractEventLoop | None = None
         # Told when capacity may be freed. A shared backend's notices cross the
         # network, so the limiter listens from the start; the memory backend is
         # listened to only while someone waits (its releases are synchronous, so
@@ -485,7 +493,9 @@ class Limiter:
         if local is None or self._queue.size:
             return None
         if self._loop is None:
-            self._loop = _Loop.current()
+            self._own_loop(_Loop.current())
+        elif _running_loop() is not self._asyncio_loop:
+            self._check_loop()  # another running loop: raises (or a closed one hands over)
         now = self._now()
         if tenant is None:
             lane = self._lane
@@ -556,16 +566,21 @@ class Limiter:
 
     def _granted(self, admission: Admission) -> None:
         if self._loop is None:
-            self._loop = _Loop.current()
+            self._own_loop(_Loop.current())
+
+    def _own_loop(self, loop: _Loop) -> None:
+        self._loop = loop
+        identity = loop.identity
+        self._asyncio_loop = identity if isinstance(identity, asyncio.AbstractEventLoop) else None
 
     def _check_loop(self) -> None:
         """Refuse use from a second running loop (a closed first loop hands over)."""
         loop = self._loop
         if loop is None:
-            self._loop = _Loop.current()
+            self._own_loop(_Loop.current())
         elif not loop.is_current():
             if loop.is_closed() and not self._queue:
-                self._loop = _Loop.current()
+                self._own_loop(_Loop.current())
                 return
             raise WrongEventLoopError(
                 f"{self!r} belongs to the event loop it was first used in ({loop.identity!r}) "

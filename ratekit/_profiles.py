@@ -236,7 +236,7 @@ class Tier:
         return LimitNumbers(**strictest)
 
     def _model_override(self, model: str) -> LimitNumbers | None:
-        found = _named(self.models, model)
+        found = _named(self.models, model, "model")
         if found is not None:
             return found.limits_for(self.name)
         if any(candidate.limits_by_tier for candidate in self.models):
@@ -249,8 +249,11 @@ class Tier:
 _Entry = TypeVar("_Entry", Tier, Model)
 
 
-def _named(entries: Iterable[_Entry], name: str) -> _Entry | None:
-    """The first of `entries` called `name`, names compared case-insensitively."""
+def _named(entries: Iterable[_Entry], name: str, what: str) -> _Entry | None:
+    """The first of `entries` called `name`, names compared case-insensitively; `what`
+    names the argument (`InvalidArgumentError` when `name` is not a string)."""
+    if not isinstance(name, str):
+        raise InvalidArgumentError(f"{what} must be a name (a str), got {name!r}")
     wanted = name.casefold()
     return next((entry for entry in entries if entry.name.casefold() == wanted), None)
 
@@ -388,7 +391,7 @@ class Profile:
 
     def tier(self, name: str) -> Tier:
         """The tier called `name` (case-insensitive); `UnknownTierError` lists the others."""
-        found = _named(self.tiers, name)
+        found = _named(self.tiers, name, "tier")
         if found is None:
             raise UnknownTierError(name, self.tier_names, f"profile {self.provider!r}")
         return found
@@ -406,7 +409,7 @@ class Profile:
 
     def model(self, name: str) -> Model:
         """The listed model `name` (case-insensitive); `UnknownModelError` lists the others."""
-        found = _named(self.models, name)
+        found = _named(self.models, name, "model")
         if found is None:
             raise UnknownModelError(name, self.model_names, f"profile {self.provider!r}")
         return found

@@ -306,9 +306,32 @@ async def test_timeout_is_validated() -> None:
     """A negative timeout is a typed error naming it."""
     limiter, _ = make(Limits(rpm=3))
     with pytest.raises(
-        ratekit.errors.InvalidCostError, match=r"^timeout must be non-negative, got -1$"
+        ratekit.errors.InvalidArgumentError, match=r"^timeout must be non-negative, got -1$"
     ):
         await limiter.acquire(timeout=-1)
+    with pytest.raises(ratekit.errors.InvalidArgumentError, match=r"^timeout must be a number"):
+        await limiter.acquire(timeout="x")  # type: ignore[arg-type]
+
+
+async def test_an_admission_granted_by_try_acquire_is_ended_by_its_block() -> None:
+    """``async with`` an admission already granted (by `try_acquire`, or awaited) holds it
+    for the block and ends it there, as the docs say."""
+    limiter, _ = make(Limits(rpm=3, concurrency=1))
+    admission = await limiter.try_acquire()
+    assert admission is not None
+    async with admission as held:
+        assert held is admission
+        assert held.granted
+        assert (await limiter.statistics()).dimension("concurrency").in_flight == 1
+    assert not admission.granted
+    assert (await limiter.statistics()).dimension("concurrency").in_flight == 0
+    awaited = await limiter.acquire()
+    async with awaited:
+        pass
+    assert (await limiter.statistics()).dimension("concurrency").in_flight == 0
+    with pytest.raises(ratekit.errors.PermitError):
+        async with awaited:
+            pass
 
 
 async def test_permit_misuse_is_a_typed_error() -> None:
@@ -418,3 +441,55 @@ async def test_a_concurrency_cap_held_for_a_minute_while_callers_wait_is_reporte
         assert len(warnings) == 2
         assert "has been taken for 60 s while 1 call(s) wait" in warnings[0]
         await held.release()
+
+
+def test_an_uncontended_acquire_from_a_second_running_loop_is_refused() -> None:
+    """A limiter used in one running loop refuses another thread's loop on every path,
+    the uncontended one included (nothing waits there), and goes on working in its
+    own; once its loop is closed, the next one takes it over."""
+    import asyncio
+    import threading
+
+    limiter = Limiter(Limits(rpm=1000))
+    first_in = threading.Event()
+    second_done = threading.Event()
+    results: dict[str, object] = {}
+
+    def first() -> None:
+        async def run() -> None:
+            async with limiter.acquire():
+                pass
+            first_in.set()
+            await asyncio.to_thread(second_done.wait, 10)
+            async with limiter.acquire() as admission:
+                results["first"] = admission.granted
+
+        asyncio.run(run())
+
+    def second() -> None:
+        first_in.wait(10)
+
+        async def run() -> None:
+            async with limiter.acquire():
+                pass
+
+        try:
+            asyncio.run(run())
+        except ratekit.errors.WrongEventLoopError as exc:
+            results["second"] = exc
+        finally:
+            second_done.set()
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(20)
+    assert isinstance(results["second"], ratekit.errors.WrongEventLoopError)
+    assert results["first"] is True
+
+    async def third() -> bool:
+        async with limiter.acquire() as admission:
+            return admission.granted
+
+    assert asyncio.run(third()) is True  # the first loop is closed: handed over

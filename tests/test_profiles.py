@@ -166,6 +166,14 @@ def test_unknown_tier_lists_tiers() -> None:
     )
 
 
+def test_a_tier_or_model_named_by_something_else_than_a_string_is_a_typed_error() -> None:
+    profile = load_profile("moonshot")
+    with pytest.raises(InvalidArgumentError, match=r"^tier must be a name \(a str\), got 3$"):
+        profile.tier(3)  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgumentError, match=r"^model must be a name \(a str\), got None$"):
+        profile.model(None)  # type: ignore[arg-type]
+
+
 @pytest.mark.parametrize(("top_up", "tier"), [(0, "free"), (0.01, "paid"), (1000, "paid")])
 def test_minimax_free_and_paid(top_up: float, tier: str) -> None:
     """MiniMax: a top-up of 0 is free, anything above 0 is paid."""

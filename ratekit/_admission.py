@@ -290,8 +290,10 @@ class Admission:
         counted from now on, as the provider counts it from its arrival.
 
         An admission never said sent counts from its end instead (its request had
-        arrived by then at the latest): always safe, but it holds its share of the
-        window for the call's duration. Wrapped clients and `RateLimitedTransport`
+        arrived by then at the latest), holding its share of the window for the
+        call's duration; a call that outlasts the period counts from its admission
+        until then, which misses a request that left more than a slice after it.
+        Wrapped clients and `RateLimitedTransport`
         call it once the request's body has been written; call it yourself as your
         request leaves. Does nothing for an admission not held.
         """

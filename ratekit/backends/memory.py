@@ -350,17 +350,19 @@ class MemoryBackend:
         """`settle` at an explicit instant; only the first settle of a grant counts."""
         if grant.settled:
             return
+        binding = grant.binding
+        if binding is not None and grant._entries is None:
+            # A grant of the uncontended path, its entries not derived (so never
+            # restamped): ended as one of `admit_now`'s when it can be (its end in the
+            # admission's slice: nothing to count from the end).
+            assert grant.demand is not None, "a grant of the uncontended path"
+            if self.end_now((binding, grant.admitted_s, grant.demand), actual, now):
+                grant.settled = True
+                return
         if actual is not None and not grant.sent:
             # Never said to leave: the request had arrived by its end, counted from then.
             self.restamp_now(grant, now)
         grant.settled = True
-        binding = grant.binding
-        if binding is not None and grant._entries is None:
-            # A grant of the uncontended path, its entries not derived: ended as one of
-            # `admit_now`'s when it can be.
-            assert grant.demand is not None, "a grant of the uncontended path"
-            if self.end_now((binding, grant.admitted_s, grant.demand), actual, now):
-                return
         binding = self._binding
         if binding is not None and binding.calendars and not math.isnan(wall):
             self._sync_calendars(binding, now, wall)

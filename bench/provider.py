@@ -11,7 +11,7 @@ processes of 20 in row 3), limited by one contender:
 
 - ratekit, library defaults but for the time compression:
   ``ratekit.wrap(openai.AsyncOpenAI(...), Scheduler(Account("moonshot", tier="tier1",
-  period_scale=1 / speed)))`` and no per-call options (a 20 ms margin, "safe" token
+  period_scale=1 / speed)))`` and no per-call options (a 50 ms margin, "safe" token
   counting, its own token estimates; `wrap` retries 429s itself);
 - aiolimiter: ``AsyncLimiter(limit, period)``, ``await acquire(amount)`` per call;
 - limits: ``MovingWindowRateLimiter`` over ``MemoryStorage`` (``RedisStorage`` in

@@ -23,7 +23,6 @@ from ratekit import RateLimitedTransport
 from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
-MARGIN_S = 0.25  # admission to arrival at the provider, for a cold client
 TASKS = 60
 CALLS_PER_TASK = 5
 
@@ -36,9 +35,7 @@ def chat(question: str, **extra: object) -> dict[str, object]:
 async def main() -> int:
     tier = ratekit.load_profile("moonshot").tier("tier1")
     async with MockProvider(tier.limits(), speed=SPEED, latency_s=1.2) as server:
-        account = ratekit.Account(
-            "moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S
-        )
+        account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED)
         settled: list[float] = []
 
         def on_event(event: ratekit.Event) -> None:

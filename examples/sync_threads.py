@@ -24,7 +24,6 @@ import ratekit
 from ratekit.testing.mock_provider import MockProvider
 
 SPEED = 60  # a minute of the provider's limits lasts a second
-MARGIN_S = 0.25  # admission to arrival at the provider, with threads and a cold client
 THREADS = 64
 CALLS = 300
 
@@ -38,9 +37,7 @@ def main() -> int:
     with start_blocking_portal() as provider_loop:
         server = MockProvider(tier.limits(), speed=SPEED, latency_s=1.2)
         provider_loop.call(server.start)
-        account = ratekit.Account(
-            "moonshot", tier="tier1", period_scale=1 / SPEED, margin_s=MARGIN_S
-        )
+        account = ratekit.Account("moonshot", tier="tier1", period_scale=1 / SPEED)
         client = openai.OpenAI(base_url=server.base_url, api_key="not-needed", max_retries=0)
         try:
             with ratekit.SyncScheduler(account) as sync:

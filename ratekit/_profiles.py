@@ -194,7 +194,7 @@ class Tier:
         profile has limit overrides (then the list is taken as complete and
         `UnknownModelError` is raised). `overrides` are any `Limits` fields (rpm=...,
         tpm=..., concurrency=..., margin_s=..., pacing=..., ...); `None` for a number
-        means unlimited; `margin_s` is `DEFAULT_MARGIN_S` (20 ms) unless overridden. A
+        means unlimited; `margin_s` is `DEFAULT_MARGIN_S` (50 ms) unless overridden. A
         profile whose limits are all per model (MiniMax) has no tier-level limits:
         without `model`, each number is the strictest any of its models has at this
         tier, so that a call that does not say its model is never let through where

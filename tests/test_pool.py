@@ -507,7 +507,7 @@ async def test_an_account_that_refused_is_asked_again_only_when_it_can_admit() -
     accounts = pool.statistics().accounts
     assert (accounts["small"].admitted, accounts["small"].refused) == (1, 1)
     assert (accounts["large"].admitted, accounts["large"].refused) == (5, 0)
-    clock.advance(62)  # its window (60 s, 1 s slices, the 20 ms margin) has passed
+    clock.advance(62)  # its window (60 s, 1 s slices, the 50 ms margin) has passed
     assert await pool.submit(_name) == "small"
     assert asked["small"] == 3
 

@@ -45,7 +45,7 @@ import anyio
 from .._account import Account
 from .._errors import LimitsError, MissingPriceError, RatekitError, UnknownModelError
 from .._events import Event, RateLimited
-from .._limits import Limits, show
+from .._limits import DEFAULT_MARGIN_S, Limits, show
 from .._pool import Pool
 from .._pool_file import PoolAccount, PoolFile
 from .._scheduler import Scheduler
@@ -59,8 +59,9 @@ DEFAULT_CONNECT_TIMEOUT_S = 5.0
 DEFAULT_REQUEST_TIMEOUT_S = 600.0
 # Seconds that calls in flight get to end after `stop`, before they are cancelled.
 DEFAULT_GRACE_S = 5.0
-# Real milliseconds every admission counts beyond its window (network jitter).
-DEFAULT_MARGIN_MS = 50.0
+# Real milliseconds every admission counts beyond its window (network jitter): the
+# library's own default, one number for both.
+DEFAULT_MARGIN_MS = DEFAULT_MARGIN_S * 1000
 # Workers when neither the caller nor the tier says how many.
 DEFAULT_WORKERS = 64
 # An error message longer than this is cut in the output and the summary.

@@ -425,7 +425,7 @@ def _check_redis_url(url: str) -> None:
     "--margin-ms",
     type=AMOUNT,
     default=None,
-    help="safety margin per admission, real ms [default: the library's, 20]",
+    help="safety margin per admission, real ms [default: the library's, 50]",
 )
 @click.option(
     "--pacing/--no-pacing", default=False, show_default=True, help="spread requests evenly"

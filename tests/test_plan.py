@@ -361,6 +361,28 @@ def test_cli_jsonl_with_a_malformed_line(tmp_path: Path) -> None:
     assert document["time"]["finish_s"] == 30
 
 
+def test_cli_jsonl_without_one_readable_request_is_an_error(tmp_path: Path) -> None:
+    """Every line malformed (or none at all): exit 2 naming the lines, not a plan of 0."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('not json\n{"a": 1}\n[1, 2]\n', encoding="utf-8")
+    code, output = _run("--provider", "moonshot", "--tier", "Tier1", "--jsonl", str(path))
+    assert code == 2, output
+    assert "no request could be read: line 1: invalid JSON" in output
+    assert "line 3: expected a JSON object, got list" in output
+    path.write_text("\n", encoding="utf-8")
+    code, output = _run("--provider", "moonshot", "--tier", "Tier1", "--jsonl", str(path))
+    assert code == 2, output
+    assert "it holds no request line" in output
+
+
+def test_cli_a_batch_that_can_never_finish_says_why() -> None:
+    args = ["--provider", "moonshot", "--tier", "Tier1", "--requests", "10"]
+    code, output = _run(*args, "--prompt-tokens", "3000000", "--output-tokens", "10")
+    assert code == 0, output
+    assert "the batch can never finish: a request is larger than the whole tpm limit" in output
+    assert "at least never" not in output
+
+
 # --- the command -----------------------------------------------------------------------
 
 

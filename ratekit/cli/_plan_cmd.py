@@ -194,6 +194,14 @@ def _workload(
                 read = read_jsonl(lines, default_estimator(profile))
         except (OSError, UnicodeDecodeError) as exc:
             raise PlanUsageError(f"{jsonl}: cannot be read: {exc}") from None
+        if not read.requests:
+            shown = "; ".join(f"line {p.line}: {p.message}" for p in read.problems[:3])
+            more = len(read.problems) - 3
+            raise PlanUsageError(
+                f"{jsonl}: no request could be read"
+                + (f": {shown}" if shown else " (it holds no request line)")
+                + (f"; and {more} more malformed line(s)" if more > 0 else "")
+            )
         return Workload.of_requests(read.requests), read.problems
     if requests is None or prompt_tokens is None or output_tokens is None:
         raise PlanUsageError(
@@ -438,9 +446,15 @@ def _plan_pool(
             cost,
         )
     console.print(table)
-    console.print(
-        f"Spread over the pool, the batch takes at least {format_duration(result.finish_s)}."
-    )
+    if math.isinf(result.finish_s):
+        console.print(
+            "Spread over the pool, the batch can never finish: some request is larger "
+            "than a whole limit of every account it could go to."
+        )
+    else:
+        console.print(
+            f"Spread over the pool, the batch takes at least {format_duration(result.finish_s)}."
+        )
 
 
 def _print(result: Plan, problems: tuple[LineProblem, ...]) -> None:
@@ -453,10 +467,16 @@ def _print(result: Plan, problems: tuple[LineProblem, ...]) -> None:
     console.print(limits_table(result))
     time = result.time
     binding = "no limit" if time.binding is None else time.binding.name
-    console.print(
-        f"At {time.tier}, the batch takes at least {format_duration(time.finish_s)} "
-        f"({binding} binds)."
-    )
+    if math.isinf(time.finish_s):
+        console.print(
+            f"At {time.tier}, the batch can never finish: a request is larger than the "
+            f"whole {binding} limit."
+        )
+    else:
+        console.print(
+            f"At {time.tier}, the batch takes at least {format_duration(time.finish_s)} "
+            f"({binding} binds)."
+        )
     if result.cost is not None:
         console.print(cost_table(result.cost))
     else:

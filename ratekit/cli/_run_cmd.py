@@ -203,7 +203,10 @@ def _api_key(variable: str, base_url: str) -> str:
     "--output",
     "-o",
     type=click.Path(dir_okay=False, path_type=Path),
-    help="Results, JSONL (default: REQUESTS.out.jsonl); read first to resume.",
+    help=(
+        "Results, JSONL (default: beside REQUESTS, batch.jsonl -> batch.out.jsonl); "
+        "read first to resume."
+    ),
 )
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Concurrent calls (the tier's concurrency)."

@@ -111,7 +111,11 @@ class SchedulerStatistics:
     """A snapshot of a scheduler.
 
     `utilisation` is, per limiter group and dimension, used / limit now.
-    `factors` are the adapted shares of the tier's limits in force per group.
+    `factors` are, per group, the share of the tier's limits in force after 429s
+    within the limits (1.0: the tier's numbers). `reported` are, per group, the
+    provider's own per-minute numbers from its rate-limit headers where they are
+    lower than the tier's and so in force (`observe`), by unit ("requests",
+    "tokens").
     `estimates` says per model how far prompt estimates were from the provider's
     counts and what they are scaled by now (`Scheduler.estimates`).
     """
@@ -125,6 +129,7 @@ class SchedulerStatistics:
     utilisation: dict[str, dict[str, float]] = field(default_factory=dict)
     factors: dict[str, float] = field(default_factory=dict)
     estimates: dict[str, EstimateStatistics] = field(default_factory=dict)
+    reported: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 # The units a provider's rate-limit headers report, and the field of Limits each caps.
@@ -782,6 +787,11 @@ class Scheduler:
             utilisation=utilisation,
             factors={name: group.factor for name, group in self._groups.items()},
             estimates=self.estimates.statistics(),
+            reported={
+                name: dict(group.header_limits)
+                for name, group in self._groups.items()
+                if group.header_limits
+            },
         )
 
 

@@ -246,8 +246,13 @@ async def test_provider_headers_below_the_tier_tighten_the_limits() -> None:
         )
         in events
     )
+    # The statistics say which of the provider's numbers are in force.
+    stats = await scheduler.statistics()
+    assert stats.reported == {"account": {"requests": 100}}
+    assert stats.factors == {"account": 1.0}  # no 429
     scheduler.observe({"x-ratelimit-limit-requests": "200"})
     assert scheduler.limiter().limits.rpm == 200
+    assert (await scheduler.statistics()).reported == {}
 
 
 async def test_each_reported_limit_caps_only_its_own_dimension() -> None:

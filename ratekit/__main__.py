@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
         "--margin-ms",
         type=amount,
         default=None,
-        help="safety margin per admission, real ms (the library's default, 20)",
+        help="safety margin per admission, real ms (the library's default, 50)",
     )
     args = parser.parse_args(argv)
     try:

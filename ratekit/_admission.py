@@ -101,6 +101,7 @@ class Admission:
         "__weakref__",
         "_actual",
         "_demand",
+        "_enterable",
         "_grant",
         "_limiter",
         "_priority",
@@ -189,8 +190,12 @@ class Admission:
         # the block is where the task yields); anything else waits in the limiter.
         # `_start` and `_try_now`, inlined: this is the hot path of every call.
         if self._state != _NEW:
-            if self._state == _GRANTED:
-                return self  # granted already (`try_acquire`, or awaited): the block ends it
+            # Granted by `try_acquire` (which alone sets `_enterable`, so that the hot path
+            # never sets it): one block may hold it and end it. Any other admission is
+            # entered once, from new: a second entry (another task's, or nested) raises.
+            if self._state == _GRANTED and getattr(self, "_enterable", False):
+                self._enterable = False
+                return self
             self._start()  # raises
         self._state = _ACQUIRING
         if self._timeout is None:

@@ -124,8 +124,25 @@ class _Loop:
         return _Loop.current().identity is identity
 
     def is_closed(self) -> bool:
+        """Whether the loop has ended: an asyncio loop closed, a trio run finished."""
         identity = self.identity
-        return isinstance(identity, asyncio.AbstractEventLoop) and identity.is_closed()
+        if isinstance(identity, asyncio.AbstractEventLoop):
+            return identity.is_closed()
+        import trio
+
+        try:
+            identity.run_sync_soon(_nothing)  # type: ignore[attr-defined]
+        except trio.RunFinishedError:
+            return True
+        return False
+
+
+def _nothing() -> None:
+    return None
+
+
+def _never() -> bool:
+    return False
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +219,7 @@ class Limiter:
         "_limits",
         "_local",
         "_loop",
+        "_loop_closed",
         "_loop_thread",
         "_now",
         "_queue",
@@ -302,9 +320,12 @@ class Limiter:
         self._stall_warned_s = -math.inf
         # The event loop of the first admission: dropped admissions end there.
         self._loop: _Loop | None = None
-        # The thread `_loop` runs in: a call from another thread is from another loop
-        # (checked by `_check_loop`), on every path, the uncontended one included.
+        # The thread `_loop` runs in, and whether that loop is closed (an asyncio loop's
+        # `is_closed`): a call from another thread, or once the loop is closed, is from
+        # another loop, checked by `_check_loop` on every path, the uncontended one
+        # included (a loop replaced in the same thread is taken over, or refused).
         self._loop_thread = -1
+        self._loop_closed: Callable[[], bool] = _never
         # Told when capacity may be freed. A shared backend's notices cross the
         # network, so the limiter listens from the start; the memory backend is
         # listened to only while someone waits (its releases are synchronous, so
@@ -417,7 +438,10 @@ class Limiter:
         or ``await admission.release()``).
         """
         outcome = await self._offer(self._demand(requests, tokens, cost), tenant)
-        return outcome if isinstance(outcome, Admission) else None
+        if isinstance(outcome, Admission):
+            outcome._enterable = True  # its holder may end it with one `async with`
+            return outcome
+        return None
 
     async def _offer(self, demand: Demand, tenant: str | None) -> Admission | Refusal | None:
         """`try_acquire` that says why not: the granted admission, the backend's refusal
@@ -496,8 +520,8 @@ class Limiter:
             return None
         if self._loop is None:
             self._own_loop(_Loop.current())
-        elif _thread_id() != self._loop_thread:
-            self._check_loop()  # another thread's loop: raises (or a closed one hands over)
+        elif _thread_id() != self._loop_thread or self._loop_closed():
+            self._check_loop()  # another loop: raises (or a closed one hands over)
         now = self._now()
         if tenant is None:
             lane = self._lane
@@ -573,6 +597,10 @@ class Limiter:
     def _own_loop(self, loop: _Loop) -> None:
         self._loop = loop
         self._loop_thread = _thread_id()
+        identity = loop.identity
+        self._loop_closed = (
+            identity.is_closed if isinstance(identity, asyncio.AbstractEventLoop) else _never
+        )
 
     def _check_loop(self) -> None:
         """Refuse use from a second running loop (a closed first loop hands over)."""

@@ -325,13 +325,47 @@ async def test_an_admission_granted_by_try_acquire_is_ended_by_its_block() -> No
         assert (await limiter.statistics()).dimension("concurrency").in_flight == 1
     assert not admission.granted
     assert (await limiter.statistics()).dimension("concurrency").in_flight == 0
-    awaited = await limiter.acquire()
-    async with awaited:
-        pass
+    with pytest.raises(ratekit.errors.PermitError):
+        async with admission:  # ended: not a second time
+            pass
+    offered = await limiter.try_acquire()
+    assert offered is not None
+    async with offered:
+        with pytest.raises(ratekit.errors.PermitError):
+            async with offered:  # nested: one block holds it
+                pass
     assert (await limiter.statistics()).dimension("concurrency").in_flight == 0
+
+
+async def test_one_admission_entered_by_two_tasks_is_a_permit_error() -> None:
+    """The same `acquire()` object entered by a second task (or nested) is refused, never
+    a second caller on the first one's grant; an awaited admission is ended by
+    `release()`, not by a block."""
+    limiter, _ = make(Limits(rpm=100, concurrency=2))
+    shared = limiter.acquire()
+    async with shared:
+        with pytest.raises(ratekit.errors.PermitError):
+            async with shared:
+                pass
+        errors: list[BaseException] = []
+
+        async def other() -> None:
+            try:
+                async with shared:
+                    pass
+            except ratekit.errors.PermitError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as group:
+            group.start_soon(other)
+        assert len(errors) == 1
+        assert (await limiter.statistics()).dimension("concurrency").in_flight == 1
+    awaited = await limiter.acquire()
     with pytest.raises(ratekit.errors.PermitError):
         async with awaited:
             pass
+    await awaited.release()
+    assert (await limiter.statistics()).dimension("concurrency").in_flight == 0
 
 
 async def test_permit_misuse_is_a_typed_error() -> None:
@@ -493,3 +527,50 @@ def test_an_uncontended_acquire_from_a_second_running_loop_is_refused() -> None:
             return admission.granted
 
     assert asyncio.run(third()) is True  # the first loop is closed: handed over
+
+
+def test_a_loop_replaced_in_the_same_thread_takes_the_limiter_over() -> None:
+    """Two `asyncio.run` in one thread: the second loop takes the limiter over on the
+    uncontended path too, so that an admission dropped there is handed back on the loop
+    that runs (the first one is closed and would never run it)."""
+    import asyncio
+
+    limiter = Limiter(Limits(concurrency=1))
+
+    async def once() -> None:
+        async with limiter.acquire():
+            pass
+
+    asyncio.run(once())
+
+    async def drop_one() -> int:
+        admission = await limiter.acquire()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ResourceWarning)
+            del admission
+            gc.collect()
+        await asyncio.sleep(0)  # the hand-back runs on this loop's next turn
+        async with limiter.acquire(timeout=1):
+            pass
+        return (await limiter.statistics()).dimension("concurrency").in_flight
+
+    assert asyncio.run(drop_one()) == 0
+
+
+def test_a_finished_trio_run_hands_the_limiter_over_to_the_next() -> None:
+    import threading
+
+    import trio
+
+    limiter = Limiter(Limits(rpm=100))
+
+    async def once() -> bool:
+        async with limiter.acquire() as admission:
+            return admission.granted
+
+    assert trio.run(once)
+    results: list[object] = []
+    thread = threading.Thread(target=lambda: results.append(trio.run(once)))
+    thread.start()
+    thread.join(10)
+    assert results == [True]

@@ -381,6 +381,14 @@ def test_cli_a_batch_that_can_never_finish_says_why() -> None:
     assert code == 0, output
     assert "the batch can never finish: a request is larger than the whole tpm limit" in output
     assert "at least never" not in output
+    code, output = _run(
+        *args, "--prompt-tokens", "10000000", "--output-tokens", "10", "--deadline", "1h"
+    )
+    assert code == 0, output
+    assert (
+        "No tier finishes within 1h: a request is larger than a whole limit of every tier" in output
+    )
+    assert "needs never" not in output
 
 
 # --- the command -----------------------------------------------------------------------

@@ -9,7 +9,10 @@ with the SDK's own settings and `Account(provider, tier=..., period_scale=...)`
 with nothing else set (the library's default margin, no pacing). Utilisation is
 `ratekit.testing.workload.binding_utilisation`: the mean count the provider saw in a
 window of the period, over the windows after the first half period and before
-the last arrival, over the limit, for the rate most used. The clients run in
+the last arrival, over the limit, for the rate most used, divided by what the margin
+leaves of it (period / (period + margin): each admission counts its period plus the
+margin, in real seconds even when time is compressed; "95 % of the RPM" below is of
+that share). The clients run in
 processes of their own (a `Fleet` of the workload driver), as they would, so that
 the provider's arrival stamps do not wait for the clients' loop. They pass at
 95 % because a wrapped request counts from the end of its write

@@ -147,8 +147,12 @@ def deadline_sentence(plan: Plan) -> str:
     deadline = format_duration(plan.deadline_s or 0.0)
     if plan.cheapest is None:
         fastest = min(plan.tiers, key=lambda t: t.finish_s, default=None)
-        best = "" if fastest is None else f"; the fastest, {fastest.tier}, needs "
-        best += "" if fastest is None else format_duration(fastest.finish_s)
+        if fastest is None:
+            best = ""
+        elif math.isinf(fastest.finish_s):
+            best = ": a request is larger than a whole limit of every tier"
+        else:
+            best = f"; the fastest, {fastest.tier}, needs {format_duration(fastest.finish_s)}"
         return f"No tier finishes within {deadline}{best}."
     top_up = _top_up(plan.cheapest)
     return (

@@ -82,6 +82,14 @@ async def _admits(limiter: Limiter, kind: str) -> bool:
     return True
 
 
+async def _frees_at(limiter: Limiter, clock: FakeClock, kind: str, at_s: float) -> None:
+    """The window admits one more request from `at_s` after BASE_S on, not 0.1 s before."""
+    clock.set(BASE_S + at_s - 0.1)
+    assert not await _admits(limiter, kind)
+    clock.set(BASE_S + at_s)
+    assert await _admits(limiter, kind)
+
+
 async def test_a_call_never_said_to_leave_counts_from_its_end(
     make: tuple[Make, FakeClock, str],
 ) -> None:
@@ -89,11 +97,8 @@ async def test_a_call_never_said_to_leave_counts_from_its_end(
     limiter = factory(ONE_PER_MINUTE)
     async with limiter.acquire(**_options(kind)):
         clock.advance(5.5)  # the call lasts into slice 5
-    clock.set(BASE_S + 65.9)
     # Counted from its admission it would have gone at 61 s; from its end, at 66 s.
-    assert not await _admits(limiter, kind)
-    clock.set(BASE_S + 66.0)
-    assert await _admits(limiter, kind)
+    await _frees_at(limiter, clock, kind, 66.0)
 
 
 async def test_a_call_said_to_leave_counts_from_then_and_its_end_moves_nothing(
@@ -105,10 +110,7 @@ async def test_a_call_said_to_leave_counts_from_then_and_its_end_moves_nothing(
         clock.advance(2.5)
         await admission.sent()
         clock.advance(3.0)
-    clock.set(BASE_S + 62.9)
-    assert not await _admits(limiter, kind)
-    clock.set(BASE_S + 63.0)
-    assert await _admits(limiter, kind)
+    await _frees_at(limiter, clock, kind, 63.0)
 
 
 async def test_a_call_ended_in_its_admissions_slice_counts_from_there(
@@ -119,10 +121,7 @@ async def test_a_call_ended_in_its_admissions_slice_counts_from_there(
     clock.set(BASE_S + 0.25)
     async with limiter.acquire(**_options(kind)):
         clock.set(BASE_S + 0.75)
-    clock.set(BASE_S + 60.9)
-    assert not await _admits(limiter, kind)
-    clock.set(BASE_S + 61.0)
-    assert await _admits(limiter, kind)
+    await _frees_at(limiter, clock, kind, 61.0)
 
 
 async def test_a_refund_of_a_call_never_said_to_leave_gives_it_all_back(

@@ -298,9 +298,9 @@ class Admission:
         arrived by then at the latest), holding its share of the window for the
         call's duration; a call that outlasts the period counts from its admission
         until then, which misses a request that left more than a slice after it.
-        Wrapped clients and `RateLimitedTransport`
-        call it once the request's body has been written; call it yourself as your
-        request leaves. Does nothing for an admission not held.
+        Wrapped clients and `RateLimitedTransport` call it once the request's body
+        has been written; call it yourself as your request leaves. Does nothing for
+        an admission not held.
         """
         if self._state == _GRANTED:
             grant = self._grant

@@ -2337,7 +2337,6 @@ class RedisBackend:
         if binding is None or not self._slices_passed(grant, now.mono):
             grant.sent = True  # still in the admission's slices: counted from there
             return
-        account_s, local_s = grant.admitted
         wall = self._wall(now)
         keys = binding.keys
         args = [
@@ -2347,7 +2346,7 @@ class RedisBackend:
             binding.specs(wall, self._binding),
             _amounts(grant.demand),
             " ".join(grant.indexes),
-            "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s)),
+            self._account_instant(grant, now),
         ]
         tenant = grant.tenant
         if tenant is not None:
@@ -2371,6 +2370,13 @@ class RedisBackend:
             grant.indexes = indexes[:windows]
             if tenant is not None:
                 tenant.indexes = indexes[windows:]
+
+    @staticmethod
+    def _account_instant(grant: RedisGrant, now: Instant) -> str:
+        """`now` on the account's clock as this process reckons it from the grant's
+        admission, for sent.lua and settle.lua ("": unknown, the script's own now)."""
+        account_s, local_s = grant.admitted
+        return "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s))
 
     @staticmethod
     def _slices_passed(grant: RedisGrant, now_s: float) -> bool:
@@ -2430,8 +2436,7 @@ class RedisBackend:
         left = "-"
         if actual is not None and not grant.sent and self._slices_passed(grant, now.mono):
             # Never said to leave, and ended in a later slice: counted from its end.
-            account_s, local_s = grant.admitted
-            left = "" if math.isnan(account_s) else repr(account_s + (now.mono - local_s))
+            left = self._account_instant(grant, now)
         elif grant.lease_id == NO_LEASE and actual is not None:
             return None  # only requests were counted, and the call was sent: all final
         self._live.pop(grant.lease_id, None)

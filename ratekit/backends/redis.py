@@ -184,6 +184,13 @@ _OUT_REPLIES = (b"out", "out")
 # how long one lookup serves (the server's clock may differ from the client's).
 _TRANSITION_SEARCH_S = 2 * 86400.0
 _SPECS_VALID_S = 86400.0
+# Credits (see `_Credit`): how long one lasts at most (s), the most requests one draws,
+# and the largest share of any window's limit it may draw.
+CREDIT_S = 1.0
+_CREDIT_MAX = 256
+_CREDIT_SHARE = 1 / 16
+# The lease id of a credit's demand in a reserve (see reserve.lua).
+_CREDIT_LEASE = "+"
 
 
 # -- arguments --------------------------------------------------------------------------
@@ -344,6 +351,16 @@ def zone_transition(zone_name: str, wall: float) -> tuple[float, float, float]:
     return before, float(high), after
 
 
+def _credit_cap(limits: Limits) -> int:
+    """The most requests a credit draws under `limits`, whose admissions take no lease:
+    0 (none) with pacing (a credit would admit a burst) or a calendar day (its day may
+    end within a slice), else a small share of the smallest limit."""
+    rates = limits.all_rates
+    if not rates or limits.pacing or any(rate.calendar_tz for rate in rates):
+        return 0
+    return min(_CREDIT_MAX, math.floor(min(rate.limit for rate in rates) * _CREDIT_SHARE))
+
+
 class _Binding:
     """One `Limits` value as the scripts see it: its keys and its packed window specs.
 
@@ -354,6 +371,7 @@ class _Binding:
     __slots__ = (
         "calendar",
         "concurrency",
+        "credit_cap",
         "fields",
         "fields_from",
         "fields_until",
@@ -386,6 +404,8 @@ class _Binding:
         # Whether an admission can go without a lease: no slot to free, nothing
         # held, nothing its settle could change.
         self.leaseless = takes_no_slot(limits)
+        # The most requests a credit under these limits draws (0: none, see `_Credit`).
+        self.credit_cap = _credit_cap(limits) if self.leaseless else 0
         # Keys outlive the longest window (a 25 h calendar day) and two leases, so
         # that live holds and counts are never lost.
         longest_s = max(
@@ -502,6 +522,7 @@ class RedisGrant:
         "__weakref__",
         "admitted",
         "binding",
+        "credit",
         "demand",
         "indexes",
         "lease_id",
@@ -537,6 +558,55 @@ class RedisGrant:
         self.sent = False
         # (the account's clock, this process's monotonic clock) at the admission.
         self.admitted = (math.nan, math.nan)
+        # The credit it was admitted from (see `_Credit`), without a round trip.
+        self.credit: _Credit | None = None
+
+
+class _Credit:
+    """Requests this process drew from the account's windows ahead of its own next calls
+    (a "credit"), to admit them without a round trip while it lasts.
+
+    A credit is drawn in the round trip of an admission that goes to Redis anyway, as
+    one more demand of that reserve (lease id ``"+"``, see reserve.lua), and recorded
+    there like any admission: in the slice of its draw. It lasts until that slice ends
+    (on the account's clock, reckoned from before the draw was sent, so never past it)
+    or `CREDIT_S`, whichever is first: an admission from it is then in the very slice
+    it would have been recorded in by a reserve of its own, and counts as long. What is
+    left when it ends is refunded (a refund of an admission without a lease). So the
+    account never counts less than was admitted, a process that dies leaves at most
+    its credit counted for one window, and another process is refused at most by
+    another's unused credit until it ends (a refund wakes its waiters).
+
+    The script skips a credit while anybody waits, while the account is paused, and
+    unless it fits twice over; only admissions without a lease (requests counted at
+    admission, no cap: `_Binding.leaseless`), without pacing, calendar days or tenant
+    limits draw one.
+    """
+
+    __slots__ = ("admitted", "binding", "drawn", "handle", "indexes", "left", "until", "used")
+
+    def __init__(
+        self,
+        binding: _Binding,
+        indexes: list[str],
+        drawn: float,
+        until: float,
+        admitted: tuple[float, float],
+    ) -> None:
+        self.binding = binding
+        # The slice per window it was recorded in, as the script wrote it.
+        self.indexes = indexes
+        # Requests drawn, and left to admit.
+        self.drawn = drawn
+        self.left = drawn
+        # Requests admitted from it (refunds given back taken off).
+        self.used = 0.0
+        # Until when (the limiters' monotonic clock) admissions may come from it.
+        self.until = until
+        # (the account's clock, this process's) at the draw, as a grant's `admitted`.
+        self.admitted = admitted
+        # The timer that ends it at `until`.
+        self.handle: asyncio.TimerHandle | None = None
 
 
 class _Command:
@@ -1075,6 +1145,9 @@ class _Link:
         self.loaded = False
         # Closes the link when the loop shuts down while it is open (`_at_shutdown`).
         self.shutdown_guard: AsyncGenerator[None, None] | None = None
+        # Called first then, by each backend on the link: what it still has to post
+        # (the refund of a credit's rest).
+        self.at_shutdown: list[Callable[[], None]] = []
         # Writes posted (`post`) and not answered yet.
         self.posted: set[asyncio.Future[Any]] = set()
 
@@ -1635,6 +1708,8 @@ class _Link:
         link is closed."""
         await asyncio.sleep(0)  # the callbacks of what the cancelled senders failed run
         self.failures = 0
+        for post in self.at_shutdown:
+            post()
         if self.queue:
             self._wake_sender()  # what never left is sent as it is (refunds too)
         await self.aclose()
@@ -1824,6 +1899,15 @@ class RedisBackend:
     Redis is tried again after a short backoff, and used as soon as it answers;
     settles that could not be sent meanwhile are sent then.
 
+    `credits`: by default an admission that takes no lease (requests counted at
+    admission, no concurrency cap, no pacing, no calendar day, no tenant limits) draws
+    now and then a credit of requests for this process's next calls in the same slice,
+    which are then admitted without a round trip; what is left is refunded when the
+    credit ends, at the slice's end or within `CREDIT_S` (1 s). Counts stay exact for
+    this process and never low for others, who may see up to one credit (at most a
+    sixteenth of a limit, 256 requests) counted ahead for that long. ``False``: every
+    admission is a round trip.
+
     `server_time`: by default the server's ``TIME`` is the clock (shared by every
     pod) and the limiter's instant is ignored; ``False`` uses the limiter's instant
     instead (its monotonic reading for windows, pacing and leases, its wall reading
@@ -1868,8 +1952,11 @@ class RedisBackend:
         command_timeout_s: float = 2.0,
         connections: int | None = None,
         cluster: bool = False,
+        credits: bool = True,
     ) -> None:
         namespace = _check_name("namespace", namespace)
+        if not isinstance(credits, bool):
+            raise InvalidArgumentError(f"RedisBackend.credits must be a bool, got {credits!r}")
         prefix = _check_name("prefix", prefix)
         if on_unavailable not in _POLICIES:
             raise LimitsError(
@@ -1957,6 +2044,7 @@ class RedisBackend:
             outage_wait,
             float(local_share),
             server_time,
+            credits,
         )
         self._is_root = True
 
@@ -1970,8 +2058,11 @@ class RedisBackend:
         outage_wait_s: float,
         local_share: float,
         server_time: bool,
+        credits: bool,
     ) -> None:
         self._link = link
+        self._credits = credits
+        link.at_shutdown.append(partial(self._end_credit, None))
         self.namespace = namespace
         self._prefix_root = prefix
         self._prefix = f"{prefix}:{{{namespace}}}:v{LAYOUT}"
@@ -1985,6 +2076,13 @@ class RedisBackend:
         self._lease_ids = itertools.count()
         self._instance = os.urandom(6).hex()
         self._binding: _Binding | None = None
+        # The credit admissions come from while it lasts (see `_Credit`); how many
+        # requests the next one asks for (0: none); whether a draw is on its way; when
+        # the last admission of a binding that draws credits went to Redis (monotonic).
+        self._credit: _Credit | None = None
+        self._credit_size = 0.0
+        self._drawing = False
+        self._last_drawless = -math.inf
         # The latest instant a limiter handed in: background work's clock when the
         # server's TIME is not used.
         self._last_now = Instant(-math.inf, -math.inf)
@@ -2179,7 +2277,31 @@ class RedisBackend:
         binding = self._bind(limits)
         if parts is not None and not any(parts):
             parts = None  # tenants without limits of their own: as no tenant at all
-        if parts is None:
+        drawing = False
+        if self._credits and binding.credit_cap and parts is None and len(demands) == 1:
+            credit = self._credit
+            if credit is not None and credit.binding is not binding:
+                self._end_credit(now)  # drawn under limits no longer in force
+            elif credit is not None:
+                demand = demands[0]
+                if now.mono < credit.until and demand.requests <= credit.left:
+                    return [self._from_credit(credit, demand)], None
+                # Used up (the next one asks for twice as much), or over.
+                self._credit_size = (
+                    max(2.0, 2 * credit.drawn) if now.mono < credit.until else credit.used
+                )
+                self._end_credit(now)
+            elif now.mono - self._last_drawless < CREDIT_S:
+                self._credit_size = max(self._credit_size, 2.0)  # calls keep coming
+            self._last_drawless = now.mono
+            drawing = not self._drawing and self._credit_size >= 1
+        elif self._credit is not None:
+            self._end_credit(now)  # counted exactly before any other reserve
+        if drawing:
+            size = float(min(binding.credit_cap, math.floor(self._credit_size)))
+            demands = [demands[0], Demand(size, 0.0, 0.0)]
+            lease_ids = [NO_LEASE, _CREDIT_LEASE]
+        elif parts is None:
             if binding.leaseless:
                 lease_ids = [NO_LEASE] * len(demands)
             elif len(demands) == 1:
@@ -2212,7 +2334,12 @@ class RedisBackend:
         try:
             if parts is None:
                 # Run as one with the other reserves of the account waiting to be sent.
-                reply = await link.reserve(keys, args, len(demands), len(binding.rates), orphan)
+                self._drawing = self._drawing or drawing
+                try:
+                    reply = await link.reserve(keys, args, len(demands), len(binding.rates), orphan)
+                finally:
+                    if drawing:
+                        self._drawing = False
             else:
                 # With tenants: a run of its own (their keys and numbering are its own).
                 keys, tenant_args = self._tenant_args(keys, parts, wall)
@@ -2231,6 +2358,10 @@ class RedisBackend:
         link.mark_up()
         admitted, at = self._admitted(binding, parts, reply)
         account_now = float(reply[1])
+        if drawing:
+            if len(admitted) == 2:
+                self._drew(binding, demands[1], admitted.pop()[0], account_now, now)
+            demands = demands[:1]
         grants: list[Grant] = []
         leased = False
         for j, (indexes, part) in enumerate(admitted):
@@ -2302,6 +2433,77 @@ class RedisBackend:
             admitted.append((indexes, part))
         return admitted, at
 
+    # -- credits (see `_Credit`) -------------------------------------------------------
+
+    def _drew(
+        self,
+        binding: _Binding,
+        demand: Demand,
+        indexes: list[str],
+        account_now: float,
+        now: Instant,
+    ) -> None:
+        """A credit of `demand` was drawn (unless the script skipped it: indexes "-") in
+        slices `indexes`, the account's clock reading `account_now` after `now`: it
+        lasts until the earliest of those slices ends, reckoned from `now`, which was
+        before the server read its clock (so never past that end), or `CREDIT_S`."""
+        if indexes[0] == "-" or self._closed:
+            return
+        if self._credit is not None:
+            self._end_credit(now)
+        lasts_s = CREDIT_S
+        for rate, index in zip(binding.rates, indexes, strict=True):
+            slice_s = rate.period_s / rate.slices
+            lasts_s = min(lasts_s, (float(index) + 1) * slice_s - account_now)
+        if lasts_s <= 0:
+            # Drawn in the slice's very last instant: nothing may come from it.
+            credit = _Credit(binding, indexes, demand.requests, now.mono, (account_now, now.mono))
+            self._credit = credit
+            self._end_credit(now)
+            return
+        credit = self._credit = _Credit(
+            binding, indexes, demand.requests, now.mono + lasts_s, (account_now, now.mono)
+        )
+        loop = self._link.loop
+        if loop is not None:
+            credit.handle = loop.call_later(lasts_s, self._credit_over, credit)
+
+    def _from_credit(self, credit: _Credit, demand: Demand) -> RedisGrant:
+        """An admission of `demand` from `credit`, which has room for it."""
+        credit.left -= demand.requests
+        credit.used += demand.requests
+        grant = RedisGrant(credit.binding, demand, NO_LEASE, credit.indexes)
+        grant.admitted = credit.admitted
+        grant.credit = credit
+        return grant
+
+    def _credit_over(self, credit: _Credit) -> None:
+        """`credit`'s time is up (its timer): the next asks for as much as it used."""
+        if self._credit is credit:
+            self._credit_size = credit.used
+            self._end_credit(None)
+
+    def _end_credit(self, now: Instant | None) -> None:
+        """End the credit: what is left of it is refunded (posted, so that it goes out
+        before anything sent after), and admissions no longer come from it."""
+        credit = self._credit
+        if credit is None:
+            return
+        self._credit = None
+        if credit.handle is not None:
+            credit.handle.cancel()
+        if credit.left > 0:
+            command = self._settle_command(
+                credit.binding,
+                NO_LEASE,
+                Demand(credit.left, 0.0, 0.0),
+                credit.indexes,
+                None,
+                now,
+            )
+            credit.left = 0.0
+            self._post_settle(NO_LEASE, command, None)
+
     async def settle(
         self, limits: Limits, grant: Grant, actual: Demand | None, now: Instant
     ) -> None:
@@ -2318,7 +2520,9 @@ class RedisBackend:
     async def drain(self) -> None:
         """Wait until every settle this process posted so far is answered by Redis (or
         kept for later, while Redis is down): what another client reads after it counts
-        them. A statistics snapshot does this by itself; `aclose` sends what is left."""
+        them. A statistics snapshot does this by itself; `aclose` sends what is left.
+        A credit this process drew ends first (what is left of it is refunded)."""
+        self._end_credit(None)
         await self._link.posted_answered()
 
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
@@ -2433,6 +2637,18 @@ class RedisBackend:
         binding = grant.binding
         if binding is None:  # admitted while failing open: nothing was counted
             return None
+        credit = grant.credit
+        if (
+            actual is None
+            and credit is not None
+            and credit is self._credit
+            and grant.indexes is credit.indexes
+            and now.mono < credit.until
+        ):
+            # Refunded while its credit lasts: given back to the credit.
+            credit.left += grant.demand.requests
+            credit.used -= grant.demand.requests
+            return None
         left = "-"
         if actual is not None and not grant.sent and self._slices_passed(grant, now.mono):
             # Never said to leave, and ended in a later slice: counted from its end.
@@ -2535,10 +2751,11 @@ class RedisBackend:
         self._link.mark_up()
         admitted, _ = self._admitted(binding, parts, reply)
         for j, (indexes, part) in enumerate(admitted):
-            command = self._settle_command(
-                binding, lease_ids[j], demands[j], indexes, None, None, part
-            )
-            self._post_settle(lease_ids[j], command, part)
+            if indexes and indexes[0] == "-":
+                continue  # a credit the script skipped
+            lease_id = NO_LEASE if lease_ids[j] == _CREDIT_LEASE else lease_ids[j]
+            command = self._settle_command(binding, lease_id, demands[j], indexes, None, None, part)
+            self._post_settle(lease_id, command, part)
 
     async def _read_stats(self, command: Any) -> Any:
         """The reply of a stats script; `BackendUnavailableError` while Redis is down (a
@@ -2560,6 +2777,7 @@ class RedisBackend:
         """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
         self._enter(now)
         binding = self._bind(limits)
+        self._end_credit(now)  # counted exactly
         command = STATS.evalsha(
             binding.keys,
             [self._clock_arg(now), str(binding.key_ttl_ms), binding.specs(self._wall(now))],
@@ -2591,6 +2809,9 @@ class RedisBackend:
                 f"RedisBackend.pause: seconds must be in [0, {_MAX_PAUSE_S:g}], got {seconds!r}"
             )
         link = self._link
+        # Admissions stop here at once; the next credit is drawn only as calls come again.
+        self._credit_size = 0.0
+        self._end_credit(now)
         command = PAUSE.evalsha(
             _account_keys(self._prefix),
             [
@@ -2698,6 +2919,7 @@ class RedisBackend:
             self._outage_wait_s,
             self._local_share,
             self._server_time,
+            self._credits,
         )
         backend._is_root = False
         backend._tenant_prefix = self._tenant_prefix
@@ -2936,6 +3158,7 @@ class RedisBackend:
                     await link.client.aclose()
             return
         link.enter(self)
+        self._end_credit(None)  # its refund goes with the settles still on their way
         for child in self._children:
             await child.aclose()
         for task in (self._renewer, self._subscriber):

@@ -10,7 +10,8 @@
 -- ARGV[3]      concurrency cap, or "" for none
 -- ARGV[4]      the lease id of each demand, apart by spaces; "-" for a demand that
 --              takes no lease (no slot, nothing held, nothing to settle, on the
---              account and on its tenant)
+--              account and on its tenant); "+" for a credit: requests a process draws
+--              ahead of its own calls (see credit), taken like "-" or skipped
 -- ARGV[5]      lease ttl (s): a holder that stops renewing frees its slot after this
 -- ARGV[6]      window specs (see parse_specs)
 -- ARGV[7]      the demands, in the order they are served: "requests tokens cost", apart
@@ -19,7 +20,8 @@
 --              none, i for the tenant of KEYS[1 + i]
 -- ARGV[9..]    only with tenants: four per tenant (see parse_tenants)
 -- Returns {k, now, then for each of the k demands admitted the slice index per window
---         (the account's n, then its tenant's), then, when k is less than the demands,
+--         (the account's n, then its tenant's; "-" for each window of a credit
+--         skipped), then, when k is less than the demands,
 --         wait (s) and dimension of the first one refused}: dimension 0 is
 --         concurrency, i window i, -1 the cooldown ("out" for an account taken out,
 --         see pause.lua); -2 its tenant's concurrency, -2 - i
@@ -148,6 +150,24 @@ if not (paused_until and now < paused_until) then
   paused_until = nil
 end
 
+-- A credit (lease id "+", never with tenants): the requests one process draws ahead
+-- to admit its own next calls itself, in this slice (ratekit/backends/redis.py's
+-- _Credit), taken as a demand without a lease. It is optional: skipped (its indexes
+-- "-", never a refusal, nothing recorded) while some caller waits or the account is
+-- paused, and unless it fits twice over: a credit never takes the last half of any
+-- window's room.
+local function credit(demand, reply)
+  local twice = {2 * demand[1], 2 * demand[2], 2 * demand[3]}
+  local _, dimension = check(twice, nil, 0, windows)
+  if paused_until or dimension ~= -1 or now < (num(ACCOUNT, 'wait') or 0) then
+    for _ = 1, n do
+      reply[#reply + 1] = '-'
+    end
+    return
+  end
+  take(demand, windows, '-', reply)
+end
+
 local in_flight = 0
 if cap then
   in_flight = lease_count(ACCOUNT)
@@ -155,46 +175,51 @@ end
 local reclaimed = false
 for j = 1, #demands do
   local demand = demands[j]
-  local t = tenant_of and tenant_of[j]
-  if t then
-    local wait, dimension = check_tenant(t, demand)
-    if dimension ~= -1 then
-      return answer(refuse(reply, wait, dimension, t.s, t.windows))
-    end
-  end
-  if paused_until then
-    -- "out": the pause is an account taken out, not a cooldown (see pause.lua).
-    local paused = num(ACCOUNT, 'out') == 1 and 'out' or -1
-    return answer(refuse(reply, paused_until - now, paused, ACCOUNT, windows))
-  end
-  local wait, dimension = check(demand, cap, in_flight, windows)
-  if dimension ~= -1 and not reclaimed then
-    -- Lapsed leases are looked for only when something refuses: they matter then.
-    reclaimed = true
-    if reclaim(ACCOUNT, windows, now) then
-      if cap then
-        in_flight = lease_count(ACCOUNT)
+  if lease_ids[j] == '+' then
+    credit(demand, reply)
+    reply[1] = j
+  else
+    local t = tenant_of and tenant_of[j]
+    if t then
+      local wait, dimension = check_tenant(t, demand)
+      if dimension ~= -1 then
+        return answer(refuse(reply, wait, dimension, t.s, t.windows))
       end
-      wait, dimension = check(demand, cap, in_flight, windows)
     end
-  end
-  if dimension ~= -1 then
-    return answer(refuse(reply, wait, dimension, ACCOUNT, windows))
-  end
-  local lease_id = lease_ids[j]
-  local expiry = now + lease_ttl_s
-  take(demand, windows, lease_id, reply)
-  if lease_id ~= '-' then
-    take_lease(ACCOUNT, lease_id, expiry)
-    in_flight = in_flight + 1
-  end
-  if t then
-    take(demand, t.windows, lease_id, reply)
-    if t.slot then
-      take_lease(t.s, lease_id, expiry)
-      t.in_flight = t.in_flight + 1
+    if paused_until then
+      -- "out": the pause is an account taken out, not a cooldown (see pause.lua).
+      local paused = num(ACCOUNT, 'out') == 1 and 'out' or -1
+      return answer(refuse(reply, paused_until - now, paused, ACCOUNT, windows))
     end
+    local wait, dimension = check(demand, cap, in_flight, windows)
+    if dimension ~= -1 and not reclaimed then
+      -- Lapsed leases are looked for only when something refuses: they matter then.
+      reclaimed = true
+      if reclaim(ACCOUNT, windows, now) then
+        if cap then
+          in_flight = lease_count(ACCOUNT)
+        end
+        wait, dimension = check(demand, cap, in_flight, windows)
+      end
+    end
+    if dimension ~= -1 then
+      return answer(refuse(reply, wait, dimension, ACCOUNT, windows))
+    end
+    local lease_id = lease_ids[j]
+    local expiry = now + lease_ttl_s
+    take(demand, windows, lease_id, reply)
+    if lease_id ~= '-' then
+      take_lease(ACCOUNT, lease_id, expiry)
+      in_flight = in_flight + 1
+    end
+    if t then
+      take(demand, t.windows, lease_id, reply)
+      if t.slot then
+        take_lease(t.s, lease_id, expiry)
+        t.in_flight = t.in_flight + 1
+      end
+    end
+    reply[1] = j
   end
-  reply[1] = j
 end
 return answer(reply)

@@ -11,7 +11,9 @@ sees.
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -21,8 +23,11 @@ import pytest
 
 from ratekit import Admission, Limiter, Limits, MemoryBackend, Rate, RedisBackend
 from ratekit.backends import Demand, Refusal
+from ratekit.backends.redis import RedisGrant
 from ratekit.clock import FakeClock, Instant
 from ratekit.errors import InvalidArgumentError
+
+from .redis_server import RedisServer
 
 pytestmark = pytest.mark.anyio
 
@@ -265,3 +270,99 @@ async def test_without_credits_every_admission_is_a_round_trip() -> None:
 def test_credits_must_be_a_bool() -> None:
     with pytest.raises(InvalidArgumentError, match=r"RedisBackend\.credits must be a bool"):
         RedisBackend(fakeredis.FakeAsyncRedis(), namespace="x", credits="no")  # type: ignore[arg-type]
+
+
+@pytest.mark.redis
+async def test_an_outage_counts_each_call_alone_in_the_local_fallback(
+    fresh_server: RedisServer,
+) -> None:
+    """Redis goes away after credits grew: under the "local" policy each call counts
+    itself alone in this process's share, never a credit's size too."""
+    clock = FakeClock(BASE_S)
+    backend = RedisBackend(
+        fresh_server.url, namespace="outage", server_time=False, on_unavailable="local"
+    )
+    limits = Limits(rpm=1600)
+    limiter = Limiter(limits, backend=backend, clock=clock)
+    for _ in range(150):
+        async with limiter.acquire():
+            pass
+    clock.advance(1.0)  # the credit is over
+    fresh_server.stop()
+    admitted = 0
+    for _ in range(600):  # 600 calls over a minute
+        admission = await limiter.try_acquire()
+        if admission is not None:
+            admitted += 1
+            await admission.release()
+        clock.advance(0.1)
+    await backend.aclose()
+    assert admitted == 600
+
+
+async def test_a_pause_elsewhere_ends_this_process_credit_at_once(backends: Backends) -> None:
+    clock = FakeClock(BASE_S)  # frozen: only the notice can end the credit
+    first_backend = backends()
+    first = Limiter(Limits(rpm=10**6), backend=first_backend, clock=clock)
+    for _ in range(30):
+        async with first.acquire():
+            pass
+    assert first_backend._credit is not None
+    assert first_backend._credit.left > 0
+    await asyncio.sleep(0.2)  # its listener subscribes
+    await backends().pause(30.0, at(clock))  # another process met a 429
+    # Well before the credit's own end (its slice lasts a second of real time too).
+    await asyncio.sleep(0.2)
+    assert await first.try_acquire() is None
+
+
+async def test_a_draw_on_its_way_when_its_process_pauses_is_refunded(backends: Backends) -> None:
+    clock = FakeClock(BASE_S)
+    backend = backends()
+    limiter = Limiter(Limits(rpm=1600), backend=backend, clock=clock)
+    async with limiter.acquire():
+        pass
+    call = asyncio.ensure_future(limiter.acquire())  # draws a credit with it
+    await asyncio.sleep(0)
+    await limiter.pause(30.0)
+    await (await call).release()
+    assert await limiter.try_acquire() is None
+    clock.advance(30.0)
+    assert await used(limiter) == [2.0]
+
+
+async def test_a_draw_on_its_way_at_aclose_is_refunded(backends: Backends) -> None:
+    clock = FakeClock(BASE_S)
+    backend = backends()
+    limits = Limits(rpm=1600)
+    assert isinstance(await backend.reserve(limits, Demand(1, 0, 0), at(clock)), RedisGrant)
+    draw = asyncio.ensure_future(backend.reserve(limits, Demand(1, 0, 0), at(clock)))
+    await asyncio.sleep(0)
+    await backend.aclose()
+    assert isinstance(await draw, RedisGrant)
+    other = backends()
+    assert [d.used for d in await other.statistics(limits, at(clock))] == [2.0]
+
+
+@pytest.mark.redis
+async def test_with_the_servers_clock_a_credit_lasts_by_real_time_not_the_limiters(
+    redis_server: RedisServer,
+) -> None:
+    """A limiter on a clock that stands still (a FakeClock) and the server's TIME: a
+    credit still ends with its slice in real time, so that a call admitted after that
+    is never recorded in the slice before."""
+    limits = Limits(rates=(Rate(1600, 10.0, name="r10s", slices=10),))  # 1 s slices
+    backend = RedisBackend(redis_server.url, namespace=f"real-{uuid.uuid4().hex}")
+    limiter = Limiter(limits, backend=backend, clock=FakeClock(1000.0))
+    for _ in range(20):
+        async with limiter.acquire():
+            pass
+    credit = backend._credit
+    assert credit is not None
+    # The loop is blocked past the slice's end: the timer cannot run.
+    time.sleep(1.1)  # noqa: ASYNC251
+    admission = await limiter.acquire()
+    assert backend._credit is not credit
+    assert admission._grant.indexes != credit.indexes  # type: ignore[attr-defined]
+    await admission.release()
+    await backend.aclose()

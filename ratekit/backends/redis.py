@@ -191,6 +191,8 @@ _CREDIT_MAX = 256
 _CREDIT_SHARE = 1 / 16
 # The lease id of a credit's demand in a reserve (see reserve.lua).
 _CREDIT_LEASE = "+"
+# What pause.lua publishes on the account's channel.
+_PAUSE_NOTICE = "pause"
 
 
 # -- arguments --------------------------------------------------------------------------
@@ -2083,6 +2085,9 @@ class RedisBackend:
         self._credit_size = 0.0
         self._drawing = False
         self._last_drawless = -math.inf
+        # Bumped by whatever ends credits (`_stop_credits`): a draw on its way while it
+        # changed is refunded when its reply comes.
+        self._credit_epoch = 0
         # The latest instant a limiter handed in: background work's clock when the
         # server's TIME is not used.
         self._last_now = Instant(-math.inf, -math.inf)
@@ -2277,26 +2282,30 @@ class RedisBackend:
         binding = self._bind(limits)
         if parts is not None and not any(parts):
             parts = None  # tenants without limits of their own: as no tenant at all
+        asked = demands
         drawing = False
+        start_s = math.nan
         if self._credits and binding.credit_cap and parts is None and len(demands) == 1:
             credit = self._credit
+            at_s = start_s = self._credit_clock(now)
             if credit is not None and credit.binding is not binding:
                 self._end_credit(now)  # drawn under limits no longer in force
             elif credit is not None:
                 demand = demands[0]
-                if now.mono < credit.until and demand.requests <= credit.left:
+                if at_s < credit.until and demand.requests <= credit.left:
                     return [self._from_credit(credit, demand)], None
                 # Used up (the next one asks for twice as much), or over.
                 self._credit_size = (
-                    max(2.0, 2 * credit.drawn) if now.mono < credit.until else credit.used
+                    max(2.0, 2 * credit.drawn) if at_s < credit.until else credit.used
                 )
                 self._end_credit(now)
-            elif now.mono - self._last_drawless < CREDIT_S:
+            elif at_s - self._last_drawless < CREDIT_S:
                 self._credit_size = max(self._credit_size, 2.0)  # calls keep coming
-            self._last_drawless = now.mono
+            self._last_drawless = at_s
             drawing = not self._drawing and self._credit_size >= 1
         elif self._credit is not None:
             self._end_credit(now)  # counted exactly before any other reserve
+        epoch = self._credit_epoch
         if drawing:
             size = float(min(binding.credit_cap, math.floor(self._credit_size)))
             demands = [demands[0], Demand(size, 0.0, 0.0)]
@@ -2354,14 +2363,15 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            return self._reserve_many_unavailable(limits, demands, now)
+            return self._reserve_many_unavailable(limits, asked, now)
         link.mark_up()
         admitted, at = self._admitted(binding, parts, reply)
         account_now = float(reply[1])
         if drawing:
             if len(admitted) == 2:
-                self._drew(binding, demands[1], admitted.pop()[0], account_now, now)
-            demands = demands[:1]
+                indexes = admitted.pop()[0]
+                self._drew(binding, demands[1], indexes, account_now, now, start_s, epoch)
+            demands = asked
         grants: list[Grant] = []
         leased = False
         for j, (indexes, part) in enumerate(admitted):
@@ -2435,6 +2445,14 @@ class RedisBackend:
 
     # -- credits (see `_Credit`) -------------------------------------------------------
 
+    def _credit_clock(self, now: Instant) -> float:
+        """What a credit's life is measured on: the account's clock runs in real time
+        with the server's TIME (this process's monotonic clock, the event loop's, then
+        follows it), else it is the limiter's (`now`)."""
+        if self._server_time:
+            return time.monotonic()
+        return now.mono
+
     def _drew(
         self,
         binding: _Binding,
@@ -2442,12 +2460,17 @@ class RedisBackend:
         indexes: list[str],
         account_now: float,
         now: Instant,
+        start_s: float,
+        epoch: int,
     ) -> None:
         """A credit of `demand` was drawn (unless the script skipped it: indexes "-") in
-        slices `indexes`, the account's clock reading `account_now` after `now`: it
-        lasts until the earliest of those slices ends, reckoned from `now`, which was
-        before the server read its clock (so never past that end), or `CREDIT_S`."""
-        if indexes[0] == "-" or self._closed:
+        slices `indexes`, the account's clock reading `account_now` after `start_s`
+        (`_credit_clock` before the draw was sent): it lasts until the earliest of those
+        slices ends, reckoned from `start_s` (so never past that end), or `CREDIT_S`.
+        One drawn after something ended credits while it was on its way
+        (`_credit_epoch`: a pause here or elsewhere, a snapshot, `drain`, `aclose`) is
+        refunded at once."""
+        if indexes[0] == "-":
             return
         if self._credit is not None:
             self._end_credit(now)
@@ -2455,18 +2478,17 @@ class RedisBackend:
         for rate, index in zip(binding.rates, indexes, strict=True):
             slice_s = rate.period_s / rate.slices
             lasts_s = min(lasts_s, (float(index) + 1) * slice_s - account_now)
-        if lasts_s <= 0:
-            # Drawn in the slice's very last instant: nothing may come from it.
-            credit = _Credit(binding, indexes, demand.requests, now.mono, (account_now, now.mono))
-            self._credit = credit
-            self._end_credit(now)
-            return
         credit = self._credit = _Credit(
-            binding, indexes, demand.requests, now.mono + lasts_s, (account_now, now.mono)
+            binding, indexes, demand.requests, start_s + lasts_s, (account_now, now.mono)
         )
+        if lasts_s <= 0 or epoch != self._credit_epoch or self._closed:
+            self._end_credit(now)  # nothing may come from it
+            return
         loop = self._link.loop
         if loop is not None:
-            credit.handle = loop.call_later(lasts_s, self._credit_over, credit)
+            delay_s = credit.until - self._credit_clock(now) if self._server_time else lasts_s
+            credit.handle = loop.call_later(max(delay_s, 0.0), self._credit_over, credit)
+        self._start(renew=False)  # hear pauses (see `_dispatch`)
 
     def _from_credit(self, credit: _Credit, demand: Demand) -> RedisGrant:
         """An admission of `demand` from `credit`, which has room for it."""
@@ -2482,6 +2504,14 @@ class RedisBackend:
         if self._credit is credit:
             self._credit_size = credit.used
             self._end_credit(None)
+
+    def _stop_credits(self, now: Instant | None, *, pause: bool = False) -> None:
+        """End the credit, and one on its way when it comes (refunded then); after a
+        pause the next is drawn only as calls come again."""
+        self._credit_epoch += 1
+        if pause:
+            self._credit_size = 0.0
+        self._end_credit(now)
 
     def _end_credit(self, now: Instant | None) -> None:
         """End the credit: what is left of it is refunded (posted, so that it goes out
@@ -2522,7 +2552,7 @@ class RedisBackend:
         kept for later, while Redis is down): what another client reads after it counts
         them. A statistics snapshot does this by itself; `aclose` sends what is left.
         A credit this process drew ends first (what is left of it is refunded)."""
-        self._end_credit(None)
+        self._stop_credits(None)
         await self._link.posted_answered()
 
     async def restamp(self, limits: Limits, grant: Grant, now: Instant) -> None:
@@ -2643,7 +2673,7 @@ class RedisBackend:
             and credit is not None
             and credit is self._credit
             and grant.indexes is credit.indexes
-            and now.mono < credit.until
+            and self._credit_clock(now) < credit.until
         ):
             # Refunded while its credit lasts: given back to the credit.
             credit.left += grant.demand.requests
@@ -2777,7 +2807,7 @@ class RedisBackend:
         """Usage of every dimension now; `BackendUnavailableError` while Redis is down."""
         self._enter(now)
         binding = self._bind(limits)
-        self._end_credit(now)  # counted exactly
+        self._stop_credits(now)  # counted exactly
         command = STATS.evalsha(
             binding.keys,
             [self._clock_arg(now), str(binding.key_ttl_ms), binding.specs(self._wall(now))],
@@ -2809,9 +2839,8 @@ class RedisBackend:
                 f"RedisBackend.pause: seconds must be in [0, {_MAX_PAUSE_S:g}], got {seconds!r}"
             )
         link = self._link
-        # Admissions stop here at once; the next credit is drawn only as calls come again.
-        self._credit_size = 0.0
-        self._end_credit(now)
+        # Admissions stop here at once (and, told on the channel, in every process).
+        self._stop_credits(now, pause=True)
         command = PAUSE.evalsha(
             _account_keys(self._prefix),
             [
@@ -2819,6 +2848,7 @@ class RedisBackend:
                 str(self._key_ttl_ms()),
                 repr(float(seconds)),
                 "1" if out else "0",
+                self._channel,
             ],
         )
         try:
@@ -3017,7 +3047,12 @@ class RedisBackend:
             return
         if renew and (self._renewer is None or self._renewer.done()):
             self._renewer = self._link.spawn(self._renew_loop())
-        wanted = self._listeners or self._tier_callbacks or self._tenant_listeners
+        wanted = (
+            self._listeners
+            or self._tier_callbacks
+            or self._tenant_listeners
+            or self._credit is not None
+        )
         if wanted and (self._subscriber is None or self._subscriber.done()):
             self._subscriber = self._link.spawn(self._listen_loop())
 
@@ -3090,7 +3125,7 @@ class RedisBackend:
     async def _listen_loop(self) -> None:
         link = self._link
         while (
-            self._listeners or self._tier_callbacks or self._tenant_listeners
+            self._listeners or self._tier_callbacks or self._tenant_listeners or self._credits
         ) and not link.closing:
             pubsub = link.client.pubsub()
             try:
@@ -3125,10 +3160,13 @@ class RedisBackend:
                     pass
 
     def _dispatch(self, data: str) -> None:
-        """A notice on the account's channel: a tier published, or a release ("<lease>",
-        or "<lease>\n<tenant>" for a call of a tenant with limits of its own)."""
+        """A notice on the account's channel: a tier published, a pause (pause.lua: this
+        process's credit ends at once), or a release ("<lease>", or "<lease>\n<tenant>"
+        for a call of a tenant with limits of its own)."""
         try:
-            if data.startswith("tier:"):
+            if data == _PAUSE_NOTICE:
+                self._stop_credits(None, pause=True)
+            elif data.startswith("tier:"):
                 for callback in list(self._tier_callbacks):
                     callback(data[len("tier:") :])
             else:
@@ -3158,7 +3196,7 @@ class RedisBackend:
                     await link.client.aclose()
             return
         link.enter(self)
-        self._end_credit(None)  # its refund goes with the settles still on their way
+        self._stop_credits(None)  # its refund goes with the settles still on their way
         for child in self._children:
             await child.aclose()
         for task in (self._renewer, self._subscriber):

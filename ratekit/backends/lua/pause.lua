@@ -9,6 +9,8 @@
 -- ARGV[3]      the pause (s)
 -- ARGV[4]      "1": the account is out (reserve names the dimension "out"), "0": a
 --              cooldown
+-- ARGV[5]      the account's channel: "pause" is published there, so that every
+--              process stops admitting from its credit at once (see reserve.lua)
 -- Returns the seconds the pause lasts from now.
 
 read(ACCOUNT, {'raw', 'off', 'ex', 'cool', 'out'})
@@ -26,4 +28,7 @@ if until_s > known then
 end
 -- The state outlives the cooldown: its instant is on the account's clock.
 finish(ACCOUNT, now, tonumber(ARGV[2]), ARGV[1])
+if ARGV[5] and known > now then
+  redis.call('PUBLISH', ARGV[5], 'pause')
+end
 return fmt(known - now)

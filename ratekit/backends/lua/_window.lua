@@ -104,11 +104,15 @@ local ACCOUNT
 -- The clock's reading in the call that runs (false until clock is read), and whether
 -- finish is held back (a step's settles: its reserves write for both, see step.lua).
 local READ_NOW, READ_WALL, HOLD
+-- The account's windows of the call that runs, and the specs they were parsed from
+-- (see parse_specs): a step's reserves go on with its settles' windows.
+local CALL_WINDOWS, CALL_SPECS
 
 local function begin(keys)
   format, floor = string.format, math.floor
   ACCOUNT = state(keys[1])
   READ_NOW, HOLD = false, false
+  CALL_WINDOWS, CALL_SPECS = false, false
 end
 
 -- Holds finish back (true) or lets it write again (false): see step.lua.
@@ -137,7 +141,20 @@ end
 local function read(s, names, at)
   local values = s.values
   local wanted = names
-  if at and not s.first and next(values) == nil then
+  if at and s.at == at then
+    -- The list made once was read first (a step's settles, then its reserves): only
+    -- names after it may be new.
+    wanted = {}
+    for i = #names, 1, -1 do
+      local name = names[i]
+      if at[name] == i then
+        break
+      end
+      if known(s, name) == nil then
+        wanted[#wanted + 1] = name
+      end
+    end
+  elseif at and not s.first and next(values) == nil then
     local got = redis.call('HMGET', s.key, unpack(names))
     s.first, s.at = got, at
     -- The names after the list made once, if any, are kept in values.
@@ -149,8 +166,7 @@ local function read(s, names, at)
       values[name] = got[i]
     end
     return
-  end
-  if s.first or next(values) ~= nil then
+  elseif s.first or next(values) ~= nil then
     wanted = {}
     for _, name in ipairs(names) do
       if known(s, name) == nil then
@@ -405,6 +421,11 @@ end
 -- table (a call's own: prepare and the rest write into it; its spec's fields are read
 -- through its metatable). The windows live in state s; `windows.specs` is their specs.
 local function parse_specs(packed, s)
+  if s == ACCOUNT and CALL_SPECS == packed then
+    -- The same call's, already brought to now (prepare_all) and kept as it changed
+    -- them since: a step's reserves take its settles' windows.
+    return CALL_WINDOWS
+  end
   local specs = specs_of(packed)
   local windows = {specs = specs}
   for i = 1, #specs do
@@ -415,6 +436,9 @@ local function parse_specs(packed, s)
       now = nil, held = nil, pace = nil, total = nil, lo = nil, hi = nil, hv = nil,
       day = nil, drop_until = nil,
     }, specs[i].window)
+  end
+  if s == ACCOUNT then
+    CALL_WINDOWS, CALL_SPECS = windows, packed
   end
   return windows
 end
@@ -601,6 +625,10 @@ end
 -- Reads and brings every window of state s to now: the base fields are read; at most
 -- one more HMGET for the slices that stopped counting.
 local function prepare_all(s, windows, now, wall)
+  if windows.now == now then
+    return  -- brought to this instant before in this call (see parse_specs)
+  end
+  windows.now = now
   local expired
   for _, w in ipairs(windows) do
     expired = prepare(w, now, wall, expired)

@@ -40,10 +40,8 @@ def valkey_server() -> Iterator[RedisServer]:
 @pytest.fixture(scope="session")
 def redis_cluster() -> Iterator[RedisCluster]:
     """A Redis Cluster of three masters on loopback for the whole session."""
-    cluster = RedisCluster(require_redis_server())
-    cluster.start()
-    yield cluster
-    cluster.stop()
+    with RedisCluster(require_redis_server()) as cluster:
+        yield cluster
 
 
 @pytest.fixture

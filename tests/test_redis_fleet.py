@@ -127,8 +127,7 @@ async def test_fleet_of_processes_stays_within_the_rate_and_uses_it(
     if isinstance(server, RedisServer):
         url, cluster = server.url, False
     else:
-        host, port = server.host_port
-        url, cluster = f"redis://{host}:{port}", True
+        url, cluster = server.url, True
         # A cluster client sends each command on its own (no pipelines): replies come
         # back later under load (records seen up to 59 ms late). The server-side
         # check below is exact either way.

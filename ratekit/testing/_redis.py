@@ -134,7 +134,8 @@ class RedisServer:
 
 class RedisCluster:
     """A Redis Cluster of three masters (no replicas) on loopback: Debian's redis-server
-    with ``--cluster-enabled yes``, joined by ``redis-cli --cluster create``."""
+    with ``--cluster-enabled yes``, joined by ``redis-cli --cluster create``. Also a
+    context manager (``with RedisCluster(binary) as cluster: cluster.url``)."""
 
     def __init__(self, binary: str, masters: int = 3) -> None:
         self.nodes = [
@@ -150,6 +151,11 @@ class RedisCluster:
     def host_port(self) -> tuple[str, int]:
         """Where a cluster client starts: one node (it learns the others)."""
         return "127.0.0.1", self.nodes[0].port
+
+    @property
+    def url(self) -> str:
+        """One node's URL, for ``RedisBackend(cluster.url, cluster=True, ...)``."""
+        return self.nodes[0].url
 
     def start(self) -> None:
         try:
@@ -195,3 +201,12 @@ class RedisCluster:
     def stop(self) -> None:
         for node in self.nodes:
             node.stop()
+
+    def __enter__(self) -> RedisCluster:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+        for node in self.nodes:
+            shutil.rmtree(node.directory, ignore_errors=True)

@@ -870,9 +870,12 @@ class Results:
     bursts: tuple[int, ...]
 
     def run(self, name: str, tasks: int, *, burst: bool = False) -> Run:
-        return next(
-            r for r in self.runs if r.name == name and r.tasks == tasks and r.burst == burst
-        )
+        """The run of `name` with `tasks` tasks; of several rounds, the median one (by
+        calls per second)."""
+        runs = [r for r in self.runs if r.name == name and r.tasks == tasks and r.burst == burst]
+        if not runs:
+            raise KeyError((name, tasks, burst))
+        return sorted(runs, key=lambda r: r.ops_per_s)[len(runs) // 2]
 
     def ratio(self, name: str, other: str, tasks: int) -> float:
         """Calls/s of `name` over calls/s of `other`, with `tasks` tasks."""
@@ -1163,6 +1166,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--concurrency", type=positive_int, default=16, help="tasks of the concurrent runs"
     )
     parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=3,
+        help="timed runs per contender and concurrency, the contenders taking turns in an "
+        "order rotated every round; the tables show each one's median run (3)",
+    )
+    parser.add_argument(
         "--bursts",
         type=_sizes,
         default=(1_000, 10_000),
@@ -1188,7 +1198,12 @@ async def run(url: str, args: argparse.Namespace) -> dict[str, object]:
         server_version = str((await harness.info("server"))["redis_version"])
         entries = contenders()
         levels = (1,) if args.concurrency == 1 else (1, args.concurrency)
-        runs = [await measure(c, url, harness, level, args) for level in levels for c in entries]
+        runs = []
+        for level in levels:
+            for round_number in range(args.rounds):
+                turn = round_number % len(entries)
+                for contender in entries[turn:] + entries[:turn]:
+                    runs.append(await measure(contender, url, harness, level, args))
         for size in args.bursts:
             runs += [await measure(c, url, harness, size, args, burst=True) for c in entries]
         memory = (

@@ -18,6 +18,7 @@ import uuid
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import anyio
 import fakeredis
 import pytest
 
@@ -366,3 +367,38 @@ async def test_with_the_servers_clock_a_credit_lasts_by_real_time_not_the_limite
     assert admission._grant.indexes != credit.indexes  # type: ignore[attr-defined]
     await admission.release()
     await backend.aclose()
+
+
+@pytest.mark.redis
+async def test_a_pool_of_one_connection_draws_no_credit_and_never_stalls(
+    redis_server: RedisServer,
+) -> None:
+    """Credits need the release listener, which holds a connection of its own: a pool
+    that cannot spare one gets no credits, and its calls go on, one round trip each."""
+    import redis.asyncio
+
+    client = redis.asyncio.Redis.from_url(redis_server.url, max_connections=1)
+    backend = RedisBackend(client, namespace=f"one-{uuid.uuid4().hex}")
+    reserves = count_reserves(backend)
+    limits = Limits(rpm=6000)
+    clock = FakeClock(BASE_S)
+    with anyio.fail_after(10):
+        for _ in range(60):
+            assert isinstance(await backend.reserve(limits, Demand(1, 0, 0), at(clock)), RedisGrant)
+    assert len(reserves) == 60
+    await backend.aclose()
+    await client.aclose()
+
+
+async def test_a_pause_just_after_the_first_calls_is_heard(backends: Backends) -> None:
+    """A process draws credits only once it hears the account's channel, so a pause
+    announced right after its first calls reaches it."""
+    clock = FakeClock(BASE_S)
+    limits = Limits(rpm=6000)
+    first, other = backends(), backends()
+    await other.statistics(limits, at(clock))  # connected: its pause goes out at once
+    for _ in range(3):
+        assert isinstance(await first.reserve(limits, Demand(1, 0, 0), at(clock)), RedisGrant)
+    await other.pause(30.0, at(clock))
+    await asyncio.sleep(0.1)
+    assert isinstance(await first.reserve(limits, Demand(1, 0, 0), at(clock)), Refusal)

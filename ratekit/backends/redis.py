@@ -2088,6 +2088,11 @@ class RedisBackend:
         # Bumped by whatever ends credits (`_stop_credits`): a draw on its way while it
         # changed is refunded when its reply comes.
         self._credit_epoch = 0
+        # Whether calls that could draw credits came (the listener is wanted for them),
+        # and whether it hears the account's channel now: credits are drawn only then,
+        # so that a pause elsewhere ends them at once (see `_dispatch`).
+        self._credit_listen = False
+        self._hearing = False
         # The latest instant a limiter handed in: background work's clock when the
         # server's TIME is not used.
         self._last_now = Instant(-math.inf, -math.inf)
@@ -2285,7 +2290,14 @@ class RedisBackend:
         asked = demands
         drawing = False
         start_s = math.nan
-        if self._credits and binding.credit_cap and parts is None and len(demands) == 1:
+        if (
+            self._credits
+            and binding.credit_cap
+            and parts is None
+            and len(demands) == 1
+            # The listener takes a connection of its own: only where the pool spares one.
+            and link.linger
+        ):
             credit = self._credit
             at_s = start_s = self._credit_clock(now)
             if credit is not None and credit.binding is not binding:
@@ -2302,7 +2314,10 @@ class RedisBackend:
             elif at_s - self._last_drawless < CREDIT_S:
                 self._credit_size = max(self._credit_size, 2.0)  # calls keep coming
             self._last_drawless = at_s
-            drawing = not self._drawing and self._credit_size >= 1
+            drawing = not self._drawing and self._credit_size >= 1 and self._hearing
+            if not self._credit_listen:
+                self._credit_listen = True
+                self._start(renew=False)
         elif self._credit is not None:
             self._end_credit(now)  # counted exactly before any other reserve
         epoch = self._credit_epoch
@@ -2488,7 +2503,6 @@ class RedisBackend:
         if loop is not None:
             delay_s = credit.until - self._credit_clock(now) if self._server_time else lasts_s
             credit.handle = loop.call_later(max(delay_s, 0.0), self._credit_over, credit)
-        self._start(renew=False)  # hear pauses (see `_dispatch`)
 
     def _from_credit(self, credit: _Credit, demand: Demand) -> RedisGrant:
         """An admission of `demand` from `credit`, which has room for it."""
@@ -3048,10 +3062,7 @@ class RedisBackend:
         if renew and (self._renewer is None or self._renewer.done()):
             self._renewer = self._link.spawn(self._renew_loop())
         wanted = (
-            self._listeners
-            or self._tier_callbacks
-            or self._tenant_listeners
-            or self._credit is not None
+            self._listeners or self._tier_callbacks or self._tenant_listeners or self._credit_listen
         )
         if wanted and (self._subscriber is None or self._subscriber.done()):
             self._subscriber = self._link.spawn(self._listen_loop())
@@ -3125,7 +3136,7 @@ class RedisBackend:
     async def _listen_loop(self) -> None:
         link = self._link
         while (
-            self._listeners or self._tier_callbacks or self._tenant_listeners or self._credits
+            self._listeners or self._tier_callbacks or self._tenant_listeners or self._credit_listen
         ) and not link.closing:
             pubsub = link.client.pubsub()
             try:
@@ -3135,7 +3146,10 @@ class RedisBackend:
                     await pubsub.subscribe(self._channel.encode())
                 link.mark_up()  # the server answered
                 # Heard from now on; a release announced before was not: every waiter
-                # tries once more.
+                # tries once more. A pause announced before was not heard either: a
+                # credit drawn before ends (none is drawn while nothing is heard).
+                self._hearing = True
+                self._stop_credits(None)
                 self._listeners.notify()
                 while not link.closing:
                     _raise_if_cancelled()
@@ -3146,10 +3160,12 @@ class RedisBackend:
                     if message is not None and message.get("type") == "message":
                         self._dispatch(link.utf8(message.get("data", b"")))
             except Exception as exc:
+                self._hearing = False
                 if not _is_outage(exc) and not isinstance(exc, MaxConnectionsError):
                     _log.warning("the Redis release listener failed: %r", exc)
                 await asyncio.sleep(_BACKOFF_S[-1])
             finally:
+                self._hearing = False
                 try:
                     async with asyncio.timeout(1.0):
                         # Typed through a Callable: redis-py's releases differ in whether

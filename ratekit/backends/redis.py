@@ -2289,7 +2289,6 @@ class RedisBackend:
             parts = None  # tenants without limits of their own: as no tenant at all
         asked = demands
         drawing = False
-        start_s = math.nan
         if (
             self._credits
             and binding.credit_cap
@@ -2298,29 +2297,14 @@ class RedisBackend:
             # The listener takes a connection of its own: only where the pool spares one.
             and link.linger
         ):
-            credit = self._credit
-            at_s = start_s = self._credit_clock(now)
-            if credit is not None and credit.binding is not binding:
-                self._end_credit(now)  # drawn under limits no longer in force
-            elif credit is not None:
-                demand = demands[0]
-                if at_s < credit.until and demand.requests <= credit.left:
-                    return [self._from_credit(credit, demand)], None
-                # Used up (the next one asks for twice as much), or over.
-                self._credit_size = (
-                    max(2.0, 2 * credit.drawn) if at_s < credit.until else credit.used
-                )
-                self._end_credit(now)
-            elif at_s - self._last_drawless < CREDIT_S:
-                self._credit_size = max(self._credit_size, 2.0)  # calls keep coming
-            self._last_drawless = at_s
-            drawing = not self._drawing and self._credit_size >= 1 and self._hearing
-            if not self._credit_listen:
-                self._credit_listen = True
-                self._start(renew=False)
+            turn = self._credit_turn(binding, demands[0], now)
+            if isinstance(turn, RedisGrant):
+                return [turn], None
+            drawing = turn
         elif self._credit is not None:
             self._end_credit(now)  # counted exactly before any other reserve
-        epoch = self._credit_epoch
+        # Before the draw is sent (see `_drew`).
+        start_s, epoch = self._credit_clock(now), self._credit_epoch
         if drawing:
             size = float(min(binding.credit_cap, math.floor(self._credit_size)))
             demands = [demands[0], Demand(size, 0.0, 0.0)]
@@ -2459,6 +2443,28 @@ class RedisBackend:
         return admitted, at
 
     # -- credits (see `_Credit`) -------------------------------------------------------
+
+    def _credit_turn(self, binding: _Binding, demand: Demand, now: Instant) -> RedisGrant | bool:
+        """A lone `demand` under `binding`, which draws credits: its admission from the
+        credit in force if that has room for it, else whether its reserve draws one (the
+        credit in force, if any, has ended: used up, over, or drawn under other limits)."""
+        credit = self._credit
+        at_s = self._credit_clock(now)
+        if credit is not None and credit.binding is not binding:
+            self._end_credit(now)
+        elif credit is not None:
+            if at_s < credit.until and demand.requests <= credit.left:
+                return self._from_credit(credit, demand)
+            # Used up (the next one asks for twice as much), or over (as much as it used).
+            self._credit_size = max(2.0, 2 * credit.drawn) if at_s < credit.until else credit.used
+            self._end_credit(now)
+        elif at_s - self._last_drawless < CREDIT_S:
+            self._credit_size = max(self._credit_size, 2.0)  # calls keep coming
+        self._last_drawless = at_s
+        if not self._credit_listen:
+            self._credit_listen = True
+            self._start(renew=False)  # credits are drawn once it hears the channel
+        return not self._drawing and self._credit_size >= 1 and self._hearing
 
     def _credit_clock(self, now: Instant) -> float:
         """What a credit's life is measured on: the account's clock runs in real time

@@ -2303,9 +2303,10 @@ class RedisBackend:
             drawing = turn
         elif self._credit is not None:
             self._end_credit(now)  # counted exactly before any other reserve
-        # Before the draw is sent (see `_drew`).
-        start_s, epoch = self._credit_clock(now), self._credit_epoch
+        start_s, epoch = math.nan, 0
         if drawing:
+            # Before the draw is sent (see `_drew`).
+            start_s, epoch = self._credit_clock(now), self._credit_epoch
             size = float(min(binding.credit_cap, math.floor(self._credit_size)))
             demands = [demands[0], Demand(size, 0.0, 0.0)]
             lease_ids = [NO_LEASE, _CREDIT_LEASE]

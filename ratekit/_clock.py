@@ -150,6 +150,10 @@ class FakeClock:
         while self._timers and self._timers[0][0] <= self._now:
             heapq.heappop(self._timers)[2].set()
 
+    def instant(self) -> Instant:
+        """Both readings at once: the instant a limiter on this clock hands its backend."""
+        return Instant(self._now, self._now + self._wall_offset_s)
+
     def set(self, now_s: float) -> None:
         """Jump to an absolute instant (not earlier than now)."""
         self.advance(now_s - self._now)

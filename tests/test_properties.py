@@ -23,7 +23,7 @@ from ratekit import Limits, Rate, TokenCounting
 from ratekit.backends import Backend, Demand, Refusal
 from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import RedisBackend
-from ratekit.clock import FakeClock, Instant
+from ratekit.clock import FakeClock
 
 from .redis_server import RedisServer
 from .window_cases import BASE_S
@@ -146,11 +146,6 @@ def check_pacing(limits: Limits, log: list[Admitted]) -> None:
                 assert later.at - first.at >= owed - slack_s - 1e-9, (first, later)
 
 
-def at(clock: FakeClock) -> Instant:
-    """The instant a limiter on `clock` would hand its backend."""
-    return Instant(clock.now(), clock.wall())
-
-
 async def run_script(
     backend: Backend, clock: FakeClock, limits: Limits, script: list, *, check_hints: bool
 ) -> None:
@@ -160,7 +155,7 @@ async def run_script(
         clock.advance(dt)
         if kind == "reserve":
             demand = Demand(a, b, c)
-            outcome = await backend.reserve(limits, demand, at(clock))
+            outcome = await backend.reserve(limits, demand, clock.instant())
             if isinstance(outcome, Refusal):
                 if check_hints:
                     assert isinstance(backend, MemoryBackend)
@@ -174,19 +169,19 @@ async def run_script(
             entry = log[a % len(log)]
             if entry.refunded or entry.settled_at is not None:
                 # A second settle or refund of one grant must change nothing.
-                before = await backend.statistics(limits, at(clock))
-                await backend.settle(limits, entry.grant, None, at(clock))
-                assert await backend.statistics(limits, at(clock)) == before
+                before = await backend.statistics(limits, clock.instant())
+                await backend.settle(limits, entry.grant, None, clock.instant())
+                assert await backend.statistics(limits, clock.instant()) == before
             elif kind == "refund":
-                await backend.settle(limits, entry.grant, None, at(clock))
+                await backend.settle(limits, entry.grant, None, clock.instant())
                 entry.refunded = True
             else:
                 # Real usage at most the estimate: the provider never counts more.
                 estimate = entry.demand
                 actual = Demand(estimate.requests, estimate.tokens * b, estimate.cost * c)
-                await backend.settle(limits, entry.grant, actual, at(clock))
+                await backend.settle(limits, entry.grant, actual, clock.instant())
                 entry.settled_at, entry.actual = clock.now(), actual
-        holds = {d.name: d.in_flight for d in await backend.statistics(limits, at(clock))}
+        holds = {d.name: d.in_flight for d in await backend.statistics(limits, clock.instant())}
         for rate in limits.all_rates:
             ledger = expected_in_flight(rate, limits.token_counting, log)
             assert holds[rate.name] == pytest.approx(ledger, abs=1e-9), rate.name
@@ -197,9 +192,9 @@ async def run_script(
 
     # Nothing leaks: once every grant is settled and every period has passed, all is zero.
     for entry in log:
-        await backend.settle(limits, entry.grant, entry.demand, at(clock))
+        await backend.settle(limits, entry.grant, entry.demand, clock.instant())
     clock.advance(max(rate.period_s for rate in limits.all_rates) * 2 + limits.margin_s + 1)
-    for dimension in await backend.statistics(limits, at(clock)):
+    for dimension in await backend.statistics(limits, clock.instant()):
         assert dimension.used == 0, dimension
         assert dimension.in_flight == 0, dimension
 

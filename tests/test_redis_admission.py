@@ -65,10 +65,6 @@ def now() -> Instant:
     return Instant(time.monotonic(), time.time())
 
 
-def at(clock: FakeClock) -> Instant:
-    return Instant(clock.now(), clock.wall())
-
-
 def namespace() -> str:
     return f"adm-{uuid.uuid4().hex[:12]}"
 
@@ -1325,7 +1321,7 @@ async def test_settles_run_as_one_end_each_admission_as_alone() -> None:
             ]
             batches = []
             for backend in (together, alone):
-                grants = [await backend.reserve(limits, d, at(clock)) for d in demands]
+                grants = [await backend.reserve(limits, d, clock.instant()) for d in demands]
                 assert all(isinstance(g, RedisGrant) for g in grants)
                 batches.append(grants)
             if rng.random() < 0.3:
@@ -1333,39 +1329,39 @@ async def test_settles_run_as_one_end_each_admission_as_alone() -> None:
                 # A demand the tokens in flight leave no room for: its refusal reclaims
                 # the lapsed leases (their settles then find them gone).
                 for backend in (together, alone):
-                    big = await backend.reserve(limits, Demand(1, 19_999, 0), at(clock))
+                    big = await backend.reserve(limits, Demand(1, 19_999, 0), clock.instant())
                     if isinstance(big, RedisGrant):
-                        await backend.settle(limits, big, None, at(clock))
+                        await backend.settle(limits, big, None, clock.instant())
                         await backend.drain()
             for grant, end in zip(batches[0], ends, strict=True):
-                await together.settle(limits, grant, end, at(clock))
+                await together.settle(limits, grant, end, clock.instant())
             del runs[:]
             await together.drain()
             assert runs == [len(demands)]  # one run of them all
             for grant, end in zip(batches[1], ends, strict=True):
-                await alone.settle(limits, grant, end, at(clock))
+                await alone.settle(limits, grant, end, clock.instant())
                 await alone.drain()
             # Admissions without a lease always find it "live" (and a credit's refund,
             # see `_Credit`, comes when the credit ends): the leases' replies are compared.
             assert [live for lease, live in replies["together"] if lease != NO_LEASE] == [
                 live for lease, live in replies["alone"] if lease != NO_LEASE
             ]
-            assert await together.statistics(limits, at(clock)) == await alone.statistics(
-                limits, at(clock)
+            assert await together.statistics(limits, clock.instant()) == await alone.statistics(
+                limits, clock.instant()
             )
             # Admissions of requests alone (no lease), refunded together.
             bare = [
-                [await backend.reserve(requests_only, ONE, at(clock)) for _ in demands]
+                [await backend.reserve(requests_only, ONE, clock.instant()) for _ in demands]
                 for backend in (together, alone)
             ]
             for grant in bare[0]:
-                await together.settle(requests_only, grant, None, at(clock))
+                await together.settle(requests_only, grant, None, clock.instant())
             await together.drain()
             for grant in bare[1]:
-                await alone.settle(requests_only, grant, None, at(clock))
+                await alone.settle(requests_only, grant, None, clock.instant())
                 await alone.drain()
-            assert await together.statistics(requests_only, at(clock)) == (
-                await alone.statistics(requests_only, at(clock))
+            assert await together.statistics(requests_only, clock.instant()) == (
+                await alone.statistics(requests_only, clock.instant())
             )
             clock.advance(rng.choice([0.5, 7, 31]))
         assert 0 in [live for _, live in replies["together"]]  # some leases had lapsed
@@ -1389,10 +1385,10 @@ async def test_a_run_of_gathered_reserves_admits_in_order_and_refuses_the_rest()
         return Demand(0, amount, 0)
 
     first, many, small, last = await asyncio.gather(
-        backend.reserve(limits, tokens(20), at(clock)),
-        backend.reserve_many(limits, [tokens(20), tokens(20), tokens(50)], at(clock)),
-        backend.reserve(limits, tokens(10), at(clock)),
-        backend.reserve_many(limits, [tokens(10)], at(clock)),
+        backend.reserve(limits, tokens(20), clock.instant()),
+        backend.reserve_many(limits, [tokens(20), tokens(20), tokens(50)], clock.instant()),
+        backend.reserve(limits, tokens(10), clock.instant()),
+        backend.reserve_many(limits, [tokens(10)], clock.instant()),
     )
     assert runs == ["0 20 0|0 20 0|0 20 0|0 50 0|0 10 0|0 10 0"]
     assert isinstance(first, RedisGrant)
@@ -1404,9 +1400,9 @@ async def test_a_run_of_gathered_reserves_admits_in_order_and_refuses_the_rest()
     assert 60 <= refusal.wait_s <= 61  # the first slice's end, a minute on
     assert small == refusal
     assert last == ([], refusal)
-    assert (await statistics(backend, limits, at(clock)))["tpm"].used == 60
+    assert (await statistics(backend, limits, clock.instant()))["tpm"].used == 60
     # Alone, the 10 fits: it was held back by the order alone.
-    assert isinstance(await backend.reserve(limits, tokens(10), at(clock)), RedisGrant)
+    assert isinstance(await backend.reserve(limits, tokens(10), clock.instant()), RedisGrant)
     await backend.aclose()
 
 
@@ -1710,15 +1706,17 @@ async def test_a_calendar_day_is_right_across_a_daylight_saving_change(
         new_day = instant.date() != previous_day
         previous_day = instant.date()
         for backend in backends:
-            filled = await backend.reserve(limits, Demand(1, 100, 0), at(clock))
+            filled = await backend.reserve(limits, Demand(1, 100, 0), clock.instant())
             assert isinstance(filled, Refusal) is not new_day, (backend, instant)
-            refusal = await backend.reserve(limits, Demand(1, 1, 0), at(clock))
+            refusal = await backend.reserve(limits, Demand(1, 1, 0), clock.instant())
             assert isinstance(refusal, Refusal), (backend, instant)
             expected_s = next_midnight(instant) - instant.timestamp()
             assert refusal.wait_s == pytest.approx(expected_s, abs=1e-6), (backend, instant)
     clock.advance(expected_s)
     for backend in backends:
-        assert not isinstance(await backend.reserve(limits, Demand(1, 100, 0), at(clock)), Refusal)
+        assert not isinstance(
+            await backend.reserve(limits, Demand(1, 100, 0), clock.instant()), Refusal
+        )
         await backend.aclose()
 
 
@@ -1841,9 +1839,9 @@ async def test_real_usage_above_an_estimate_of_zero_counts_on_both_backends(
         MemoryBackend(),
         RedisBackend(fakeredis.FakeAsyncRedis(), namespace=namespace(), server_time=False),
     ):
-        grant = await backend.reserve(limits, Demand(1, 0, 0), at(clock))
-        await backend.settle(limits, grant, Demand(1, 500, 0), at(clock))
-        used.append((await statistics(backend, limits, at(clock)))["tpm"].used)
+        grant = await backend.reserve(limits, Demand(1, 0, 0), clock.instant())
+        await backend.settle(limits, grant, Demand(1, 500, 0), clock.instant())
+        used.append((await statistics(backend, limits, clock.instant()))["tpm"].used)
         await backend.aclose()
     assert used == [500, 500]
 
@@ -2085,12 +2083,13 @@ async def test_settles_sent_with_the_next_reserves_as_one_step_end_as_if_sent_al
                     tokens = rng.choice([0.0, 50.0, 150.0, 400.0])
                     counted = rng.choice([math.nan, math.nan, 120.0, 300.0])
                     actual = Demand(1, tokens, 0, counted)
-                await alone.settle(limits, grants[1], actual, at(clock))
+                await alone.settle(limits, grants[1], actual, clock.instant())
                 await alone.drain()
-                await stepped.settle(limits, grants[0], actual, at(clock))  # posted: no await
+                await stepped.settle(limits, grants[0], actual, clock.instant())  # posted: no await
             demand = Demand(1, rng.choice([0.0, 100.0, 200.0]))
             replies = [
-                await backend.reserve(limits, demand, at(clock)) for backend in (stepped, alone)
+                await backend.reserve(limits, demand, clock.instant())
+                for backend in (stepped, alone)
             ]
             if isinstance(replies[0], RedisGrant):
                 assert isinstance(replies[1], RedisGrant)
@@ -2157,31 +2156,31 @@ async def test_a_lapsed_lease_is_reclaimed_by_a_refusal_and_no_renewal_brings_it
     backend = RedisBackend(client, namespace=namespace(), server_time=False, lease_ttl_s=10)
     limits = Limits(concurrency=1, tpm=1000, token_counting=TokenCounting.SAFE)
     state = f"{backend.key_prefix()}:state"
-    stopped = await backend.reserve(limits, Demand(1, 600, 0), at(clock))
+    stopped = await backend.reserve(limits, Demand(1, 600, 0), clock.instant())
     assert isinstance(stopped, RedisGrant)
     clock.advance(9)
-    early = await backend.reserve(limits, Demand(1, 600, 0), at(clock))
+    early = await backend.reserve(limits, Demand(1, 600, 0), clock.instant())
     assert isinstance(early, Refusal)
     assert early.dimension == "concurrency"
     assert early.wait_s == pytest.approx(1.0)  # until the lease lapses
     clock.advance(2)
-    taken = await backend.reserve(limits, Demand(1, 600, 0), at(clock))
+    taken = await backend.reserve(limits, Demand(1, 600, 0), clock.instant())
     assert isinstance(taken, RedisGrant)  # the slot and the 600 tokens held came back
     assert f"l|{stopped.lease_id}".encode() not in await client.hkeys(state)
 
     clock.advance(1)
-    assert (await statistics(backend, limits, at(clock)))["concurrency"].used == 1
+    assert (await statistics(backend, limits, clock.instant()))["concurrency"].used == 1
     assert await backend._renew()  # both grants are still held: both are renewed
     lease = await client.hget(state, f"l|{taken.lease_id}")
     assert lease is not None
     assert float(lease) == pytest.approx(clock.now() + 10)
     assert f"l|{stopped.lease_id}".encode() not in await client.hkeys(state)
-    assert isinstance(await backend.reserve(limits, ONE, at(clock)), Refusal)
+    assert isinstance(await backend.reserve(limits, ONE, clock.instant()), Refusal)
 
-    await backend.settle(limits, stopped, None, at(clock))
-    used = await statistics(backend, limits, at(clock))
+    await backend.settle(limits, stopped, None, clock.instant())
+    used = await statistics(backend, limits, clock.instant())
     assert used["concurrency"].used == 1
     assert used["tpm"].in_flight == 600
-    await backend.settle(limits, taken, None, at(clock))
-    assert (await statistics(backend, limits, at(clock)))["concurrency"].used == 0
+    await backend.settle(limits, taken, None, clock.instant())
+    assert (await statistics(backend, limits, clock.instant()))["concurrency"].used == 0
     await backend.aclose()

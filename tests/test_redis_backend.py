@@ -48,10 +48,6 @@ def real_now() -> Instant:
     return Instant(time.monotonic(), time.time())
 
 
-def at(clock: FakeClock) -> Instant:
-    return Instant(clock.now(), clock.wall())
-
-
 async def used(backend: RedisBackend, limits: Limits, name: str) -> float:
     stats = {d.name: d for d in await backend.statistics(limits, real_now())}
     return stats[name].used
@@ -154,7 +150,7 @@ async def test_a_retry_slow_to_fail_is_the_same_outage(caplog: pytest.LogCapture
     link = backend._link
     with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
         server.connected = False
-        assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+        assert await backend.reserve(limits, ONE, clock.instant()) == Refusal(ANY, "unavailable")
         first = link.outage
         for _ in range(3):
             # The retry was sent when due; its failure comes 4 s after that.
@@ -163,7 +159,7 @@ async def test_a_retry_slow_to_fail_is_the_same_outage(caplog: pytest.LogCapture
             clock.advance(12)
         assert link.outage == first
         with pytest.raises(ratekit.BackendUnavailableError, match=r"for 36\.0 s"):
-            await backend.reserve(limits, ONE, at(clock))
+            await backend.reserve(limits, ONE, clock.instant())
     assert sum("is unreachable" in r.getMessage() for r in caplog.records) == 1
     await backend.aclose()
 
@@ -176,12 +172,12 @@ async def test_an_outage_is_aged_on_the_limiters_clock() -> None:
     clock = FakeClock(BASE_S)
     limits = Limits(rpm=10)
     server.connected = False
-    assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+    assert await backend.reserve(limits, ONE, clock.instant()) == Refusal(ANY, "unavailable")
     clock.advance(29)
-    assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+    assert await backend.reserve(limits, ONE, clock.instant()) == Refusal(ANY, "unavailable")
     clock.advance(2)
     with pytest.raises(ratekit.BackendUnavailableError, match=r"for 31\.0 s"):
-        await backend.reserve(limits, ONE, at(clock))
+        await backend.reserve(limits, ONE, clock.instant())
     await backend.aclose()
 
 
@@ -197,10 +193,10 @@ async def test_the_look_for_an_earlier_version_is_made_once_redis_answers(
     limits = Limits(rpm=10)
     server.connected = False
     with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
-        assert await backend.reserve(limits, ONE, at(clock)) == Refusal(ANY, "unavailable")
+        assert await backend.reserve(limits, ONE, clock.instant()) == Refusal(ANY, "unavailable")
         server.connected = True
         backend._link.retry_at = 0.0
-        assert isinstance(await backend.reserve(limits, ONE, at(clock)), RedisGrant)
+        assert isinstance(await backend.reserve(limits, ONE, clock.instant()), RedisGrant)
         await backend.drain()
     assert sum("earlier ratekit" in r.getMessage() for r in caplog.records) == 1
     await backend.aclose()
@@ -217,13 +213,13 @@ async def test_an_earlier_version_started_later_is_warned_of(
     clock = FakeClock(BASE_S)
     limits = Limits(rpm=100)
     with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
-        await backend.reserve(limits, ONE, at(clock))
+        await backend.reserve(limits, ONE, clock.instant())
         await backend.drain()
         assert not caplog.records
         await backend.client.hset("ratekit:{acct-42}:state", "nl", 0)  # an old pod starts
         for _ in range(5):
             await asyncio.sleep(0.06)
-            await backend.reserve(limits, ONE, at(clock))
+            await backend.reserve(limits, ONE, clock.instant())
             await backend.drain()
     assert sum("earlier ratekit" in r.getMessage() for r in caplog.records) == 1
     await backend.aclose()
@@ -292,12 +288,12 @@ async def test_a_lapsed_lease_frees_the_slot_and_its_holds() -> None:
     clock = FakeClock(BASE_S)
     backend = make(server_time=False, lease_ttl_s=5.0)
     limits = Limits(concurrency=1, tpm=1000, token_counting=TokenCounting.USAGE)
-    grant = await backend.reserve(limits, Demand(1, 800, 0), at(clock))
+    grant = await backend.reserve(limits, Demand(1, 800, 0), clock.instant())
     assert isinstance(grant, RedisGrant)
-    refusal = await backend.reserve(limits, Demand(1, 100, 0), at(clock))
+    refusal = await backend.reserve(limits, Demand(1, 100, 0), clock.instant())
     assert refusal == Refusal(5.0, "concurrency")
     clock.advance(5.0)
-    assert isinstance(await backend.reserve(limits, Demand(1, 900, 0), at(clock)), RedisGrant)
+    assert isinstance(await backend.reserve(limits, Demand(1, 900, 0), clock.instant()), RedisGrant)
     await backend.aclose()
 
 
@@ -414,14 +410,14 @@ async def test_pause_outlasts_a_renewal() -> None:
     clock = FakeClock(BASE_S)
     backend = make(server_time=False, lease_ttl_s=0.03)
     limits = Limits(concurrency=2, rpm=100).compressed(60)  # keys live about 1 s
-    grant = await backend.reserve(limits, ONE, at(clock))
-    assert await backend.pause(30.0, at(clock)) == 30.0
+    grant = await backend.reserve(limits, ONE, clock.instant())
+    assert await backend.pause(30.0, clock.instant()) == 30.0
     await asyncio.sleep(0.1)  # several renewals
     pttl = await backend.client.pttl(f"{backend.key_prefix()}:state")
     assert pttl > 25_000
-    refusal = await backend.reserve(limits, ONE, at(clock))
+    refusal = await backend.reserve(limits, ONE, clock.instant())
     assert refusal == Refusal(30.0, "cooldown")
-    await backend.settle(limits, grant, ONE, at(clock))
+    await backend.settle(limits, grant, ONE, clock.instant())
     await backend.aclose()
 
 
@@ -440,9 +436,9 @@ async def test_an_earlier_versions_state_is_left_alone_and_warned_of(
     clock = FakeClock(BASE_S)
     limits = Limits(concurrency=2, rpm=100)
     with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
-        grant = await backend.reserve(limits, ONE, at(clock))
+        grant = await backend.reserve(limits, ONE, clock.instant())
         assert isinstance(grant, RedisGrant)
-        await backend.settle(limits, grant, ONE, at(clock))
+        await backend.settle(limits, grant, ONE, clock.instant())
         await backend.drain()
     assert await client.hgetall(legacy) == kept
     assert backend.key_prefix() == "ratekit:{acct-42}:v2"
@@ -459,8 +455,8 @@ async def test_no_earlier_version_no_warning(caplog: pytest.LogCaptureFixture) -
     backend = make(server_time=False)
     clock = FakeClock(BASE_S)
     with caplog.at_level(logging.WARNING, logger="ratekit.redis"):
-        grant = await backend.reserve(Limits(concurrency=2, rpm=100), ONE, at(clock))
-        await backend.settle(Limits(concurrency=2, rpm=100), grant, ONE, at(clock))
+        grant = await backend.reserve(Limits(concurrency=2, rpm=100), ONE, clock.instant())
+        await backend.settle(Limits(concurrency=2, rpm=100), grant, ONE, clock.instant())
         await backend.drain()
     assert not caplog.records
     await backend.aclose()

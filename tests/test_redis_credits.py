@@ -25,7 +25,7 @@ import pytest
 from ratekit import Admission, Limiter, Limits, MemoryBackend, Rate, RedisBackend
 from ratekit.backends import Demand, Refusal
 from ratekit.backends.redis import RedisGrant
-from ratekit.clock import FakeClock, Instant
+from ratekit.clock import FakeClock
 from ratekit.errors import InvalidArgumentError
 
 from .redis_server import RedisServer
@@ -34,10 +34,6 @@ pytestmark = pytest.mark.anyio
 
 # A whole number of seconds: slice 0 of every window starts here.
 BASE_S = 1_795_608_000.0
-
-
-def at(clock: FakeClock) -> Instant:
-    return Instant(clock.now(), clock.wall())
 
 
 @pytest.fixture
@@ -230,7 +226,7 @@ async def test_a_process_with_callers_waiting_elsewhere_draws_no_credit(
         assert await second.try_acquire() is not None
     # A caller of the second asks for more than is left, and waits: its refusal says
     # so to the account (for as long as a lease lasts at most).
-    waiting = await second.backend.reserve(limits, Demand(200, 0, 0), at(clock))
+    waiting = await second.backend.reserve(limits, Demand(200, 0, 0), clock.instant())
     assert isinstance(waiting, Refusal)
     reserves = count_reserves(first_backend)
     clock.advance(1.0)
@@ -246,7 +242,7 @@ async def test_a_pause_ends_the_credit_at_once(backends: Backends) -> None:
     for _ in range(50):
         async with limiter.acquire():
             pass
-    await backend.pause(5.0, at(clock))
+    await backend.pause(5.0, clock.instant())
     assert await limiter.try_acquire() is None
     clock.advance(5.0)
     assert await limiter.try_acquire() is not None
@@ -311,7 +307,7 @@ async def test_a_pause_elsewhere_ends_this_process_credit_at_once(backends: Back
     assert first_backend._credit is not None
     assert first_backend._credit.left > 0
     await asyncio.sleep(0.2)  # its listener subscribes
-    await backends().pause(30.0, at(clock))  # another process met a 429
+    await backends().pause(30.0, clock.instant())  # another process met a 429
     # Well before the credit's own end (its slice lasts a second of real time too).
     await asyncio.sleep(0.2)
     assert await first.try_acquire() is None
@@ -336,13 +332,13 @@ async def test_a_draw_on_its_way_at_aclose_is_refunded(backends: Backends) -> No
     clock = FakeClock(BASE_S)
     backend = backends()
     limits = Limits(rpm=1600)
-    assert isinstance(await backend.reserve(limits, Demand(1, 0, 0), at(clock)), RedisGrant)
-    draw = asyncio.ensure_future(backend.reserve(limits, Demand(1, 0, 0), at(clock)))
+    assert isinstance(await backend.reserve(limits, Demand(1, 0, 0), clock.instant()), RedisGrant)
+    draw = asyncio.ensure_future(backend.reserve(limits, Demand(1, 0, 0), clock.instant()))
     await asyncio.sleep(0)
     await backend.aclose()
     assert isinstance(await draw, RedisGrant)
     other = backends()
-    assert [d.used for d in await other.statistics(limits, at(clock))] == [2.0]
+    assert [d.used for d in await other.statistics(limits, clock.instant())] == [2.0]
 
 
 @pytest.mark.redis
@@ -384,7 +380,9 @@ async def test_a_pool_of_one_connection_draws_no_credit_and_never_stalls(
     clock = FakeClock(BASE_S)
     with anyio.fail_after(10):
         for _ in range(60):
-            assert isinstance(await backend.reserve(limits, Demand(1, 0, 0), at(clock)), RedisGrant)
+            assert isinstance(
+                await backend.reserve(limits, Demand(1, 0, 0), clock.instant()), RedisGrant
+            )
     assert len(reserves) == 60
     await backend.aclose()
     await client.aclose()
@@ -396,9 +394,9 @@ async def test_a_pause_just_after_the_first_calls_is_heard(backends: Backends) -
     clock = FakeClock(BASE_S)
     limits = Limits(rpm=6000)
     first, other = backends(), backends()
-    await other.statistics(limits, at(clock))  # connected: its pause goes out at once
+    await other.statistics(limits, clock.instant())  # connected: its pause goes out at once
     for _ in range(3):
-        assert isinstance(await first.reserve(limits, Demand(1, 0, 0), at(clock)), RedisGrant)
-    await other.pause(30.0, at(clock))
+        assert isinstance(await first.reserve(limits, Demand(1, 0, 0), clock.instant()), RedisGrant)
+    await other.pause(30.0, clock.instant())
     await asyncio.sleep(0.1)
-    assert isinstance(await first.reserve(limits, Demand(1, 0, 0), at(clock)), Refusal)
+    assert isinstance(await first.reserve(limits, Demand(1, 0, 0), clock.instant()), Refusal)

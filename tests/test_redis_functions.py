@@ -53,10 +53,6 @@ def now() -> Instant:
     return Instant(time.monotonic(), time.time())
 
 
-def at(clock: FakeClock) -> Instant:
-    return Instant(clock.now(), clock.wall())
-
-
 def backend_on(url: str) -> RedisBackend:
     return RedisBackend(url, namespace=uuid.uuid4().hex)
 
@@ -266,7 +262,7 @@ async def test_a_refusal_scans_the_leases_only_when_one_may_have_lapsed(
 
     async def refused(expected_wait_s: float, scans: int) -> None:
         before = await calls(probe)
-        refusal = await backend.reserve(limits, ONE, at(clock))
+        refusal = await backend.reserve(limits, ONE, clock.instant())
         assert isinstance(refusal, Refusal)
         assert refusal.dimension == "concurrency"
         assert refusal.wait_s == pytest.approx(expected_wait_s)
@@ -275,7 +271,7 @@ async def test_a_refusal_scans_the_leases_only_when_one_may_have_lapsed(
         # The clock given: no TIME; the key's ttl set by every call (see finish).
         assert set(ran) <= {"fcall", "hmget", "hset", "pexpire", "hscan"}, ran
 
-    held = await backend.reserve(limits, ONE, at(clock))
+    held = await backend.reserve(limits, ONE, clock.instant())
     assert isinstance(held, RedisGrant)
     clock.advance(1)
     await refused(9, scans=0)
@@ -288,8 +284,8 @@ async def test_a_refusal_scans_the_leases_only_when_one_may_have_lapsed(
     await refused(7, scans=0)
     clock.advance(9)  # past 15 s: the holder stopped renewing
     before = await calls(probe)
-    again = await backend.reserve(limits, ONE, at(clock))
+    again = await backend.reserve(limits, ONE, clock.instant())
     assert isinstance(again, RedisGrant)
     assert (await ran_since(probe, before)).get("hscan", 0) == 1
-    await backend.settle(limits, again, ONE, at(clock))
+    await backend.settle(limits, again, ONE, clock.instant())
     await backend.aclose()

@@ -70,12 +70,12 @@ from collections.abc import (
     Awaitable,
     Callable,
     Coroutine,
-    Iterator,
     Mapping,
     Sequence,
 )
 from datetime import UTC, datetime
 from functools import partial
+from types import TracebackType
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
@@ -255,12 +255,6 @@ def _running_loop() -> asyncio.AbstractEventLoop | None:
         return asyncio.get_running_loop()
     except RuntimeError:
         return None
-
-
-def _wake(waiting: asyncio.Future[bool], work: bool) -> None:
-    """Wake a sender resting on `waiting`, unless something woke it first."""
-    if not waiting.done():
-        waiting.set_result(work)
 
 
 def _raise_if_cancelled() -> None:
@@ -936,14 +930,26 @@ class _Unsent(asyncio.CancelledError):
     connection): the batch can go again as it is."""
 
 
-@contextlib.contextmanager
-def _nothing_written() -> Iterator[None]:
+class _NothingWritten:
     """A step of a sender before any of its batch is written: a cancel there is
-    `_Unsent`."""
-    try:
-        yield
-    except asyncio.CancelledError as exc:
-        raise _Unsent(*exc.args) from None
+    `_Unsent`. A class, not a generator's context manager: it runs twice per round trip."""
+
+    __slots__ = ()
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, _Unsent):
+            raise _Unsent(*exc.args) from None
+
+
+_nothing_written = _NothingWritten()
 
 
 def _connection_args(client: Client) -> tuple[str, ...]:
@@ -991,13 +997,20 @@ async def _exchange(connection: Any, commands: Sequence[tuple[str, ...]]) -> lis
     ratekit's scripts; like one, it never sends a command twice (a reply lost with
     the connection is an outage, not a cue to run a script again).
 
-    The reads have no timeout of their own (the client's socket timeout, if it has
-    one, bounds only the write): the link's watch bounds the whole round trip
+    Neither the write nor the reads have a timeout of their own (the client's socket
+    timeout is not applied): the link's watch bounds the whole round trip
     (`_Link._round_trip`). A connection left mid-reply (an error, a cancel) is
     closed here, and made again when next taken from the pool."""
     data = _pack(commands)
     try:
-        await connection.send_packed_command(data, check_health=False)
+        # The write alone, without the public method's wait_for on the client's socket
+        # timeout (a task and a timer per write, about a tenth of a round trip's client
+        # time): the link's watch already bounds the whole round trip.
+        write = getattr(connection, "_send_packed_command", None)
+        if write is None:
+            await connection.send_packed_command(data, check_health=False)
+        else:
+            await write([data])
         replies: list[Any] = []
         for _ in commands:
             try:
@@ -1033,10 +1046,17 @@ class _Held:
     that comes back sooner (one task calling in a loop) skips the pool's lock and
     bookkeeping (ratekit checks the connection before each use: `_Link._connection`)."""
 
-    __slots__ = ("connection",)
+    __slots__ = ("connection", "rest", "rested_at", "timer")
 
     def __init__(self) -> None:
         self.connection: Any = None
+        # The sender's current rest (see `_Link._rest`) and when it began (loop time),
+        # and the one timer that ends a rest that outlasts `_LINGER_S`: armed by a rest
+        # when none is pending, moved on when it finds a later rest (not one timer
+        # made and cancelled per batch).
+        self.rest: asyncio.Future[bool] | None = None
+        self.rested_at = 0.0
+        self.timer: asyncio.TimerHandle | None = None
 
 
 class _Link:
@@ -1133,7 +1153,10 @@ class _Link:
         # the server shows it has none (see `_loads`); EVALSHA for the link's life then.
         # Not on a cluster: redis-py's cluster client finds an FCALL's keys by asking a
         # node (COMMAND GETKEYS) on every call, an EVALSHA's by itself.
-        self.functions = not isinstance(client, RedisCluster)
+        # A cluster client (it routes each command itself), told once: an isinstance
+        # check of RedisCluster goes through typing's protocol machinery (~3 µs).
+        self.cluster = isinstance(client, RedisCluster)
+        self.functions = not self.cluster
         # What a pool's get_connection takes: a command name before redis-py 5.3.
         self.connection_args = _connection_args(client)
         # The client's text encoding and its error handler, None for UTF-8 (see `utf8`).
@@ -1381,13 +1404,26 @@ class _Link:
         if held.connection is None:
             await waiting
             return
-        linger = self.loop.call_later(_LINGER_S, _wake, waiting, False)
-        try:
-            woken = await waiting
-        finally:
-            linger.cancel()
-        if not woken:
+        held.rest, held.rested_at = waiting, self.loop.time()
+        if held.timer is None:
+            held.timer = self.loop.call_at(held.rested_at + _LINGER_S, self._lingered, held)
+        if not await waiting:
             await self._let_go(held)
+
+    def _lingered(self, held: _Held) -> None:
+        """`held`'s timer: end its sender's rest once it has lasted `_LINGER_S`; a rest
+        begun later gets the timer moved to its own end; none while the sender works
+        (its next rest arms one)."""
+        assert self.loop is not None
+        held.timer = None
+        rest = held.rest
+        if rest is None or rest.done():
+            return
+        due = held.rested_at + _LINGER_S
+        if self.loop.time() < due:
+            held.timer = self.loop.call_at(due, self._lingered, held)
+        else:
+            rest.set_result(False)
 
     async def _connection(self, held: _Held) -> Any:
         """A connection for the next round trip, connected and with nothing stray to
@@ -1448,7 +1484,7 @@ class _Link:
                     # a caller that leaves meanwhile drops its command.
                     for command in batch:
                         command.untake()
-                    with _nothing_written():
+                    with _nothing_written:
                         await asyncio.sleep(pause_s)
                     pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
                     batch = [command for command in batch if command.take()]
@@ -1567,7 +1603,7 @@ class _Link:
         `_exchange`); a script the server lacks is loaded, and its commands sent again,
         in the next write on it (see `_loads`). An error reply is returned in its
         command's place. A cluster client routes each command itself."""
-        if isinstance(self.client, RedisCluster):
+        if self.cluster:
             if not self.loaded:
                 for script in SCRIPTS:
                     await self.client.script_load(script.text)  # on every primary
@@ -1577,10 +1613,10 @@ class _Link:
             # A cluster client routes each command to its node itself (no pipelines):
             # each on its own, all at once.
             return list(await asyncio.gather(*(self._one(command) for command in batch)))
-        with _nothing_written():
+        with _nothing_written:
             connection = await self._connection(held)
         try:
-            with _nothing_written():
+            with _nothing_written:
                 await connection.check_health()  # the client's own PING, if it asks for one
             sent = _steps(batch)
             first = [] if self.loaded else self._all_loads()

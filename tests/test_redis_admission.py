@@ -47,7 +47,7 @@ from ratekit.backends.memory import MemoryBackend
 from ratekit.backends.redis import NO_LEASE, RedisBackend, RedisGrant, zone_transition
 from ratekit.clock import FakeClock, Instant
 
-from .redis_server import RedisServer
+from .redis_server import RedisServer, require_redis_server
 
 pytestmark = pytest.mark.anyio
 
@@ -466,6 +466,39 @@ async def test_an_earlier_version_is_not_looked_for_again_when_the_server_refuse
         assert isinstance(await backend.reserve(Limits(rpm=100), ONE, now()), RedisGrant)
     assert len(looks) == 1
     await backend.aclose()
+
+
+@pytest.mark.redis
+async def test_a_server_that_stops_answering_after_a_rest_is_given_up_on_time() -> None:
+    """A round trip begun while its sender's watch timer still counts from an earlier
+    one (a quick call, a short rest, then a server that stops answering) is watched
+    all the same: given up about one command timeout for it and one for a PING later,
+    not left to hang with the server."""
+    import signal
+
+    with RedisServer(require_redis_server()) as server:
+        assert server.process is not None
+        client = Redis.from_url(server.url)
+        backend = RedisBackend(
+            client, namespace=namespace(), command_timeout_s=0.5, outage_wait_s=0
+        )
+        limits = Limits(concurrency=100)  # a lease: every reserve is a round trip
+        try:
+            assert isinstance(await backend.reserve(limits, ONE, now()), RedisGrant)
+            await asyncio.sleep(0.3)  # the first round trip's due time is 0.2 s ahead
+            server.process.send_signal(signal.SIGSTOP)
+            started = time.monotonic()
+            try:
+                with anyio.fail_after(5), pytest.raises(ratekit.BackendUnavailableError):
+                    await backend.reserve(limits, ONE, now())
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            took_s = time.monotonic() - started
+        finally:
+            await backend.aclose()
+            await client.aclose()
+    # 0.5 s to the round trip's due time, then up to 0.5 s for the PING.
+    assert 0.9 <= took_s < 2.5, took_s
 
 
 # -- every call is cancellable -------------------------------------------------------

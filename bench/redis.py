@@ -162,24 +162,18 @@ def _counting_connection() -> type[Any]:
             finally:
                 self._handshaking = False
 
-        def pack_command(self, *args: Any) -> list[bytes]:
-            # redis-py's commands, pipelines' included, are packed here.
+        async def _send_packed_command(self, command: Any) -> None:
+            # Every write of a connection reaches the wire here: redis-py's commands
+            # (single, pipelined) through its public send_packed_command, and ratekit's
+            # own packed buffers directly (see ratekit's `_exchange`).
             if not self._handshaking:
-                WIRE.commands += 1
-                if RECORDED is not None:
-                    RECORDED.append(args)
-            return super().pack_command(*args)
-
-        async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
-            if not self._handshaking:
+                data = b"".join(command)
                 WIRE.round_trips += 1
-                if isinstance(command, bytes):
-                    # Packed by its sender (ratekit packs its own): its commands are
-                    # counted (and recorded) from the buffer.
-                    WIRE.commands += command.count(b"\r\n*") + 1
-                    if RECORDED is not None:
-                        RECORDED.extend(_unpack(command))
-            await super().send_packed_command(command, check_health)
+                # Commands are flat arrays of bulk strings: one starts at each "\r\n*".
+                WIRE.commands += data.count(b"\r\n*") + 1
+                if RECORDED is not None:
+                    RECORDED.extend(_unpack(data))
+            await super()._send_packed_command(command)
 
     return CountingConnection
 

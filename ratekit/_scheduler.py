@@ -253,6 +253,9 @@ class Scheduler:
         # Set when the SyncScheduler that ran this loop closed it (see `SyncScheduler`).
         self.sync_closed = False
         self._tier_synced = self._shared is None
+        # Set when the read of the fleet's tier under way (None: none) ends: callers
+        # gathered before the first admission wait for that one read.
+        self._tier_read: anyio.Event | None = None
         if self._shared is not None:
             self._shared.on_tier(self._tier_published)
 
@@ -334,15 +337,26 @@ class Scheduler:
         """Adopt the tier other pods agreed on, once, before the first admission; with
         the store down, or not answering within the caller's `timeout_s`, at a later
         call (the admission itself follows the store's policy and the timeout)."""
+        wait_s = math.inf if timeout_s is None else timeout_s
+        if self._tier_read is not None:
+            # Another caller reads it: that read serves every caller gathered meanwhile.
+            with anyio.move_on_after(wait_s):
+                await self._tier_read.wait()
+            return
         if self._shared is not None:
+            read = self._tier_read = anyio.Event()
             name = None
-            with anyio.move_on_after(math.inf if timeout_s is None else timeout_s) as scope:
-                try:
-                    name = await self._shared.shared_tier()
-                except BackendUnavailableError:
+            try:
+                with anyio.move_on_after(wait_s) as scope:
+                    try:
+                        name = await self._shared.shared_tier()
+                    except BackendUnavailableError:
+                        return
+                if scope.cancelled_caught:
                     return
-            if scope.cancelled_caught:
-                return
+            finally:
+                self._tier_read = None
+                read.set()
             if name is not None:
                 self._tier_published(name)
         self._tier_synced = True

@@ -22,12 +22,13 @@ from typing import Any
 
 import anyio
 import pytest
+from redis.asyncio import Redis
 
 import ratekit
 from ratekit.backends.redis import RedisBackend
 from ratekit.testing.workload import Fleet, Workload
 
-from .redis_server import RedisServer, require_redis_server
+from .redis_server import RedisCluster, RedisServer, require_redis_server
 
 pytestmark = [pytest.mark.anyio, pytest.mark.redis]
 
@@ -657,3 +658,36 @@ async def test_memory_stays_bounded_at_200k_rpm(redis_server: RedisServer) -> No
     assert min(ttls) >= PERIOD_S * (1 + 1 / SLICES) * 1000 - 100
     key_ttl_s = PERIOD_S * (1 + 1 / SLICES) + 2 * lease_ttl_s
     assert gone_after_s <= key_ttl_s + 1.0
+
+
+async def test_a_herd_of_scheduler_callers_on_a_cluster_is_served(
+    redis_cluster: RedisCluster,
+) -> None:
+    """300 callers gathered at once on a Scheduler over a Redis Cluster (the fleet's
+    tier is read first, then each waits for one of 100 slots): every one is served,
+    on far fewer connections than a node's pool holds (100). A cluster client sends
+    each command on its own, each taking a connection of its node while it runs."""
+    backend = RedisBackend(redis_cluster.url, namespace=_namespace("herd"), cluster=True)
+    scheduler = ratekit.Scheduler(ratekit.Account("moonshot", tier="tier2"), backend=backend)
+    served = 0
+
+    async def caller() -> None:
+        nonlocal served
+        async with scheduler.slot(tokens=39, model="kimi-k2"):
+            await asyncio.sleep(0.05)
+        served += 1
+
+    try:
+        with anyio.fail_after(30):
+            await asyncio.gather(*(caller() for _ in range(300)))
+        # The connections the herd opened stay in the nodes' pools: the most on one node.
+        most = 0
+        for node in redis_cluster.nodes:
+            observer = Redis.from_url(node.url)
+            most = max(most, int((await observer.info("clients"))["connected_clients"]) - 1)
+            await observer.aclose()
+    finally:
+        await backend.aclose()
+    assert served == 300
+    print(f"\n300 scheduler callers on a cluster: at most {most} connections on one node")
+    assert most <= 80

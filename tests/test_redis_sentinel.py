@@ -105,11 +105,14 @@ def sentinel_setup() -> Iterator[SentinelSetup]:
 
 
 @pytest.mark.timeout(60)
-async def test_a_failover_is_waited_out_and_nothing_is_lost(sentinel_setup: SentinelSetup) -> None:
+async def test_a_failover_is_waited_out_and_nothing_is_lost(
+    sentinel_setup: SentinelSetup, caplog: pytest.LogCaptureFixture
+) -> None:
     """Failing closed (the default), callers that come while no primary answers wait for
     one (no error, no raw redis error, no hang, no admission without a primary); once
     Sentinel has promoted the replica they are all admitted there, and what the account
-    used before is still counted (it was replicated)."""
+    used before is still counted (it was replicated). The outage is logged under the
+    Sentinel service's name (not an address the client never used)."""
     sentinel = Sentinel([("127.0.0.1", sentinel_setup.sentinel_port)], socket_timeout=1.0)
     client = sentinel.master_for(SERVICE, socket_timeout=1.0)
     backend = RedisBackend(client, namespace=f"failover-{uuid.uuid4().hex[:8]}")
@@ -146,3 +149,7 @@ async def test_a_failover_is_waited_out_and_nothing_is_lost(sentinel_setup: Sent
     # Sentinel needs half a second to call the primary down: nobody got in before.
     assert min(admitted_after_s) >= 0.5
     assert used >= 30  # the ten before the failover, and the twenty after
+    outages = [r.getMessage() for r in caplog.records if " is unreachable" in r.getMessage()]
+    assert outages
+    where = f"sentinel service '{SERVICE}' (127.0.0.1:{sentinel_setup.sentinel_port})"
+    assert all(f"Redis at {where} is unreachable" in message for message in outages), outages

@@ -88,6 +88,74 @@ async def test_a_pod_started_during_an_outage_adopts_the_tier_once_redis_answers
     await close(first, late)
 
 
+async def test_callers_gathered_before_the_first_admission_read_the_tier_once() -> None:
+    """200 callers gathered on a new pod share one read of the fleet's tier (not one
+    each, which on a cluster is a command and a connection each) and all adopt it."""
+    server = fakeredis.FakeServer()
+    first = pod(server, "tier0")
+    await first.set_tier("tier2")
+    late = pod(server, "tier0")
+    backend = late.limiter().backend
+    assert isinstance(backend, RedisBackend)
+    reads: list[str] = []
+    shared_tier = backend.shared_tier
+
+    async def counted() -> str | None:
+        reads.append("GET")
+        return await shared_tier()
+
+    backend.shared_tier = counted  # type: ignore[method-assign]
+
+    async def call() -> None:
+        async with late.slot():
+            pass
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            for _ in range(200):
+                group.start_soon(call)
+    assert len(reads) == 1
+    assert late.account.tier.name == "Tier2"
+    await close(first, late)
+
+
+async def test_a_caller_waiting_for_anothers_tier_read_keeps_its_timeout() -> None:
+    """A caller with a timeout, waiting for another caller's read of the tier that hangs
+    (that caller has no timeout), goes on to its admission at its own deadline (the
+    tier is read at a later call)."""
+    server = fakeredis.FakeServer()
+    late = pod(server, "tier0")
+    backend = late.limiter().backend
+    assert isinstance(backend, RedisBackend)
+    hang = anyio.Event()
+
+    async def hanging() -> str | None:
+        await hang.wait()
+        return None
+
+    backend.shared_tier = hanging  # type: ignore[method-assign]
+    waited: dict[str, float] = {}
+    second_done = anyio.Event()
+
+    async def call(name: str, deadline_s: float | None) -> None:
+        started = anyio.current_time()
+        async with late.slot(timeout=deadline_s):
+            waited[name] = anyio.current_time() - started
+        if name == "second":
+            second_done.set()
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group:
+            group.start_soon(call, "first", None)  # reads the tier, and hangs there
+            await anyio.sleep(0.05)
+            group.start_soon(call, "second", 0.2)
+            await second_done.wait()
+            assert "first" not in waited
+            hang.set()
+    assert 0.15 <= waited["second"] < 1.0, waited
+    await close(late)
+
+
 async def test_models_with_their_own_limits_get_their_own_namespace() -> None:
     """MiniMax-M2 and MiniMax-M2-Stable count apart in Redis too."""
     server = fakeredis.FakeServer()

@@ -154,6 +154,9 @@ _CONNECTIONS = 8
 _BATCH = 128
 # Connections of the pool left to the release listeners and the user's own calls.
 _POOL_SPARE = 4
+# Commands of one batch a sender has on their way at once on a cluster (each takes a
+# connection of its node's pool): all senders together stay within a node's 100.
+_CLUSTER_FANOUT = 8
 # How many command timeouts a round trip may last while the server still answers a
 # PING (it is busy, not down) before it is given up as lost.
 _SLOW_LIMIT = 5
@@ -1650,9 +1653,7 @@ class _Link:
                 self.loaded = True
             if len(batch) == 1:
                 return [await self._one(batch[0])]
-            # A cluster client routes each command to its node itself (no pipelines):
-            # each on its own, all at once.
-            return list(await asyncio.gather(*(self._one(command) for command in batch)))
+            return await self._cluster_batch(batch)
         with _nothing_written:
             connection = await self._connection(held)
         try:
@@ -1690,6 +1691,36 @@ class _Link:
         except BaseException:
             await self._let_go(held)  # closed by `_exchange` if anything was written
             raise
+
+    async def _cluster_batch(self, batch: list[_Sendable]) -> list[Any]:
+        """The replies to `batch` on a cluster, whose client routes each command to its
+        node itself (no pipelines): `_CLUSTER_FANOUT` commands at once, so that the
+        senders together never need more of a node's connections than its pool holds
+        (100 by default). A command refused a connection all the same (the pool is
+        busy with the user's own calls) was not sent: it alone goes again, after a
+        pause; the others' replies stand (sending them again would run them twice)."""
+        replies: list[Any] = [None] * len(batch)
+        left = list(range(len(batch)))
+        pause_s = _POOL_RETRY_S[0]
+        while True:
+            busy: list[int] = []
+            for start in range(0, len(left), _CLUSTER_FANOUT):
+                part = left[start : start + _CLUSTER_FANOUT]
+                got = await asyncio.gather(
+                    *(self._one(batch[i]) for i in part), return_exceptions=True
+                )
+                for i, reply in zip(part, got, strict=True):
+                    if isinstance(reply, MaxConnectionsError):
+                        busy.append(i)
+                    elif isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
+                        raise reply  # a failure of the round trip, as one pipeline's
+                    else:
+                        replies[i] = reply
+            if not busy:
+                return replies
+            await asyncio.sleep(pause_s)
+            pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
+            left = busy
 
     async def _one(self, command: _Sendable) -> Any:
         """Send a lone command to a cluster; its reply, or its error reply as an
@@ -3446,7 +3477,21 @@ def _describe(client: Client) -> str:
     if isinstance(client, RedisCluster):
         nodes = list(client.nodes_manager.startup_nodes.values())
         return f"redis cluster at {nodes[0].host}:{nodes[0].port}" if nodes else "redis cluster"
-    kwargs = client.connection_pool.connection_kwargs
+    pool = client.connection_pool
+    service = getattr(pool, "service_name", None)
+    if isinstance(service, str):
+        # A Sentinel-managed pool: its primary moves, and its connection_kwargs hold no
+        # address (redis-py's defaults, localhost:6379, would be shown).
+        manager = getattr(pool, "sentinel_manager", None)
+        sentinels = [
+            "{}:{}".format(
+                sentinel.connection_pool.connection_kwargs.get("host", "localhost"),
+                sentinel.connection_pool.connection_kwargs.get("port", 26379),
+            )
+            for sentinel in getattr(manager, "sentinels", ())
+        ]
+        return f"sentinel service {service!r} ({', '.join(sentinels) or 'no sentinels'})"
+    kwargs = pool.connection_kwargs
     if "path" in kwargs:
         return f"unix://{kwargs['path']}"
     host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)

@@ -604,8 +604,6 @@ class Limiter:
 
     def _check_loop(self) -> None:
         """Refuse use from a second running loop (a closed first loop hands over)."""
-        if _thread_id() == self._loop_thread and not self._loop_closed():
-            return  # its loop's thread, the loop not closed: `_reserve_now`'s check
         loop = self._loop
         if loop is None:
             self._own_loop(_Loop.current())

@@ -337,29 +337,31 @@ class Scheduler:
         """Adopt the tier other pods agreed on, once, before the first admission; with
         the store down, or not answering within the caller's `timeout_s`, at a later
         call (the admission itself follows the store's policy and the timeout)."""
-        wait_s = math.inf if timeout_s is None else timeout_s
-        if self._tier_read is not None:
-            # Another caller reads it: that read serves every caller gathered meanwhile.
-            with anyio.move_on_after(wait_s):
-                await self._tier_read.wait()
+        shared = self._shared
+        if shared is None:
+            self._tier_synced = True
             return
-        if self._shared is not None:
-            read = self._tier_read = anyio.Event()
-            name = None
-            try:
-                with anyio.move_on_after(wait_s) as scope:
+        with anyio.move_on_after(math.inf if timeout_s is None else timeout_s):
+            while not self._tier_synced:
+                read = self._tier_read
+                if read is not None:
+                    # Another caller reads it: that read serves every caller gathered
+                    # meanwhile; one that ended without the tier (its caller left, or
+                    # its deadline came) is made again by a caller still here.
+                    await read.wait()
+                    continue
+                read = self._tier_read = anyio.Event()
+                try:
                     try:
-                        name = await self._shared.shared_tier()
+                        name = await shared.shared_tier()
                     except BackendUnavailableError:
                         return
-                if scope.cancelled_caught:
-                    return
-            finally:
-                self._tier_read = None
-                read.set()
-            if name is not None:
-                self._tier_published(name)
-        self._tier_synced = True
+                    if name is not None:
+                        self._tier_published(name)
+                    self._tier_synced = True
+                finally:
+                    self._tier_read = None
+                    read.set()
 
     def _tier_changed(self, old: Tier, new: Tier) -> None:
         # Applied now, so that callers already waiting see the new tier at once.

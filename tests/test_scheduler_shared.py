@@ -156,6 +156,41 @@ async def test_a_caller_waiting_for_anothers_tier_read_keeps_its_timeout() -> No
     await close(late)
 
 
+async def test_callers_behind_a_tier_read_that_ends_without_it_read_it_again() -> None:
+    """The caller reading the fleet's tier leaves mid-read (its task cancelled): the
+    callers gathered behind it read it again, and are admitted under the fleet's tier,
+    not the pod's own."""
+    server = fakeredis.FakeServer()
+    first = pod(server, "tier0")
+    await first.set_tier("tier2")
+    late = pod(server, "tier0")
+    backend = late.limiter().backend
+    assert isinstance(backend, RedisBackend)
+    shared_tier = backend.shared_tier
+
+    async def slow() -> str | None:
+        await anyio.sleep(0.05)  # a store that takes 50 ms to answer
+        return await shared_tier()
+
+    backend.shared_tier = slow  # type: ignore[method-assign]
+    seen: list[str] = []
+
+    async def call() -> None:
+        async with late.slot():
+            seen.append(late.account.tier.name)
+
+    with anyio.fail_after(10):
+        async with anyio.create_task_group() as group, anyio.create_task_group() as reader:
+            reader.start_soon(call)  # reads the tier first
+            await anyio.sleep(0.01)
+            for _ in range(5):
+                group.start_soon(call)
+            await anyio.sleep(0.01)
+            reader.cancel_scope.cancel()  # the reader leaves mid-read
+    assert seen == ["Tier2"] * 5
+    await close(first, late)
+
+
 async def test_models_with_their_own_limits_get_their_own_namespace() -> None:
     """MiniMax-M2 and MiniMax-M2-Stable count apart in Redis too."""
     server = fakeredis.FakeServer()

@@ -23,9 +23,12 @@ from typing import Any
 import anyio
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster as ClusterClient
 
 import ratekit
+from ratekit.backends import Demand
 from ratekit.backends.redis import RedisBackend
+from ratekit.clock import Instant
 from ratekit.testing.workload import Fleet, Workload
 
 from .redis_server import RedisCluster, RedisServer, require_redis_server
@@ -691,3 +694,49 @@ async def test_a_herd_of_scheduler_callers_on_a_cluster_is_served(
     assert served == 300
     print(f"\n300 scheduler callers on a cluster: at most {most} connections on one node")
     assert most <= 80
+
+
+async def test_a_cluster_pool_busy_with_the_users_calls_is_waited_for(
+    redis_cluster: RedisCluster,
+) -> None:
+    """Every connection of a small cluster pool is held by the user's own blocking calls
+    for longer than the command timeout: two reserves sent in one batch wait for the
+    pool (they were not sent) and are admitted once it frees, not given up as an
+    outage."""
+    host, port = redis_cluster.host_port
+    client = ClusterClient(host=host, port=port, max_connections=2)
+    await client.initialize()
+    root = RedisBackend(client, namespace=_namespace("busy"), command_timeout_s=0.5)
+    first, second = root.child("a"), root.child("b")
+    limits = ratekit.Limits(concurrency=100)
+
+    def now() -> Instant:
+        return Instant(time.monotonic(), time.time())
+
+    try:
+        await first.reserve(limits, Demand(1, 0, 0), now())
+        # Two blocking pops per node: every connection of every node's pool taken.
+        taken: dict[str, list[str]] = {}
+        for i in range(10_000):
+            key = f"busy-{uuid.uuid4().hex[:6]}-{i}"
+            node = client.nodes_manager.get_node_from_slot(client.keyslot(key)).name
+            if len(taken.setdefault(node, [])) < 2:
+                taken[node].append(key)
+            if len(taken) == 3 and all(len(keys) == 2 for keys in taken.values()):
+                break
+        pops = [
+            asyncio.ensure_future(client.execute_command("BLPOP", key, 1))
+            for keys in taken.values()
+            for key in keys
+        ]
+        await asyncio.sleep(0.1)
+        with anyio.fail_after(20):
+            grants = await asyncio.gather(
+                first.reserve(limits, Demand(1, 0, 0), now()),
+                second.reserve(limits, Demand(1, 0, 0), now()),
+            )
+        await asyncio.gather(*pops)
+    finally:
+        await root.aclose()
+        await client.aclose()
+    assert all(type(grant).__name__ == "RedisGrant" for grant in grants), grants

@@ -157,6 +157,8 @@ _POOL_SPARE = 4
 # Commands of one batch a sender has on their way at once on a cluster (each takes a
 # connection of its node's pool): all senders together stay within a node's 100.
 _CLUSTER_FANOUT = 8
+# The reply of a cluster command refused a connection by a busy pool: not sent.
+_POOL_BUSY = object()
 # How many command timeouts a round trip may last while the server still answers a
 # PING (it is busy, not down) before it is given up as lost.
 _SLOW_LIMIT = 5
@@ -1501,18 +1503,28 @@ class _Link:
             try:
                 try:
                     replies = await self._round_trip(batch, held)
-                    break
                 except MaxConnectionsError:
-                    # The pool is busy with someone else's calls: nothing was sent, and
-                    # a caller that leaves meanwhile drops its command.
-                    for command in batch:
-                        command.untake()
-                    with _nothing_written:
-                        await asyncio.sleep(pause_s)
-                    pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
-                    batch = [command for command in batch if command.take()]
-                    if not batch:
-                        return
+                    replies = [_POOL_BUSY] * len(batch)  # nothing was sent
+                busy = []
+                for command, reply in zip(batch, replies, strict=True):
+                    if reply is _POOL_BUSY:
+                        busy.append(command)
+                    else:
+                        command.deliver(reply)
+                if not busy:
+                    return
+                # The pool is busy with someone else's calls: those commands were not
+                # sent; they go again after a pause (outside the round trip's watch), and
+                # a caller that leaves meanwhile drops its command.
+                for command in busy:
+                    command.untake()
+                batch = busy
+                with _nothing_written:
+                    await asyncio.sleep(pause_s)
+                pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
+                batch = [command for command in batch if command.take()]
+                if not batch:
+                    return
             except _Unsent:
                 # Cancelled before a byte was written (the loop shuts down, the link
                 # closes): back to the head of the queue, for whoever sends it next
@@ -1529,8 +1541,6 @@ class _Link:
                     self.mark_down(exc)
                 self._fail(batch, exc)
                 return
-        for command, reply in zip(batch, replies, strict=True):
-            command.deliver(reply)
 
     async def _round_trip(self, batch: list[_Sendable], held: _Held) -> list[Any]:
         """The replies to `batch`, or TimeoutError when the server stopped answering.
@@ -1697,30 +1707,23 @@ class _Link:
         node itself (no pipelines): `_CLUSTER_FANOUT` commands at once, so that the
         senders together never need more of a node's connections than its pool holds
         (100 by default). A command refused a connection all the same (the pool is
-        busy with the user's own calls) was not sent: it alone goes again, after a
-        pause; the others' replies stand (sending them again would run them twice)."""
-        replies: list[Any] = [None] * len(batch)
-        left = list(range(len(batch)))
-        pause_s = _POOL_RETRY_S[0]
-        while True:
-            busy: list[int] = []
-            for start in range(0, len(left), _CLUSTER_FANOUT):
-                part = left[start : start + _CLUSTER_FANOUT]
-                got = await asyncio.gather(
-                    *(self._one(batch[i]) for i in part), return_exceptions=True
-                )
-                for i, reply in zip(part, got, strict=True):
-                    if isinstance(reply, MaxConnectionsError):
-                        busy.append(i)
-                    elif isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
-                        raise reply  # a failure of the round trip, as one pipeline's
-                    else:
-                        replies[i] = reply
-            if not busy:
-                return replies
-            await asyncio.sleep(pause_s)
-            pause_s = min(2 * pause_s, _POOL_RETRY_S[1])
-            left = busy
+        busy with the user's own calls) was not sent: its reply is `_POOL_BUSY`, and
+        the sender sends it again after a pause (`_send_batch`); the others' replies
+        stand (sending them again would run them twice)."""
+        replies: list[Any] = []
+        for start in range(0, len(batch), _CLUSTER_FANOUT):
+            got = await asyncio.gather(
+                *(self._one(command) for command in batch[start : start + _CLUSTER_FANOUT]),
+                return_exceptions=True,
+            )
+            for reply in got:
+                if isinstance(reply, MaxConnectionsError):
+                    replies.append(_POOL_BUSY)
+                elif isinstance(reply, BaseException) and not isinstance(reply, ResponseError):
+                    raise reply  # a failure of the round trip, as one pipeline's
+                else:
+                    replies.append(reply)
+        return replies
 
     async def _one(self, command: _Sendable) -> Any:
         """Send a lone command to a cluster; its reply, or its error reply as an

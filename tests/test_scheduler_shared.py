@@ -88,15 +88,22 @@ async def test_a_pod_started_during_an_outage_adopts_the_tier_once_redis_answers
     await close(first, late)
 
 
-async def test_callers_gathered_before_the_first_admission_read_the_tier_once() -> None:
-    """200 callers gathered on a new pod share one read of the fleet's tier (not one
-    each, which on a cluster is a command and a connection each) and all adopt it."""
+async def a_fleet_at_tier2_and_a_new_pod() -> tuple[Scheduler, Scheduler, RedisBackend]:
+    """A pod that set the fleet's tier to tier2, and a new pod of tier0 (with its
+    backend) that has not read it yet."""
     server = fakeredis.FakeServer()
     first = pod(server, "tier0")
     await first.set_tier("tier2")
     late = pod(server, "tier0")
     backend = late.limiter().backend
     assert isinstance(backend, RedisBackend)
+    return first, late, backend
+
+
+async def test_callers_gathered_before_the_first_admission_read_the_tier_once() -> None:
+    """200 callers gathered on a new pod share one read of the fleet's tier (not one
+    each, which on a cluster is a command and a connection each) and all adopt it."""
+    first, late, backend = await a_fleet_at_tier2_and_a_new_pod()
     reads: list[str] = []
     shared_tier = backend.shared_tier
 
@@ -160,12 +167,7 @@ async def test_callers_behind_a_tier_read_that_ends_without_it_read_it_again() -
     """The caller reading the fleet's tier leaves mid-read (its task cancelled): the
     callers gathered behind it read it again, and are admitted under the fleet's tier,
     not the pod's own."""
-    server = fakeredis.FakeServer()
-    first = pod(server, "tier0")
-    await first.set_tier("tier2")
-    late = pod(server, "tier0")
-    backend = late.limiter().backend
-    assert isinstance(backend, RedisBackend)
+    first, late, backend = await a_fleet_at_tier2_and_a_new_pod()
     shared_tier = backend.shared_tier
 
     async def slow() -> str | None:

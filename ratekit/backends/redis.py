@@ -927,7 +927,7 @@ class _Watch:
     def __init__(self, task: asyncio.Task[Any], started: float) -> None:
         self.task = task
         # When it began (loop time); the timer of its next look once it has been slow
-        # (the first look is its sender's timer: `_Held.watch_timer`).
+        # (the first look is its sender's timer: `_Held.watching`).
         self.started = started
         self.handle: asyncio.TimerHandle | None = None
         self.timeouts = 0
@@ -1054,6 +1054,44 @@ async def _stale(connection: Any) -> bool:
         return True  # redis-py found the socket gone
 
 
+class _LazyTimer:
+    """One timer for a run of deadlines of which only the newest counts (a sender's
+    rests, its round trips): `arm` sets it for a deadline only when none is pending or
+    the pending one is due later; when it fires, `due` names the deadline now (None:
+    nothing to look at, until the next `arm`): a later one gets the timer moved on,
+    one reached calls `act`. Not one timer made and cancelled per rest or round trip."""
+
+    __slots__ = ("act", "due", "handle", "loop")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        due: Callable[[], float | None],
+        act: Callable[[], None],
+    ) -> None:
+        self.loop = loop
+        self.due = due
+        self.act = act
+        self.handle: asyncio.TimerHandle | None = None
+
+    def arm(self, due: float) -> None:
+        handle = self.handle
+        if handle is None or handle.when() > due:
+            if handle is not None:
+                handle.cancel()
+            self.handle = self.loop.call_at(due, self._fire)
+
+    def _fire(self) -> None:
+        self.handle = None
+        due = self.due()
+        if due is None:
+            return
+        if self.loop.time() < due:
+            self.handle = self.loop.call_at(due, self._fire)
+        else:
+            self.act()
+
+
 class _Held:
     """The connection one sender keeps between its batches: taken from the client's
     pool for its first batch, given back when the sender has had nothing to send for
@@ -1061,23 +1099,55 @@ class _Held:
     that comes back sooner (one task calling in a loop) skips the pool's lock and
     bookkeeping (ratekit checks the connection before each use: `_Link._connection`)."""
 
-    __slots__ = ("connection", "rest", "rested_at", "sender", "timer", "watch", "watch_timer")
+    __slots__ = (
+        "check",
+        "command_timeout_s",
+        "connection",
+        "lingering",
+        "rest",
+        "rested_at",
+        "sender",
+        "watch",
+        "watching",
+    )
 
-    def __init__(self, sender: asyncio.Task[Any]) -> None:
+    def __init__(
+        self,
+        sender: asyncio.Task[Any],
+        loop: asyncio.AbstractEventLoop,
+        command_timeout_s: float,
+        check: Callable[[_Watch], None],
+    ) -> None:
         # The sender's own task (its batches' watch cancels it), and its connection.
         self.sender = sender
         self.connection: Any = None
-        # The sender's current rest (see `_Link._rest`) and when it began (loop time),
-        # and the one timer that ends a rest that outlasts `_LINGER_S`: armed by a rest
-        # when none is pending, moved on when it finds a later rest (not one timer
-        # made and cancelled per batch).
+        # The sender's current rest (see `_Link._rest`), when it began (loop time), and
+        # the timer that ends a rest that outlasts `_LINGER_S`.
         self.rest: asyncio.Future[bool] | None = None
         self.rested_at = 0.0
-        self.timer: asyncio.TimerHandle | None = None
-        # The sender's last round trip under watch, and the one timer that looks at a
-        # round trip once it has lasted the command timeout: the same lazy way.
+        self.lingering = _LazyTimer(loop, self._rest_due, self._rest_over)
+        # The sender's last round trip under watch, and the timer that hands one that has
+        # lasted the command timeout to `check` (`_Link._check`).
         self.watch: _Watch | None = None
-        self.watch_timer: asyncio.TimerHandle | None = None
+        self.command_timeout_s = command_timeout_s
+        self.check = check
+        self.watching = _LazyTimer(loop, self._watch_due, self._look)
+
+    def _rest_due(self) -> float | None:
+        rest = self.rest
+        return None if rest is None or rest.done() else self.rested_at + _LINGER_S
+
+    def _rest_over(self) -> None:
+        assert self.rest is not None
+        self.rest.set_result(False)
+
+    def _watch_due(self) -> float | None:
+        watch = self.watch
+        return None if watch is None or watch.done else watch.started + self.command_timeout_s
+
+    def _look(self) -> None:
+        assert self.watch is not None
+        self.check(self.watch)
 
 
 class _Link:
@@ -1398,7 +1468,8 @@ class _Link:
         """Send what waits, a batch at a time; idle until woken, until closing."""
         sender = asyncio.current_task()
         assert sender is not None
-        held = _Held(sender)
+        assert self.loop is not None
+        held = _Held(sender, self.loop, self.command_timeout_s, self._check)
         try:
             while True:
                 while self.queue:
@@ -1426,29 +1497,9 @@ class _Link:
             await waiting
             return
         held.rest, held.rested_at = waiting, self.loop.time()
-        due = held.rested_at + _LINGER_S
-        timer = held.timer
-        if timer is None or timer.when() > due:  # none pending, or one due later
-            if timer is not None:
-                timer.cancel()
-            held.timer = self.loop.call_at(due, self._lingered, held)
+        held.lingering.arm(held.rested_at + _LINGER_S)
         if not await waiting:
             await self._let_go(held)
-
-    def _lingered(self, held: _Held) -> None:
-        """`held`'s timer: end its sender's rest once it has lasted `_LINGER_S`; a rest
-        begun later gets the timer moved to its own end; none while the sender works
-        (its next rest arms one)."""
-        assert self.loop is not None
-        held.timer = None
-        rest = held.rest
-        if rest is None or rest.done():
-            return
-        due = held.rested_at + _LINGER_S
-        if self.loop.time() < due:
-            held.timer = self.loop.call_at(due, self._lingered, held)
-        else:
-            rest.set_result(False)
 
     async def _connection(self, held: _Held) -> Any:
         """A connection for the next round trip, connected and with nothing stray to
@@ -1553,12 +1604,7 @@ class _Link:
         assert self.loop is not None
         task = held.sender
         watch = held.watch = _Watch(task, self.loop.time())
-        due = watch.started + self.command_timeout_s
-        timer = held.watch_timer
-        if timer is None or timer.when() > due:  # none pending, or one due later
-            if timer is not None:
-                timer.cancel()
-            held.watch_timer = self.loop.call_at(due, self._watch_due, held)
+        held.watching.arm(watch.started + self.command_timeout_s)
         self.sending += 1
         try:
             replies = await self._pipeline(batch, held)
@@ -1577,21 +1623,6 @@ class _Link:
             task.uncancel()  # the replies won the race: the cancel is withdrawn
         self.answered_at = self.loop.time()
         return replies
-
-    def _watch_due(self, held: _Held) -> None:
-        """`held`'s watch timer: look at its sender's round trip once it has lasted the
-        command timeout (`_check`); a round trip begun later gets the timer moved to
-        its own due time; none while the sender rests (its next round trip arms one)."""
-        assert self.loop is not None
-        held.watch_timer = None
-        watch = held.watch
-        if watch is None or watch.done:
-            return
-        due = watch.started + self.command_timeout_s
-        if self.loop.time() < due:
-            held.watch_timer = self.loop.call_at(due, self._watch_due, held)
-        else:
-            self._check(watch)
 
     def _check(self, watch: _Watch) -> None:
         """A round trip outlasted the command timeout: go on while Redis answers."""

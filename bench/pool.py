@@ -24,15 +24,19 @@ import asyncio
 import statistics
 import time
 from collections import Counter
+from typing import TYPE_CHECKING
 
 import anyio
 
 from bench._common import Op, microseconds_per_call, positive_int, require
 
+if TYPE_CHECKING:
+    import ratekit
+
 HUGE = 10**9
 
 
-def _scheduler(**limits: int | None) -> object:
+def _scheduler(**limits: int | None) -> ratekit.Scheduler:
     import ratekit
 
     numbers = {"rpm": HUGE, "tpm": HUGE, "tpd": None, "concurrency": None, **limits}
@@ -55,7 +59,7 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
             await paused.members[name].scheduler.limiter().pause(10 * 365 * 86_400.0)
         reference = aiolimiter.AsyncLimiter(HUGE, 60)
 
-        async def scheduler_slot(scheduler: ratekit.Scheduler = alone) -> None:  # type: ignore[assignment]
+        async def scheduler_slot(scheduler: ratekit.Scheduler = alone) -> None:
             async with scheduler.slot(tokens=100):
                 pass
 

@@ -29,7 +29,7 @@ import dataclasses
 import math
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -92,7 +92,10 @@ class DrainRow:
 
 
 async def _drain(
-    path: str, waiters: int, admit: Callable[[], Awaitable[None]], limiter: ratekit.Limiter
+    path: str,
+    waiters: int,
+    admit: Callable[[], Coroutine[Any, Any, None]],
+    limiter: ratekit.Limiter,
 ) -> DrainRow:
     backend = limiter.backend
     assert isinstance(backend, CountingBackend)

@@ -163,10 +163,10 @@ def main(argv: list[str] | None = None) -> None:
     # Per version, per call: the µs per call of each round.
     rounds: list[dict[str, list[float]]] = [{name: [] for name in CALLS} for _ in labels]
     with RedisServer(require_redis_server("bench.scripts")) as server:
-        reserve_one, _ = asyncio.run(_record_ratekit(server.url, four=False))
-        reserve_four, settle_four = asyncio.run(_record_ratekit(server.url, four=True))
+        reserve_one, _ = asyncio.run(_record_ratekit(server.url, "rate"))
+        reserve_four, settle_four = asyncio.run(_record_ratekit(server.url, "four"))
         assert settle_four is not None
-        client = redis.Redis.from_url(server.url)
+        client: Any = redis.Redis.from_url(server.url)
         replays = []
         for number, (text, prefix, account_keys) in enumerate(libraries):
             client.execute_command("FUNCTION", "LOAD", "REPLACE", text)

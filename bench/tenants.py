@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import anyio
 
-from bench._common import microseconds_per_call, positive_int, require
+from bench._common import Op, microseconds_per_call, positive_int, require
 
 HUGE = 10**9
 # The goals of tenants kept on Redis: bytes per idle tenant, and MB for 100,000 of them.
@@ -74,7 +74,7 @@ async def costs(iterations: int, rounds: int) -> dict[str, float]:
             async with limiter:
                 pass
 
-        contenders = {
+        contenders: dict[str, Op] = {
             "ratekit, no tenant": no_tenant,
             "ratekit, tenant (weight only)": weight_only,
             "ratekit, tenant with rpm + tpm": own_limits,

@@ -57,8 +57,8 @@ _ENDED = 3  # released or refunded: its capacity is back with the limiter
 
 
 def _amount(where: str, value: float) -> float:
-    # The common case (a non-negative int) without the full check's cost.
-    if value.__class__ is int and 0 <= value <= MAX_AMOUNT:
+    # The common case (a plain number in range) without the full check's cost.
+    if (value.__class__ is int or value.__class__ is float) and 0 <= value <= MAX_AMOUNT:
         return value
     return check_amount(where, value)
 
@@ -275,7 +275,9 @@ class Admission:
         estimate = self._demand
         if tokens is None:
             tokens = estimate[1]
-        elif tokens.__class__ is not int or not 0 <= tokens <= MAX_AMOUNT:
+        elif (tokens.__class__ is not int and tokens.__class__ is not float) or not (
+            0 <= tokens <= MAX_AMOUNT
+        ):
             tokens = _amount("settle tokens", tokens)  # `_amount`'s common case inlined
         # A tuple built directly: the generated constructor of a Demand is slower.
         self._actual = tuple.__new__(

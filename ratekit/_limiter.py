@@ -298,7 +298,7 @@ class Limiter:
         self._ceilings = _ceilings(limits)
         # Demands already checked against these limits, by their (int) amounts: most
         # call sites ask for the same few amounts, so the common acquire builds none.
-        self._demands: dict[tuple[int, int, int], Demand] = {}
+        self._demands: dict[tuple[float, float, float], Demand] = {}
         self._calendar = _has_calendar(limits) or self._tenant_calendar()
         # Callers waiting: by priority, first come first served; the head retries.
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
@@ -413,7 +413,11 @@ class Limiter:
         built with `tenants`; `InvalidArgumentError` otherwise).
         """
         demand = None
-        if requests.__class__ is int and tokens.__class__ is int and cost.__class__ is int:
+        if (
+            (requests.__class__ is int or requests.__class__ is float)
+            and (tokens.__class__ is int or tokens.__class__ is float)
+            and (cost.__class__ is int or cost.__class__ is float)
+        ):
             # `_demand`'s first look, inlined: most calls ask for amounts seen before.
             demand = self._demands.get((requests, tokens, cost))
         return Admission(
@@ -478,7 +482,14 @@ class Limiter:
         return check_tenant_name(tenant, "tenant")
 
     def _demand(self, requests: float, tokens: float, cost: float) -> Demand:
-        if requests.__class__ is int and tokens.__class__ is int and cost.__class__ is int:
+        # Plain numbers (an int or a float, not a bool or a subclass: compiled with mypyc,
+        # every amount is a float here) are looked up, then checked in a few comparisons:
+        # a NaN or an infinity fails them and is refused by `check_amount` below.
+        if (
+            (requests.__class__ is int or requests.__class__ is float)
+            and (tokens.__class__ is int or tokens.__class__ is float)
+            and (cost.__class__ is int or cost.__class__ is float)
+        ):
             key = (requests, tokens, cost)
             demand = self._demands.get(key)
             if demand is not None:
@@ -489,7 +500,7 @@ class Limiter:
                 and 0 <= tokens <= ceilings[1]
                 and 0 <= cost <= ceilings[2]
             ):
-                # Valid ints within every limit. A Demand is a tuple, built here without
+                # Valid numbers within every limit. A Demand is a tuple, built here without
                 # its (slower) generated constructor.
                 demand = tuple.__new__(Demand, (requests, tokens, cost, _NOT_COUNTED))
                 if len(self._demands) >= _DEMANDS_KEPT:
@@ -640,7 +651,7 @@ class Limiter:
         # at once on Redis: its tries' replies come back over several connections).
         # With tenants, the place is the caller's fair-share tag instead.
         if fair is None:
-            ticket: float = next(self._tickets)
+            ticket = float(next(self._tickets))
         else:
             assert self._tenants is not None
             ticket = fair.tag(tenant, self._tenants.weight(tenant))
@@ -689,13 +700,16 @@ class Limiter:
                 self._on_change()  # a head displaced by a higher priority steps back
             else:
                 refusal = None  # it answered for another position in the queue
+            held_back = None
             try:
                 grant = await self._serve(waiter, demand, deadline_s, timeout_s, refusal, tenant)
             except _HeldBack as back:
-                refusal, seen = back.refusal, back.seen
-                continue
+                held_back = back
             finally:
                 self._leave(waiter)
+            if held_back is not None:  # (no `continue` in the `try`: mypyc cannot build it)
+                refusal, seen = held_back.refusal, held_back.seen
+                continue
             if fair is not None:
                 fair.served(ticket)
             return grant

@@ -19,6 +19,8 @@ pytestmark = pytest.mark.anyio
     [
         ({"tokens": -1}, "tokens must be non-negative, got -1"),
         ({"tokens": math.nan}, "tokens must be finite, got nan"),
+        ({"tokens": -0.5}, "tokens must be non-negative, got -0.5"),
+        ({"requests": 1e16}, "requests must be at most 1e+15, got 1e+16"),
         ({"cost": math.inf}, "cost must be finite, got inf"),
         ({"requests": True}, "requests must be a number, got True"),
         ({"tokens": "100"}, "tokens must be a number, got '100'"),
@@ -31,6 +33,33 @@ async def test_bad_amounts_are_typed_errors(demand: dict[str, object], message: 
         await limiter.acquire(**demand)  # type: ignore[arg-type]
     assert str(caught.value) == message
     assert all(d.used == 0 for d in (await limiter.statistics()).dimensions)
+
+
+@pytest.mark.parametrize(
+    ("tokens", "message"),
+    [
+        (-1, "settle tokens must be non-negative, got -1"),
+        (-0.5, "settle tokens must be non-negative, got -0.5"),
+        (math.nan, "settle tokens must be finite, got nan"),
+        (math.inf, "settle tokens must be finite, got inf"),
+        (True, "settle tokens must be a number, got True"),
+        ("80", "settle tokens must be a number, got '80'"),
+    ],
+)
+async def test_a_bad_settle_is_a_typed_error_and_settles_nothing(
+    tokens: object, message: str
+) -> None:
+    """A settle with a bad token count raises InvalidCostError; the admission stays
+    unsettled, and a good settle after it counts."""
+    limiter = Limiter(Limits(tpm=1000), backend=None, clock=None)
+    async with limiter.acquire(tokens=100) as admission:
+        with pytest.raises(ratekit.errors.InvalidCostError) as caught:
+            admission.settle(tokens=tokens)  # type: ignore[arg-type]
+        assert str(caught.value) == message
+        assert admission.usage == admission.demand
+        admission.settle(tokens=150.5)
+    (tpm,) = (await limiter.statistics()).dimensions
+    assert tpm.used == 150.5
 
 
 async def test_a_cost_above_a_whole_limit_fails_at_once() -> None:

@@ -1,4 +1,4 @@
-"""`bench.acquire` over a copy of ratekit whose window module is compiled with mypyc.
+"""`bench.acquire` over a copy of ratekit whose hot path is compiled with mypyc.
 
 Run from the repository root::
 
@@ -6,11 +6,17 @@ Run from the repository root::
 
 An experiment, not a build: ratekit installs and runs as pure Python, which stays
 the reference. This copies the `ratekit` package to a temporary directory,
-compiles `ratekit/_window.py` there with mypyc (it needs mypy, which ships mypyc,
-and a C compiler; about half a minute; `--compile` names other modules to compile
-with it, such as ``ratekit/backends/memory.py``), and runs ``python -m bench.acquire`` with
-that copy first on the path, so its table sets the compiled ratekit beside
-aiolimiter in one run. Run ``python -m bench.acquire`` for the pure-Python table.
+compiles there with mypyc the four modules an uncontended admission runs through
+(the windows, the memory backend, the admission and the limiter; it needs mypy,
+which ships mypyc, and a C compiler; about a minute; `--compile` names other
+modules to compile with them), and runs ``python -m bench.acquire`` with that copy
+first on the path, so its table sets the compiled ratekit beside aiolimiter in
+one run. Run ``python -m bench.acquire`` for the pure-Python table.
+
+Compiled, an amount arrives as a float whatever the caller passed (mypyc keeps a
+`float` argument as a C double), so the limiter's shortcuts for plain numbers take
+floats as well as ints: with ints only, every compiled admission went through the
+full validation and the compiled limiter was slower than the pure one.
 
 The compiled windows cannot be deep-copied (mypyc's native classes need an
 explicit opt-in for `copy`), so `tests/test_properties.py`, which copies a
@@ -29,7 +35,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILED = ["ratekit/_window.py"]
+COMPILED = [
+    "ratekit/_window.py",
+    "ratekit/backends/memory.py",
+    "ratekit/_admission.py",
+    "ratekit/_limiter.py",
+]
 
 
 def build(where: Path, modules: Sequence[str]) -> None:

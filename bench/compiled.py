@@ -18,6 +18,12 @@ Compiled, an amount arrives as a float whatever the caller passed (mypyc keeps a
 floats as well as ints: with ints only, every compiled admission went through the
 full validation and the compiled limiter was slower than the pure one.
 
+Compiled, the arguments are not checked as the pure-Python ones are: mypyc
+converts them to a double at the call (a bool or a numpy int becomes 1.0 and
+is admitted; a string or an int too large for a float raises `TypeError`, not
+`InvalidCostError`), so `tests/test_errors.py` fails against the compiled copy. A
+compiled build offered to users would check its arguments before that conversion.
+
 The compiled windows cannot be deep-copied (mypyc's native classes need an
 explicit opt-in for `copy`), so `tests/test_properties.py`, which copies a
 backend to check a wait hint, does not run against them.

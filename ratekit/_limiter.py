@@ -482,9 +482,10 @@ class Limiter:
         return check_tenant_name(tenant, "tenant")
 
     def _demand(self, requests: float, tokens: float, cost: float) -> Demand:
-        # Plain numbers (an int or a float, not a bool or a subclass: compiled with mypyc,
-        # every amount is a float here) are looked up, then checked in a few comparisons:
-        # a NaN or an infinity fails them and is refused by `check_amount` below.
+        # Plain numbers (an int or a float, not a bool or a subclass; floats too because
+        # compiled with mypyc every amount arrives here as a float) are looked up, then
+        # checked in a few comparisons: a NaN or an infinity fails them and is refused by
+        # `check_amount` below.
         if (
             (requests.__class__ is int or requests.__class__ is float)
             and (tokens.__class__ is int or tokens.__class__ is float)
@@ -700,15 +701,15 @@ class Limiter:
                 self._on_change()  # a head displaced by a higher priority steps back
             else:
                 refusal = None  # it answered for another position in the queue
-            held_back = None
+            held_back: tuple[Refusal, Mark | None] | None = None
             try:
                 grant = await self._serve(waiter, demand, deadline_s, timeout_s, refusal, tenant)
             except _HeldBack as back:
-                held_back = back
+                held_back = back.refusal, back.seen  # not the exception: no frame cycle
             finally:
                 self._leave(waiter)
             if held_back is not None:  # (no `continue` in the `try`: mypyc cannot build it)
-                refusal, seen = held_back.refusal, held_back.seen
+                refusal, seen = held_back
                 continue
             if fair is not None:
                 fair.served(ticket)

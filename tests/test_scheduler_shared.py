@@ -63,6 +63,26 @@ async def test_a_tier_change_in_one_pod_reaches_the_others() -> None:
     await close(first, second, third)
 
 
+async def test_a_tier_change_made_before_a_pod_hears_the_channel_reaches_it() -> None:
+    """A pod that read the tier at its first admission, then missed the notice of a change
+    published before its listener had subscribed, still adopts the change: the listener
+    reads the stored tier once it hears the channel."""
+    server = fakeredis.FakeServer()
+    first, second = pod(server, "tier1"), pod(server, "tier1")
+    async with first.slot():
+        pass
+    async with second.slot():  # its first admission reads the tier; its listener starts
+        pass
+    changed = anyio.Event()
+    second.account.on_change(lambda old, new: changed.set())
+    await first.set_tier("tier2")  # at once: the notice may come before the listener
+    with anyio.fail_after(5):
+        await changed.wait()
+    assert second.account.tier.name == "Tier2"
+    assert second.limiter().limits.rpm == 500
+    await close(first, second)
+
+
 async def test_a_pod_started_during_an_outage_adopts_the_tier_once_redis_answers() -> None:
     """A new pod whose first call meets a Redis outage waits it out (the default), and
     adopts the tier the other pods agreed on at a later call, once Redis answers."""

@@ -3156,6 +3156,10 @@ class RedisBackend:
         agreed on is not known; a scheduler asks again at its next call).
         """
         self._enter()
+        return await self._stored_tier()
+
+    async def _stored_tier(self) -> str | None:
+        """`shared_tier`'s read (also the listener's, see `_recall_tier`)."""
         link = self._link
         try:
             value = await link.call(("GET", f"{self._prefix}:tier"), abortable=True)
@@ -3299,6 +3303,10 @@ class RedisBackend:
                 self._hearing = True
                 self._stop_credits(None)
                 self._listeners.notify()
+                if self._tier_callbacks:
+                    # A tier published before the channel was heard was not: the stored
+                    # one is read now (a change after it comes as a notice).
+                    await self._recall_tier()
                 while not link.closing:
                     _raise_if_cancelled()
                     # A bounded wait, so that closing never depends on a message.
@@ -3322,6 +3330,16 @@ class RedisBackend:
                         await asyncio.shield(close())
                 except Exception:  # best effort: the connection goes either way
                     pass
+
+    async def _recall_tier(self) -> None:
+        """Tell the tier callbacks the tier stored for the account, if any (nothing while
+        Redis is down: the listener subscribes again, and reads it then)."""
+        try:
+            tier = await self._stored_tier()
+        except BackendUnavailableError:
+            return
+        if tier is not None:
+            self._dispatch(f"tier:{tier}")
 
     def _dispatch(self, data: str) -> None:
         """A notice on the account's channel: a tier published, a pause (pause.lua: this

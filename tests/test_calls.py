@@ -42,6 +42,39 @@ async def test_a_decorated_async_function_is_admitted_with_tokens_from_its_argum
     assert stats.dimension("rpm").used == 1
 
 
+@pytest.mark.anyio
+async def test_a_decorators_functions_get_the_arguments_they_name_however_passed() -> None:
+    """``tokens=lambda prompt, **_:`` and ``tenant=lambda customer, **_:`` get their
+    arguments by name whether the call passed them by position or by name, defaults
+    included; a function naming no parameter of the decorated one gets the call as it
+    came; a wrong call raises the TypeError calling the function would."""
+    clock = ratekit.clock.FakeClock()
+    events: list[ratekit.Event] = []
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, hooks=[events.append])
+
+    @scheduler.limit(
+        tokens=lambda prompt, max_tokens, **_: len(prompt) + max_tokens,
+        tenant=lambda customer, **_: customer,
+    )
+    async def answer(customer: str, prompt: str, max_tokens: int = 100, **extra: Any) -> str:
+        return prompt
+
+    @scheduler.limit(tokens=lambda *args, **kwargs: len(args) + len(kwargs))
+    async def count(*args: Any, **kwargs: Any) -> None:
+        return None
+
+    assert await answer("acme", "hello") == "hello"  # 105 tokens
+    assert await answer("initech", "hi", 10) == "hi"  # 12
+    assert await answer(prompt="hey", customer="acme", max_tokens=1, seed=7) == "hey"  # 4
+    await count(1, 2, x=3)  # 3
+    assert admitted_tenants(events) == ["acme", "initech", "acme", None]
+    stats = await scheduler.limiter().statistics()
+    assert stats.dimension("tpm").used == 105 + 12 + 4 + 3
+    with pytest.raises(TypeError, match=r"answer\(\): missing a required argument: 'prompt'"):
+        await answer("acme")  # type: ignore[call-arg]
+    assert stats.dimension("rpm").used == 4
+
+
 def test_sync_threads_share_one_scheduler() -> None:
     """Eight threads calling a decorated sync function keep to 3 requests per window."""
     with SyncScheduler(compressed(), classify=classify) as sync:

@@ -59,6 +59,7 @@ SYNC_LOOPS: weakref.WeakKeyDictionary[Any, SyncLoop] = weakref.WeakKeyDictionary
 
 T = TypeVar("T")
 R = TypeVar("R")
+V = TypeVar("V")
 
 TokensArg = float | Callable[..., float]
 # A decorated function's tenant: a name, or a function of the call's arguments that
@@ -68,15 +69,67 @@ TenantArg = str | Callable[..., str | None] | None
 _WHERE_TENANT = "limit(tenant=...)"
 
 
-def _amount(value: TokensArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> float:
-    return value(*args, **kwargs) if callable(value) else value
+# One call's arguments, as the decorated function was called: (args, kwargs).
+Arguments = tuple[tuple[Any, ...], dict[str, Any]]
 
 
-def _tenant_of(value: TenantArg, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str | None:
+def _of_arguments(value: Callable[..., V], fn: Callable[..., Any]) -> Callable[[Arguments], V]:
+    """How `value`, a function of a decorated call's arguments (`tokens=`, `cost=`,
+    `tenant=`), is called for each call of `fn`.
+
+    One whose parameters are all parameters of `fn` by name (``lambda prompt, **_:``)
+    gets them by name, whether the call passed them by position or by name, defaults
+    included, and, with ``**``, every other argument too. Any other (one with
+    ``*args``, or names `fn` does not have) is called with the arguments as given.
+    """
+    try:
+        target = inspect.signature(fn)
+        own = inspect.signature(value)
+    except (TypeError, ValueError):  # a callable without a signature Python can read
+        return lambda call: value(*call[0], **call[1])
+    kinds = [parameter.kind for parameter in own.parameters.values()]
+    takes_all = inspect.Parameter.VAR_KEYWORD in kinds
+    named = [
+        parameter.name
+        for parameter in own.parameters.values()
+        if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
+    ]
+    if (
+        inspect.Parameter.VAR_POSITIONAL in kinds
+        or inspect.Parameter.POSITIONAL_ONLY in kinds
+        or not set(named) <= set(target.parameters)
+    ):
+        return lambda call: value(*call[0], **call[1])
+    # `fn`'s own **kwargs parameter: its entries are passed as arguments of their own.
+    rest = next((p.name for p in target.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+
+    def by_name(call: Arguments) -> V:
+        try:
+            bound = target.bind(*call[0], **call[1])
+        except TypeError as exc:  # what calling `fn` itself would raise
+            raise TypeError(f"{getattr(fn, '__qualname__', fn)}(): {exc}") from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        if rest is not None:
+            arguments.update(arguments.pop(rest))
+        if not takes_all:
+            arguments = {name: arguments[name] for name in named if name in arguments}
+        return value(**arguments)
+
+    return by_name
+
+
+def _amount(value: Callable[[Arguments], float] | float, call: Arguments) -> float:
+    return value(call) if callable(value) else value
+
+
+def _tenant_of(
+    value: Callable[[Arguments], str | None] | str | None, call: Arguments
+) -> str | None:
     """The tenant of one call: `value`, or what it gives for the call's arguments."""
     if not callable(value):
         return value
-    named = value(*args, **kwargs)
+    named = value(call)
     return None if named is None else check_tenant_name(named, _WHERE_TENANT)
 
 
@@ -96,25 +149,32 @@ def limit(
     `tokens` and `cost` are numbers or functions of the call's arguments. `tenant`
     names the tenant whose share each call takes: a str, or a function of the call's
     arguments that gives one (or None); without one, the tenant of the caller's
-    `ratekit.tenant` block. Works on async functions and on sync ones; a sync one
-    must run in a thread that can reach the scheduler's loop (a `SyncScheduler`, or
-    ``anyio.to_thread``).
+    `ratekit.tenant` block. A function of the arguments whose parameters are named
+    after the decorated function's (``lambda prompt, **_: ...``) gets them by name,
+    however the call passed them (see `_of_arguments`). Works on async functions and
+    on sync ones; a sync one must run in a thread that can reach the scheduler's loop
+    (a `SyncScheduler`, or ``anyio.to_thread``).
     """
     if tenant is not None and not callable(tenant):
         check_tenant_name(tenant, _WHERE_TENANT)
 
     def decorate(fn: Callable[..., T]) -> Callable[..., T]:
+        tokens_of = _of_arguments(tokens, fn) if callable(tokens) else tokens
+        cost_of = _of_arguments(cost, fn) if callable(cost) else cost
+        tenant_of = _of_arguments(tenant, fn) if callable(tenant) else tenant
+
         def submitted(submit: Callable[..., R], args: tuple[Any, ...], kwargs: dict[str, Any]) -> R:
             # One call of `fn` handed to `submit` (the scheduler's, or `submit_sync`).
+            call = (args, kwargs)
             return submit(
                 functools.partial(fn, *args, **kwargs),
-                tokens=_amount(tokens, args, kwargs),
-                cost=_amount(cost, args, kwargs),
+                tokens=_amount(tokens_of, call),
+                cost=_amount(cost_of, call),
                 model=model,
                 priority=priority,
                 timeout=timeout,
                 usage=usage,
-                tenant=_tenant_of(tenant, args, kwargs),
+                tenant=_tenant_of(tenant_of, call),
             )
 
         if inspect.iscoroutinefunction(fn):

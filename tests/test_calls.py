@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextvars
 import threading
 import time
+import warnings
 from typing import Any
 
 import anyio
@@ -105,6 +106,26 @@ def test_sync_threads_share_one_scheduler() -> None:
     starts.sort()
     for first, fourth in zip(starts, starts[3:], strict=False):
         assert fourth - first >= 0.5 - 0.02
+
+
+def test_an_async_function_given_to_a_sync_scheduler_is_refused() -> None:
+    """SyncScheduler.submit runs sync functions: an async one, or one that returns a
+    coroutine, is an InvalidArgumentError (not a coroutine handed back never run), and
+    the slot of the one that returned a coroutine comes back."""
+
+    async def ask() -> str:
+        return "never"
+
+    with SyncScheduler(compressed(), classify=classify) as sync:
+        with pytest.raises(ratekit.InvalidArgumentError, match=r"runs sync functions.* is async"):
+            sync.submit(ask)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no "coroutine was never awaited"
+            with pytest.raises(ratekit.InvalidArgumentError, match="returns an awaitable"):
+                sync.submit(lambda: ask())
+        # One call at a time (Tier0): the refused call's slot came back.
+        assert sync.submit(lambda: 5, timeout=5) == 5
+        assert sync.statistics().admitted == 2  # the one that returned a coroutine, and 5
 
 
 def test_a_sync_429_is_answered_and_retried() -> None:

@@ -24,7 +24,7 @@ from anyio.lowlevel import EventLoopToken
 from tenacity import Retrying
 
 from .._admission import Admission
-from .._errors import NoEventLoopError
+from .._errors import InvalidArgumentError, NoEventLoopError
 from .._tenants import check_tenant_name, current_tenant
 
 
@@ -67,6 +67,10 @@ TokensArg = float | Callable[..., float]
 TenantArg = str | Callable[..., str | None] | None
 
 _WHERE_TENANT = "limit(tenant=...)"
+_ASYNC_IN_SYNC = (
+    "a SyncScheduler runs sync functions in the calling thread; {fn!r} is async (or "
+    "returns an awaitable): await it through the async Scheduler.submit instead"
+)
 
 
 # One call's arguments, as the decorated function was called: (args, kwargs).
@@ -306,7 +310,10 @@ def submit_sync(
     tenant: str | None = None,
 ) -> T:
     """`Scheduler.submit` for a sync function, called from a thread: ``fn(*args)``; see
-    `slot_sync` for `tenant`."""
+    `slot_sync` for `tenant`. An async function (or one that returns an awaitable)
+    is refused with `InvalidArgumentError`: nothing here would run it."""
+    if inspect.iscoroutinefunction(fn):
+        raise InvalidArgumentError(_ASYNC_IN_SYNC.format(fn=fn))
     for attempt in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
         with (
             attempt,
@@ -321,6 +328,10 @@ def submit_sync(
             ) as permit,
         ):
             result = fn(*args)
+            if inspect.isawaitable(result):
+                if inspect.iscoroutine(result):
+                    result.close()  # never to run: no "never awaited" warning
+                raise InvalidArgumentError(_ASYNC_IN_SYNC.format(fn=fn))
             real = usage(result) if usage is not None else None
             if real is not None:
                 permit.settle(tokens=real)

@@ -501,6 +501,49 @@ async def test_a_server_that_stops_answering_after_a_rest_is_given_up_on_time() 
     assert 0.9 <= took_s < 2.5, took_s
 
 
+@pytest.mark.redis
+async def test_a_slot_a_lost_reserve_took_comes_back_once_a_stalled_server_answers() -> None:
+    """A server that stalls runs, once it resumes, the reserve it had read, whose round
+    trip was given up meanwhile: the slot it took comes back as soon as the server
+    answers, not when its lease lapses (10 s), and what it counted stays counted."""
+    import signal
+
+    with RedisServer(require_redis_server()) as server:
+        assert server.process is not None
+        client = Redis.from_url(server.url)
+        backend = RedisBackend(
+            client, namespace=namespace(), command_timeout_s=0.3, outage_wait_s=0
+        )
+        limits = Limits(concurrency=1, rpm=1000)
+        try:
+            grant = await backend.reserve(limits, ONE, now())  # the scripts are loaded
+            assert isinstance(grant, RedisGrant)
+            await backend.settle(limits, grant, None, now())
+            server.process.send_signal(signal.SIGSTOP)
+            try:
+                with anyio.fail_after(5), pytest.raises(ratekit.BackendUnavailableError):
+                    await backend.reserve(limits, ONE, now())  # read, not answered
+            finally:
+                server.process.send_signal(signal.SIGCONT)
+            resumed = time.monotonic()
+            with anyio.fail_after(5):
+                while True:
+                    try:
+                        outcome = await backend.reserve(limits, ONE, now())
+                    except ratekit.BackendUnavailableError:
+                        outcome = None  # within the outage's backoff
+                    if isinstance(outcome, RedisGrant):
+                        break
+                    await asyncio.sleep(0.05)
+            took_s = time.monotonic() - resumed
+            rpm = [d for d in await backend.statistics(limits, now()) if d.name == "rpm"]
+        finally:
+            await backend.aclose()
+            await client.aclose()
+    assert took_s < 3, took_s
+    assert rpm[0].used == 2  # the lost one (counted: it ran) and the last; the first refunded
+
+
 # -- every call is cancellable -------------------------------------------------------
 
 

@@ -104,6 +104,7 @@ from .._errors import (
 from .._limits import Limits, Rate
 from ._base import (
     OUT,
+    RECORDED,
     TENANT_PREFIX,
     UNAVAILABLE,
     UNIT_POSITION,
@@ -2504,6 +2505,8 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
+            if not isinstance(exc, _Down) and parts is None:
+                self._release_unknown(binding, demands, lease_ids)
             return self._reserve_many_unavailable(limits, asked, now)
         link.mark_up()
         admitted, at = self._admitted(binding, parts, reply)
@@ -2935,8 +2938,11 @@ class RedisBackend:
         """A reserve whose caller left got its reply: hand back grants nobody holds (and
         their tenants' parts)."""
         if future.cancelled() or future.exception() is not None:
-            # Unsent, or lost on the way: if the script ran, its leases are never
-            # renewed and lapse, and the requests it counted stay counted.
+            # Unsent, or lost on the way: if the script ran, the leases it took are
+            # released once Redis answers (`_release_unknown`), and what it counted at
+            # admission stays counted. With tenants, they lapse on their own.
+            if not future.cancelled() and parts is None:
+                self._release_unknown(binding, demands, lease_ids)
             self._link.orphan(future)
             return
         reply = future.result()
@@ -2948,6 +2954,33 @@ class RedisBackend:
             lease_id = NO_LEASE if lease_ids[j] == _CREDIT_LEASE else lease_ids[j]
             command = self._settle_command(binding, lease_id, demands[j], indexes, None, None, part)
             self._post_settle(lease_id, command, part)
+
+    def _release_unknown(
+        self, binding: _Binding, demands: Sequence[Demand], lease_ids: list[str]
+    ) -> None:
+        """A reserve's round trip was lost after it may have reached the server (a server
+        that stalled, then ran what it had read): free the slots and holds of the leases
+        it may have taken, once Redis answers, so that they do not stay taken until they
+        lapse. A refund of what the lease holds only: what the script counted at
+        admission (requests; tokens counted at arrival) stays counted, since the slice it
+        landed in is not known. A lease the script never took makes it do nothing."""
+        # A unit counted at admission is left out (its refund needs the slice), one held
+        # until settle is freed with the lease.
+        recorded = {
+            UNIT_POSITION[rate.unit]
+            for rate in binding.rates
+            if take_kind(rate, binding.limits.token_counting) == RECORDED
+        }
+        indexes = ["0"] * len(binding.rates)
+        for lease_id, demand in zip(lease_ids, demands, strict=True):
+            if lease_id in (NO_LEASE, _CREDIT_LEASE):
+                continue
+            held = tuple.__new__(
+                Demand,
+                (*(0 if i in recorded else demand[i] for i in range(3)), demand.counted),
+            )
+            command = self._settle_command(binding, lease_id, held, indexes, None, None)
+            self._post_settle(lease_id, command, None)
 
     async def _read_stats(self, command: Any) -> Any:
         """The reply of a stats script; `BackendUnavailableError` while Redis is down (a

@@ -42,6 +42,9 @@ class AcquireTimeout(RatekitError, TimeoutError):
     Raised as soon as the predicted wait is known to be longer than the time left,
     not after sleeping until the deadline. `retry_after_s` is the predicted wait
     from the moment of refusal (a lower bound: other callers may take the capacity).
+    A concurrency slot's wait is no prediction (a release may come any time): inf in
+    process; on a shared backend, the time until the oldest lease lapses should its
+    holder have died (it frees sooner when a call ends).
     """
 
     def __init__(self, timeout_s: float, retry_after_s: float, dimension: str) -> None:
@@ -57,6 +60,11 @@ class AcquireTimeout(RatekitError, TimeoutError):
                 reason = f"the caller ahead in the queue is admitted in {retry_after_s:.3f} s"
         elif math.isinf(retry_after_s):
             reason = f"{dimension} frees up only when a call in flight ends"
+        elif dimension.endswith("concurrency"):
+            reason = (
+                f"{dimension} frees up when a call in flight ends (at the latest in "
+                f"{retry_after_s:.3f} s, when the oldest lease lapses if its holder died)"
+            )
         else:
             reason = f"{dimension} frees up in {retry_after_s:.3f} s"
         super().__init__(f"no permit within {timeout_s:g} s: {reason}")

@@ -648,3 +648,33 @@ def test_a_text_enum_is_packed_as_its_text() -> None:
 
     packed = _pack([("PUBLISH", "channel", Customer.ACME)])  # type: ignore[list-item]
     assert packed == b"*3\r\n$7\r\nPUBLISH\r\n$7\r\nchannel\r\n$4\r\nacme\r\n"
+
+
+async def test_a_timeout_waiting_for_a_slot_on_redis_is_not_told_as_a_prediction() -> None:
+    """A caller that times out waiting for a concurrency slot on Redis is told it frees
+    up when a call ends; the wait Redis gives (until the oldest lease lapses, for a
+    holder that died) is told as that bound, not as when the slot frees up."""
+    clock = FakeClock()
+    backend = make(server_time=False)
+    limiter = ratekit.Limiter(Limits(concurrency=1), backend=backend, clock=clock)
+    held = await limiter.acquire()
+    outcome: list[ratekit.AcquireTimeout] = []
+
+    async def waiter() -> None:
+        try:
+            await limiter.acquire(timeout=5)
+        except ratekit.AcquireTimeout as exc:
+            outcome.append(exc)
+
+    async with anyio.create_task_group() as group:
+        group.start_soon(waiter)
+        for _ in range(50):  # the waiter's try reaches Redis and is refused
+            await asyncio.sleep(0.01)
+        clock.advance(5)
+    assert str(outcome[0]) == (
+        "no permit within 5 s: concurrency frees up when a call in flight ends (at the "
+        "latest in 5.000 s, when the oldest lease lapses if its holder died)"
+    )
+    assert outcome[0].retry_after_s == pytest.approx(5.0)  # the lease ttl (10 s) less 5 s
+    await held.release()
+    await backend.aclose()

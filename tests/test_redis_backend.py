@@ -91,6 +91,21 @@ async def test_fail_closed_waits_out_an_outage_until_outage_wait_s() -> None:
     await backend.aclose()
 
 
+async def test_statistics_during_an_outage_say_how_long_it_has_lasted() -> None:
+    """`statistics()` while Redis is down raises BackendUnavailableError with the outage's
+    age as this backend has seen it (from its first call that met it), not 0 s."""
+    server = fakeredis.FakeServer()
+    backend = make(server, outage_wait_s=60)
+    limits = Limits(rpm=10)
+    server.connected = False
+    start = real_now()
+    assert isinstance(await backend.reserve(limits, ONE, start), Refusal)
+    later = Instant(start.mono + 2.5, start.wall + 2.5)
+    with pytest.raises(ratekit.BackendUnavailableError, match=r"for 2\.5 s"):
+        await backend.statistics(limits, later)
+    await backend.aclose()
+
+
 async def test_fail_open_admits_and_counts_nothing() -> None:
     """With fail_open, calls are admitted while Redis is down, and nothing is counted."""
     server = fakeredis.FakeServer()

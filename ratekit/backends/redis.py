@@ -2982,7 +2982,7 @@ class RedisBackend:
             command = self._settle_command(binding, lease_id, held, indexes, None, None)
             self._post_settle(lease_id, command, None)
 
-    async def _read_stats(self, command: Any) -> Any:
+    async def _read_stats(self, command: Any, now: Instant) -> Any:
         """The reply of a stats script; `BackendUnavailableError` while Redis is down (a
         snapshot has no fallback: this process's counts alone would mislead). The settles
         this process posted before are answered first, so that the snapshot counts them."""
@@ -2994,7 +2994,7 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            raise self._unavailable_error() from None
+            raise self._unavailable_error(self._outage_age_s(now.mono)) from None
         link.mark_up()
         return reply
 
@@ -3007,7 +3007,7 @@ class RedisBackend:
             binding.keys,
             [self._clock_arg(now), str(binding.key_ttl_ms), binding.specs(self._wall(now))],
         )
-        reply = await self._read_stats(command)
+        reply = await self._read_stats(command, now)
         in_flight = int(reply[0])
         stats = []
         if limits.concurrency is not None:
@@ -3075,7 +3075,7 @@ class RedisBackend:
                 *part.binding.tenant_args(wall),
             ],
         )
-        reply = await self._read_stats(command)
+        reply = await self._read_stats(command, now)
         at = 1 + 2 * len(binding.rates)
         in_flight = int(reply[at])
         own = part.binding.limits

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextvars
+import functools
 import threading
 import time
 import warnings
@@ -46,9 +47,9 @@ async def test_a_decorated_async_function_is_admitted_with_tokens_from_its_argum
 @pytest.mark.anyio
 async def test_a_decorators_functions_get_the_arguments_they_name_however_passed() -> None:
     """``tokens=lambda prompt, **_:`` and ``tenant=lambda customer, **_:`` get their
-    arguments by name whether the call passed them by position or by name, defaults
-    included; a function naming no parameter of the decorated one gets the call as it
-    came; a wrong call raises the TypeError calling the function would."""
+    arguments by name whether the call passed them by position or by name; one left
+    out comes with the decorated function's default unless the lambda has its own; a
+    function naming none of them gets the call as it came."""
     clock = ratekit.clock.FakeClock()
     events: list[ratekit.Event] = []
     scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=clock, hooks=[events.append])
@@ -60,20 +61,49 @@ async def test_a_decorators_functions_get_the_arguments_they_name_however_passed
     async def answer(customer: str, prompt: str, max_tokens: int = 100, **extra: Any) -> str:
         return prompt
 
+    @scheduler.limit(tokens=lambda prompt, max_tokens=256: len(prompt) + max_tokens)
+    async def ask(prompt: str, max_tokens: int | None = None) -> str:
+        return prompt
+
     @scheduler.limit(tokens=lambda *args, **kwargs: len(args) + len(kwargs))
     async def count(*args: Any, **kwargs: Any) -> None:
         return None
 
+    @scheduler.limit(tokens=lambda **kwargs: kwargs.get("max_tokens", 7))
+    async def given(prompt: str, max_tokens: int = 100) -> str:
+        return prompt
+
     assert await answer("acme", "hello") == "hello"  # 105 tokens
     assert await answer("initech", "hi", 10) == "hi"  # 12
     assert await answer(prompt="hey", customer="acme", max_tokens=1, seed=7) == "hey"  # 4
+    assert await ask("hello") == "hello"  # the lambda's own default: 261
     await count(1, 2, x=3)  # 3
-    assert admitted_tenants(events) == ["acme", "initech", "acme", None]
+    assert await given(prompt="hi") == "hi"  # as given: no max_tokens, 7
+    assert admitted_tenants(events) == ["acme", "initech", "acme", None, None, None]
     stats = await scheduler.limiter().statistics()
-    assert stats.dimension("tpm").used == 105 + 12 + 4 + 3
-    with pytest.raises(TypeError, match=r"answer\(\): missing a required argument: 'prompt'"):
-        await answer("acme")  # type: ignore[call-arg]
-    assert stats.dimension("rpm").used == 4
+    assert stats.dimension("tpm").used == 105 + 12 + 4 + 261 + 3 + 7
+
+
+@pytest.mark.anyio
+async def test_a_decorated_function_wrapped_by_another_decorator_is_called_as_given() -> None:
+    """Under ``@scheduler.limit``, a decorator that hides a parameter (``functools.wraps``
+    over a different signature): the lambda gets what the outer function is called with."""
+    scheduler = Scheduler(Account("moonshot", tier="tier1"), clock=ratekit.clock.FakeClock())
+
+    def with_client(inner: Any) -> Any:
+        @functools.wraps(inner)
+        async def outer(prompt: str, **kwargs: Any) -> str:
+            return str(await inner("client", prompt, **kwargs))
+
+        return outer
+
+    @scheduler.limit(tokens=lambda prompt, **_: len(prompt))
+    @with_client
+    async def complete(client: str, prompt: str) -> str:
+        return f"{client}:{prompt}"
+
+    assert await complete("hi") == "client:hi"
+    assert (await scheduler.limiter().statistics()).dimension("tpm").used == 2
 
 
 def test_sync_threads_share_one_scheduler() -> None:

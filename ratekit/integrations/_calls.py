@@ -81,44 +81,67 @@ def _of_arguments(value: Callable[..., V], fn: Callable[..., Any]) -> Callable[[
     """How `value`, a function of a decorated call's arguments (`tokens=`, `cost=`,
     `tenant=`), is called for each call of `fn`.
 
-    One whose parameters are all parameters of `fn` by name (``lambda prompt, **_:``)
-    gets them by name, whether the call passed them by position or by name, defaults
-    included, and, with ``**``, every other argument too. Any other (one with
-    ``*args``, or names `fn` does not have) is called with the arguments as given.
+    One that names parameters of `fn` and no others (``lambda prompt, **_:``) gets
+    them by name, whether the call passed them by position or by name; one the call
+    left out comes with `fn`'s default, unless `value` has a default of its own for it.
+    With ``**``, it also gets the call's other arguments, as passed. Any other (one
+    naming no parameter of `fn`, or one `fn` lacks, or with ``*args``), and any call
+    whose positional arguments `fn`'s own named parameters do not take, is called
+    with the arguments as given.
     """
+
+    def as_given(call: Arguments) -> V:
+        return value(*call[0], **call[1])
+
     try:
-        target = inspect.signature(fn)
+        # The signature of `fn` itself: a wrapper's, if a decorator below wrapped it.
+        target = inspect.signature(fn, follow_wrapped=False)
         own = inspect.signature(value)
     except (TypeError, ValueError):  # a callable without a signature Python can read
-        return lambda call: value(*call[0], **call[1])
+        return as_given
     kinds = [parameter.kind for parameter in own.parameters.values()]
-    takes_all = inspect.Parameter.VAR_KEYWORD in kinds
     named = [
-        parameter.name
+        parameter
         for parameter in own.parameters.values()
         if parameter.kind in (parameter.POSITIONAL_OR_KEYWORD, parameter.KEYWORD_ONLY)
     ]
+    of_fn = {parameter.name: parameter for parameter in target.parameters.values()}
     if (
-        inspect.Parameter.VAR_POSITIONAL in kinds
+        not named
+        or inspect.Parameter.VAR_POSITIONAL in kinds
         or inspect.Parameter.POSITIONAL_ONLY in kinds
-        or not set(named) <= set(target.parameters)
+        or any(
+            of_fn.get(parameter.name) is None
+            or of_fn[parameter.name].kind
+            in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+            for parameter in named
+        )
     ):
-        return lambda call: value(*call[0], **call[1])
-    # `fn`'s own **kwargs parameter: its entries are passed as arguments of their own.
-    rest = next((p.name for p in target.parameters.values() if p.kind is p.VAR_KEYWORD), None)
+        return as_given
+    takes_all = inspect.Parameter.VAR_KEYWORD in kinds
+    # Made once: the names `fn` gives its positional arguments, and the defaults of
+    # `fn` that `value` takes for the names it has no default of its own for.
+    positional = [
+        parameter.name
+        for parameter in target.parameters.values()
+        if parameter.kind in (parameter.POSITIONAL_ONLY, parameter.POSITIONAL_OR_KEYWORD)
+    ]
+    defaults = {
+        parameter.name: of_fn[parameter.name].default
+        for parameter in named
+        if parameter.default is parameter.empty
+        and of_fn[parameter.name].default is not inspect.Parameter.empty
+    }
+    names = [parameter.name for parameter in named]
 
     def by_name(call: Arguments) -> V:
-        try:
-            bound = target.bind(*call[0], **call[1])
-        except TypeError as exc:  # what calling `fn` itself would raise
-            raise TypeError(f"{getattr(fn, '__qualname__', fn)}(): {exc}") from None
-        bound.apply_defaults()
-        arguments = dict(bound.arguments)
-        if rest is not None:
-            arguments.update(arguments.pop(rest))
-        if not takes_all:
-            arguments = {name: arguments[name] for name in named if name in arguments}
-        return value(**arguments)
+        args, kwargs = call
+        if len(args) > len(positional):
+            return as_given(call)  # for `fn`'s *args: not by name
+        arguments = {**defaults, **dict(zip(positional, args, strict=False)), **kwargs}
+        if takes_all:
+            return value(**arguments)
+        return value(**{name: arguments[name] for name in names if name in arguments})
 
     return by_name
 

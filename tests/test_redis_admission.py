@@ -17,6 +17,7 @@ import json
 import logging
 import math
 import random
+import socket
 import subprocess
 import sys
 import threading
@@ -542,6 +543,27 @@ async def test_a_slot_a_lost_reserve_took_comes_back_once_a_stalled_server_answe
             await client.aclose()
     assert took_s < 3, took_s
     assert rpm[0].used == 2  # the lost one (counted: it ran) and the last; the first refunded
+
+
+async def test_reserves_refused_a_connection_queue_no_release() -> None:
+    """A reserve whose connection was refused never reached the server: nothing of it is
+    released later (a queue of such releases would push real settles out of the writes
+    kept for when Redis answers)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # free again: connections to it are refused
+    client = Redis(host="127.0.0.1", port=port)
+    backend = RedisBackend(client, namespace=namespace(), outage_wait_s=600)
+    limits = Limits(concurrency=5)
+    try:
+        for _ in range(3):
+            outcome = await backend.reserve(limits, ONE, now())
+            assert isinstance(outcome, Refusal)
+            await asyncio.sleep(outcome.wait_s)  # the backoff: the next one is tried
+        assert not backend._link.pending
+    finally:
+        await backend.aclose()
+        await client.aclose()
 
 
 # -- every call is cancellable -------------------------------------------------------

@@ -943,7 +943,8 @@ class _Unsent(asyncio.CancelledError):
 
 class _NothingWritten:
     """A step of a sender before any of its batch is written: a cancel there is
-    `_Unsent`. A class, not a generator's context manager: it runs twice per round trip."""
+    `_Unsent`, and an error is marked unsent (`_unsent`). A class, not a generator's
+    context manager: it runs twice per round trip."""
 
     __slots__ = ()
 
@@ -958,6 +959,15 @@ class _NothingWritten:
     ) -> None:
         if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, _Unsent):
             raise _Unsent(*exc.args) from None
+        if isinstance(exc, Exception):
+            with contextlib.suppress(AttributeError):  # an exception without a __dict__
+                exc.ratekit_unsent = True  # type: ignore[attr-defined]
+
+
+def _unsent(exc: BaseException | None) -> bool:
+    """Whether `exc`, an outage that failed a command, surely came before any of it was
+    written (Redis known down, or met while connecting): nothing of it ran."""
+    return isinstance(exc, _Down) or getattr(exc, "ratekit_unsent", False)
 
 
 _nothing_written = _NothingWritten()
@@ -2505,7 +2515,7 @@ class RedisBackend:
             if not _is_outage(exc):
                 raise
             link.mark_down(exc)
-            if not isinstance(exc, _Down) and parts is None:
+            if not _unsent(exc) and parts is None:
                 self._release_unknown(binding, demands, lease_ids)
             return self._reserve_many_unavailable(limits, asked, now)
         link.mark_up()
@@ -2941,7 +2951,7 @@ class RedisBackend:
             # Unsent, or lost on the way: if the script ran, the leases it took are
             # released once Redis answers (`_release_unknown`), and what it counted at
             # admission stays counted. With tenants, they lapse on their own.
-            if not future.cancelled() and parts is None:
+            if not future.cancelled() and not _unsent(future.exception()) and parts is None:
                 self._release_unknown(binding, demands, lease_ids)
             self._link.orphan(future)
             return

@@ -153,6 +153,12 @@ def test_an_async_function_given_to_a_sync_scheduler_is_refused() -> None:
             warnings.simplefilter("error")  # no "coroutine was never awaited"
             with pytest.raises(ratekit.InvalidArgumentError, match="returns an awaitable"):
                 sync.submit(lambda: ask())
+
+        async def stream() -> Any:
+            yield "never"
+
+        with pytest.raises(ratekit.InvalidArgumentError, match="is async"):
+            sync.submit(stream)
         # One call at a time (Tier0): the refused call's slot came back.
         assert sync.submit(lambda: 5, timeout=5) == 5
         assert sync.statistics().admitted == 2  # the one that returned a coroutine, and 5

@@ -556,7 +556,7 @@ async def test_reserves_refused_a_connection_queue_no_release() -> None:
     backend = RedisBackend(client, namespace=namespace(), outage_wait_s=600)
     limits = Limits(concurrency=5)
     try:
-        for _ in range(3):
+        for _ in range(2):
             outcome = await backend.reserve(limits, ONE, now())
             assert isinstance(outcome, Refusal)
             await asyncio.sleep(outcome.wait_s)  # the backoff: the next one is tried

@@ -1619,11 +1619,12 @@ class _Link:
         self.sending += 1
         try:
             replies = await self._pipeline(batch, held)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError as exc:
             if watch.gave_up and task.uncancel() == 0:
-                raise TimeoutError(
-                    f"no reply from Redis within {self.command_timeout_s:g} s"
-                ) from None
+                error = TimeoutError(f"no reply from Redis within {self.command_timeout_s:g} s")
+                if isinstance(exc, _Unsent):  # given up while connecting: nothing written
+                    error.ratekit_unsent = True  # type: ignore[attr-defined]
+                raise error from None
             raise
         finally:
             self.sending -= 1

@@ -335,7 +335,7 @@ def submit_sync(
     """`Scheduler.submit` for a sync function, called from a thread: ``fn(*args)``; see
     `slot_sync` for `tenant`. An async function (or one that returns an awaitable)
     is refused with `InvalidArgumentError`: nothing here would run it."""
-    if inspect.iscoroutinefunction(fn):
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn):
         raise InvalidArgumentError(_ASYNC_IN_SYNC.format(fn=fn))
     for attempt in Retrying(**scheduler.retry_policy(), sleep=time.sleep):
         with (
@@ -351,7 +351,7 @@ def submit_sync(
             ) as permit,
         ):
             result = fn(*args)
-            if inspect.isawaitable(result):
+            if inspect.isawaitable(result) or inspect.isasyncgen(result):
                 if inspect.iscoroutine(result):
                     result.close()  # never to run: no "never awaited" warning
                 raise InvalidArgumentError(_ASYNC_IN_SYNC.format(fn=fn))

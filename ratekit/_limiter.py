@@ -296,8 +296,9 @@ class Limiter:
         self._fair = FairShare() if tenants is not None else None
         self._limits = limits
         self._ceilings = _ceilings(limits)
-        # Demands already checked against these limits, by their (int) amounts: most
-        # call sites ask for the same few amounts, so the common acquire builds none.
+        # Demands already checked against these limits, by their amounts (plain ints or
+        # floats): most call sites ask for the same few amounts, so the common acquire
+        # builds none.
         self._demands: dict[tuple[float, float, float], Demand] = {}
         self._calendar = _has_calendar(limits) or self._tenant_calendar()
         # Callers waiting: by priority, first come first served; the head retries.

@@ -960,8 +960,13 @@ class _NothingWritten:
         if isinstance(exc, asyncio.CancelledError) and not isinstance(exc, _Unsent):
             raise _Unsent(*exc.args) from None
         if isinstance(exc, Exception):
-            with contextlib.suppress(AttributeError):  # an exception without a __dict__
-                exc.ratekit_unsent = True  # type: ignore[attr-defined]
+            _mark_unsent(exc)
+
+
+def _mark_unsent(exc: BaseException) -> None:
+    """Say of `exc` that it failed a batch before any of it was written (see `_unsent`)."""
+    with contextlib.suppress(AttributeError):  # an exception without a __dict__
+        exc.ratekit_unsent = True  # type: ignore[attr-defined]
 
 
 def _unsent(exc: BaseException | None) -> bool:
@@ -1623,7 +1628,7 @@ class _Link:
             if watch.gave_up and task.uncancel() == 0:
                 error = TimeoutError(f"no reply from Redis within {self.command_timeout_s:g} s")
                 if isinstance(exc, _Unsent):  # given up while connecting: nothing written
-                    error.ratekit_unsent = True  # type: ignore[attr-defined]
+                    _mark_unsent(error)
                 raise error from None
             raise
         finally:

@@ -17,55 +17,33 @@ import math
 import warnings
 from collections.abc import Generator
 from types import TracebackType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import InvalidArgumentError, InvalidCostError, PermitError
 from ._limits import MAX_AMOUNT, check_amount
 from .backends._base import Demand, Grant, Refusal
 
-
-class Owner(Protocol):
-    """What an admission needs of the limiter that created it (`ratekit.Limiter`)."""
-
-    def _reserve_now(self, demand: Demand, tenant: str | None) -> Grant | Refusal | None: ...
-
-    async def _reserve(
-        self,
-        demand: Demand,
-        timeout_s: float | None,
-        refusal: Refusal | None,
-        priority: int,
-        tenant: str | None,
-    ) -> Grant: ...
-
-    def _granted(self, admission: Admission) -> None: ...
-
-    def _settle_now(self, grant: Grant, actual: Demand | None) -> bool: ...
-
-    async def _settle(self, grant: Grant, actual: Demand | None) -> None: ...
-
-    async def _restamp(self, grant: Grant) -> Grant: ...
-
-    def _hand_back(self, grant: Grant, actual: Demand | None) -> None: ...
+if TYPE_CHECKING:
+    from ._limiter import Limiter
 
 
 # The states of an admission, in the only order they are gone through.
-_NEW = 0  # created, not yet asked for
-_ACQUIRING = 1  # one task is waiting for it
-_GRANTED = 2  # admitted and held
-_ENDED = 3  # released or refunded: its capacity is back with the limiter
+_NEW: Final = 0  # created, not yet asked for
+_ACQUIRING: Final = 1  # one task is waiting for it
+_GRANTED: Final = 2  # admitted and held
+_ENDED: Final = 3  # released or refunded: its capacity is back with the limiter
 
 
 def _amount(where: str, value: float) -> float:
     # The common case (a plain number in range) without the full check's cost.
-    if (value.__class__ is int or value.__class__ is float) and 0 <= value <= MAX_AMOUNT:
+    if (type(value) is int or type(value) is float) and 0 <= value <= MAX_AMOUNT:
         return value
     return check_amount(where, value)
 
 
 def check_priority(priority: object) -> int:
     """`priority` as given to an acquire: an int (bool is not one)."""
-    if priority.__class__ is int:
+    if type(priority) is int:
         return priority
     if isinstance(priority, int) and not isinstance(priority, bool):
         return int(priority)
@@ -113,7 +91,7 @@ class Admission:
 
     def __init__(
         self,
-        limiter: Owner,
+        limiter: Limiter,
         demand: Demand,
         timeout: float | None,
         priority: int,
@@ -152,7 +130,7 @@ class Admission:
         outcome = self._limiter._reserve_now(self._demand, self.tenant)
         if outcome is None:
             return False
-        if outcome.__class__ is Refusal:
+        if type(outcome) is Refusal:
             return outcome
         self._grant = outcome
         self._state = _GRANTED
@@ -202,7 +180,7 @@ class Admission:
             outcome = self._limiter._reserve_now(self._demand, self.tenant)
             if outcome is None:
                 return await self._acquire(False)
-            if outcome.__class__ is Refusal:
+            if type(outcome) is Refusal:
                 assert isinstance(outcome, Refusal)
                 return await self._acquire(outcome)
             self._grant = outcome
@@ -275,7 +253,7 @@ class Admission:
         estimate = self._demand
         if tokens is None:
             tokens = estimate[1]
-        elif (tokens.__class__ is not int and tokens.__class__ is not float) or not (
+        elif (type(tokens) is not int and type(tokens) is not float) or not (
             0 <= tokens <= MAX_AMOUNT
         ):
             tokens = _amount("settle tokens", tokens)  # `_amount`'s common case inlined

@@ -11,7 +11,7 @@ import math
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, Final, TypeVar
 
 import anyio
 import anyio.lowlevel
@@ -69,6 +69,8 @@ _BATCH = 32
 _DEMANDS_KEPT = 1024
 # A demand's `counted` field: not known (one NaN object, so that equal demands compare equal).
 _NOT_COUNTED = Demand().counted
+# No demand yet: no amounts equal its (negative) ones.
+_NO_DEMAND: Final = Demand(-1.0, -1.0, -1.0)
 
 
 def _ceilings(limits: Limits) -> tuple[float, float, float]:
@@ -216,6 +218,7 @@ class Limiter:
         "_head_unreachable",
         "_here",
         "_lane",
+        "_last_demand",
         "_limits",
         "_local",
         "_loop",
@@ -327,6 +330,9 @@ class Limiter:
         # included (a loop replaced in the same thread is taken over, or refused).
         self._loop_thread = -1
         self._loop_closed: Callable[[], bool] = _never
+        # The demand of the last `acquire` (its amounts compared before the cache of
+        # `_demand` is looked in): checked against the limits in force, so reset with them.
+        self._last_demand: Demand = _NO_DEMAND
         # Told when capacity may be freed. A shared backend's notices cross the
         # network, so the limiter listens from the start; the memory backend is
         # listened to only while someone waits (its releases are synchronous, so
@@ -350,6 +356,7 @@ class Limiter:
         self._limits = limits
         self._ceilings = _ceilings(limits)
         self._demands = {}
+        self._last_demand = _NO_DEMAND
         self._calendar = _has_calendar(limits) or self._tenant_calendar()
         self._on_change()
 
@@ -413,19 +420,24 @@ class Limiter:
         wait (higher first). `tenant` names the tenant whose share it takes (a limiter
         built with `tenants`; `InvalidArgumentError` otherwise).
         """
-        demand = None
-        if (
-            (requests.__class__ is int or requests.__class__ is float)
-            and (tokens.__class__ is int or tokens.__class__ is float)
-            and (cost.__class__ is int or cost.__class__ is float)
+        # The amounts of the last call, compared first (most calls repeat them); plain
+        # numbers only: a bool equals 1 but is refused. Else `_demand` checks and caches.
+        demand = self._last_demand
+        if not (
+            requests == demand[0]
+            and tokens == demand[1]
+            and cost == demand[2]
+            and (type(requests) is int or type(requests) is float)
+            and (type(tokens) is int or type(tokens) is float)
+            and (type(cost) is int or type(cost) is float)
         ):
-            # `_demand`'s first look, inlined: most calls ask for amounts seen before.
-            demand = self._demands.get((requests, tokens, cost))
+            demand = self._demand(requests, tokens, cost)
+            self._last_demand = demand
         return Admission(
             self,
-            self._demand(requests, tokens, cost) if demand is None else demand,
+            demand,
             None if timeout is None else check_timeout(timeout),
-            priority if priority.__class__ is int else check_priority(priority),
+            priority if type(priority) is int else check_priority(priority),
             None if tenant is None else self._check_tenant(tenant),
         )
 
@@ -488,9 +500,9 @@ class Limiter:
         # checked in a few comparisons: a NaN or an infinity fails them and is refused by
         # `check_amount` below.
         if (
-            (requests.__class__ is int or requests.__class__ is float)
-            and (tokens.__class__ is int or tokens.__class__ is float)
-            and (cost.__class__ is int or cost.__class__ is float)
+            (type(requests) is int or type(requests) is float)
+            and (type(tokens) is int or type(tokens) is float)
+            and (type(cost) is int or type(cost) is float)
         ):
             key = (requests, tokens, cost)
             demand = self._demands.get(key)
@@ -588,7 +600,7 @@ class Limiter:
                     return self._age(refusal, now[0])
         now = self.instant()
         outcome = await self._backend.reserve(self._limits, demand, now)
-        if outcome.__class__ is Refusal:
+        if type(outcome) is Refusal:
             return self._age(outcome, now[0])
         return outcome
 
@@ -666,7 +678,7 @@ class Limiter:
             elif tenant is None:  # `_attempt`, without its frame
                 now = self.instant()
                 outcome = await self._backend.reserve(self._limits, demand, now)
-                if outcome.__class__ is Refusal:
+                if type(outcome) is Refusal:
                     outcome = self._age(outcome, now[0])
             else:
                 outcome = await self._attempt(demand, tenant)
@@ -974,7 +986,7 @@ class Limiter:
         shared one needs no round trip for it (no cancellation can come between the end
         and the slot's return); False when it takes a round trip (`_settle`)."""
         lane = self._lane
-        if lane is not None and grant.__class__ is tuple:
+        if lane is not None and type(grant) is tuple:
             # A grant of the memory backend's uncontended path (`_reserve_now`): ended
             # there (without reading the clock when no window holds, as nothing then
             # depends on the instant), or as the general path's grant.
@@ -995,7 +1007,7 @@ class Limiter:
             return True
         now = self._now()
         wall = self._wall() if self._calendar else math.nan
-        if grant.__class__ is TenantGrant:
+        if type(grant) is TenantGrant:
             assert isinstance(grant, TenantGrant)
             Tenants.settle_now(grant, actual, now, wall)
             grant = grant.account
@@ -1018,7 +1030,7 @@ class Limiter:
         local = self._local
         if local is not None:
             now = self._clock.now()
-            if self._lane is not None and grant.__class__ is tuple:
+            if self._lane is not None and type(grant) is tuple:
                 grant = self._lane.grant_of(grant)  # of the uncontended path
             account = grant
             if isinstance(account, TenantGrant):
@@ -1041,7 +1053,7 @@ class Limiter:
         def end() -> None:
             now = self.instant()
             account = grant
-            if self._lane is not None and account.__class__ is tuple:
+            if self._lane is not None and type(account) is tuple:
                 account = self._lane.grant_of(account)  # of the uncontended path
             if isinstance(grant, TenantGrant):
                 Tenants.settle_now(grant, actual, now.mono, now.wall)

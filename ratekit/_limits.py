@@ -33,7 +33,7 @@ import math
 import reprlib
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Final, Literal
 
 from ._errors import InvalidCostError, LimitsError, LimitsTypeError, RatekitError
 
@@ -44,7 +44,7 @@ MINUTE_S = 60.0
 DAY_S = 86_400.0
 DEFAULT_SLICES = 60
 
-MAX_AMOUNT = 1e15
+MAX_AMOUNT: Final = 1e15
 MIN_LIMIT = 1e-6
 MIN_PERIOD_S = 1e-3
 MAX_PERIOD_S = 400 * DAY_S

@@ -18,11 +18,12 @@ import math
 import zoneinfo
 from collections import deque
 from datetime import datetime, timedelta
+from typing import Final
 
 from ._limits import Rate
 
 # Relative slack when comparing sums of floats against a limit (money amounts).
-_EPSILON = 1e-12
+_EPSILON: Final = 1e-12
 
 
 def _first_instant(index: int, slice_s: float) -> float:

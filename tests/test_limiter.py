@@ -269,6 +269,23 @@ async def test_lowering_the_limits_below_a_queued_demand_fails_it() -> None:
     assert str(errors[0]) == "tpm: a cost of 800 can never be admitted, the whole limit is 500"
 
 
+async def test_amounts_asked_before_are_checked_again_under_new_limits() -> None:
+    """The amounts of the last call, admitted before a downgrade, now exceed the whole rate:
+    the next acquire of the same amounts refuses them instead of reusing the old check."""
+    limiter, clock = make(Limits(tpm=1000, token_counting=TokenCounting.RESERVE))
+    async with limiter.acquire(tokens=800):
+        pass
+    limiter.limits = Limits(tpm=500, token_counting=TokenCounting.RESERVE)
+    clock.advance(61)
+    with pytest.raises(ratekit.CostExceedsLimitError, match="the whole limit is 500"):
+        limiter.acquire(tokens=800)
+    # And bools never pass for the ones they equal, repeated or not.
+    async with limiter.acquire(1):
+        pass
+    with pytest.raises(ratekit.errors.InvalidCostError, match="requests must be a number"):
+        limiter.acquire(True)
+
+
 async def test_statistics_are_a_frozen_snapshot() -> None:
     """Statistics do not change after they were taken and cannot be modified."""
     limiter, _ = make(Limits(concurrency=3, rpm=10, tpm=1000, tpd=10_000))

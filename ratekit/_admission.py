@@ -20,7 +20,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final
 
 from ._errors import InvalidArgumentError, InvalidCostError, PermitError
-from ._limits import MAX_AMOUNT, check_amount
+from ._limits import MAX_AMOUNT, Amount, check_amount
 from .backends._base import Demand, Grant, Refusal
 
 if TYPE_CHECKING:
@@ -34,7 +34,7 @@ _GRANTED: Final = 2  # admitted and held
 _ENDED: Final = 3  # released or refunded: its capacity is back with the limiter
 
 
-def _amount(where: str, value: float) -> float:
+def _amount(where: str, value: Amount) -> float:
     # The common case (a plain number in range) without the full check's cost.
     if (type(value) is int or type(value) is float) and 0 <= value <= MAX_AMOUNT:
         return value
@@ -76,7 +76,6 @@ class Admission:
     """
 
     __slots__ = (
-        "__weakref__",
         "_actual",
         "_demand",
         "_enterable",
@@ -229,9 +228,9 @@ class Admission:
     def settle(
         self,
         *,
-        tokens: float | None = None,
-        cost: float | None = None,
-        counted_tokens: float | None = None,
+        tokens: Amount | None = None,
+        cost: Amount | None = None,
+        counted_tokens: Amount | None = None,
     ) -> None:
         """Record the call's real usage; applied when the admission ends.
 

@@ -27,7 +27,7 @@ from ._errors import (
     InvalidArgumentError,
     WrongEventLoopError,
 )
-from ._limits import MAX_AMOUNT, Limits, check_amount
+from ._limits import MAX_AMOUNT, Amount, Limits, Priority, check_amount
 from ._queue import Waiter, WaitQueue
 from ._tenants import (
     FairShare,
@@ -46,6 +46,7 @@ from .backends._base import (
     Grant,
     InProcess,
     Refusal,
+    Relay,
     SettlesHere,
     SharedTenants,
     is_forecast,
@@ -226,6 +227,7 @@ class Limiter:
         "_loop_thread",
         "_now",
         "_queue",
+        "_relay",
         "_shared_tenants",
         "_stall_warned_s",
         "_tenants",
@@ -267,6 +269,8 @@ class Limiter:
         self._now: Callable[[], float] = time.monotonic if system else clock.now
         self._wall: Callable[[], float] = time.time if system else clock.wall
         self._backend: Backend = backend
+        # What the backend's listeners hold (weakly) for this limiter: `Relay`.
+        self._relay = Relay(self._on_release, self._on_tenant_release)
         # Whether the backend's refusals wait from the instant it was handed: their
         # waits are then shortened by the time their reply took (`_age`).
         self._aged = bool(getattr(backend, "waits_from_instant", False))
@@ -289,8 +293,8 @@ class Limiter:
                 )
             backend.check_tenant_limits()
             self._shared_tenants = backend
-            # Held weakly by the backend: told when a tenant's call ends in any process.
-            backend.subscribe_tenants(self._on_tenant_release)
+            # Told when a tenant's call ends in any process (held weakly: `_relay`).
+            backend.subscribe_tenants(self._relay.tenant_release)
         self._tenants = tenants
         # The tenant of each waiter, for a shared backend to take the followers of the
         # head from their tenants' own limits too.
@@ -339,7 +343,7 @@ class Limiter:
         # none can be missed), which keeps the uncontended path free of callbacks.
         self._unsubscribe: Callable[[], None] | None = None
         if self._local is None:
-            self._unsubscribe = backend.subscribe(self._on_release)
+            self._unsubscribe = backend.subscribe(self._relay.release)
 
     # -- configuration -------------------------------------------------------------
 
@@ -395,12 +399,12 @@ class Limiter:
 
     def acquire(
         self,
-        requests: float = 1,
+        requests: Amount = 1,
         *,
-        tokens: float = 0,
-        cost: float = 0,
-        timeout: float | None = None,
-        priority: int = 0,
+        tokens: Amount = 0,
+        cost: Amount = 0,
+        timeout: Amount | None = None,
+        priority: Priority = 0,
         tenant: str | None = None,
     ) -> Admission:
         """An admission for one call of `requests`, `tokens` (estimated) and `cost` (money).
@@ -422,14 +426,17 @@ class Limiter:
         """
         # The amounts of the last call, compared first (most calls repeat them); plain
         # numbers only: a bool equals 1 but is refused. Else `_demand` checks and caches.
+        # The types are looked at before the values: a comparison with a float narrows
+        # the argument to a float for the type checker, and compiled, a bool would then
+        # be converted to one.
         demand = self._last_demand
         if not (
-            requests == demand[0]
-            and tokens == demand[1]
-            and cost == demand[2]
-            and (type(requests) is int or type(requests) is float)
+            (type(requests) is int or type(requests) is float)
             and (type(tokens) is int or type(tokens) is float)
             and (type(cost) is int or type(cost) is float)
+            and requests == demand[0]
+            and tokens == demand[1]
+            and cost == demand[2]
         ):
             demand = self._demand(requests, tokens, cost)
             self._last_demand = demand
@@ -443,10 +450,10 @@ class Limiter:
 
     async def try_acquire(
         self,
-        requests: float = 1,
+        requests: Amount = 1,
         *,
-        tokens: float = 0,
-        cost: float = 0,
+        tokens: Amount = 0,
+        cost: Amount = 0,
         tenant: str | None = None,
     ) -> Admission | None:
         """A granted admission if every dimension admits now (and nobody waits), else None.
@@ -494,9 +501,8 @@ class Limiter:
             )
         return check_tenant_name(tenant, "tenant")
 
-    def _demand(self, requests: float, tokens: float, cost: float) -> Demand:
-        # Plain numbers (an int or a float, not a bool or a subclass; floats too because
-        # compiled with mypyc every amount arrives here as a float) are looked up, then
+    def _demand(self, requests: Amount, tokens: Amount, cost: Amount) -> Demand:
+        # Plain numbers (an int or a float, not a bool or a subclass) are looked up, then
         # checked in a few comparisons: a NaN or an infinity fails them and is refused by
         # `check_amount` below.
         if (
@@ -709,7 +715,7 @@ class Limiter:
             if tenant is not None and self._shared_tenants is not None:
                 self._waiting_tenants[waiter] = tenant
             if self._unsubscribe is None:
-                self._unsubscribe = self._backend.subscribe(self._on_release)
+                self._unsubscribe = self._backend.subscribe(self._relay.release)
             if queue.head() is waiter:
                 self._on_change()  # a head displaced by a higher priority steps back
             else:

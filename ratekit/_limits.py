@@ -33,7 +33,7 @@ import math
 import reprlib
 import zoneinfo
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import Final, Literal, SupportsFloat, SupportsIndex, TypeAlias
 
 from ._errors import InvalidCostError, LimitsError, LimitsTypeError, RatekitError
 
@@ -45,6 +45,14 @@ DAY_S = 86_400.0
 DEFAULT_SLICES = 60
 
 MAX_AMOUNT: Final = 1e15
+# How the amount and priority arguments of an admission are typed: as anything a number
+# is made from, while at run time only ints and floats (no bools) pass `check_amount`,
+# and only ints `check_priority`. Typed that widely so that the check is ratekit's in
+# the compiled build as in the pure one: mypyc turns an argument typed `float` into a C
+# double at the call (a bool into 1.0, an int into a float) and one typed `int` refuses
+# anything else with its own TypeError.
+Amount: TypeAlias = SupportsFloat
+Priority: TypeAlias = SupportsIndex
 MIN_LIMIT = 1e-6
 MIN_PERIOD_S = 1e-3
 MAX_PERIOD_S = 400 * DAY_S

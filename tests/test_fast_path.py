@@ -11,27 +11,57 @@ from __future__ import annotations
 import asyncio
 import gc
 import math
+from collections.abc import Sequence
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from ratekit import Limits, Rate, TokenCounting
+from ratekit._clock import Instant
 from ratekit._window import SlicedWindow, _first_instant
-from ratekit.backends import Demand, Refusal
-from ratekit.backends.memory import MemoryBackend, MemoryGrant, _Binding
+from ratekit.backends import Demand, Grant, Refusal
+from ratekit.backends.memory import MemoryBackend, MemoryGrant
 from ratekit.backends.memory import _WindowKey as WindowKey
 
 from .window_cases import BASE_S
 
 
-class GeneralOnly(MemoryBackend):
-    """A memory backend that never takes the uncontended path: the reference."""
+class GeneralOnly:
+    """A memory backend that never takes the uncontended path: the reference.
 
-    def _bind(self, limits: Limits) -> _Binding:
-        binding = super()._bind(limits)
-        binding.plan = None
-        return binding
+    It wraps one rather than subclass it (a compiled backend cannot be subclassed from
+    Python): every admission goes through `reserve_now` here, which first takes the plan
+    off the wrapped backend's binding of the limits (binding them, as its own
+    `reserve_now` would). A limiter does not take its lane with it: not a MemoryBackend.
+    """
+
+    def __init__(self) -> None:
+        self.inner = MemoryBackend()
+
+    def reserve_now(
+        self, limits: Limits, demand: Demand, now: float, wall: float = math.nan
+    ) -> MemoryGrant | Refusal:
+        self.inner._bind(limits).plan = None
+        return self.inner.reserve_now(limits, demand, now, wall)
+
+    async def reserve(self, limits: Limits, demand: Demand, now: Instant) -> MemoryGrant | Refusal:
+        return self.reserve_now(limits, demand, now.mono, now.wall)
+
+    async def reserve_many(
+        self, limits: Limits, demands: Sequence[Demand], now: Instant
+    ) -> tuple[list[Grant], Refusal | None]:
+        grants: list[Grant] = []
+        for demand in demands:
+            outcome = self.reserve_now(limits, demand, now.mono, now.wall)
+            if isinstance(outcome, Refusal):
+                return grants, outcome
+            grants.append(outcome)
+        return grants, None
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
 
 
 def window_state(backend: MemoryBackend) -> dict[WindowKey, tuple[object, ...]]:

@@ -324,6 +324,27 @@ class SharedTenants(Protocol):
         ...
 
 
+class Relay:
+    """A subscriber's stand-in among a backend's listeners, which hold its methods weakly
+    while it holds the subscriber's (and the subscriber holds it): a dropped subscriber
+    is collected with its relay and stops being told, even one that cannot be referenced
+    weakly, as a `Limiter` compiled with mypyc cannot."""
+
+    __slots__ = ("__weakref__", "_release", "_tenant_release")
+
+    def __init__(self, release: Callable[[], None], tenant_release: Callable[[str], None]) -> None:
+        self._release = release
+        self._tenant_release = tenant_release
+
+    def release(self) -> None:
+        """Capacity may have been freed (`Backend.subscribe`)."""
+        self._release()
+
+    def tenant_release(self, tenant: str) -> None:
+        """A call of `tenant` ended (`subscribe_tenants`)."""
+        self._tenant_release(tenant)
+
+
 class Listeners(list[Callable[[], Callable[..., None] | None]]):
     """Callbacks told when capacity may have been freed (with what `notify` is given).
 

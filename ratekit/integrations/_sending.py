@@ -12,7 +12,6 @@ httpx2) report that moment through the ``trace`` request extension
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,16 +28,16 @@ def stamp_when_sent(request: Any, admission: Admission) -> None:
     if not isinstance(extensions, dict):
         return
     previous: _Trace | None = extensions.get("trace")
-    # Weak: the request outlives the admission (a response keeps its request).
-    held: weakref.ref[Admission] | None = weakref.ref(admission)
+    # Held until the body is written, then let go: a response keeps its request, and so
+    # this trace, long after the admission has ended. (Not a weak reference: a compiled
+    # admission has none.)
+    held: Admission | None = admission
 
     async def trace(event: str, info: dict[str, Any]) -> None:
         nonlocal held
         if held is not None and event.endswith(_SENDING_EVENT):
-            admission = held()
-            held = None
-            if admission is not None:
-                await admission.sent()
+            admission, held = held, None
+            await admission.sent()
         if previous is not None:
             await previous(event, info)
 
@@ -52,15 +51,13 @@ def stamp_when_sent_sync(request: Any, admission: Admission, run: Callable[..., 
     if not isinstance(extensions, dict):
         return
     previous: Callable[[str, dict[str, Any]], None] | None = extensions.get("trace")
-    held: weakref.ref[Admission] | None = weakref.ref(admission)
+    held: Admission | None = admission  # as in `stamp_when_sent`
 
     def trace(event: str, info: dict[str, Any]) -> None:
         nonlocal held
         if held is not None and event.endswith(_SENDING_EVENT):
-            admission = held()
-            held = None
-            if admission is not None:
-                run(admission.sent)
+            admission, held = held, None
+            run(admission.sent)
         if previous is not None:
             previous(event, info)
 

@@ -4,29 +4,27 @@ Run from the repository root::
 
     python -m bench.compiled [--compile ratekit/MODULE.py ...] [bench.acquire's options]
 
-An experiment, not a build: ratekit installs and runs as pure Python, which stays
-the reference. This copies the `ratekit` package to a temporary directory,
-compiles there with mypyc the four modules an uncontended admission runs through
-(the windows, the memory backend, the admission and the limiter; it needs mypy,
-which ships mypyc, and a C compiler; about a minute; `--compile` names other
-modules to compile with them), and runs ``python -m bench.acquire`` with that copy
-first on the path, so its table sets the compiled ratekit beside aiolimiter in
-one run. Run ``python -m bench.acquire`` for the pure-Python table.
+The same modules as the opt-in compiled build (`compiled_modules`, read from the mypyc
+hook in pyproject.toml), built the quick way: this copies the `ratekit` package to a
+temporary directory, compiles those modules there with mypyc (it needs mypy, which
+ships mypyc, and a C compiler; about a minute; `--compile` names other modules to
+compile with them), and runs ``python -m bench.acquire`` with that copy first on the
+path, so its table sets the compiled ratekit beside aiolimiter in one run. Run
+``python -m bench.acquire`` for the pure-Python table, the reference.
 
-Compiled, an amount arrives as a float whatever the caller passed (mypyc keeps a
-`float` argument as a C double), so the limiter's shortcuts for plain numbers take
-floats as well as ints: with ints only, every compiled admission went through the
-full validation and the compiled limiter was slower than the pure one.
+What the compiled build had to change in the sources, all kept by the pure one too:
+amount arguments are typed `SupportsFloat` (mypyc converts an argument typed `float` to
+a C double at the call, which turned a bool into 1.0 and admitted it), and their
+types are checked before their values (a comparison with a float narrows the type);
+module constants are `Final` (else each use is a dictionary lookup); `type(x) is`
+rather than ``x.__class__ is`` (an attribute lookup, compiled); the admission knows its
+`Limiter` (a protocol's methods are called as Python's); nothing takes a weak
+reference to an admission or a limiter (a native object has none: a limiter's backend
+holds its `Relay` weakly).
 
-Compiled, the arguments are not checked as the pure-Python ones are: mypyc
-converts them to a double at the call (a bool or a numpy int becomes 1.0 and
-is admitted; a string or an int too large for a float raises `TypeError`, not
-`InvalidCostError`), so `tests/test_errors.py` fails against the compiled copy. A
-compiled build offered to users would check its arguments before that conversion.
-
-The compiled windows cannot be deep-copied (mypyc's native classes need an
-explicit opt-in for `copy`), so `tests/test_properties.py`, which copies a
-backend to check a wait hint, does not run against them.
+The compiled windows cannot be deep-copied (mypyc's native classes need an explicit
+opt-in for `copy`), so `tests/test_properties.py`, which copies a backend to check a
+wait hint, does not run against them.
 """
 
 from __future__ import annotations
@@ -37,16 +35,22 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import tomllib
 from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPILED = [
-    "ratekit/_window.py",
-    "ratekit/backends/memory.py",
-    "ratekit/_admission.py",
-    "ratekit/_limiter.py",
-]
+
+
+def compiled_modules() -> list[str]:
+    """The modules the opt-in compiled build compiles: pyproject.toml's mypyc hook names
+    them, so this benchmark times what that build installs."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    hook = config["tool"]["hatch"]["build"]["targets"]["wheel"]["hooks"]["mypyc"]
+    return [str(pattern).lstrip("/") for pattern in hook["include"]]
+
+
+COMPILED = compiled_modules()
 
 
 def build(where: Path, modules: Sequence[str]) -> None:

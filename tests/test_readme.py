@@ -39,6 +39,7 @@ FRAGMENTS = {
 # Commands not run here, by their first word(s), and why.
 NOT_RUN = {
     "pip install": "installs packages (.ci/run does, from a fresh clone)",
+    "HATCH_BUILD_HOOK_ENABLE_MYPYC=true pip install": "the compiled build (.ci/compiled runs it)",
     "ratekit run": "calls a real provider at the URL it is given",
     "ratekit mock-provider": "serves until stopped (tests/test_mock_provider.py runs it)",
     "python -m pytest": "the test suite itself",

@@ -70,8 +70,8 @@ _BATCH = 32
 _DEMANDS_KEPT = 1024
 # A demand's `counted` field: not known (one NaN object, so that equal demands compare equal).
 _NOT_COUNTED = Demand().counted
-# No demand yet: no amounts equal its (negative) ones.
-_NO_DEMAND: Final = Demand(-1.0, -1.0, -1.0)
+# No demand yet: no amounts equal its own (NaN equals nothing).
+_NO_DEMAND: Final = Demand(math.nan, math.nan, math.nan)
 
 
 def _ceilings(limits: Limits) -> tuple[float, float, float]:
@@ -210,7 +210,6 @@ class Limiter:
         "_backend",
         "_calendar",
         "_ceilings",
-        "_changes",
         "_clock",
         "_demands",
         "_fair",
@@ -234,7 +233,6 @@ class Limiter:
         "_tickets",
         "_unsubscribe",
         "_waiting_tenants",
-        "_wake",
         "_wall",
     )
 
@@ -269,8 +267,8 @@ class Limiter:
         self._now: Callable[[], float] = time.monotonic if system else clock.now
         self._wall: Callable[[], float] = time.time if system else clock.wall
         self._backend: Backend = backend
-        # What the backend's listeners hold (weakly) for this limiter: `Relay`.
-        self._relay = Relay(self._on_release, self._on_tenant_release)
+        # What the backend's notices reach (held weakly by its listeners): `Relay`.
+        self._relay = Relay(None if tenants is None else tenants.wake)
         # Whether the backend's refusals wait from the instant it was handed: their
         # waits are then shortened by the time their reply took (`_age`).
         self._aged = bool(getattr(backend, "waits_from_instant", False))
@@ -310,11 +308,6 @@ class Limiter:
         self._calendar = _has_calendar(limits) or self._tenant_calendar()
         # Callers waiting: by priority, first come first served; the head retries.
         self._queue = WaitQueue(lower_share=lower_share, max_size=max_queue)
-        # Set when capacity may have been freed; the head waits on it.
-        self._wake: anyio.Event | None = None
-        # Releases the backend told of so far (`_on_release`): a try whose refusal comes
-        # back after one is not waited out, it is made again.
-        self._changes = 0
         # Each caller's place in the order of arrival (see `_reserve`).
         self._tickets = itertools.count()
         # When the head of the queue is predicted to be admitted (None: unknown).
@@ -382,18 +375,8 @@ class Limiter:
         # A tuple built directly: the generated constructor of a NamedTuple is slower.
         return tuple.__new__(Instant, (self._now(), self._wall()))
 
-    def _on_release(self) -> None:
-        """The backend says capacity came back (a release notice, a settle answered)."""
-        self._changes += 1
-        self._on_change()
-
     def _on_change(self) -> None:
-        if self._wake is not None:
-            self._wake.set()
-
-    def _on_tenant_release(self, tenant: str) -> None:
-        assert self._tenants is not None
-        self._tenants.wake(tenant)
+        self._relay.changed()
 
     # -- acquiring -------------------------------------------------------------------
 
@@ -678,7 +661,7 @@ class Limiter:
         seen = None if tenant is None else self._mark(tenant)
         deadline_s = None if timeout_s is None else self._now() + timeout_s
         if refusal is None and not queue.size:
-            changes = self._changes
+            changes = self._relay.changes
             if deadline_s is not None and self._local is None:
                 outcome = await self._bounded(self._attempt(demand, tenant), deadline_s, timeout_s)
             elif tenant is None:  # `_attempt`, without its frame
@@ -694,7 +677,7 @@ class Limiter:
                 return outcome
             # A release heard while the try was on its way (a shared backend's reply can
             # come after it) makes the refusal stale: the head asks again at once.
-            refusal = outcome if self._changes == changes else None
+            refusal = outcome if self._relay.changes == changes else None
         while True:
             if refusal is not None and refusal.dimension.startswith(TENANT_PREFIX):
                 # Held back by its tenant's own limits: it waits out of the queue, so that
@@ -812,7 +795,7 @@ class Limiter:
                 continue
             self._check_fits(demand)  # the limits may have changed while queued
             # Armed before asking, so a release during the round trip is not missed.
-            self._wake = wake = anyio.Event()
+            self._relay.wake = wake = anyio.Event()
             seen = self._mark(tenant)
             if refusal is None:
                 if deadline_s is not None and self._local is None:

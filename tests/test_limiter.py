@@ -286,6 +286,20 @@ async def test_amounts_asked_before_are_checked_again_under_new_limits() -> None
         limiter.acquire(True)
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+async def test_no_amounts_pass_for_the_ones_of_no_call_yet(fresh: bool) -> None:
+    """Before its first call, and again after its limits changed, a limiter has no last
+    amounts to compare with: whatever amounts come are checked, negative ones too."""
+    limiter, _clock = make(Limits(rpm=2, tpm=100))
+    if not fresh:
+        async with limiter.acquire(tokens=10):
+            pass
+        limiter.limits = Limits(rpm=2, tpm=100)
+    for requests, tokens, cost in [(-1, -1, -1), (-1.0, -1.0, -1.0), (0, -1, 0)]:
+        with pytest.raises(ratekit.errors.InvalidCostError, match="must be non-negative"):
+            limiter.acquire(requests, tokens=tokens, cost=cost)
+
+
 async def test_statistics_are_a_frozen_snapshot() -> None:
     """Statistics do not change after they were taken and cannot be modified."""
     limiter, _ = make(Limits(concurrency=3, rpm=10, tpm=1000, tpd=10_000))

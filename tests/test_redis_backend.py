@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import enum
+import gc
 import logging
 import math
 import time
+import weakref
 from unittest.mock import ANY
 
 import anyio
@@ -691,3 +693,25 @@ async def test_a_timeout_waiting_for_a_slot_on_redis_is_not_told_as_a_prediction
     assert outcome[0].retry_after_s == pytest.approx(5.0)  # the lease ttl (10 s) less 5 s
     await held.release()
     await backend.aclose()
+
+
+async def test_a_dropped_limiter_is_freed_at_once_and_told_nothing_more() -> None:
+    """A limiter on a shared backend listens to its notices from the start. Dropped, it
+    is freed by reference counting alone (nothing left in a cycle for the collector),
+    and the backend's listeners forget it: no later release reaches it."""
+    client = fakeredis.FakeAsyncRedis()
+    backend = RedisBackend(client, namespace="dropped", server_time=False)
+    gc.disable()
+    try:
+        limiter = ratekit.Limiter(Limits(rpm=100), backend=backend)
+        async with limiter.acquire():
+            pass
+        assert [entry for entry in backend._listeners if entry() is not None]
+        dropped = weakref.ref(limiter)
+        del limiter
+        assert dropped() is None
+        assert not [entry for entry in backend._listeners if entry() is not None]
+    finally:
+        gc.enable()
+        await backend.aclose()
+        await client.aclose()

@@ -9,6 +9,8 @@ from dataclasses import dataclass
 from types import MethodType
 from typing import Any, NamedTuple, Protocol, runtime_checkable
 
+import anyio
+
 from .._clock import Instant
 from .._limits import Limits, Rate, TokenCounting
 
@@ -325,24 +327,38 @@ class SharedTenants(Protocol):
 
 
 class Relay:
-    """A subscriber's stand-in among a backend's listeners, which hold its methods weakly
-    while it holds the subscriber's (and the subscriber holds it): a dropped subscriber
-    is collected with its relay and stops being told, even one that cannot be referenced
-    weakly, as a `Limiter` compiled with mypyc cannot."""
+    """What a backend's notices reach of one limiter: its count of releases, the event
+    its head of queue waits on and its tenants' wake-up, not the limiter itself.
 
-    __slots__ = ("__weakref__", "_release", "_tenant_release")
+    The backend's listeners hold the relay's methods weakly and only the limiter holds
+    the relay, so a dropped limiter takes its relay with it at once (no cycle to wait
+    for the collector) and is told nothing more; a limiter compiled with mypyc, which
+    cannot be referenced weakly, the same.
+    """
 
-    def __init__(self, release: Callable[[], None], tenant_release: Callable[[str], None]) -> None:
-        self._release = release
+    __slots__ = ("__weakref__", "_tenant_release", "changes", "wake")
+
+    def __init__(self, tenant_release: Callable[[str], None] | None = None) -> None:
+        # Releases told of so far: a try whose refusal comes back after one is stale.
+        self.changes = 0
+        # Set when capacity may have been freed; the head of the queue waits on it.
+        self.wake: anyio.Event | None = None
         self._tenant_release = tenant_release
 
     def release(self) -> None:
         """Capacity may have been freed (`Backend.subscribe`)."""
-        self._release()
+        self.changes += 1
+        self.changed()
+
+    def changed(self) -> None:
+        """Wake the head of the queue, if it waits."""
+        if self.wake is not None:
+            self.wake.set()
 
     def tenant_release(self, tenant: str) -> None:
-        """A call of `tenant` ended (`subscribe_tenants`)."""
-        self._tenant_release(tenant)
+        """A call of `tenant` ended (`SharedTenants.subscribe_tenants`)."""
+        if self._tenant_release is not None:
+            self._tenant_release(tenant)
 
 
 class Listeners(list[Callable[[], Callable[..., None] | None]]):

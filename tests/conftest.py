@@ -4,14 +4,31 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+import ratekit
 from ratekit import MemoryBackend
 from ratekit.backends import Backend
 
 from .redis_server import RedisCluster, RedisServer, require_redis_server, require_valkey_server
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Refuse to test a checkout whose sources are shadowed by compiled modules: the
+    compiled build (README, "Install") compiles in place and leaves them beside the
+    sources, where Python imports them instead of the .py files."""
+    package = Path(ratekit.__file__).parent
+    if (package.parent / "pyproject.toml").is_file():
+        stale = sorted(str(p.relative_to(package.parent)) for p in package.rglob("*.so"))
+        if stale:
+            raise pytest.UsageError(
+                f"compiled modules shadow the sources of {package}: {', '.join(stale)}; "
+                "delete them (git clean -fX ratekit), or test an installed compiled build "
+                "from elsewhere, as .ci/compiled does"
+            )
 
 
 @pytest.fixture(params=["asyncio", "trio"])

@@ -99,6 +99,28 @@ __all__ = [
 __version__ = "0.1.0"
 
 
+def _warn_if_shadowed() -> None:
+    """A compiled build compiles in place (README, "Install"): in a source checkout, its
+    modules are imported instead of the .py files beside them, and edits are ignored."""
+    from pathlib import Path
+
+    from . import _limiter
+
+    module = Path(_limiter.__file__ or "")
+    if module.suffix != ".py" and (module.parent.parent / "pyproject.toml").is_file():
+        import warnings
+
+        warnings.warn(
+            f"ratekit: compiled modules in the source checkout {module.parent} are imported "
+            "instead of its .py files; delete them: rm ratekit/*.so ratekit/backends/*.so",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
+
+_warn_if_shadowed()
+
+
 def __getattr__(name: str) -> object:
     # The parts that need an optional package are imported on first use, and say which
     # extra to install when it is missing.

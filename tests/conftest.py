@@ -26,8 +26,8 @@ def pytest_configure(config: pytest.Config) -> None:
         if stale:
             raise pytest.UsageError(
                 f"compiled modules shadow the sources of {package}: {', '.join(stale)}; "
-                "delete them (git clean -fX ratekit), or test an installed compiled build "
-                "from elsewhere, as .ci/compiled does"
+                "delete them (rm ratekit/*.so ratekit/backends/*.so), or test an installed "
+                "compiled build from elsewhere, as .ci/compiled does"
             )
 
 

@@ -6,6 +6,7 @@ import subprocess
 import sys
 import textwrap
 import typing
+import warnings
 from pathlib import Path
 
 import pytest
@@ -157,3 +158,27 @@ def test_a_name_means_one_thing_wherever_it_is_exported() -> None:
     for name, modules in _public_homes().items():
         objects = {id(getattr(sys.modules[module], name)) for module in modules}
         assert len(objects) == 1, (name, modules)
+
+
+def test_compiled_modules_shadowing_a_checkout_are_warned_of(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """A compiled build leaves its modules beside the sources of the checkout it was
+    built in, where they would be imported instead: ratekit says so at import. An
+    installed compiled build (no project file beside the package) is not warned of."""
+    import ratekit._limiter
+
+    package = tmp_path / "ratekit"
+    package.mkdir()
+    compiled = package / "_limiter.cpython-311-x86_64-linux-gnu.so"
+    monkeypatch.setattr(ratekit._limiter, "__file__", str(compiled))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratekit._warn_if_shadowed()  # installed: no pyproject.toml beside the package
+    (tmp_path / "pyproject.toml").write_text("", encoding="utf-8")
+    with pytest.warns(RuntimeWarning, match="compiled modules in the source checkout"):
+        ratekit._warn_if_shadowed()
+    monkeypatch.setattr(ratekit._limiter, "__file__", str(package / "_limiter.py"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratekit._warn_if_shadowed()  # the sources themselves

@@ -353,3 +353,27 @@ async def test_the_transport_names_each_requests_tenant() -> None:
     for bad in ("", 3):
         with pytest.raises(InvalidArgumentError, match="RateLimitedTransport: tenant: a tenant"):
             RateLimitedTransport(scheduler, tenant=bad)  # type: ignore[arg-type]
+
+
+async def test_a_mock_transports_answer_is_settled_and_kept_without_its_admission() -> None:
+    """Over a transport that answers read whole and traces nothing (httpx's own mock, an
+    in-process app), the call is settled from the answer, which is returned as it is;
+    and once it has answered, the request (kept by its response) lets go of the
+    admission, and so of the scheduler's limiter, though no trace said the body was
+    written."""
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        return httpx.Response(200, json={"choices": [], "usage": usage})
+
+    scheduler = scheduler_for()
+    transport = RateLimitedTransport(scheduler, transport=httpx.MockTransport(answer))
+    async with httpx.AsyncClient(base_url="http://provider", transport=transport) as client:
+        response = await client.post("/chat/completions", json=chat())
+    assert response.status_code == 200
+    assert response.json()["usage"]["total_tokens"] == 8  # read whole by the mock: as given
+    assert await used(scheduler, "tpm") == 8  # and settled from it
+    trace = response.request.extensions["trace"]
+    cells = dict(zip(trace.__code__.co_freevars, trace.__closure__, strict=True))
+    assert cells["held"].cell_contents is None
+    assert await used(scheduler, "concurrency") == 0

@@ -161,7 +161,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             timeout=self._timeout,
             tenant=self._tenant_of(request),
         )
-        stamp_when_sent(request, admission)
+        let_go = stamp_when_sent(request, admission)
         try:
             response = await self._transport.handle_async_request(request)
         except BaseException as error:
@@ -171,6 +171,9 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             finally:
                 await self.scheduler.finish(admission, error, model=model)
             raise
+        finally:
+            let_go()  # the body was written by now, or never will be: the response it
+            # is kept with must not keep the admission (and its limiter)
         if body.get("stream") is True and _is_event_stream(response):
             stream = _AdmittedByteStream(response, self.scheduler, admission, model, price, prompt)
             return _with_stream(response, stream)
@@ -217,14 +220,20 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
     ) -> httpx.Response:
         """Read `response` whole, settle it, and end the admission (answering a rate limit)."""
         error: BaseException | None = None
+        # Read whole already (the answer of a mock transport): parsed and returned as it is.
+        returned: httpx.Response | None = response if response.is_stream_consumed else None
+        raw = b""
         try:
-            try:
-                raw = b"".join([chunk async for chunk in response.aiter_raw()])
-            finally:
-                await response.aclose()
-            # A twin to decode (content-encoding) and parse; the caller gets an unread copy.
-            decoded = _with_stream(response, httpx.ByteStream(raw))
-            await decoded.aread()
+            if returned is not None:
+                decoded = returned
+            else:
+                try:
+                    raw = b"".join([chunk async for chunk in response.aiter_raw()])
+                finally:
+                    await response.aclose()
+                # A twin to decode (content-encoding) and parse; the caller gets an unread copy.
+                decoded = _with_stream(response, httpx.ByteStream(raw))
+                await decoded.aread()
             if response.status_code >= 400 or classify(decoded, now_s=time.time()) is not None:
                 # Answered by the scheduler as a raised 429 would be, but returned, not raised.
                 error = httpx.HTTPStatusError("refused", request=request, response=decoded)
@@ -240,7 +249,7 @@ class RateLimitedTransport(httpx.AsyncBaseTransport):
             raise
         finally:
             await self.scheduler.finish(admission, error, model=model)
-        return _with_stream(response, httpx.ByteStream(raw))
+        return returned if returned is not None else _with_stream(response, httpx.ByteStream(raw))
 
     async def aclose(self) -> None:
         await self._transport.aclose()

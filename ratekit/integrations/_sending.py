@@ -21,16 +21,18 @@ _Trace = Callable[[str, dict[str, Any]], Awaitable[None]]
 _SENDING_EVENT = ".send_request_body.complete"
 
 
-def stamp_when_sent(request: Any, admission: Admission) -> None:
+def stamp_when_sent(request: Any, admission: Admission) -> Callable[[], None]:
     """Have `admission` count from when `request` (an httpx request, before the
-    transport) has been written, keeping any trace the caller set."""
+    transport) has been written, keeping any trace the caller set. Returns what lets
+    go of the admission, to call once the transport has returned: a transport that
+    traces nothing (a mock, an in-process app) never says the body was written."""
     extensions = getattr(request, "extensions", None)
     if not isinstance(extensions, dict):
-        return
+        return _nothing
     previous: _Trace | None = extensions.get("trace")
-    # Held until the body is written, then let go: a response keeps its request, and so
-    # this trace, long after the admission has ended. (Not a weak reference: a compiled
-    # admission has none.)
+    # Held until the body is written or the transport has returned (`let_go`): a
+    # response keeps its request, and so this trace, long after the admission ended.
+    # (Not a weak reference: a compiled admission has none.)
     held: Admission | None = admission
 
     async def trace(event: str, info: dict[str, Any]) -> None:
@@ -41,7 +43,12 @@ def stamp_when_sent(request: Any, admission: Admission) -> None:
         if previous is not None:
             await previous(event, info)
 
+    def let_go() -> None:
+        nonlocal held
+        held = None
+
     extensions["trace"] = trace
+    return let_go
 
 
 def stamp_when_sent_sync(request: Any, admission: Admission, run: Callable[..., Any]) -> None:
@@ -62,3 +69,7 @@ def stamp_when_sent_sync(request: Any, admission: Admission, run: Callable[..., 
             previous(event, info)
 
     extensions["trace"] = trace
+
+
+def _nothing() -> None:
+    return None

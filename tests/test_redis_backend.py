@@ -667,6 +667,32 @@ def test_a_text_enum_is_packed_as_its_text() -> None:
     assert packed == b"*3\r\n$7\r\nPUBLISH\r\n$7\r\nchannel\r\n$4\r\nacme\r\n"
 
 
+def test_words_packed_again_from_memory_are_packed_as_the_first_time() -> None:
+    """The packer keeps the short words it packed (a command's name, key, specs) and
+    reuses them: a command packs to the same bytes the first time and every time after,
+    for text of any length and script, through a run of unique words (lease ids) that
+    fills and empties its memory, and beside bytes and numbers, which it does not keep."""
+
+    def by_hand(words: tuple[object, ...]) -> bytes:
+        out = b"*%d\r\n" % len(words)
+        for word in words:
+            data = word if isinstance(word, bytes) else str(word).encode()
+            out += b"$%d\r\n%s\r\n" % (len(data), data)
+        return out
+
+    commands = [
+        ("FCALL", "ratekit_step", "1", "ratekit:{acct}:state", "", "81000", "lease:1"),
+        ("PUBLISH", "ratekit:{acct}:released", "x" * 200, "é" * 40, "数" * 30),
+        ("SET", b"raw\x00bytes", 7, 2.5),
+    ]
+    for lease in range(3 * 512):
+        unique = ("FCALL", "ratekit_step", f"{lease}:{'é' * (lease % 3)}")
+        assert _pack([unique]) == by_hand(unique)
+        for command in commands:
+            assert _pack([command]) == by_hand(command)  # type: ignore[list-item]
+    assert _pack(commands) == b"".join(map(by_hand, commands))  # type: ignore[arg-type]
+
+
 async def test_a_timeout_waiting_for_a_slot_on_redis_is_not_told_as_a_prediction() -> None:
     """A caller that times out waiting for a concurrency slot on Redis is told it frees
     up when a call ends; the wait Redis gives (until the oldest lease lapses, for a

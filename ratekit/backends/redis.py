@@ -989,19 +989,38 @@ def _connection_args(client: Client) -> tuple[str, ...]:
     return ("FCALL",) if needs_name else ()
 
 
+# Short words of recent commands, packed (see `_pack`): most words of an account's
+# commands (a function's name, the key, the window specs, a ttl) come again in each.
+_PACKED_WORDS: dict[str, bytes] = {}
+_PACKED_WORDS_MAX = 512  # emptied when full: the lease ids of each call never come back
+_PACKED_WORD_MAX_LEN = 64
+
+
 def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:
     """`commands` in the Redis protocol (RESP), as one buffer. A first word that holds
     a space ("FUNCTION LOAD") is two words. The arguments are text, sent as UTF-8:
     redis-py's packer, made for any value, costs more than a whole script here."""
     parts: list[bytes] = []
     add = parts.append
+    packed = _PACKED_WORDS
     for command in commands:
         head = command[0]
         words = [*head.split(), *command[1:]] if " " in head else command
         add(b"*%d\r\n" % len(words))
         for word in words:
-            data = word.encode() if word.__class__ is str else _encode(word)
-            add(b"$%d\r\n%s\r\n" % (len(data), data))
+            if word.__class__ is str:
+                chunk = packed.get(word)
+                if chunk is None:
+                    data = word.encode()
+                    chunk = b"$%d\r\n%s\r\n" % (len(data), data)
+                    if len(data) <= _PACKED_WORD_MAX_LEN:
+                        if len(packed) >= _PACKED_WORDS_MAX:
+                            packed.clear()
+                        packed[word] = chunk
+                add(chunk)
+            else:
+                data = _encode(word)
+                add(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
 
 

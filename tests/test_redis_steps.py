@@ -153,6 +153,10 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
         live: list[tuple[str, str, str]] = []
         for i in range(60):
             at += rnd.choice([0.0, 0.001, 0.1, 0.3, 0.7, 1.3])
+            if rnd.random() < 0.15:
+                at = float(int(at) + 1)  # on a slice's edge, where slices stop counting
+            if rnd.random() < 0.3:
+                lease_ttl = rnd.choice(["0.5", "3.0", "10.0"])  # later leases lapse sooner
             if rnd.random() < 0.1:
                 cap = rnd.choice(["", "1", "2", "3"])  # the account's tier changed
             clock = f"{at!r} {at!r}"
@@ -165,7 +169,9 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
                     for name, key in ((shipped, stepped), (shipped, apart), (counted, quick))
                 ]
             else:
-                ended, slices, reserved = live.pop(rnd.randrange(len(live)))
+                # Often the oldest: the lease that lapses first ends.
+                oldest = rnd.random() < 0.5
+                ended, slices, reserved = live.pop(0 if oldest else rnd.randrange(len(live)))
                 used = reserved if rnd.random() < 0.8 else f"1 {rnd.choice([0, 5])} 0"
                 ends = [
                     clock,
@@ -220,4 +226,43 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
     # About a quarter of these steps qualify (measured: 309 of 1,348).
     assert steps > 1_000, steps
     assert taken > steps // 8, (taken, steps)
+    client.close()
+
+
+def test_a_quick_step_on_a_server_clock_that_stepped_back_keeps_the_offset(
+    redis_server: RedisServer,
+) -> None:
+    """On the server's TIME (clock argument ""), a step whose clock reading falls behind
+    the account's last one (TIME stepped back) adds the step to the account's offset,
+    the quick way as the scripts: the account's clock runs on from where it was."""
+    import redis as sync_redis
+
+    client = sync_redis.Redis.from_url(redis_server.url)
+    text, counted = _counted_library()
+    client.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY.text)
+    client.execute_command("FUNCTION", "LOAD", "REPLACE", text)
+    shipped = LIBRARY.name
+    packed = _spec("requests", 1000, 3600, 36, 0.0, 0)  # no slice stops counting in 100 s
+    run = uuid.uuid4().hex[:8]
+    stepped, apart = f"{{{run}}}:a", f"{{{run}}}:b"
+    states = []
+    for key, step in ((stepped, True), (apart, False)):
+        begins = ["", "81000", "10", "L0", "10.0", packed, "1 0 0"]
+        reply = client.execute_command("FCALL", f"{shipped}_reserve", 1, key, *begins)
+        # The account's clock read 100 s ahead of TIME: as if TIME then stepped back.
+        client.hset(key, "raw", float(client.hget(key, "raw") or 0) + 100)
+        ends = ["", "81000", "L0", "released", "0", packed, "1 0 0", "1 0 0", reply[2], "", "-"]
+        begins = ["", "81000", "10", "L1", "10.0", packed, "1 0 0"]
+        if step:
+            client.execute_command("FCALL", f"{counted}_step", 1, key, "11", *ends, *begins)
+        else:
+            client.execute_command("FCALL", f"{shipped}_settle", 1, key, *ends)
+            client.execute_command("FCALL", f"{shipped}_reserve", 1, key, *begins)
+        states.append({k.decode(): v.decode() for k, v in client.hgetall(key).items()})
+    quick, scripts = states
+    assert client.get(f"{stepped}:quick") == b"1"  # the quick way ran
+    assert set(quick) == set(scripts), set(quick) ^ set(scripts)
+    assert 99.9 < float(quick["off"]) < 100.1, quick
+    assert abs(float(quick["off"]) - float(scripts["off"])) < 0.05, (quick, scripts)
+    assert abs(float(quick["raw"]) - float(scripts["raw"])) < 0.05, (quick, scripts)
     client.close()

@@ -393,7 +393,9 @@ end
 
 -- The window specs of one packed text, parsed (cached: read only). Also made once
 -- with them, the lists of fields a script reads first (read only too): `account`, the
--- account's (see base_fields), `waits`, those and 'wait', `tenant`, a tenant's.
+-- account's (see base_fields), `waits`, those and 'wait', `tenant`, a tenant's; and,
+-- when step.lua first needs it, `quick`, the list its quick way reads (its last place
+-- rewritten by each step).
 local function specs_of(packed)
   local specs = parsed_specs[packed]
   if specs then

@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -89,12 +91,15 @@ async def test_a_reserve_caller_that_left_during_a_step_hands_its_grant_back(
     await backend.aclose()
 
 
-def _spec(unit: str, limit: float, period_s: int, slices: int, margin_s: float, paced: int) -> str:
-    """One window's spec as the backend packs it (see parse_specs in _window.lua)."""
+def _spec(
+    unit: str, limit: float, period_s: int, slices: int, margin_s: float, paced: int, take: int = 0
+) -> str:
+    """One window's spec as the backend packs it (see parse_specs in _window.lua); `take`
+    0 records at admission, 1 and 2 hold until settled."""
     position = {"requests": 0, "tokens": 1}[unit]
     return (
         f"{unit}:{period_s}:{slices}: {float(limit)} {float(period_s)} {period_s / slices} "
-        f"{margin_s} {paced} 0 {position} -"
+        f"{margin_s} {paced} {take} {position} -"
     )
 
 
@@ -109,28 +114,95 @@ def _counted_library() -> tuple[str, str]:
     return text, "ratekit_counted"
 
 
-def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
-    redis_server: RedisServer,
-) -> None:
-    """The step script, its quick way included, leaves the state, its ttl and the replies
-    exactly as settle.lua then reserve.lua sent back to back at the same instant:
-    random runs of calls (concurrency caps, one or two windows, pacing, lapsing leases,
-    refunds, usage that differs, slices that expire, refusals, a cap lowered below
-    the calls in flight), releases told on the channel alike; and the quick way is taken
-    in a good share of those steps (an instrumented copy of the library counts)."""
-    import random
+class _ThreeWays:
+    """One account's calls run three ways, each on a key of its own: by the step script
+    (`a`), by settle.lua then reserve.lua (`b`), and by the counted copy of the step
+    (`c`, see `_counted_library`); each call checks the three replies, states and ttls
+    alike. Releases are told on a channel per way (`told`)."""
 
+    def __init__(self, client: Any, run: str, name: str) -> None:
+        self.client = client
+        self.run = run
+        self.keys = [f"{{{run}:{name}}}:{way}" for way in "abc"]
+        self.steps = 0
+
+    def _check(self, replies: list[Any], where: object) -> Any:
+        client = self.client
+        assert replies[0] == replies[1] == replies[2], (where, replies)
+        states = [client.hgetall(key) for key in self.keys]
+        assert states[0] == states[1] == states[2], (where, states)
+        assert abs(client.pttl(self.keys[0]) - client.pttl(self.keys[1])) < 1_000, where
+        return replies[0]
+
+    def reserve(self, begins: list[str], where: object = None) -> Any:
+        shipped, counted = LIBRARY.name, "ratekit_counted"
+        replies = [
+            self.client.execute_command("FCALL", f"{name}_reserve", 1, key, *begins)
+            for name, key in zip((shipped, shipped, counted), self.keys, strict=True)
+        ]
+        return self._check(replies, where)
+
+    def step(self, ends: list[str], begins: list[str], where: object = None) -> Any:
+        """The settle `ends` (its channel argument "CHANNEL") and the reserve `begins`."""
+
+        def told(way: str, args: list[str]) -> list[str]:
+            return [f"{self.run}:{way}" if arg == "CHANNEL" else arg for arg in args]
+
+        client, (stepped, apart, quick) = self.client, self.keys
+        shipped, counted = LIBRARY.name, "ratekit_counted"
+        step = ["11", *ends, *begins]
+        replies = [
+            client.execute_command("FCALL", f"{shipped}_step", 1, stepped, *told("a", step)),
+            [
+                client.execute_command("FCALL", f"{shipped}_settle", 1, apart, *told("b", ends)),
+                client.execute_command("FCALL", f"{shipped}_reserve", 1, apart, *begins),
+            ],
+            client.execute_command("FCALL", f"{counted}_step", 1, quick, *told("c", step)),
+        ]
+        self.steps += 1
+        return self._check(replies, where)
+
+    def quick_steps(self) -> int:
+        return int(self.client.get(f"{self.keys[2]}:quick") or 0)
+
+
+@pytest.fixture
+def three_ways(redis_server: RedisServer) -> Iterator[tuple[Any, str]]:
+    """A client of the server with the shipped and the counted library loaded, a run id,
+    and everything told on the run's channels (a list filled by `heard`)."""
     import redis as sync_redis
 
     client = sync_redis.Redis.from_url(redis_server.url)
-    text, counted = _counted_library()
     client.execute_command("FUNCTION", "LOAD", "REPLACE", LIBRARY.text)
-    client.execute_command("FUNCTION", "LOAD", "REPLACE", text)
-    shipped = LIBRARY.name
-    run = uuid.uuid4().hex[:8]
+    client.execute_command("FUNCTION", "LOAD", "REPLACE", _counted_library()[0])
+    yield client, uuid.uuid4().hex[:8]
+    client.close()
+
+
+def _heard(client: Any, run: str, listener: Any) -> dict[str, list[bytes]]:
+    """What `listener` (subscribed to the run's channels) heard, by way."""
+    heard: dict[str, list[bytes]] = {way: [] for way in "abc"}
+    while (message := listener.get_message(timeout=0.5)) is not None:
+        if message["type"] == "pmessage":
+            heard[message["channel"].decode().rsplit(":", 1)[1]].append(message["data"])
+    return heard
+
+
+def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
+    three_ways: tuple[Any, str],
+) -> None:
+    """The step script, its quick way included, leaves the state, its ttl and the replies
+    exactly as settle.lua then reserve.lua sent back to back at the same instant:
+    random runs of calls (concurrency caps, one to three windows, pacing, holds until
+    settled, lapsing leases, refunds, usage that differs, slices that expire, refusals,
+    a cap lowered below the calls in flight), releases told on the channel alike; and
+    the quick way is taken in a good share of those steps (the counted copy counts)."""
+    import random
+
+    client, run = three_ways
     listener = client.pubsub()
     listener.psubscribe(f"{run}:*")
-    steps = 0
+    steps = taken = 0
     for seed in range(60):
         rnd = random.Random(seed)
         specs = [
@@ -144,11 +216,14 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
             )
         ]
         if rnd.random() < 0.5:
-            specs.append(_spec("tokens", rnd.choice([50, 100_000]), 1, 2, 0.0, 0))
+            take = rnd.choice([0, 1, 2])
+            specs.append(_spec("tokens", rnd.choice([50, 100_000]), 1, 2, 0.0, 0, take))
+        if rnd.random() < 0.5:
+            specs.append(_spec("tokens", rnd.choice([80, 10**6]), 8, 4, 0.0, 0, 2))
         packed = "|".join(specs)
         cap = rnd.choice(["", "1", "2", "3", "1000"])
         lease_ttl = rnd.choice(["0.5", "10.0"])
-        stepped, apart, quick = (f"{{{run}:{seed}}}:{name}" for name in ("a", "b", "c"))
+        ways = _ThreeWays(client, run, str(seed))
         at = 1000.0 + rnd.random()
         live: list[tuple[str, str, str]] = []
         for i in range(60):
@@ -164,15 +239,12 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
             lease = rnd.choice([f"L{i}", f"L{i}", "-"])
             begins = [clock, "81000", cap, lease, lease_ttl, packed, demand]
             if not live or rnd.random() < 0.2:
-                replies = [
-                    client.execute_command("FCALL", f"{name}_reserve", 1, key, *begins)
-                    for name, key in ((shipped, stepped), (shipped, apart), (counted, quick))
-                ]
+                reply = ways.reserve(begins, (seed, i))
             else:
                 # Often the oldest: the lease that lapses first ends.
                 oldest = rnd.random() < 0.5
                 ended, slices, reserved = live.pop(0 if oldest else rnd.randrange(len(live)))
-                used = reserved if rnd.random() < 0.8 else f"1 {rnd.choice([0, 5])} 0"
+                used = reserved if rnd.random() < 0.6 else f"1 {rnd.choice([0, 5, 25, 40])} 0"
                 ends = [
                     clock,
                     "81000",
@@ -186,47 +258,49 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
                     "" if rnd.random() < 0.9 else "7",
                     "-" if rnd.random() < 0.9 else repr(at - 0.5),
                 ]
-
-                # Each run tells its releases on a channel of its own.
-                def told(where: str, args: list[str]) -> list[str]:
-                    return [f"{run}:{where}" if arg == "CHANNEL" else arg for arg in args]
-
-                step = ["11", *ends, *begins]
-                replies = [
-                    client.execute_command(
-                        "FCALL", f"{shipped}_step", 1, stepped, *told("a", step)
-                    ),
-                    [
-                        client.execute_command(
-                            "FCALL", f"{shipped}_settle", 1, apart, *told("b", ends)
-                        ),
-                        client.execute_command("FCALL", f"{shipped}_reserve", 1, apart, *begins),
-                    ],
-                    client.execute_command("FCALL", f"{counted}_step", 1, quick, *told("c", step)),
-                ]
-                steps += 1
-            assert replies[0] == replies[1] == replies[2], (seed, i, replies)
-            state = client.hgetall(stepped)
-            assert state == client.hgetall(apart) == client.hgetall(quick), (seed, i)
-            assert abs(client.pttl(stepped) - client.pttl(apart)) < 1_000, (seed, i)
-            admitted = replies[0][1] if len(replies[0]) == 2 else replies[0]
-            if int(admitted[0]) == 1 and lease != "-":
-                indexes = " ".join(index.decode() for index in admitted[2 : 2 + len(specs)])
+                reply = ways.step(ends, begins, (seed, i))[1]
+            if int(reply[0]) == 1 and lease != "-":
+                indexes = " ".join(index.decode() for index in reply[2 : 2 + len(specs)])
                 live.append((lease, indexes, demand))
-    # The same releases told (a caller waits on them) on each run's channel.
-    heard: dict[bytes, list[bytes]] = {}
-    while (message := listener.get_message(timeout=0.5)) is not None:
-        if message["type"] == "pmessage":
-            heard.setdefault(message["channel"], []).append(message["data"])
-    told_a, told_b, told_c = (heard.get(f"{run}:{where}".encode(), []) for where in "abc")
-    assert told_a == told_b == told_c, (len(told_a), len(told_b), len(told_c))
-    assert len(told_a) > 100, len(told_a)
+        steps += ways.steps
+        taken += ways.quick_steps()
+    heard = _heard(client, run, listener)
     listener.close()
-    taken = sum(int(value) for value in client.mget(client.keys(f"{{{run}:*}}:c:quick")) if value)
-    # About a quarter of these steps qualify (measured: 309 of 1,348).
+    assert heard["a"] == heard["b"] == heard["c"], {way: len(told) for way, told in heard.items()}
+    assert len(heard["a"]) > 100, len(heard["a"])
+    # About a fifth of these steps qualify (measured: 309 of 1,348).
     assert steps > 1_000, steps
     assert taken > steps // 8, (taken, steps)
-    client.close()
+
+
+def test_a_quick_step_counts_a_held_calls_rest_in_its_older_slice(
+    three_ways: tuple[Any, str],
+) -> None:
+    """A call held on a window until settled, and settled in a later slice than its
+    admission's while a newer slice holds amounts: what it reserved beyond its usage is
+    added to its admission's slice (read, with what other calls counted there), its
+    usage to the newest; the quick way as the scripts."""
+    client, run = three_ways
+    ways = _ThreeWays(client, run, "held")
+    packed = _spec("tokens", 10**6, 8, 4, 0.0, 0, take=2)
+
+    def begins(at: float, lease: str) -> list[str]:
+        return [f"{at!r} {at!r}", "81000", "", lease, "10.0", packed, "1 30 0"]
+
+    def ends(at: float, lease: str, slices: bytes, used: int) -> list[str]:
+        settle = [f"{at!r} {at!r}", "81000", lease, "CHANNEL", "0", packed, "1 30 0"]
+        return [*settle, f"1 {used} 0", slices.decode(), "", "-"]
+
+    a = ways.reserve(begins(1000.0, "A"))[2]
+    b = ways.reserve(begins(1000.1, "B"))[2]
+    c = ways.step(ends(1000.5, "B", b, 10), begins(1000.5, "C"))[1][2]
+    ways.step(ends(1002.5, "C", c, 10), begins(1002.5, "D"))
+    ways.step(ends(1002.6, "A", a, 5), begins(1002.6, "E"))
+    assert ways.quick_steps() == 3
+    state = client.hgetall(ways.keys[0])
+    # Slice 500: B's 10 and 20 more, C's 20 more, A's 25 more; slice 501: C's and A's usage.
+    assert state[b"tokens:8:4:|500"] == b"75", state
+    assert state[b"tokens:8:4:|501"] == b"15", state
 
 
 def test_a_quick_step_on_a_server_clock_that_stepped_back_keeps_the_offset(

@@ -106,7 +106,7 @@ def _spec(
 def _counted_library() -> tuple[str, str]:
     """The shipped library with one line more: a step that took the quick way counts
     itself (INCR of "<key>:quick"). Its own name, so it loads beside the shipped one."""
-    anchor = "local answer = quick()\n"
+    anchor = "local answer = quick_step(KEYS, ARGV)\n"
     assert LIBRARY.text.count(anchor) == 1
     text = LIBRARY.text.replace(
         anchor, anchor + "if answer then redis.call('INCR', KEYS[1] .. ':quick') end\n"
@@ -301,6 +301,25 @@ def test_a_quick_step_counts_a_held_calls_rest_in_its_older_slice(
     # Slice 500: B's 10 and 20 more, C's 20 more, A's 25 more; slice 501: C's and A's usage.
     assert state[b"tokens:8:4:|500"] == b"75", state
     assert state[b"tokens:8:4:|501"] == b"15", state
+
+
+def test_a_step_under_a_cap_lowered_below_the_calls_in_flight_refuses_the_next(
+    three_ways: tuple[Any, str],
+) -> None:
+    """The account's tier drops while three calls run: the cap is now 2. One of them
+    ends; the next call is refused (two still run), the quick way as the scripts."""
+    client, run = three_ways
+    ways = _ThreeWays(client, run, "cap")
+    packed = _spec("requests", 1000, 60, 60, 0.0, 0)
+
+    def begins(at: float, lease: str, cap: str) -> list[str]:
+        return [f"{at!r} {at!r}", "81000", cap, lease, "10.0", packed, "1 0 0"]
+
+    slices = [ways.reserve(begins(1000.0 + k / 10, lease, "3"))[2] for k, lease in enumerate("ABC")]
+    ended = [f"{1000.5!r} {1000.5!r}", "81000", "A", "CHANNEL", "0", packed, "1 0 0", "1 0 0"]
+    reply = ways.step([*ended, slices[0].decode(), "", "-"], begins(1000.5, "D", "2"))
+    assert reply[1][0] == 0, reply  # refused: two calls run under a cap of 2
+    assert ways.quick_steps() == 0
 
 
 def test_a_quick_step_on_a_server_clock_that_stepped_back_keeps_the_offset(

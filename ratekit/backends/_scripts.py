@@ -1,7 +1,8 @@
 """The Lua scripts of the Redis backend: loaded here, and only here.
 
 Each atomic operation is one file under ``lua/``; the shared window helpers in
-``lua/_window.lua`` come first. They reach the server in one of two forms:
+``lua/_window.lua`` come first, then the step's quick way (``lua/_quick.lua``). They
+reach the server in one of two forms:
 
 - one function library (`LIBRARY`, Redis 7+ and Valkey): every operation a function
   of it, run by FCALL; the helpers are built once when the library is loaded, not on
@@ -74,7 +75,7 @@ class Script:
 
 
 def _build() -> tuple[Library, dict[str, Script]]:
-    helpers = _read("_window.lua")
+    helpers = _read("_window.lua") + _read("_quick.lua")
     bodies = {name: _read(f"{name}.lua") for name in _NAMES}
 
     # Each operation's file, its text unchanged, as the body of a function of (KEYS,

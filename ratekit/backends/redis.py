@@ -993,7 +993,7 @@ def _connection_args(client: Client) -> tuple[str, ...]:
 # commands (a function's name, the key, the window specs, a ttl) come again in each.
 _PACKED_WORDS: dict[str, bytes] = {}
 _PACKED_WORDS_MAX = 512  # emptied when full: the lease ids of each call never come back
-_PACKED_WORD_MAX_LEN = 64
+_PACKED_WORD_MAX_LEN = 512  # window specs of several windows run to a few hundred
 
 
 def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:

@@ -13,12 +13,19 @@
 -- has not read, refusals, a lease that lapsed, a pause, a caller to tell) it leaves to
 -- the scripts, having written nothing.
 
--- What the call that runs writes: fields and values in order (a field set twice: the
--- last one), and how many; and whether it found it must give way. Set by quick_step.
-local QUICK_SETS, QUICK_N, QUICK_FAILED
+-- What the call that runs writes: fields and values in order (numbers, formatted
+-- when written), how many, and where each field is in it (a field set again keeps its
+-- place); and whether it found it must give way. Set by quick_step.
+local QUICK_SETS, QUICK_N, QUICK_AT, QUICK_FAILED
 
 local function quick_set(field, value)
-  QUICK_SETS[QUICK_N + 1], QUICK_SETS[QUICK_N + 2] = field, fmt(value)
+  local at = QUICK_AT[field]
+  if at then
+    QUICK_SETS[at] = value
+    return
+  end
+  QUICK_SETS[QUICK_N + 1], QUICK_SETS[QUICK_N + 2] = field, value
+  QUICK_AT[field] = QUICK_N + 2
   QUICK_N = QUICK_N + 2
 end
 
@@ -49,7 +56,7 @@ local function quick_add(v, index, delta)
   if v.known then
     v.known[index] = amount
   end
-  quick_set(w.id .. '|' .. fmt(index), amount)
+  quick_set(slice_field(w, index), amount)
   local moved = not v.lo or index > v.hi
   if not v.lo then
     v.lo, v.hi = index, index
@@ -142,7 +149,7 @@ local function quick_step(keys, args)
           return nil
         end
         fields[at[i] + 6] = w.id .. '|h|' .. ended
-        fields[at[i] + 7] = w.id .. '|' .. fmt(admitted[i])
+        fields[at[i] + 7] = slice_field(w, admitted[i])
       end
     end
   end
@@ -180,7 +187,7 @@ local function quick_step(keys, args)
   if cap and count >= cap then
     return nil
   end
-  QUICK_SETS, QUICK_N, QUICK_FAILED = {}, 0, false
+  QUICK_SETS, QUICK_N, QUICK_AT, QUICK_FAILED = {}, 0, {}, false
   local drops = {ended_field}
 
   -- Each window brought to now (nothing to drop), then the ended call settled on it
@@ -256,7 +263,7 @@ local function quick_step(keys, args)
         quick_held(v, v.held + amount)
       end
     end
-    reply[i + 2] = fmt(index)
+    reply[i + 2] = index_text(w, index)
   end
   if QUICK_FAILED then
     return nil
@@ -293,11 +300,14 @@ local function quick_step(keys, args)
   if alive then
     quick_set('ex', want + step)
   end
+  for i = 2, QUICK_N, 2 do
+    QUICK_SETS[i] = fmt(QUICK_SETS[i])
+  end
   redis.call('HSET', key, unpack(QUICK_SETS, 1, QUICK_N))
   redis.call('HDEL', key, unpack(drops))
   if alive then
     redis.call('PEXPIRE', key, math.ceil((want - now + step) * 1000))
   end
-  QUICK_SETS = nil
+  QUICK_SETS, QUICK_AT = nil, nil
   return {1, reply}
 end

@@ -30,8 +30,9 @@ local function quick_set(field, value)
 end
 
 -- Adds `delta` to slice `index` of window v (see add_to): v is the window as it stands,
--- {w = its spec, total, held, lo, hi, hv, known = the slices read (index -> amount) or
--- nil}. A slice below hi that was not read: the scripts read it (QUICK_FAILED).
+-- {w = its spec, total, held, lo, hi, hv, and `read`, `amount`: the one older slice read
+-- (the ended call's admission slice) and what it holds, or nil}. Any other slice below
+-- hi was not read: the scripts read it (QUICK_FAILED).
 local function quick_add(v, index, delta)
   if delta == 0 then
     return
@@ -44,7 +45,7 @@ local function quick_add(v, index, delta)
   elseif not v.lo then
     current = 0
   else
-    current = v.known and v.known[index]
+    current = index == v.read and v.amount or nil
     if current == nil then
       QUICK_FAILED = true
       return
@@ -53,8 +54,8 @@ local function quick_add(v, index, delta)
   local w = v.w
   local amount = math.max(current + delta, 0)
   v.total = math.max(v.total + (amount - current), 0)
-  if v.known then
-    v.known[index] = amount
+  if index == v.read then
+    v.amount = amount
   end
   quick_set(slice_field(w, index), amount)
   local moved = not v.lo or index > v.hi
@@ -212,13 +213,14 @@ local function quick_step(keys, args)
       lo = lo,
       hi = tonumber(got[a + 4]),
       hv = tonumber(got[a + 5]) or 0,
-      known = nil,
+      read = nil,
+      amount = nil,
     }
     state[i] = v
     if w.take ~= 0 then
       local amount, real = reserved[w.position], used[w.position]
       local index = admitted[i]
-      v.known = {[index] = tonumber(got[a + 7]) or 0}
+      v.read, v.amount = index, tonumber(got[a + 7]) or 0
       if amount > 0 or real > 0 then
         local hold = tonumber(got[a + 6])
         if hold then

@@ -10,8 +10,8 @@
 -- state, ttl, replies and releases told as settle.lua then reserve.lua, over random
 -- runs. Anything else (several calls, a refund, the provider's own count, a request
 -- counted from its end, pacing, calendar days, credits, slices to drop, a slice it
--- has not read, refusals, a lease that lapsed, a pause, a caller to tell) it leaves to
--- the scripts, having written nothing.
+-- has not read, refusals, a lease already reclaimed or settled, a pause, a caller to
+-- tell) it leaves to the scripts, having written nothing.
 
 -- What the call that runs writes: fields and values in order (numbers, formatted
 -- when written), how many, and where each field is in it (a field set again keeps its
@@ -115,16 +115,15 @@ local function quick_plan(specs)
   return plan
 end
 
--- The step's reply by the quick way, or nil (nothing written) where the scripts must
--- run; `keys` and `args` are the step's (see step.lua).
-local function quick_step(keys, args)
+-- See quick_step.
+local function quick_run(keys, args)
   if args[1] ~= '11' or #args ~= 19 or args[6] ~= '0' or args[11] ~= '' or args[12] ~= '-'
     or args[7] ~= args[18] then
     return nil
   end
   local ended, lease_id = args[4], args[16]
   if ended == '-' or ended == lease_id or string.find(ended, '|', 1, true)
-    or lease_id == '+' or string.find(lease_id, ' ', 1, true)
+    or lease_id == '+' or lease_id == '' or string.find(lease_id, '%s')
     or string.find(args[19], '|', 1, true) then
     return nil
   end
@@ -149,18 +148,18 @@ local function quick_step(keys, args)
         if not admitted[i] then
           return nil
         end
-        fields[at[i] + 6] = w.id .. '|h|' .. ended
+        fields[at[i] + 6] = hold_field(w, ended)
         fields[at[i] + 7] = slice_field(w, admitted[i])
       end
     end
   end
-  local ended_field = 'l|' .. ended
+  local ended_field = lease_field(ended)
   fields[#fields] = ended_field
   local key = keys[1]
   local got = redis.call('HMGET', key, unpack(fields))
   local ended_at = tonumber(got[#fields])
   if not ended_at then
-    return nil  -- lapsed, or settled before
+    return nil  -- reclaimed once it lapsed, or settled before
   end
   -- The clock (see clock).
   local given = args[2]
@@ -199,11 +198,11 @@ local function quick_step(keys, args)
   if plan.holds then
     reserved, used = parse_amounts(args[8]), parse_amounts(args[9])
   end
-  local state = {}
+  local brought = {}
   for i = 1, windows do
     local w, a = specs[i], at[i]
     local lo = tonumber(got[a + 3])
-    if lo and (lo + 1) * w.slice_s + w.period_s + w.margin_s <= now then
+    if lo and expiry_s(w, lo) <= now then
       return nil  -- a slice stopped counting: dropped by the scripts
     end
     local v = {
@@ -216,20 +215,20 @@ local function quick_step(keys, args)
       read = nil,
       amount = nil,
     }
-    state[i] = v
+    brought[i] = v
     if w.take ~= 0 then
       local amount, real = reserved[w.position], used[w.position]
       local index = admitted[i]
       v.read, v.amount = index, tonumber(got[a + 7]) or 0
       if amount > 0 or real > 0 then
-        local hold = tonumber(got[a + 6])
-        if hold then
+        local freed = tonumber(got[a + 6])
+        if freed then
           drops[#drops + 1] = fields[a + 6]
-          local held = v.held - hold
+          local held = v.held - freed
           quick_held(v, held < w.limit * EPSILON and 0 or held)
         end
         if w.take == 2 and amount > real
-          and (index + 1) * w.slice_s + w.period_s + w.margin_s > now then
+          and expiry_s(w, index) > now then
           quick_add(v, index, amount - real)
         end
         if real > 0 then
@@ -245,7 +244,7 @@ local function quick_step(keys, args)
   -- The next call: room on every window, then taken (recorded, or held until settled).
   local demand = parse_amounts(args[19])
   for i = 1, windows do
-    local v = state[i]
+    local v = brought[i]
     local amount = demand[v.w.position]
     if amount > 0 and v.total + v.held + amount > v.w.limit * (1 + EPSILON) then
       return nil  -- it waits
@@ -253,7 +252,7 @@ local function quick_step(keys, args)
   end
   local reply = {1, fmt(now)}
   for i = 1, windows do
-    local v = state[i]
+    local v = brought[i]
     local w = v.w
     local amount = demand[w.position]
     local index = math.floor(now / w.slice_s)
@@ -261,7 +260,7 @@ local function quick_step(keys, args)
       if w.take == 0 then
         quick_add(v, index, amount)
       else
-        quick_set(w.id .. '|h|' .. lease_id, amount)
+        quick_set(hold_field(w, lease_id), amount)
         quick_held(v, v.held + amount)
       end
     end
@@ -280,7 +279,7 @@ local function quick_step(keys, args)
   local leases = count
   if lease_id ~= '-' then
     local expiry = now + tonumber(args[17])
-    quick_set('l|' .. lease_id, expiry)
+    quick_set(lease_field(lease_id), expiry)
     leases = count + 1
     if count == 0 or (lmin and expiry < lmin) then
       quick_set('lmin', expiry)
@@ -310,6 +309,13 @@ local function quick_step(keys, args)
   if alive then
     redis.call('PEXPIRE', key, math.ceil((want - now + step) * 1000))
   end
-  QUICK_SETS, QUICK_AT = nil, nil
   return {1, reply}
+end
+
+-- The step's reply by the quick way, or nil (nothing written) where the scripts must
+-- run; `keys` and `args` are the step's (see step.lua). It keeps nothing of the call.
+local function quick_step(keys, args)
+  local reply = quick_run(keys, args)
+  QUICK_SETS, QUICK_AT = nil, nil
+  return reply
 end

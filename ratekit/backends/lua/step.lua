@@ -20,7 +20,6 @@ local answer = quick_step(KEYS, ARGV)
 if answer then
   return answer
 end
-begin(KEYS)  -- afresh: the quick way read, and changed, nothing that stays
 
 local n = tonumber(ARGV[1])
 local ends, begins = {}, {}

@@ -26,7 +26,7 @@ from ratekit import Limits, TokenCounting
 from ratekit.backends import Demand, Refusal
 from ratekit.backends import _scripts as scripts
 from ratekit.backends import redis as redis_backend
-from ratekit.backends.redis import RedisBackend, RedisGrant, _pack
+from ratekit.backends.redis import _PACKED_WORDS, RedisBackend, RedisGrant, _pack
 from ratekit.clock import FakeClock, Instant
 
 from .window_cases import BASE_S
@@ -668,10 +668,10 @@ def test_a_text_enum_is_packed_as_its_text() -> None:
 
 
 def test_words_packed_again_from_memory_are_packed_as_the_first_time() -> None:
-    """The packer keeps the short words it packed (a command's name, key, specs) and
+    """The packer keeps the words it packed twice (a command's name, key, specs) and
     reuses them: a command packs to the same bytes the first time and every time after,
     for text of any length and script, through a run of unique words (lease ids) that
-    fills and empties its memory, and beside bytes and numbers, which it does not keep."""
+    it does not keep, and beside bytes and numbers, which it does not keep either."""
 
     def by_hand(words: tuple[object, ...]) -> bytes:
         out = b"*%d\r\n" % len(words)
@@ -691,6 +691,9 @@ def test_words_packed_again_from_memory_are_packed_as_the_first_time() -> None:
         for command in commands:
             assert _pack([command]) == by_hand(command)  # type: ignore[list-item]
     assert _pack(commands) == b"".join(map(by_hand, commands))  # type: ignore[arg-type]
+    # The words that come back stay kept through the run of words seen once.
+    assert "ratekit:{acct}:state" in _PACKED_WORDS
+    assert "0:" not in _PACKED_WORDS
 
 
 async def test_a_timeout_waiting_for_a_slot_on_redis_is_not_told_as_a_prediction() -> None:

@@ -989,10 +989,13 @@ def _connection_args(client: Client) -> tuple[str, ...]:
     return ("FCALL",) if needs_name else ()
 
 
-# Short words of recent commands, packed (see `_pack`): most words of an account's
-# commands (a function's name, the key, the window specs, a ttl) come again in each.
+# Words of recent commands seen twice, packed (see `_pack`): most words of an account's
+# commands (a function's name, the key, the window specs, a ttl) come again in each;
+# a word is kept from its second use, so that the words of one call alone (its lease
+# id, its clock reading) only pass through `_SEEN_WORDS`. Each is emptied when full.
 _PACKED_WORDS: dict[str, bytes] = {}
-_PACKED_WORDS_MAX = 512  # emptied when full: the lease ids of each call never come back
+_SEEN_WORDS: set[str] = set()
+_PACKED_WORDS_MAX = 512
 _PACKED_WORD_MAX_LEN = 512  # window specs of several windows run to a few hundred
 
 
@@ -1014,14 +1017,24 @@ def _pack(commands: Sequence[tuple[str, ...]]) -> bytes:
                     data = word.encode()
                     chunk = b"$%d\r\n%s\r\n" % (len(data), data)
                     if len(data) <= _PACKED_WORD_MAX_LEN:
-                        if len(packed) >= _PACKED_WORDS_MAX:
-                            packed.clear()
-                        packed[word] = chunk
+                        _keep(word, chunk)
                 add(chunk)
             else:
                 data = _encode(word)
                 add(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(parts)
+
+
+def _keep(word: str, chunk: bytes) -> None:
+    """Keep `word` packed as `chunk` if it was seen before (see `_PACKED_WORDS`)."""
+    if word in _SEEN_WORDS:
+        if len(_PACKED_WORDS) >= _PACKED_WORDS_MAX:
+            _PACKED_WORDS.clear()
+        _PACKED_WORDS[word] = chunk
+    else:
+        if len(_SEEN_WORDS) >= _PACKED_WORDS_MAX:
+            _SEEN_WORDS.clear()
+        _SEEN_WORDS.add(word)
 
 
 def _encode(word: object) -> bytes:

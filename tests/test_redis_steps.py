@@ -96,7 +96,7 @@ def _spec(
 ) -> str:
     """One window's spec as the backend packs it (see parse_specs in _window.lua); `take`
     0 records at admission, 1 and 2 hold until settled."""
-    position = {"requests": 0, "tokens": 1}[unit]
+    position = {"requests": 0, "tokens": 1, "money": 2}[unit]
     return (
         f"{unit}:{period_s}:{slices}: {float(limit)} {float(period_s)} {period_s / slices} "
         f"{margin_s} {paced} {take} {position} -"
@@ -131,7 +131,7 @@ class _ThreeWays:
         assert replies[0] == replies[1] == replies[2], (where, replies)
         states = [client.hgetall(key) for key in self.keys]
         assert states[0] == states[1] == states[2], (where, states)
-        assert abs(client.pttl(self.keys[0]) - client.pttl(self.keys[1])) < 1_000, where
+        assert abs(client.pttl(self.keys[0]) - client.pttl(self.keys[1])) < 100, where
         return replies[0]
 
     def reserve(self, begins: list[str], where: object = None) -> Any:
@@ -193,10 +193,13 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
 ) -> None:
     """The step script, its quick way included, leaves the state, its ttl and the replies
     exactly as settle.lua then reserve.lua sent back to back at the same instant:
-    random runs of calls (concurrency caps, one to three windows, pacing, holds until
-    settled, lapsing leases, refunds, usage that differs, slices that expire, refusals,
-    a cap lowered below the calls in flight), releases told on the channel alike; and
-    the quick way is taken in a good share of those steps (the counted copy counts)."""
+    random runs of calls (concurrency caps, one to four windows of requests, tokens
+    and money, pacing, holds until settled, lapsing leases, refunds, usage that
+    differs, slices that expire, refusals, a cap lowered below the calls in flight,
+    limits that change, two calls ended or admitted at once, pauses, waiting callers,
+    a wall clock apart from the monotonic one, a reading older than the last),
+    releases told on the channel alike; and the quick way is taken in a good share of
+    those steps (the counted copy counts)."""
     import random
 
     client, run = three_ways
@@ -205,22 +208,30 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
     steps = taken = 0
     for seed in range(60):
         rnd = random.Random(seed)
-        specs = [
-            _spec(
+        # Each window: unit, limit, period (s), slices, margin (s), paces, take.
+        windows: list[tuple[str, float, int, int, float, int, int]] = [
+            (
                 "requests",
                 rnd.choice([3, 5, 1000]),
                 rnd.choice([1, 2, 60]),
                 rnd.choice([1, 2, 4]),
                 rnd.choice([0.0, 0.5]),
                 rnd.choice([0, 0, 1]),
+                0,
             )
         ]
         if rnd.random() < 0.5:
-            take = rnd.choice([0, 1, 2])
-            specs.append(_spec("tokens", rnd.choice([50, 100_000]), 1, 2, 0.0, 0, take))
+            windows.append(
+                ("tokens", rnd.choice([50, 100_000]), 1, 2, 0.0, 0, rnd.choice([0, 1, 2]))
+            )
         if rnd.random() < 0.5:
-            specs.append(_spec("tokens", rnd.choice([80, 10**6]), 8, 4, 0.0, 0, 2))
+            windows.append(("tokens", rnd.choice([80, 10**6]), 8, 4, 0.0, 0, 2))
+        if rnd.random() < 0.3:
+            windows.append(("money", rnd.choice([0.5, 1000.0]), 4, 2, 0.0, 0, rnd.choice([0, 2])))
+        specs = [_spec(*window) for window in windows]
         packed = "|".join(specs)
+        # The same windows under twice the limits (an account whose tier changed).
+        changed = "|".join(_spec(unit, 2 * limit, *rest) for unit, limit, *rest in windows)
         cap = rnd.choice(["", "1", "2", "3", "1000"])
         lease_ttl = rnd.choice(["0.5", "10.0"])
         ways = _ThreeWays(client, run, str(seed))
@@ -234,43 +245,73 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
                 lease_ttl = rnd.choice(["0.5", "3.0", "10.0"])  # later leases lapse sooner
             if rnd.random() < 0.1:
                 cap = rnd.choice(["", "1", "2", "3"])  # the account's tier changed
-            clock = f"{at!r} {at!r}"
-            demand = f"1 {rnd.choice([0, 10, 30])} 0"
-            lease = rnd.choice([f"L{i}", f"L{i}", "-"])
-            begins = [clock, "81000", cap, lease, lease_ttl, packed, demand]
+            if rnd.random() < 0.04:
+                # A 429 paused the account, or a caller waits.
+                field, until = rnd.choice(["cool", "wait"]), repr(at + rnd.random())
+                for key in ways.keys:
+                    client.hset(key, field, until)
+            # A reading older than the last now and then (calls of one process that reach
+            # the server out of order); the wall clock apart from the monotonic one.
+            reading = at - 0.3 if rnd.random() < 0.05 else at
+            clock = f"{reading!r} {reading + 5000.25!r}"
+            cost = rnd.choice(["0", "0.0125", "0.3"])
+            demand = f"1 {rnd.choice([0, 10, 30])} {cost}"
+            two = rnd.random() < 0.1  # two calls admitted by one reserve
+            leases = [f"L{i}", f"M{i}"] if two else [rnd.choice([f"L{i}", f"L{i}", "-"])]
+            begins = [
+                clock,
+                "81000",
+                cap,
+                " ".join(leases),
+                lease_ttl,
+                changed if rnd.random() < 0.05 else packed,
+                "|".join([demand] * len(leases)),
+            ]
             if not live or rnd.random() < 0.2:
                 reply = ways.reserve(begins, (seed, i))
             else:
-                # Often the oldest: the lease that lapses first ends.
-                oldest = rnd.random() < 0.5
-                ended, slices, reserved = live.pop(0 if oldest else rnd.randrange(len(live)))
-                used = reserved if rnd.random() < 0.6 else f"1 {rnd.choice([0, 5, 25, 40])} 0"
-                ends = [
-                    clock,
-                    "81000",
-                    ended,
-                    "CHANNEL",
-                    "1" if rnd.random() < 0.1 else "0",
-                    packed,
-                    reserved,
-                    used,
-                    slices,
-                    "" if rnd.random() < 0.9 else "7",
-                    "-" if rnd.random() < 0.9 else repr(at - 0.5),
+                ended = []
+                for _ in range(2 if len(live) > 1 and rnd.random() < 0.1 else 1):
+                    # Often the oldest: the lease that lapses first ends.
+                    oldest = rnd.random() < 0.5
+                    ended.append(live.pop(0 if oldest else rnd.randrange(len(live))))
+                ends = [clock, "81000", "|".join(lease for lease, _, _ in ended), "CHANNEL"]
+                ends += [
+                    "|".join(values)
+                    for values in zip(
+                        *(
+                            (
+                                "1" if rnd.random() < 0.1 else "0",
+                                reserved,
+                                reserved
+                                if rnd.random() < 0.6
+                                else f"1 {rnd.choice([0, 5, 25, 40])} {rnd.choice(['0', '0.2'])}",
+                                slices,
+                                "" if rnd.random() < 0.9 else "7",
+                                "-" if rnd.random() < 0.9 else repr(at - 0.5),
+                            )
+                            for _, slices, reserved in ended
+                        ),
+                        strict=True,
+                    )
                 ]
+                ends.insert(5, packed)  # settle.lua's arguments in their order
                 reply = ways.step(ends, begins, (seed, i))[1]
-            if int(reply[0]) == 1 and lease != "-":
-                indexes = " ".join(index.decode() for index in reply[2 : 2 + len(specs)])
-                live.append((lease, indexes, demand))
+            width = len(specs)
+            for j in range(int(reply[0])):
+                if leases[j] != "-":
+                    indexes = reply[2 + j * width : 2 + (j + 1) * width]
+                    live.append((leases[j], " ".join(x.decode() for x in indexes), demand))
         steps += ways.steps
         taken += ways.quick_steps()
     heard = _heard(client, run, listener)
     listener.close()
     assert heard["a"] == heard["b"] == heard["c"], {way: len(told) for way, told in heard.items()}
     assert len(heard["a"]) > 100, len(heard["a"])
-    # About a fifth of these steps qualify (measured: 309 of 1,348).
+    # The runs are seeded: the same steps each time (measured: 93 of 1,240 go the quick
+    # way, the rest meet something the quick way leaves to the scripts).
     assert steps > 1_000, steps
-    assert taken > steps // 8, (taken, steps)
+    assert taken > 80, (taken, steps)
 
 
 def test_a_quick_step_counts_a_held_calls_rest_in_its_older_slice(
@@ -301,6 +342,99 @@ def test_a_quick_step_counts_a_held_calls_rest_in_its_older_slice(
     # Slice 500: B's 10 and 20 more, C's 20 more, A's 25 more; slice 501: C's and A's usage.
     assert state[b"tokens:8:4:|500"] == b"75", state
     assert state[b"tokens:8:4:|501"] == b"15", state
+
+
+def test_a_quick_step_counts_a_held_calls_rest_below_the_oldest_slice(
+    three_ways: tuple[Any, str],
+) -> None:
+    """Two calls held in one slice; the first to end uses all it reserved, in a later
+    slice, which becomes the oldest with an amount; the other ends using less: the rest
+    of its reservation goes back to its admission's slice, now the oldest again."""
+    client, run = three_ways
+    ways = _ThreeWays(client, run, "below")
+    packed = _spec("tokens", 10**6, 8, 4, 0.0, 0, take=2)
+
+    def begins(at: float, lease: str) -> list[str]:
+        return [f"{at!r} {at!r}", "81000", "", lease, "10.0", packed, "1 30 0"]
+
+    def ends(at: float, lease: str, slices: bytes, used: int) -> list[str]:
+        settle = [f"{at!r} {at!r}", "81000", lease, "CHANNEL", "0", packed, "1 30 0"]
+        return [*settle, f"1 {used} 0", slices.decode(), "", "-"]
+
+    a = ways.reserve(begins(1000.0, "A"))[2]
+    b = ways.reserve(begins(1000.1, "B"))[2]
+    ways.step(ends(1002.5, "B", b, 30), begins(1002.5, "C"))
+    assert client.hget(ways.keys[0], "tokens:8:4:|lo") == b"501"
+    ways.step(ends(1002.6, "A", a, 5), begins(1002.6, "D"))
+    assert ways.quick_steps() == 2
+    state = client.hgetall(ways.keys[0])
+    assert state[b"tokens:8:4:|lo"] == b"500", state
+    assert state[b"tokens:8:4:|500"] == b"25", state
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["paused", "limits changed", "two ended", "a credit", "two admitted", "a tab in an id"],
+)
+def test_a_step_the_quick_way_does_not_serve_runs_the_scripts(
+    three_ways: tuple[Any, str], case: str
+) -> None:
+    """A step with something the quick way leaves to the scripts (the account paused by
+    a 429, other limits for the next call, two calls ended or admitted at once, a
+    credit, a lease id that reserve.lua reads as two) runs the scripts, with their
+    result; everything else about it would go the quick way."""
+    client, run = three_ways
+    ways = _ThreeWays(client, run, case.replace(" ", "-"))
+    packed = _spec("requests", 1000, 60, 60, 0.0, 0)
+    other = _spec("requests", 2000, 60, 60, 0.0, 0)
+    at = f"{1000.5!r} {1000.5!r}"
+
+    def begins(leases: str, specs: str = packed, demands: str = "1 0 0") -> list[str]:
+        return [at, "81000", "10", leases, "10.0", specs, demands]
+
+    admitted = [ways.reserve([f"{1000.0!r} {1000.0!r}", *begins(lease)[1:]]) for lease in "AB"]
+    slices = [reply[2].decode() for reply in admitted]
+    ends = [at, "81000", "A", "CHANNEL", "0", packed, "1 0 0", "1 0 0", slices[0], "", "-"]
+    if case == "paused":
+        for key in ways.keys:
+            client.hset(key, "cool", repr(1001.0))
+    if case == "two ended":
+        ends = [at, "81000", "A|B", "CHANNEL", "0|0", packed, "1 0 0|1 0 0", "1 0 0|1 0 0"]
+        ends += [f"{slices[0]}|{slices[1]}", "|", "-|-"]
+    nexts = {
+        "paused": begins("C"),
+        "limits changed": begins("C", other),
+        "two ended": begins("C"),
+        "a credit": begins("+"),
+        "two admitted": begins("C D", demands="1 0 0|1 0 0"),
+        "a tab in an id": begins("C\tD", demands="1 0 0"),
+    }[case]
+    ways.step(ends, nexts)
+    assert ways.quick_steps() == 0
+
+
+def test_a_quick_step_frees_a_hold_that_float_drift_leaves_above_zero(
+    three_ways: tuple[Any, str],
+) -> None:
+    """Money held by two calls (0.1 and 0.2) and freed by their ends leaves a drift of
+    about 4e-17: zero, as the scripts count it, the quick way alike."""
+    client, run = three_ways
+    ways = _ThreeWays(client, run, "drift")
+    packed = _spec("money", 1.0, 4, 2, 0.0, 0, take=2)
+
+    def begins(at: float, lease: str, cost: str) -> list[str]:
+        return [f"{at!r} {at!r}", "81000", "", lease, "10.0", packed, f"1 0 {cost}"]
+
+    def ends(at: float, lease: str, slices: bytes, cost: str) -> list[str]:
+        settle = [f"{at!r} {at!r}", "81000", lease, "CHANNEL", "0", packed, f"1 0 {cost}"]
+        return [*settle, "1 0 0", slices.decode(), "", "-"]
+
+    a = ways.reserve(begins(1000.0, "A", "0.1"))[2]
+    b = ways.reserve(begins(1000.1, "B", "0.2"))[2]
+    ways.step(ends(1000.2, "A", a, "0.1"), begins(1000.2, "C", "0"))
+    ways.step(ends(1000.3, "B", b, "0.2"), begins(1000.3, "D", "0"))
+    assert ways.quick_steps() == 2
+    assert client.hget(ways.keys[0], "money:4:2:|h") == b"0"
 
 
 def test_a_step_under_a_cap_lowered_below_the_calls_in_flight_refuses_the_next(

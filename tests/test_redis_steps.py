@@ -314,6 +314,20 @@ def test_a_step_ends_and_admits_as_a_settle_then_a_reserve_at_its_instant(
     assert taken > 80, (taken, steps)
 
 
+# One window of tokens held "safe" until settled, for the scripted cases below: what a
+# call of 30 tokens begins with, and what ends it having used `used`.
+_HELD = _spec("tokens", 10**6, 8, 4, 0.0, 0, take=2)
+
+
+def _held_begins(at: float, lease: str) -> list[str]:
+    return [f"{at!r} {at!r}", "81000", "", lease, "10.0", _HELD, "1 30 0"]
+
+
+def _held_ends(at: float, lease: str, slices: bytes, used: int) -> list[str]:
+    settle = [f"{at!r} {at!r}", "81000", lease, "CHANNEL", "0", _HELD, "1 30 0"]
+    return [*settle, f"1 {used} 0", slices.decode(), "", "-"]
+
+
 def test_a_quick_step_counts_a_held_calls_rest_in_its_older_slice(
     three_ways: tuple[Any, str],
 ) -> None:
@@ -323,20 +337,11 @@ def test_a_quick_step_counts_a_held_calls_rest_in_its_older_slice(
     usage to the newest; the quick way as the scripts."""
     client, run = three_ways
     ways = _ThreeWays(client, run, "held")
-    packed = _spec("tokens", 10**6, 8, 4, 0.0, 0, take=2)
-
-    def begins(at: float, lease: str) -> list[str]:
-        return [f"{at!r} {at!r}", "81000", "", lease, "10.0", packed, "1 30 0"]
-
-    def ends(at: float, lease: str, slices: bytes, used: int) -> list[str]:
-        settle = [f"{at!r} {at!r}", "81000", lease, "CHANNEL", "0", packed, "1 30 0"]
-        return [*settle, f"1 {used} 0", slices.decode(), "", "-"]
-
-    a = ways.reserve(begins(1000.0, "A"))[2]
-    b = ways.reserve(begins(1000.1, "B"))[2]
-    c = ways.step(ends(1000.5, "B", b, 10), begins(1000.5, "C"))[1][2]
-    ways.step(ends(1002.5, "C", c, 10), begins(1002.5, "D"))
-    ways.step(ends(1002.6, "A", a, 5), begins(1002.6, "E"))
+    a = ways.reserve(_held_begins(1000.0, "A"))[2]
+    b = ways.reserve(_held_begins(1000.1, "B"))[2]
+    c = ways.step(_held_ends(1000.5, "B", b, 10), _held_begins(1000.5, "C"))[1][2]
+    ways.step(_held_ends(1002.5, "C", c, 10), _held_begins(1002.5, "D"))
+    ways.step(_held_ends(1002.6, "A", a, 5), _held_begins(1002.6, "E"))
     assert ways.quick_steps() == 3
     state = client.hgetall(ways.keys[0])
     # Slice 500: B's 10 and 20 more, C's 20 more, A's 25 more; slice 501: C's and A's usage.
@@ -352,20 +357,11 @@ def test_a_quick_step_counts_a_held_calls_rest_below_the_oldest_slice(
     of its reservation goes back to its admission's slice, now the oldest again."""
     client, run = three_ways
     ways = _ThreeWays(client, run, "below")
-    packed = _spec("tokens", 10**6, 8, 4, 0.0, 0, take=2)
-
-    def begins(at: float, lease: str) -> list[str]:
-        return [f"{at!r} {at!r}", "81000", "", lease, "10.0", packed, "1 30 0"]
-
-    def ends(at: float, lease: str, slices: bytes, used: int) -> list[str]:
-        settle = [f"{at!r} {at!r}", "81000", lease, "CHANNEL", "0", packed, "1 30 0"]
-        return [*settle, f"1 {used} 0", slices.decode(), "", "-"]
-
-    a = ways.reserve(begins(1000.0, "A"))[2]
-    b = ways.reserve(begins(1000.1, "B"))[2]
-    ways.step(ends(1002.5, "B", b, 30), begins(1002.5, "C"))
+    a = ways.reserve(_held_begins(1000.0, "A"))[2]
+    b = ways.reserve(_held_begins(1000.1, "B"))[2]
+    ways.step(_held_ends(1002.5, "B", b, 30), _held_begins(1002.5, "C"))
     assert client.hget(ways.keys[0], "tokens:8:4:|lo") == b"501"
-    ways.step(ends(1002.6, "A", a, 5), begins(1002.6, "D"))
+    ways.step(_held_ends(1002.6, "A", a, 5), _held_begins(1002.6, "D"))
     assert ways.quick_steps() == 2
     state = client.hgetall(ways.keys[0])
     assert state[b"tokens:8:4:|lo"] == b"500", state

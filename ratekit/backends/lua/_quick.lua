@@ -15,7 +15,7 @@
 
 -- What the call that runs writes: fields and values in order (numbers, formatted
 -- when written), how many, and where each field is in it (a field set again keeps its
--- place); and whether it found it must give way. Set by quick_step.
+-- place); and whether it found it must give way. Set by quick_run, let go by quick_step.
 local QUICK_SETS, QUICK_N, QUICK_AT, QUICK_FAILED
 
 local function quick_set(field, value)
